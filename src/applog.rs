@@ -1,0 +1,206 @@
+//! An app's output: every line its processes print goes, with a timestamp, to
+//! `ROOT/log/app-NAME.log` (or to keter's stderr prefixed `app-NAME>` with `rotate-logs:
+//! false`), and the last lines stay in memory so that a failed deploy can say what the app
+//! printed last.
+//!
+//! The pipe readers never wait for the disk: lines go through a bounded queue to a writer
+//! thread, and a line that does not fit is dropped and counted (a slow or full disk must never
+//! block the app on its own stdout).
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crossbeam_channel::{Sender, TrySendError, bounded};
+
+/// How many recent lines are kept in memory.
+const TAIL_LINES: usize = 200;
+/// Lines waiting for the writer before new ones are dropped.
+const QUEUE_LINES: usize = 4096;
+/// Longest line kept; longer ones are cut (a binary blob on stdout has no newlines).
+const MAX_LINE: usize = 16 * 1024;
+
+/// Where an app's lines end up.
+#[derive(Debug, Clone)]
+pub enum LogTarget {
+    File(PathBuf),
+    /// keter's stderr, each line prefixed `app-NAME>`.
+    Stderr(String),
+}
+
+/// Handle shared by the pipe readers of all processes of one app. Cheap to clone.
+#[derive(Clone)]
+pub struct AppLog {
+    shared: Arc<Shared>,
+    queue: Sender<String>,
+}
+
+struct Shared {
+    tail: Mutex<VecDeque<String>>,
+    dropped: AtomicU64,
+}
+
+impl AppLog {
+    /// Opens the target and starts its writer thread (which ends when every handle is gone).
+    pub fn open(target: LogTarget) -> std::io::Result<AppLog> {
+        let mut sink: Box<dyn Write + Send> = match &target {
+            LogTarget::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            LogTarget::Stderr(_) => Box::new(std::io::stderr()),
+        };
+        let prefix = match &target {
+            LogTarget::File(_) => String::new(),
+            LogTarget::Stderr(name) => format!("app-{name}> "),
+        };
+        let (tx, rx) = bounded::<String>(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("app-log".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                for line in rx {
+                    // A write error (disk full) loses this line only; the next may succeed.
+                    let _ = writeln!(sink, "{prefix}{line}");
+                }
+                let _ = sink.flush();
+            })?;
+        Ok(AppLog {
+            shared: Arc::new(Shared {
+                tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+                dropped: AtomicU64::new(0),
+            }),
+            queue: tx,
+        })
+    }
+
+    /// Records one line (without its newline).
+    pub fn line(&self, text: &str) {
+        let stamped = format!("{} {}", timestamp(SystemTime::now()), text);
+        {
+            let mut tail = self.shared.tail.lock().unwrap_or_else(|e| e.into_inner());
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(stamped.clone());
+        }
+        match self.queue.try_send(stamped) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The last `n` lines, oldest first.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let tail = self.shared.tail.lock().unwrap_or_else(|e| e.into_inner());
+        tail.iter().skip(tail.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Starts a thread that reads `pipe` line by line into this log until end of file.
+    pub fn pump(&self, pipe: File) {
+        let log = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("app-pipe".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut reader = BufReader::new(pipe);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                                buf.pop();
+                            }
+                            log.line(&String::from_utf8_lossy(&buf));
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a log reader thread: {e}");
+        }
+    }
+}
+
+/// `2026-11-27T13:45:01.123Z` without a date library.
+pub fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_786_501_123);
+        assert_eq!(timestamp(t), "2026-11-27T13:35:01.123Z");
+        assert_eq!(timestamp(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(timestamp(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_reach_file_and_tail() {
+        let dir = std::env::temp_dir().join(format!("keter-applog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app-x.log");
+        let log = AppLog::open(LogTarget::File(path.clone())).unwrap();
+        log.line("hello");
+        log.line("world");
+        assert!(log.tail(1)[0].ends_with(" world"));
+        drop(log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                assert!(text.lines().next().unwrap().ends_with(" hello"));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "lines never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

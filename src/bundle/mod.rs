@@ -1,0 +1,98 @@
+//! Bundles: the `NAME.keter` files an operator copies into `incoming/`.
+//!
+//! [`unpack`] turns the file into a fresh folder (safely, DESIGN.md 6.2); [`config`] reads its
+//! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
+
+pub mod config;
+pub mod unpack;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{BundleConfig, WebApp};
+pub use unpack::{Unpacked, UnpackError, unpack};
+
+use crate::problem::{Invalid, Problems};
+use crate::yaml;
+
+/// Reads `config/keter.yaml` (or `.yml`) from an unpacked bundle folder. `label` names the
+/// bundle in messages (`hello.keter`). Returns the config and the warnings.
+pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), Invalid> {
+    let yaml_path = ["config/keter.yaml", "config/keter.yml"]
+        .iter()
+        .map(|p| dir.join(p))
+        .find(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()));
+    let Some(yaml_path) = yaml_path else {
+        let mut problems = Problems::new(label);
+        problems.error("", "the bundle has no config/keter.yaml (or config/keter.yml)");
+        return Err(Invalid(problems.errors));
+    };
+    let rel = yaml_path.strip_prefix(dir).unwrap_or(&yaml_path);
+    let mut problems = Problems::new(format!("{label}: {}", rel.display()));
+    let config = yaml::read_file(&yaml_path, &mut problems)
+        .and_then(|tree| config::from_tree(&tree, &mut problems));
+    match config {
+        Some(c) => {
+            for (i, w) in c.webapps.iter().enumerate() {
+                if let Err(e) = resolve_exec(dir, &w.exec) {
+                    let key = if c.webapps.len() == 1 && i == 0 {
+                        "exec".to_string()
+                    } else {
+                        format!("stanzas[{i}].exec")
+                    };
+                    problems.error(key, e);
+                }
+            }
+            if problems.has_errors() {
+                Err(Invalid(problems.errors))
+            } else {
+                Ok((c, problems))
+            }
+        }
+        None => Err(Invalid(problems.errors)),
+    }
+}
+
+/// Resolves a stanza's `exec` (relative to `config/`, or absolute meaning inside the bundle)
+/// to a file inside the unpacked folder that is a regular executable file. Symlinks are
+/// followed only when they stay inside the folder.
+pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
+    let joined = if exec.is_absolute() {
+        dir.join(exec.strip_prefix("/").unwrap_or(exec))
+    } else {
+        dir.join("config").join(exec)
+    };
+    let lexical = crate::config::normalize(&joined);
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+    if !lexical.starts_with(dir) {
+        return Err(format!(
+            "{} points outside the bundle",
+            exec.display()
+        ));
+    }
+    let real = match lexical.canonicalize() {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("{} is not in the bundle", exec.display()));
+        }
+        Err(e) => return Err(format!("{}: {e}", exec.display())),
+    };
+    if !real.starts_with(&root) {
+        return Err(format!(
+            "{} resolves outside the bundle (through a symlink)",
+            exec.display()
+        ));
+    }
+    let meta = real
+        .metadata()
+        .map_err(|e| format!("{}: {e}", exec.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", exec.display()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not executable", exec.display()));
+    }
+    Ok(real)
+}

@@ -1,0 +1,478 @@
+//! Unpacking a bundle into a fresh private folder, refusing everything that could write or
+//! point outside it (DESIGN.md 6.2).
+//!
+//! The `tar` crate's own `unpack` silently skips `..`, creates symlinks that point outside and
+//! only rejects an outside hard link after earlier files are written, so every entry is checked
+//! and written here by hand: no write ever follows a symlink, and any refusal deletes the folder.
+//! The gzip stream is read to its end so that a truncated upload (a bundle still being copied)
+//! fails instead of unpacking "fine".
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use flate2::read::GzDecoder;
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+
+use crate::config::BundleLimits;
+
+/// A bundle unpacked into its folder.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// The folder now holding the bundle's files.
+    pub dir: PathBuf,
+    /// Hex SHA-256 of the bundle file as read.
+    pub sha256: String,
+    /// Bytes of regular files written.
+    pub bytes: u64,
+    /// Archive entries read.
+    pub entries: u64,
+}
+
+/// Why a bundle could not be unpacked. The folder has been removed.
+#[derive(Debug)]
+pub enum UnpackError {
+    /// The file is not a complete gzip-compressed tar archive.
+    Corrupt(String),
+    /// An entry was refused (path, link, type) or a cap was reached.
+    Refused(String),
+    /// Reading the bundle or writing the folder failed (disk full, permissions).
+    Io(String),
+}
+
+impl fmt::Display for UnpackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnpackError::Corrupt(m) => write!(f, "not a complete gzip-compressed tar file: {m}"),
+            UnpackError::Refused(m) => write!(f, "refused: {m}"),
+            UnpackError::Io(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for UnpackError {}
+
+/// Unpacks `bundle` into `dest`, which must not exist yet. On any error `dest` is removed.
+pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
+    fs::create_dir(dest)
+        .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", dest.display())))?;
+    match unpack_into(bundle, dest, limits) {
+        Ok(u) => Ok(u),
+        Err(e) => {
+            let _ = fs::remove_dir_all(dest);
+            Err(e)
+        }
+    }
+}
+
+/// Counts and hashes the raw bytes read from the bundle file.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn corrupt(e: io::Error) -> UnpackError {
+    UnpackError::Corrupt(e.to_string())
+}
+
+fn unpack_into(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
+    let file = File::open(bundle)
+        .map_err(|e| UnpackError::Io(format!("cannot open {}: {e}", bundle.display())))?;
+    let reader = HashingReader {
+        inner: BufReader::with_capacity(256 * 1024, file),
+        hasher: Sha256::new(),
+    };
+    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    let mut writer = Writer {
+        dest,
+        limits,
+        dirs: HashSet::new(),
+        symlinks: Vec::new(),
+        bytes: 0,
+        entries: 0,
+    };
+    let mut saw_end = false;
+    for entry in archive.entries().map_err(corrupt)? {
+        let entry = entry.map_err(corrupt)?;
+        writer.entry(entry)?;
+        saw_end = true;
+    }
+    if !saw_end {
+        return Err(UnpackError::Corrupt("the archive has no entries".into()));
+    }
+    // tar stops at the end-of-archive blocks, before the gzip trailer: read the rest of the
+    // stream so that the CRC and length are checked and a truncated file is an error.
+    let mut gz = archive.into_inner();
+    io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
+    let mut raw = gz.into_inner();
+    io::copy(&mut raw, &mut io::sink())
+        .map_err(|e| UnpackError::Io(format!("cannot read {}: {e}", bundle.display())))?;
+    for link in &writer.symlinks {
+        resolves_inside(dest, link)?;
+    }
+    Ok(Unpacked {
+        dir: dest.to_path_buf(),
+        sha256: hex(&raw.hasher.finalize()),
+        bytes: writer.bytes,
+        entries: writer.entries,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes checked entries below `dest`.
+struct Writer<'a> {
+    dest: &'a Path,
+    limits: &'a BundleLimits,
+    /// Relative folders known to be real directories created by us.
+    dirs: HashSet<PathBuf>,
+    /// Relative paths of symlinks created, checked again once everything is written.
+    symlinks: Vec<PathBuf>,
+    bytes: u64,
+    entries: u64,
+}
+
+impl Writer<'_> {
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(UnpackError::Refused(format!(
+                "more than {} entries (max-bundle-entries)",
+                self.limits.max_entries
+            )));
+        }
+        let kind = entry.header().entry_type();
+        if matches!(kind, EntryType::XGlobalHeader) {
+            return Ok(());
+        }
+        let raw_path = entry.path().map_err(corrupt)?.into_owned();
+        let Some(rel) = relative_path(&raw_path)? else {
+            return Ok(()); // "./": the folder itself
+        };
+        let depth = rel.components().count();
+        if depth > self.limits.max_depth {
+            return Err(UnpackError::Refused(format!(
+                "{} is nested {depth} folders deep (max-bundle-depth is {})",
+                raw_path.display(),
+                self.limits.max_depth
+            )));
+        }
+        match kind {
+            EntryType::Directory => self.make_dirs(&rel, &raw_path),
+            EntryType::Regular | EntryType::Continuous => {
+                if let Some(parent) = rel.parent() {
+                    self.make_dirs(parent, &raw_path)?;
+                }
+                let size = entry.header().size().map_err(corrupt)?;
+                if self.bytes.saturating_add(size) > self.limits.max_bytes {
+                    return Err(UnpackError::Refused(format!(
+                        "the bundle unpacks to more than {} bytes (max-bundle-bytes)",
+                        self.limits.max_bytes
+                    )));
+                }
+                let mode = entry.header().mode().map_err(corrupt)?;
+                self.write_file(&rel, &raw_path, mode, &mut entry)?;
+                Ok(())
+            }
+            EntryType::Symlink => {
+                if let Some(parent) = rel.parent() {
+                    self.make_dirs(parent, &raw_path)?;
+                }
+                let target = entry
+                    .link_name()
+                    .map_err(corrupt)?
+                    .ok_or_else(|| UnpackError::Corrupt("a symlink without a target".into()))?
+                    .into_owned();
+                check_link_target(&rel, &target, &raw_path)?;
+                let path = self.dest.join(&rel);
+                std::os::unix::fs::symlink(&target, &path).map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        UnpackError::Refused(format!(
+                            "{} appears twice in the archive",
+                            raw_path.display()
+                        ))
+                    } else {
+                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
+                    }
+                })?;
+                self.symlinks.push(rel);
+                Ok(())
+            }
+            EntryType::Link => Err(UnpackError::Refused(format!(
+                "{} is a hard link; bundles may not contain hard links",
+                raw_path.display()
+            ))),
+            EntryType::Char | EntryType::Block => Err(UnpackError::Refused(format!(
+                "{} is a device file",
+                raw_path.display()
+            ))),
+            EntryType::Fifo => Err(UnpackError::Refused(format!(
+                "{} is a FIFO",
+                raw_path.display()
+            ))),
+            other => Err(UnpackError::Refused(format!(
+                "{} has an unsupported entry type {other:?}",
+                raw_path.display()
+            ))),
+        }
+    }
+
+    /// Creates every folder of `rel`, refusing to go through anything but real directories.
+    fn make_dirs(&mut self, rel: &Path, shown: &Path) -> Result<(), UnpackError> {
+        let mut prefix = PathBuf::new();
+        for c in rel.components() {
+            prefix.push(c);
+            if self.dirs.contains(&prefix) {
+                continue;
+            }
+            let path = self.dest.join(&prefix);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::Refused(format!(
+                        "{} goes through the symlink {}",
+                        shown.display(),
+                        prefix.display()
+                    )));
+                }
+                Ok(_) => {
+                    return Err(UnpackError::Refused(format!(
+                        "{} goes through the file {}",
+                        shown.display(),
+                        prefix.display()
+                    )));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&path).map_err(|e| {
+                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
+                    })?;
+                }
+                Err(e) => {
+                    return Err(UnpackError::Io(format!("{}: {e}", path.display())));
+                }
+            }
+            self.dirs.insert(prefix.clone());
+        }
+        Ok(())
+    }
+
+    fn write_file(
+        &mut self,
+        rel: &Path,
+        shown: &Path,
+        mode: u32,
+        data: &mut impl Read,
+    ) -> Result<(), UnpackError> {
+        let path = self.dest.join(rel);
+        if self.dirs.contains(rel) {
+            return Err(UnpackError::Refused(format!(
+                "{} is both a folder and a file",
+                shown.display()
+            )));
+        }
+        // setuid, setgid, sticky and world-writable bits are dropped.
+        let mode = (mode & 0o777 & !0o002) | 0o600;
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+        };
+        let mut file = match open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // A later entry of the same name replaces a regular file, as tar does; never a
+                // symlink (writing through it is the classic escape).
+                let m = fs::symlink_metadata(&path)
+                    .map_err(|e| UnpackError::Io(format!("{}: {e}", path.display())))?;
+                if !m.file_type().is_file() {
+                    return Err(UnpackError::Refused(format!(
+                        "{} would replace a symlink or folder of the same name",
+                        shown.display()
+                    )));
+                }
+                fs::remove_file(&path)
+                    .and_then(|()| open(&path))
+                    .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", path.display())))?
+            }
+            Err(e) => {
+                return Err(UnpackError::Io(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let room = self.limits.max_bytes - self.bytes;
+        let written = copy_limited(data, &mut file, room).map_err(|e| match e {
+            CopyError::Read(e) => corrupt(e),
+            CopyError::Write(e) => {
+                UnpackError::Io(format!("cannot write {}: {e}", path.display()))
+            }
+            CopyError::TooLarge => UnpackError::Refused(format!(
+                "the bundle unpacks to more than {} bytes (max-bundle-bytes)",
+                self.limits.max_bytes
+            )),
+        })?;
+        self.bytes += written;
+        // The umask may have narrowed the mode at creation.
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| UnpackError::Io(format!("{}: {e}", path.display())))?;
+        Ok(())
+    }
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+    TooLarge,
+}
+
+fn copy_limited(src: &mut impl Read, dst: &mut File, room: u64) -> Result<u64, CopyError> {
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        total += n as u64;
+        if total > room {
+            return Err(CopyError::TooLarge);
+        }
+        dst.write_all(&buf[..n]).map_err(CopyError::Write)?;
+    }
+}
+
+/// The entry's path as plain relative components, or `None` for the folder itself.
+fn relative_path(raw: &Path) -> Result<Option<PathBuf>, UnpackError> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(UnpackError::Refused(format!(
+                    "{} contains '..'",
+                    raw.display()
+                )));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::Refused(format!(
+                    "{} is an absolute path",
+                    raw.display()
+                )));
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// A first, lexical check of a symlink target when the link is created.
+fn check_link_target(rel: &Path, target: &Path, shown: &Path) -> Result<(), UnpackError> {
+    if target.is_absolute() {
+        return Err(UnpackError::Refused(format!(
+            "{} is a symlink to the absolute path {}",
+            shown.display(),
+            target.display()
+        )));
+    }
+    let mut depth = rel.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return Err(UnpackError::Refused(format!(
+                "{} is a symlink pointing outside the bundle ({})",
+                shown.display(),
+                target.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the symlink `link` (relative to `root`) component by component, following other
+/// symlinks, and refuses it if the resolution leaves `root` at any point. Run after every entry
+/// is written, since a later entry can change what an earlier link resolves through.
+fn resolves_inside(root: &Path, link: &Path) -> Result<(), UnpackError> {
+    let escape = || {
+        UnpackError::Refused(format!(
+            "the symlink {} resolves outside the bundle",
+            link.display()
+        ))
+    };
+    let mut stack: Vec<OsString> = link
+        .parent()
+        .map(|p| p.iter().map(|c| c.to_os_string()).collect())
+        .unwrap_or_default();
+    let target = fs::read_link(root.join(link))
+        .map_err(|e| UnpackError::Io(format!("{}: {e}", link.display())))?;
+    let mut queue: VecDeque<OsString> = VecDeque::new();
+    push_front(&mut queue, &target).ok_or_else(escape)?;
+    let mut hops = 0;
+    while let Some(c) = queue.pop_front() {
+        if c == ".." {
+            stack.pop().ok_or_else(escape)?;
+            continue;
+        }
+        let mut here: PathBuf = root.to_path_buf();
+        here.extend(&stack);
+        here.push(&c);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(UnpackError::Refused(format!(
+                        "the symlink {} is part of a loop",
+                        link.display()
+                    )));
+                }
+                let next = fs::read_link(&here)
+                    .map_err(|e| UnpackError::Io(format!("{}: {e}", here.display())))?;
+                push_front(&mut queue, &next).ok_or_else(escape)?;
+            }
+            // A missing component ends physical resolution: nothing below it exists.
+            _ => stack.push(c),
+        }
+    }
+    Ok(())
+}
+
+/// Puts a relative target's components in front of the queue; `None` if it is absolute.
+fn push_front(queue: &mut VecDeque<OsString>, target: &Path) -> Option<()> {
+    let mut parts = Vec::new();
+    for c in target.components() {
+        match c {
+            Component::Normal(n) => parts.push(n.to_os_string()),
+            Component::ParentDir => parts.push("..".into()),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    for p in parts.into_iter().rev() {
+        queue.push_front(p);
+    }
+    Some(())
+}

@@ -1,0 +1,635 @@
+//! The global configuration (`keter-config.yaml`): read in two stages, the YAML tree and then
+//! validated values with defaults applied. DESIGN.md section 3 lists the keys.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::names::{UrlPath, check_env_name, check_env_value};
+use crate::problem::{Invalid, Problem, Problems};
+use crate::yaml::{self, Fields};
+
+/// Where the daemon looks when `keter run` is given no path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/keter/keter-config.yaml";
+
+/// The validated global configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Absolute folder holding `incoming/ temp/ log/ etc/ nginx/`.
+    pub root: PathBuf,
+    /// At least one; each renders into Nginx `listen` lines.
+    pub listeners: Vec<Listener>,
+    /// Variables given to every app (lowest precedence after the base environment).
+    pub env: BTreeMap<String, String>,
+    pub external_http_port: u16,
+    pub external_https_port: u16,
+    /// Per-request bound for proxied requests; `None` means no bound.
+    pub connection_time_bound: Option<Duration>,
+    /// A path every host answers with 200 from Nginx itself.
+    pub healthcheck_path: Option<UrlPath>,
+    pub rotate_logs: bool,
+    pub ip_from_header: bool,
+    pub nginx: NginxConfig,
+    pub readiness_timeout: Duration,
+    pub drain_time: Duration,
+    pub stop_timeout: Duration,
+    /// Ports handed to apps; never empty.
+    pub port_range: RangeInclusive<u16>,
+    pub limits: BundleLimits,
+}
+
+/// How keter runs and reaches Nginx.
+#[derive(Debug, Clone)]
+pub struct NginxConfig {
+    pub mode: NginxMode,
+    /// The `nginx` executable (looked up on PATH when relative).
+    pub binary: PathBuf,
+    /// System mode: the pid file of the master to signal.
+    pub pid_file: PathBuf,
+    /// How long to wait for Nginx to confirm a new configuration after SIGHUP.
+    pub reload_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NginxMode {
+    /// keter runs its own Nginx master as a child process.
+    Managed,
+    /// Nginx is an OS service; keter writes files under its root and signals the master.
+    System,
+}
+
+/// One front-end listening address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// `None` for every address (`*`).
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+}
+
+impl Listener {
+    /// The address part of an Nginx `listen` directive: `80`, `127.0.0.1:80`, `[::1]:80`.
+    pub fn nginx_address(&self) -> String {
+        match self.ip {
+            None => self.port.to_string(),
+            Some(IpAddr::V4(ip)) => format!("{ip}:{}", self.port),
+            Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// Certificate files of a TLS listener (absolute, validated paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub key: PathBuf,
+    pub certificate: PathBuf,
+    pub chain_certificates: Vec<PathBuf>,
+}
+
+/// Caps applied while unpacking a bundle.
+#[derive(Debug, Clone, Copy)]
+pub struct BundleLimits {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+    pub max_depth: usize,
+}
+
+impl Default for BundleLimits {
+    fn default() -> Self {
+        BundleLimits {
+            max_bytes: 4 << 30,
+            max_entries: 100_000,
+            max_depth: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the daemon's configuration: `path` is a YAML file, or a root folder (defaults).
+    /// Warnings (unknown keys) are logged; errors are returned, all of them.
+    pub fn load(path: &Path) -> Result<Config, Invalid> {
+        let (config, problems) = Config::check(path);
+        for w in &problems.warnings {
+            log::warn!("{w}");
+        }
+        match config {
+            Some(c) if !problems.has_errors() => Ok(c),
+            _ => Err(Invalid(problems.errors)),
+        }
+    }
+
+    /// Reads and validates without logging: every problem is returned.
+    pub fn check(path: &Path) -> (Option<Config>, Problems) {
+        let mut problems = Problems::new(path.display().to_string());
+        if path.is_dir() {
+            let root = absolute(path);
+            let tree = Value::Object(Default::default());
+            let config = from_tree(&tree, Some(root), Path::new("/"), &mut problems);
+            return (config, problems);
+        }
+        let Some(tree) = yaml::read_file(path, &mut problems) else {
+            return (None, problems);
+        };
+        let base = absolute(path.parent().unwrap_or(Path::new(".")));
+        let config = from_tree(&tree, None, &base, &mut problems);
+        (config, problems)
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let p = if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    };
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Builds a `Config` from a parsed tree. `root` overrides the `root` key (folder form);
+/// relative paths are taken from `base`.
+fn from_tree(
+    tree: &Value,
+    root: Option<PathBuf>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let mut f = Fields::new(tree, "", problems)?;
+    let root = match root {
+        Some(r) => Some(r),
+        None => match f.string("root", problems) {
+            Some(r) => Some(normalize(&base.join(r))),
+            None => {
+                problems.error("root", "required: the folder holding incoming/, temp/, log/, etc/ and nginx/");
+                None
+            }
+        },
+    };
+    let listeners = read_listeners(&mut f, base, problems);
+    let mut env = f.string_map("env", problems).unwrap_or_default();
+    env.retain(|k, v| {
+        let checked = check_env_name(k).and_then(|()| check_env_value(v));
+        if let Err(e) = &checked {
+            problems.error(format!("env.{k}"), e.clone());
+        }
+        checked.is_ok()
+    });
+    let external_http_port = port_or(&mut f, "external-http-port", 80, problems);
+    let external_https_port = port_or(&mut f, "external-https-port", 443, problems);
+    let connection_time_bound = match f.uint("connection-time-bound", u64::MAX, problems) {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => Some(Duration::from_millis(300_000)),
+    };
+    let healthcheck_path = f
+        .string("healthcheck-path", problems)
+        .and_then(|p| match UrlPath::new(&p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.error("healthcheck-path", e);
+                None
+            }
+        });
+    let rotate_logs = f.bool("rotate-logs", problems).unwrap_or(true);
+    let ip_from_header = f.bool("ip-from-header", problems).unwrap_or(false);
+    for key in [
+        "unknown-host-response-file",
+        "missing-host-response-file",
+        "proxy-exception-response-file",
+    ] {
+        if f.raw(key).is_some() {
+            problems.warn(key, "not supported yet: the built-in response is used");
+        }
+    }
+    if f.raw("setuid").is_some() {
+        problems.error(
+            "setuid",
+            "running apps as another user is not supported by this version of keter yet; remove the key to run apps as keter's own user",
+        );
+    }
+    if f.raw("postgres").is_some() {
+        problems.warn("postgres", "the postgres plugin is not supported yet");
+    }
+    // The status interface is part of the contract; this version does not serve it yet.
+    f.raw("status");
+    let nginx = read_nginx(&mut f, base, problems);
+    let readiness_timeout = seconds_or(&mut f, "readiness-timeout", 90.0, problems);
+    let drain_time = seconds_or(&mut f, "drain-time", 20.0, problems);
+    let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
+    let port_range = read_port_range(&mut f, problems);
+    let limits = read_limits(&mut f, problems);
+    f.finish(problems);
+
+    Some(Config {
+        root: root?,
+        listeners: listeners?,
+        env,
+        external_http_port,
+        external_https_port,
+        connection_time_bound,
+        healthcheck_path,
+        rotate_logs,
+        ip_from_header,
+        nginx: nginx?,
+        readiness_timeout,
+        drain_time,
+        stop_timeout,
+        port_range: port_range?,
+        limits,
+    })
+}
+
+/// Lexically removes `.` and `..` so that messages and Nginx files show plain paths.
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn port_or(f: &mut Fields, key: &'static str, default: u16, problems: &mut Problems) -> u16 {
+    f.uint(key, 65535, problems)
+        .map(|p| p as u16)
+        .unwrap_or(default)
+}
+
+fn seconds_or(
+    f: &mut Fields,
+    key: &'static str,
+    default: f64,
+    problems: &mut Problems,
+) -> Duration {
+    let Some(v) = f.raw(key) else {
+        return Duration::from_secs_f64(default);
+    };
+    match seconds(v) {
+        Some(s) => Duration::from_secs_f64(s),
+        None => {
+            problems.error(
+                f.path(key),
+                format!("expected a number of seconds, found {}", show(v)),
+            );
+            Duration::from_secs_f64(default)
+        }
+    }
+}
+
+/// A non-negative number of seconds below a day (fractions allowed: tests use short times).
+fn seconds(v: &Value) -> Option<f64> {
+    let s = match v {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    (s.is_finite() && (0.0..=86_400.0).contains(&s)).then_some(s)
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Number(n) => n.to_string(),
+        other => yaml::type_name(other).to_string(),
+    }
+}
+
+fn read_listeners(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Vec<Listener>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    if let Some(v) = f.raw("listeners") {
+        match v {
+            Value::Array(items) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    match read_listener(item, &format!("listeners[{i}]"), base, problems) {
+                        Some(l) => out.push(l),
+                        None => ok = false,
+                    }
+                }
+            }
+            Value::Object(_) => match read_listener(v, "listeners", base, problems) {
+                Some(l) => out.push(l),
+                None => ok = false,
+            },
+            other => {
+                problems.error(
+                    "listeners",
+                    format!("expected a non-empty list of listeners, found {}", show(other)),
+                );
+                ok = false;
+            }
+        }
+    }
+    // Keter's older flat form: `host`/`port` for plain HTTP and `ssl: {host, port, key,
+    // certificate}` for TLS; converted to listeners as Keter does.
+    let flat_host = f.string("host", problems);
+    let flat_port = f.uint("port", 65535, problems);
+    if flat_host.is_some() || flat_port.is_some() {
+        let host = flat_host.unwrap_or_else(|| "*".into());
+        match listen_ip(&host) {
+            Ok(ip) => out.push(Listener {
+                ip,
+                port: flat_port.unwrap_or(80) as u16,
+                tls: None,
+            }),
+            Err(e) => {
+                problems.error("host", e);
+                ok = false;
+            }
+        }
+    }
+    if let Some(v) = f.raw("ssl") {
+        match read_listener(v, "ssl", base, problems) {
+            Some(mut l) if l.tls.is_some() => {
+                if !matches!(v.get("port"), Some(p) if !p.is_null()) {
+                    l.port = 443;
+                }
+                out.push(l)
+            }
+            Some(_) => {
+                problems.error("ssl", "a TLS listener needs `key` and `certificate`");
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    if !ok {
+        return None;
+    }
+    if out.is_empty() {
+        out.push(Listener {
+            ip: None,
+            port: 80,
+            tls: None,
+        });
+    }
+    if out.iter().any(|l| l.tls.is_some()) {
+        problems.error(
+            "listeners",
+            "TLS listeners are not supported by this version of keter yet",
+        );
+        return None;
+    }
+    Some(out)
+}
+
+fn listen_ip(host: &str) -> Result<Option<IpAddr>, String> {
+    if host == "*" || host == "*4" || host == "*6" {
+        return Ok(None);
+    }
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .map(Some)
+        .map_err(|_| format!("expected \"*\" or an IP address, found {host:?}"))
+}
+
+fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) -> Option<Listener> {
+    let mut f = Fields::new(v, path, problems)?;
+    let host = f.string("host", problems).unwrap_or_else(|| "*".into());
+    let ip = match listen_ip(&host) {
+        Ok(ip) => Some(ip),
+        Err(e) => {
+            problems.error(f.path("host"), e);
+            None
+        }
+    };
+    let key = f.string("key", problems);
+    let certificate = f.string("certificate", problems);
+    let chain = f.strings("chain-certificates", problems).unwrap_or_default();
+    let port = f.uint("port", 65535, problems);
+    let mut ok = ip.is_some();
+    let mut file = |key_name: &'static str, value: String| -> Option<PathBuf> {
+        let p = normalize(&base.join(&value));
+        match crate::names::check_conf_path(&p) {
+            Ok(()) => Some(p),
+            Err(e) => {
+                problems.error(format!("{path}.{key_name}"), e);
+                None
+            }
+        }
+    };
+    let tls = match (key, certificate) {
+        (Some(k), Some(c)) => {
+            let key = file("key", k);
+            let certificate = file("certificate", c);
+            let chain: Vec<Option<PathBuf>> = chain
+                .into_iter()
+                .map(|c| file("chain-certificates", c))
+                .collect();
+            match (key, certificate, chain.iter().all(Option::is_some)) {
+                (Some(key), Some(certificate), true) => Some(TlsFiles {
+                    key,
+                    certificate,
+                    chain_certificates: chain.into_iter().flatten().collect(),
+                }),
+                _ => {
+                    ok = false;
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+        _ => {
+            problems.error(path, "`key` and `certificate` go together");
+            ok = false;
+            None
+        }
+    };
+    let port = match port {
+        Some(0) => {
+            problems.error(f.path("port"), "port 0 cannot be listened on");
+            ok = false;
+            0
+        }
+        Some(p) => p as u16,
+        None if tls.is_some() => 443,
+        None => 80,
+    };
+    f.finish(problems);
+    ok.then(|| Listener {
+        ip: ip.flatten(),
+        port,
+        tls,
+    })
+}
+
+fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<NginxConfig> {
+    let mut config = NginxConfig {
+        mode: NginxMode::Managed,
+        binary: PathBuf::from("nginx"),
+        pid_file: PathBuf::from("/run/nginx.pid"),
+        reload_timeout: Duration::from_secs(10),
+    };
+    let Some(v) = f.raw("nginx") else {
+        return Some(config);
+    };
+    let mut n = Fields::new(v, "nginx", problems)?;
+    let mut ok = true;
+    if let Some(mode) = n.string("mode", problems) {
+        config.mode = match mode.as_str() {
+            "managed" => NginxMode::Managed,
+            "system" => NginxMode::System,
+            other => {
+                problems.error(
+                    "nginx.mode",
+                    format!("expected \"managed\" or \"system\", found {other:?}"),
+                );
+                ok = false;
+                NginxMode::Managed
+            }
+        };
+    }
+    if let Some(b) = n.string("binary", problems) {
+        config.binary = if b.contains('/') {
+            normalize(&base.join(b))
+        } else {
+            PathBuf::from(b)
+        };
+    }
+    if let Some(p) = n.string("pid-file", problems) {
+        config.pid_file = normalize(&base.join(p));
+    }
+    config.reload_timeout = seconds_or(&mut n, "reload-timeout", 10.0, problems);
+    n.finish(problems);
+    if config.mode == NginxMode::System {
+        problems.error(
+            "nginx.mode",
+            "system mode is not supported by this version of keter yet; use \"managed\"",
+        );
+        ok = false;
+    }
+    ok.then_some(config)
+}
+
+fn read_port_range(f: &mut Fields, problems: &mut Problems) -> Option<RangeInclusive<u16>> {
+    let Some(v) = f.raw("port-range") else {
+        return Some(4000..=4999);
+    };
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            problems.error(
+                "port-range",
+                format!("expected FIRST-LAST such as 4000-4999, found {}", show(other)),
+            );
+            return None;
+        }
+    };
+    let parsed = text.split_once('-').and_then(|(a, b)| {
+        let a: u16 = a.trim().parse().ok()?;
+        let b: u16 = b.trim().parse().ok()?;
+        (a >= 1 && a <= b).then_some(a..=b)
+    });
+    if parsed.is_none() {
+        problems.error(
+            "port-range",
+            format!("expected FIRST-LAST with 1 <= FIRST <= LAST <= 65535, found {text:?}"),
+        );
+    }
+    parsed
+}
+
+fn read_limits(f: &mut Fields, problems: &mut Problems) -> BundleLimits {
+    let mut limits = BundleLimits::default();
+    if let Some(b) = f.uint("max-bundle-bytes", u64::MAX, problems) {
+        limits.max_bytes = b;
+    }
+    if let Some(n) = f.uint("max-bundle-entries", u64::MAX, problems) {
+        limits.max_entries = n;
+    }
+    if let Some(d) = f.uint("max-bundle-depth", 4096, problems) {
+        limits.max_depth = d as usize;
+    }
+    limits
+}
+
+/// All errors of a config as one message per line (for `keter check` and start-up failures).
+pub fn describe(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> (Option<Config>, Problems) {
+        let tree = yaml::parse(text).unwrap();
+        let mut p = Problems::new("keter-config.yaml");
+        let c = from_tree(&tree, None, Path::new("/etc/keter"), &mut p);
+        (c, p)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let (c, p) = check("root: ../opt\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.root, PathBuf::from("/etc/opt"));
+        assert_eq!(
+            c.listeners,
+            vec![Listener {
+                ip: None,
+                port: 80,
+                tls: None
+            }]
+        );
+        assert_eq!(c.readiness_timeout, Duration::from_secs(90));
+        assert_eq!(c.drain_time, Duration::from_secs(20));
+        assert_eq!(c.stop_timeout, Duration::from_secs(10));
+        assert_eq!(c.port_range, 4000..=4999);
+        assert_eq!(c.connection_time_bound, Some(Duration::from_secs(300)));
+        assert_eq!(c.nginx.mode, NginxMode::Managed);
+    }
+
+    #[test]
+    fn keter_flat_listener_form() {
+        let (c, p) = check("root: /opt/keter\nhost: 127.0.0.1\nport: 8080\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let l = &c.unwrap().listeners[0];
+        assert_eq!(l.nginx_address(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let (c, p) = check(
+            "listeners: [{host: nowhere, port: 70000}]\nreadiness-timeout: soon\nport-range: 5-1\nnginx: {mode: fancy}\nbogus: 1\n",
+        );
+        assert!(c.is_none());
+        let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        let expected = [
+            "keter-config.yaml: root: required",
+            "keter-config.yaml: listeners[0].host: expected \"*\" or an IP address, found \"nowhere\"",
+            "keter-config.yaml: listeners[0].port: 70000 is too large (at most 65535)",
+            "keter-config.yaml: nginx.mode: expected \"managed\" or \"system\", found \"fancy\"",
+            "keter-config.yaml: readiness-timeout: expected a number of seconds, found \"soon\"",
+            "keter-config.yaml: port-range: expected FIRST-LAST",
+        ];
+        for e in expected {
+            assert!(msgs.iter().any(|m| m.starts_with(e)), "missing {e:?} in {msgs:#?}");
+        }
+        assert_eq!(p.warnings[0].to_string(), "keter-config.yaml: bogus: unknown key, ignored");
+    }
+
+    #[test]
+    fn fractional_seconds_and_zero_time_bound() {
+        let (c, p) = check("root: /r\nreadiness-timeout: 0.5\nconnection-time-bound: 0\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.readiness_timeout, Duration::from_millis(500));
+        assert_eq!(c.connection_time_bound, None);
+    }
+}

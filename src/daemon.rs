@@ -1,0 +1,194 @@
+//! The daemon: sets up the root folder and Nginx, turns changes in `incoming/` into commands
+//! for the app workers, and stops everything cleanly on request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::app::{AppHandle, Command, Shared};
+use crate::config::Config;
+use crate::names::AppName;
+use crate::nginx::{Nginx, Renderer};
+use crate::watcher::{self, Hint};
+
+/// What the daemon reacts to besides file events: the signals, injected so tests and `main`
+/// can drive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// SIGHUP: rescan `incoming/`.
+    Rescan,
+    /// SIGTERM / SIGINT: stop every app and Nginx, then return.
+    Shutdown,
+}
+
+/// Everything that reaches the daemon's loop.
+#[derive(Debug)]
+pub enum Input {
+    Hint(Hint),
+    Control(Control),
+}
+
+impl From<Hint> for Input {
+    fn from(h: Hint) -> Input {
+        Input::Hint(h)
+    }
+}
+
+/// A reason the daemon cannot run at all (as opposed to one app failing).
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// The channel the daemon listens on; `main` sends signals into it.
+pub fn channel() -> (Sender<Input>, Receiver<Input>) {
+    bounded(4096)
+}
+
+/// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
+pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
+    prepare_root(&config.root)?;
+    let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
+    let nginx = Nginx::start(&config, renderer).map_err(|e| Fatal(format!("nginx: {e}")))?;
+    let incoming = config.root.join("incoming");
+    let shared = Arc::new(Shared::new(config, nginx));
+    let watcher = watcher::watch(&incoming, tx)
+        .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
+    let mut daemon = Daemon {
+        shared,
+        apps: BTreeMap::new(),
+        refused: BTreeSet::new(),
+    };
+    log::info!("keter: watching {}", incoming.display());
+    daemon.rescan();
+    loop {
+        let Ok(input) = rx.recv() else { break };
+        match input {
+            Input::Hint(Hint::Changed(name)) => daemon.reconcile(&name),
+            Input::Hint(Hint::Rescan) | Input::Control(Control::Rescan) => daemon.rescan(),
+            Input::Control(Control::Shutdown) => break,
+        }
+        if watcher.overflowed.swap(false, Ordering::Relaxed) {
+            daemon.rescan();
+        }
+    }
+    drop(watcher);
+    daemon.shutdown();
+    Ok(())
+}
+
+/// Creates the folders of DESIGN.md 5 and empties `temp/` (versions of an earlier run).
+fn prepare_root(root: &Path) -> Result<(), Fatal> {
+    for sub in ["incoming", "temp", "log", "etc", "nginx"] {
+        let dir = root.join(sub);
+        fs::create_dir_all(&dir).map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let temp = root.join("temp");
+    let entries = fs::read_dir(&temp).map_err(|e| Fatal(format!("{}: {e}", temp.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let removed = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        if let Err(e) = removed {
+            return Err(Fatal(format!("cannot empty {}: {e}", path.display())));
+        }
+    }
+    Ok(())
+}
+
+struct Daemon {
+    shared: Arc<Shared>,
+    apps: BTreeMap<AppName, AppHandle>,
+    /// Names in `incoming/` already reported as unusable (reported once, not at every event).
+    refused: BTreeSet<String>,
+}
+
+impl Daemon {
+    /// Looks at every bundle in `incoming/` and every app known.
+    fn rescan(&mut self) {
+        let incoming = self.shared.config.root.join("incoming");
+        let mut names: BTreeSet<String> = match fs::read_dir(&incoming) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(e) => {
+                log::error!("cannot read {}: {e}", incoming.display());
+                return;
+            }
+        };
+        names.extend(self.apps.keys().map(|a| format!("{a}.keter")));
+        for name in names {
+            self.reconcile(&name);
+        }
+    }
+
+    /// Brings the app behind one file name in line with the folder: deploy if the bundle is
+    /// there, stop if it is gone.
+    fn reconcile(&mut self, file_name: &str) {
+        if file_name.starts_with('.') {
+            return; // editors' and copy tools' temporary files
+        }
+        let app = match AppName::from_bundle_file_name(file_name) {
+            None => return,
+            Some(Ok(app)) => app,
+            Some(Err(why)) => {
+                let path = self.shared.config.root.join("incoming").join(file_name);
+                let present = fs::symlink_metadata(&path).is_ok();
+                if present && self.refused.insert(file_name.to_string()) {
+                    log::error!("incoming/{}: refused: {why}", file_name.escape_debug());
+                } else if !present {
+                    self.refused.remove(file_name);
+                }
+                return;
+            }
+        };
+        let path = self.shared.config.root.join("incoming").join(file_name);
+        let present = fs::symlink_metadata(&path).is_ok();
+        if present {
+            if !self.apps.contains_key(&app) {
+                match AppHandle::spawn(app.clone(), self.shared.clone()) {
+                    Ok(h) => {
+                        self.apps.insert(app.clone(), h);
+                    }
+                    Err(e) => {
+                        log::error!("{app}: cannot start its worker: {e}");
+                        return;
+                    }
+                }
+            }
+            self.apps[&app].send(Command::Deploy(path));
+        } else if let Some(h) = self.apps.get(&app) {
+            h.send(Command::Stop);
+        }
+    }
+
+    fn shutdown(self) {
+        log::info!("keter: stopping {} apps", self.apps.len());
+        for h in self.apps.values() {
+            h.begin_shutdown();
+        }
+        for (_, h) in self.apps {
+            h.join();
+        }
+        let Ok(shared) = Arc::try_unwrap(self.shared) else {
+            log::error!("keter: app workers still hold the shared state; Nginx left running");
+            return;
+        };
+        shared.nginx.shutdown();
+        log::info!("keter: stopped");
+    }
+}

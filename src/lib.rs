@@ -1,0 +1,20 @@
+//! keter: deploys web application bundles on one host behind Nginx.
+//!
+//! The daemon ([`daemon`]) watches `incoming/` ([`watcher`]), runs one worker thread per app
+//! ([`app`]) that unpacks ([`bundle`]), starts ([`process`]), checks ([`probe`]) and switches
+//! Nginx over ([`nginx`]) without a failed request. `DESIGN.md` is the contract.
+
+pub mod app;
+pub mod applog;
+pub mod bundle;
+pub mod config;
+pub mod daemon;
+pub mod names;
+pub mod nginx;
+pub mod ports;
+pub mod probe;
+pub mod problem;
+pub mod process;
+pub mod procfs;
+pub mod watcher;
+pub mod yaml;

@@ -1,0 +1,256 @@
+//! Validated values: the only forms in which user input may reach an Nginx file, a path on
+//! disk or a process environment.
+//!
+//! Each type checks its invariant in its constructor and cannot be built otherwise, so a
+//! template that takes a `Hostname` cannot be handed `evil.com;}` (Piku PR #62 was an
+//! unescaped value breaking the Nginx file).
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// An app's name: the bundle file name without `.keter`. Letters, digits, `-`, `_`, `.`;
+/// 1 to 100 bytes; not starting with `.` or `-` (hidden files, option-like names).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AppName(String);
+
+impl AppName {
+    pub const MAX_LEN: usize = 100;
+
+    pub fn new(name: &str) -> Result<AppName, String> {
+        if name.is_empty() {
+            return Err("the app name is empty".into());
+        }
+        if name.len() > Self::MAX_LEN {
+            return Err(format!(
+                "the app name is {} bytes long (at most {})",
+                name.len(),
+                Self::MAX_LEN
+            ));
+        }
+        if name.starts_with('.') || name.starts_with('-') {
+            return Err(format!("the app name {name:?} starts with '.' or '-'"));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(format!(
+                "the app name {name:?} contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
+            ));
+        }
+        Ok(AppName(name.to_string()))
+    }
+
+    /// The app name of a bundle file name (`hello.keter` -> `hello`), if it is one.
+    pub fn from_bundle_file_name(file_name: &str) -> Option<Result<AppName, String>> {
+        let stem = file_name.strip_suffix(".keter")?;
+        Some(AppName::new(stem))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A host name as Nginx's `server_name` will see it: lower case, RFC 1123 labels (letters,
+/// digits, inner `-`, 1-63 bytes each), at most 253 bytes, optionally starting with one `*.`
+/// wildcard label.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Hostname(String);
+
+impl Hostname {
+    pub fn new(host: &str) -> Result<Hostname, String> {
+        let lower = host.to_ascii_lowercase();
+        if lower.is_empty() {
+            return Err("the host name is empty".into());
+        }
+        if lower.len() > 253 {
+            return Err(format!(
+                "the host name is {} bytes long (at most 253)",
+                lower.len()
+            ));
+        }
+        let rest = lower.strip_prefix("*.").unwrap_or(&lower);
+        for label in rest.split('.') {
+            if let Err(why) = check_label(label) {
+                return Err(format!("the host name {host:?} is not valid: {why}"));
+            }
+        }
+        Ok(Hostname(lower))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+}
+
+fn check_label(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("it has an empty label".into());
+    }
+    if label.len() > 63 {
+        return Err(format!("the label {label:?} is longer than 63 bytes"));
+    }
+    if let Some(c) = label
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "it contains {c:?}; only letters, digits, '-' and '.' are allowed"
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(format!("the label {label:?} starts or ends with '-'"));
+    }
+    Ok(())
+}
+
+impl fmt::Display for Hostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An absolute URL path safe to place in an Nginx `location` and an HTTP request line:
+/// starts with `/`, at most 1024 bytes, only RFC 3986 unreserved and sub-delimiter characters
+/// that mean nothing to Nginx's configuration parser (no spaces, quotes, `;`, `{`, `}`, `$`,
+/// `#`, `\`, controls).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct UrlPath(String);
+
+impl UrlPath {
+    pub fn new(path: &str) -> Result<UrlPath, String> {
+        if !path.starts_with('/') {
+            return Err(format!("the path {path:?} does not start with '/'"));
+        }
+        if path.len() > 1024 {
+            return Err("the path is longer than 1024 bytes".into());
+        }
+        if let Some(c) = path.chars().find(|c| {
+            !(c.is_ascii_alphanumeric()
+                || matches!(c, '/' | '-' | '_' | '.' | '~' | '%' | '!' | '&' | '+' | ',' | '=' | ':' | '@' | '?'))
+        }) {
+            return Err(format!("the path {path:?} contains {c:?}"));
+        }
+        Ok(UrlPath(path.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UrlPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks that a file path may be written into an Nginx file: absolute, valid UTF-8, and free
+/// of anything Nginx's parser would read as syntax or a variable (quotes, `\\`, `;`, `{`, `}`,
+/// `$`, `#`, white space, control characters).
+pub fn check_conf_path(p: &std::path::Path) -> Result<(), String> {
+    let Some(s) = p.to_str() else {
+        return Err(format!("the path {p:?} is not valid UTF-8"));
+    };
+    if !p.is_absolute() {
+        return Err(format!("the path {s:?} is not absolute"));
+    }
+    if let Some(c) = s.chars().find(|c| {
+        c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | ';' | '{' | '}' | '$' | '#')
+    }) {
+        return Err(format!(
+            "the path {s:?} contains {c:?}, which cannot be written into an Nginx file"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
+        _ => return Err(format!("{name:?} is not a valid environment variable name")),
+    }
+    if chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid environment variable name"))
+    }
+}
+
+/// Checks an environment value: no NUL byte (it cannot be passed to exec).
+pub fn check_env_value(value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        Err("the value contains a NUL byte".into())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names() {
+        assert!(AppName::new("hello").is_ok());
+        assert!(AppName::new("my-app_2.v1").is_ok());
+        for bad in ["", ".hidden", "-rf", "a b", "a;b", "a\nb", "é", "a/b", &"x".repeat(101)] {
+            assert!(AppName::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            AppName::from_bundle_file_name("hello.keter").unwrap().unwrap().as_str(),
+            "hello"
+        );
+        assert!(AppName::from_bundle_file_name("hello.tar").is_none());
+    }
+
+    #[test]
+    fn host_names() {
+        assert_eq!(Hostname::new("WWW.Example.com").unwrap().as_str(), "www.example.com");
+        assert!(Hostname::new("*.example.com").unwrap().is_wildcard());
+        assert!(Hostname::new("localhost").is_ok());
+        for bad in [
+            "", "a;b", "a{b", "a}b", "a b", "a\nb", "a\"b", "a$b", "a#b", "a\0b", "-a.com",
+            "a-.com", "a..com", "*", "a.*.com", "**.com", "a.com.",
+        ] {
+            assert!(Hostname::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Hostname::new(&format!("{}.com", "a.".repeat(126))).is_err());
+        assert!(Hostname::new(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn url_paths() {
+        assert!(UrlPath::new("/").is_ok());
+        assert!(UrlPath::new("/health/check?x=1").is_ok());
+        for bad in ["", "health", "/a b", "/a;b", "/a{", "/$x", "/a\"", "/a#", "/a\\b"] {
+            assert!(UrlPath::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn env_names() {
+        assert!(check_env_name("DATABASE_URL").is_ok());
+        assert!(check_env_name("_x1").is_ok());
+        assert!(check_env_name("1X").is_err());
+        assert!(check_env_name("A-B").is_err());
+        assert!(check_env_name("").is_err());
+    }
+}

@@ -1,0 +1,569 @@
+//! The Nginx controller: the only writer of keter's Nginx files and the only sender of signals
+//! to Nginx (DESIGN.md 1 and 6.6).
+//!
+//! An app worker asks for its site to be set or removed and blocks until the change is live.
+//! Requests that arrive while a reload is in progress are applied together with one `nginx -t`
+//! and one reload. A change is written into place, tested with `nginx -t` against the real main
+//! configuration, and restored if the test fails (Dokku's broken file stayed live and blocked
+//! every later deploy); after SIGHUP keter asks Nginx's control socket which configuration
+//! generation it runs and reports success only once the new one answers. In managed mode the
+//! controller also runs the Nginx master and restarts it if it dies.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+
+use super::{Paths, Renderer, Site};
+use crate::config::{Config, NginxConfig, NginxMode};
+use crate::names::AppName;
+use crate::{probe, process};
+
+/// Why a change could not be made live. In every case the previous files are back in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NginxError {
+    /// `nginx -t` refused the configuration; Nginx's own message.
+    Rejected(String),
+    /// Nginx did not confirm the new generation in time, or is not running.
+    Unconfirmed(String),
+    /// Writing the files failed (disk full, permissions) or rendering failed.
+    Files(String),
+}
+
+impl fmt::Display for NginxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NginxError::Rejected(m) => write!(f, "nginx -t rejected the configuration: {m}"),
+            NginxError::Unconfirmed(m) => write!(f, "Nginx did not take the new configuration: {m}"),
+            NginxError::Files(m) => write!(f, "cannot write the Nginx configuration: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for NginxError {}
+
+/// Handle to the controller thread.
+pub struct Nginx {
+    tx: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    /// Pid of the running master, 0 when none (managed mode; written by the controller).
+    master_pid: Arc<AtomicI32>,
+    mode: NginxMode,
+    pid_file: std::path::PathBuf,
+}
+
+enum Msg {
+    Apply {
+        app: AppName,
+        site: Option<Site>,
+        reply: Sender<Result<u64, NginxError>>,
+    },
+    Exited {
+        pid: i32,
+        status: ExitStatus,
+    },
+    Shutdown,
+}
+
+impl Nginx {
+    /// Writes the shared files, removes app files left from an earlier run and, in managed
+    /// mode, starts Nginx and waits until it answers. An error here is fatal for the daemon.
+    pub fn start(config: &Config, renderer: Arc<Renderer>) -> Result<Nginx, String> {
+        let (tx, rx) = unbounded();
+        let paths = renderer.paths().clone();
+        let master_pid = Arc::new(AtomicI32::new(0));
+        let mut c = Controller {
+            master_pid: master_pid.clone(),
+            nginx: config.nginx.clone(),
+            stop_timeout: config.stop_timeout,
+            renderer,
+            paths,
+            generation: 1,
+            live: BTreeMap::new(),
+            master: None,
+            restart: Restart::new(),
+            tx: tx.clone(),
+        };
+        c.prepare()?;
+        let thread = std::thread::Builder::new()
+            .name("nginx".into())
+            .spawn(move || c.run(rx))
+            .map_err(|e| format!("cannot start the nginx controller thread: {e}"))?;
+        Ok(Nginx {
+            tx,
+            thread: Some(thread),
+            master_pid,
+            mode: config.nginx.mode,
+            pid_file: config.nginx.pid_file.clone(),
+        })
+    }
+
+    /// The pid of the Nginx master, if one is known to run.
+    pub fn master_pid(&self) -> Option<i32> {
+        match self.mode {
+            NginxMode::Managed => Some(self.master_pid.load(Ordering::Relaxed)).filter(|p| *p > 0),
+            NginxMode::System => fs::read_to_string(&self.pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+        }
+    }
+
+    /// Makes `site` the live configuration of `app` (or removes the app's file with `None`).
+    /// Blocks until Nginx runs it and returns the generation that confirmed it.
+    pub fn apply(&self, app: &AppName, site: Option<Site>) -> Result<u64, NginxError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let msg = Msg::Apply {
+            app: app.clone(),
+            site,
+            reply,
+        };
+        if self.tx.send(msg).is_err() {
+            return Err(NginxError::Unconfirmed("the nginx controller has stopped".into()));
+        }
+        answer.recv().unwrap_or_else(|_| {
+            Err(NginxError::Unconfirmed("the nginx controller has stopped".into()))
+        })
+    }
+
+    /// Stops a managed Nginx and ends the controller thread.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Backoff for restarting a managed Nginx that died.
+struct Restart {
+    delay: Duration,
+    at: Option<Instant>,
+}
+
+impl Restart {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Restart {
+        Restart {
+            delay: Restart::FIRST,
+            at: None,
+        }
+    }
+}
+
+/// The running managed master.
+struct Master {
+    pid: i32,
+    started: Instant,
+}
+
+struct Controller {
+    master_pid: Arc<AtomicI32>,
+    nginx: NginxConfig,
+    stop_timeout: Duration,
+    renderer: Arc<Renderer>,
+    paths: Paths,
+    /// The generation written to `generation.conf`; only grows.
+    generation: u64,
+    /// Content of every app file keter has made live.
+    live: BTreeMap<AppName, String>,
+    master: Option<Master>,
+    restart: Restart,
+    tx: Sender<Msg>,
+}
+
+/// One requested change within a batch.
+struct Change {
+    app: AppName,
+    site: Option<Site>,
+    reply: Sender<Result<u64, NginxError>>,
+}
+
+impl Controller {
+    fn prepare(&mut self) -> Result<(), String> {
+        let p = &self.paths;
+        for dir in [&p.prefix, &p.apps, &p.prefix.join("temp")] {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        // No app runs yet: files left by an earlier run would route to dead ports.
+        for entry in fs::read_dir(&p.apps).map_err(|e| format!("{}: {e}", p.apps.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            let _ = fs::remove_file(path);
+        }
+        if self.nginx.mode == NginxMode::Managed {
+            self.stop_leftover_master();
+            let main = self.renderer.main_conf()?;
+            write_atomic(&p.main_conf, &main).map_err(|e| e.to_string())?;
+        }
+        let http = self.renderer.http_conf()?;
+        write_atomic(&p.http_conf, &http).map_err(|e| e.to_string())?;
+        write_atomic(
+            &p.generation_conf,
+            &Renderer::generation_conf(self.generation),
+        )
+        .map_err(|e| e.to_string())?;
+        self.test().map_err(|e| e.to_string())?;
+        if self.nginx.mode == NginxMode::Managed {
+            self.start_master().map_err(|e| e.to_string())?;
+        } else {
+            self.reload().map_err(|e| e.to_string())?;
+        }
+        self.confirm().map_err(|e| e.to_string())?;
+        log::info!("nginx: running, configuration generation {}", self.generation);
+        Ok(())
+    }
+
+    /// A managed master left by a keter that was killed would hold the listening ports.
+    fn stop_leftover_master(&self) {
+        let pid_file = self.paths.prefix.join("nginx.pid");
+        let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let prefix = self.paths.prefix.to_string_lossy().into_owned();
+        if String::from_utf8_lossy(&cmdline).contains(&prefix) {
+            log::warn!("nginx: stopping the master (pid {pid}) left by an earlier run");
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + self.stop_timeout;
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let msg = match self.restart.at {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.restart_master();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match msg {
+                Msg::Apply { app, site, reply } => {
+                    let mut batch = vec![Change { app, site, reply }];
+                    let mut shutdown = false;
+                    // Everything already waiting shares this reload.
+                    while let Ok(m) = rx.try_recv() {
+                        match m {
+                            Msg::Apply { app, site, reply } => batch.push(Change { app, site, reply }),
+                            Msg::Exited { pid, status } => self.exited(pid, status),
+                            Msg::Shutdown => shutdown = true,
+                        }
+                    }
+                    self.apply_batch(batch);
+                    if shutdown {
+                        break;
+                    }
+                }
+                Msg::Exited { pid, status } => self.exited(pid, status),
+                Msg::Shutdown => break,
+            }
+        }
+        self.stop_master();
+    }
+
+    fn apply_batch(&mut self, batch: Vec<Change>) {
+        let before = self.live.clone();
+        let generation = self.generation + 1;
+        let mut wanted = self.live.clone();
+        let mut ready = Vec::new();
+        for change in batch {
+            match &change.site {
+                Some(site) => match self.renderer.app_conf(site, generation) {
+                    Ok(text) => {
+                        wanted.insert(change.app.clone(), text);
+                        ready.push(change);
+                    }
+                    Err(e) => {
+                        let _ = change.reply.send(Err(NginxError::Files(e)));
+                    }
+                },
+                None => {
+                    wanted.remove(&change.app);
+                    ready.push(change);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let result = self.make_live(generation, &before, &wanted);
+        match result {
+            Ok(()) => {
+                for c in ready {
+                    let _ = c.reply.send(Ok(generation));
+                }
+            }
+            // A batch that fails the test is retried one change at a time, so that one app's
+            // bad file fails only that app.
+            Err(NginxError::Rejected(_)) if ready.len() > 1 => {
+                for c in ready {
+                    self.apply_batch(vec![c]);
+                }
+            }
+            Err(e) => {
+                for c in ready {
+                    let _ = c.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes `wanted` over `before`, tests, reloads and confirms; on any failure puts `before`
+    /// back (and reloads it if Nginx may have seen the new files).
+    fn make_live(
+        &mut self,
+        generation: u64,
+        before: &BTreeMap<AppName, String>,
+        wanted: &BTreeMap<AppName, String>,
+    ) -> Result<(), NginxError> {
+        self.generation = generation;
+        if let Err(e) = self.write_files(before, wanted) {
+            self.restore(wanted, before);
+            return Err(NginxError::Files(e.to_string()));
+        }
+        if let Err(e) = self.test() {
+            self.restore(wanted, before);
+            return Err(e);
+        }
+        let live = self.reload().and_then(|()| self.confirm());
+        if let Err(e) = live {
+            log::error!("nginx: {e}; restoring the previous configuration");
+            self.restore(wanted, before);
+            if self.reload().and_then(|()| self.confirm()).is_err() {
+                log::error!("nginx: the previous configuration is not confirmed either");
+            }
+            return Err(e);
+        }
+        self.live = wanted.clone();
+        Ok(())
+    }
+
+    /// Writes the generation file and every app file that differs between `from` and `to`.
+    fn write_files(
+        &self,
+        from: &BTreeMap<AppName, String>,
+        to: &BTreeMap<AppName, String>,
+    ) -> io::Result<()> {
+        write_atomic(
+            &self.paths.generation_conf,
+            &Renderer::generation_conf(self.generation),
+        )?;
+        for (app, text) in to {
+            if from.get(app) != Some(text) {
+                write_atomic(&self.paths.app_conf(app), text)?;
+            }
+        }
+        for app in from.keys() {
+            if !to.contains_key(app) {
+                match fs::remove_file(self.paths.app_conf(app)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, wanted: &BTreeMap<AppName, String>, before: &BTreeMap<AppName, String>) {
+        self.generation += 1;
+        if let Err(e) = self.write_files(wanted, before) {
+            log::error!("nginx: cannot restore the previous files: {e}");
+        }
+    }
+
+    /// `nginx -t` against the real main configuration.
+    fn test(&self) -> Result<(), NginxError> {
+        let mut cmd = std::process::Command::new(&self.nginx.binary);
+        cmd.arg("-t").arg("-q");
+        if self.nginx.mode == NginxMode::Managed {
+            cmd.args(["-e", "stderr", "-p"])
+                .arg(&self.paths.prefix)
+                .arg("-c")
+                .arg(&self.paths.main_conf);
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| NginxError::Rejected(format!("cannot run {}: {e}", self.nginx.binary.display())))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stderr);
+        let message: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.ends_with("test failed"))
+            .collect();
+        Err(NginxError::Rejected(message.join(" / ")))
+    }
+
+    fn reload(&mut self) -> Result<(), NginxError> {
+        match self.nginx.mode {
+            NginxMode::Managed => match &self.master {
+                Some(m) => signal::kill(Pid::from_raw(m.pid), Signal::SIGHUP)
+                    .map_err(|e| NginxError::Unconfirmed(format!("cannot signal Nginx: {e}"))),
+                // Nginx is down and waiting for its restart: start it now with the new files.
+                None => self.start_master(),
+            },
+            NginxMode::System => {
+                let pid = fs::read_to_string(&self.nginx.pid_file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                    .ok_or_else(|| {
+                        NginxError::Unconfirmed(format!(
+                            "no Nginx master pid in {}",
+                            self.nginx.pid_file.display()
+                        ))
+                    })?;
+                signal::kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|e| {
+                    NginxError::Unconfirmed(format!("cannot signal Nginx (pid {pid}): {e}"))
+                })
+            }
+        }
+    }
+
+    /// Waits until the control socket answers the current generation.
+    fn confirm(&self) -> Result<(), NginxError> {
+        let deadline = Instant::now() + self.nginx.reload_timeout;
+        loop {
+            let last = match probe::get_unix(
+                &self.paths.control_socket,
+                "/keter-generation",
+                Duration::from_secs(1),
+            ) {
+                Ok(r) if r.status == 200 => match r.body.trim().parse::<u64>() {
+                    Ok(g) if g >= self.generation => return Ok(()),
+                    Ok(g) => format!("still generation {g}"),
+                    Err(_) => format!("unexpected answer {:?}", r.body),
+                },
+                Ok(r) => format!("status {}", r.status),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(NginxError::Unconfirmed(format!(
+                    "generation {} not confirmed within {:?} ({last})",
+                    self.generation, self.nginx.reload_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn start_master(&mut self) -> Result<(), NginxError> {
+        let mut cmd = process::command_in_new_group(&self.nginx.binary);
+        cmd.args(["-e", "stderr", "-p"])
+            .arg(&self.paths.prefix)
+            .arg("-c")
+            .arg(&self.paths.main_conf)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().map_err(|e| {
+            NginxError::Unconfirmed(format!("cannot start {}: {e}", self.nginx.binary.display()))
+        })?;
+        let pid = child.id() as i32;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("wait-nginx".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if let Ok(status) = child.wait() {
+                    let _ = tx.send(Msg::Exited { pid, status });
+                }
+            })
+            .map_err(|e| NginxError::Unconfirmed(e.to_string()))?;
+        log::info!("nginx: started the master, pid {pid}");
+        self.master = Some(Master {
+            pid,
+            started: Instant::now(),
+        });
+        self.master_pid.store(pid, Ordering::Relaxed);
+        self.restart.at = None;
+        Ok(())
+    }
+
+    fn exited(&mut self, pid: i32, status: ExitStatus) {
+        let Some(m) = &self.master else { return };
+        if m.pid != pid {
+            return;
+        }
+        if m.started.elapsed() > Duration::from_secs(60) {
+            self.restart.delay = Restart::FIRST;
+        }
+        log::error!(
+            "nginx: the master (pid {pid}) stopped with {}; restarting it in {:?}",
+            process::describe_exit(status),
+            self.restart.delay
+        );
+        self.master = None;
+        self.master_pid.store(0, Ordering::Relaxed);
+        self.restart.at = Some(Instant::now() + self.restart.delay);
+        self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
+    }
+
+    fn restart_master(&mut self) {
+        self.restart.at = None;
+        let result = self.start_master().and_then(|()| self.confirm());
+        if let Err(e) = result {
+            log::error!("nginx: restart failed: {e}");
+            self.master_pid.store(0, Ordering::Relaxed);
+            if let Some(m) = self.master.take() {
+                process::stop_group(m.pid, Duration::from_secs(1));
+            }
+            self.restart.at = Some(Instant::now() + self.restart.delay);
+            self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
+        }
+    }
+
+    fn stop_master(&mut self) {
+        self.master_pid.store(0, Ordering::Relaxed);
+        if let Some(m) = self.master.take() {
+            log::info!("nginx: stopping the master (pid {})", m.pid);
+            process::stop_group(m.pid, self.stop_timeout);
+        }
+        let _ = fs::remove_file(&self.paths.control_socket);
+    }
+}
+
+/// Writes a file by temp file + fsync + rename, so Nginx never reads half a file. The temp
+/// name starts with a dot and does not end in `.conf`, so no include glob picks it up.
+pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

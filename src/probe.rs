@@ -1,0 +1,79 @@
+//! A minimal HTTP/1.1 client for the two requests keter makes itself: the readiness check of an
+//! app on `127.0.0.1:PORT`, and the generation check on Nginx's unix control socket.
+//!
+//! Both go to a known local peer, so this needs no proxy support (an `http_proxy` variable must
+//! never send a readiness check elsewhere), no redirects and no TLS: statuses are data.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// The status and body of a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET path` with `Host: host` over TCP, bounded by `timeout` for connect and for each read.
+pub fn get_tcp(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    exchange(&mut stream, host, path)
+}
+
+/// `GET path` over a unix socket (Nginx's control server).
+pub fn get_unix(socket: &Path, path: &str, timeout: Duration) -> io::Result<Response> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    exchange(&mut stream, "keter-control", path)
+}
+
+fn exchange(stream: &mut (impl Read + Write), host: &str, path: &str) -> io::Result<Response> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keter\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    // Responses here are small; a cap keeps a misbehaving app from feeding us forever.
+    let mut buf = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut buf)?;
+    parse(&buf)
+}
+
+fn parse(buf: &[u8]) -> io::Result<Response> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let text = String::from_utf8_lossy(buf);
+    let line = text.lines().next().ok_or_else(|| bad("empty response"))?;
+    let mut parts = line.split_whitespace();
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(bad("not an HTTP/1.x response"));
+    }
+    let status = parts
+        .next()
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|s| (100..1000).contains(s))
+        .ok_or_else(|| bad("no status code in the response"))?;
+    let body = match text.find("\r\n\r\n") {
+        Some(i) => text[i + 4..].to_string(),
+        None => String::new(),
+    };
+    Ok(Response { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_and_body() {
+        let r = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno").unwrap();
+        assert_eq!(r, Response { status: 503, body: "no".into() });
+        assert!(parse(b"SSH-2.0-OpenSSH\r\n").is_err());
+        assert!(parse(b"").is_err());
+    }
+}

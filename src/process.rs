@@ -1,0 +1,149 @@
+//! All process handling in one place: spawning an app in its own process group with a clean
+//! signal mask, a chosen environment and its output in the app's log; waiting for its exit on a
+//! small thread; and stopping the whole group (SIGTERM, then SIGKILL after a grace period).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::unistd::Pid;
+
+use crate::applog::AppLog;
+use crate::procfs;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// The complete environment (nothing is inherited from keter).
+    pub env: Vec<(String, String)>,
+}
+
+/// A started process, leader of its own process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// Pid of the process, also its process group id.
+    pub pid: i32,
+    pub started: Instant,
+}
+
+/// A command that will run as the leader of a new process group (so that stopping it reaches
+/// every process it starts, and a Ctrl-C meant for keter does not reach it directly), with an
+/// empty signal mask and default signal dispositions.
+pub fn command_in_new_group(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.process_group(0);
+    // SAFETY: the closure only calls async-signal-safe functions (sigprocmask, signal).
+    unsafe {
+        cmd.pre_exec(|| {
+            // keter's threads may block signals; a child must start with none blocked and with
+            // default dispositions, or it would ignore the SIGTERM that stops it.
+            signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(io::Error::from)?;
+            for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+                signal::signal(sig, signal::SigHandler::SigDfl).map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Starts `spec` in a new process group with stdout and stderr going to `log`. `on_exit` runs
+/// on a waiter thread with the pid and status once the process has exited and been reaped.
+pub fn spawn(
+    spec: &Spec,
+    log: &AppLog,
+    on_exit: impl FnOnce(i32, ExitStatus) + Send + 'static,
+) -> io::Result<Running> {
+    let (read_end, write_end) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let write_err = write_end.try_clone()?;
+    let mut cmd = command_in_new_group(&spec.program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::from(write_err));
+    let mut child = cmd.spawn()?;
+    // The parent's copies of the write end are closed with `cmd`, so the pipe reaches end of
+    // file when the whole group has closed its output.
+    drop(cmd);
+    log.pump(File::from(read_end));
+    let pid = child.id() as i32;
+    std::thread::Builder::new()
+        .name(format!("wait-{pid}"))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0xff00));
+            on_exit(pid, status);
+        })?;
+    Ok(Running {
+        pid,
+        started: Instant::now(),
+    })
+}
+
+/// Describes an exit status for the log: `exit code 3`, `killed by SIGKILL`.
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {}", s.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        }
+    } else {
+        format!("{status}")
+    }
+}
+
+/// How a group stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every member exited after SIGTERM (or was already gone).
+    Terminated,
+    /// SIGKILL was needed after the grace period.
+    Killed,
+}
+
+/// Stops every process of group `pgid`: SIGTERM, up to `grace` for them to exit, then SIGKILL.
+/// Returns once no member is left (or after a further few seconds if SIGKILL cannot finish).
+pub fn stop_group(pgid: i32, grace: Duration) -> Stopped {
+    let group = Pid::from_raw(-pgid);
+    if procfs::group_members(pgid).is_empty() {
+        return Stopped::Terminated;
+    }
+    let _ = signal::kill(group, Signal::SIGTERM);
+    // Stopped processes do not act on SIGTERM until continued.
+    let _ = signal::kill(group, Signal::SIGCONT);
+    if wait_group_gone(pgid, grace) {
+        return Stopped::Terminated;
+    }
+    let _ = signal::kill(group, Signal::SIGKILL);
+    wait_group_gone(pgid, Duration::from_secs(5));
+    Stopped::Killed
+}
+
+fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if procfs::group_members(pgid).is_empty() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,149 @@
+//! Facts about processes and sockets read from `/proc`: the live members of a process group
+//! and the TCP connections to a local port (to know when an old version has drained).
+
+use std::fs;
+
+/// Pids of the processes in group `pgid` that have not exited (zombies excluded).
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some((state, pgrp)) = stat_state_pgrp(pid) {
+            if pgrp == pgid && state != 'Z' && state != 'X' {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// State letter and process group of a pid, from `/proc/PID/stat`.
+fn stat_state_pgrp(pid: i32) -> Option<(char, i32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Number of established TCP connections whose local or remote port is `port` on a loopback
+/// or wildcard address (IPv4 and IPv6).
+pub fn connections_to_port(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| fs::read_to_string(p).ok())
+        .map(|text| count_established(&text, port))
+        .sum()
+}
+
+fn count_established(table: &str, port: u16) -> usize {
+    const ESTABLISHED: &str = "01";
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 || cols[3] != ESTABLISHED {
+                return false;
+            }
+            let port_of = |addr: &str| {
+                addr.rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            };
+            // The app's side of the connection has the app's port as its local port.
+            port_of(cols[1]) == Some(port)
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_established_connections_on_local_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:0FA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0FA0 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n   2: 0100007F:D431 0100007F:0FA0 01 00000000:00000000 00:00000000 00000000     0        0 3\n   3: 0100007F:0FA0 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 4\n";
+        assert_eq!(count_established(table, 4000), 1);
+        assert_eq!(count_established(table, 4001), 0);
+    }
+
+    #[test]
+    fn finds_own_group() {
+        let me = std::process::id() as i32;
+        let pgid = nix::unistd::getpgrp().as_raw();
+        if pgid == me {
+            assert!(group_members(pgid).contains(&me));
+        } else {
+            assert!(!group_members(pgid).is_empty());
+        }
+    }
+}
+
+/// Number of Nginx workers of master `master` that are finishing their connections after a
+/// reload ("nginx: worker process is shutting down"). While one exists, it may still send a
+/// request it accepted before the reload to an old app version.
+pub fn nginx_workers_shutting_down(master: i32) -> usize {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| parent_of(*pid) == Some(master))
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("is shutting down"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// True when a socket listening on TCP `port` belongs to a live process of group `pgid`.
+pub fn port_listener_in_group(port: u16, pgid: i32) -> bool {
+    const LISTEN: &str = "0A";
+    let mut inodes: Vec<String> = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != LISTEN {
+                continue;
+            }
+            let local_port = cols[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    group_members(pgid).into_iter().any(|pid| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.flatten().any(|fd| {
+                    fs::read_link(fd.path())
+                        .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    })
+}
