@@ -88,7 +88,13 @@ impl AppHandle {
     pub fn spawn(name: AppName, shared: Arc<Shared>) -> std::io::Result<AppHandle> {
         let (tx, rx) = unbounded();
         let target = if shared.config.rotate_logs {
-            LogTarget::File(shared.config.root.join("log").join(format!("app-{name}.log")))
+            LogTarget::File(
+                shared
+                    .config
+                    .root
+                    .join("log")
+                    .join(format!("app-{name}.log")),
+            )
         } else {
             LogTarget::Stderr(name.to_string())
         };
@@ -102,6 +108,7 @@ impl AppHandle {
             retiring: Vec::new(),
             pending: None,
             deploys: 0,
+            deploying: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("app-{name}"))
@@ -178,6 +185,15 @@ struct Retiring {
     since: Instant,
 }
 
+/// How a deploy that did not fail ended.
+enum Outcome {
+    Deployed,
+    /// The very file already serving (a repeated event).
+    SameFile,
+    /// Another file with the content already serving.
+    SameContent,
+}
+
 /// Why a deploy did not go live. The previous version (if any) still serves.
 #[derive(Debug)]
 enum DeployError {
@@ -200,9 +216,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// How often readiness is polled (DESIGN.md 6.5: tens of milliseconds).
 const READINESS_POLL: Duration = Duration::from_millis(20);
-/// Nginx waits 100 ms after a reload before telling old workers to stop accepting; an old
-/// version is kept at least this long after the switch.
-const MIN_DRAIN: Duration = Duration::from_millis(300);
+/// A worker that is shutting down may still be reading a request it accepted before the
+/// reload and connect to the old version a moment later; its absence of connections counts
+/// only after this long.
+const SETTLE: Duration = Duration::from_secs(1);
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 struct Worker {
@@ -218,6 +235,9 @@ struct Worker {
     pending: Option<Command>,
     /// Deploys attempted, for the Nginx file header.
     deploys: u64,
+    /// The bundle file being deployed right now and its identity, to recognise repeated
+    /// events for the same file (inotify reports one rename several times).
+    deploying: Option<(PathBuf, FileStamp)>,
 }
 
 impl Worker {
@@ -292,20 +312,47 @@ impl Worker {
             .iter()
             .flat_map(|v| v.procs.iter())
             .filter_map(|p| p.restart_at);
-        let drains = self.retiring.iter().map(|r| {
-            (r.since + MIN_DRAIN).max(Instant::now() + DRAIN_POLL)
-        });
+        let drains = self.retiring.iter().map(|_| Instant::now() + DRAIN_POLL);
         restarts.chain(drains).min()
+    }
+
+    /// True when `c` asks to deploy the very file (same inode, size and times) that is being
+    /// deployed or already serves.
+    fn is_repeat(&self, c: &Command) -> bool {
+        let Command::Deploy(path) = c else {
+            return false;
+        };
+        let Ok(meta) = fs::symlink_metadata(path) else {
+            return false;
+        };
+        let stamp = FileStamp::of(&meta);
+        self.deploying
+            .as_ref()
+            .is_some_and(|(p, s)| p == path && *s == stamp)
+            || self.current.as_ref().is_some_and(|v| v.stamp == stamp)
     }
 
     fn deploy(&mut self, path: &Path, rx: &Receiver<Event>) {
         let started = Instant::now();
         let label = format!("{}.keter", self.name);
-        match self.try_deploy(path, rx, started) {
-            Ok(true) => {}
-            Ok(false) => log::info!("{}: {label} is unchanged; nothing to do", self.name),
+        let result = self.try_deploy(path, rx, started);
+        self.deploying = None;
+        match result {
+            Ok(Outcome::Deployed) => {}
+            Ok(Outcome::SameFile) => {
+                log::debug!("{}: {label} is the file already serving", self.name)
+            }
+            Ok(Outcome::SameContent) => {
+                log::info!(
+                    "{}: {label} is unchanged (same sha256); nothing to do",
+                    self.name
+                )
+            }
             Err(DeployError::Superseded) => {
-                log::info!("{}: deploy of {label} superseded by a newer command", self.name)
+                log::info!(
+                    "{}: deploy of {label} superseded by a newer command",
+                    self.name
+                )
             }
             Err(DeployError::Failed(why)) => {
                 let keeps = if self.current.is_some() {
@@ -319,13 +366,12 @@ impl Worker {
         }
     }
 
-    /// Returns Ok(false) when the bundle is the version already serving.
     fn try_deploy(
         &mut self,
         path: &Path,
         rx: &Receiver<Event>,
         started: Instant,
-    ) -> Result<bool, DeployError> {
+    ) -> Result<Outcome, DeployError> {
         let meta = fs::symlink_metadata(path)
             .map_err(|e| DeployError::Failed(format!("cannot read {}: {e}", path.display())))?;
         if meta.file_type().is_symlink() {
@@ -335,14 +381,23 @@ impl Worker {
             )));
         }
         if !meta.is_file() {
-            return Err(DeployError::Failed(format!("{} is not a regular file", path.display())));
+            return Err(DeployError::Failed(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
         }
         let stamp = FileStamp::of(&meta);
         if self.current.as_ref().is_some_and(|v| v.stamp == stamp) {
-            return Ok(false);
+            return Ok(Outcome::SameFile);
         }
+        self.deploying = Some((path.to_path_buf(), stamp));
         let id = self.shared.next_version.fetch_add(1, Ordering::Relaxed);
-        let dir = self.shared.config.root.join("temp").join(format!("{}-{id}", self.name));
+        let dir = self
+            .shared
+            .config
+            .root
+            .join("temp")
+            .join(format!("{}-{id}", self.name));
         let unpacked = bundle::unpack(path, &dir, &self.shared.config.limits)
             .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
@@ -357,12 +412,12 @@ impl Worker {
             let _ = fs::remove_dir_all(&dir);
             e
         };
-        if let Some(cur) = &mut self.current {
-            if cur.sha256 == unpacked.sha256 {
-                cur.stamp = stamp;
-                let _ = fs::remove_dir_all(&dir);
-                return Ok(false);
-            }
+        if let Some(cur) = &mut self.current
+            && cur.sha256 == unpacked.sha256
+        {
+            cur.stamp = stamp;
+            let _ = fs::remove_dir_all(&dir);
+            return Ok(Outcome::SameContent);
         }
         let (config, warnings) = bundle::read_config(&dir, &format!("{}.keter", self.name))
             .map_err(|e| cleanup(DeployError::Failed(e.to_string())))?;
@@ -394,7 +449,7 @@ impl Worker {
                     });
                 }
                 self.release_unused_hosts();
-                Ok(true)
+                Ok(Outcome::Deployed)
             }
             Err(e) => {
                 self.discard(version);
@@ -573,6 +628,7 @@ impl Worker {
             let mut waited_event = rx.recv_timeout(wait);
             loop {
                 match waited_event {
+                    Ok(Event::Command(c)) if self.is_repeat(&c) => {}
                     Ok(Event::Command(c)) => {
                         self.pending = Some(c);
                         return Err(DeployError::Superseded);
@@ -626,12 +682,12 @@ impl Worker {
     fn claim_hosts(&self, config: &BundleConfig) -> Result<(), DeployError> {
         let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
         for h in config.hosts() {
-            if let Some(owner) = hosts.get(h) {
-                if owner != &self.name {
-                    return Err(DeployError::Failed(format!(
-                        "the host {h} is already served by the app {owner}"
-                    )));
-                }
+            if let Some(owner) = hosts.get(h)
+                && owner != &self.name
+            {
+                return Err(DeployError::Failed(format!(
+                    "the host {h} is already served by the app {owner}"
+                )));
             }
         }
         for h in config.hosts() {
@@ -643,7 +699,11 @@ impl Worker {
     /// Gives back hosts that no version of this app still serves.
     fn release_unused_hosts(&self) {
         let mut used: Vec<&Hostname> = Vec::new();
-        for v in self.current.iter().chain(self.retiring.iter().map(|r| &r.version)) {
+        for v in self
+            .current
+            .iter()
+            .chain(self.retiring.iter().map(|r| &r.version))
+        {
             used.extend(v.config.hosts());
         }
         let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -669,7 +729,11 @@ impl Worker {
             self.shared.ports.release(p.port);
         }
         if let Err(e) = fs::remove_dir_all(&version.dir) {
-            log::warn!("{}: cannot delete {}: {e}", self.name, version.dir.display());
+            log::warn!(
+                "{}: cannot delete {}: {e}",
+                self.name,
+                version.dir.display()
+            );
         }
     }
 
@@ -737,17 +801,25 @@ impl Worker {
         while i < self.retiring.len() {
             let r = &self.retiring[i];
             let age = r.since.elapsed();
-            let drained = age >= MIN_DRAIN
-                && ports_of(&r.version)
-                    .iter()
-                    .all(|p| procfs::connections_to_port(*p) == 0)
-                && master.is_none_or(|m| procfs::nginx_workers_shutting_down(m) == 0);
+            // Only Nginx's workers send requests to an old version, and workers started by the
+            // switch know only the new one: once no worker from before it is still finishing
+            // its connections, nothing can reach the old version. A lingering worker (an open
+            // websocket of any app) makes keter count the old version's own connections.
+            let drained = master.is_none_or(|m| procfs::nginx_workers_shutting_down(m) == 0)
+                || (age >= SETTLE
+                    && ports_of(&r.version)
+                        .iter()
+                        .all(|p| procfs::connections_to_port(*p) == 0));
             if drained || age >= drain_time {
                 let r = self.retiring.remove(i);
                 log::info!(
                     "{}: previous version {} after {} ms; stopping it",
                     self.name,
-                    if drained { "drained" } else { "still had connections at drain-time" },
+                    if drained {
+                        "drained"
+                    } else {
+                        "still had connections at drain-time"
+                    },
                     age.as_millis()
                 );
                 self.discard(r.version);
@@ -765,7 +837,10 @@ impl Worker {
         }
         match self.shared.nginx.apply(&self.name, None) {
             Ok(g) => log::info!("{}: removed from Nginx at generation {g}", self.name),
-            Err(e) => log::error!("{}: removing from Nginx failed: {e}; stopping anyway", self.name),
+            Err(e) => log::error!(
+                "{}: removing from Nginx failed: {e}; stopping anyway",
+                self.name
+            ),
         }
         let versions: Vec<Version> = self
             .current

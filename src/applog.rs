@@ -48,12 +48,9 @@ impl AppLog {
     /// Opens the target and starts its writer thread (which ends when every handle is gone).
     pub fn open(target: LogTarget) -> std::io::Result<AppLog> {
         let mut sink: Box<dyn Write + Send> = match &target {
-            LogTarget::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            LogTarget::File(path) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
             LogTarget::Stderr(_) => Box::new(std::io::stderr()),
         };
         let prefix = match &target {
@@ -101,7 +98,10 @@ impl AppLog {
     /// The last `n` lines, oldest first.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let tail = self.shared.tail.lock().unwrap_or_else(|e| e.into_inner());
-        tail.iter().skip(tail.len().saturating_sub(n)).cloned().collect()
+        tail.iter()
+            .skip(tail.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     /// Lines dropped because the writer could not keep up.
@@ -120,7 +120,10 @@ impl AppLog {
                 let mut buf = Vec::new();
                 loop {
                     buf.clear();
-                    match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+                    match (&mut reader)
+                        .take(MAX_LINE as u64)
+                        .read_until(b'\n', &mut buf)
+                    {
                         Ok(0) => break,
                         Ok(_) => {
                             while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -176,7 +179,10 @@ mod tests {
     fn timestamps() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_786_501_123);
         assert_eq!(timestamp(t), "2026-11-27T13:35:01.123Z");
-        assert_eq!(timestamp(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            timestamp(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(timestamp(leap), "2000-02-29T00:00:00.000Z");
     }

@@ -163,7 +163,10 @@ fn from_tree(
         None => match f.string("root", problems) {
             Some(r) => Some(normalize(&base.join(r))),
             None => {
-                problems.error("root", "required: the folder holding incoming/, temp/, log/, etc/ and nginx/");
+                problems.error(
+                    "root",
+                    "required: the folder holding incoming/, temp/, log/, etc/ and nginx/",
+                );
                 None
             }
         },
@@ -322,7 +325,10 @@ fn read_listeners(f: &mut Fields, base: &Path, problems: &mut Problems) -> Optio
             other => {
                 problems.error(
                     "listeners",
-                    format!("expected a non-empty list of listeners, found {}", show(other)),
+                    format!(
+                        "expected a non-empty list of listeners, found {}",
+                        show(other)
+                    ),
                 );
                 ok = false;
             }
@@ -404,7 +410,9 @@ fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) ->
     };
     let key = f.string("key", problems);
     let certificate = f.string("certificate", problems);
-    let chain = f.strings("chain-certificates", problems).unwrap_or_default();
+    let chain = f
+        .strings("chain-certificates", problems)
+        .unwrap_or_default();
     let port = f.uint("port", 65535, problems);
     let mut ok = ip.is_some();
     let mut file = |key_name: &'static str, value: String| -> Option<PathBuf> {
@@ -520,7 +528,10 @@ fn read_port_range(f: &mut Fields, problems: &mut Problems) -> Option<RangeInclu
         other => {
             problems.error(
                 "port-range",
-                format!("expected FIRST-LAST such as 4000-4999, found {}", show(other)),
+                format!(
+                    "expected FIRST-LAST such as 4000-4999, found {}",
+                    show(other)
+                ),
             );
             return None;
         }
@@ -619,9 +630,15 @@ mod tests {
             "keter-config.yaml: port-range: expected FIRST-LAST",
         ];
         for e in expected {
-            assert!(msgs.iter().any(|m| m.starts_with(e)), "missing {e:?} in {msgs:#?}");
+            assert!(
+                msgs.iter().any(|m| m.starts_with(e)),
+                "missing {e:?} in {msgs:#?}"
+            );
         }
-        assert_eq!(p.warnings[0].to_string(), "keter-config.yaml: bogus: unknown key, ignored");
+        assert_eq!(
+            p.warnings[0].to_string(),
+            "keter-config.yaml: bogus: unknown key, ignored"
+        );
     }
 
     #[test]

@@ -72,8 +72,7 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     };
     log::info!("keter: watching {}", incoming.display());
     daemon.rescan();
-    loop {
-        let Ok(input) = rx.recv() else { break };
+    while let Ok(input) = rx.recv() {
         match input {
             Input::Hint(Hint::Changed(name)) => daemon.reconcile(&name),
             Input::Hint(Hint::Rescan) | Input::Control(Control::Rescan) => daemon.rescan(),
@@ -92,7 +91,8 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
 fn prepare_root(root: &Path) -> Result<(), Fatal> {
     for sub in ["incoming", "temp", "log", "etc", "nginx"] {
         let dir = root.join(sub);
-        fs::create_dir_all(&dir).map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
     }
     let temp = root.join("temp");
     let entries = fs::read_dir(&temp).map_err(|e| Fatal(format!("{}: {e}", temp.display())))?;

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         ["check", path] => check(Path::new(path)),
         [path] if !path.starts_with('-') && !is_command(path) => run_daemon(Path::new(path)),
         _ => {
-            eprintln!("keter: unrecognised arguments: {}\n\n{HELP}", args.join(" "));
+            eprintln!(
+                "keter: unrecognised arguments: {}\n\n{HELP}",
+                args.join(" ")
+            );
             ExitCode::from(2)
         }
     }
@@ -147,7 +150,10 @@ fn check_bundle_dir(dir: &Path, label: &str) -> (Vec<String>, Vec<String>) {
             Vec::new(),
             problems.warnings.iter().map(|p| p.to_string()).collect(),
         ),
-        Err(invalid) => (invalid.0.iter().map(|p| p.to_string()).collect(), Vec::new()),
+        Err(invalid) => (
+            invalid.0.iter().map(|p| p.to_string()).collect(),
+            Vec::new(),
+        ),
     }
 }
 
@@ -160,8 +166,7 @@ fn check_bundle_file(path: &Path) -> (Vec<String>, Vec<String>) {
     if let Some(Err(why)) = keter::names::AppName::from_bundle_file_name(&label) {
         errors.push(format!("{label}: {why}"));
     }
-    let dest: PathBuf =
-        std::env::temp_dir().join(format!("keter-check-{}", std::process::id()));
+    let dest: PathBuf = std::env::temp_dir().join(format!("keter-check-{}", std::process::id()));
     let limits = config::BundleLimits::default();
     match keter::bundle::unpack(path, &dest, &limits) {
         Ok(u) => {

@@ -142,7 +142,22 @@ impl UrlPath {
         }
         if let Some(c) = path.chars().find(|c| {
             !(c.is_ascii_alphanumeric()
-                || matches!(c, '/' | '-' | '_' | '.' | '~' | '%' | '!' | '&' | '+' | ',' | '=' | ':' | '@' | '?'))
+                || matches!(
+                    c,
+                    '/' | '-'
+                        | '_'
+                        | '.'
+                        | '~'
+                        | '%'
+                        | '!'
+                        | '&'
+                        | '+'
+                        | ','
+                        | '='
+                        | ':'
+                        | '@'
+                        | '?'
+                ))
         }) {
             return Err(format!("the path {path:?} contains {c:?}"));
         }
@@ -171,7 +186,9 @@ pub fn check_conf_path(p: &std::path::Path) -> Result<(), String> {
         return Err(format!("the path {s:?} is not absolute"));
     }
     if let Some(c) = s.chars().find(|c| {
-        c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | ';' | '{' | '}' | '$' | '#')
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '"' | '\'' | '\\' | ';' | '{' | '}' | '$' | '#')
     }) {
         return Err(format!(
             "the path {s:?} contains {c:?}, which cannot be written into an Nginx file"
@@ -211,11 +228,24 @@ mod tests {
     fn app_names() {
         assert!(AppName::new("hello").is_ok());
         assert!(AppName::new("my-app_2.v1").is_ok());
-        for bad in ["", ".hidden", "-rf", "a b", "a;b", "a\nb", "é", "a/b", &"x".repeat(101)] {
+        for bad in [
+            "",
+            ".hidden",
+            "-rf",
+            "a b",
+            "a;b",
+            "a\nb",
+            "é",
+            "a/b",
+            &"x".repeat(101),
+        ] {
             assert!(AppName::new(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
-            AppName::from_bundle_file_name("hello.keter").unwrap().unwrap().as_str(),
+            AppName::from_bundle_file_name("hello.keter")
+                .unwrap()
+                .unwrap()
+                .as_str(),
             "hello"
         );
         assert!(AppName::from_bundle_file_name("hello.tar").is_none());
@@ -223,7 +253,10 @@ mod tests {
 
     #[test]
     fn host_names() {
-        assert_eq!(Hostname::new("WWW.Example.com").unwrap().as_str(), "www.example.com");
+        assert_eq!(
+            Hostname::new("WWW.Example.com").unwrap().as_str(),
+            "www.example.com"
+        );
         assert!(Hostname::new("*.example.com").unwrap().is_wildcard());
         assert!(Hostname::new("localhost").is_ok());
         for bad in [
@@ -240,7 +273,9 @@ mod tests {
     fn url_paths() {
         assert!(UrlPath::new("/").is_ok());
         assert!(UrlPath::new("/health/check?x=1").is_ok());
-        for bad in ["", "health", "/a b", "/a;b", "/a{", "/$x", "/a\"", "/a#", "/a\\b"] {
+        for bad in [
+            "", "health", "/a b", "/a;b", "/a{", "/$x", "/a\"", "/a#", "/a\\b",
+        ] {
             assert!(UrlPath::new(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -63,7 +63,11 @@ impl PortPool {
 
     /// How many ports are currently handed out.
     pub fn taken(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).taken.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .taken
+            .len()
     }
 }
 

@@ -18,7 +18,12 @@ pub struct Response {
 }
 
 /// `GET path` with `Host: host` over TCP, bounded by `timeout` for connect and for each read.
-pub fn get_tcp(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> io::Result<Response> {
+pub fn get_tcp(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -72,7 +77,13 @@ mod tests {
     #[test]
     fn parses_status_and_body() {
         let r = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno").unwrap();
-        assert_eq!(r, Response { status: 503, body: "no".into() });
+        assert_eq!(
+            r,
+            Response {
+                status: 503,
+                body: "no".into()
+            }
+        );
         assert!(parse(b"SSH-2.0-OpenSSH\r\n").is_err());
         assert!(parse(b"").is_err());
     }

@@ -46,7 +46,12 @@ pub fn command_in_new_group(program: &Path) -> Command {
             // default dispositions, or it would ignore the SIGTERM that stops it.
             signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
                 .map_err(io::Error::from)?;
-            for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+            for sig in [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGPIPE,
+            ] {
                 signal::signal(sig, signal::SigHandler::SigDfl).map_err(io::Error::from)?;
             }
             Ok(())
@@ -82,7 +87,9 @@ pub fn spawn(
         .name(format!("wait-{pid}"))
         .stack_size(64 * 1024)
         .spawn(move || {
-            let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0xff00));
+            let status = child
+                .wait()
+                .unwrap_or_else(|_| ExitStatus::from_raw(0xff00));
             on_exit(pid, status);
         })?;
     Ok(Running {

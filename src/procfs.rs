@@ -10,13 +10,19 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     };
     let mut out = Vec::new();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
-        if let Some((state, pgrp)) = stat_state_pgrp(pid) {
-            if pgrp == pgid && state != 'Z' && state != 'X' {
-                out.push(pid);
-            }
+        if let Some((state, pgrp)) = stat_state_pgrp(pid)
+            && pgrp == pgid
+            && state != 'Z'
+            && state != 'X'
+        {
+            out.push(pid);
         }
     }
     out
@@ -64,48 +70,33 @@ fn count_established(table: &str, port: u16) -> usize {
         .count()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_established_connections_on_local_port() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:0FA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0FA0 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n   2: 0100007F:D431 0100007F:0FA0 01 00000000:00000000 00:00000000 00000000     0        0 3\n   3: 0100007F:0FA0 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 4\n";
-        assert_eq!(count_established(table, 4000), 1);
-        assert_eq!(count_established(table, 4001), 0);
-    }
-
-    #[test]
-    fn finds_own_group() {
-        let me = std::process::id() as i32;
-        let pgid = nix::unistd::getpgrp().as_raw();
-        if pgid == me {
-            assert!(group_members(pgid).contains(&me));
-        } else {
-            assert!(!group_members(pgid).is_empty());
-        }
-    }
-}
-
-/// Number of Nginx workers of master `master` that are finishing their connections after a
-/// reload ("nginx: worker process is shutting down"). While one exists, it may still send a
-/// request it accepted before the reload to an old app version.
-pub fn nginx_workers_shutting_down(master: i32) -> usize {
+/// The worker processes of Nginx master `master`: (pid, finishing its connections after a
+/// reload). A worker that is "shutting down" no longer accepts connections but may still send
+/// requests it accepted before the reload to an old app version.
+pub fn nginx_workers(master: i32) -> Vec<(i32, bool)> {
     let Ok(dir) = fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
         .filter(|pid| parent_of(*pid) == Some(master))
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("is shutting down"))
-                .unwrap_or(false)
+        .filter_map(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let title = String::from_utf8_lossy(&cmdline);
+            title
+                .contains("worker process")
+                .then(|| (pid, title.contains("is shutting down")))
         })
-        .count()
+        .collect()
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
+/// Number of workers of `master` finishing their connections after a reload.
+pub fn nginx_workers_shutting_down(master: i32) -> usize {
+    nginx_workers(master).iter().filter(|(_, s)| *s).count()
+}
+
+/// The parent pid of a process.
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()
@@ -146,4 +137,27 @@ pub fn port_listener_in_group(port: u16, pgid: i32) -> bool {
             })
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_established_connections_on_local_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:0FA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0FA0 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n   2: 0100007F:D431 0100007F:0FA0 01 00000000:00000000 00:00000000 00000000     0        0 3\n   3: 0100007F:0FA0 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 4\n";
+        assert_eq!(count_established(table, 4000), 1);
+        assert_eq!(count_established(table, 4001), 0);
+    }
+
+    #[test]
+    fn finds_own_group() {
+        let me = std::process::id() as i32;
+        let pgid = nix::unistd::getpgrp().as_raw();
+        if pgid == me {
+            assert!(group_members(pgid).contains(&me));
+        } else {
+            assert!(!group_members(pgid).is_empty());
+        }
+    }
 }

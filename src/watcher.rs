@@ -3,7 +3,7 @@
 //! creation, so a half-copied file is not picked up: Keter #66, #318); on a lost-event
 //! overflow the whole folder is rescanned.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -74,6 +74,6 @@ pub fn watch<T: From<Hint> + Send + 'static>(
     })
 }
 
-fn file_name(path: &PathBuf) -> Option<String> {
+fn file_name(path: &Path) -> Option<String> {
     path.file_name().map(|n| n.to_string_lossy().into_owned())
 }

@@ -188,7 +188,10 @@ impl<'a> Fields<'a> {
             other => {
                 problems.error(
                     path,
-                    format!("expected a mapping of names to strings, found {}", type_name(other)),
+                    format!(
+                        "expected a mapping of names to strings, found {}",
+                        type_name(other)
+                    ),
                 );
                 None
             }

@@ -91,18 +91,21 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             None => ok = false,
         }
         for key in ["static-hosts", "redirects"] {
-            if let Some(v) = f.raw(key) {
-                if !matches!(v, Value::Array(a) if a.is_empty()) {
-                    problems.error(key, "not supported by this version of keter yet");
-                    ok = false;
-                }
-            }
-        }
-        if let Some(pg) = f.bool("postgres", problems) {
-            if pg {
-                problems.error("postgres", "the postgres plugin is not supported by this version of keter yet");
+            if let Some(v) = f.raw(key)
+                && !matches!(v, Value::Array(a) if a.is_empty())
+            {
+                problems.error(key, "not supported by this version of keter yet");
                 ok = false;
             }
+        }
+        if let Some(pg) = f.bool("postgres", problems)
+            && pg
+        {
+            problems.error(
+                "postgres",
+                "the postgres plugin is not supported by this version of keter yet",
+            );
+            ok = false;
         }
         f.finish(problems);
     }
@@ -117,14 +120,14 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         let mut seen: BTreeMap<&Hostname, usize> = BTreeMap::new();
         for (i, w) in webapps.iter().enumerate() {
             for h in &w.hosts {
-                if let Some(j) = seen.insert(h, i) {
-                    if j != i {
-                        problems.error(
-                            format!("stanzas[{i}].hosts"),
-                            format!("the host {h} is also served by stanza {j}"),
-                        );
-                        ok = false;
-                    }
+                if let Some(j) = seen.insert(h, i)
+                    && j != i
+                {
+                    problems.error(
+                        format!("stanzas[{i}].hosts"),
+                        format!("the host {h} is also served by stanza {j}"),
+                    );
+                    ok = false;
                 }
             }
         }
@@ -186,12 +189,15 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let errors_before = problems.errors.len();
     let exec = f.string("exec", problems);
     if exec.is_none() && !problems.errors.iter().any(|e| e.key == f.path("exec")) {
-        problems.error(f.path("exec"), "required: the program to run, relative to config/");
+        problems.error(
+            f.path("exec"),
+            "required: the program to run, relative to config/",
+        );
     }
-    if let Some(e) = &exec {
-        if e.is_empty() || e.contains('\0') {
-            problems.error(f.path("exec"), "expected a file path");
-        }
+    if let Some(e) = &exec
+        && (e.is_empty() || e.contains('\0'))
+    {
+        problems.error(f.path("exec"), "expected a file path");
     }
     let args = f.strings("args", problems).unwrap_or_default();
     for (i, a) in args.iter().enumerate() {
@@ -212,7 +218,10 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     for (i, name) in forward_env.iter().enumerate() {
         let key = format!("{}[{i}]", f.path("forward-env"));
         if RESERVED_ENV.contains(&name.as_str()) {
-            problems.error(key, format!("{name} is set by keter and cannot be overridden"));
+            problems.error(
+                key,
+                format!("{name} is set by keter and cannot be overridden"),
+            );
         } else if let Err(e) = check_env_name(name) {
             problems.error(key, e);
         }
@@ -235,12 +244,18 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let mut hosts: Vec<Hostname> = Vec::new();
     for (key, text) in host_texts {
         match Hostname::new(&text) {
-            Ok(h) if hosts.contains(&h) => problems.warn(key, format!("the host {h} is listed twice")),
+            Ok(h) if hosts.contains(&h) => {
+                problems.warn(key, format!("the host {h} is listed twice"))
+            }
             Ok(h) => hosts.push(h),
             Err(e) => problems.error(key, e),
         }
     }
-    if hosts.is_empty() && !problems.errors[errors_before..].iter().any(|e| e.key.contains("host")) {
+    if hosts.is_empty()
+        && !problems.errors[errors_before..]
+            .iter()
+            .any(|e| e.key.contains("host"))
+    {
         problems.error(
             f.path(if flat { "host" } else { "hosts" }),
             "required: at least one host name that Nginx routes to this app",
@@ -368,7 +383,10 @@ mod tests {
             "hello.keter: config/keter.yaml: stanzas[1].type: stanza type \"static-files\" is not supported",
             "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
         ] {
-            assert!(msgs.iter().any(|m| m.starts_with(expected)), "missing {expected:?} in {msgs:#?}");
+            assert!(
+                msgs.iter().any(|m| m.starts_with(expected)),
+                "missing {expected:?} in {msgs:#?}"
+            );
         }
     }
 
@@ -390,7 +408,8 @@ mod tests {
 
     #[test]
     fn plugins_postgres_refused_until_supported() {
-        let (c, p) = read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
+        let (c, p) =
+            read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
         assert!(c.is_none());
         assert_eq!(p.errors[0].key, "plugins.postgres");
     }

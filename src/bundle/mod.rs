@@ -9,7 +9,7 @@ pub mod unpack;
 use std::path::{Path, PathBuf};
 
 pub use config::{BundleConfig, WebApp};
-pub use unpack::{Unpacked, UnpackError, unpack};
+pub use unpack::{UnpackError, Unpacked, unpack};
 
 use crate::problem::{Invalid, Problems};
 use crate::yaml;
@@ -23,7 +23,10 @@ pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), 
         .find(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()));
     let Some(yaml_path) = yaml_path else {
         let mut problems = Problems::new(label);
-        problems.error("", "the bundle has no config/keter.yaml (or config/keter.yml)");
+        problems.error(
+            "",
+            "the bundle has no config/keter.yaml (or config/keter.yml)",
+        );
         return Err(Invalid(problems.errors));
     };
     let rel = yaml_path.strip_prefix(dir).unwrap_or(&yaml_path);
@@ -66,10 +69,7 @@ pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
         .canonicalize()
         .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
     if !lexical.starts_with(dir) {
-        return Err(format!(
-            "{} points outside the bundle",
-            exec.display()
-        ));
+        return Err(format!("{} points outside the bundle", exec.display()));
     }
     let real = match lexical.canonicalize() {
         Ok(r) => r,

@@ -310,7 +310,9 @@ impl Writer<'_> {
                 }
                 fs::remove_file(&path)
                     .and_then(|()| open(&path))
-                    .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", path.display())))?
+                    .map_err(|e| {
+                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
+                    })?
             }
             Err(e) => {
                 return Err(UnpackError::Io(format!(
@@ -322,9 +324,7 @@ impl Writer<'_> {
         let room = self.limits.max_bytes - self.bytes;
         let written = copy_limited(data, &mut file, room).map_err(|e| match e {
             CopyError::Read(e) => corrupt(e),
-            CopyError::Write(e) => {
-                UnpackError::Io(format!("cannot write {}: {e}", path.display()))
-            }
+            CopyError::Write(e) => UnpackError::Io(format!("cannot write {}: {e}", path.display())),
             CopyError::TooLarge => UnpackError::Refused(format!(
                 "the bundle unpacks to more than {} bytes (max-bundle-bytes)",
                 self.limits.max_bytes

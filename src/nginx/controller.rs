@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 use super::{Paths, Renderer, Site};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
-use crate::{probe, process};
+use crate::{probe, process, procfs};
 
 /// Why a change could not be made live. In every case the previous files are back in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +44,9 @@ impl fmt::Display for NginxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NginxError::Rejected(m) => write!(f, "nginx -t rejected the configuration: {m}"),
-            NginxError::Unconfirmed(m) => write!(f, "Nginx did not take the new configuration: {m}"),
+            NginxError::Unconfirmed(m) => {
+                write!(f, "Nginx did not take the new configuration: {m}")
+            }
             NginxError::Files(m) => write!(f, "cannot write the Nginx configuration: {m}"),
         }
     }
@@ -128,10 +130,14 @@ impl Nginx {
             reply,
         };
         if self.tx.send(msg).is_err() {
-            return Err(NginxError::Unconfirmed("the nginx controller has stopped".into()));
+            return Err(NginxError::Unconfirmed(
+                "the nginx controller has stopped".into(),
+            ));
         }
         answer.recv().unwrap_or_else(|_| {
-            Err(NginxError::Unconfirmed("the nginx controller has stopped".into()))
+            Err(NginxError::Unconfirmed(
+                "the nginx controller has stopped".into(),
+            ))
         })
     }
 
@@ -220,7 +226,10 @@ impl Controller {
             self.reload().map_err(|e| e.to_string())?;
         }
         self.confirm().map_err(|e| e.to_string())?;
-        log::info!("nginx: running, configuration generation {}", self.generation);
+        log::info!(
+            "nginx: running, configuration generation {}",
+            self.generation
+        );
         Ok(())
     }
 
@@ -269,7 +278,9 @@ impl Controller {
                     // Everything already waiting shares this reload.
                     while let Ok(m) = rx.try_recv() {
                         match m {
-                            Msg::Apply { app, site, reply } => batch.push(Change { app, site, reply }),
+                            Msg::Apply { app, site, reply } => {
+                                batch.push(Change { app, site, reply })
+                            }
                             Msg::Exited { pid, status } => self.exited(pid, status),
                             Msg::Shutdown => shutdown = true,
                         }
@@ -350,7 +361,11 @@ impl Controller {
             self.restore(wanted, before);
             return Err(e);
         }
+        let old_workers = self.accepting_workers();
         let live = self.reload().and_then(|()| self.confirm());
+        if live.is_ok() {
+            self.wait_retired(&old_workers);
+        }
         if let Err(e) = live {
             log::error!("nginx: {e}; restoring the previous configuration");
             self.restore(wanted, before);
@@ -406,10 +421,9 @@ impl Controller {
                 .arg("-c")
                 .arg(&self.paths.main_conf);
         }
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| NginxError::Rejected(format!("cannot run {}: {e}", self.nginx.binary.display())))?;
+        let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
+            NginxError::Rejected(format!("cannot run {}: {e}", self.nginx.binary.display()))
+        })?;
         if out.status.success() {
             return Ok(());
         }
@@ -456,11 +470,24 @@ impl Controller {
                 "/keter-generation",
                 Duration::from_secs(1),
             ) {
-                Ok(r) if r.status == 200 => match r.body.trim().parse::<u64>() {
-                    Ok(g) if g >= self.generation => return Ok(()),
-                    Ok(g) => format!("still generation {g}"),
-                    Err(_) => format!("unexpected answer {:?}", r.body),
-                },
+                Ok(r) if r.status == 200 => {
+                    let mut words = r.body.split_whitespace();
+                    let generation = words.next().and_then(|g| g.parse::<u64>().ok());
+                    let worker = words.next().and_then(|p| p.parse::<i32>().ok());
+                    let master = self.current_master();
+                    match (generation, worker) {
+                        // Workers of a master that died keep answering until stopped: only
+                        // the current master's workers count.
+                        (Some(_), Some(w))
+                            if master.is_some() && procfs::parent_of(w) != master =>
+                        {
+                            format!("answered by worker {w}, which is not the current master's")
+                        }
+                        (Some(g), Some(_)) if g >= self.generation => return Ok(()),
+                        (Some(g), Some(_)) => format!("still generation {g}"),
+                        _ => format!("unexpected answer {:?}", r.body),
+                    }
+                }
                 Ok(r) => format!("status {}", r.status),
                 Err(e) => e.to_string(),
             };
@@ -474,7 +501,54 @@ impl Controller {
         }
     }
 
+    /// The workers of the current master that accept new connections.
+    fn accepting_workers(&self) -> Vec<i32> {
+        self.current_master()
+            .map(procfs::nginx_workers)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, shutting_down)| !shutting_down)
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// After a reload the master runs old and new workers side by side for about 100 ms before
+    /// it tells the old ones to stop accepting. Waiting for that makes "live" exact: from here
+    /// on every new connection gets the new configuration.
+    fn wait_retired(&self, old_workers: &[i32]) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let retiring = |pid: &i32| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                cmdline.is_empty() || String::from_utf8_lossy(&cmdline).contains("is shutting down")
+            };
+            if old_workers.iter().all(retiring) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "nginx: workers from before the reload still accept connections after 2 s"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The master whose workers must answer: ours in managed mode, the pid file's in system mode.
+    fn current_master(&self) -> Option<i32> {
+        match self.nginx.mode {
+            NginxMode::Managed => self.master.as_ref().map(|m| m.pid),
+            NginxMode::System => fs::read_to_string(&self.nginx.pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+        }
+    }
+
     fn start_master(&mut self) -> Result<(), NginxError> {
+        // A master that was killed leaves its socket file behind, and Nginx will not bind over
+        // it. The file is keter's own.
+        let _ = fs::remove_file(&self.paths.control_socket);
         let mut cmd = process::command_in_new_group(&self.nginx.binary);
         cmd.args(["-e", "stderr", "-p"])
             .arg(&self.paths.prefix)
@@ -521,6 +595,8 @@ impl Controller {
         );
         self.master = None;
         self.master_pid.store(0, Ordering::Relaxed);
+        // Its workers outlive it and keep the listening sockets: stop the whole group.
+        process::stop_group(pid, Duration::from_secs(2));
         self.restart.at = Some(Instant::now() + self.restart.delay);
         self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
     }

@@ -181,9 +181,10 @@ impl Renderer {
         self.render("nginx.conf", &ctx)
     }
 
-    /// `ROOT/nginx/generation.conf`: what the control server answers.
+    /// `ROOT/nginx/generation.conf`: the control server answers the generation and the pid
+    /// of the worker that answered (whose parent tells which master runs it).
     pub fn generation_conf(generation: u64) -> String {
-        format!("return 200 \"{generation}\\n\";\n")
+        format!("return 200 \"{generation} $pid\\n\";\n")
     }
 
     fn render(&self, name: &str, ctx: &tera::Context) -> Result<String, String> {

@@ -1,0 +1,161 @@
+//! A small web app for keter's tests and demo. It listens on `127.0.0.1:$PORT` and answers
+//! `GET /` with its version string. Flags make it misbehave on purpose:
+//!
+//! ```text
+//! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
+//!       [--ignore-term] [--spawn-child]
+//! ```
+//!
+//! Paths: `/` version, `/env` its environment, `/pid` its pid, `/slow?ms=N` answers after N
+//! milliseconds. HTTP/1.1 keep-alive is supported so Nginx can reuse upstream connections.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+struct Options {
+    version: String,
+    delay_ms: u64,
+    crash: bool,
+    never_listen: bool,
+    status: u16,
+    ignore_term: bool,
+    spawn_child: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        version: std::env::var("HELLO_VERSION").unwrap_or_else(|_| "hello".into()),
+        delay_ms: 0,
+        crash: false,
+        never_listen: false,
+        status: 200,
+        ignore_term: false,
+        spawn_child: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--version-string" => o.version = args.next().expect("--version-string V"),
+            "--delay-ms" => {
+                o.delay_ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--delay-ms N")
+            }
+            "--crash" => o.crash = true,
+            "--never-listen" => o.never_listen = true,
+            "--status" => {
+                o.status = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--status N")
+            }
+            "--ignore-term" => o.ignore_term = true,
+            "--spawn-child" => o.spawn_child = true,
+            other => eprintln!("hello: ignoring unknown argument {other}"),
+        }
+    }
+    o
+}
+
+fn main() {
+    let o = options();
+    println!("hello {}: starting, pid {}", o.version, std::process::id());
+    if o.ignore_term {
+        // SAFETY: installing SIG_IGN has no handler code to run.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    }
+    if o.spawn_child {
+        // A grandchild that keeps running unless its process group is stopped.
+        let _ = std::process::Command::new("sleep").arg("3600").spawn();
+    }
+    if o.crash {
+        eprintln!("hello {}: crashing on purpose", o.version);
+        std::process::exit(3);
+    }
+    std::thread::sleep(Duration::from_millis(o.delay_ms));
+    if o.never_listen {
+        println!("hello {}: never listening", o.version);
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("PORT must be set");
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    println!("hello {}: listening on port {port}", o.version);
+    let version = o.version.clone();
+    let status = o.status;
+    for stream in listener.incoming().flatten() {
+        let version = version.clone();
+        std::thread::spawn(move || serve(stream, &version, status));
+    }
+}
+
+fn serve(stream: TcpStream, version: &str, status: u16) {
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut out = stream;
+    loop {
+        let mut request_line = String::new();
+        match reader.read_line(&mut request_line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut close = request_line.ends_with("HTTP/1.0\r\n");
+        let mut content_length = 0usize;
+        loop {
+            let mut header = String::new();
+            match reader.read_line(&mut header) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let h = header.trim_end().to_ascii_lowercase();
+            if h.is_empty() {
+                break;
+            }
+            if h == "connection: close" {
+                close = true;
+            }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if content_length > 0 {
+            let mut body = vec![0u8; content_length];
+            if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+                return;
+            }
+        }
+        let target = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let body = if target == "/env" {
+            let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+            vars.sort();
+            vars.join("\n") + "\n"
+        } else if target == "/pid" {
+            format!("{}\n", std::process::id())
+        } else if let Some(ms) = target.strip_prefix("/slow?ms=") {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+            format!("{version}\n")
+        } else {
+            format!("{version}\n")
+        };
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if out.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}

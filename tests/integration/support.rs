@@ -1,0 +1,491 @@
+//! Test harness: a real `keter` binary with its own managed Nginx in a fresh temp root, real
+//! bundles built from `examples/hello`, and real HTTP clients.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use keter::probe::Response;
+
+/// A temp folder removed on drop unless the test failed (then it is kept for inspection).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir()
+            .join("keter-tests")
+            .join(format!("{label}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Fails with a clear message when Nginx is missing: tests never pass by skipping.
+pub fn require_nginx() {
+    let ok = Command::new("nginx")
+        .arg("-v")
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "nginx is not installed: run `apt-get install -y nginx` (the README's test command does)"
+    );
+}
+
+/// The example app built by `cargo test` (examples are built with the tests).
+pub fn hello_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap();
+    let hello = target.join("examples").join("hello");
+    assert!(
+        hello.exists(),
+        "{} is missing: run `cargo build --examples` or `cargo test`",
+        hello.display()
+    );
+    hello
+}
+
+/// Builds a bundle: `files` are (path, content, mode); `hello` adds the example app as
+/// `dist/hello`.
+pub struct BundleBuilder {
+    files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl BundleBuilder {
+    pub fn new() -> BundleBuilder {
+        BundleBuilder { files: Vec::new() }
+    }
+
+    /// The example app as `dist/hello` and `config/keter.yaml` with `yaml`.
+    pub fn hello(yaml: &str) -> BundleBuilder {
+        BundleBuilder::new()
+            .file("dist/hello", fs::read(hello_binary()).unwrap(), 0o755)
+            .file("config/keter.yaml", yaml.as_bytes().to_vec(), 0o644)
+    }
+
+    pub fn file(mut self, path: &str, content: Vec<u8>, mode: u32) -> BundleBuilder {
+        self.files.push((path.to_string(), content, mode));
+        self
+    }
+
+    /// Writes the gzip-compressed tar file to `out`.
+    pub fn write(&self, out: &Path) {
+        let file = fs::File::create(out).unwrap();
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (path, content, mode) in &self.files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(*mode);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mtime(1_700_000_000);
+            tar.append_data(&mut header, path, content.as_slice())
+                .unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+}
+
+/// The flat-format `keter.yaml` of the example app answering `version` on `host`.
+pub fn hello_yaml(version: &str, host: &str, extra_args: &[&str]) -> String {
+    let mut args = vec!["--version-string".to_string(), version.to_string()];
+    args.extend(extra_args.iter().map(|a| a.to_string()));
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "exec: ../dist/hello\nargs: [{}]\nhost: {host}\n",
+        args.join(", ")
+    )
+}
+
+/// Options of a test daemon.
+pub struct Opts {
+    pub readiness_timeout: f64,
+    pub drain_time: f64,
+    pub stop_timeout: f64,
+    /// More YAML lines for `keter-config.yaml`.
+    pub extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            readiness_timeout: 5.0,
+            drain_time: 3.0,
+            stop_timeout: 2.0,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running `keter` with its managed Nginx on a free loopback port.
+pub struct Keter {
+    pub dir: TempDir,
+    pub root: PathBuf,
+    pub config_path: PathBuf,
+    pub port: u16,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// A free loopback port (bind to 0, then release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A block of 20 app ports distinct from other tests in this run.
+fn port_range() -> (u16, u16) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed) % 100;
+    let base = 20_000 + (std::process::id() % 10) * 2_000 + n * 20;
+    (base as u16, base as u16 + 19)
+}
+
+impl Keter {
+    pub fn start(label: &str) -> Keter {
+        Keter::start_with(label, Opts::default())
+    }
+
+    pub fn start_with(label: &str, opts: Opts) -> Keter {
+        require_nginx();
+        let dir = TempDir::new(label);
+        let root = dir.0.join("root");
+        let port = free_port();
+        let (first, last) = port_range();
+        let config_path = dir.0.join("keter-config.yaml");
+        fs::write(
+            &config_path,
+            format!(
+                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: 10}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
+            ),
+        )
+        .unwrap();
+        let mut k = Keter {
+            root,
+            config_path,
+            port,
+            log_path: dir.0.join("keter.log"),
+            dir,
+            child: None,
+        };
+        k.launch();
+        k
+    }
+
+    /// Starts the binary (again) on the same root and waits until Nginx answers.
+    pub fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keter"))
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .env("KETER_TEST_SECRET", "inherited-by-keter")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.get("nobody.invalid", "/") {
+                assert_eq!(r.status, 404, "{r:?}");
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keter exited at start with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keter did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn incoming(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+
+    /// Copies a bundle in under a temporary name and renames it to `NAME.keter`.
+    pub fn deploy(&self, name: &str, bundle: &Path) {
+        let tmp = self.incoming().join(format!(".{name}.keter.part"));
+        fs::copy(bundle, &tmp).unwrap();
+        fs::rename(&tmp, self.incoming().join(format!("{name}.keter"))).unwrap();
+    }
+
+    /// Builds and deploys the example app answering `version` on `host`.
+    pub fn deploy_hello(&self, name: &str, version: &str, host: &str, args: &[&str]) -> PathBuf {
+        let path = self.dir.0.join(format!("{name}-{version}.keter"));
+        BundleBuilder::hello(&hello_yaml(version, host, args)).write(&path);
+        self.deploy(name, &path);
+        path
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> std::io::Result<Response> {
+        keter::probe::get_tcp(self.addr(), host, path, Duration::from_secs(5))
+    }
+
+    /// Waits until `host` answers 200 with `body` (trimmed); returns how long it took.
+    pub fn wait_for(&self, host: &str, body: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.get(host, "/")
+                && r.status == 200
+                && r.body.trim() == body
+            {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{host} never answered {body:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until keter's log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "keter's log never said {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Number of times `needle` appears in keter's log.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Folders in `temp/`.
+    pub fn temp_folders(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.root.join("temp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The pid of the Nginx master keter runs.
+    pub fn nginx_pid(&self) -> i32 {
+        fs::read_to_string(self.root.join("nginx/nginx.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends `sig` to keter and waits for it to exit.
+    pub fn signal_and_wait(&mut self, sig: nix::sys::signal::Signal) -> ExitStatus {
+        let mut child = self.child.take().expect("keter is running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("keter did not exit after {sig}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Keter {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let status = self.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+            if !std::thread::panicking() {
+                assert!(
+                    status.success(),
+                    "keter exited with {status}:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+            !matches!(state, Some(Some('Z')) | Some(Some('X')))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits until a process is gone.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// An HTTP/1.1 client that keeps its connection open between requests, like a browser.
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    /// Requests resent because the server had closed the idle connection before reading
+    /// them (what every HTTP client does for idempotent requests, RFC 9112 9.3.1).
+    pub resent_after_idle_close: u32,
+    /// Responses read on a reused connection.
+    pub reused: u32,
+}
+
+impl KeepAliveClient {
+    pub fn new(addr: SocketAddr) -> KeepAliveClient {
+        KeepAliveClient {
+            addr,
+            conn: None,
+            resent_after_idle_close: 0,
+            reused: 0,
+        }
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<Response> {
+        let reusing = self.conn.is_some();
+        match self.try_get(host, path) {
+            Ok((r, _)) => {
+                if reusing {
+                    self.reused += 1;
+                }
+                Ok(r)
+            }
+            Err((e, got_bytes)) => {
+                self.conn = None;
+                if reusing && !got_bytes {
+                    self.resent_after_idle_close += 1;
+                    self.try_get(host, path).map(|(r, _)| r).map_err(|(e, _)| e)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn try_get(
+        &mut self,
+        host: &str,
+        path: &str,
+    ) -> Result<(Response, bool), (std::io::Error, bool)> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+                .map_err(|e| (e, false))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            self.conn = Some(BufReader::new(s));
+        }
+        let conn = self.conn.as_mut().unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        conn.get_mut()
+            .write_all(req.as_bytes())
+            .map_err(|e| (e, false))?;
+        let mut status_line = String::new();
+        match conn.read_line(&mut status_line) {
+            Ok(0) => return Err((std::io::ErrorKind::UnexpectedEof.into(), false)),
+            Ok(_) => {}
+            Err(e) => return Err((e, false)),
+        }
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                (
+                    std::io::Error::other(format!("bad status line {status_line:?}")),
+                    true,
+                )
+            })?;
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            conn.read_line(&mut h).map_err(|e| (e, true))?;
+            let h = h.trim_end().to_ascii_lowercase();
+            if h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if h == "connection: close" {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).map_err(|e| (e, true))?;
+        if close {
+            self.conn = None;
+        }
+        Ok((
+            Response {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            },
+            true,
+        ))
+    }
+}
+
+/// Makes a file executable or not.
+pub fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
