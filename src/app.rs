@@ -214,7 +214,9 @@ impl fmt::Display for DeployError {
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-/// How often readiness is polled (DESIGN.md 6.5: tens of milliseconds).
+/// Readiness is polled after 1 ms, then at doubling intervals up to every 20 ms (DESIGN.md
+/// 6.5: tens of milliseconds): most apps listen within milliseconds of exec.
+const READINESS_POLL_FIRST: Duration = Duration::from_millis(1);
 const READINESS_POLL: Duration = Duration::from_millis(20);
 /// A worker that is shutting down may still be reading a request it accepted before the
 /// reload and connect to the old version a moment later; its absence of connections counts
@@ -604,6 +606,7 @@ impl Worker {
         let host = webapp.hosts[0].as_str();
         let path = webapp.health_check_path.as_str();
         let mut last = format!("never listened on port {port}");
+        let mut poll = READINESS_POLL_FIRST;
         loop {
             let pid = version.procs[i].running.map(|r| r.pid).unwrap_or(0);
             let per_try = deadline
@@ -624,7 +627,8 @@ impl Worker {
             }
             // Events while waiting: this version's exit fails the deploy; a newer command
             // supersedes it; other exits are the running version's business.
-            let wait = READINESS_POLL.min(deadline.saturating_duration_since(Instant::now()));
+            let wait = poll.min(deadline.saturating_duration_since(Instant::now()));
+            poll = (poll * 2).min(READINESS_POLL);
             let mut waited_event = rx.recv_timeout(wait);
             loop {
                 match waited_event {

@@ -16,5 +16,6 @@ pub mod probe;
 pub mod problem;
 pub mod process;
 pub mod procfs;
+pub mod sockdiag;
 pub mod watcher;
 pub mod yaml;

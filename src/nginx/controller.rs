@@ -357,15 +357,24 @@ impl Controller {
             self.restore(wanted, before);
             return Err(NginxError::Files(e.to_string()));
         }
+        let t0 = Instant::now();
         if let Err(e) = self.test() {
             self.restore(wanted, before);
             return Err(e);
         }
+        let t1 = Instant::now();
         let old_workers = self.accepting_workers();
         let live = self.reload().and_then(|()| self.confirm());
+        let t2 = Instant::now();
         if live.is_ok() {
             self.wait_retired(&old_workers);
         }
+        log::debug!(
+            "nginx: generation {generation}: nginx -t {} ms, reload to confirmed {} ms, old workers retired {} ms later",
+            (t1 - t0).as_millis(),
+            (t2 - t1).as_millis(),
+            t2.elapsed().as_millis()
+        );
         if let Err(e) = live {
             log::error!("nginx: {e}; restoring the previous configuration");
             self.restore(wanted, before);

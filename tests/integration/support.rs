@@ -32,7 +32,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("KETER_KEEP_TEST_DIRS").is_some() {
             eprintln!("test files kept in {}", self.0.display());
         } else {
             let _ = fs::remove_dir_all(&self.0);
@@ -125,6 +125,8 @@ pub struct Opts {
     pub stop_timeout: f64,
     /// More YAML lines for `keter-config.yaml`.
     pub extra: String,
+    /// How many app ports the daemon may hand out.
+    pub ports: u16,
 }
 
 impl Default for Opts {
@@ -134,6 +136,7 @@ impl Default for Opts {
             drain_time: 3.0,
             stop_timeout: 2.0,
             extra: String::new(),
+            ports: 20,
         }
     }
 }
@@ -157,12 +160,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A block of 20 app ports distinct from other tests in this run.
-fn port_range() -> (u16, u16) {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed) % 100;
-    let base = 20_000 + (std::process::id() % 10) * 2_000 + n * 20;
-    (base as u16, base as u16 + 19)
+/// A block of `count` app ports distinct from other tests in this run.
+fn port_range(count: u16) -> (u16, u16) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = NEXT.fetch_add(u32::from(count), Ordering::Relaxed) % 4_000;
+    let base = 20_000 + (std::process::id() % 5) * 4_000 + offset;
+    (base as u16, (base + u32::from(count) - 1) as u16)
 }
 
 impl Keter {
@@ -175,7 +178,7 @@ impl Keter {
         let dir = TempDir::new(label);
         let root = dir.0.join("root");
         let port = free_port();
-        let (first, last) = port_range();
+        let (first, last) = port_range(opts.ports);
         let config_path = dir.0.join("keter-config.yaml");
         fs::write(
             &config_path,
@@ -206,7 +209,10 @@ impl Keter {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keter"))
             .arg(&self.config_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("KETER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("KETER_TEST_SECRET", "inherited-by-keter")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
