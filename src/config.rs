@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::names::{UrlPath, check_env_name, check_env_value};
 use crate::problem::{Invalid, Problem, Problems};
+use crate::process::RunAs;
 use crate::yaml::{self, Fields};
 
 /// Where the daemon looks when `keter run` is given no path.
@@ -32,7 +33,13 @@ pub struct Config {
     /// A path every host answers with 200 from Nginx itself.
     pub healthcheck_path: Option<UrlPath>,
     pub rotate_logs: bool,
+    /// An app log file is rotated when it reaches this size...
+    pub log_rotate_bytes: u64,
+    /// ...keeping this many older files (`app-NAME.log.1` newest).
+    pub log_rotate_keep: u32,
     pub ip_from_header: bool,
+    /// The user every app runs as (`setuid`), resolved at load time.
+    pub run_as: Option<RunAs>,
     pub nginx: NginxConfig,
     pub readiness_timeout: Duration,
     pub drain_time: Duration,
@@ -207,12 +214,18 @@ fn from_tree(
             problems.warn(key, "not supported yet: the built-in response is used");
         }
     }
-    if f.raw("setuid").is_some() {
-        problems.error(
-            "setuid",
-            "running apps as another user is not supported by this version of keter yet; remove the key to run apps as keter's own user",
-        );
-    }
+    let run_as = f.string("setuid", problems).and_then(|user| {
+        RunAs::lookup(&user)
+            .map_err(|e| problems.error("setuid", e))
+            .ok()
+    });
+    let log_rotate_bytes = f
+        .uint("log-rotate-bytes", u64::MAX, problems)
+        .unwrap_or(5 * 1024 * 1024);
+    let log_rotate_keep = f
+        .uint("log-rotate-keep", 1000, problems)
+        .map(|n| n as u32)
+        .unwrap_or(20);
     if f.raw("postgres").is_some() {
         problems.warn("postgres", "the postgres plugin is not supported yet");
     }
@@ -235,7 +248,10 @@ fn from_tree(
         connection_time_bound,
         healthcheck_path,
         rotate_logs,
+        log_rotate_bytes,
+        log_rotate_keep,
         ip_from_header,
+        run_as,
         nginx: nginx?,
         readiness_timeout,
         drain_time,
@@ -604,6 +620,25 @@ mod tests {
         assert_eq!(c.port_range, 4000..=4999);
         assert_eq!(c.connection_time_bound, Some(Duration::from_secs(300)));
         assert_eq!(c.nginx.mode, NginxMode::Managed);
+        assert_eq!(c.run_as, None);
+        assert_eq!(
+            (c.log_rotate_bytes, c.log_rotate_keep),
+            (5 * 1024 * 1024, 20)
+        );
+    }
+
+    #[test]
+    fn setuid_resolves_the_user_and_its_groups() {
+        let (c, p) = check("root: /r\nsetuid: root\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let user = c.unwrap().run_as.unwrap();
+        assert_eq!((user.uid, user.gid), (0, 0));
+        assert!(user.groups.contains(&0));
+        let (_, p) = check("root: /r\nsetuid: no-such-user-here\n");
+        assert_eq!(
+            p.errors[0].to_string(),
+            "keter-config.yaml: setuid: no user \"no-such-user-here\" on this system"
+        );
     }
 
     #[test]

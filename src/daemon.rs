@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
 use crate::config::Config;
+use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
 use crate::watcher::{self, Hint};
@@ -59,10 +60,17 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 /// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
 pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
     prepare_root(&config.root)?;
+    // Process groups left by a keter that was killed are stopped before anything starts: they
+    // hold ports and would answer for apps about to be deployed again.
+    let journal = Journal::new(&config.root.join("etc"));
+    let leftovers = journal.recover(config.stop_timeout);
+    if leftovers > 0 {
+        log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
+    }
     let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
     let nginx = Nginx::start(&config, renderer).map_err(|e| Fatal(format!("nginx: {e}")))?;
     let incoming = config.root.join("incoming");
-    let shared = Arc::new(Shared::new(config, nginx));
+    let shared = Arc::new(Shared::new(config, nginx, journal));
     let watcher = watcher::watch(&incoming, tx)
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
     let mut daemon = Daemon {

@@ -20,11 +20,13 @@ pub const RESERVED_ENV: [&str; 4] = ["PORT", "YESOD_PORT", "APPROOT", "YESOD_APP
 pub struct BundleConfig {
     /// Processes that answer HTTP behind Nginx; at least one.
     pub webapps: Vec<WebApp>,
+    /// Processes supervised without a port or an Nginx file.
+    pub background: Vec<Background>,
 }
 
-/// A `webapp` stanza (or the flat format's top level).
+/// What to run, common to every process stanza.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WebApp {
+pub struct Program {
     /// The executable, as written: relative to `config/` (or absolute inside the bundle).
     /// Resolved and checked against the unpacked folder by `bundle::resolve_exec`.
     pub exec: PathBuf,
@@ -33,6 +35,26 @@ pub struct WebApp {
     pub env: BTreeMap<String, String>,
     /// Names of keter's own environment variables to pass on.
     pub forward_env: Vec<String>,
+    /// Where the stanza is in the file (`stanzas[1]`, or empty for the flat format), for
+    /// messages.
+    pub origin: String,
+}
+
+impl Program {
+    /// The key path of one of this stanza's keys, for messages.
+    pub fn key(&self, key: &str) -> String {
+        if self.origin.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.origin)
+        }
+    }
+}
+
+/// A `webapp` stanza (or the flat format's top level).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebApp {
+    pub program: Program,
     /// Non-empty, no duplicates; the first builds APPROOT.
     pub hosts: Vec<Hostname>,
     /// `APPROOT` uses `https://`.
@@ -43,6 +65,22 @@ pub struct WebApp {
     pub readiness_timeout: Option<Duration>,
     /// Overrides the global per-request bound; `Some(None)` means no bound.
     pub connection_time_bound: Option<Option<Duration>>,
+}
+
+/// A `background` stanza: a process with no port, restarted as Keter does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Background {
+    pub program: Program,
+    /// Restarts in a row allowed (`None`: unlimited, Keter's default).
+    pub restart_count: Option<u32>,
+    /// Pause before each restart (Keter's `restart-delay-seconds`, default 5).
+    pub restart_delay: Duration,
+}
+
+/// One entry of `stanzas`.
+enum Stanza {
+    Web(WebApp),
+    Background(Background),
 }
 
 impl BundleConfig {
@@ -56,6 +94,7 @@ impl BundleConfig {
 pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> {
     let mut f = Fields::new(tree, "", problems)?;
     let mut webapps = Vec::new();
+    let mut background = Vec::new();
     let mut ok = true;
     if f.contains("stanzas") {
         let stanzas = f.raw("stanzas");
@@ -63,8 +102,8 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     match read_stanza(item, &format!("stanzas[{i}]"), problems) {
-                        Some(Some(w)) => webapps.push(w),
-                        Some(None) => {}
+                        Some(Stanza::Web(w)) => webapps.push(w),
+                        Some(Stanza::Background(b)) => background.push(b),
                         None => ok = false,
                     }
                 }
@@ -132,11 +171,14 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             }
         }
     }
-    (ok && !problems.has_errors()).then_some(BundleConfig { webapps })
+    (ok && !problems.has_errors()).then_some(BundleConfig {
+        webapps,
+        background,
+    })
 }
 
-/// One stanza: `Some(Some(webapp))`, `Some(None)` for a stanza that adds nothing, `None` on error.
-fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Option<WebApp>> {
+/// One stanza; `None` on error (recorded in `problems`).
+fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza> {
     let mut f = Fields::new(v, path, problems)?;
     let Some(kind) = f.string("type", problems) else {
         problems.error(
@@ -145,47 +187,30 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Option<
         );
         return None;
     };
-    match kind.as_str() {
-        "webapp" => {
-            let w = read_webapp(&mut f, false, problems);
-            f.finish(problems);
-            w.map(Some)
-        }
-        "static-files" | "redirect" | "reverse-proxy" | "background" => {
+    let stanza = match kind.as_str() {
+        "webapp" => read_webapp(&mut f, false, problems).map(Stanza::Web),
+        "background" => read_background(&mut f, problems).map(Stanza::Background),
+        "static-files" | "redirect" | "reverse-proxy" => {
             problems.error(
                 f.path("type"),
                 format!("stanza type {kind:?} is not supported by this version of keter yet; the bundle is refused rather than served without it"),
             );
-            None
+            return None;
         }
         other => {
             problems.error(
                 f.path("type"),
                 format!("unknown stanza type {other:?}; expected one of webapp, static-files, redirect, reverse-proxy, background"),
             );
-            None
+            return None;
         }
-    }
-}
-
-fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
-    let Some(mut f) = Fields::new(v, "plugins", problems) else {
-        return false;
     };
-    let mut ok = true;
-    if f.bool("postgres", problems) == Some(true) {
-        problems.error(
-            "plugins.postgres",
-            "the postgres plugin is not supported by this version of keter yet",
-        );
-        ok = false;
-    }
     f.finish(problems);
-    ok
+    stanza
 }
 
-/// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
-fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<WebApp> {
+/// The keys every process stanza has: `exec`, `args`, `env`, `forward-env`.
+fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
     let errors_before = problems.errors.len();
     let exec = f.string("exec", problems);
     if exec.is_none() && !problems.errors.iter().any(|e| e.key == f.path("exec")) {
@@ -226,7 +251,68 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
             problems.error(key, e);
         }
     }
+    if problems.errors.len() > errors_before {
+        return None;
+    }
+    Some(Program {
+        exec: PathBuf::from(exec?),
+        args,
+        env,
+        forward_env,
+        origin: f.path("").trim_end_matches('.').to_string(),
+    })
+}
 
+/// A `background` stanza: Keter's `restart-count` (a number or `unlimited`) and
+/// `restart-delay-seconds`.
+fn read_background(f: &mut Fields, problems: &mut Problems) -> Option<Background> {
+    let program = read_program(f, problems);
+    let restart_count = match f.raw("restart-count") {
+        None => None,
+        Some(Value::String(s)) if s == "unlimited" => None,
+        Some(v) => {
+            let n = yaml::as_uint(v, &f.path("restart-count"), u64::from(u32::MAX), problems);
+            Some(n? as u32)
+        }
+    };
+    let restart_delay = match f.uint("restart-delay-seconds", 86_400, problems) {
+        Some(s) => Duration::from_secs(s),
+        None if problems
+            .errors
+            .iter()
+            .any(|e| e.key == f.path("restart-delay-seconds")) =>
+        {
+            return None;
+        }
+        None => Duration::from_secs(5),
+    };
+    Some(Background {
+        program: program?,
+        restart_count,
+        restart_delay,
+    })
+}
+
+fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
+    let Some(mut f) = Fields::new(v, "plugins", problems) else {
+        return false;
+    };
+    let mut ok = true;
+    if f.bool("postgres", problems) == Some(true) {
+        problems.error(
+            "plugins.postgres",
+            "the postgres plugin is not supported by this version of keter yet",
+        );
+        ok = false;
+    }
+    f.finish(problems);
+    ok
+}
+
+/// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
+fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<WebApp> {
+    let errors_before = problems.errors.len();
+    let program = read_program(f, problems);
     // The flat format names extra hosts `extra-hosts`; stanzas use `hosts`. Both accept `host`.
     let extra_key = if flat { "extra-hosts" } else { "hosts" };
     let mut host_texts: Vec<(String, String)> = Vec::new();
@@ -307,10 +393,7 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
         return None;
     }
     Some(WebApp {
-        exec: PathBuf::from(exec?),
-        args,
-        env,
-        forward_env,
+        program: program?,
         hosts,
         ssl,
         health_check_path,
@@ -337,8 +420,12 @@ mod tests {
         );
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let w = &c.unwrap().webapps[0];
-        assert_eq!(w.exec, PathBuf::from("../dist/build/yesodweb/yesodweb"));
-        assert_eq!(w.args, vec!["production"]);
+        assert_eq!(
+            w.program.exec,
+            PathBuf::from("../dist/build/yesodweb/yesodweb")
+        );
+        assert_eq!(w.program.args, vec!["production"]);
+        assert_eq!(w.program.key("exec"), "exec");
         assert_eq!(w.hosts[0].as_str(), "www.yesodweb.com");
         assert!(!w.ssl);
         assert_eq!(w.health_check_path.as_str(), "/");
@@ -353,7 +440,7 @@ mod tests {
         let w = &c.unwrap().webapps[0];
         let hosts: Vec<&str> = w.hosts.iter().map(|h| h.as_str()).collect();
         assert_eq!(hosts, ["a.example.com", "b.example.com"]);
-        assert_eq!(w.env["GREETING"], "hi");
+        assert_eq!(w.program.env["GREETING"], "hi");
     }
 
     #[test]
@@ -364,7 +451,8 @@ mod tests {
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let w = &c.unwrap().webapps[0];
         assert_eq!(w.hosts.len(), 2);
-        assert_eq!(w.forward_env, ["LANG"]);
+        assert_eq!(w.program.forward_env, ["LANG"]);
+        assert_eq!(w.program.key("exec"), "stanzas[0].exec");
         assert_eq!(w.health_check_path.as_str(), "/up");
         assert_eq!(w.readiness_timeout, Some(Duration::from_secs(5)));
     }
@@ -372,7 +460,7 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let (c, p) = read(
-            "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n",
+            "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n  - type: background\n    exec: ../w\n    restart-count: often\n",
         );
         assert!(c.is_none());
         let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
@@ -381,6 +469,7 @@ mod tests {
             "hello.keter: config/keter.yaml: stanzas[0].env.PORT: PORT is set by keter and cannot be overridden",
             "hello.keter: config/keter.yaml: stanzas[0].hosts[0]: the host name \"evil.com;}\" is not valid",
             "hello.keter: config/keter.yaml: stanzas[1].type: stanza type \"static-files\" is not supported",
+            "hello.keter: config/keter.yaml: stanzas[3].restart-count: expected a whole number",
             "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
         ] {
             assert!(
@@ -397,6 +486,21 @@ mod tests {
         let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"args"), "{keys:?}");
         assert!(keys.contains(&"host"), "{keys:?}");
+    }
+
+    #[test]
+    fn background_stanzas() {
+        let (c, p) = read(
+            "stanzas:\n  - type: webapp\n    exec: ../a\n    host: a.b\n  - type: background\n    exec: ../dist/bin/worker\n    args: [--queue, q]\n    restart-count: 3\n    restart-delay-seconds: 1\n  - type: background\n    exec: ../w2\n    restart-count: unlimited\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.background.len(), 2);
+        assert_eq!(c.background[0].restart_count, Some(3));
+        assert_eq!(c.background[0].restart_delay, Duration::from_secs(1));
+        assert_eq!(c.background[0].program.key("exec"), "stanzas[1].exec");
+        assert_eq!(c.background[1].restart_count, None);
+        assert_eq!(c.background[1].restart_delay, Duration::from_secs(5));
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod unpack;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{BundleConfig, WebApp};
+pub use config::{Background, BundleConfig, Program, WebApp};
 pub use unpack::{UnpackError, Unpacked, unpack};
 
 use crate::problem::{Invalid, Problems};
@@ -35,14 +35,14 @@ pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), 
         .and_then(|tree| config::from_tree(&tree, &mut problems));
     match config {
         Some(c) => {
-            for (i, w) in c.webapps.iter().enumerate() {
-                if let Err(e) = resolve_exec(dir, &w.exec) {
-                    let key = if c.webapps.len() == 1 && i == 0 {
-                        "exec".to_string()
-                    } else {
-                        format!("stanzas[{i}].exec")
-                    };
-                    problems.error(key, e);
+            let programs = c
+                .webapps
+                .iter()
+                .map(|w| &w.program)
+                .chain(c.background.iter().map(|b| &b.program));
+            for program in programs {
+                if let Err(e) = resolve_exec(dir, &program.exec) {
+                    problems.error(program.key("exec"), e);
                 }
             }
             if problems.has_errors() {

@@ -246,12 +246,8 @@ impl Controller {
         let prefix = self.paths.prefix.to_string_lossy().into_owned();
         if String::from_utf8_lossy(&cmdline).contains(&prefix) {
             log::warn!("nginx: stopping the master (pid {pid}) left by an earlier run");
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = Instant::now() + self.stop_timeout;
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            // keter starts the master as the leader of its own group, workers included.
+            process::stop_group(pid, self.stop_timeout);
         }
     }
 
@@ -470,10 +466,24 @@ impl Controller {
         }
     }
 
-    /// Waits until the control socket answers the current generation.
-    fn confirm(&self) -> Result<(), NginxError> {
+    /// Waits until the control socket answers the current generation. A managed master that
+    /// dies meanwhile is replaced at once (the new one reads the files in place), rather than
+    /// waiting out the timeout against its orphaned workers.
+    fn confirm(&mut self) -> Result<(), NginxError> {
         let deadline = Instant::now() + self.nginx.reload_timeout;
         loop {
+            if self.nginx.mode == NginxMode::Managed
+                && let Some(m) = &self.master
+                && !procfs::is_alive(m.pid)
+            {
+                let pid = m.pid;
+                log::error!(
+                    "nginx: the master (pid {pid}) died during a reload; starting a new one"
+                );
+                process::stop_group(pid, Duration::from_secs(2));
+                self.master = None;
+                self.start_master()?;
+            }
             let last = match probe::get_unix(
                 &self.paths.control_socket,
                 "/keter-generation",
@@ -597,15 +607,15 @@ impl Controller {
         if m.started.elapsed() > Duration::from_secs(60) {
             self.restart.delay = Restart::FIRST;
         }
+        self.master = None;
+        self.master_pid.store(0, Ordering::Relaxed);
+        // Its workers outlive it and keep the listening sockets: stop the whole group.
+        process::stop_group(pid, Duration::from_secs(2));
         log::error!(
             "nginx: the master (pid {pid}) stopped with {}; restarting it in {:?}",
             process::describe_exit(status),
             self.restart.delay
         );
-        self.master = None;
-        self.master_pid.store(0, Ordering::Relaxed);
-        // Its workers outlive it and keep the listening sockets: stop the whole group.
-        process::stop_group(pid, Duration::from_secs(2));
         self.restart.at = Some(Instant::now() + self.restart.delay);
         self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
     }

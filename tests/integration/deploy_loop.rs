@@ -421,10 +421,15 @@ fn a_killed_managed_nginx_is_restarted() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    // Its workers notice the master is gone; the new master needs the port.
     k.wait_log("restarting it", WAIT);
+    let deadline = Instant::now() + WAIT;
+    while k.log_count("nginx: started the master") < 2 {
+        assert!(Instant::now() < deadline, "no new master:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     k.wait_for(HOST, "v1", WAIT);
     assert_ne!(k.nginx_pid(), old);
+    assert!(!alive(old));
 }
 
 #[test]

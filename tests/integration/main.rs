@@ -4,3 +4,4 @@
 mod support;
 
 mod deploy_loop;
+mod supervision;

@@ -200,8 +200,10 @@ impl Keter {
         k
     }
 
-    /// Starts the binary (again) on the same root and waits until Nginx answers.
+    /// Starts the binary (again) on the same root and waits until it watches `incoming/` and
+    /// its Nginx answers.
     pub fn launch(&mut self) {
+        let started_before = self.log_count("keter: watching");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,7 +224,9 @@ impl Keter {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = self.get("nobody.invalid", "/") {
+            if self.log_count("keter: watching") > started_before
+                && let Ok(r) = self.get("nobody.invalid", "/")
+            {
                 assert_eq!(r.status, 404, "{r:?}");
                 return;
             }
@@ -269,15 +273,23 @@ impl Keter {
         keter::probe::get_tcp(self.addr(), host, path, Duration::from_secs(5))
     }
 
-    /// Waits until `host` answers 200 with `body` (trimmed); returns how long it took.
+    /// Waits until `host` answers 200 with `body` (trimmed) and keeps doing so for 300 ms;
+    /// returns how long it took until the first such answer. (For about 100 ms after a reload
+    /// Nginx's previous workers still accept connections with the previous configuration.)
     pub fn wait_for(&self, host: &str, body: &str, timeout: Duration) -> Duration {
         let start = Instant::now();
+        let mut first: Option<Instant> = None;
         loop {
-            if let Ok(r) = self.get(host, "/")
-                && r.status == 200
-                && r.body.trim() == body
-            {
-                return start.elapsed();
+            let good = self
+                .get(host, "/")
+                .is_ok_and(|r| r.status == 200 && r.body.trim() == body);
+            match (good, first) {
+                (true, None) => first = Some(Instant::now()),
+                (true, Some(t)) if t.elapsed() >= Duration::from_millis(300) => {
+                    return t - start;
+                }
+                (true, Some(_)) => {}
+                (false, _) => first = None,
             }
             assert!(
                 start.elapsed() < timeout,
