@@ -25,10 +25,19 @@ fn main() {
         },
     );
     for i in 0..APPS {
-        k.deploy_hello(&format!("app{i}"), &format!("v{i}"), &format!("app{i}.example.com"), &[]);
+        k.deploy_hello(
+            &format!("app{i}"),
+            &format!("v{i}"),
+            &format!("app{i}.example.com"),
+            &[],
+        );
     }
     for i in 0..APPS {
-        k.wait_for(&format!("app{i}.example.com"), &format!("v{i}"), Duration::from_secs(60));
+        k.wait_for(
+            &format!("app{i}.example.com"),
+            &format!("v{i}"),
+            Duration::from_secs(60),
+        );
     }
 
     let mut restarts = Vec::new();
@@ -44,7 +53,11 @@ fn main() {
             {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "no restart:\n{}", k.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no restart:\n{}",
+                k.log()
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         restarts.push(start.elapsed());
@@ -59,7 +72,10 @@ fn main() {
     let before = cpu_ticks(k.pid());
     std::thread::sleep(IDLE);
     let after = cpu_ticks(k.pid());
-    let tick_ms = 1000.0 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
+    let tick_ms = 1000.0
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as f64;
 
     println!("supervision, {APPS} apps, release build");
     println!(
@@ -68,7 +84,10 @@ fn main() {
         ms(restarts[0]),
         ms(restarts[CRASHES - 1])
     );
-    println!("  daemon RSS with {APPS} apps                    {:>7} KiB  ({threads} threads)", rss_kib);
+    println!(
+        "  daemon RSS with {APPS} apps                    {:>7} KiB  ({threads} threads)",
+        rss_kib
+    );
     println!(
         "  daemon CPU over {} idle seconds              {:>7.1} ms",
         IDLE.as_secs(),

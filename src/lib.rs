@@ -17,6 +17,7 @@ pub mod probe;
 pub mod problem;
 pub mod process;
 pub mod procfs;
+pub mod report;
 pub mod restart;
 pub mod sockdiag;
 pub mod watcher;

@@ -7,7 +7,7 @@ use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -16,6 +16,7 @@ use super::{Command, Event, Retiring, Worker};
 use crate::bundle::{self, BundleConfig, WebApp};
 use crate::nginx::{Site, Upstream};
 use crate::process::{self, Running, Spec};
+use crate::report::{DeployReport, DeployResult, rfc3339};
 use crate::restart::Policy;
 use crate::{probe, procfs};
 
@@ -70,8 +71,31 @@ impl Worker {
     pub(super) fn deploy(&mut self, path: &Path, rx: &Receiver<Event>) {
         let started = Instant::now();
         let label = format!("{}.keter", self.name);
+        self.deploy_in_progress = true;
+        self.publish();
         let result = self.try_deploy(path, rx, started);
         self.deploying = None;
+        self.deploy_in_progress = false;
+        let took = started.elapsed();
+        let (kind, error) = match &result {
+            Ok(Outcome::Deployed) => (Some(DeployResult::Succeeded), None),
+            Ok(Outcome::SameFile) => (None, None),
+            Ok(Outcome::SameContent) => (Some(DeployResult::Unchanged), None),
+            Err(DeployError::Superseded) => (Some(DeployResult::Superseded), None),
+            Err(DeployError::Failed(why)) => (Some(DeployResult::Failed), Some(why.clone())),
+        };
+        if let Some(kind) = kind {
+            self.shared.reports.deploy_finished(kind, took);
+            self.last_deploy = Some(DeployReport {
+                result: kind,
+                finished: rfc3339(SystemTime::now()),
+                duration_ms: took.as_millis() as u64,
+                error: error.clone(),
+            });
+        }
+        if let Some(e) = error {
+            self.last_error = Some(e);
+        }
         match result {
             Ok(Outcome::Deployed) => {}
             Ok(Outcome::SameFile) => {
@@ -174,9 +198,12 @@ impl Worker {
             config: bundle_config,
             procs: Vec::new(),
             deploy: self.deploys,
+            modified: meta.modified().ok(),
+            live_since: None,
         };
         match self.start_and_switch(&mut version, rx, started) {
             Ok(()) => {
+                version.live_since = Some(SystemTime::now());
                 if let Some(old) = self.current.replace(version) {
                     log::info!(
                         "{}: draining the previous version (ports {:?})",
@@ -268,6 +295,7 @@ impl Worker {
             };
             let webapp = version.config.webapps[index].clone();
             let waited = self.wait_ready(version, i, &webapp, rx)?;
+            self.shared.reports.readiness_wait.observe(waited);
             log::info!(
                 "{}: ready on port {port} after {} ms",
                 self.name,

@@ -28,6 +28,7 @@ use crate::names::{AppName, Hostname};
 use crate::nginx::Nginx;
 use crate::ports::PortPool;
 use crate::procfs;
+use crate::report::{AppReport, AppState, DeployReport, ProcessReport, Reports, rfc3339};
 
 use version::{FileStamp, Version};
 
@@ -62,6 +63,7 @@ pub struct Shared {
     pub ports: PortPool,
     pub nginx: Nginx,
     pub journal: Journal,
+    pub reports: Reports,
     /// Which app serves each host (DESIGN.md 4: one app per host).
     pub hosts: Mutex<HashMap<Hostname, AppName>>,
     /// Numbers the unpack folders `temp/NAME-N` uniquely within this run.
@@ -75,6 +77,7 @@ impl Shared {
             config,
             nginx,
             journal,
+            reports: Reports::default(),
             hosts: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
         }
@@ -112,7 +115,11 @@ impl AppHandle {
             pending: None,
             deploys: 0,
             deploying: None,
+            deploy_in_progress: false,
+            last_deploy: None,
+            last_error: None,
         };
+        worker.publish();
         let thread = std::thread::Builder::new()
             .name(format!("app-{name}"))
             .spawn(move || worker.run(rx))?;
@@ -166,6 +173,10 @@ struct Worker {
     /// The bundle file being deployed right now and its identity, to recognise repeated
     /// events for the same file (inotify reports one rename several times).
     deploying: Option<(PathBuf, FileStamp)>,
+    /// For the status report.
+    deploy_in_progress: bool,
+    last_deploy: Option<DeployReport>,
+    last_error: Option<String>,
 }
 
 impl Worker {
@@ -212,6 +223,7 @@ impl Worker {
                 }
             }
             self.tick();
+            self.publish();
         }
     }
 
@@ -257,6 +269,11 @@ impl Worker {
             && p.running.is_some_and(|r| r.pid == pid)
         {
             p.exited(&name, pid, status, Instant::now());
+            self.last_error = Some(format!(
+                "pid {pid} ({}) exited with {}",
+                p.label(),
+                crate::process::describe_exit(status)
+            ));
             return;
         }
         for r in &mut self.retiring {
@@ -276,6 +293,7 @@ impl Worker {
             for i in 0..cur.procs.len() {
                 if cur.procs[i].restart_at.is_some_and(|at| at <= now) {
                     cur.procs[i].restart_at = None;
+                    self.shared.reports.restarted(&self.name);
                     if let Err(e) = self.start_proc(&mut cur, i) {
                         log::error!("{}: restart failed: {e}", self.name);
                         let p = &mut cur.procs[i];
@@ -318,6 +336,60 @@ impl Worker {
                 i += 1;
             }
         }
+    }
+
+    /// Writes this app's entry of the status report from the worker's state.
+    fn publish(&self) {
+        let mut r = AppReport::new(&self.name);
+        let crash_looping = self
+            .current
+            .iter()
+            .flat_map(|v| v.procs.iter())
+            .any(|p| p.restarts.crash_looping() && p.running.is_none());
+        r.state = match (&self.current, self.deploy_in_progress) {
+            (Some(_), true) => AppState::Deploying,
+            (Some(_), false) if crash_looping => AppState::CrashLooping,
+            (Some(_), false) => AppState::Running,
+            (None, true) => AppState::Starting,
+            (None, false) if self.last_deploy.as_ref().is_some_and(|d| d.error.is_some()) => {
+                AppState::Failed
+            }
+            (None, false) => AppState::Stopped,
+        };
+        if let Some(v) = &self.current {
+            r.sha256 = Some(v.sha256.clone());
+            r.bundle_time = v.modified.map(rfc3339);
+            r.deploy = Some(v.deploy);
+            r.hosts = v.config.hosts().map(|h| h.to_string()).collect();
+            r.processes = v
+                .procs
+                .iter()
+                .map(|p| {
+                    let (kind, stanza) = match p.role {
+                        version::Role::Web { index, .. } => ("webapp", index),
+                        version::Role::Background { index } => ("background", index),
+                    };
+                    ProcessReport {
+                        kind,
+                        stanza,
+                        port: p.port(),
+                        pid: p.running.map(|r| r.pid),
+                        restarts: p.restarts.total,
+                    }
+                })
+                .collect();
+            r.restarts = v.procs.iter().map(|p| p.restarts.total).sum();
+            r.since = v.live_since.map(rfc3339);
+            r.uptime_seconds = v
+                .live_since
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs());
+        }
+        r.last_deploy = self.last_deploy.clone();
+        r.last_error = self.last_error.clone();
+        r.log_lines_dropped = self.log.dropped();
+        r.draining = self.retiring.len();
+        self.shared.reports.publish(r);
     }
 
     /// Removes the app from Nginx, then stops every version.

@@ -48,6 +48,10 @@ pub(super) struct Version {
     pub procs: Vec<Proc>,
     /// Deploy number of this app within this run.
     pub deploy: u64,
+    /// Modification time of the bundle file.
+    pub modified: Option<std::time::SystemTime>,
+    /// When Nginx started routing to this version.
+    pub live_since: Option<std::time::SystemTime>,
 }
 
 impl Version {

@@ -16,7 +16,7 @@ use std::io;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,20 @@ impl fmt::Display for NginxError {
 
 impl std::error::Error for NginxError {}
 
+/// What the controller has done, for the metrics.
+#[derive(Debug, Default)]
+pub struct NginxCounters {
+    /// Reloads confirmed by Nginx.
+    pub reloads: AtomicU64,
+    /// Reloads Nginx did not confirm in time.
+    pub reload_failures: AtomicU64,
+    /// Changes `nginx -t` refused.
+    pub test_failures: AtomicU64,
+}
+
 /// Handle to the controller thread.
 pub struct Nginx {
+    pub counters: Arc<NginxCounters>,
     tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
     /// Pid of the running master, 0 when none (managed mode; written by the controller).
@@ -84,7 +96,9 @@ impl Nginx {
         let (tx, rx) = unbounded();
         let paths = renderer.paths().clone();
         let master_pid = Arc::new(AtomicI32::new(0));
+        let counters = Arc::new(NginxCounters::default());
         let mut c = Controller {
+            counters: counters.clone(),
             master_pid: master_pid.clone(),
             nginx: config.nginx.clone(),
             stop_timeout: config.stop_timeout,
@@ -102,6 +116,7 @@ impl Nginx {
             .spawn(move || c.run(rx))
             .map_err(|e| format!("cannot start the nginx controller thread: {e}"))?;
         Ok(Nginx {
+            counters,
             tx,
             thread: Some(thread),
             master_pid,
@@ -175,6 +190,7 @@ struct Master {
 }
 
 struct Controller {
+    counters: Arc<NginxCounters>,
     master_pid: Arc<AtomicI32>,
     nginx: NginxConfig,
     stop_timeout: Duration,
@@ -355,6 +371,7 @@ impl Controller {
         }
         let t0 = Instant::now();
         if let Err(e) = self.test() {
+            self.counters.test_failures.fetch_add(1, Ordering::Relaxed);
             self.restore(wanted, before);
             return Err(e);
         }
@@ -371,7 +388,13 @@ impl Controller {
             (t2 - t1).as_millis(),
             t2.elapsed().as_millis()
         );
+        if live.is_ok() {
+            self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = live {
+            self.counters
+                .reload_failures
+                .fetch_add(1, Ordering::Relaxed);
             log::error!("nginx: {e}; restoring the previous configuration");
             self.restore(wanted, before);
             if self.reload().and_then(|()| self.confirm()).is_err() {

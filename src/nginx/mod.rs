@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::names::{AppName, Hostname, UrlPath};
 
-pub use controller::{Nginx, NginxError};
+pub use controller::{Nginx, NginxCounters, NginxError};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");
 const HTTP_TEMPLATE: &str = include_str!("../../templates/http.conf.tera");
