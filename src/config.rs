@@ -47,6 +47,9 @@ pub struct Config {
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
+    /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
+    /// certbot's webroot mode.
+    pub acme_webroot: PathBuf,
 }
 
 /// How keter runs and reaches Nginx.
@@ -237,10 +240,16 @@ fn from_tree(
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
+    let acme_webroot = f
+        .string("acme-webroot", problems)
+        .map(|p| normalize(&base.join(p)));
     f.finish(problems);
+    let root = root?;
+    let acme_webroot = acme_webroot.unwrap_or_else(|| root.join("acme"));
 
     Some(Config {
-        root: root?,
+        acme_webroot,
+        root,
         listeners: listeners?,
         env,
         external_http_port,
@@ -392,13 +401,6 @@ fn read_listeners(f: &mut Fields, base: &Path, problems: &mut Problems) -> Optio
             port: 80,
             tls: None,
         });
-    }
-    if out.iter().any(|l| l.tls.is_some()) {
-        problems.error(
-            "listeners",
-            "TLS listeners are not supported by this version of keter yet",
-        );
-        return None;
     }
     Some(out)
 }
@@ -621,6 +623,7 @@ mod tests {
         assert_eq!(c.connection_time_bound, Some(Duration::from_secs(300)));
         assert_eq!(c.nginx.mode, NginxMode::Managed);
         assert_eq!(c.run_as, None);
+        assert_eq!(c.acme_webroot, PathBuf::from("/etc/opt/acme"));
         assert_eq!(
             (c.log_rotate_bytes, c.log_rotate_keep),
             (5 * 1024 * 1024, 20)
@@ -673,6 +676,32 @@ mod tests {
         assert_eq!(
             p.warnings[0].to_string(),
             "keter-config.yaml: bogus: unknown key, ignored"
+        );
+    }
+
+    #[test]
+    fn tls_listeners_and_keters_flat_ssl_form() {
+        let (c, p) = check(
+            "root: /r\nlisteners:\n  - {port: 8080}\n  - {host: 127.0.0.1, key: k.pem, certificate: c.pem, chain-certificates: [chain.pem]}\nssl: {key: /k2, certificate: /c2}\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let l = c.unwrap().listeners;
+        assert_eq!(l.len(), 3);
+        let tls = l[1].tls.as_ref().unwrap();
+        assert_eq!(l[1].port, 443);
+        assert_eq!(tls.key, PathBuf::from("/etc/keter/k.pem"));
+        assert_eq!(
+            tls.chain_certificates,
+            vec![PathBuf::from("/etc/keter/chain.pem")]
+        );
+        assert_eq!((l[2].port, l[2].ip), (443, None));
+        let (_, p) = check("root: /r\nlisteners: [{key: \"/a b\", certificate: /c}]\n");
+        assert!(
+            p.errors[0]
+                .to_string()
+                .contains("cannot be written into an Nginx file"),
+            "{:?}",
+            p.errors
         );
     }
 

@@ -60,6 +60,12 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 /// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
 pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
     prepare_root(&config.root)?;
+    fs::create_dir_all(&config.acme_webroot).map_err(|e| {
+        Fatal(format!(
+            "cannot create {}: {e}",
+            config.acme_webroot.display()
+        ))
+    })?;
     // Process groups left by a keter that was killed are stopped before anything starts: they
     // hold ports and would answer for apps about to be deployed again.
     let journal = Journal::new(&config.root.join("etc"));

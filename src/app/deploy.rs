@@ -14,7 +14,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use super::version::{self, FileStamp, Proc, Role, Version};
 use super::{Command, Event, Retiring, Worker};
 use crate::bundle::{self, BundleConfig, WebApp};
-use crate::nginx::{Site, Upstream};
+use crate::bundle::{RedirectTo, Tls};
+use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site};
 use crate::process::{self, Running, Spec};
 use crate::report::{DeployReport, DeployResult, rfc3339};
 use crate::restart::Policy;
@@ -302,27 +303,7 @@ impl Worker {
                 waited.as_millis()
             );
         }
-        let site = Site {
-            app: self.name.clone(),
-            bundle: format!("{}.keter", self.name),
-            sha256: version.sha256.clone(),
-            deploy: version.deploy,
-            upstreams: version
-                .procs
-                .iter()
-                .filter_map(|p| match p.role {
-                    Role::Web { index, port } => Some((&version.config.webapps[index], port)),
-                    Role::Background { .. } => None,
-                })
-                .map(|(w, port)| Upstream {
-                    port,
-                    hosts: w.hosts.clone(),
-                    timeout: w
-                        .connection_time_bound
-                        .unwrap_or(config.connection_time_bound),
-                })
-                .collect(),
-        };
+        let site = self.site_for(version).map_err(DeployError::Failed)?;
         let generation = self
             .shared
             .nginx
@@ -458,6 +439,140 @@ impl Worker {
         }
     }
 
+    /// What Nginx serves for this version: one block per stanza with hosts.
+    fn site_for(&self, version: &Version) -> Result<Site, String> {
+        let config = &version.config;
+        let certs = |tls: &Tls, origin: &str| self.copy_certificate(version, tls, origin);
+        let mut blocks = Vec::new();
+        for p in &version.procs {
+            let Role::Web { index, port } = p.role else {
+                continue;
+            };
+            let w = &config.webapps[index];
+            blocks.push(Block {
+                hosts: w.hosts.clone(),
+                content: Content::App {
+                    port,
+                    timeout: w
+                        .connection_time_bound
+                        .unwrap_or(self.shared.config.connection_time_bound),
+                },
+                certificate: certs(&w.tls, &w.program.key("ssl"))?,
+                requires_secure: w.requires_secure,
+            });
+        }
+        for st in &config.statics {
+            let root = bundle::resolve_dir(&version.dir, &st.root)
+                .map_err(|e| format!("{}: {e}", key(&st.origin, "root")))?;
+            crate::names::check_conf_path(&root)?;
+            blocks.push(Block {
+                hosts: st.served.hosts.clone(),
+                content: Content::Static {
+                    root,
+                    listing: st.directory_listing,
+                },
+                certificate: certs(&st.served.tls, &key(&st.origin, "ssl"))?,
+                requires_secure: st.served.requires_secure,
+            });
+        }
+        for r in &config.redirects {
+            let rules = r
+                .actions
+                .iter()
+                .map(|a| RedirectRule {
+                    path: a.path.clone(),
+                    target: match &a.target {
+                        RedirectTo::Url(url) => RedirectTarget::Url { url: url.clone() },
+                        RedirectTo::Host { host, secure, port } => RedirectTarget::Host {
+                            secure: *secure,
+                            host: host.clone(),
+                            port: *port,
+                        },
+                    },
+                })
+                .collect();
+            blocks.push(Block {
+                hosts: r.served.hosts.clone(),
+                content: Content::Redirect {
+                    status: r.status,
+                    rules,
+                },
+                certificate: certs(&r.served.tls, "redirect.ssl")?,
+                requires_secure: r.served.requires_secure,
+            });
+        }
+        for p in &config.proxies {
+            blocks.push(Block {
+                hosts: p.served.hosts.clone(),
+                content: Content::ReverseProxy {
+                    https: p.reversed_ssl,
+                    host: p.reversed_host.clone(),
+                    port: p.reversed_port,
+                    preserve_host: p.preserve_host,
+                    timeout: p
+                        .timeout
+                        .unwrap_or(self.shared.config.connection_time_bound),
+                },
+                certificate: certs(&p.served.tls, "reverse-proxy.ssl")?,
+                requires_secure: p.served.requires_secure,
+            });
+        }
+        let has_tls = self.shared.config.listeners.iter().any(|l| l.tls.is_some());
+        if !has_tls && blocks.iter().any(|b| b.requires_secure) {
+            log::warn!(
+                "{}: requires-secure is set but keter has no TLS listener; plain HTTP is served",
+                self.name
+            );
+        }
+        Ok(Site {
+            app: self.name.clone(),
+            bundle: format!("{}.keter", self.name),
+            sha256: version.sha256.clone(),
+            deploy: version.deploy,
+            blocks,
+        })
+    }
+
+    /// Copies a stanza's own certificate out of the bundle into `ROOT/etc/certs/NAME-ID/`
+    /// (mode 0600, chain appended), so that Nginx reads files the app cannot change.
+    fn copy_certificate(
+        &self,
+        version: &Version,
+        tls: &Tls,
+        origin: &str,
+    ) -> Result<Option<CertFiles>, String> {
+        let Tls::Own {
+            key,
+            certificate,
+            chain,
+        } = tls
+        else {
+            return Ok(None);
+        };
+        let read = |p: &Path| -> Result<Vec<u8>, String> {
+            let real =
+                bundle::resolve_file(&version.dir, p).map_err(|e| format!("{origin}: {e}"))?;
+            let meta = fs::metadata(&real).map_err(|e| format!("{origin}: {e}"))?;
+            if meta.len() > 1 << 20 {
+                return Err(format!("{origin}: {} is larger than 1 MiB", p.display()));
+            }
+            fs::read(&real).map_err(|e| format!("{origin}: {}: {e}", p.display()))
+        };
+        let mut cert = read(certificate)?;
+        for c in chain {
+            if !cert.ends_with(b"\n") {
+                cert.push(b'\n');
+            }
+            cert.extend(read(c)?);
+        }
+        let key_bytes = read(key)?;
+        let dir = version_certs_dir(&self.shared.config.root, &self.name, version.id);
+        write_private(&dir, "certificate.pem", &cert)
+            .and_then(|c| Ok((c, write_private(&dir, "key.pem", &key_bytes)?)))
+            .map(|(certificate, key)| Some(CertFiles { certificate, key }))
+            .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))
+    }
+
     fn last_output(&self) -> String {
         let lines = self.log.tail(5);
         if lines.is_empty() {
@@ -497,6 +612,10 @@ impl Worker {
                 self.shared.ports.release(port);
             }
         }
+        let certs = version_certs_dir(&self.shared.config.root, &self.name, version.id);
+        if certs.exists() {
+            let _ = fs::remove_dir_all(&certs);
+        }
         if let Err(e) = fs::remove_dir_all(&version.dir) {
             log::warn!(
                 "{}: cannot delete {}: {e}",
@@ -505,4 +624,38 @@ impl Worker {
             );
         }
     }
+}
+
+/// `stanzas[1].root` from a stanza's origin and a key.
+fn key(origin: &str, key: &str) -> String {
+    if origin.is_empty() {
+        key.to_string()
+    } else {
+        format!("{origin}.{key}")
+    }
+}
+
+/// Where a version's own certificates are kept.
+fn version_certs_dir(root: &Path, app: &crate::names::AppName, id: u64) -> std::path::PathBuf {
+    root.join("etc").join("certs").join(format!("{app}-{id}"))
+}
+
+/// Writes a file only its owner can read, created with that mode (never widened first).
+fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let path = dir.join(name);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(path)
 }

@@ -167,7 +167,7 @@ pub(super) fn environment(
     }
     env.extend(program.env.clone());
     if let Some((webapp, port)) = web {
-        let (scheme, external, default) = if webapp.ssl {
+        let (scheme, external, default) = if webapp.https() {
             ("https", config.external_https_port, 443)
         } else {
             ("http", config.external_http_port, 80)
@@ -178,6 +178,9 @@ pub(super) fn environment(
         } else {
             format!("{scheme}://{host}:{external}")
         };
+        for name in &webapp.port_env_vars {
+            env.insert(name.clone(), port.to_string());
+        }
         env.insert("PORT".into(), port.to_string());
         env.insert("YESOD_PORT".into(), port.to_string());
         env.insert("APPROOT".into(), approot.clone());
@@ -187,7 +190,8 @@ pub(super) fn environment(
 }
 
 /// Gives the unpacked folder to the `setuid` user (Yesod apps write `static/tmp` inside it)
-/// and closes it to everyone else. Symlinks are changed themselves, never followed.
+/// and stops others from listing it (mode 0711: Nginx's workers still reach the files of a
+/// static-files stanza by their path). Symlinks are changed themselves, never followed.
 pub(super) fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{PermissionsExt, lchown};
     fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -201,7 +205,7 @@ pub(super) fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         Ok(())
     }
     walk(dir, uid, gid)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
 }
 
 /// Stops a process group and waits, SIGTERM then SIGKILL after `grace`; says how it ended.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::served::{self, Redirect, ReverseProxy, StaticFiles, Tls};
 use crate::names::{Hostname, UrlPath, check_env_name, check_env_value};
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
@@ -15,13 +16,17 @@ use crate::yaml::{self, Fields};
 /// PORT breaks its own readiness check).
 pub const RESERVED_ENV: [&str; 4] = ["PORT", "YESOD_PORT", "APPROOT", "YESOD_APPROOT"];
 
-/// A bundle's validated configuration.
+/// A bundle's validated configuration: at least one stanza.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BundleConfig {
-    /// Processes that answer HTTP behind Nginx; at least one.
+    /// Processes that answer HTTP behind Nginx.
     pub webapps: Vec<WebApp>,
     /// Processes supervised without a port or an Nginx file.
     pub background: Vec<Background>,
+    /// Folders Nginx serves itself.
+    pub statics: Vec<StaticFiles>,
+    pub redirects: Vec<Redirect>,
+    pub proxies: Vec<ReverseProxy>,
 }
 
 /// What to run, common to every process stanza.
@@ -57,8 +62,12 @@ pub struct WebApp {
     pub program: Program,
     /// Non-empty, no duplicates; the first builds APPROOT.
     pub hosts: Vec<Hostname>,
-    /// `APPROOT` uses `https://`.
-    pub ssl: bool,
+    /// `ssl`: certificates; anything but `Off` makes `APPROOT` use `https://`.
+    pub tls: Tls,
+    /// Plain HTTP requests get a 301 to HTTPS.
+    pub requires_secure: bool,
+    /// More environment variables that receive the port (Keter's `port-env-vars`).
+    pub port_env_vars: Vec<String>,
     /// Requested with the first host as `Host` until it answers below 500.
     pub health_check_path: UrlPath,
     /// Overrides the global readiness timeout (Keter's `ensure-alive-time-bound`).
@@ -81,12 +90,27 @@ pub struct Background {
 enum Stanza {
     Web(WebApp),
     Background(Background),
+    Static(StaticFiles),
+    Redirect(Redirect),
+    Proxy(ReverseProxy),
+}
+
+impl WebApp {
+    /// `APPROOT` uses `https://`.
+    pub fn https(&self) -> bool {
+        self.tls != Tls::Off
+    }
 }
 
 impl BundleConfig {
     /// Every host of every stanza, in order.
     pub fn hosts(&self) -> impl Iterator<Item = &Hostname> {
-        self.webapps.iter().flat_map(|w| w.hosts.iter())
+        self.webapps
+            .iter()
+            .flat_map(|w| w.hosts.iter())
+            .chain(self.statics.iter().flat_map(|s| s.served.hosts.iter()))
+            .chain(self.redirects.iter().flat_map(|r| r.served.hosts.iter()))
+            .chain(self.proxies.iter().flat_map(|p| p.served.hosts.iter()))
     }
 }
 
@@ -95,7 +119,14 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
     let mut f = Fields::new(tree, "", problems)?;
     let mut webapps = Vec::new();
     let mut background = Vec::new();
+    let mut statics = Vec::new();
+    let mut redirects = Vec::new();
+    let mut proxies = Vec::new();
     let mut ok = true;
+    // Keys of the `yesod keter` command that Yesod's scaffold puts in the same file.
+    for key in ["user-edited", "copy-to", "copy-to-args", "copy-to-port"] {
+        f.raw(key);
+    }
     if f.contains("stanzas") {
         let stanzas = f.raw("stanzas");
         match stanzas {
@@ -104,6 +135,9 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
                     match read_stanza(item, &format!("stanzas[{i}]"), problems) {
                         Some(Stanza::Web(w)) => webapps.push(w),
                         Some(Stanza::Background(b)) => background.push(b),
+                        Some(Stanza::Static(st)) => statics.push(st),
+                        Some(Stanza::Redirect(r)) => redirects.push(r),
+                        Some(Stanza::Proxy(p)) => proxies.push(p),
                         None => ok = false,
                     }
                 }
@@ -129,14 +163,14 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             Some(w) => webapps.push(w),
             None => ok = false,
         }
-        for key in ["static-hosts", "redirects"] {
-            if let Some(v) = f.raw(key)
-                && !matches!(v, Value::Array(a) if a.is_empty())
-            {
-                problems.error(key, "not supported by this version of keter yet");
-                ok = false;
-            }
+        let errors_before = problems.errors.len();
+        if let Some(v) = f.raw("static-hosts") {
+            statics = served::read_flat_static(v, problems);
         }
+        if let Some(v) = f.raw("redirects") {
+            redirects = served::read_flat_redirects(v, problems);
+        }
+        ok &= problems.errors.len() == errors_before;
         if let Some(pg) = f.bool("postgres", problems)
             && pg
         {
@@ -148,33 +182,33 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         }
         f.finish(problems);
     }
-    if ok && webapps.is_empty() {
+    if ok && webapps.is_empty() && statics.is_empty() && redirects.is_empty() && proxies.is_empty()
+    {
         problems.error(
             "stanzas",
-            "the bundle has no webapp stanza; nothing would be served",
+            "the bundle has no webapp, static-files, redirect or reverse-proxy stanza; nothing would be served",
         );
         ok = false;
     }
-    if ok {
-        let mut seen: BTreeMap<&Hostname, usize> = BTreeMap::new();
-        for (i, w) in webapps.iter().enumerate() {
-            for h in &w.hosts {
-                if let Some(j) = seen.insert(h, i)
-                    && j != i
-                {
-                    problems.error(
-                        format!("stanzas[{i}].hosts"),
-                        format!("the host {h} is also served by stanza {j}"),
-                    );
-                    ok = false;
-                }
-            }
-        }
-    }
-    (ok && !problems.has_errors()).then_some(BundleConfig {
+    let config = BundleConfig {
         webapps,
         background,
-    })
+        statics,
+        redirects,
+        proxies,
+    };
+    if ok {
+        // One host, one stanza: Nginx would pick one of them silently.
+        let mut seen: Vec<&Hostname> = Vec::new();
+        for h in config.hosts() {
+            if seen.contains(&h) {
+                problems.error("stanzas", format!("the host {h} is served by two stanzas"));
+                ok = false;
+            }
+            seen.push(h);
+        }
+    }
+    (ok && !problems.has_errors()).then_some(config)
 }
 
 /// One stanza; `None` on error (recorded in `problems`).
@@ -190,13 +224,9 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza>
     let stanza = match kind.as_str() {
         "webapp" => read_webapp(&mut f, false, problems).map(Stanza::Web),
         "background" => read_background(&mut f, problems).map(Stanza::Background),
-        "static-files" | "redirect" | "reverse-proxy" => {
-            problems.error(
-                f.path("type"),
-                format!("stanza type {kind:?} is not supported by this version of keter yet; the bundle is refused rather than served without it"),
-            );
-            return None;
-        }
+        "static-files" => served::read_static(&mut f, problems).map(Stanza::Static),
+        "redirect" => served::read_redirect(&mut f, problems).map(Stanza::Redirect),
+        "reverse-proxy" => served::read_reverse_proxy(&mut f, problems).map(Stanza::Proxy),
         other => {
             problems.error(
                 f.path("type"),
@@ -314,62 +344,15 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let errors_before = problems.errors.len();
     let program = read_program(f, problems);
     // The flat format names extra hosts `extra-hosts`; stanzas use `hosts`. Both accept `host`.
-    let extra_key = if flat { "extra-hosts" } else { "hosts" };
-    let mut host_texts: Vec<(String, String)> = Vec::new();
-    if let Some(list) = f.strings("host", problems) {
-        host_texts.extend(list.into_iter().map(|h| (f.path("host"), h)));
-    }
-    if let Some(list) = f.strings(extra_key, problems) {
-        let key = f.path(extra_key);
-        host_texts.extend(
-            list.into_iter()
-                .enumerate()
-                .map(|(i, h)| (format!("{key}[{i}]"), h)),
-        );
-    }
-    let mut hosts: Vec<Hostname> = Vec::new();
-    for (key, text) in host_texts {
-        match Hostname::new(&text) {
-            Ok(h) if hosts.contains(&h) => {
-                problems.warn(key, format!("the host {h} is listed twice"))
-            }
-            Ok(h) => hosts.push(h),
-            Err(e) => problems.error(key, e),
+    let served = served::read_served(f, if flat { "extra-hosts" } else { "hosts" }, problems);
+    let port_env_vars = f.strings("port-env-vars", problems).unwrap_or_default();
+    for (i, name) in port_env_vars.iter().enumerate() {
+        let key = format!("{}[{i}]", f.path("port-env-vars"));
+        if RESERVED_ENV.contains(&name.as_str()) {
+            problems.error(key, format!("{name} is set by keter already"));
+        } else if let Err(e) = check_env_name(name) {
+            problems.error(key, e);
         }
-    }
-    if hosts.is_empty()
-        && !problems.errors[errors_before..]
-            .iter()
-            .any(|e| e.key.contains("host"))
-    {
-        problems.error(
-            f.path(if flat { "host" } else { "hosts" }),
-            "required: at least one host name that Nginx routes to this app",
-        );
-    }
-
-    let ssl = match f.raw("ssl") {
-        None => false,
-        Some(Value::Object(_)) => {
-            problems.error(
-                f.path("ssl"),
-                "per-app certificates are not supported by this version of keter yet",
-            );
-            false
-        }
-        Some(_) => f.bool("ssl", problems).unwrap_or(false),
-    };
-    if f.bool("requires-secure", problems) == Some(true) {
-        problems.error(
-            f.path("requires-secure"),
-            "not supported by this version of keter yet (no TLS listeners)",
-        );
-    }
-    if f.raw("port-env-vars").is_some() {
-        problems.error(
-            f.path("port-env-vars"),
-            "not supported by this version of keter yet",
-        );
     }
     let health_check_path = match f.string("health-check-path", problems) {
         None => UrlPath::new("/").expect("/ is a valid path"),
@@ -392,10 +375,13 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     if problems.errors.len() > errors_before {
         return None;
     }
+    let served = served?;
     Some(WebApp {
         program: program?,
-        hosts,
-        ssl,
+        hosts: served.hosts,
+        tls: served.tls,
+        requires_secure: served.requires_secure,
+        port_env_vars,
         health_check_path,
         readiness_timeout,
         connection_time_bound,
@@ -427,7 +413,7 @@ mod tests {
         assert_eq!(w.program.args, vec!["production"]);
         assert_eq!(w.program.key("exec"), "exec");
         assert_eq!(w.hosts[0].as_str(), "www.yesodweb.com");
-        assert!(!w.ssl);
+        assert_eq!(w.tls, Tls::Off);
         assert_eq!(w.health_check_path.as_str(), "/");
     }
 
@@ -468,7 +454,7 @@ mod tests {
             "hello.keter: config/keter.yaml: stanzas[0].exec: required",
             "hello.keter: config/keter.yaml: stanzas[0].env.PORT: PORT is set by keter and cannot be overridden",
             "hello.keter: config/keter.yaml: stanzas[0].hosts[0]: the host name \"evil.com;}\" is not valid",
-            "hello.keter: config/keter.yaml: stanzas[1].type: stanza type \"static-files\" is not supported",
+            "hello.keter: config/keter.yaml: stanzas[1].hosts: required: at least one host name",
             "hello.keter: config/keter.yaml: stanzas[3].restart-count: expected a whole number",
             "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
         ] {

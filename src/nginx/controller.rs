@@ -223,6 +223,9 @@ impl Controller {
             let path = entry.map_err(|e| e.to_string())?.path();
             let _ = fs::remove_file(path);
         }
+        for (out, inputs) in self.renderer.listener_cert_bundles() {
+            write_certificate_bundle(&out, &inputs)?;
+        }
         if self.nginx.mode == NginxMode::Managed {
             self.stop_leftover_master();
             let main = self.renderer.main_conf()?;
@@ -665,6 +668,38 @@ impl Controller {
         }
         let _ = fs::remove_file(&self.paths.control_socket);
     }
+}
+
+/// A TLS listener's certificate with its chain appended, as `ssl_certificate` wants it,
+/// readable by its owner only.
+fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut bytes = Vec::new();
+    for input in inputs {
+        let part = fs::read(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        bytes.extend(&part);
+        if !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+    }
+    let dir = out.parent().unwrap_or(Path::new("."));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = || -> io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(out)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    write().map_err(|e| format!("{}: {e}", out.display()))
 }
 
 /// Writes a file by temp file + fsync + rename, so Nginx never reads half a file. The temp

@@ -146,16 +146,16 @@ fn bundles_already_in_incoming_deploy_at_start_and_both_formats_parse() {
 }
 
 #[test]
-fn unsupported_stanzas_are_refused_with_a_clear_error() {
+fn unknown_stanzas_are_refused_with_a_clear_error() {
     let k = Keter::start("unsupported");
     let bundle = k.dir.0.join("s.keter");
     BundleBuilder::hello(
-        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    host: s.example.com\n  - type: static-files\n    root: ../static\n    hosts: [static.example.com]\n",
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    host: s.example.com\n  - type: teleport\n    hosts: [far.example.com]\n",
     )
     .write(&bundle);
     k.deploy("s", &bundle);
     k.wait_log(
-        "s.keter: config/keter.yaml: stanzas[1].type: stanza type \"static-files\" is not supported",
+        "s.keter: config/keter.yaml: stanzas[1].type: unknown stanza type \"teleport\"",
         WAIT,
     );
     assert_eq!(k.get("s.example.com", "/").unwrap().status, 404);
