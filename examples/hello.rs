@@ -12,8 +12,10 @@
 //! Paths: `/` version, `/env` its environment, `/pid` its pid, `/whoami` its uid, gid and
 //! groups, `/slow?ms=N` answers after N milliseconds, `/exit` exits with code 7,
 //! `/print?n=N` prints N lines of 100 bytes, `/write?path=P` tries to create file P and
-//! answers `ok` or the error. HTTP/1.1 keep-alive is supported so Nginx can reuse upstream
-//! connections.
+//! answers `ok` or the error, `/host` the `Host` header it got. A request with `Upgrade:
+//! websocket` gets `101 Switching Protocols`, then every chunk it sends is echoed back
+//! prefixed with the version (enough to test that Nginx keeps such a tunnel open).
+//! HTTP/1.1 keep-alive is supported so Nginx can reuse upstream connections.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -126,6 +128,8 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
         }
         let mut close = request_line.ends_with("HTTP/1.0\r\n");
         let mut content_length = 0usize;
+        let mut host = String::new();
+        let mut upgrade = false;
         loop {
             let mut header = String::new();
             match reader.read_line(&mut header) {
@@ -141,6 +145,29 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             }
             if let Some(v) = h.strip_prefix("content-length:") {
                 content_length = v.trim().parse().unwrap_or(0);
+            }
+            if let Some(v) = h.strip_prefix("host:") {
+                host = v.trim().to_string();
+            }
+            if h == "upgrade: websocket" {
+                upgrade = true;
+            }
+        }
+        if upgrade {
+            let _ = out.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut reader, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let reply = format!("{version}:{}", String::from_utf8_lossy(&buf[..n]));
+                        if out.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
             }
         }
         if content_length > 0 {
@@ -158,6 +185,8 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();
             vars.join("\n") + "\n"
+        } else if target == "/host" {
+            format!("{host}\n")
         } else if target == "/pid" {
             format!("{}\n", std::process::id())
         } else if target == "/whoami" {

@@ -132,6 +132,21 @@ impl Config {
         }
     }
 
+    /// Reads configuration text (relative paths taken from `base`); for tests and tools.
+    pub fn parse(text: &str, base: &Path, label: &str) -> (Option<Config>, Problems) {
+        let mut problems = Problems::new(label);
+        match yaml::parse(text) {
+            Ok(tree) => {
+                let config = from_tree(&tree, None, base, &mut problems);
+                (config, problems)
+            }
+            Err(e) => {
+                problems.error("", format!("invalid YAML: {e}"));
+                (None, problems)
+            }
+        }
+    }
+
     /// Reads and validates without logging: every problem is returned.
     pub fn check(path: &Path) -> (Option<Config>, Problems) {
         let mut problems = Problems::new(path.display().to_string());

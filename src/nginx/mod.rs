@@ -250,3 +250,170 @@ impl Renderer {
             .map_err(|e| format!("rendering {name}: {e}"))
     }
 }
+
+/// Golden files: the exact text of every kind of block, in `tests/golden/`, so reviewers can
+/// read what keter writes. `KETER_BLESS=1 cargo test golden` rewrites them; the integration
+/// tests check each with `nginx -t`.
+#[cfg(test)]
+mod golden {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::names::{Hostname, RedirectUrl};
+
+    const BASE_CONFIG: &str = "root: /srv/keter\nlisteners: [{host: 127.0.0.1, port: 8080}]\n";
+    const TLS_CONFIG: &str = "root: /srv/keter\nexternal-https-port: 8443\nlisteners:\n  - {host: 127.0.0.1, port: 8080}\n  - {host: 127.0.0.1, port: 8443, key: /srv/keter/tls/key.pem, certificate: /srv/keter/tls/cert.pem}\n";
+
+    fn renderer(yaml: &str) -> Renderer {
+        let (config, problems) = Config::parse(yaml, Path::new("/"), "golden.yaml");
+        assert!(problems.errors.is_empty(), "{:?}", problems.errors);
+        Renderer::new(&config.unwrap()).unwrap()
+    }
+
+    fn hosts(names: &[&str]) -> Vec<Hostname> {
+        names.iter().map(|h| Hostname::new(h).unwrap()).collect()
+    }
+
+    fn site(blocks: Vec<Block>) -> Site {
+        Site {
+            app: AppName::new("demo").unwrap(),
+            bundle: "demo.keter".into(),
+            sha256: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+            deploy: 3,
+            blocks,
+        }
+    }
+
+    fn app(port: u16, names: &[&str]) -> Block {
+        Block {
+            hosts: hosts(names),
+            content: Content::App {
+                port,
+                timeout: Some(Duration::from_secs(300)),
+            },
+            certificate: None,
+            requires_secure: false,
+        }
+    }
+
+    pub(crate) fn cases() -> Vec<(&'static str, String)> {
+        let plain = renderer(BASE_CONFIG);
+        let tls = renderer(TLS_CONFIG);
+        let health = renderer(&format!("{BASE_CONFIG}healthcheck-path: /keter-health\n"));
+        let mut out = Vec::new();
+        let mut add = |name: &'static str, r: &Renderer, s: Site| {
+            out.push((name, r.app_conf(&s, 7).unwrap()));
+        };
+        add(
+            "webapp",
+            &plain,
+            site(vec![app(4000, &["www.example.com", "example.com"])]),
+        );
+        let mut unbounded = app(4001, &["*.example.com", "bar.*.*.example.org"]);
+        unbounded.content = Content::App {
+            port: 4001,
+            timeout: None,
+        };
+        add(
+            "webapp-wildcards-no-time-bound",
+            &health,
+            site(vec![unbounded]),
+        );
+        add(
+            "two-webapps",
+            &plain,
+            site(vec![
+                app(4002, &["a.example.com"]),
+                app(4003, &["b.example.com"]),
+            ]),
+        );
+        add(
+            "static-files",
+            &plain,
+            site(vec![Block {
+                hosts: hosts(&["static.example.com"]),
+                content: Content::Static {
+                    root: PathBuf::from("/srv/keter/temp/demo-3/static"),
+                    listing: true,
+                },
+                certificate: None,
+                requires_secure: false,
+            }]),
+        );
+        add(
+            "redirect",
+            &plain,
+            site(vec![Block {
+                hosts: hosts(&["example.com", "old.example.com"]),
+                content: Content::Redirect {
+                    status: 303,
+                    rules: vec![
+                        RedirectRule {
+                            path: Some(UrlPath::new("/docs").unwrap()),
+                            target: RedirectTarget::Url {
+                                url: RedirectUrl::new("https://docs.example.com/").unwrap(),
+                            },
+                        },
+                        RedirectRule {
+                            path: None,
+                            target: RedirectTarget::Host {
+                                secure: true,
+                                host: Hostname::new("www.example.com").unwrap(),
+                                port: Some(8443),
+                            },
+                        },
+                    ],
+                },
+                certificate: None,
+                requires_secure: false,
+            }]),
+        );
+        add(
+            "reverse-proxy",
+            &plain,
+            site(vec![Block {
+                hosts: hosts(&["api.example.com"]),
+                content: Content::ReverseProxy {
+                    https: false,
+                    host: "127.0.0.1".into(),
+                    port: 9000,
+                    preserve_host: true,
+                    timeout: Some(Duration::from_secs(30)),
+                },
+                certificate: None,
+                requires_secure: false,
+            }]),
+        );
+        let mut secure = app(4004, &["secure.example.com"]);
+        secure.requires_secure = true;
+        let mut own = app(4005, &["own-cert.example.com"]);
+        own.certificate = Some(CertFiles {
+            certificate: PathBuf::from("/srv/keter/etc/certs/demo-3/certificate.pem"),
+            key: PathBuf::from("/srv/keter/etc/certs/demo-3/key.pem"),
+        });
+        add(
+            "tls-requires-secure-and-own-certificate",
+            &tls,
+            site(vec![secure, own]),
+        );
+        out.push(("main-managed-tls", tls.main_conf().unwrap()));
+        out
+    }
+
+    #[test]
+    fn golden_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let bless = std::env::var_os("KETER_BLESS").is_some();
+        for (name, text) in cases() {
+            let path = dir.join(format!("{name}.conf"));
+            if bless {
+                std::fs::write(&path, &text).unwrap();
+                continue;
+            }
+            let expected = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (KETER_BLESS=1 writes it)", path.display()));
+            assert_eq!(text, expected, "{name} differs from {}", path.display());
+        }
+    }
+}

@@ -113,7 +113,7 @@ pub fn hello_yaml(version: &str, host: &str, extra_args: &[&str]) -> String {
     args.extend(extra_args.iter().map(|a| a.to_string()));
     let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
     format!(
-        "exec: ../dist/hello\nargs: [{}]\nhost: {host}\n",
+        "exec: ../dist/hello\nargs: [{}]\nhost: {host:?}\n",
         args.join(", ")
     )
 }
