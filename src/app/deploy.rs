@@ -56,7 +56,7 @@ impl Worker {
     /// True when `c` asks to deploy the very file (same inode, size and times) that is being
     /// deployed or already serves.
     pub(super) fn is_repeat(&self, c: &Command) -> bool {
-        let Command::Deploy(path) = c else {
+        let Command::Deploy { path, .. } = c else {
             return false;
         };
         let Ok(meta) = fs::symlink_metadata(path) else {
@@ -69,9 +69,18 @@ impl Worker {
             || self.current.as_ref().is_some_and(|v| v.stamp == stamp)
     }
 
-    pub(super) fn deploy(&mut self, path: &Path, rx: &Receiver<Event>) {
+    pub(super) fn deploy(&mut self, path: &Path, retry: bool, rx: &Receiver<Event>) {
         let started = Instant::now();
         let label = format!("{}.keter", self.name);
+        let stamp = fs::symlink_metadata(path).ok().map(|m| FileStamp::of(&m));
+        if !retry
+            && let (Some((failed_path, failed_stamp)), Some(stamp)) = (&self.failed, stamp)
+            && failed_path == path
+            && *failed_stamp == stamp
+        {
+            log::debug!("{}: {label} failed before and has not changed", self.name);
+            return;
+        }
         self.deploy_in_progress = true;
         self.publish();
         let result = self.try_deploy(path, rx, started);
@@ -94,6 +103,10 @@ impl Worker {
                 error: error.clone(),
             });
         }
+        self.failed = match (&error, stamp) {
+            (Some(_), Some(stamp)) => Some((path.to_path_buf(), stamp)),
+            _ => None,
+        };
         if let Some(e) = error {
             self.last_error = Some(e);
         }

@@ -35,8 +35,10 @@ use version::{FileStamp, Version};
 /// What the daemon asks of an app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Deploy the bundle at this path (a no-op if it is the version already serving).
-    Deploy(PathBuf),
+    /// Deploy the bundle at this path: a no-op if it is the file already serving, or the file
+    /// whose deploy failed last (an unchanged bad bundle is not retried at every event)
+    /// unless `retry` (a rescan on SIGHUP) says to try again.
+    Deploy { path: PathBuf, retry: bool },
     /// Stop the app: remove its Nginx file, then stop every version.
     Stop,
 }
@@ -115,6 +117,7 @@ impl AppHandle {
             pending: None,
             deploys: 0,
             deploying: None,
+            failed: None,
             deploy_in_progress: false,
             last_deploy: None,
             last_error: None,
@@ -173,6 +176,8 @@ struct Worker {
     /// The bundle file being deployed right now and its identity, to recognise repeated
     /// events for the same file (inotify reports one rename several times).
     deploying: Option<(PathBuf, FileStamp)>,
+    /// The bundle file whose deploy failed last, not retried until it changes.
+    failed: Option<(PathBuf, FileStamp)>,
     /// For the status report.
     deploy_in_progress: bool,
     last_deploy: Option<DeployReport>,
@@ -214,7 +219,7 @@ impl Worker {
             }
             while let Some(command) = self.pending.take() {
                 match command {
-                    Command::Deploy(path) => self.deploy(&path, &rx),
+                    Command::Deploy { path, retry } => self.deploy(&path, retry, &rx),
                     Command::Stop => self.stop_all(),
                 }
                 if self.absorb(&rx) {

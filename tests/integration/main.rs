@@ -3,6 +3,8 @@
 
 mod support;
 
+mod craft;
 mod deploy_loop;
+mod hostile;
 mod stanzas;
 mod supervision;

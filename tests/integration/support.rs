@@ -127,6 +127,9 @@ pub struct Opts {
     pub extra: String,
     /// How many app ports the daemon may hand out.
     pub ports: u16,
+    /// The first app port (by default a block distinct from other tests').
+    pub first_port: Option<u16>,
+    pub reload_timeout: f64,
 }
 
 impl Default for Opts {
@@ -137,6 +140,8 @@ impl Default for Opts {
             stop_timeout: 2.0,
             extra: String::new(),
             ports: 20,
+            first_port: None,
+            reload_timeout: 10.0,
         }
     }
 }
@@ -178,12 +183,16 @@ impl Keter {
         let dir = TempDir::new(label);
         let root = dir.0.join("root");
         let port = free_port();
-        let (first, last) = port_range(opts.ports);
+        let (first, last) = match opts.first_port {
+            Some(p) => (p, p + opts.ports - 1),
+            None => port_range(opts.ports),
+        };
         let config_path = dir.0.join("keter-config.yaml");
         fs::write(
             &config_path,
             format!(
-                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: 10}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: {}}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                opts.reload_timeout,
                 opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
             ),
         )
@@ -258,6 +267,15 @@ impl Keter {
     pub fn deploy(&self, name: &str, bundle: &Path) {
         let tmp = self.incoming().join(format!(".{name}.keter.part"));
         fs::copy(bundle, &tmp).unwrap();
+        fs::rename(&tmp, self.incoming().join(format!("{name}.keter"))).unwrap();
+    }
+
+    /// Puts a bundle in by a hard link under a temporary name and a rename (no copy: for
+    /// tests that deploy hundreds of times).
+    pub fn deploy_linked(&self, name: &str, bundle: &Path) {
+        let tmp = self.incoming().join(format!(".{name}.keter.part"));
+        let _ = fs::remove_file(&tmp);
+        fs::hard_link(bundle, &tmp).unwrap();
         fs::rename(&tmp, self.incoming().join(format!("{name}.keter"))).unwrap();
     }
 
