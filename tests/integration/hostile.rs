@@ -62,8 +62,7 @@ fn refused_as(k: &Keter, name: &str, bytes: &[u8], reason: &str) -> String {
     let log = k.log();
     let line = log
         .lines()
-        .filter(|l| l.contains(&marker))
-        .last()
+        .rfind(|l| l.contains(&marker))
         .unwrap()
         .to_string();
     assert!(line.contains(reason), "expected {reason:?} in: {line}");
