@@ -1,5 +1,5 @@
 //! One app's worker: a thread that owns the app's processes, ports and folders and takes them
-//! through their life (DESIGN.md 6): unpack, start, readiness, switch, drain, stop.
+//! through their life (DESIGN.md 6): unpack, provision, start, readiness, switch, drain, stop.
 //!
 //! Commands reach the worker over its channel, together with the exits of its processes.
 //! Actions are serialised; while a deploy runs only the newest pending command is kept, and a
@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::names::{AppName, Hostname};
 use crate::nginx::{Nginx, Site, Upstream};
 use crate::ports::PortPool;
+use crate::postgres::Provisioner;
 use crate::process::{self, Running, Spec};
 use crate::{probe, procfs};
 
@@ -63,12 +64,18 @@ pub struct Shared {
     pub hosts: Mutex<HashMap<Hostname, AppName>>,
     /// Numbers the unpack folders `temp/NAME-N` uniquely within this run.
     pub next_version: AtomicU64,
+    /// The postgres plugin, when the global config has a `postgres` section.
+    pub postgres: Option<Provisioner>,
 }
 
 impl Shared {
     pub fn new(config: Config, nginx: Nginx) -> Shared {
         Shared {
             ports: PortPool::new(config.port_range.clone()),
+            postgres: config
+                .postgres
+                .clone()
+                .map(|admin| Provisioner::new(admin, &config.root)),
             config,
             nginx,
             hosts: Mutex::new(HashMap::new()),
@@ -164,6 +171,8 @@ struct Version {
     sha256: String,
     stamp: FileStamp,
     config: BundleConfig,
+    /// Variables of the plugins (postgres), between the global and the stanza `env`.
+    plugin_env: BTreeMap<String, String>,
     procs: Vec<Proc>,
     deploy: u64,
 }
@@ -427,6 +436,13 @@ impl Worker {
             log::warn!("{w}");
         }
         self.claim_hosts(&config).map_err(cleanup)?;
+        let plugin_env = match self.provision(&config) {
+            Ok(env) => env,
+            Err(e) => {
+                self.release_unused_hosts();
+                return Err(cleanup(e));
+            }
+        };
         self.deploys += 1;
         let mut version = Version {
             id,
@@ -434,6 +450,7 @@ impl Worker {
             sha256: unpacked.sha256,
             stamp,
             config,
+            plugin_env,
             procs: Vec::new(),
             deploy: self.deploys,
         };
@@ -481,7 +498,7 @@ impl Worker {
                 program,
                 args: webapp.args.clone(),
                 cwd: version.dir.clone(),
-                env: self.environment(webapp, port),
+                env: self.environment(webapp, &version.plugin_env, port),
             };
             version.procs.push(Proc {
                 spec,
@@ -540,8 +557,39 @@ impl Worker {
         Ok(())
     }
 
+    /// DESIGN.md 6.3: the plugins' variables for this bundle (none unless it asks for
+    /// postgres). Runs on this worker thread: the sync postgres client must not run on tokio.
+    fn provision(&self, config: &BundleConfig) -> Result<BTreeMap<String, String>, DeployError> {
+        if !config.postgres {
+            return Ok(BTreeMap::new());
+        }
+        let Some(pg) = &self.shared.postgres else {
+            return Err(DeployError::Failed(
+                "the bundle asks for the postgres plugin, but keter's configuration has no `postgres` section naming the server".into(),
+            ));
+        };
+        let started = Instant::now();
+        let creds = pg
+            .provision(&self.name)
+            .map_err(|e| DeployError::Failed(format!("postgres plugin: {e}")))?;
+        log::info!(
+            "{}: database {} (role {}) on {} ready in {} ms",
+            self.name,
+            creds.database,
+            creds.role,
+            creds.server,
+            started.elapsed().as_millis()
+        );
+        Ok(creds.env())
+    }
+
     /// The environment of DESIGN.md 7, lowest precedence first; keter's own variables last.
-    fn environment(&self, webapp: &WebApp, port: u16) -> Vec<(String, String)> {
+    fn environment(
+        &self,
+        webapp: &WebApp,
+        plugin_env: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Vec<(String, String)> {
         let config = &self.shared.config;
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
@@ -550,6 +598,7 @@ impl Worker {
             std::env::var("HOME").unwrap_or_else(|_| "/".into()),
         );
         env.extend(config.env.clone());
+        env.extend(plugin_env.clone());
         for name in &webapp.forward_env {
             if let Ok(v) = std::env::var(name) {
                 env.insert(name.clone(), v);

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod names;
 pub mod nginx;
 pub mod ports;
+pub mod postgres;
 pub mod probe;
 pub mod problem;
 pub mod process;

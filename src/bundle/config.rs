@@ -20,6 +20,8 @@ pub const RESERVED_ENV: [&str; 4] = ["PORT", "YESOD_PORT", "APPROOT", "YESOD_APP
 pub struct BundleConfig {
     /// Processes that answer HTTP behind Nginx; at least one.
     pub webapps: Vec<WebApp>,
+    /// The postgres plugin: the app gets its own role and database (DESIGN.md 8).
+    pub postgres: bool,
 }
 
 /// A `webapp` stanza (or the flat format's top level).
@@ -57,6 +59,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
     let mut f = Fields::new(tree, "", problems)?;
     let mut webapps = Vec::new();
     let mut ok = true;
+    let mut postgres = false;
     if f.contains("stanzas") {
         let stanzas = f.raw("stanzas");
         match stanzas {
@@ -81,7 +84,10 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             }
         }
         if let Some(plugins) = f.raw("plugins") {
-            ok &= read_plugins(plugins, problems);
+            match read_plugins(plugins, problems) {
+                Some(pg) => postgres = pg,
+                None => ok = false,
+            }
         }
         f.finish(problems);
     } else {
@@ -98,15 +104,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
                 ok = false;
             }
         }
-        if let Some(pg) = f.bool("postgres", problems)
-            && pg
-        {
-            problems.error(
-                "postgres",
-                "the postgres plugin is not supported by this version of keter yet",
-            );
-            ok = false;
-        }
+        postgres = f.bool("postgres", problems).unwrap_or(false);
         f.finish(problems);
     }
     if ok && webapps.is_empty() {
@@ -132,7 +130,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             }
         }
     }
-    (ok && !problems.has_errors()).then_some(BundleConfig { webapps })
+    (ok && !problems.has_errors()).then_some(BundleConfig { webapps, postgres })
 }
 
 /// One stanza: `Some(Some(webapp))`, `Some(None)` for a stanza that adds nothing, `None` on error.
@@ -168,20 +166,13 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Option<
     }
 }
 
-fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
-    let Some(mut f) = Fields::new(v, "plugins", problems) else {
-        return false;
-    };
-    let mut ok = true;
-    if f.bool("postgres", problems) == Some(true) {
-        problems.error(
-            "plugins.postgres",
-            "the postgres plugin is not supported by this version of keter yet",
-        );
-        ok = false;
-    }
+/// The `plugins` mapping: whether the app asks for a database; `None` on error.
+fn read_plugins(v: &Value, problems: &mut Problems) -> Option<bool> {
+    let mut f = Fields::new(v, "plugins", problems)?;
+    let errors_before = problems.errors.len();
+    let postgres = f.bool("postgres", problems).unwrap_or(false);
     f.finish(problems);
-    ok
+    (problems.errors.len() == errors_before).then_some(postgres)
 }
 
 /// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
@@ -407,9 +398,24 @@ mod tests {
     }
 
     #[test]
-    fn plugins_postgres_refused_until_supported() {
+    fn postgres_plugin_in_both_formats() {
         let (c, p) =
             read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(c.unwrap().postgres);
+        let (c, p) = read("exec: ../a\nhost: a.b\npostgres: yes\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(c.unwrap().postgres);
+        let (c, _) = read("exec: ../a\nhost: a.b\n");
+        assert!(!c.unwrap().postgres);
+        let (c, _) = read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {}\n");
+        assert!(!c.unwrap().postgres);
+    }
+
+    #[test]
+    fn postgres_plugin_wrong_type_is_an_error() {
+        let (c, p) =
+            read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: maybe}\n");
         assert!(c.is_none());
         assert_eq!(p.errors[0].key, "plugins.postgres");
     }
