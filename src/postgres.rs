@@ -336,7 +336,7 @@ impl Provisioner {
         let mut client = self.connect()?;
         match recorded {
             Some(entry) => {
-                let creds = self.from_entry(app, entry)?;
+                let creds = self.recorded_credentials(app, entry)?;
                 ensure_recorded_role(&mut client, app, &creds)?;
                 ensure_database(&mut client, &creds)?;
                 Ok(creds)
@@ -382,7 +382,7 @@ impl Provisioner {
 
     /// Validates a recorded entry. The app is given the server keter provisions on now; a
     /// record naming another one (Keter wrote `localhost:5432` by default) is only reported.
-    fn from_entry(&self, app: &AppName, entry: StoredEntry) -> Result<Credentials, PgError> {
+    fn recorded_credentials(&self, app: &AppName, entry: StoredEntry) -> Result<Credentials, PgError> {
         let bad = |what: &str, e: String| {
             PgError::Store(StoreError::Invalid {
                 path: self.store.clone(),
