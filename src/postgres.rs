@@ -382,7 +382,11 @@ impl Provisioner {
 
     /// Validates a recorded entry. The app is given the server keter provisions on now; a
     /// record naming another one (Keter wrote `localhost:5432` by default) is only reported.
-    fn recorded_credentials(&self, app: &AppName, entry: StoredEntry) -> Result<Credentials, PgError> {
+    fn recorded_credentials(
+        &self,
+        app: &AppName,
+        entry: StoredEntry,
+    ) -> Result<Credentials, PgError> {
         let bad = |what: &str, e: String| {
             PgError::Store(StoreError::Invalid {
                 path: self.store.clone(),
