@@ -420,7 +420,12 @@ impl Provisioner {
             .user(&self.admin.user)
             .dbname(&self.admin.database)
             .application_name("keter")
-            .connect_timeout(CONNECT_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT)
+            // The client logs notices at info level, unprefixed; the only ones keter causes
+            // ("is already a member of role") say nothing an operator needs.
+            .notice_callback(|notice| {
+                log::debug!("postgres: {}: {}", notice.severity(), notice.message())
+            });
         if let Some(p) = &self.admin.password {
             config.password(p.expose());
         }

@@ -286,6 +286,18 @@ fn deploy_pgapp(k: &Keter, name: &str, note: &str, host: &str) {
     k.deploy(name, &bundle);
 }
 
+/// Waits until `host` answers `body` and keter has logged its `switches`-th switch of `app`:
+/// until then Nginx workers from before the reload may still answer 404.
+fn wait_live(k: &Keter, app: &str, host: &str, body: &str, switches: usize) {
+    k.wait_for(host, body, WAIT);
+    let needle = format!("{app}: switched to deploy");
+    let start = std::time::Instant::now();
+    while k.log_count(&needle) < switches {
+        assert!(start.elapsed() < WAIT, "{app} never switched:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start_keter(label: &str, pg: &PgCluster) -> Keter {
     Keter::start_with(
         label,
@@ -320,7 +332,7 @@ fn an_app_writes_rows_that_survive_redeploys_and_restarts() {
     let mut k = start_keter("pg-rows", pg);
     let host = "rows.example.com";
     deploy_pgapp(&k, "rows", "one", host);
-    k.wait_for(host, "one", WAIT);
+    wait_live(&k, "rows", host, "one", 1);
     assert_eq!(k.get(host, "/whoami").unwrap().body.trim(), "rows rows");
 
     // The credentials file: 0600, Keter's fields, a long password, no superuser role.
@@ -381,7 +393,7 @@ fn the_flat_format_and_hostile_app_names_get_valid_distinct_identifiers() {
             .file("config/keter.yaml", yaml.into_bytes(), 0o644)
             .write(&path);
         k.deploy(name, &path);
-        k.wait_for(&host, &format!("n{i}"), WAIT);
+        wait_live(&k, name, &host, &format!("n{i}"), 1);
         let who = k.get(&host, "/whoami").unwrap().body;
         let (role, db) = who.trim().split_once(' ').unwrap();
         assert_eq!(role, db);
@@ -437,7 +449,7 @@ fn a_keter_credentials_file_is_read_as_it_is() {
     fs::set_permissions(store(&k), fs::Permissions::from_mode(0o600)).unwrap();
     let host = "legacy.example.com";
     deploy_pgapp(&k, "legacy", "kept", host);
-    k.wait_for(host, "kept", WAIT);
+    wait_live(&k, "legacy", host, "kept", 1);
     assert_eq!(
         k.get(host, "/whoami").unwrap().body.trim(),
         "legacymfkdsuwpel legacyqwhkzvyxpa"
