@@ -203,6 +203,13 @@ impl Worker {
             })?;
         }
         self.claim_hosts(&bundle_config).map_err(cleanup)?;
+        let plugin_env = match self.provision(&bundle_config) {
+            Ok(env) => env,
+            Err(e) => {
+                self.release_unused_hosts();
+                return Err(cleanup(e));
+            }
+        };
         self.deploys += 1;
         let mut version = Version {
             id,
@@ -210,6 +217,7 @@ impl Worker {
             sha256: unpacked.sha256,
             stamp,
             config: bundle_config,
+            plugin_env,
             procs: Vec::new(),
             deploy: self.deploys,
             modified: meta.modified().ok(),
@@ -289,7 +297,7 @@ impl Worker {
                 program: resolved.clone().unwrap_or_default(),
                 args: program.args.clone(),
                 cwd: version.dir.clone(),
-                env: version::environment(config, &program, web),
+                env: version::environment(config, &version.plugin_env, &program, web),
                 user: config.run_as.clone(),
             };
             // Recorded before anything can fail, so that `discard` frees the port.
@@ -450,6 +458,35 @@ impl Worker {
                 )));
             }
         }
+    }
+
+    /// DESIGN.md 6.3: the plugins' variables for this bundle (none unless it asks for
+    /// postgres). Runs on this worker thread: the sync postgres client must not run on tokio.
+    fn provision(
+        &self,
+        config: &BundleConfig,
+    ) -> Result<std::collections::BTreeMap<String, String>, DeployError> {
+        if !config.postgres {
+            return Ok(Default::default());
+        }
+        let Some(pg) = &self.shared.postgres else {
+            return Err(DeployError::Failed(
+                "the bundle asks for the postgres plugin, but keter's configuration has no `postgres` section naming the server".into(),
+            ));
+        };
+        let started = Instant::now();
+        let creds = pg
+            .provision(&self.name)
+            .map_err(|e| DeployError::Failed(format!("postgres plugin: {e}")))?;
+        log::info!(
+            "{}: database {} (role {}) on {} ready in {} ms",
+            self.name,
+            creds.database,
+            creds.role,
+            creds.server,
+            started.elapsed().as_millis()
+        );
+        Ok(creds.env())
     }
 
     /// What Nginx serves for this version: one block per stanza with hosts.

@@ -1,10 +1,11 @@
-//! Integration tests: the real `keter` binary, a real managed Nginx, real bundles and real
-//! HTTP requests. One test binary; each test has its own root folder and ports.
+//! Integration tests: the real `keter` binary, a real managed Nginx, a real PostgreSQL, real
+//! bundles and real HTTP requests. One test binary; each test has its own root folder and ports.
 
 mod support;
 
 mod craft;
 mod deploy_loop;
 mod hostile;
+mod postgres;
 mod stanzas;
 mod supervision;
