@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::names::{UrlPath, check_env_name, check_env_value};
 use crate::problem::{Invalid, Problem, Problems};
 use crate::process::RunAs;
+use crate::status::StatusAddress;
 use crate::yaml::{self, Fields};
 
 /// Where the daemon looks when `keter run` is given no path.
@@ -47,6 +48,8 @@ pub struct Config {
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
+    /// Where the status web interface listens; `None` when it is disabled (`status: false`).
+    pub status: Option<StatusAddress>,
 }
 
 /// How keter runs and reaches Nginx.
@@ -229,8 +232,7 @@ fn from_tree(
     if f.raw("postgres").is_some() {
         problems.warn("postgres", "the postgres plugin is not supported yet");
     }
-    // The status interface is part of the contract; this version does not serve it yet.
-    f.raw("status");
+    let status = crate::status::address::read(f.raw("status"), base, problems);
     let nginx = read_nginx(&mut f, base, problems);
     let readiness_timeout = seconds_or(&mut f, "readiness-timeout", 90.0, problems);
     let drain_time = seconds_or(&mut f, "drain-time", 20.0, problems);
@@ -258,6 +260,7 @@ fn from_tree(
         stop_timeout,
         port_range: port_range?,
         limits,
+        status,
     })
 }
 

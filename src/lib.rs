@@ -20,5 +20,6 @@ pub mod procfs;
 pub mod report;
 pub mod restart;
 pub mod sockdiag;
+pub mod status;
 pub mod watcher;
 pub mod yaml;

@@ -153,7 +153,8 @@ impl Worker {
         let config = &self.shared.config;
         let id = self.shared.next_version.fetch_add(1, Ordering::Relaxed);
         let dir = config.root.join("temp").join(format!("{}-{id}", self.name));
-        let unpacked = bundle::unpack(path, &dir, &config.limits)
+        let mut progress = bundle::log_progress(self.name.to_string());
+        let unpacked = bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
             .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
             "{}: unpacked {} bytes in {} entries into {} in {} ms",
@@ -323,16 +324,18 @@ impl Worker {
                 })
                 .collect(),
         };
+        let switching = Instant::now();
         let generation = self
             .shared
             .nginx
             .apply(&self.name, Some(site))
             .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
-            "{}: switched to deploy {} (sha256 {}) at Nginx generation {generation}, {} ms after the bundle was picked up",
+            "{}: switched to deploy {} (sha256 {}) at Nginx generation {generation} in {} ms, {} ms after the bundle was picked up",
             self.name,
             version.deploy,
             &version.sha256[..12],
+            switching.elapsed().as_millis(),
             started.elapsed().as_millis()
         );
         Ok(())

@@ -4,12 +4,13 @@
 //! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
 
 pub mod config;
+pub mod pack;
 pub mod unpack;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Background, BundleConfig, Program, WebApp};
-pub use unpack::{UnpackError, Unpacked, unpack};
+pub use unpack::{Progress, UnpackError, Unpacked, log_progress, unpack, unpack_with_progress};
 
 use crate::problem::{Invalid, Problems};
 use crate::yaml;
