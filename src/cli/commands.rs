@@ -17,8 +17,8 @@ use crate::status::client;
 /// `keter check PATH`.
 pub fn check(path: &Path) -> ExitCode {
     let (errors, warnings) = if is_bundle_dir(path) {
-        let label = path.display().to_string();
-        split(bundle::read_config(path, &label).map(|(_, p)| p.warnings))
+        let (_, problems) = bundle::check_config(path, &path.display().to_string());
+        (strings(&problems.errors), strings(&problems.warnings))
     } else if path.extension().is_some_and(|e| e == "keter") {
         match Opened::bundle(path) {
             Ok(b) => b.check_result(),
@@ -112,8 +112,8 @@ pub fn bundle(dir: &Path, out: Option<&Path>) -> ExitCode {
             dir.display()
         ));
     }
-    let label = dir.display().to_string();
-    let (errors, warnings) = split(bundle::read_config(dir, &label).map(|(_, p)| p.warnings));
+    let (_, problems) = bundle::check_config(dir, &dir.display().to_string());
+    let (errors, warnings) = (strings(&problems.errors), strings(&problems.warnings));
     print_problems(&errors, &warnings);
     if !errors.is_empty() {
         eprintln!(
@@ -253,13 +253,9 @@ impl Opened {
                 }
             }
         };
-        let (config, warnings) = match bundle::read_config(&dir, &label) {
-            Ok((c, p)) => (Some(c), strings(&p.warnings)),
-            Err(invalid) => {
-                errors.extend(strings(&invalid.0));
-                (None, Vec::new())
-            }
-        };
+        let (config, problems) = bundle::check_config(&dir, &label);
+        errors.extend(strings(&problems.errors));
+        let warnings = strings(&problems.warnings);
         Ok(Opened {
             app,
             sha256,
@@ -324,13 +320,6 @@ impl Drop for Scratch {
 
 fn strings(problems: &[Problem]) -> Vec<String> {
     problems.iter().map(|p| p.to_string()).collect()
-}
-
-fn split(result: Result<Vec<Problem>, crate::problem::Invalid>) -> (Vec<String>, Vec<String>) {
-    match result {
-        Ok(warnings) => (Vec::new(), strings(&warnings)),
-        Err(invalid) => (strings(&invalid.0), Vec::new()),
-    }
 }
 
 fn print_problems(errors: &[String], warnings: &[String]) {

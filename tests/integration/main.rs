@@ -4,4 +4,5 @@
 mod support;
 
 mod deploy_loop;
+mod status;
 mod supervision;

@@ -127,6 +127,22 @@ pub struct Opts {
     pub extra: String,
     /// How many app ports the daemon may hand out.
     pub ports: u16,
+    /// Where the status interface listens.
+    pub status: StatusAt,
+}
+
+/// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
+/// daemons run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAt {
+    /// `status.sock` in the test's folder.
+    Socket,
+    /// A free loopback port.
+    Tcp,
+    /// This address.
+    At(SocketAddr),
+    /// `status: false`.
+    Disabled,
 }
 
 impl Default for Opts {
@@ -137,6 +153,7 @@ impl Default for Opts {
             stop_timeout: 2.0,
             extra: String::new(),
             ports: 20,
+            status: StatusAt::Socket,
         }
     }
 }
@@ -148,6 +165,8 @@ pub struct Keter {
     pub config_path: PathBuf,
     pub port: u16,
     pub log_path: PathBuf,
+    /// The status interface's address as the config says it (`None` when disabled).
+    pub status: Option<keter::status::StatusAddress>,
     child: Option<Child>,
 }
 
@@ -180,10 +199,26 @@ impl Keter {
         let port = free_port();
         let (first, last) = port_range(opts.ports);
         let config_path = dir.0.join("keter-config.yaml");
+        let status = match opts.status {
+            StatusAt::Socket => Some(keter::status::StatusAddress::Unix(
+                dir.0.join("status.sock"),
+            )),
+            StatusAt::Tcp => Some(keter::status::StatusAddress::Tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                free_port(),
+            )))),
+            StatusAt::At(a) => Some(keter::status::StatusAddress::Tcp(a)),
+            StatusAt::Disabled => None,
+        };
+        let status_line = match &status {
+            Some(keter::status::StatusAddress::Unix(p)) => p.display().to_string(),
+            Some(keter::status::StatusAddress::Tcp(a)) => a.to_string(),
+            None => "false".to_string(),
+        };
         fs::write(
             &config_path,
             format!(
-                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: 10}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: 10}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
                 opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
             ),
         )
@@ -193,6 +228,7 @@ impl Keter {
             config_path,
             port,
             log_path: dir.0.join("keter.log"),
+            status,
             dir,
             child: None,
         };
