@@ -3,6 +3,7 @@
 
 mod support;
 
+mod commands;
 mod deploy_loop;
 mod status;
 mod supervision;
