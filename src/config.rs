@@ -13,6 +13,7 @@ use crate::names::{UrlPath, check_env_name, check_env_value};
 use crate::postgres::{PostgresAdmin, Secret, Server};
 use crate::problem::{Invalid, Problem, Problems};
 use crate::process::RunAs;
+use crate::status::StatusAddress;
 use crate::yaml::{self, Fields};
 
 /// Where the daemon looks when `keter run` is given no path.
@@ -54,6 +55,8 @@ pub struct Config {
     /// The admin connection of the postgres plugin; `None` when the section is absent (then a
     /// bundle that asks for a database fails its deploy).
     pub postgres: Option<PostgresAdmin>,
+    /// Where the status web interface listens; `None` when it is disabled (`status: false`).
+    pub status: Option<StatusAddress>,
 }
 
 /// How keter runs and reaches Nginx.
@@ -249,8 +252,7 @@ fn from_tree(
         .map(|n| n as u32)
         .unwrap_or(20);
     let postgres = read_postgres(&mut f, base, problems);
-    // The status interface is part of the contract; this version does not serve it yet.
-    f.raw("status");
+    let status = crate::status::address::read(f.raw("status"), base, problems);
     let nginx = read_nginx(&mut f, base, problems);
     let readiness_timeout = seconds_or(&mut f, "readiness-timeout", 90.0, problems);
     let drain_time = seconds_or(&mut f, "drain-time", 20.0, problems);
@@ -285,6 +287,7 @@ fn from_tree(
         port_range: port_range?,
         limits,
         postgres,
+        status,
     })
 }
 

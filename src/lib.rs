@@ -8,6 +8,7 @@
 pub mod app;
 pub mod applog;
 pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod journal;
@@ -22,5 +23,6 @@ pub mod procfs;
 pub mod report;
 pub mod restart;
 pub mod sockdiag;
+pub mod status;
 pub mod watcher;
 pub mod yaml;

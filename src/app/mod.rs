@@ -31,6 +31,7 @@ use crate::postgres::Provisioner;
 use crate::procfs;
 use crate::report::{AppReport, AppState, DeployReport, ProcessReport, Reports, rfc3339};
 
+pub use deploy::{SiteSource, site_of};
 use version::{FileStamp, Version};
 
 /// What the daemon asks of an app.
@@ -114,6 +115,7 @@ impl AppHandle {
             LogTarget::Stderr(name.to_string())
         };
         let log = AppLog::open(target)?;
+        shared.reports.attach_log(&name, log.clone());
         let mut worker = Worker {
             name: name.clone(),
             shared,
@@ -392,6 +394,7 @@ impl Worker {
                 .collect();
             r.restarts = v.procs.iter().map(|p| p.restarts.total).sum();
             r.since = v.live_since.map(rfc3339);
+            r.live_since = v.live_since;
             r.uptime_seconds = v
                 .live_since
                 .and_then(|t| t.elapsed().ok())

@@ -3,9 +3,11 @@
 
 mod support;
 
+mod commands;
 mod craft;
 mod deploy_loop;
 mod hostile;
 mod postgres;
 mod stanzas;
+mod status;
 mod supervision;

@@ -130,6 +130,22 @@ pub struct Opts {
     /// The first app port (by default a block distinct from other tests').
     pub first_port: Option<u16>,
     pub reload_timeout: f64,
+    /// Where the status interface listens.
+    pub status: StatusAt,
+}
+
+/// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
+/// daemons run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAt {
+    /// `status.sock` in the test's folder.
+    Socket,
+    /// A free loopback port.
+    Tcp,
+    /// This address.
+    At(SocketAddr),
+    /// `status: false`.
+    Disabled,
 }
 
 impl Default for Opts {
@@ -142,6 +158,7 @@ impl Default for Opts {
             ports: 20,
             first_port: None,
             reload_timeout: 10.0,
+            status: StatusAt::Socket,
         }
     }
 }
@@ -153,6 +170,8 @@ pub struct Keter {
     pub config_path: PathBuf,
     pub port: u16,
     pub log_path: PathBuf,
+    /// The status interface's address as the config says it (`None` when disabled).
+    pub status: Option<keter::status::StatusAddress>,
     child: Option<Child>,
 }
 
@@ -188,10 +207,26 @@ impl Keter {
             None => port_range(opts.ports),
         };
         let config_path = dir.0.join("keter-config.yaml");
+        let status = match opts.status {
+            StatusAt::Socket => Some(keter::status::StatusAddress::Unix(
+                dir.0.join("status.sock"),
+            )),
+            StatusAt::Tcp => Some(keter::status::StatusAddress::Tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                free_port(),
+            )))),
+            StatusAt::At(a) => Some(keter::status::StatusAddress::Tcp(a)),
+            StatusAt::Disabled => None,
+        };
+        let status_line = match &status {
+            Some(keter::status::StatusAddress::Unix(p)) => p.display().to_string(),
+            Some(keter::status::StatusAddress::Tcp(a)) => a.to_string(),
+            None => "false".to_string(),
+        };
         fs::write(
             &config_path,
             format!(
-                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: {}}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: {}}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
                 opts.reload_timeout,
                 opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
             ),
@@ -202,6 +237,7 @@ impl Keter {
             config_path,
             port,
             log_path: dir.0.join("keter.log"),
+            status,
             dir,
             child: None,
         };
