@@ -673,11 +673,7 @@ pub struct SiteSource<'a> {
 /// What Nginx serves for a bundle: one block per stanza with hosts. `certs` turns a stanza's
 /// `ssl` into certificate files (the daemon copies them out of the bundle; `keter render`
 /// shows them where they are).
-pub fn site_of(
-    global: &Config,
-    src: &SiteSource,
-    certs: &mut CertSource,
-) -> Result<Site, String> {
+pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Result<Site, String> {
     let config = src.bundle;
     let mut blocks = Vec::new();
     for &(index, port) in src.ports {

@@ -132,6 +132,8 @@ pub struct Opts {
     pub reload_timeout: f64,
     /// Where the status interface listens.
     pub status: StatusAt,
+    /// Put the root on a tmpfs of this many MiB (disk-full tests; needs root).
+    pub tmpfs_mib: Option<u64>,
 }
 
 /// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
@@ -159,6 +161,7 @@ impl Default for Opts {
             first_port: None,
             reload_timeout: 10.0,
             status: StatusAt::Socket,
+            tmpfs_mib: None,
         }
     }
 }
@@ -173,6 +176,8 @@ pub struct Keter {
     /// The status interface's address as the config says it (`None` when disabled).
     pub status: Option<keter::status::StatusAddress>,
     child: Option<Child>,
+    /// The root is a tmpfs mounted by the harness.
+    tmpfs: bool,
 }
 
 /// A free loopback port (bind to 0, then release it).
@@ -232,6 +237,19 @@ impl Keter {
             ),
         )
         .unwrap();
+        if let Some(mib) = opts.tmpfs_mib {
+            fs::create_dir_all(&root).unwrap();
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&root)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "cannot mount a tmpfs on {} (the disk-full tests run as root)",
+                root.display()
+            );
+        }
         let mut k = Keter {
             root,
             config_path,
@@ -240,6 +258,7 @@ impl Keter {
             status,
             dir,
             child: None,
+            tmpfs: opts.tmpfs_mib.is_some(),
         };
         k.launch();
         k
@@ -425,6 +444,9 @@ impl Drop for Keter {
                     self.log()
                 );
             }
+        }
+        if self.tmpfs {
+            let _ = Command::new("umount").arg(&self.root).status();
         }
     }
 }
