@@ -1,0 +1,488 @@
+//! keter's figures, each side by side with its baseline in the same run: deploy latency by
+//! bundle size (and unpack throughput against `tar xzf`), redeploys under load with `wrk`,
+//! the front end's overhead against the app reached directly, and 200 apps at once.
+//!
+//! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
+//! be on PATH, `apt-get install wrk`). About five minutes on two cores.
+
+#[path = "../tests/integration/support.rs"]
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn main() {
+    require_nginx();
+    assert!(
+        Command::new("wrk").arg("--version").output().is_ok(),
+        "wrk is not installed: apt-get install wrk"
+    );
+    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("latency") {
+        deploy_latency();
+    }
+    if run("load") {
+        redeploy_under_load();
+    }
+    if run("overhead") {
+        front_end_overhead();
+    }
+    if run("many") {
+        many_apps();
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Incompressible bytes (xorshift), so that a bundle's compressed size is what we ask for.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A bundle of about `size` bytes whose app is a two-line script starting the example app
+/// (so the app's own start time is the same for every size).
+fn sized_bundle(path: &Path, version: &str, host: &str, size: usize) {
+    let script = format!(
+        "#!/bin/sh\nexec {} --version-string {version}\n",
+        hello_binary().display()
+    );
+    BundleBuilder::new()
+        .file("dist/run", script.into_bytes(), 0o755)
+        .file(
+            "config/keter.yaml",
+            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
+            0o644,
+        )
+        .file(
+            "static/blob",
+            noise(size, version.len() as u64 + size as u64),
+            0o644,
+        )
+        .write(path);
+}
+
+fn deploy_latency() {
+    const RUNS: usize = 11;
+    // The app alone: exec of the same script to its first answer.
+    let dir = TempDir::new("bench-own");
+    let script = dir.0.join("run");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} --version-string own\n",
+            hello_binary().display()
+        ),
+    )
+    .unwrap();
+    set_mode(&script, 0o755);
+    let mut own: Vec<Duration> = (0..RUNS)
+        .map(|_| {
+            let port = free_port();
+            let start = Instant::now();
+            let mut child = Command::new(&script)
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            while keter::probe::get_tcp(addr, "x", "/", Duration::from_secs(1)).is_err() {
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            let took = start.elapsed();
+            child.kill().unwrap();
+            child.wait().unwrap();
+            took
+        })
+        .collect();
+    let own = median(&mut own);
+
+    println!(
+        "\n1. deploy latency (medians of {RUNS} redeploys; app alone {:.1} ms from exec to first answer)",
+        ms(own)
+    );
+    println!(
+        "   {:>10} {:>14} {:>16} {:>12} {:>14}",
+        "bundle", "rename->answer", "keter overhead", "unpack MB/s", "tar xzf MB/s"
+    );
+    for (label, size) in [
+        ("100 KB", 100 * 1024),
+        ("10 MB", 10 << 20),
+        ("200 MB", 200 << 20),
+    ] {
+        let k = Keter::start_with(
+            "bench-latency",
+            Opts {
+                drain_time: 1.0,
+                ports: 60,
+                ..Opts::default()
+            },
+        );
+        let host = "size.example.com";
+        let mut times = Vec::new();
+        let mut unpack = Vec::new();
+        for i in 0..=RUNS {
+            let path = k.dir.0.join(format!("b{i}.keter"));
+            let version = format!("v{i}");
+            sized_bundle(&path, &version, host, size);
+            let staged = k.incoming().join(".size.part");
+            fs::copy(&path, &staged).unwrap();
+            let start = Instant::now();
+            fs::rename(&staged, k.incoming().join("size.keter")).unwrap();
+            loop {
+                if let Ok(r) = k.get(host, "/")
+                    && r.body.trim() == version
+                {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(120), "{}", k.log());
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            if i > 0 {
+                times.push(start.elapsed());
+            }
+            // Unpack time from keter's own log line of this deploy.
+            if let Some(line) = k.log().lines().rfind(|l| l.contains("size: unpacked")) {
+                if let Some(t) = line
+                    .split(" in ")
+                    .last()
+                    .and_then(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
+                {
+                    unpack.push(t);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        let bundle = k.dir.0.join("b0.keter");
+        let unpacked_mb = (size as f64 + 4096.0) / 1e6;
+        unpack.sort_by(|a, b| a.total_cmp(b));
+        let keter_rate = unpacked_mb / (unpack[unpack.len() / 2].max(0.1) / 1000.0);
+        let tar_rate = tar_rate(&bundle, unpacked_mb);
+        let m = median(&mut times);
+        println!(
+            "   {:>10} {:>11.1} ms {:>13.1} ms {:>12.0} {:>14.0}   ({:.2} of tar)",
+            label,
+            ms(m),
+            ms(m.saturating_sub(own)),
+            keter_rate,
+            tar_rate,
+            keter_rate / tar_rate
+        );
+    }
+}
+
+/// `tar xzf` of the same bundle: median MB/s of 5 runs.
+fn tar_rate(bundle: &Path, unpacked_mb: f64) -> f64 {
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let dest = bundle.with_extension(format!("tar{i}"));
+        fs::create_dir_all(&dest).unwrap();
+        let start = Instant::now();
+        let ok = Command::new("tar")
+            .arg("xzf")
+            .arg(bundle)
+            .arg("-C")
+            .arg(&dest)
+            .status()
+            .unwrap()
+            .success();
+        times.push(start.elapsed());
+        assert!(ok);
+        fs::remove_dir_all(&dest).unwrap();
+    }
+    unpacked_mb / median(&mut times).as_secs_f64()
+}
+
+/// wrk's requests/s, p99 latency and errors (non-2xx plus socket errors).
+struct Wrk {
+    rps: f64,
+    p99_ms: f64,
+    errors: u64,
+    requests: u64,
+}
+
+fn wrk(url: &str, host: &str, seconds: u64, connections: u32, close: bool) -> std::process::Child {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "1",
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+    ])
+    .args(["-H", &format!("Host: {host}")]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(url).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.spawn().unwrap()
+}
+
+fn wrk_result(child: std::process::Child) -> Wrk {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| parse_wrk_time(v.trim()))
+        .unwrap_or(f64::NAN);
+    let mut errors = 0;
+    if let Some(l) = text.lines().find(|l| l.contains("Socket errors:")) {
+        errors += l
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    if let Some(n) = number("Non-2xx or 3xx responses:") {
+        errors += n as u64;
+    }
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Wrk {
+        rps: number("Requests/sec:").unwrap_or(0.0),
+        p99_ms: p99,
+        errors,
+        requests,
+    }
+}
+
+fn parse_wrk_time(v: &str) -> f64 {
+    if let Some(x) = v.strip_suffix("us") {
+        x.parse::<f64>().unwrap_or(f64::NAN) / 1000.0
+    } else if let Some(x) = v.strip_suffix("ms") {
+        x.parse().unwrap_or(f64::NAN)
+    } else if let Some(x) = v.strip_suffix('s') {
+        x.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
+    } else {
+        f64::NAN
+    }
+}
+
+fn redeploy_under_load() {
+    let k = Keter::start_with(
+        "bench-load",
+        Opts {
+            drain_time: 2.0,
+            ports: 60,
+            ..Opts::default()
+        },
+    );
+    let host = "load.example.com";
+    let bundles: Vec<PathBuf> = (0..=20)
+        .map(|i| {
+            let p = k.dir.0.join(format!("l{i}.keter"));
+            BundleBuilder::hello(&hello_yaml(&format!("v{i}"), host, &[])).write(&p);
+            p
+        })
+        .collect();
+    k.deploy("load", &bundles[0]);
+    k.wait_for(host, "v0", Duration::from_secs(30));
+    let url = format!("http://127.0.0.1:{}/", k.port);
+    let steady_ka = wrk_result(wrk(&url, host, 10, 16, false));
+    let steady_new = wrk_result(wrk(&url, host, 10, 4, true));
+    // During 20 redeploys: both clients at once, the redeploys back to back.
+    let seconds = 30;
+    let ka = wrk(&url, host, seconds, 16, false);
+    let new = wrk(&url, host, seconds, 4, true);
+    let start = Instant::now();
+    for (i, b) in bundles.iter().enumerate().skip(1) {
+        k.deploy("load", b);
+        k.wait_for(host, &format!("v{i}"), Duration::from_secs(30));
+    }
+    let redeploys = start.elapsed();
+    let during_ka = wrk_result(ka);
+    let during_new = wrk_result(new);
+    println!(
+        "\n2. redeploy under load: 20 redeploys in {:.1} s while wrk runs {seconds} s",
+        redeploys.as_secs_f64()
+    );
+    println!(
+        "   {:<28} {:>10} {:>10} {:>10} {:>10}",
+        "", "req/s", "p99 ms", "requests", "failed"
+    );
+    for (label, w) in [
+        ("keep-alive, steady", &steady_ka),
+        ("keep-alive, redeploying", &during_ka),
+        ("new connections, steady", &steady_new),
+        ("new connections, redeploying", &during_new),
+    ] {
+        println!(
+            "   {:<28} {:>10.0} {:>10.2} {:>10} {:>10}",
+            label, w.rps, w.p99_ms, w.requests, w.errors
+        );
+    }
+}
+
+fn front_end_overhead() {
+    // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
+    let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
+    let k = Keter::start_with("bench-overhead", Opts::default());
+    let host = "fast.example.com";
+    let path = k.dir.0.join("fast.keter");
+    BundleBuilder::new()
+        .file("dist/run", script.as_bytes().to_vec(), 0o755)
+        .file(
+            "config/keter.yaml",
+            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
+            0o644,
+        )
+        .write(&path);
+    k.deploy("fast", &path);
+    k.wait_for(host, "fast", Duration::from_secs(30));
+    let env_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
+        .map(|p| p.trim_end_matches(';').to_string())
+        .unwrap();
+    let direct_url = format!("http://127.0.0.1:{env_port}/");
+    let front_url = format!("http://127.0.0.1:{}/", k.port);
+    let mut rows = Vec::new();
+    for _ in 0..3 {
+        let direct = wrk_result(wrk(&direct_url, host, 8, 32, false));
+        let front = wrk_result(wrk(&front_url, host, 8, 32, false));
+        rows.push((direct, front));
+    }
+    rows.sort_by(|a, b| (a.1.rps / a.0.rps).total_cmp(&(b.1.rps / b.0.rps)));
+    let (direct, front) = &rows[1];
+    println!(
+        "\n3. front-end overhead (keep-alive, 32 connections, median ratio of 3 pairs of 8 s runs)"
+    );
+    println!("   {:<26} {:>10} {:>10}", "", "req/s", "p99 ms");
+    println!(
+        "   {:<26} {:>10.0} {:>10.2}",
+        "app directly", direct.rps, direct.p99_ms
+    );
+    println!(
+        "   {:<26} {:>10.0} {:>10.2}",
+        "through keter's Nginx", front.rps, front.p99_ms
+    );
+    println!(
+        "   ratio {:.2} (errors: {} direct, {} through Nginx)",
+        front.rps / direct.rps,
+        direct.errors,
+        front.errors
+    );
+}
+
+fn many_apps() {
+    const APPS: usize = 200;
+    let k = Keter::start_with(
+        "bench-many",
+        Opts {
+            ports: 400,
+            readiness_timeout: 60.0,
+            ..Opts::default()
+        },
+    );
+    let dir = k.dir.0.join("many");
+    fs::create_dir_all(&dir).unwrap();
+    for i in 0..APPS {
+        BundleBuilder::hello(&hello_yaml(
+            &format!("m{i}"),
+            &format!("m{i}.example.com"),
+            &[],
+        ))
+        .write(&dir.join(format!("m{i}.keter")));
+    }
+    let start = Instant::now();
+    for i in 0..APPS {
+        let staged = k.incoming().join(format!(".m{i}.part"));
+        fs::hard_link(dir.join(format!("m{i}.keter")), &staged).unwrap();
+        fs::rename(&staged, k.incoming().join(format!("m{i}.keter"))).unwrap();
+    }
+    for i in 0..APPS {
+        let host = format!("m{i}.example.com");
+        let want = format!("m{i}");
+        loop {
+            if let Ok(r) = k.get(&host, "/")
+                && r.body.trim() == want
+            {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "{}", k.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let all = start.elapsed();
+    let generations: Vec<u64> = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("switched to deploy"))
+        .filter_map(|l| {
+            l.split("generation ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let mut distinct = generations.clone();
+    distinct.sort();
+    distinct.dedup();
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = k.pid();
+    let rss = status_kib(pid, "VmRSS:");
+    let threads = status_kib(pid, "Threads:");
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(60));
+    let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
+    println!("\n4. {APPS} bundles copied in at once");
+    println!(
+        "   all serving after {:.1} s; {} Nginx reloads for {} switches",
+        all.as_secs_f64(),
+        distinct.len(),
+        generations.len()
+    );
+    println!(
+        "   daemon RSS {rss} KiB with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
+    );
+}
+
+fn status_kib(pid: i32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process in clock ticks (10 ms each on Linux).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
