@@ -161,14 +161,13 @@ fn deploy_latency() {
                 times.push(start.elapsed());
             }
             // Unpack time from keter's own log line of this deploy.
-            if let Some(line) = k.log().lines().rfind(|l| l.contains("size: unpacked")) {
-                if let Some(t) = line
+            if let Some(line) = k.log().lines().rfind(|l| l.contains("size: unpacked"))
+                && let Some(t) = line
                     .split(" in ")
                     .last()
                     .and_then(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
-                {
-                    unpack.push(t);
-                }
+            {
+                unpack.push(t);
             }
             std::thread::sleep(Duration::from_millis(1200));
         }
