@@ -1,6 +1,8 @@
-//! Integration tests: the real `keter` binary, a real managed Nginx, real bundles and real
-//! HTTP requests. One test binary; each test has its own root folder and ports.
+//! Integration tests: the real `keter` binary, a real Nginx (keter's managed one, or one that
+//! stands in for the host's in system mode), real bundles and real HTTP requests. One test
+//! binary; each test has its own root folder and ports.
 
 mod support;
 
 mod deploy_loop;
+mod system_mode;

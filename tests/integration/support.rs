@@ -127,6 +127,12 @@ pub struct Opts {
     pub extra: String,
     /// How many app ports the daemon may hand out.
     pub ports: u16,
+    /// The front-end port; a free one when `None`.
+    pub port: Option<u16>,
+    /// The `nginx` key as a YAML flow mapping; a managed Nginx when `None`.
+    pub nginx: Option<String>,
+    /// keter's root; `root/` in the test's folder when `None`.
+    pub root: Option<PathBuf>,
 }
 
 impl Default for Opts {
@@ -137,6 +143,9 @@ impl Default for Opts {
             stop_timeout: 2.0,
             extra: String::new(),
             ports: 20,
+            port: None,
+            nginx: None,
+            root: None,
         }
     }
 }
@@ -176,15 +185,22 @@ impl Keter {
     pub fn start_with(label: &str, opts: Opts) -> Keter {
         require_nginx();
         let dir = TempDir::new(label);
-        let root = dir.0.join("root");
-        let port = free_port();
+        let root = opts.root.unwrap_or_else(|| dir.0.join("root"));
+        let port = opts.port.unwrap_or_else(free_port);
+        let nginx = opts
+            .nginx
+            .unwrap_or_else(|| "{mode: managed, reload-timeout: 10}".into());
         let (first, last) = port_range(opts.ports);
         let config_path = dir.0.join("keter-config.yaml");
         fs::write(
             &config_path,
             format!(
-                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: 10}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
-                opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
+                "root: {}\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                root.display(),
+                opts.readiness_timeout,
+                opts.drain_time,
+                opts.stop_timeout,
+                opts.extra
             ),
         )
         .unwrap();
@@ -200,8 +216,10 @@ impl Keter {
         k
     }
 
-    /// Starts the binary (again) on the same root and waits until Nginx answers.
+    /// Starts the binary (again) on the same root and waits until Nginx answers and keter
+    /// watches `incoming/` (a system Nginx answers before keter has started).
     pub fn launch(&mut self) {
+        let watching = self.log_count("keter: watching");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,7 +240,9 @@ impl Keter {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = self.get("nobody.invalid", "/") {
+            if let Ok(r) = self.get("nobody.invalid", "/")
+                && self.log_count("keter: watching") > watching
+            {
                 assert_eq!(r.status, 404, "{r:?}");
                 return;
             }
