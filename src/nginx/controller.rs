@@ -9,7 +9,7 @@
 //! generation it runs and reports success only once the new one answers. In managed mode the
 //! controller also runs the Nginx master and restarts it if it dies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -101,6 +101,7 @@ impl Nginx {
             paths,
             generation: 1,
             live: BTreeMap::new(),
+            unremoved: BTreeSet::new(),
             master: None,
             restart: Restart::new(),
             tx: tx.clone(),
@@ -191,6 +192,10 @@ struct Controller {
     generation: u64,
     /// Content of every app file keter has made live.
     live: BTreeMap<AppName, String>,
+    /// Apps whose removal Nginx did not take (a broken file elsewhere, Nginx down). Their
+    /// processes are stopped anyway, so every later change takes their files out too, rather
+    /// than keeping a route to a dead port for as long as keter runs.
+    unremoved: BTreeSet<AppName>,
     master: Option<Master>,
     restart: Restart,
     tx: Sender<Msg>,
@@ -313,6 +318,7 @@ impl Controller {
         let before = self.live.clone();
         let generation = self.generation + 1;
         let mut wanted = self.live.clone();
+        wanted.retain(|app, _| !self.unremoved.contains(app));
         let mut ready = Vec::new();
         for change in batch {
             match &change.site {
@@ -337,6 +343,7 @@ impl Controller {
         let result = self.make_live(generation, &before, &wanted);
         match result {
             Ok(()) => {
+                self.unremoved.clear();
                 for c in ready {
                     let _ = c.reply.send(Ok(generation));
                 }
@@ -350,6 +357,9 @@ impl Controller {
             }
             Err(e) => {
                 for c in ready {
+                    if c.site.is_none() {
+                        self.unremoved.insert(c.app.clone());
+                    }
                     let _ = c.reply.send(Err(e.clone()));
                 }
             }

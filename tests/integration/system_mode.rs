@@ -334,3 +334,25 @@ fn with_nginx_stopped_a_deploy_fails_and_the_old_version_is_not_stopped() {
     sys.run();
     assert_eq!(body(sys.get(HOST)), "200 v1");
 }
+
+#[test]
+fn a_bundle_deleted_while_nginx_refuses_changes_leaves_nginx_at_the_next_change() {
+    let sys = SystemNginx::start("sys-delete-nginx");
+    let k = Keter::start_with("sys-delete", sys.opts());
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+
+    let broken = sys.sites().join("shop");
+    fs::write(&broken, "server {\n  bogus_directive on;\n}\n").unwrap();
+    fs::remove_file(k.incoming().join("hello.keter")).unwrap();
+    k.wait_log("hello: removing from Nginx failed", WAIT);
+    k.wait_log("hello: stopped\n", WAIT);
+
+    // The operator fixes the host; the next change of any app also takes hello's file out,
+    // so its host goes back to the default site instead of a dead port.
+    fs::remove_file(&broken).unwrap();
+    k.deploy_hello("second", "s1", "second.example.com", &[]);
+    k.wait_for("second.example.com", "s1", WAIT);
+    assert!(!k.root.join("nginx/apps/hello.conf").exists());
+    assert_eq!(body(sys.get(HOST)), "404 system default");
+}
