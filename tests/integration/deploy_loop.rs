@@ -455,13 +455,23 @@ fn hosts_claimed_by_another_app_are_refused() {
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "f1");
 }
 
-/// The pid of the app process serving `host`.
+/// The pid of the app process serving `host`. For about 100 ms after a reload Nginx's
+/// workers from before it still take connections and answer 404 for a new app, although a
+/// new worker has already answered `wait_for`: ask again until keter's switch is exact.
 fn pid_of(k: &Keter, host: &str) -> i32 {
-    let r = k.get(host, "/pid").unwrap();
-    r.body
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("/pid on {host} answered {r:?}:\n{}", k.log()))
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = k.get(host, "/pid").unwrap();
+        if let Ok(pid) = r.body.trim().parse() {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/pid on {host} answered {r:?}:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn procs_named(name: &str) -> Vec<i32> {
