@@ -3,11 +3,19 @@
 //!
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
-//!       [--ignore-term] [--spawn-child]
+//!       [--ignore-term] [--spawn-child] [--crash-after-first-run]
 //! ```
 //!
-//! Paths: `/` version, `/env` its environment, `/pid` its pid, `/slow?ms=N` answers after N
-//! milliseconds. HTTP/1.1 keep-alive is supported so Nginx can reuse upstream connections.
+//! `--crash-after-first-run` serves on its first start and exits at once on every later one
+//! (it leaves a marker file in its working folder): a crash loop after a good deploy.
+//!
+//! Paths: `/` version, `/env` its environment, `/pid` its pid, `/whoami` its uid, gid and
+//! groups, `/slow?ms=N` answers after N milliseconds, `/exit` exits with code 7,
+//! `/print?n=N` prints N lines of 100 bytes, `/write?path=P` tries to create file P and
+//! answers `ok` or the error, `/host` the `Host` header it got. A request with `Upgrade:
+//! websocket` gets `101 Switching Protocols`, then every chunk it sends is echoed back
+//! prefixed with the version (enough to test that Nginx keeps such a tunnel open).
+//! HTTP/1.1 keep-alive is supported so Nginx can reuse upstream connections.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +29,7 @@ struct Options {
     status: u16,
     ignore_term: bool,
     spawn_child: bool,
+    crash_after_first_run: bool,
 }
 
 fn options() -> Options {
@@ -32,6 +41,7 @@ fn options() -> Options {
         status: 200,
         ignore_term: false,
         spawn_child: false,
+        crash_after_first_run: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,6 +63,7 @@ fn options() -> Options {
             }
             "--ignore-term" => o.ignore_term = true,
             "--spawn-child" => o.spawn_child = true,
+            "--crash-after-first-run" => o.crash_after_first_run = true,
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -69,6 +80,14 @@ fn main() {
     if o.spawn_child {
         // A grandchild that keeps running unless its process group is stopped.
         let _ = std::process::Command::new("sleep").arg("3600").spawn();
+    }
+    if o.crash_after_first_run {
+        let marker = std::path::Path::new("hello-ran-once");
+        if marker.exists() {
+            eprintln!("hello {}: crashing on a restart, on purpose", o.version);
+            std::process::exit(4);
+        }
+        std::fs::write(marker, "").expect("write the marker file");
     }
     if o.crash {
         eprintln!("hello {}: crashing on purpose", o.version);
@@ -109,6 +128,8 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
         }
         let mut close = request_line.ends_with("HTTP/1.0\r\n");
         let mut content_length = 0usize;
+        let mut host = String::new();
+        let mut upgrade = false;
         loop {
             let mut header = String::new();
             match reader.read_line(&mut header) {
@@ -124,6 +145,29 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             }
             if let Some(v) = h.strip_prefix("content-length:") {
                 content_length = v.trim().parse().unwrap_or(0);
+            }
+            if let Some(v) = h.strip_prefix("host:") {
+                host = v.trim().to_string();
+            }
+            if h == "upgrade: websocket" {
+                upgrade = true;
+            }
+        }
+        if upgrade {
+            let _ = out.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut reader, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let reply = format!("{version}:{}", String::from_utf8_lossy(&buf[..n]));
+                        if out.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
             }
         }
         if content_length > 0 {
@@ -141,8 +185,33 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();
             vars.join("\n") + "\n"
+        } else if target == "/host" {
+            format!("{host}\n")
         } else if target == "/pid" {
             format!("{}\n", std::process::id())
+        } else if target == "/whoami" {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:")
+                })
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+                .collect()
+        } else if target == "/exit" {
+            eprintln!("hello {version}: exiting on request");
+            std::process::exit(7);
+        } else if let Some(n) = target.strip_prefix("/print?n=") {
+            let n: usize = n.parse().unwrap_or(0);
+            for i in 0..n {
+                println!("{i:06} {}", "x".repeat(93));
+            }
+            format!("printed {n}\n")
+        } else if let Some(path) = target.strip_prefix("/write?path=") {
+            match std::fs::write(path, "written by hello\n") {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => format!("error: {e}\n"),
+            }
         } else if let Some(ms) = target.strip_prefix("/slow?ms=") {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             format!("{version}\n")

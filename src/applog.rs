@@ -27,7 +27,13 @@ const MAX_LINE: usize = 16 * 1024;
 /// Where an app's lines end up.
 #[derive(Debug, Clone)]
 pub enum LogTarget {
-    File(PathBuf),
+    /// A file rotated by size: at `max_bytes` it becomes `PATH.1` (older ones shift up to
+    /// `PATH.KEEP`, the oldest is deleted) and a new file starts.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        keep: u32,
+    },
     /// keter's stderr, each line prefixed `app-NAME>`.
     Stderr(String),
 }
@@ -47,34 +53,32 @@ struct Shared {
 impl AppLog {
     /// Opens the target and starts its writer thread (which ends when every handle is gone).
     pub fn open(target: LogTarget) -> std::io::Result<AppLog> {
-        let mut sink: Box<dyn Write + Send> = match &target {
-            LogTarget::File(path) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
-            }
-            LogTarget::Stderr(_) => Box::new(std::io::stderr()),
-        };
-        let prefix = match &target {
-            LogTarget::File(_) => String::new(),
-            LogTarget::Stderr(name) => format!("app-{name}> "),
-        };
+        let shared = Arc::new(Shared {
+            tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+            dropped: AtomicU64::new(0),
+        });
+        let mut sink = Sink::open(target)?;
         let (tx, rx) = bounded::<String>(QUEUE_LINES);
+        let counters = shared.clone();
         std::thread::Builder::new()
             .name("app-log".into())
             .stack_size(64 * 1024)
             .spawn(move || {
+                let mut reported = 0;
                 for line in rx {
-                    // A write error (disk full) loses this line only; the next may succeed.
-                    let _ = writeln!(sink, "{prefix}{line}");
+                    sink.write_line(&line);
+                    let dropped = counters.dropped.load(Ordering::Relaxed);
+                    if dropped > reported {
+                        sink.write_line(&format!(
+                            "{} keter: {} lines of output were dropped because the log could not keep up",
+                            timestamp(SystemTime::now()),
+                            dropped - reported
+                        ));
+                        reported = dropped;
+                    }
                 }
-                let _ = sink.flush();
             })?;
-        Ok(AppLog {
-            shared: Arc::new(Shared {
-                tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
-                dropped: AtomicU64::new(0),
-            }),
-            queue: tx,
-        })
+        Ok(AppLog { shared, queue: tx })
     }
 
     /// Records one line (without its newline).
@@ -141,6 +145,94 @@ impl AppLog {
     }
 }
 
+/// The writer's end: a file it rotates, or stderr.
+enum Sink {
+    File {
+        path: PathBuf,
+        file: Option<File>,
+        size: u64,
+        max_bytes: u64,
+        keep: u32,
+    },
+    Stderr(String),
+}
+
+impl Sink {
+    fn open(target: LogTarget) -> std::io::Result<Sink> {
+        Ok(match target {
+            LogTarget::File {
+                path,
+                max_bytes,
+                keep,
+            } => {
+                let file = OpenOptions::new().create(true).append(true).open(&path)?;
+                let size = file.metadata()?.len();
+                Sink::File {
+                    path,
+                    file: Some(file),
+                    size,
+                    max_bytes,
+                    keep,
+                }
+            }
+            LogTarget::Stderr(name) => Sink::Stderr(format!("app-{name}> ")),
+        })
+    }
+
+    /// Writes one line; a failed write (disk full) loses that line only.
+    fn write_line(&mut self, line: &str) {
+        match self {
+            Sink::Stderr(prefix) => {
+                let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
+            }
+            Sink::File {
+                path,
+                file,
+                size,
+                max_bytes,
+                keep,
+            } => {
+                if file.is_none() {
+                    *file = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&*path)
+                        .ok();
+                }
+                if let Some(f) = file
+                    && writeln!(f, "{line}").is_ok()
+                {
+                    *size += line.len() as u64 + 1;
+                }
+                if *size >= *max_bytes {
+                    // Rotation by rename: no copy, no unbounded buffer (Keter #280, #288).
+                    *file = None;
+                    rotate(path, *keep);
+                    *size = 0;
+                }
+            }
+        }
+    }
+}
+
+/// `PATH` becomes `PATH.1`, `PATH.1` becomes `PATH.2`, ... up to `PATH.KEEP`.
+fn rotate(path: &std::path::Path, keep: u32) {
+    let numbered = |i: u32| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{i}"));
+        PathBuf::from(p)
+    };
+    if keep == 0 {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    let _ = std::fs::remove_file(numbered(keep));
+    for i in (1..keep).rev() {
+        let _ = std::fs::rename(numbered(i), numbered(i + 1));
+    }
+    let _ = std::fs::rename(path, numbered(1));
+}
+
 /// `2026-11-27T13:45:01.123Z` without a date library.
 pub fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -192,7 +284,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keter-applog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app-x.log");
-        let log = AppLog::open(LogTarget::File(path.clone())).unwrap();
+        let log = AppLog::open(LogTarget::File {
+            path: path.clone(),
+            max_bytes: 1 << 20,
+            keep: 2,
+        })
+        .unwrap();
         log.line("hello");
         log.line("world");
         assert!(log.tail(1)[0].ends_with(" world"));
@@ -207,6 +304,41 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "lines never written");
             std::thread::sleep(Duration::from_millis(10));
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rotates_by_size_keeping_n_files() {
+        let dir = std::env::temp_dir().join(format!("keter-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app-r.log");
+        let mut sink = Sink::open(LogTarget::File {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 2,
+        })
+        .unwrap();
+        for i in 0..40 {
+            sink.write_line(&format!("line {i:02} {}", "x".repeat(40)));
+        }
+        let names: Vec<String> = {
+            let mut v: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // 49-byte lines and a 100-byte limit: each file holds three lines.
+        assert_eq!(names, ["app-r.log", "app-r.log.1", "app-r.log.2"]);
+        let newest = std::fs::read_to_string(dir.join("app-r.log.1")).unwrap();
+        assert!(newest.starts_with("line 36"), "{newest}");
+        assert_eq!(newest.lines().count(), 3);
+        let older = std::fs::read_to_string(dir.join("app-r.log.2")).unwrap();
+        assert!(older.starts_with("line 33"), "{older}");
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert!(current.starts_with("line 39"), "{current}");
+        assert_eq!(current.lines().count(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

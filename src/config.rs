@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::names::{UrlPath, check_env_name, check_env_value};
 use crate::problem::{Invalid, Problem, Problems};
+use crate::process::RunAs;
 use crate::yaml::{self, Fields};
 
 /// Where the daemon looks when `keter run` is given no path.
@@ -32,7 +33,13 @@ pub struct Config {
     /// A path every host answers with 200 from Nginx itself.
     pub healthcheck_path: Option<UrlPath>,
     pub rotate_logs: bool,
+    /// An app log file is rotated when it reaches this size...
+    pub log_rotate_bytes: u64,
+    /// ...keeping this many older files (`app-NAME.log.1` newest).
+    pub log_rotate_keep: u32,
     pub ip_from_header: bool,
+    /// The user every app runs as (`setuid`), resolved at load time.
+    pub run_as: Option<RunAs>,
     pub nginx: NginxConfig,
     pub readiness_timeout: Duration,
     pub drain_time: Duration,
@@ -40,6 +47,9 @@ pub struct Config {
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
+    /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
+    /// certbot's webroot mode.
+    pub acme_webroot: PathBuf,
 }
 
 /// How keter runs and reaches Nginx.
@@ -119,6 +129,21 @@ impl Config {
         match config {
             Some(c) if !problems.has_errors() => Ok(c),
             _ => Err(Invalid(problems.errors)),
+        }
+    }
+
+    /// Reads configuration text (relative paths taken from `base`); for tests and tools.
+    pub fn parse(text: &str, base: &Path, label: &str) -> (Option<Config>, Problems) {
+        let mut problems = Problems::new(label);
+        match yaml::parse(text) {
+            Ok(tree) => {
+                let config = from_tree(&tree, None, base, &mut problems);
+                (config, problems)
+            }
+            Err(e) => {
+                problems.error("", format!("invalid YAML: {e}"));
+                (None, problems)
+            }
         }
     }
 
@@ -207,12 +232,18 @@ fn from_tree(
             problems.warn(key, "not supported yet: the built-in response is used");
         }
     }
-    if f.raw("setuid").is_some() {
-        problems.error(
-            "setuid",
-            "running apps as another user is not supported by this version of keter yet; remove the key to run apps as keter's own user",
-        );
-    }
+    let run_as = f.string("setuid", problems).and_then(|user| {
+        RunAs::lookup(&user)
+            .map_err(|e| problems.error("setuid", e))
+            .ok()
+    });
+    let log_rotate_bytes = f
+        .uint("log-rotate-bytes", u64::MAX, problems)
+        .unwrap_or(5 * 1024 * 1024);
+    let log_rotate_keep = f
+        .uint("log-rotate-keep", 1000, problems)
+        .map(|n| n as u32)
+        .unwrap_or(20);
     if f.raw("postgres").is_some() {
         problems.warn("postgres", "the postgres plugin is not supported yet");
     }
@@ -224,10 +255,16 @@ fn from_tree(
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
+    let acme_webroot = f
+        .string("acme-webroot", problems)
+        .map(|p| normalize(&base.join(p)));
     f.finish(problems);
+    let root = root?;
+    let acme_webroot = acme_webroot.unwrap_or_else(|| root.join("acme"));
 
     Some(Config {
-        root: root?,
+        acme_webroot,
+        root,
         listeners: listeners?,
         env,
         external_http_port,
@@ -235,7 +272,10 @@ fn from_tree(
         connection_time_bound,
         healthcheck_path,
         rotate_logs,
+        log_rotate_bytes,
+        log_rotate_keep,
         ip_from_header,
+        run_as,
         nginx: nginx?,
         readiness_timeout,
         drain_time,
@@ -376,13 +416,6 @@ fn read_listeners(f: &mut Fields, base: &Path, problems: &mut Problems) -> Optio
             port: 80,
             tls: None,
         });
-    }
-    if out.iter().any(|l| l.tls.is_some()) {
-        problems.error(
-            "listeners",
-            "TLS listeners are not supported by this version of keter yet",
-        );
-        return None;
     }
     Some(out)
 }
@@ -597,6 +630,26 @@ mod tests {
         assert_eq!(c.port_range, 4000..=4999);
         assert_eq!(c.connection_time_bound, Some(Duration::from_secs(300)));
         assert_eq!(c.nginx.mode, NginxMode::Managed);
+        assert_eq!(c.run_as, None);
+        assert_eq!(c.acme_webroot, PathBuf::from("/etc/opt/acme"));
+        assert_eq!(
+            (c.log_rotate_bytes, c.log_rotate_keep),
+            (5 * 1024 * 1024, 20)
+        );
+    }
+
+    #[test]
+    fn setuid_resolves_the_user_and_its_groups() {
+        let (c, p) = check("root: /r\nsetuid: root\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let user = c.unwrap().run_as.unwrap();
+        assert_eq!((user.uid, user.gid), (0, 0));
+        assert!(user.groups.contains(&0));
+        let (_, p) = check("root: /r\nsetuid: no-such-user-here\n");
+        assert_eq!(
+            p.errors[0].to_string(),
+            "keter-config.yaml: setuid: no user \"no-such-user-here\" on this system"
+        );
     }
 
     #[test]
@@ -641,6 +694,32 @@ mod tests {
         let n = c.unwrap().nginx;
         assert_eq!(n.mode, NginxMode::System);
         assert_eq!(n.pid_file, PathBuf::from("/run/nginx.pid"));
+    }
+
+    #[test]
+    fn tls_listeners_and_keters_flat_ssl_form() {
+        let (c, p) = check(
+            "root: /r\nlisteners:\n  - {port: 8080}\n  - {host: 127.0.0.1, key: k.pem, certificate: c.pem, chain-certificates: [chain.pem]}\nssl: {key: /k2, certificate: /c2}\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let l = c.unwrap().listeners;
+        assert_eq!(l.len(), 3);
+        let tls = l[1].tls.as_ref().unwrap();
+        assert_eq!(l[1].port, 443);
+        assert_eq!(tls.key, PathBuf::from("/etc/keter/k.pem"));
+        assert_eq!(
+            tls.chain_certificates,
+            vec![PathBuf::from("/etc/keter/chain.pem")]
+        );
+        assert_eq!((l[2].port, l[2].ip), (443, None));
+        let (_, p) = check("root: /r\nlisteners: [{key: \"/a b\", certificate: /c}]\n");
+        assert!(
+            p.errors[0]
+                .to_string()
+                .contains("cannot be written into an Nginx file"),
+            "{:?}",
+            p.errors
+        );
     }
 
     #[test]

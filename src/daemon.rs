@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
 use crate::config::Config;
+use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
 use crate::watcher::{self, Hint};
@@ -59,10 +60,23 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 /// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
 pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
     prepare_root(&config.root)?;
+    fs::create_dir_all(&config.acme_webroot).map_err(|e| {
+        Fatal(format!(
+            "cannot create {}: {e}",
+            config.acme_webroot.display()
+        ))
+    })?;
+    // Process groups left by a keter that was killed are stopped before anything starts: they
+    // hold ports and would answer for apps about to be deployed again.
+    let journal = Journal::new(&config.root.join("etc"));
+    let leftovers = journal.recover(config.stop_timeout);
+    if leftovers > 0 {
+        log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
+    }
     let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
     let nginx = Nginx::start(&config, renderer).map_err(|e| Fatal(format!("nginx: {e}")))?;
     let incoming = config.root.join("incoming");
-    let shared = Arc::new(Shared::new(config, nginx));
+    let shared = Arc::new(Shared::new(config, nginx, journal));
     let watcher = watcher::watch(&incoming, tx)
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
     let mut daemon = Daemon {
@@ -71,15 +85,23 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
         refused: BTreeSet::new(),
     };
     log::info!("keter: watching {}", incoming.display());
-    daemon.rescan();
+    daemon.rescan(false);
     while let Ok(input) = rx.recv() {
         match input {
-            Input::Hint(Hint::Changed(name)) => daemon.reconcile(&name),
-            Input::Hint(Hint::Rescan) | Input::Control(Control::Rescan) => daemon.rescan(),
+            Input::Hint(Hint::Changed(name)) => daemon.reconcile(&name, false),
+            Input::Hint(Hint::Created(name)) => {
+                let path = daemon.shared.config.root.join("incoming").join(&name);
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    daemon.reconcile(&name, false);
+                }
+            }
+            Input::Hint(Hint::Rescan) => daemon.rescan(false),
+            // An operator's SIGHUP also retries bundles whose deploy failed.
+            Input::Control(Control::Rescan) => daemon.rescan(true),
             Input::Control(Control::Shutdown) => break,
         }
         if watcher.overflowed.swap(false, Ordering::Relaxed) {
-            daemon.rescan();
+            daemon.rescan(false);
         }
     }
     drop(watcher);
@@ -118,7 +140,7 @@ struct Daemon {
 
 impl Daemon {
     /// Looks at every bundle in `incoming/` and every app known.
-    fn rescan(&mut self) {
+    fn rescan(&mut self, retry: bool) {
         let incoming = self.shared.config.root.join("incoming");
         let mut names: BTreeSet<String> = match fs::read_dir(&incoming) {
             Ok(entries) => entries
@@ -132,13 +154,13 @@ impl Daemon {
         };
         names.extend(self.apps.keys().map(|a| format!("{a}.keter")));
         for name in names {
-            self.reconcile(&name);
+            self.reconcile(&name, retry);
         }
     }
 
     /// Brings the app behind one file name in line with the folder: deploy if the bundle is
     /// there, stop if it is gone.
-    fn reconcile(&mut self, file_name: &str) {
+    fn reconcile(&mut self, file_name: &str, retry: bool) {
         if file_name.starts_with('.') {
             return; // editors' and copy tools' temporary files
         }
@@ -170,7 +192,7 @@ impl Daemon {
                     }
                 }
             }
-            self.apps[&app].send(Command::Deploy(path));
+            self.apps[&app].send(Command::Deploy { path, retry });
         } else if let Some(h) = self.apps.get(&app) {
             h.send(Command::Stop);
         }

@@ -61,8 +61,9 @@ impl fmt::Display for AppName {
 }
 
 /// A host name as Nginx's `server_name` will see it: lower case, RFC 1123 labels (letters,
-/// digits, inner `-`, 1-63 bytes each), at most 253 bytes, optionally starting with one `*.`
-/// wildcard label.
+/// digits, inner `-`, 1-63 bytes each), at most 253 bytes. A label may be `*`, matching any one
+/// label in that position, as Keter allows (`*.example.com`, `bar.*.*.example.com`); a host
+/// must have at least two labels besides wildcards' neighbours, so `*` alone is refused.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Hostname(String);
@@ -79,11 +80,20 @@ impl Hostname {
                 lower.len()
             ));
         }
-        let rest = lower.strip_prefix("*.").unwrap_or(&lower);
-        for label in rest.split('.') {
+        let labels: Vec<&str> = lower.split('.').collect();
+        for label in &labels {
+            if *label == "*" {
+                continue;
+            }
             if let Err(why) = check_label(label) {
                 return Err(format!("the host name {host:?} is not valid: {why}"));
             }
+        }
+        let concrete = labels.iter().filter(|l| **l != "*").count();
+        if lower.contains('*') && concrete < 2 {
+            return Err(format!(
+                "the host name {host:?} is not valid: a wildcard needs at least two other labels"
+            ));
         }
         Ok(Hostname(lower))
     }
@@ -93,7 +103,29 @@ impl Hostname {
     }
 
     pub fn is_wildcard(&self) -> bool {
-        self.0.starts_with("*.")
+        self.0.contains('*')
+    }
+
+    /// The name as Nginx's `server_name` takes it. Nginx's own `*.example.com` would also
+    /// match `a.b.example.com`, and it has no wildcard in the middle, so every wildcard host is
+    /// an anchored regular expression with `[^.]+` for each `*` (exact names still win over
+    /// it in Nginx, as in Keter).
+    pub fn server_name(&self) -> String {
+        if !self.is_wildcard() {
+            return self.0.clone();
+        }
+        let parts: Vec<String> = self
+            .0
+            .split('.')
+            .map(|l| {
+                if l == "*" {
+                    "[^.]+".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        format!("~^{}$", parts.join("\\."))
     }
 }
 
@@ -172,6 +204,38 @@ impl UrlPath {
 impl fmt::Display for UrlPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// An absolute `http://` or `https://` URL that may be written into an Nginx `return`: at
+/// most 2048 bytes of printable ASCII, without quotes, `\\`, `$` (an Nginx variable), `;`,
+/// `{`, `}`, `#`, white space or control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct RedirectUrl(String);
+
+impl RedirectUrl {
+    pub fn new(url: &str) -> Result<RedirectUrl, String> {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| format!("the URL {url:?} does not start with http:// or https://"))?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(format!("the URL {url:?} has no host"));
+        }
+        if url.len() > 2048 {
+            return Err("the URL is longer than 2048 bytes".into());
+        }
+        if let Some(c) = url.chars().find(|c| {
+            !c.is_ascii_graphic() || matches!(c, '"' | '\'' | '\\' | '$' | ';' | '{' | '}' | '#')
+        }) {
+            return Err(format!("the URL {url:?} contains {c:?}"));
+        }
+        Ok(RedirectUrl(url.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -258,10 +322,19 @@ mod tests {
             "www.example.com"
         );
         assert!(Hostname::new("*.example.com").unwrap().is_wildcard());
+        assert_eq!(
+            Hostname::new("*.Example.com").unwrap().server_name(),
+            "~^[^.]+\\.example\\.com$"
+        );
+        assert_eq!(
+            Hostname::new("bar.*.*.example.com").unwrap().server_name(),
+            "~^bar\\.[^.]+\\.[^.]+\\.example\\.com$"
+        );
+        assert_eq!(Hostname::new("a.b").unwrap().server_name(), "a.b");
         assert!(Hostname::new("localhost").is_ok());
         for bad in [
             "", "a;b", "a{b", "a}b", "a b", "a\nb", "a\"b", "a$b", "a#b", "a\0b", "-a.com",
-            "a-.com", "a..com", "*", "a.*.com", "**.com", "a.com.",
+            "a-.com", "a..com", "*", "*.com", "**.com", "a.com.", "*.*", "a*.com",
         ] {
             assert!(Hostname::new(bad).is_err(), "{bad:?} accepted");
         }
@@ -277,6 +350,27 @@ mod tests {
             "", "health", "/a b", "/a;b", "/a{", "/$x", "/a\"", "/a#", "/a\\b",
         ] {
             assert!(UrlPath::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn redirect_urls() {
+        assert!(RedirectUrl::new("https://www.example.com/a?b=c&d").is_ok());
+        assert!(RedirectUrl::new("http://example.com").is_ok());
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https:///x",
+            "//x.com",
+            "https://a.com/$host",
+            "https://a.com/\"",
+            "https://a.com/;x",
+            "https://a.com/{",
+            "https://a .com",
+            "https://a.com/\nx",
+            "https://a.com/#frag",
+        ] {
+            assert!(RedirectUrl::new(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -23,6 +23,46 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// The complete environment (nothing is inherited from keter).
     pub env: Vec<(String, String)>,
+    /// The user to run as (`setuid`); `None` runs as keter's own user.
+    pub user: Option<RunAs>,
+}
+
+/// A user to run apps as, resolved once from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups of the user.
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Looks up a user by name or numeric uid, with its supplementary groups.
+    pub fn lookup(user: &str) -> Result<RunAs, String> {
+        use nix::unistd::{Uid, User, getgrouplist};
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+            Err(_) => User::from_name(user),
+        }
+        .map_err(|e| format!("cannot look up the user {user:?}: {e}"))?
+        .ok_or_else(|| format!("no user {user:?} on this system"))?;
+        let name = std::ffi::CString::new(found.name.clone())
+            .map_err(|_| format!("the user name {:?} contains a NUL byte", found.name))?;
+        let groups = getgrouplist(&name, found.gid)
+            .map_err(|e| format!("cannot list the groups of {user:?}: {e}"))?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        Ok(RunAs {
+            name: found.name,
+            uid: found.uid.as_raw(),
+            gid: found.gid.as_raw(),
+            groups,
+            home: found.dir,
+        })
+    }
 }
 
 /// A started process, leader of its own process group.
@@ -77,7 +117,28 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_err));
-    let mut child = cmd.spawn()?;
+    if let Some(user) = spec.user.clone() {
+        // `CommandExt::uid/gid` would clear the supplementary groups; set all three here, in
+        // the order that keeps the permission to change them (groups, group, then user).
+        // SAFETY: setgroups, setgid and setuid are async-signal-safe system calls.
+        // Everything is prepared before the fork: no allocation happens in the child.
+        let groups: Vec<nix::unistd::Gid> = user
+            .groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect();
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setgroups(&groups).map_err(io::Error::from)?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(user.gid))
+                    .map_err(io::Error::from)?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(user.uid))
+                    .map_err(io::Error::from)?;
+                Ok(())
+            });
+        }
+    }
+    let mut child = spawn_retrying(&mut cmd)?;
     // The parent's copies of the write end are closed with `cmd`, so the pipe reaches end of
     // file when the whole group has closed its output.
     drop(cmd);
@@ -96,6 +157,23 @@ pub fn spawn(
         pid,
         started: Instant::now(),
     })
+}
+
+/// `Command::spawn`, retried on ETXTBSY: the executable was just written by the unpacker, and
+/// another thread's fork in that moment can still hold a copy of the writing descriptor until
+/// its own exec closes it (the well-known fork/exec race of multithreaded programs).
+fn spawn_retrying(cmd: &mut Command) -> io::Result<std::process::Child> {
+    let mut pause = Duration::from_millis(2);
+    for _ in 0..10 {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    cmd.spawn()
 }
 
 /// Describes an exit status for the log: `exit code 3`, `killed by SIGKILL`.

@@ -133,6 +133,19 @@ pub fn port_listener_in_group(port: u16, pgid: i32) -> bool {
     })
 }
 
+/// True while a process exists and has not exited (zombies count as exited).
+pub fn is_alive(pid: i32) -> bool {
+    stat_state_pgrp(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// When a process started, in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Fields after the command name start at field 3 (state); starttime is field 22.
+    rest.split(' ').nth(22 - 3)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,9 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 pub enum Hint {
     /// Something happened to this file name in `incoming/`.
     Changed(String),
+    /// A name was created: acted on only for a symlink (which is refused), since a regular
+    /// file that was just created is still being written.
+    Created(String),
     /// Events were lost: look at the whole folder.
     Rescan,
 }
@@ -52,18 +55,16 @@ pub fn watch<T: From<Hint> + Send + 'static>(
             send(Hint::Rescan);
             return;
         }
-        let relevant = matches!(
-            event.kind,
+        let hint: fn(String) -> Hint = match event.kind {
             EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Modify(ModifyKind::Name(_))
-                | EventKind::Remove(_)
-        );
-        if !relevant {
-            return;
-        }
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_) => Hint::Changed,
+            EventKind::Create(_) => Hint::Created,
+            _ => return,
+        };
         for path in &event.paths {
             if let Some(name) = file_name(path) {
-                send(Hint::Changed(name));
+                send(hint(name));
             }
         }
     })?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::served::{self, Redirect, ReverseProxy, StaticFiles, Tls};
 use crate::names::{Hostname, UrlPath, check_env_name, check_env_value};
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
@@ -15,16 +16,22 @@ use crate::yaml::{self, Fields};
 /// PORT breaks its own readiness check).
 pub const RESERVED_ENV: [&str; 4] = ["PORT", "YESOD_PORT", "APPROOT", "YESOD_APPROOT"];
 
-/// A bundle's validated configuration.
+/// A bundle's validated configuration: at least one stanza.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BundleConfig {
-    /// Processes that answer HTTP behind Nginx; at least one.
+    /// Processes that answer HTTP behind Nginx.
     pub webapps: Vec<WebApp>,
+    /// Processes supervised without a port or an Nginx file.
+    pub background: Vec<Background>,
+    /// Folders Nginx serves itself.
+    pub statics: Vec<StaticFiles>,
+    pub redirects: Vec<Redirect>,
+    pub proxies: Vec<ReverseProxy>,
 }
 
-/// A `webapp` stanza (or the flat format's top level).
+/// What to run, common to every process stanza.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WebApp {
+pub struct Program {
     /// The executable, as written: relative to `config/` (or absolute inside the bundle).
     /// Resolved and checked against the unpacked folder by `bundle::resolve_exec`.
     pub exec: PathBuf,
@@ -33,10 +40,34 @@ pub struct WebApp {
     pub env: BTreeMap<String, String>,
     /// Names of keter's own environment variables to pass on.
     pub forward_env: Vec<String>,
+    /// Where the stanza is in the file (`stanzas[1]`, or empty for the flat format), for
+    /// messages.
+    pub origin: String,
+}
+
+impl Program {
+    /// The key path of one of this stanza's keys, for messages.
+    pub fn key(&self, key: &str) -> String {
+        if self.origin.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.origin)
+        }
+    }
+}
+
+/// A `webapp` stanza (or the flat format's top level).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebApp {
+    pub program: Program,
     /// Non-empty, no duplicates; the first builds APPROOT.
     pub hosts: Vec<Hostname>,
-    /// `APPROOT` uses `https://`.
-    pub ssl: bool,
+    /// `ssl`: certificates; anything but `Off` makes `APPROOT` use `https://`.
+    pub tls: Tls,
+    /// Plain HTTP requests get a 301 to HTTPS.
+    pub requires_secure: bool,
+    /// More environment variables that receive the port (Keter's `port-env-vars`).
+    pub port_env_vars: Vec<String>,
     /// Requested with the first host as `Host` until it answers below 500.
     pub health_check_path: UrlPath,
     /// Overrides the global readiness timeout (Keter's `ensure-alive-time-bound`).
@@ -45,10 +76,41 @@ pub struct WebApp {
     pub connection_time_bound: Option<Option<Duration>>,
 }
 
+/// A `background` stanza: a process with no port, restarted as Keter does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Background {
+    pub program: Program,
+    /// Restarts in a row allowed (`None`: unlimited, Keter's default).
+    pub restart_count: Option<u32>,
+    /// Pause before each restart (Keter's `restart-delay-seconds`, default 5).
+    pub restart_delay: Duration,
+}
+
+/// One entry of `stanzas`.
+enum Stanza {
+    Web(WebApp),
+    Background(Background),
+    Static(StaticFiles),
+    Redirect(Redirect),
+    Proxy(ReverseProxy),
+}
+
+impl WebApp {
+    /// `APPROOT` uses `https://`.
+    pub fn https(&self) -> bool {
+        self.tls != Tls::Off
+    }
+}
+
 impl BundleConfig {
     /// Every host of every stanza, in order.
     pub fn hosts(&self) -> impl Iterator<Item = &Hostname> {
-        self.webapps.iter().flat_map(|w| w.hosts.iter())
+        self.webapps
+            .iter()
+            .flat_map(|w| w.hosts.iter())
+            .chain(self.statics.iter().flat_map(|s| s.served.hosts.iter()))
+            .chain(self.redirects.iter().flat_map(|r| r.served.hosts.iter()))
+            .chain(self.proxies.iter().flat_map(|p| p.served.hosts.iter()))
     }
 }
 
@@ -56,15 +118,26 @@ impl BundleConfig {
 pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> {
     let mut f = Fields::new(tree, "", problems)?;
     let mut webapps = Vec::new();
+    let mut background = Vec::new();
+    let mut statics = Vec::new();
+    let mut redirects = Vec::new();
+    let mut proxies = Vec::new();
     let mut ok = true;
+    // Keys of the `yesod keter` command that Yesod's scaffold puts in the same file.
+    for key in ["user-edited", "copy-to", "copy-to-args", "copy-to-port"] {
+        f.raw(key);
+    }
     if f.contains("stanzas") {
         let stanzas = f.raw("stanzas");
         match stanzas {
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     match read_stanza(item, &format!("stanzas[{i}]"), problems) {
-                        Some(Some(w)) => webapps.push(w),
-                        Some(None) => {}
+                        Some(Stanza::Web(w)) => webapps.push(w),
+                        Some(Stanza::Background(b)) => background.push(b),
+                        Some(Stanza::Static(st)) => statics.push(st),
+                        Some(Stanza::Redirect(r)) => redirects.push(r),
+                        Some(Stanza::Proxy(p)) => proxies.push(p),
                         None => ok = false,
                     }
                 }
@@ -90,14 +163,14 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             Some(w) => webapps.push(w),
             None => ok = false,
         }
-        for key in ["static-hosts", "redirects"] {
-            if let Some(v) = f.raw(key)
-                && !matches!(v, Value::Array(a) if a.is_empty())
-            {
-                problems.error(key, "not supported by this version of keter yet");
-                ok = false;
-            }
+        let errors_before = problems.errors.len();
+        if let Some(v) = f.raw("static-hosts") {
+            statics = served::read_flat_static(v, problems);
         }
+        if let Some(v) = f.raw("redirects") {
+            redirects = served::read_flat_redirects(v, problems);
+        }
+        ok &= problems.errors.len() == errors_before;
         if let Some(pg) = f.bool("postgres", problems)
             && pg
         {
@@ -109,34 +182,37 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         }
         f.finish(problems);
     }
-    if ok && webapps.is_empty() {
+    if ok && webapps.is_empty() && statics.is_empty() && redirects.is_empty() && proxies.is_empty()
+    {
         problems.error(
             "stanzas",
-            "the bundle has no webapp stanza; nothing would be served",
+            "the bundle has no webapp, static-files, redirect or reverse-proxy stanza; nothing would be served",
         );
         ok = false;
     }
+    let config = BundleConfig {
+        webapps,
+        background,
+        statics,
+        redirects,
+        proxies,
+    };
     if ok {
-        let mut seen: BTreeMap<&Hostname, usize> = BTreeMap::new();
-        for (i, w) in webapps.iter().enumerate() {
-            for h in &w.hosts {
-                if let Some(j) = seen.insert(h, i)
-                    && j != i
-                {
-                    problems.error(
-                        format!("stanzas[{i}].hosts"),
-                        format!("the host {h} is also served by stanza {j}"),
-                    );
-                    ok = false;
-                }
+        // One host, one stanza: Nginx would pick one of them silently.
+        let mut seen: Vec<&Hostname> = Vec::new();
+        for h in config.hosts() {
+            if seen.contains(&h) {
+                problems.error("stanzas", format!("the host {h} is served by two stanzas"));
+                ok = false;
             }
+            seen.push(h);
         }
     }
-    (ok && !problems.has_errors()).then_some(BundleConfig { webapps })
+    (ok && !problems.has_errors()).then_some(config)
 }
 
-/// One stanza: `Some(Some(webapp))`, `Some(None)` for a stanza that adds nothing, `None` on error.
-fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Option<WebApp>> {
+/// One stanza; `None` on error (recorded in `problems`).
+fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza> {
     let mut f = Fields::new(v, path, problems)?;
     let Some(kind) = f.string("type", problems) else {
         problems.error(
@@ -145,47 +221,26 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Option<
         );
         return None;
     };
-    match kind.as_str() {
-        "webapp" => {
-            let w = read_webapp(&mut f, false, problems);
-            f.finish(problems);
-            w.map(Some)
-        }
-        "static-files" | "redirect" | "reverse-proxy" | "background" => {
-            problems.error(
-                f.path("type"),
-                format!("stanza type {kind:?} is not supported by this version of keter yet; the bundle is refused rather than served without it"),
-            );
-            None
-        }
+    let stanza = match kind.as_str() {
+        "webapp" => read_webapp(&mut f, false, problems).map(Stanza::Web),
+        "background" => read_background(&mut f, problems).map(Stanza::Background),
+        "static-files" => served::read_static(&mut f, problems).map(Stanza::Static),
+        "redirect" => served::read_redirect(&mut f, problems).map(Stanza::Redirect),
+        "reverse-proxy" => served::read_reverse_proxy(&mut f, problems).map(Stanza::Proxy),
         other => {
             problems.error(
                 f.path("type"),
                 format!("unknown stanza type {other:?}; expected one of webapp, static-files, redirect, reverse-proxy, background"),
             );
-            None
+            return None;
         }
-    }
-}
-
-fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
-    let Some(mut f) = Fields::new(v, "plugins", problems) else {
-        return false;
     };
-    let mut ok = true;
-    if f.bool("postgres", problems) == Some(true) {
-        problems.error(
-            "plugins.postgres",
-            "the postgres plugin is not supported by this version of keter yet",
-        );
-        ok = false;
-    }
     f.finish(problems);
-    ok
+    stanza
 }
 
-/// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
-fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<WebApp> {
+/// The keys every process stanza has: `exec`, `args`, `env`, `forward-env`.
+fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
     let errors_before = problems.errors.len();
     let exec = f.string("exec", problems);
     if exec.is_none() && !problems.errors.iter().any(|e| e.key == f.path("exec")) {
@@ -226,64 +281,78 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
             problems.error(key, e);
         }
     }
+    if problems.errors.len() > errors_before {
+        return None;
+    }
+    Some(Program {
+        exec: PathBuf::from(exec?),
+        args,
+        env,
+        forward_env,
+        origin: f.path("").trim_end_matches('.').to_string(),
+    })
+}
 
-    // The flat format names extra hosts `extra-hosts`; stanzas use `hosts`. Both accept `host`.
-    let extra_key = if flat { "extra-hosts" } else { "hosts" };
-    let mut host_texts: Vec<(String, String)> = Vec::new();
-    if let Some(list) = f.strings("host", problems) {
-        host_texts.extend(list.into_iter().map(|h| (f.path("host"), h)));
-    }
-    if let Some(list) = f.strings(extra_key, problems) {
-        let key = f.path(extra_key);
-        host_texts.extend(
-            list.into_iter()
-                .enumerate()
-                .map(|(i, h)| (format!("{key}[{i}]"), h)),
-        );
-    }
-    let mut hosts: Vec<Hostname> = Vec::new();
-    for (key, text) in host_texts {
-        match Hostname::new(&text) {
-            Ok(h) if hosts.contains(&h) => {
-                problems.warn(key, format!("the host {h} is listed twice"))
-            }
-            Ok(h) => hosts.push(h),
-            Err(e) => problems.error(key, e),
+/// A `background` stanza: Keter's `restart-count` (a number or `unlimited`) and
+/// `restart-delay-seconds`.
+fn read_background(f: &mut Fields, problems: &mut Problems) -> Option<Background> {
+    let program = read_program(f, problems);
+    let restart_count = match f.raw("restart-count") {
+        None => None,
+        Some(Value::String(s)) if s == "unlimited" => None,
+        Some(v) => {
+            let n = yaml::as_uint(v, &f.path("restart-count"), u64::from(u32::MAX), problems);
+            Some(n? as u32)
         }
-    }
-    if hosts.is_empty()
-        && !problems.errors[errors_before..]
-            .iter()
-            .any(|e| e.key.contains("host"))
-    {
-        problems.error(
-            f.path(if flat { "host" } else { "hosts" }),
-            "required: at least one host name that Nginx routes to this app",
-        );
-    }
-
-    let ssl = match f.raw("ssl") {
-        None => false,
-        Some(Value::Object(_)) => {
-            problems.error(
-                f.path("ssl"),
-                "per-app certificates are not supported by this version of keter yet",
-            );
-            false
-        }
-        Some(_) => f.bool("ssl", problems).unwrap_or(false),
     };
-    if f.bool("requires-secure", problems) == Some(true) {
+    let restart_delay = match f.uint("restart-delay-seconds", 86_400, problems) {
+        Some(s) => Duration::from_secs(s),
+        None if problems
+            .errors
+            .iter()
+            .any(|e| e.key == f.path("restart-delay-seconds")) =>
+        {
+            return None;
+        }
+        None => Duration::from_secs(5),
+    };
+    Some(Background {
+        program: program?,
+        restart_count,
+        restart_delay,
+    })
+}
+
+fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
+    let Some(mut f) = Fields::new(v, "plugins", problems) else {
+        return false;
+    };
+    let mut ok = true;
+    if f.bool("postgres", problems) == Some(true) {
         problems.error(
-            f.path("requires-secure"),
-            "not supported by this version of keter yet (no TLS listeners)",
+            "plugins.postgres",
+            "the postgres plugin is not supported by this version of keter yet",
         );
+        ok = false;
     }
-    if f.raw("port-env-vars").is_some() {
-        problems.error(
-            f.path("port-env-vars"),
-            "not supported by this version of keter yet",
-        );
+    f.finish(problems);
+    ok
+}
+
+/// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
+fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<WebApp> {
+    let errors_before = problems.errors.len();
+    let program = read_program(f, problems);
+    // The flat format names extra hosts `extra-hosts`; stanzas use `hosts`. Both accept `host`.
+    let served = served::read_served(f, if flat { "extra-hosts" } else { "hosts" }, problems);
+    let port_env_vars = f.strings("port-env-vars", problems).unwrap_or_default();
+    for (i, name) in port_env_vars.iter().enumerate() {
+        let key = format!("{}[{i}]", f.path("port-env-vars"));
+        if RESERVED_ENV.contains(&name.as_str()) {
+            problems.error(key, format!("{name} is set by keter already"));
+        } else if let Err(e) = check_env_name(name) {
+            problems.error(key, e);
+        }
     }
     let health_check_path = match f.string("health-check-path", problems) {
         None => UrlPath::new("/").expect("/ is a valid path"),
@@ -306,13 +375,13 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     if problems.errors.len() > errors_before {
         return None;
     }
+    let served = served?;
     Some(WebApp {
-        exec: PathBuf::from(exec?),
-        args,
-        env,
-        forward_env,
-        hosts,
-        ssl,
+        program: program?,
+        hosts: served.hosts,
+        tls: served.tls,
+        requires_secure: served.requires_secure,
+        port_env_vars,
         health_check_path,
         readiness_timeout,
         connection_time_bound,
@@ -337,10 +406,14 @@ mod tests {
         );
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let w = &c.unwrap().webapps[0];
-        assert_eq!(w.exec, PathBuf::from("../dist/build/yesodweb/yesodweb"));
-        assert_eq!(w.args, vec!["production"]);
+        assert_eq!(
+            w.program.exec,
+            PathBuf::from("../dist/build/yesodweb/yesodweb")
+        );
+        assert_eq!(w.program.args, vec!["production"]);
+        assert_eq!(w.program.key("exec"), "exec");
         assert_eq!(w.hosts[0].as_str(), "www.yesodweb.com");
-        assert!(!w.ssl);
+        assert_eq!(w.tls, Tls::Off);
         assert_eq!(w.health_check_path.as_str(), "/");
     }
 
@@ -353,7 +426,7 @@ mod tests {
         let w = &c.unwrap().webapps[0];
         let hosts: Vec<&str> = w.hosts.iter().map(|h| h.as_str()).collect();
         assert_eq!(hosts, ["a.example.com", "b.example.com"]);
-        assert_eq!(w.env["GREETING"], "hi");
+        assert_eq!(w.program.env["GREETING"], "hi");
     }
 
     #[test]
@@ -364,7 +437,8 @@ mod tests {
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let w = &c.unwrap().webapps[0];
         assert_eq!(w.hosts.len(), 2);
-        assert_eq!(w.forward_env, ["LANG"]);
+        assert_eq!(w.program.forward_env, ["LANG"]);
+        assert_eq!(w.program.key("exec"), "stanzas[0].exec");
         assert_eq!(w.health_check_path.as_str(), "/up");
         assert_eq!(w.readiness_timeout, Some(Duration::from_secs(5)));
     }
@@ -372,7 +446,7 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let (c, p) = read(
-            "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n",
+            "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n  - type: background\n    exec: ../w\n    restart-count: often\n",
         );
         assert!(c.is_none());
         let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
@@ -380,7 +454,8 @@ mod tests {
             "hello.keter: config/keter.yaml: stanzas[0].exec: required",
             "hello.keter: config/keter.yaml: stanzas[0].env.PORT: PORT is set by keter and cannot be overridden",
             "hello.keter: config/keter.yaml: stanzas[0].hosts[0]: the host name \"evil.com;}\" is not valid",
-            "hello.keter: config/keter.yaml: stanzas[1].type: stanza type \"static-files\" is not supported",
+            "hello.keter: config/keter.yaml: stanzas[1].hosts: required: at least one host name",
+            "hello.keter: config/keter.yaml: stanzas[3].restart-count: expected a whole number",
             "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
         ] {
             assert!(
@@ -397,6 +472,21 @@ mod tests {
         let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"args"), "{keys:?}");
         assert!(keys.contains(&"host"), "{keys:?}");
+    }
+
+    #[test]
+    fn background_stanzas() {
+        let (c, p) = read(
+            "stanzas:\n  - type: webapp\n    exec: ../a\n    host: a.b\n  - type: background\n    exec: ../dist/bin/worker\n    args: [--queue, q]\n    restart-count: 3\n    restart-delay-seconds: 1\n  - type: background\n    exec: ../w2\n    restart-count: unlimited\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.background.len(), 2);
+        assert_eq!(c.background[0].restart_count, Some(3));
+        assert_eq!(c.background[0].restart_delay, Duration::from_secs(1));
+        assert_eq!(c.background[0].program.key("exec"), "stanzas[1].exec");
+        assert_eq!(c.background[1].restart_count, None);
+        assert_eq!(c.background[1].restart_delay, Duration::from_secs(5));
     }
 
     #[test]

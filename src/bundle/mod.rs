@@ -4,11 +4,13 @@
 //! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
 
 pub mod config;
+pub mod served;
 pub mod unpack;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{BundleConfig, WebApp};
+pub use config::{Background, BundleConfig, Program, WebApp};
+pub use served::{Redirect, RedirectAction, RedirectTo, ReverseProxy, StaticFiles, Tls};
 pub use unpack::{UnpackError, Unpacked, unpack};
 
 use crate::problem::{Invalid, Problems};
@@ -35,14 +37,14 @@ pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), 
         .and_then(|tree| config::from_tree(&tree, &mut problems));
     match config {
         Some(c) => {
-            for (i, w) in c.webapps.iter().enumerate() {
-                if let Err(e) = resolve_exec(dir, &w.exec) {
-                    let key = if c.webapps.len() == 1 && i == 0 {
-                        "exec".to_string()
-                    } else {
-                        format!("stanzas[{i}].exec")
-                    };
-                    problems.error(key, e);
+            let programs = c
+                .webapps
+                .iter()
+                .map(|w| &w.program)
+                .chain(c.background.iter().map(|b| &b.program));
+            for program in programs {
+                if let Err(e) = resolve_exec(dir, &program.exec) {
+                    problems.error(program.key("exec"), e);
                 }
             }
             if problems.has_errors() {
@@ -93,6 +95,48 @@ pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
     }
     if meta.permissions().mode() & 0o111 == 0 {
         return Err(format!("{} is not executable", exec.display()));
+    }
+    Ok(real)
+}
+
+/// Resolves a path of a `static-files` stanza (relative to `config/`) to a folder inside the
+/// unpacked bundle. Keter let a bundle serve `../../` or `/home`; keter refuses a root that
+/// resolves outside the bundle.
+pub fn resolve_dir(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
+    let real = resolve_inside(dir, rel)?;
+    if !real.is_dir() {
+        return Err(format!("{} is not a folder", rel.display()));
+    }
+    Ok(real)
+}
+
+/// Resolves a file of the bundle (relative to `config/`) inside the unpacked folder.
+pub fn resolve_file(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
+    let real = resolve_inside(dir, rel)?;
+    if !real.is_file() {
+        return Err(format!("{} is not a regular file", rel.display()));
+    }
+    Ok(real)
+}
+
+fn resolve_inside(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
+    let joined = if rel.is_absolute() {
+        return Err(format!(
+            "{} is an absolute path; paths are relative to config/ and stay inside the bundle",
+            rel.display()
+        ));
+    } else {
+        dir.join("config").join(rel)
+    };
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+    let real = joined.canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{} is not in the bundle", rel.display()),
+        _ => format!("{}: {e}", rel.display()),
+    })?;
+    if !real.starts_with(&root) {
+        return Err(format!("{} resolves outside the bundle", rel.display()));
     }
     Ok(real)
 }

@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,20 @@ impl fmt::Display for NginxError {
 
 impl std::error::Error for NginxError {}
 
+/// What the controller has done, for the metrics.
+#[derive(Debug, Default)]
+pub struct NginxCounters {
+    /// Reloads confirmed by Nginx.
+    pub reloads: AtomicU64,
+    /// Reloads Nginx did not confirm in time.
+    pub reload_failures: AtomicU64,
+    /// Changes `nginx -t` refused.
+    pub test_failures: AtomicU64,
+}
+
 /// Handle to the controller thread.
 pub struct Nginx {
+    pub counters: Arc<NginxCounters>,
     tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
     /// Pid of the running master, 0 when none (managed mode; written by the controller).
@@ -93,7 +105,9 @@ impl Nginx {
         let (tx, rx) = unbounded();
         let paths = renderer.paths().clone();
         let master_pid = Arc::new(AtomicI32::new(0));
+        let counters = Arc::new(NginxCounters::default());
         let mut c = Controller {
+            counters: counters.clone(),
             master_pid: master_pid.clone(),
             nginx: config.nginx.clone(),
             stop_timeout: config.stop_timeout,
@@ -112,6 +126,7 @@ impl Nginx {
             .spawn(move || c.run(rx))
             .map_err(|e| format!("cannot start the nginx controller thread: {e}"))?;
         Ok(Nginx {
+            counters,
             tx,
             thread: Some(thread),
             master_pid,
@@ -183,6 +198,7 @@ struct Master {
 }
 
 struct Controller {
+    counters: Arc<NginxCounters>,
     master_pid: Arc<AtomicI32>,
     nginx: NginxConfig,
     stop_timeout: Duration,
@@ -218,6 +234,9 @@ impl Controller {
         for entry in fs::read_dir(&p.apps).map_err(|e| format!("{}: {e}", p.apps.display()))? {
             let path = entry.map_err(|e| e.to_string())?.path();
             let _ = fs::remove_file(path);
+        }
+        for (out, inputs) in self.renderer.listener_cert_bundles() {
+            write_certificate_bundle(&out, &inputs)?;
         }
         if self.nginx.mode == NginxMode::Managed {
             self.stop_leftover_master();
@@ -263,12 +282,8 @@ impl Controller {
         let prefix = self.paths.prefix.to_string_lossy().into_owned();
         if String::from_utf8_lossy(&cmdline).contains(&prefix) {
             log::warn!("nginx: stopping the master (pid {pid}) left by an earlier run");
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = Instant::now() + self.stop_timeout;
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            // keter starts the master as the leader of its own group, workers included.
+            process::stop_group(pid, self.stop_timeout);
         }
     }
 
@@ -381,6 +396,7 @@ impl Controller {
         }
         let t0 = Instant::now();
         if let Err(e) = self.test() {
+            self.counters.test_failures.fetch_add(1, Ordering::Relaxed);
             self.restore(wanted, before);
             return Err(e);
         }
@@ -397,7 +413,13 @@ impl Controller {
             (t2 - t1).as_millis(),
             t2.elapsed().as_millis()
         );
+        if live.is_ok() {
+            self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = live {
+            self.counters
+                .reload_failures
+                .fetch_add(1, Ordering::Relaxed);
             log::error!("nginx: {e}; restoring the previous configuration");
             self.restore(wanted, before);
             if self.reload().and_then(|()| self.confirm()).is_err() {
@@ -495,10 +517,24 @@ impl Controller {
         }
     }
 
-    /// Waits until the control socket answers the current generation.
-    fn confirm(&self) -> Result<(), NginxError> {
+    /// Waits until the control socket answers the current generation. A managed master that
+    /// dies meanwhile is replaced at once (the new one reads the files in place), rather than
+    /// waiting out the timeout against its orphaned workers.
+    fn confirm(&mut self) -> Result<(), NginxError> {
         let deadline = Instant::now() + self.nginx.reload_timeout;
         loop {
+            if self.nginx.mode == NginxMode::Managed
+                && let Some(m) = &self.master
+                && !procfs::is_alive(m.pid)
+            {
+                let pid = m.pid;
+                log::error!(
+                    "nginx: the master (pid {pid}) died during a reload; starting a new one"
+                );
+                process::stop_group(pid, Duration::from_secs(2));
+                self.master = None;
+                self.start_master()?;
+            }
             let last = match probe::get_unix(
                 &self.paths.control_socket,
                 "/keter-generation",
@@ -630,15 +666,15 @@ impl Controller {
         if m.started.elapsed() > Duration::from_secs(60) {
             self.restart.delay = Restart::FIRST;
         }
+        self.master = None;
+        self.master_pid.store(0, Ordering::Relaxed);
+        // Its workers outlive it and keep the listening sockets: stop the whole group.
+        process::stop_group(pid, Duration::from_secs(2));
         log::error!(
             "nginx: the master (pid {pid}) stopped with {}; restarting it in {:?}",
             process::describe_exit(status),
             self.restart.delay
         );
-        self.master = None;
-        self.master_pid.store(0, Ordering::Relaxed);
-        // Its workers outlive it and keep the listening sockets: stop the whole group.
-        process::stop_group(pid, Duration::from_secs(2));
         self.restart.at = Some(Instant::now() + self.restart.delay);
         self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
     }
@@ -697,6 +733,38 @@ impl Controller {
             ),
         }
     }
+}
+
+/// A TLS listener's certificate with its chain appended, as `ssl_certificate` wants it,
+/// readable by its owner only.
+fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut bytes = Vec::new();
+    for input in inputs {
+        let part = fs::read(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        bytes.extend(&part);
+        if !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+    }
+    let dir = out.parent().unwrap_or(Path::new("."));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = || -> io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(out)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    write().map_err(|e| format!("{}: {e}", out.display()))
 }
 
 /// Writes a file by temp file + fsync + rename, so Nginx never reads half a file. The temp

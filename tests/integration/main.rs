@@ -4,5 +4,9 @@
 
 mod support;
 
+mod craft;
 mod deploy_loop;
+mod hostile;
+mod stanzas;
+mod supervision;
 mod system_mode;

@@ -113,7 +113,7 @@ pub fn hello_yaml(version: &str, host: &str, extra_args: &[&str]) -> String {
     args.extend(extra_args.iter().map(|a| a.to_string()));
     let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
     format!(
-        "exec: ../dist/hello\nargs: [{}]\nhost: {host}\n",
+        "exec: ../dist/hello\nargs: [{}]\nhost: {host:?}\n",
         args.join(", ")
     )
 }
@@ -127,6 +127,9 @@ pub struct Opts {
     pub extra: String,
     /// How many app ports the daemon may hand out.
     pub ports: u16,
+    /// The first app port (by default a block distinct from other tests').
+    pub first_port: Option<u16>,
+    pub reload_timeout: f64,
     /// The front-end port; a free one when `None`.
     pub port: Option<u16>,
     /// The `nginx` key as a YAML flow mapping; a managed Nginx when `None`.
@@ -143,6 +146,8 @@ impl Default for Opts {
             stop_timeout: 2.0,
             extra: String::new(),
             ports: 20,
+            first_port: None,
+            reload_timeout: 10.0,
             port: None,
             nginx: None,
             root: None,
@@ -187,10 +192,13 @@ impl Keter {
         let dir = TempDir::new(label);
         let root = opts.root.unwrap_or_else(|| dir.0.join("root"));
         let port = opts.port.unwrap_or_else(free_port);
-        let nginx = opts
-            .nginx
-            .unwrap_or_else(|| "{mode: managed, reload-timeout: 10}".into());
-        let (first, last) = port_range(opts.ports);
+        let nginx = opts.nginx.unwrap_or_else(|| {
+            format!("{{mode: managed, reload-timeout: {}}}", opts.reload_timeout)
+        });
+        let (first, last) = match opts.first_port {
+            Some(p) => (p, p + opts.ports - 1),
+            None => port_range(opts.ports),
+        };
         let config_path = dir.0.join("keter-config.yaml");
         fs::write(
             &config_path,
@@ -216,10 +224,10 @@ impl Keter {
         k
     }
 
-    /// Starts the binary (again) on the same root and waits until Nginx answers and keter
-    /// watches `incoming/` (a system Nginx answers before keter has started).
+    /// Starts the binary (again) on the same root and waits until it watches `incoming/` and
+    /// its Nginx answers.
     pub fn launch(&mut self) {
-        let watching = self.log_count("keter: watching");
+        let started_before = self.log_count("keter: watching");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -240,8 +248,8 @@ impl Keter {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = self.get("nobody.invalid", "/")
-                && self.log_count("keter: watching") > watching
+            if self.log_count("keter: watching") > started_before
+                && let Ok(r) = self.get("nobody.invalid", "/")
             {
                 assert_eq!(r.status, 404, "{r:?}");
                 return;
@@ -277,6 +285,15 @@ impl Keter {
         fs::rename(&tmp, self.incoming().join(format!("{name}.keter"))).unwrap();
     }
 
+    /// Puts a bundle in by a hard link under a temporary name and a rename (no copy: for
+    /// tests that deploy hundreds of times).
+    pub fn deploy_linked(&self, name: &str, bundle: &Path) {
+        let tmp = self.incoming().join(format!(".{name}.keter.part"));
+        let _ = fs::remove_file(&tmp);
+        fs::hard_link(bundle, &tmp).unwrap();
+        fs::rename(&tmp, self.incoming().join(format!("{name}.keter"))).unwrap();
+    }
+
     /// Builds and deploys the example app answering `version` on `host`.
     pub fn deploy_hello(&self, name: &str, version: &str, host: &str, args: &[&str]) -> PathBuf {
         let path = self.dir.0.join(format!("{name}-{version}.keter"));
@@ -289,15 +306,23 @@ impl Keter {
         keter::probe::get_tcp(self.addr(), host, path, Duration::from_secs(5))
     }
 
-    /// Waits until `host` answers 200 with `body` (trimmed); returns how long it took.
+    /// Waits until `host` answers 200 with `body` (trimmed) and keeps doing so for 300 ms;
+    /// returns how long it took until the first such answer. (For about 100 ms after a reload
+    /// Nginx's previous workers still accept connections with the previous configuration.)
     pub fn wait_for(&self, host: &str, body: &str, timeout: Duration) -> Duration {
         let start = Instant::now();
+        let mut first: Option<Instant> = None;
         loop {
-            if let Ok(r) = self.get(host, "/")
-                && r.status == 200
-                && r.body.trim() == body
-            {
-                return start.elapsed();
+            let good = self
+                .get(host, "/")
+                .is_ok_and(|r| r.status == 200 && r.body.trim() == body);
+            match (good, first) {
+                (true, None) => first = Some(Instant::now()),
+                (true, Some(t)) if t.elapsed() >= Duration::from_millis(300) => {
+                    return t - start;
+                }
+                (true, Some(_)) => {}
+                (false, _) => first = None,
             }
             assert!(
                 start.elapsed() < timeout,

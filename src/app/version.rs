@@ -1,0 +1,221 @@
+//! One unpacked version of an app and its supervised processes: how each process is started
+//! (environment, user, ports), restarted after an exit, and stopped with its folder.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use crate::bundle::{BundleConfig, Program, WebApp};
+use crate::config::Config;
+use crate::names::AppName;
+use crate::process::{self, Running, Spec};
+use crate::restart::{Decision, Policy, Restarts};
+
+/// Identity of a bundle file on disk, to skip re-reading a file that did not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub(super) fn of(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// One unpacked version of the app and its processes.
+pub(super) struct Version {
+    /// Unique within this run of keter; names the folder `temp/NAME-ID`.
+    pub id: u64,
+    pub dir: PathBuf,
+    pub sha256: String,
+    pub stamp: FileStamp,
+    pub config: BundleConfig,
+    /// Background stanzas first, then webapps, in the order they are started.
+    pub procs: Vec<Proc>,
+    /// Deploy number of this app within this run.
+    pub deploy: u64,
+    /// Modification time of the bundle file.
+    pub modified: Option<std::time::SystemTime>,
+    /// When Nginx started routing to this version.
+    pub live_since: Option<std::time::SystemTime>,
+}
+
+impl Version {
+    /// The ports of the version's webapps.
+    pub fn ports(&self) -> Vec<u16> {
+        self.procs.iter().filter_map(|p| p.port()).collect()
+    }
+}
+
+/// What a process is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// `webapps[index]`, listening on `port`; the port is kept across crash restarts so the
+    /// Nginx upstream stays right (Dokku #3396: a changed upstream after a restart meant 502s).
+    Web { index: usize, port: u16 },
+    /// `background[index]`.
+    Background { index: usize },
+}
+
+/// A supervised process of a version.
+pub(super) struct Proc {
+    pub role: Role,
+    pub spec: Spec,
+    pub running: Option<Running>,
+    /// When an exited process is due to start again.
+    pub restart_at: Option<Instant>,
+    pub restarts: Restarts,
+}
+
+impl Proc {
+    pub fn new(role: Role, spec: Spec, policy: Policy) -> Proc {
+        Proc {
+            role,
+            spec,
+            running: None,
+            restart_at: None,
+            restarts: Restarts::new(policy),
+        }
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        match self.role {
+            Role::Web { port, .. } => Some(port),
+            Role::Background { .. } => None,
+        }
+    }
+
+    /// How the process is named in the log.
+    pub fn label(&self) -> String {
+        match self.role {
+            Role::Web { port, .. } => format!("port {port}"),
+            Role::Background { index } => format!("background stanza {index}"),
+        }
+    }
+
+    /// The process exited: decides about its restart and says so in the log.
+    pub fn exited(&mut self, app: &AppName, pid: i32, status: ExitStatus, now: Instant) {
+        let ran = self
+            .running
+            .take()
+            .map(|r| now.saturating_duration_since(r.started))
+            .unwrap_or_default();
+        let how = process::describe_exit(status);
+        match self.restarts.exited(now, ran) {
+            Decision::RestartAt(at) => {
+                let looping = if self.restarts.crash_looping() {
+                    format!(
+                        "; crash-looping ({} failures in a row)",
+                        self.restarts.failures()
+                    )
+                } else {
+                    String::new()
+                };
+                log::warn!(
+                    "{app}: pid {pid} ({}) exited with {how} after {} ms; restarting in {} ms{looping}",
+                    self.label(),
+                    ran.as_millis(),
+                    at.saturating_duration_since(now).as_millis()
+                );
+                self.restart_at = Some(at);
+            }
+            Decision::GiveUp => {
+                log::error!(
+                    "{app}: pid {pid} ({}) exited with {how}; its restart-count is used up, it stays stopped",
+                    self.label()
+                );
+                self.restart_at = None;
+            }
+        }
+    }
+}
+
+/// The environment of DESIGN.md 7, lowest precedence first: base, global `env`, `plugin`
+/// variables, `forward-env`, stanza `env`; then, for a webapp, keter's own variables, which a
+/// bundle cannot override.
+pub(super) fn environment(
+    config: &Config,
+    program: &Program,
+    web: Option<(&WebApp, u16)>,
+) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    let home = match &config.run_as {
+        Some(user) => user.home.display().to_string(),
+        None => std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+    };
+    env.insert("HOME".into(), home);
+    env.extend(config.env.clone());
+    for name in &program.forward_env {
+        if let Ok(v) = std::env::var(name) {
+            env.insert(name.clone(), v);
+        }
+    }
+    env.extend(program.env.clone());
+    if let Some((webapp, port)) = web {
+        let (scheme, external, default) = if webapp.https() {
+            ("https", config.external_https_port, 443)
+        } else {
+            ("http", config.external_http_port, 80)
+        };
+        let host = webapp.hosts[0].as_str();
+        let approot = if external == default {
+            format!("{scheme}://{host}")
+        } else {
+            format!("{scheme}://{host}:{external}")
+        };
+        for name in &webapp.port_env_vars {
+            env.insert(name.clone(), port.to_string());
+        }
+        env.insert("PORT".into(), port.to_string());
+        env.insert("YESOD_PORT".into(), port.to_string());
+        env.insert("APPROOT".into(), approot.clone());
+        env.insert("YESOD_APPROOT".into(), approot);
+    }
+    env.into_iter().collect()
+}
+
+/// Gives the unpacked folder to the `setuid` user (Yesod apps write `static/tmp` inside it)
+/// and stops others from listing it (mode 0711: Nginx's workers still reach the files of a
+/// static-files stanza by their path). Symlinks are changed themselves, never followed.
+pub(super) fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{PermissionsExt, lchown};
+    fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        lchown(p, Some(uid), Some(gid))?;
+        let meta = fs::symlink_metadata(p)?;
+        if meta.is_dir() {
+            for entry in fs::read_dir(p)? {
+                walk(&entry?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, uid, gid)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
+}
+
+/// Stops a process group and waits, SIGTERM then SIGKILL after `grace`; says how it ended.
+pub(super) fn stop(app: &AppName, label: &str, pid: i32, grace: Duration) {
+    let how = process::stop_group(pid, grace);
+    log::info!(
+        "{app}: stopped pid {pid} ({label}) ({})",
+        match how {
+            process::Stopped::Terminated => "SIGTERM",
+            process::Stopped::Killed => "SIGKILL after stop-timeout",
+        }
+    );
+}

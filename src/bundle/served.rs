@@ -1,0 +1,442 @@
+//! The stanzas Nginx serves by itself, without an app process: `static-files`, `redirect`
+//! and `reverse-proxy` (and the flat format's `static-hosts` and `redirects`), plus the keys
+//! every host-serving stanza shares: `host`/`hosts`, `ssl` and `requires-secure`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::names::{Hostname, RedirectUrl, UrlPath};
+use crate::problem::Problems;
+use crate::yaml::{self, Fields};
+
+/// How a stanza's hosts are served over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tls {
+    /// `ssl: false` (or absent): the listeners' certificates; `APPROOT` is `http://`.
+    #[default]
+    Off,
+    /// `ssl: true`: the TLS listeners' certificates; `APPROOT` is `https://`.
+    Listener,
+    /// `ssl: {key, certificate, chain-certificates}`: files inside the bundle (relative to
+    /// `config/`), copied into keter's own folder at deploy.
+    Own {
+        key: PathBuf,
+        certificate: PathBuf,
+        chain: Vec<PathBuf>,
+    },
+}
+
+/// The keys shared by every stanza that Nginx routes hosts to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    /// Non-empty, no duplicates.
+    pub hosts: Vec<Hostname>,
+    pub tls: Tls,
+    /// Plain HTTP requests get a 301 to HTTPS.
+    pub requires_secure: bool,
+}
+
+/// `static-files`: Nginx serves a folder of the bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticFiles {
+    pub served: Served,
+    /// As written, relative to `config/`; must resolve inside the bundle.
+    pub root: PathBuf,
+    pub directory_listing: bool,
+    /// Where the stanza is in the file, for messages.
+    pub origin: String,
+}
+
+/// `redirect`: Nginx answers with a redirect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    pub served: Served,
+    /// 301, 302, 303 (Keter's default), 307 or 308.
+    pub status: u16,
+    pub actions: Vec<RedirectAction>,
+}
+
+/// One of a redirect's `actions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedirectAction {
+    /// Only requests for this exact path; `None` for every path.
+    pub path: Option<UrlPath>,
+    pub target: RedirectTo,
+}
+
+/// Where a redirect action sends the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedirectTo {
+    Url(RedirectUrl),
+    /// The same path on another host.
+    Host {
+        host: Hostname,
+        secure: bool,
+        port: Option<u16>,
+    },
+}
+
+/// `reverse-proxy`: Nginx forwards `reversing-host` to another server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReverseProxy {
+    pub served: Served,
+    /// A host name or IP address (validated).
+    pub reversed_host: String,
+    pub reversed_port: u16,
+    /// Talk HTTPS to the reversed server.
+    pub reversed_ssl: bool,
+    /// Pass the client's `Host` instead of `reversed-host`.
+    pub preserve_host: bool,
+    /// Per-request bound; `Some(None)` for none, `None` for the global one.
+    pub timeout: Option<Option<Duration>>,
+}
+
+/// Reads `host`/`hosts` (and `extra_key`, e.g. the flat format's `extra-hosts`), `ssl` and
+/// `requires-secure`. `None` (with problems recorded) when a host is invalid or none is given.
+pub fn read_served(
+    f: &mut Fields,
+    extra_key: &'static str,
+    problems: &mut Problems,
+) -> Option<Served> {
+    let errors_before = problems.errors.len();
+    let mut texts: Vec<(String, String)> = Vec::new();
+    if let Some(list) = f.strings("host", problems) {
+        texts.extend(list.into_iter().map(|h| (f.path("host"), h)));
+    }
+    if let Some(list) = f.strings(extra_key, problems) {
+        let key = f.path(extra_key);
+        texts.extend(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, h)| (format!("{key}[{i}]"), h)),
+        );
+    }
+    let hosts = hosts_from(texts, problems);
+    if hosts.is_empty() && problems.errors.len() == errors_before {
+        // The flat format's main key is `host`; stanzas list `hosts`.
+        let key = if extra_key == "hosts" {
+            "hosts"
+        } else {
+            "host"
+        };
+        problems.error(
+            f.path(key),
+            "required: at least one host name that Nginx routes to this stanza",
+        );
+    }
+    let tls = read_tls(f, problems);
+    let requires_secure = f.bool("requires-secure", problems).unwrap_or(false);
+    (problems.errors.len() == errors_before).then_some(Served {
+        hosts,
+        tls,
+        requires_secure,
+    })
+}
+
+fn hosts_from(texts: Vec<(String, String)>, problems: &mut Problems) -> Vec<Hostname> {
+    let mut hosts: Vec<Hostname> = Vec::new();
+    for (key, text) in texts {
+        match Hostname::new(&text) {
+            Ok(h) if hosts.contains(&h) => {
+                problems.warn(key, format!("the host {h} is listed twice"))
+            }
+            Ok(h) => hosts.push(h),
+            Err(e) => problems.error(key, e),
+        }
+    }
+    hosts
+}
+
+fn read_tls(f: &mut Fields, problems: &mut Problems) -> Tls {
+    match f.raw("ssl") {
+        None => Tls::Off,
+        Some(v @ Value::Object(_)) => {
+            let path = f.path("ssl");
+            let Some(mut t) = Fields::new(v, &path, problems) else {
+                return Tls::Off;
+            };
+            let key = t.string("key", problems);
+            let certificate = t.string("certificate", problems);
+            let chain = t
+                .strings("chain-certificates", problems)
+                .unwrap_or_default();
+            t.finish(problems);
+            match (key, certificate) {
+                (Some(key), Some(certificate)) => Tls::Own {
+                    key: key.into(),
+                    certificate: certificate.into(),
+                    chain: chain.into_iter().map(PathBuf::from).collect(),
+                },
+                _ => {
+                    problems.error(
+                        path,
+                        "a certificate needs `key` and `certificate` (files in the bundle, relative to config/)",
+                    );
+                    Tls::Off
+                }
+            }
+        }
+        Some(_) => match f.bool("ssl", problems) {
+            Some(true) => Tls::Listener,
+            _ => Tls::Off,
+        },
+    }
+}
+
+/// A `static-files` stanza.
+pub fn read_static(f: &mut Fields, problems: &mut Problems) -> Option<StaticFiles> {
+    let served = read_served(f, "hosts", problems);
+    let root = f.string("root", problems);
+    if root.is_none() && !problems.errors.iter().any(|e| e.key == f.path("root")) {
+        problems.error(
+            f.path("root"),
+            "required: the folder to serve, relative to config/",
+        );
+    }
+    let directory_listing = f.bool("directory-listing", problems).unwrap_or(false);
+    if f.raw("middleware").is_some() {
+        problems.error(
+            f.path("middleware"),
+            "Keter's WAI middleware is not available behind Nginx; remove it",
+        );
+        return None;
+    }
+    Some(StaticFiles {
+        served: served?,
+        root: PathBuf::from(root?),
+        directory_listing,
+        origin: f.path("").trim_end_matches('.').to_string(),
+    })
+}
+
+/// A `redirect` stanza.
+pub fn read_redirect(f: &mut Fields, problems: &mut Problems) -> Option<Redirect> {
+    let errors_before = problems.errors.len();
+    let served = read_served(f, "hosts", problems);
+    let status = match f.uint("status", 999, problems) {
+        None => 303,
+        Some(s @ (301 | 302 | 303 | 307 | 308)) => s as u16,
+        Some(other) => {
+            problems.error(
+                f.path("status"),
+                format!("{other} is not a redirect status; expected 301, 302, 303, 307 or 308"),
+            );
+            303
+        }
+    };
+    let mut actions = Vec::new();
+    match f.raw("actions") {
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let base = f.path("actions");
+            for (i, item) in items.iter().enumerate() {
+                if let Some(a) = read_action(item, &format!("{base}[{i}]"), problems) {
+                    actions.push(a);
+                }
+            }
+        }
+        other => problems.error(
+            f.path("actions"),
+            format!(
+                "required: a list of actions such as [{{host: www.example.com}}] or [{{url: \"https://...\"}}], found {}",
+                other.map_or("nothing", yaml::type_name)
+            ),
+        ),
+    }
+    (problems.errors.len() == errors_before).then_some(Redirect {
+        served: served?,
+        status,
+        actions,
+    })
+}
+
+fn read_action(v: &Value, path: &str, problems: &mut Problems) -> Option<RedirectAction> {
+    let errors_before = problems.errors.len();
+    let mut f = Fields::new(v, path, problems)?;
+    let source = f.string("path", problems).and_then(|p| {
+        UrlPath::new(&p)
+            .map_err(|e| problems.error(format!("{path}.path"), e))
+            .ok()
+    });
+    let url = f.string("url", problems);
+    let host = f.string("host", problems);
+    let secure = f.bool("secure", problems).unwrap_or(false);
+    let port = f.uint("port", 65535, problems).map(|p| p as u16);
+    f.finish(problems);
+    let target = match (url, host) {
+        (Some(url), None) => RedirectUrl::new(&url)
+            .map(RedirectTo::Url)
+            .map_err(|e| problems.error(format!("{path}.url"), e))
+            .ok(),
+        (None, Some(host)) => match Hostname::new(&host) {
+            Ok(h) if h.is_wildcard() => {
+                problems.error(
+                    format!("{path}.host"),
+                    "a redirect target cannot be a wildcard",
+                );
+                None
+            }
+            Ok(host) => Some(RedirectTo::Host { host, secure, port }),
+            Err(e) => {
+                problems.error(format!("{path}.host"), e);
+                None
+            }
+        },
+        _ => {
+            problems.error(path, "an action needs either `host` or `url`");
+            None
+        }
+    };
+    if problems.errors.len() > errors_before {
+        return None;
+    }
+    Some(RedirectAction {
+        path: source,
+        target: target?,
+    })
+}
+
+/// A `reverse-proxy` stanza.
+pub fn read_reverse_proxy(f: &mut Fields, problems: &mut Problems) -> Option<ReverseProxy> {
+    let errors_before = problems.errors.len();
+    // Keter names the incoming host `reversing-host`.
+    let hosts = f
+        .strings("reversing-host", problems)
+        .map(|list| {
+            let key = f.path("reversing-host");
+            hosts_from(
+                list.into_iter().map(|h| (key.clone(), h)).collect(),
+                problems,
+            )
+        })
+        .unwrap_or_default();
+    if hosts.is_empty() && problems.errors.len() == errors_before {
+        problems.error(
+            f.path("reversing-host"),
+            "required: the host name Nginx forwards",
+        );
+    }
+    let tls = read_tls(f, problems);
+    let requires_secure = f.bool("requires-secure", problems).unwrap_or(false);
+    let reversed_host = match f.string("reversed-host", problems) {
+        Some(h) if h.parse::<IpAddr>().is_ok() => Some(h),
+        Some(h) => match Hostname::new(&h) {
+            Ok(n) if !n.is_wildcard() => Some(n.to_string()),
+            Ok(_) => {
+                problems.error(f.path("reversed-host"), "cannot be a wildcard");
+                None
+            }
+            Err(e) => {
+                problems.error(f.path("reversed-host"), e);
+                None
+            }
+        },
+        None => {
+            problems.error(
+                f.path("reversed-host"),
+                "required: the host name or IP address to forward to",
+            );
+            None
+        }
+    };
+    let reversed_port = match f.uint("reversed-port", 65535, problems) {
+        Some(0) | None => {
+            problems.error(f.path("reversed-port"), "required: a port from 1 to 65535");
+            None
+        }
+        Some(p) => Some(p as u16),
+    };
+    let reversed_ssl = f.bool("reversed-ssl", problems).unwrap_or(false);
+    let preserve_host = f.bool("preserve-host", problems).unwrap_or(false);
+    let timeout = f
+        .uint("timeout", 86_400, problems)
+        .map(|s| (s > 0).then(|| Duration::from_secs(s)));
+    for key in ["rewrite-request", "rewrite-response"] {
+        if f.raw(key).is_some() {
+            problems.error(
+                f.path(key),
+                "header rewriting is not supported; set headers in the reversed server",
+            );
+        }
+    }
+    if problems.errors.len() > errors_before {
+        return None;
+    }
+    Some(ReverseProxy {
+        served: Served {
+            hosts,
+            tls,
+            requires_secure,
+        },
+        reversed_host: reversed_host?,
+        reversed_port: reversed_port?,
+        reversed_ssl,
+        preserve_host,
+        timeout,
+    })
+}
+
+/// The flat format's `static-hosts: [{host, root}]`.
+pub fn read_flat_static(v: &Value, problems: &mut Problems) -> Vec<StaticFiles> {
+    let mut out = Vec::new();
+    let Value::Array(items) = v else {
+        problems.error("static-hosts", "expected a list of {host, root}");
+        return out;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("static-hosts[{i}]");
+        if let Some(mut f) = Fields::new(item, &path, problems) {
+            if let Some(s) = read_static(&mut f, problems) {
+                out.push(s);
+            }
+            f.finish(problems);
+        }
+    }
+    out
+}
+
+/// The flat format's `redirects: [{from, to}]`: permanent redirects to the same path on
+/// another host, as Keter converts them.
+pub fn read_flat_redirects(v: &Value, problems: &mut Problems) -> Vec<Redirect> {
+    let mut out = Vec::new();
+    let Value::Array(items) = v else {
+        problems.error("redirects", "expected a list of {from, to}");
+        return out;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("redirects[{i}]");
+        let Some(mut f) = Fields::new(item, &path, problems) else {
+            continue;
+        };
+        let from = f.string("from", problems);
+        let to = f.string("to", problems);
+        f.finish(problems);
+        let (Some(from), Some(to)) = (from, to) else {
+            problems.error(path, "needs `from` and `to` host names");
+            continue;
+        };
+        let from = Hostname::new(&from).map_err(|e| problems.error(format!("{path}.from"), e));
+        let to = Hostname::new(&to).map_err(|e| problems.error(format!("{path}.to"), e));
+        if let (Ok(from), Ok(to)) = (from, to) {
+            out.push(Redirect {
+                served: Served {
+                    hosts: vec![from],
+                    tls: Tls::Off,
+                    requires_secure: false,
+                },
+                status: 301,
+                actions: vec![RedirectAction {
+                    path: None,
+                    target: RedirectTo::Host {
+                        host: to,
+                        secure: false,
+                        port: None,
+                    },
+                }],
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,268 @@
+//! What the app workers and the Nginx controller report about themselves, for the status
+//! interface (`keter status`, the web pages, `/api/apps`, `/metrics`).
+//!
+//! Each worker alone writes its app's entry (after every step it takes); readers get copies.
+//! Counters that only grow (deploys by result, restarts, reloads) live here too, so that
+//! metrics never go backwards when an app is removed.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::applog::timestamp;
+use crate::names::AppName;
+
+/// An app's state as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppState {
+    /// A deploy is in progress and no version serves yet.
+    Starting,
+    /// A version serves and all its processes run.
+    Running,
+    /// A version serves and a new one is being deployed.
+    Deploying,
+    /// A process of the serving version failed several times in a row.
+    CrashLooping,
+    /// The last deploy failed and no version serves.
+    Failed,
+    /// No version runs (the bundle was deleted).
+    Stopped,
+}
+
+impl AppState {
+    pub const ALL: [AppState; 6] = [
+        AppState::Starting,
+        AppState::Running,
+        AppState::Deploying,
+        AppState::CrashLooping,
+        AppState::Failed,
+        AppState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Starting => "starting",
+            AppState::Running => "running",
+            AppState::Deploying => "deploying",
+            AppState::CrashLooping => "crash-looping",
+            AppState::Failed => "failed",
+            AppState::Stopped => "stopped",
+        }
+    }
+}
+
+/// How a deploy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeployResult {
+    Succeeded,
+    Failed,
+    Superseded,
+    Unchanged,
+}
+
+impl DeployResult {
+    pub const ALL: [DeployResult; 4] = [
+        DeployResult::Succeeded,
+        DeployResult::Failed,
+        DeployResult::Superseded,
+        DeployResult::Unchanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployResult::Succeeded => "succeeded",
+            DeployResult::Failed => "failed",
+            DeployResult::Superseded => "superseded",
+            DeployResult::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// The last deploy of an app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeployReport {
+    pub result: DeployResult,
+    /// When it ended (UTC, RFC 3339).
+    pub finished: String,
+    pub duration_ms: u64,
+    /// Why it failed; never contains secrets (keter's messages name files and keys only).
+    pub error: Option<String>,
+}
+
+/// One process of the serving version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessReport {
+    /// `webapp` or `background`.
+    pub kind: &'static str,
+    /// Stanza index within its kind.
+    pub stanza: usize,
+    pub port: Option<u16>,
+    /// `None` while it waits for a restart (or gave up).
+    pub pid: Option<i32>,
+    pub restarts: u64,
+}
+
+/// Everything known about one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppReport {
+    pub name: String,
+    pub state: AppState,
+    /// Hex SHA-256 of the serving bundle.
+    pub sha256: Option<String>,
+    /// Modification time of the serving bundle file (UTC, RFC 3339).
+    pub bundle_time: Option<String>,
+    /// Deploy number of the serving version within this run of keter.
+    pub deploy: Option<u64>,
+    pub hosts: Vec<String>,
+    pub processes: Vec<ProcessReport>,
+    /// When the serving version went live (UTC, RFC 3339) and for how long it has served.
+    pub since: Option<String>,
+    pub uptime_seconds: Option<u64>,
+    /// Restarts of the serving version's processes.
+    pub restarts: u64,
+    pub last_deploy: Option<DeployReport>,
+    /// The last error of any kind (failed deploy, crash).
+    pub last_error: Option<String>,
+    /// Output lines dropped because the log could not keep up.
+    pub log_lines_dropped: u64,
+    /// Old versions still draining.
+    pub draining: usize,
+}
+
+impl AppReport {
+    pub fn new(name: &AppName) -> AppReport {
+        AppReport {
+            name: name.to_string(),
+            state: AppState::Starting,
+            sha256: None,
+            bundle_time: None,
+            deploy: None,
+            hosts: Vec::new(),
+            processes: Vec::new(),
+            since: None,
+            uptime_seconds: None,
+            restarts: 0,
+            last_deploy: None,
+            last_error: None,
+            log_lines_dropped: 0,
+            draining: 0,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the duration histograms' buckets.
+pub const BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0,
+];
+
+/// A Prometheus-style histogram: counts per bucket, sum and count.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (as in Prometheus), then the total count and the sum in
+    /// seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        (
+            buckets,
+            self.count.load(Ordering::Relaxed),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+/// The registry every worker reports to.
+#[derive(Debug, Default)]
+pub struct Reports {
+    apps: Mutex<BTreeMap<String, AppReport>>,
+    deploys: [AtomicU64; 4],
+    /// Rename-to-switch time of successful deploys.
+    pub deploy_duration: Histogram,
+    /// Start-to-ready time of webapp processes.
+    pub readiness_wait: Histogram,
+    /// Crash restarts, by app, since keter started.
+    restarts: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Reports {
+    /// Replaces an app's entry (by its worker).
+    pub fn publish(&self, report: AppReport) {
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.insert(report.name.clone(), report);
+    }
+
+    pub fn deploy_finished(&self, result: DeployResult, took: Duration) {
+        let i = DeployResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.deploys[i].fetch_add(1, Ordering::Relaxed);
+        if result == DeployResult::Succeeded {
+            self.deploy_duration.observe(took);
+        }
+    }
+
+    pub fn restarted(&self, app: &AppName) {
+        let mut r = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
+        *r.entry(app.to_string()).or_default() += 1;
+    }
+
+    /// Every app, by name.
+    pub fn apps(&self) -> Vec<AppReport> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.values().cloned().collect()
+    }
+
+    pub fn app(&self, name: &str) -> Option<AppReport> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.get(name).cloned()
+    }
+
+    /// Deploys counted by result.
+    pub fn deploys(&self) -> Vec<(DeployResult, u64)> {
+        DeployResult::ALL
+            .iter()
+            .zip(&self.deploys)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Crash restarts by app since keter started.
+    pub fn restarts(&self) -> BTreeMap<String, u64> {
+        self.restarts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// RFC 3339 UTC time of `t`.
+pub fn rfc3339(t: SystemTime) -> String {
+    timestamp(t)
+}

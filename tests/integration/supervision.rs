@@ -1,0 +1,354 @@
+//! Supervision: crash restarts with backoff, process groups, running as another user,
+//! background stanzas, log files, and a daemon that is killed and comes back.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+const HOST: &str = "hello.example.com";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn pid_of(k: &Keter, host: &str) -> i32 {
+    let r = k.get(host, "/pid").unwrap();
+    r.body
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("/pid on {host} answered {r:?}:\n{}", k.log()))
+}
+
+fn port_of(k: &Keter, host: &str) -> String {
+    let env = k.get(host, "/env").unwrap().body;
+    env.lines()
+        .find_map(|l| l.strip_prefix("PORT="))
+        .unwrap_or_else(|| panic!("no PORT in {env}"))
+        .to_string()
+}
+
+/// Waits until `host` answers from a process other than `old_pid`; returns the new pid.
+fn wait_new_pid(k: &Keter, host: &str, old_pid: i32) -> (i32, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = k.get(host, "/pid")
+            && r.status == 200
+            && let Ok(pid) = r.body.trim().parse::<i32>()
+            && pid != old_pid
+        {
+            return (pid, start.elapsed());
+        }
+        assert!(start.elapsed() < WAIT, "never came back:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_killed_app_comes_back_on_the_same_port() {
+    let k = Keter::start("kill9");
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let port = port_of(&k, HOST);
+    let pid = pid_of(&k, HOST);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let (new_pid, took) = wait_new_pid(&k, HOST, pid);
+    eprintln!("crash to serving again: {took:?}");
+    assert_eq!(
+        port_of(&k, HOST),
+        port,
+        "the port changed across the restart"
+    );
+    assert!(!alive(pid));
+    assert!(alive(new_pid));
+    k.wait_log("exited with killed by SIGKILL", WAIT);
+    // The Nginx file was not touched: same generation.
+    assert_eq!(k.log_count("switched to deploy"), 1);
+}
+
+#[test]
+fn a_crash_looping_app_backs_off_and_is_reported() {
+    let k = Keter::start("crashloop");
+    k.deploy_hello("hello", "v1", HOST, &["--crash-after-first-run"]);
+    k.wait_for(HOST, "v1", WAIT);
+    let _ = k.get(HOST, "/exit");
+    k.wait_log("crash-looping (5 failures in a row)", WAIT);
+    let log = k.log();
+    // The delays double: 100, 200, 400, 800, 1600 ms ...
+    let delays: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("restarting in ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(&delays[..5], &[100, 200, 400, 800, 1600], "{log}");
+    // ... and so do the times between the exits: no hot loop.
+    let times: Vec<Duration> = log
+        .lines()
+        .filter(|l| l.contains("restarting in"))
+        .map(|l| parse_time(&l[1..24]))
+        .collect();
+    for (i, w) in times.windows(2).enumerate() {
+        let gap = w[1] - w[0];
+        let expected = Duration::from_millis(delays[i]);
+        assert!(
+            gap >= expected,
+            "restart {i} came after {gap:?}, before its {expected:?} delay"
+        );
+    }
+    let exits_before = k.log_count("exited with exit code 4");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        k.log_count("exited with exit code 4") <= exits_before + 1,
+        "still restarting quickly"
+    );
+}
+
+/// Seconds since midnight of a log timestamp `2026-11-27T13:59:34.710`.
+fn parse_time(t: &str) -> Duration {
+    let (h, m, s) = (&t[11..13], &t[14..16], &t[17..23]);
+    let secs: f64 = h.parse::<f64>().unwrap() * 3600.0
+        + m.parse::<f64>().unwrap() * 60.0
+        + s.parse::<f64>().unwrap();
+    Duration::from_secs_f64(secs)
+}
+
+#[test]
+fn a_wrapper_script_leaves_nothing_behind() {
+    let k = Keter::start("wrapper");
+    // The wrapper starts the app in the background and waits, without exec: the app and its
+    // own child (`--spawn-child`) are grandchildren of keter.
+    let script =
+        b"#!/bin/sh\n./dist/hello --version-string wrapped --spawn-child &\nwait\n".to_vec();
+    let bundle = k.dir.0.join("wrapped.keter");
+    BundleBuilder::hello("exec: ../dist/run.sh\nhost: hello.example.com\n")
+        .file("dist/run.sh", script, 0o755)
+        .write(&bundle);
+    k.deploy("hello", &bundle);
+    k.wait_for(HOST, "wrapped", WAIT);
+    let app = pid_of(&k, HOST);
+    let pgid = nix::unistd::getpgid(Some(Pid::from_raw(app)))
+        .unwrap()
+        .as_raw();
+    assert_ne!(pgid, app, "the app should be in its wrapper's group");
+    let members = keter::procfs::group_members(pgid);
+    assert!(
+        members.len() >= 3,
+        "wrapper, app and its child expected: {members:?}"
+    );
+    fs::remove_file(k.incoming().join("hello.keter")).unwrap();
+    k.wait_log("hello: stopped\n", WAIT);
+    assert!(
+        keter::procfs::group_members(pgid).is_empty(),
+        "left behind: {:?}",
+        keter::procfs::group_members(pgid)
+    );
+}
+
+#[test]
+fn an_app_that_ignores_sigterm_is_killed_after_stop_timeout() {
+    let k = Keter::start_with(
+        "ignoreterm",
+        Opts {
+            stop_timeout: 1.0,
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &["--ignore-term"]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = pid_of(&k, HOST);
+    let start = Instant::now();
+    fs::remove_file(k.incoming().join("hello.keter")).unwrap();
+    k.wait_log("SIGKILL after stop-timeout", WAIT);
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    assert!(wait_gone(pid, Duration::from_secs(5)));
+}
+
+#[test]
+fn app_logs_rotate_at_the_size_limit() {
+    let k = Keter::start_with(
+        "rotate",
+        Opts {
+            extra: "log-rotate-bytes: 4000\nlog-rotate-keep: 3\n".into(),
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    assert_eq!(
+        k.get(HOST, "/print?n=300").unwrap().body.trim(),
+        "printed 300"
+    );
+    let log_dir = k.root.join("log");
+    let deadline = Instant::now() + WAIT;
+    while !log_dir.join("app-hello.log.3").exists() {
+        assert!(Instant::now() < deadline, "no rotation happened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !log_dir.join("app-hello.log.4").exists(),
+        "more than log-rotate-keep files"
+    );
+    for i in 1..=3 {
+        let f = log_dir.join(format!("app-hello.log.{i}"));
+        let len = fs::metadata(&f).unwrap().len();
+        assert!(
+            (4000..4200).contains(&len),
+            "{} is {len} bytes",
+            f.display()
+        );
+        let text = fs::read_to_string(&f).unwrap();
+        // Every line is whole and timestamped.
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("20") && l.ends_with('x')),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn background_stanzas_are_supervised_with_restart_count() {
+    let k = Keter::start("background");
+    let worker =
+        b"#!/bin/sh\necho \"worker $$ ran\"\ntouch \"ran-$$\"\nsleep 0.2\nexit 1\n".to_vec();
+    let bundle = k.dir.0.join("bg.keter");
+    BundleBuilder::hello(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, bg]\n    host: hello.example.com\n  - type: background\n    exec: ../dist/worker.sh\n    restart-count: 2\n    restart-delay-seconds: 1\n",
+    )
+    .file("dist/worker.sh", worker, 0o755)
+    .write(&bundle);
+    k.deploy("hello", &bundle);
+    k.wait_for(HOST, "bg", WAIT);
+    k.wait_log("its restart-count is used up, it stays stopped", WAIT);
+    let dir = k.root.join("temp").join(&k.temp_folders()[0]);
+    let runs = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ran-"))
+        .count();
+    assert_eq!(runs, 3, "one run and two restarts");
+    // No port and no Nginx file of its own; the webapp still serves.
+    let conf = fs::read_to_string(k.root.join("nginx/apps/hello.conf")).unwrap();
+    assert_eq!(conf.matches("upstream keter-").count(), 1, "{conf}");
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "bg");
+    let app_log = fs::read_to_string(k.root.join("log/app-hello.log")).unwrap();
+    assert_eq!(app_log.matches("worker ").count(), 3, "{app_log}");
+}
+
+#[test]
+fn apps_run_as_the_setuid_user_and_cannot_write_keters_folders() {
+    let k = Keter::start_with(
+        "setuid",
+        Opts {
+            extra: "setuid: nobody\n".into(),
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let who = k.get(HOST, "/whoami").unwrap().body;
+    let uid = nobody.uid.as_raw();
+    assert!(
+        who.contains(&format!("Uid: {uid} {uid} {uid} {uid}")),
+        "{who}"
+    );
+    let gid = nobody.gid.as_raw();
+    assert!(
+        who.contains(&format!("Gid: {gid} {gid} {gid} {gid}")),
+        "{who}"
+    );
+    assert!(!who.contains("Groups: 0"), "root's groups kept: {who}");
+    let env = k.get(HOST, "/env").unwrap().body;
+    assert!(
+        env.contains(&format!("HOME={}", nobody.dir.display())),
+        "{env}"
+    );
+
+    // Its own folder is its own...
+    assert_eq!(
+        k.get(HOST, "/write?path=mine.txt").unwrap().body.trim(),
+        "ok"
+    );
+    let folder = k.root.join("temp").join(&k.temp_folders()[0]);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&folder).unwrap().uid(), uid);
+    // ... keter's are not.
+    for target in ["incoming/x.keter", "etc/x", "log/x", "nginx/apps/x.conf"] {
+        let path = k.root.join(target);
+        let answer = k
+            .get(HOST, &format!("/write?path={}", path.display()))
+            .unwrap()
+            .body;
+        assert!(
+            answer.starts_with("error: Permission denied"),
+            "{target}: {answer}"
+        );
+        assert!(!path.exists());
+    }
+}
+
+#[test]
+fn a_killed_keter_comes_back_with_one_process_per_app() {
+    let mut k = Keter::start("keter-kill9");
+    k.deploy_hello("a", "a1", "a.example.com", &["--spawn-child"]);
+    k.deploy_hello("b", "b1", "b.example.com", &[]);
+    k.wait_for("a.example.com", "a1", WAIT);
+    k.wait_for("b.example.com", "b1", WAIT);
+    let old_a = pid_of(&k, "a.example.com");
+    let old_b = pid_of(&k, "b.example.com");
+    let old_nginx = k.nginx_pid();
+    let journal = fs::read_to_string(k.root.join("etc/processes")).unwrap();
+    assert!(journal.contains(&format!("{old_a} ")), "{journal}");
+    assert!(journal.contains(&format!("{old_b} ")), "{journal}");
+
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    // The apps and the managed Nginx outlive it.
+    assert!(alive(old_a) && alive(old_b) && alive(old_nginx));
+    k.launch();
+    k.wait_for("a.example.com", "a1", WAIT);
+    k.wait_for("b.example.com", "b1", WAIT);
+    k.wait_log("stopped 2 process groups left by an earlier run", WAIT);
+    for pid in [old_a, old_b, old_nginx] {
+        assert!(wait_gone(pid, Duration::from_secs(5)), "pid {pid} survived");
+    }
+    // Exactly one app process per app, and one Nginx master.
+    let ours: Vec<i32> = processes_under(&k.root, "hello");
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    let masters = processes_under_cmdline("nginx: master process", &k.root.join("nginx"));
+    assert_eq!(masters.len(), 1, "{masters:?}");
+    // Ports were not leaked: both apps got ports again from the start of the range.
+    assert_eq!(k.temp_folders().len(), 2);
+}
+
+/// Live processes named `comm` whose working folder is under `root`.
+fn processes_under(root: &std::path::Path, comm: &str) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(root)))
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+/// Live processes whose command line contains both `title` and `path`.
+fn processes_under_cmdline(title: &str, path: &std::path::Path) -> Vec<i32> {
+    let path = path.display().to_string();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains(title) && c.contains(&path)
+            })
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
