@@ -45,6 +45,14 @@ pub struct AppLog {
     queue: Sender<String>,
 }
 
+impl std::fmt::Debug for AppLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppLog")
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Shared {
     tail: Mutex<VecDeque<String>>,
     dropped: AtomicU64,

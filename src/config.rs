@@ -10,8 +10,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::names::{UrlPath, check_env_name, check_env_value};
+use crate::postgres::{PostgresAdmin, Secret, Server};
 use crate::problem::{Invalid, Problem, Problems};
 use crate::process::RunAs;
+use crate::status::StatusAddress;
 use crate::yaml::{self, Fields};
 
 /// Where the daemon looks when `keter run` is given no path.
@@ -50,6 +52,11 @@ pub struct Config {
     /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
     /// certbot's webroot mode.
     pub acme_webroot: PathBuf,
+    /// The admin connection of the postgres plugin; `None` when the section is absent (then a
+    /// bundle that asks for a database fails its deploy).
+    pub postgres: Option<PostgresAdmin>,
+    /// Where the status web interface listens; `None` when it is disabled (`status: false`).
+    pub status: Option<StatusAddress>,
 }
 
 /// How keter runs and reaches Nginx.
@@ -244,11 +251,8 @@ fn from_tree(
         .uint("log-rotate-keep", 1000, problems)
         .map(|n| n as u32)
         .unwrap_or(20);
-    if f.raw("postgres").is_some() {
-        problems.warn("postgres", "the postgres plugin is not supported yet");
-    }
-    // The status interface is part of the contract; this version does not serve it yet.
-    f.raw("status");
+    let postgres = read_postgres(&mut f, base, problems);
+    let status = crate::status::address::read(f.raw("status"), base, problems);
     let nginx = read_nginx(&mut f, base, problems);
     let readiness_timeout = seconds_or(&mut f, "readiness-timeout", 90.0, problems);
     let drain_time = seconds_or(&mut f, "drain-time", 20.0, problems);
@@ -282,6 +286,8 @@ fn from_tree(
         stop_timeout,
         port_range: port_range?,
         limits,
+        postgres,
+        status,
     })
 }
 
@@ -544,6 +550,97 @@ fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Ng
     ok.then_some(config)
 }
 
+/// The `postgres` section: `host` (a host name, an IP address or a socket folder; default
+/// `localhost`), `port` (5432), `user` (required), `password-file` (optional, for trust or peer
+/// authentication), `database` (`postgres`). The password is read now, so that a missing file
+/// stops keter at start rather than failing a deploy later; it is never logged.
+fn read_postgres(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<PostgresAdmin> {
+    let v = f.raw("postgres")?;
+    let mut p = Fields::new(v, "postgres", problems)?;
+    let host = p
+        .string("host", problems)
+        .unwrap_or_else(|| "localhost".into());
+    let port = p.uint("port", 65535, problems).map_or(5432, |n| n as u16);
+    let server = match Server::new(&host, port) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            problems.error("postgres.host", e);
+            None
+        }
+    };
+    let user = p.string("user", problems);
+    match &user {
+        None if !problems.errors.iter().any(|e| e.key == "postgres.user") => problems.error(
+            "postgres.user",
+            "required: the admin role (with CREATEROLE and CREATEDB) keter connects as",
+        ),
+        Some(u) if u.is_empty() || u.contains('\0') => {
+            problems.error("postgres.user", "expected a role name")
+        }
+        _ => {}
+    }
+    let database = p
+        .string("database", problems)
+        .unwrap_or_else(|| "postgres".into());
+    if database.is_empty() || database.contains('\0') {
+        problems.error("postgres.database", "expected a database name");
+    }
+    let password = match p.string("password-file", problems) {
+        None => Some(None),
+        Some(file) => read_password_file(&normalize(&base.join(file)), problems).map(Some),
+    };
+    p.finish(problems);
+    let (server, user, password) = (server?, user?, password?);
+    (!problems
+        .errors
+        .iter()
+        .any(|e| e.key.starts_with("postgres")))
+    .then_some(PostgresAdmin {
+        server,
+        user,
+        password,
+        database,
+    })
+}
+
+/// The first line of a password file (a trailing newline is not part of the password).
+fn read_password_file(path: &Path, problems: &mut Problems) -> Option<Secret> {
+    let key = "postgres.password-file";
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.error(key, format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            problems.warn(
+                key,
+                format!(
+                    "{} may be read by other users (mode {:o}); run chmod 600 on it",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ),
+            );
+        }
+    }
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() || password.contains(['\n', '\0']) {
+        problems.error(
+            key,
+            format!(
+                "{} must hold the password alone on one line",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(Secret::new(password.to_string()))
+}
+
 fn read_port_range(f: &mut Fields, problems: &mut Problems) -> Option<RangeInclusive<u16>> {
     let Some(v) = f.raw("port-range") else {
         return Some(4000..=4999);
@@ -720,6 +817,45 @@ mod tests {
             "{:?}",
             p.errors
         );
+    }
+
+    #[test]
+    fn postgres_section_reads_the_password_file_and_never_shows_it() {
+        let dir = std::env::temp_dir().join(format!("keter-unit-pgcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pg-password");
+        std::fs::write(&file, "s3cret-admin\n").unwrap();
+        let text = format!(
+            "root: /r\npostgres: {{host: 127.0.0.1, port: 5433, user: keter, password-file: {}}}\n",
+            file.display()
+        );
+        let (c, p) = check(&text);
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let pg = c.unwrap().postgres.unwrap();
+        assert_eq!(pg.server.host(), "127.0.0.1");
+        assert_eq!(pg.server.port, 5433);
+        assert_eq!(pg.user, "keter");
+        assert_eq!(pg.database, "postgres");
+        assert_eq!(pg.password.as_ref().unwrap().expose(), "s3cret-admin");
+        assert!(!format!("{pg:?}").contains("s3cret"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn postgres_section_errors_name_their_keys() {
+        let (c, p) = check(
+            "root: /r\npostgres: {host: \"a b\", password-file: /nonexistent/pw, colour: red}\n",
+        );
+        assert!(c.is_none_or(|c| c.postgres.is_none()));
+        let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
+        for k in ["postgres.host", "postgres.user", "postgres.password-file"] {
+            assert!(keys.contains(&k), "{k} missing in {keys:?}");
+        }
+        assert_eq!(p.warnings[0].key, "postgres.colour");
+        let (c, p) = check("root: /r\npostgres: {host: /var/run/postgresql, user: keter}\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let pg = c.unwrap().postgres.unwrap();
+        assert!(pg.server.is_socket() && pg.password.is_none());
     }
 
     #[test]

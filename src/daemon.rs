@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
+use crate::status::StatusServer;
 use crate::watcher::{self, Hint};
 
 /// What the daemon reacts to besides file events: the signals, injected so tests and `main`
@@ -79,6 +80,7 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     let shared = Arc::new(Shared::new(config, nginx, journal));
     let watcher = watcher::watch(&incoming, tx)
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
+    let status = StatusServer::start(shared.clone());
     let mut daemon = Daemon {
         shared,
         apps: BTreeMap::new(),
@@ -105,6 +107,10 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
         }
     }
     drop(watcher);
+    // The status server holds a share of the state that `shutdown` needs back to stop Nginx.
+    if let Some(status) = status {
+        status.stop();
+    }
     daemon.shutdown();
     Ok(())
 }

@@ -1,18 +1,21 @@
 //! keter: deploys web application bundles on one host behind Nginx.
 //!
 //! The daemon ([`daemon`]) watches `incoming/` ([`watcher`]), runs one worker thread per app
-//! ([`app`]) that unpacks ([`bundle`]), starts ([`process`]), checks ([`probe`]) and switches
-//! Nginx over ([`nginx`]) without a failed request. `DESIGN.md` is the contract.
+//! ([`app`]) that unpacks ([`bundle`]), provides a database when asked ([`postgres`]), starts
+//! ([`process`]), checks ([`probe`]) and switches Nginx over ([`nginx`]) without a failed
+//! request. `DESIGN.md` is the contract.
 
 pub mod app;
 pub mod applog;
 pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod journal;
 pub mod names;
 pub mod nginx;
 pub mod ports;
+pub mod postgres;
 pub mod probe;
 pub mod problem;
 pub mod process;
@@ -20,5 +23,6 @@ pub mod procfs;
 pub mod report;
 pub mod restart;
 pub mod sockdiag;
+pub mod status;
 pub mod watcher;
 pub mod yaml;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::applog::timestamp;
+use crate::applog::{AppLog, timestamp};
 use crate::names::AppName;
 
 /// An app's state as an operator sees it.
@@ -132,6 +132,10 @@ pub struct AppReport {
     pub log_lines_dropped: u64,
     /// Old versions still draining.
     pub draining: usize,
+    /// When the serving version went live, so that readers compute `uptime_seconds` at the
+    /// time they read (an idle worker does not publish again).
+    #[serde(skip)]
+    pub live_since: Option<SystemTime>,
 }
 
 impl AppReport {
@@ -151,7 +155,16 @@ impl AppReport {
             last_error: None,
             log_lines_dropped: 0,
             draining: 0,
+            live_since: None,
         }
+    }
+
+    /// The same report with `uptime_seconds` as of now.
+    fn refreshed(mut self) -> AppReport {
+        if let Some(t) = self.live_since {
+            self.uptime_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
+        }
+        self
     }
 }
 
@@ -208,6 +221,9 @@ pub struct Reports {
     pub readiness_wait: Histogram,
     /// Crash restarts, by app, since keter started.
     restarts: Mutex<BTreeMap<String, u64>>,
+    /// Each app's log handle, for reading its recent lines (the worker owns the log; this is
+    /// a second handle on the same in-memory tail).
+    logs: Mutex<BTreeMap<String, AppLog>>,
 }
 
 impl Reports {
@@ -236,12 +252,24 @@ impl Reports {
     /// Every app, by name.
     pub fn apps(&self) -> Vec<AppReport> {
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.values().cloned().collect()
+        apps.values().cloned().map(AppReport::refreshed).collect()
     }
 
     pub fn app(&self, name: &str) -> Option<AppReport> {
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.get(name).cloned()
+        apps.get(name).cloned().map(AppReport::refreshed)
+    }
+
+    /// Makes an app's recent output lines readable by the status interface.
+    pub fn attach_log(&self, app: &AppName, log: AppLog) {
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.insert(app.to_string(), log);
+    }
+
+    /// The last `n` output lines of an app, oldest first; `None` for an unknown app.
+    pub fn log_tail(&self, app: &str, n: usize) -> Option<Vec<String>> {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.get(app).map(|log| log.tail(n))
     }
 
     /// Deploys counted by result.

@@ -42,6 +42,11 @@ pub fn read_file(path: &Path, problems: &mut Problems) -> Option<Value> {
     }
 }
 
+/// Serialises a value as YAML (keter's own state files).
+pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_saphyr::to_string(value).map_err(|e| e.to_string())
+}
+
 /// Names a value's YAML type for error messages.
 pub fn type_name(v: &Value) -> &'static str {
     match v {

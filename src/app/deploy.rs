@@ -15,6 +15,8 @@ use super::version::{self, FileStamp, Proc, Role, Version};
 use super::{Command, Event, Retiring, Worker};
 use crate::bundle::{self, BundleConfig, WebApp};
 use crate::bundle::{RedirectTo, Tls};
+use crate::config::Config;
+use crate::names::AppName;
 use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site};
 use crate::process::{self, Running, Spec};
 use crate::report::{DeployReport, DeployResult, rfc3339};
@@ -167,7 +169,8 @@ impl Worker {
         let config = &self.shared.config;
         let id = self.shared.next_version.fetch_add(1, Ordering::Relaxed);
         let dir = config.root.join("temp").join(format!("{}-{id}", self.name));
-        let unpacked = bundle::unpack(path, &dir, &config.limits)
+        let mut progress = bundle::log_progress(self.name.to_string());
+        let unpacked = bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
             .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
             "{}: unpacked {} bytes in {} entries into {} in {} ms",
@@ -203,6 +206,13 @@ impl Worker {
             })?;
         }
         self.claim_hosts(&bundle_config).map_err(cleanup)?;
+        let plugin_env = match self.provision(&bundle_config) {
+            Ok(env) => env,
+            Err(e) => {
+                self.release_unused_hosts();
+                return Err(cleanup(e));
+            }
+        };
         self.deploys += 1;
         let mut version = Version {
             id,
@@ -210,6 +220,7 @@ impl Worker {
             sha256: unpacked.sha256,
             stamp,
             config: bundle_config,
+            plugin_env,
             procs: Vec::new(),
             deploy: self.deploys,
             modified: meta.modified().ok(),
@@ -289,7 +300,7 @@ impl Worker {
                 program: resolved.clone().unwrap_or_default(),
                 args: program.args.clone(),
                 cwd: version.dir.clone(),
-                env: version::environment(config, &program, web),
+                env: version::environment(config, &version.plugin_env, &program, web),
                 user: config.run_as.clone(),
             };
             // Recorded before anything can fail, so that `discard` frees the port.
@@ -317,16 +328,18 @@ impl Worker {
             );
         }
         let site = self.site_for(version).map_err(DeployError::Failed)?;
+        let switching = Instant::now();
         let generation = self
             .shared
             .nginx
             .apply(&self.name, Some(site))
             .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
-            "{}: switched to deploy {} (sha256 {}) at Nginx generation {generation}, {} ms after the bundle was picked up",
+            "{}: switched to deploy {} (sha256 {}) at Nginx generation {generation} in {} ms, {} ms after the bundle was picked up",
             self.name,
             version.deploy,
             &version.sha256[..12],
+            switching.elapsed().as_millis(),
             started.elapsed().as_millis()
         );
         Ok(())
@@ -452,98 +465,66 @@ impl Worker {
         }
     }
 
+    /// DESIGN.md 6.3: the plugins' variables for this bundle (none unless it asks for
+    /// postgres). Runs on this worker thread: the sync postgres client must not run on tokio.
+    fn provision(
+        &self,
+        config: &BundleConfig,
+    ) -> Result<std::collections::BTreeMap<String, String>, DeployError> {
+        if !config.postgres {
+            return Ok(Default::default());
+        }
+        let Some(pg) = &self.shared.postgres else {
+            return Err(DeployError::Failed(
+                "the bundle asks for the postgres plugin, but keter's configuration has no `postgres` section naming the server".into(),
+            ));
+        };
+        let started = Instant::now();
+        let creds = pg
+            .provision(&self.name)
+            .map_err(|e| DeployError::Failed(format!("postgres plugin: {e}")))?;
+        log::info!(
+            "{}: database {} (role {}) on {} ready in {} ms",
+            self.name,
+            creds.database,
+            creds.role,
+            creds.server,
+            started.elapsed().as_millis()
+        );
+        Ok(creds.env())
+    }
+
     /// What Nginx serves for this version: one block per stanza with hosts.
     fn site_for(&self, version: &Version) -> Result<Site, String> {
-        let config = &version.config;
-        let certs = |tls: &Tls, origin: &str| self.copy_certificate(version, tls, origin);
-        let mut blocks = Vec::new();
-        for p in &version.procs {
-            let Role::Web { index, port } = p.role else {
-                continue;
-            };
-            let w = &config.webapps[index];
-            blocks.push(Block {
-                hosts: w.hosts.clone(),
-                content: Content::App {
-                    port,
-                    timeout: w
-                        .connection_time_bound
-                        .unwrap_or(self.shared.config.connection_time_bound),
-                },
-                certificate: certs(&w.tls, &w.program.key("ssl"))?,
-                requires_secure: w.requires_secure,
-            });
-        }
-        for st in &config.statics {
-            let root = bundle::resolve_dir(&version.dir, &st.root)
-                .map_err(|e| format!("{}: {e}", key(&st.origin, "root")))?;
-            crate::names::check_conf_path(&root)?;
-            blocks.push(Block {
-                hosts: st.served.hosts.clone(),
-                content: Content::Static {
-                    root,
-                    listing: st.directory_listing,
-                },
-                certificate: certs(&st.served.tls, &key(&st.origin, "ssl"))?,
-                requires_secure: st.served.requires_secure,
-            });
-        }
-        for r in &config.redirects {
-            let rules = r
-                .actions
-                .iter()
-                .map(|a| RedirectRule {
-                    path: a.path.clone(),
-                    target: match &a.target {
-                        RedirectTo::Url(url) => RedirectTarget::Url { url: url.clone() },
-                        RedirectTo::Host { host, secure, port } => RedirectTarget::Host {
-                            secure: *secure,
-                            host: host.clone(),
-                            port: *port,
-                        },
-                    },
-                })
-                .collect();
-            blocks.push(Block {
-                hosts: r.served.hosts.clone(),
-                content: Content::Redirect {
-                    status: r.status,
-                    rules,
-                },
-                certificate: certs(&r.served.tls, "redirect.ssl")?,
-                requires_secure: r.served.requires_secure,
-            });
-        }
-        for p in &config.proxies {
-            blocks.push(Block {
-                hosts: p.served.hosts.clone(),
-                content: Content::ReverseProxy {
-                    https: p.reversed_ssl,
-                    host: p.reversed_host.clone(),
-                    port: p.reversed_port,
-                    preserve_host: p.preserve_host,
-                    timeout: p
-                        .timeout
-                        .unwrap_or(self.shared.config.connection_time_bound),
-                },
-                certificate: certs(&p.served.tls, "reverse-proxy.ssl")?,
-                requires_secure: p.served.requires_secure,
-            });
-        }
+        let ports: Vec<(usize, u16)> = version
+            .procs
+            .iter()
+            .filter_map(|p| match p.role {
+                Role::Web { index, port } => Some((index, port)),
+                Role::Background { .. } => None,
+            })
+            .collect();
+        let mut certs = |tls: &Tls, origin: &str| self.copy_certificate(version, tls, origin);
+        let site = site_of(
+            &self.shared.config,
+            &SiteSource {
+                app: &self.name,
+                bundle: &version.config,
+                dir: &version.dir,
+                sha256: &version.sha256,
+                deploy: version.deploy,
+                ports: &ports,
+            },
+            &mut certs,
+        )?;
         let has_tls = self.shared.config.listeners.iter().any(|l| l.tls.is_some());
-        if !has_tls && blocks.iter().any(|b| b.requires_secure) {
+        if !has_tls && site.blocks.iter().any(|b| b.requires_secure) {
             log::warn!(
                 "{}: requires-secure is set but keter has no TLS listener; plain HTTP is served",
                 self.name
             );
         }
-        Ok(Site {
-            app: self.name.clone(),
-            bundle: format!("{}.keter", self.name),
-            sha256: version.sha256.clone(),
-            deploy: version.deploy,
-            blocks,
-        })
+        Ok(site)
     }
 
     /// Copies a stanza's own certificate out of the bundle into `ROOT/etc/certs/NAME-ID/`
@@ -671,4 +652,103 @@ fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<std::p
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(path)
+}
+
+/// Turns a stanza's `ssl` (and its key path, for messages) into the certificate files Nginx
+/// reads.
+pub type CertSource<'a> = dyn FnMut(&Tls, &str) -> Result<Option<CertFiles>, String> + 'a;
+
+/// What a site is built from: a bundle's configuration and where its webapps listen.
+pub struct SiteSource<'a> {
+    pub app: &'a AppName,
+    pub bundle: &'a BundleConfig,
+    /// The unpacked folder (static roots are resolved inside it).
+    pub dir: &'a Path,
+    pub sha256: &'a str,
+    pub deploy: u64,
+    /// (webapp index, port) of each webapp.
+    pub ports: &'a [(usize, u16)],
+}
+
+/// What Nginx serves for a bundle: one block per stanza with hosts. `certs` turns a stanza's
+/// `ssl` into certificate files (the daemon copies them out of the bundle; `keter render`
+/// shows them where they are).
+pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Result<Site, String> {
+    let config = src.bundle;
+    let mut blocks = Vec::new();
+    for &(index, port) in src.ports {
+        let w = &config.webapps[index];
+        blocks.push(Block {
+            hosts: w.hosts.clone(),
+            content: Content::App {
+                port,
+                timeout: w
+                    .connection_time_bound
+                    .unwrap_or(global.connection_time_bound),
+            },
+            certificate: certs(&w.tls, &w.program.key("ssl"))?,
+            requires_secure: w.requires_secure,
+        });
+    }
+    for st in &config.statics {
+        let root = bundle::resolve_dir(src.dir, &st.root)
+            .map_err(|e| format!("{}: {e}", key(&st.origin, "root")))?;
+        crate::names::check_conf_path(&root)?;
+        blocks.push(Block {
+            hosts: st.served.hosts.clone(),
+            content: Content::Static {
+                root,
+                listing: st.directory_listing,
+            },
+            certificate: certs(&st.served.tls, &key(&st.origin, "ssl"))?,
+            requires_secure: st.served.requires_secure,
+        });
+    }
+    for r in &config.redirects {
+        let rules = r
+            .actions
+            .iter()
+            .map(|a| RedirectRule {
+                path: a.path.clone(),
+                target: match &a.target {
+                    RedirectTo::Url(url) => RedirectTarget::Url { url: url.clone() },
+                    RedirectTo::Host { host, secure, port } => RedirectTarget::Host {
+                        secure: *secure,
+                        host: host.clone(),
+                        port: *port,
+                    },
+                },
+            })
+            .collect();
+        blocks.push(Block {
+            hosts: r.served.hosts.clone(),
+            content: Content::Redirect {
+                status: r.status,
+                rules,
+            },
+            certificate: certs(&r.served.tls, "redirect.ssl")?,
+            requires_secure: r.served.requires_secure,
+        });
+    }
+    for p in &config.proxies {
+        blocks.push(Block {
+            hosts: p.served.hosts.clone(),
+            content: Content::ReverseProxy {
+                https: p.reversed_ssl,
+                host: p.reversed_host.clone(),
+                port: p.reversed_port,
+                preserve_host: p.preserve_host,
+                timeout: p.timeout.unwrap_or(global.connection_time_bound),
+            },
+            certificate: certs(&p.served.tls, "reverse-proxy.ssl")?,
+            requires_secure: p.served.requires_secure,
+        });
+    }
+    Ok(Site {
+        app: src.app.clone(),
+        bundle: format!("{}.keter", src.app),
+        sha256: src.sha256.to_string(),
+        deploy: src.deploy,
+        blocks,
+    })
 }

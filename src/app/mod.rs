@@ -1,5 +1,5 @@
 //! One app's worker: a thread that owns the app's processes, ports and folders and takes them
-//! through their life (DESIGN.md 6): unpack, start, readiness, switch, drain, stop, and crash
+//! through their life (DESIGN.md 6): unpack, provision, start, readiness, switch, drain, stop, and crash
 //! restarts in between.
 //!
 //! Commands reach the worker over its channel, together with the exits of its processes.
@@ -27,9 +27,11 @@ use crate::journal::Journal;
 use crate::names::{AppName, Hostname};
 use crate::nginx::Nginx;
 use crate::ports::PortPool;
+use crate::postgres::Provisioner;
 use crate::procfs;
 use crate::report::{AppReport, AppState, DeployReport, ProcessReport, Reports, rfc3339};
 
+pub use deploy::{SiteSource, site_of};
 use version::{FileStamp, Version};
 
 /// What the daemon asks of an app.
@@ -70,12 +72,18 @@ pub struct Shared {
     pub hosts: Mutex<HashMap<Hostname, AppName>>,
     /// Numbers the unpack folders `temp/NAME-N` uniquely within this run.
     pub next_version: AtomicU64,
+    /// The postgres plugin, when the global config has a `postgres` section.
+    pub postgres: Option<Provisioner>,
 }
 
 impl Shared {
     pub fn new(config: Config, nginx: Nginx, journal: Journal) -> Shared {
         Shared {
             ports: PortPool::new(config.port_range.clone()),
+            postgres: config
+                .postgres
+                .clone()
+                .map(|admin| Provisioner::new(admin, &config.root)),
             config,
             nginx,
             journal,
@@ -107,6 +115,7 @@ impl AppHandle {
             LogTarget::Stderr(name.to_string())
         };
         let log = AppLog::open(target)?;
+        shared.reports.attach_log(&name, log.clone());
         let mut worker = Worker {
             name: name.clone(),
             shared,
@@ -385,6 +394,7 @@ impl Worker {
                 .collect();
             r.restarts = v.procs.iter().map(|p| p.restarts.total).sum();
             r.since = v.live_since.map(rfc3339);
+            r.live_since = v.live_since;
             r.uptime_seconds = v
                 .live_since
                 .and_then(|t| t.elapsed().ok())

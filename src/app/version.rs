@@ -44,6 +44,8 @@ pub(super) struct Version {
     pub sha256: String,
     pub stamp: FileStamp,
     pub config: BundleConfig,
+    /// Variables of the plugins (postgres), between the global and the stanza `env`.
+    pub plugin_env: BTreeMap<String, String>,
     /// Background stanzas first, then webapps, in the order they are started.
     pub procs: Vec<Proc>,
     /// Deploy number of this app within this run.
@@ -149,6 +151,7 @@ impl Proc {
 /// bundle cannot override.
 pub(super) fn environment(
     config: &Config,
+    plugin_env: &BTreeMap<String, String>,
     program: &Program,
     web: Option<(&WebApp, u16)>,
 ) -> Vec<(String, String)> {
@@ -160,6 +163,7 @@ pub(super) fn environment(
     };
     env.insert("HOME".into(), home);
     env.extend(config.env.clone());
+    env.extend(plugin_env.clone());
     for name in &program.forward_env {
         if let Ok(v) = std::env::var(name) {
             env.insert(name.clone(), v);

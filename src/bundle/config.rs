@@ -27,6 +27,8 @@ pub struct BundleConfig {
     pub statics: Vec<StaticFiles>,
     pub redirects: Vec<Redirect>,
     pub proxies: Vec<ReverseProxy>,
+    /// The postgres plugin: the app gets its own role and database (DESIGN.md 8).
+    pub postgres: bool,
 }
 
 /// What to run, common to every process stanza.
@@ -123,6 +125,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
     let mut redirects = Vec::new();
     let mut proxies = Vec::new();
     let mut ok = true;
+    let mut postgres = false;
     // Keys of the `yesod keter` command that Yesod's scaffold puts in the same file.
     for key in ["user-edited", "copy-to", "copy-to-args", "copy-to-port"] {
         f.raw(key);
@@ -154,7 +157,10 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             }
         }
         if let Some(plugins) = f.raw("plugins") {
-            ok &= read_plugins(plugins, problems);
+            match read_plugins(plugins, problems) {
+                Some(pg) => postgres = pg,
+                None => ok = false,
+            }
         }
         f.finish(problems);
     } else {
@@ -171,15 +177,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
             redirects = served::read_flat_redirects(v, problems);
         }
         ok &= problems.errors.len() == errors_before;
-        if let Some(pg) = f.bool("postgres", problems)
-            && pg
-        {
-            problems.error(
-                "postgres",
-                "the postgres plugin is not supported by this version of keter yet",
-            );
-            ok = false;
-        }
+        postgres = f.bool("postgres", problems).unwrap_or(false);
         f.finish(problems);
     }
     if ok && webapps.is_empty() && statics.is_empty() && redirects.is_empty() && proxies.is_empty()
@@ -196,6 +194,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         statics,
         redirects,
         proxies,
+        postgres,
     };
     if ok {
         // One host, one stanza: Nginx would pick one of them silently.
@@ -237,6 +236,15 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza>
     };
     f.finish(problems);
     stanza
+}
+
+/// The `plugins` mapping: whether the app asks for a database; `None` on error.
+fn read_plugins(v: &Value, problems: &mut Problems) -> Option<bool> {
+    let mut f = Fields::new(v, "plugins", problems)?;
+    let errors_before = problems.errors.len();
+    let postgres = f.bool("postgres", problems).unwrap_or(false);
+    f.finish(problems);
+    (problems.errors.len() == errors_before).then_some(postgres)
 }
 
 /// The keys every process stanza has: `exec`, `args`, `env`, `forward-env`.
@@ -321,22 +329,6 @@ fn read_background(f: &mut Fields, problems: &mut Problems) -> Option<Background
         restart_count,
         restart_delay,
     })
-}
-
-fn read_plugins(v: &Value, problems: &mut Problems) -> bool {
-    let Some(mut f) = Fields::new(v, "plugins", problems) else {
-        return false;
-    };
-    let mut ok = true;
-    if f.bool("postgres", problems) == Some(true) {
-        problems.error(
-            "plugins.postgres",
-            "the postgres plugin is not supported by this version of keter yet",
-        );
-        ok = false;
-    }
-    f.finish(problems);
-    ok
 }
 
 /// The keys of a webapp. `flat` is the seed's format (hosts in `host` + `extra-hosts`).
@@ -497,9 +489,24 @@ mod tests {
     }
 
     #[test]
-    fn plugins_postgres_refused_until_supported() {
+    fn postgres_plugin_in_both_formats() {
         let (c, p) =
             read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(c.unwrap().postgres);
+        let (c, p) = read("exec: ../a\nhost: a.b\npostgres: yes\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(c.unwrap().postgres);
+        let (c, _) = read("exec: ../a\nhost: a.b\n");
+        assert!(!c.unwrap().postgres);
+        let (c, _) = read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {}\n");
+        assert!(!c.unwrap().postgres);
+    }
+
+    #[test]
+    fn postgres_plugin_wrong_type_is_an_error() {
+        let (c, p) =
+            read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: maybe}\n");
         assert!(c.is_none());
         assert_eq!(p.errors[0].key, "plugins.postgres");
     }

@@ -4,6 +4,7 @@
 //! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
 
 pub mod config;
+pub mod pack;
 pub mod served;
 pub mod unpack;
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Background, BundleConfig, Program, WebApp};
 pub use served::{Redirect, RedirectAction, RedirectTo, ReverseProxy, StaticFiles, Tls};
-pub use unpack::{UnpackError, Unpacked, unpack};
+pub use unpack::{Progress, UnpackError, Unpacked, log_progress, unpack, unpack_with_progress};
 
 use crate::problem::{Invalid, Problems};
 use crate::yaml;
@@ -19,6 +20,15 @@ use crate::yaml;
 /// Reads `config/keter.yaml` (or `.yml`) from an unpacked bundle folder. `label` names the
 /// bundle in messages (`hello.keter`). Returns the config and the warnings.
 pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), Invalid> {
+    match check_config(dir, label) {
+        (Some(c), problems) if !problems.has_errors() => Ok((c, problems)),
+        (_, problems) => Err(Invalid(problems.errors)),
+    }
+}
+
+/// [`read_config`] for `keter check`: every problem, warnings included even when there are
+/// errors; the config only when it could be read.
+pub fn check_config(dir: &Path, label: &str) -> (Option<BundleConfig>, Problems) {
     let yaml_path = ["config/keter.yaml", "config/keter.yml"]
         .iter()
         .map(|p| dir.join(p))
@@ -29,32 +39,25 @@ pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), 
             "",
             "the bundle has no config/keter.yaml (or config/keter.yml)",
         );
-        return Err(Invalid(problems.errors));
+        return (None, problems);
     };
     let rel = yaml_path.strip_prefix(dir).unwrap_or(&yaml_path);
     let mut problems = Problems::new(format!("{label}: {}", rel.display()));
     let config = yaml::read_file(&yaml_path, &mut problems)
         .and_then(|tree| config::from_tree(&tree, &mut problems));
-    match config {
-        Some(c) => {
-            let programs = c
-                .webapps
-                .iter()
-                .map(|w| &w.program)
-                .chain(c.background.iter().map(|b| &b.program));
-            for program in programs {
-                if let Err(e) = resolve_exec(dir, &program.exec) {
-                    problems.error(program.key("exec"), e);
-                }
-            }
-            if problems.has_errors() {
-                Err(Invalid(problems.errors))
-            } else {
-                Ok((c, problems))
+    if let Some(c) = &config {
+        let programs = c
+            .webapps
+            .iter()
+            .map(|w| &w.program)
+            .chain(c.background.iter().map(|b| &b.program));
+        for program in programs {
+            if let Err(e) = resolve_exec(dir, &program.exec) {
+                problems.error(program.key("exec"), e);
             }
         }
-        None => Err(Invalid(problems.errors)),
     }
+    (config, problems)
 }
 
 /// Resolves a stanza's `exec` (relative to `config/`, or absolute meaning inside the bundle)

@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
@@ -59,9 +60,54 @@ impl std::error::Error for UnpackError {}
 
 /// Unpacks `bundle` into `dest`, which must not exist yet. On any error `dest` is removed.
 pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
+    unpack_with_progress(bundle, dest, limits, &mut |_| {})
+}
+
+/// How far an unpack has come, reported every [`PROGRESS_INTERVAL`] or [`PROGRESS_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Bytes of the bundle file read so far.
+    pub read: u64,
+    /// Size of the bundle file.
+    pub total: u64,
+    /// Time since the unpack began.
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Bytes per second read so far.
+    pub fn rate(&self) -> f64 {
+        self.read as f64 / self.elapsed.as_secs_f64().max(1e-3)
+    }
+}
+
+/// A progress report is due after this long, or after this many bytes, whichever comes first:
+/// an operator watching the log of a large deploy sees it move.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+pub const PROGRESS_BYTES: u64 = 64 << 20;
+
+/// [`unpack`], calling `progress` while the bundle file is read (never for a bundle read in
+/// under a second and 64 MiB).
+pub fn unpack_with_progress(
+    bundle: &Path,
+    dest: &Path,
+    limits: &BundleLimits,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Unpacked, UnpackError> {
+    unpack_reporting(bundle, dest, limits, progress, PROGRESS_BYTES)
+}
+
+/// [`unpack_with_progress`] with the byte step as a parameter (unit tests use small steps).
+fn unpack_reporting(
+    bundle: &Path,
+    dest: &Path,
+    limits: &BundleLimits,
+    progress: &mut dyn FnMut(&Progress),
+    step_bytes: u64,
+) -> Result<Unpacked, UnpackError> {
     fs::create_dir(dest)
         .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", dest.display())))?;
-    match unpack_into(bundle, dest, limits) {
+    match unpack_into(bundle, dest, limits, progress, step_bytes) {
         Ok(u) => Ok(u),
         Err(e) => {
             let _ = fs::remove_dir_all(dest);
@@ -70,16 +116,53 @@ pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpac
     }
 }
 
-/// Counts and hashes the raw bytes read from the bundle file.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
+/// A `progress` callback that logs each report as `LABEL: unpacking: N MiB of M MiB (P%), R
+/// MiB/s`.
+pub fn log_progress(label: String) -> impl FnMut(&Progress) {
+    move |p: &Progress| {
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        let percent = if p.total > 0 {
+            p.read as f64 * 100.0 / p.total as f64
+        } else {
+            0.0
+        };
+        log::info!(
+            "{label}: unpacking: {:.1} MiB of {:.1} MiB read ({percent:.0}%), {:.1} MiB/s",
+            mib(p.read as f64),
+            mib(p.total as f64),
+            mib(p.rate())
+        );
+    }
 }
 
-impl<R: Read> Read for HashingReader<R> {
+/// Counts and hashes the raw bytes read from the bundle file, and reports progress.
+struct HashingReader<'p, R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+    total: u64,
+    started: Instant,
+    /// When and at how many bytes the next report is due.
+    next_at: Instant,
+    next_bytes: u64,
+    step_bytes: u64,
+    progress: &'p mut dyn FnMut(&Progress),
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        if n > 0 && (self.read >= self.next_bytes || Instant::now() >= self.next_at) {
+            (self.progress)(&Progress {
+                read: self.read,
+                total: self.total,
+                elapsed: self.started.elapsed(),
+            });
+            self.next_at = Instant::now() + PROGRESS_INTERVAL;
+            self.next_bytes = self.read + self.step_bytes;
+        }
         Ok(n)
     }
 }
@@ -88,12 +171,27 @@ fn corrupt(e: io::Error) -> UnpackError {
     UnpackError::Corrupt(e.to_string())
 }
 
-fn unpack_into(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
+fn unpack_into(
+    bundle: &Path,
+    dest: &Path,
+    limits: &BundleLimits,
+    progress: &mut dyn FnMut(&Progress),
+    step_bytes: u64,
+) -> Result<Unpacked, UnpackError> {
     let file = File::open(bundle)
         .map_err(|e| UnpackError::Io(format!("cannot open {}: {e}", bundle.display())))?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
     let reader = HashingReader {
         inner: BufReader::with_capacity(256 * 1024, file),
         hasher: Sha256::new(),
+        read: 0,
+        total,
+        started,
+        next_at: started + PROGRESS_INTERVAL,
+        next_bytes: step_bytes,
+        step_bytes,
+        progress,
     };
     let mut archive = tar::Archive::new(GzDecoder::new(reader));
     let mut writer = Writer {
@@ -475,4 +573,19 @@ fn push_front(queue: &mut VecDeque<OsString>, target: &Path) -> Option<()> {
         queue.push_front(p);
     }
     Some(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// [`unpack_with_progress`] reporting after every read of the bundle file.
+    pub fn unpack_small_steps(
+        bundle: &Path,
+        dest: &Path,
+        limits: &BundleLimits,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Unpacked, UnpackError> {
+        unpack_reporting(bundle, dest, limits, progress, 1)
+    }
 }

@@ -701,3 +701,85 @@ fn ten_uploads_in_a_second_and_a_delete_mid_deploy() {
         "{journal}"
     );
 }
+
+#[test]
+fn a_full_disk_fails_cleanly_and_never_blocks_the_app() {
+    let k = Keter::start_with(
+        "disk-full",
+        Opts {
+            tmpfs_mib: Some(40),
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("app", "v1", APP, &[]);
+    k.wait_for(APP, "v1", WAIT);
+    let journal_before = fs::read_to_string(k.root.join("etc/processes")).unwrap();
+
+    // Unpacking past the free space: refused, the half-written folder removed.
+    let folders_before = k.temp_folders();
+    let zeros = vec![0u8; 64 * 1024 * 1024];
+    let bytes = craft::bundle(&[
+        good_config(),
+        hello_entry(),
+        Entry::file("big", &zeros, 0o644),
+    ]);
+    let staged = k.dir.0.join("big.keter");
+    fs::write(&staged, bytes).unwrap();
+    k.deploy("app", &staged);
+    k.wait_log("No space left on device", WAIT);
+    k.wait_log("deploy of app.keter failed", WAIT);
+    assert_eq!(k.temp_folders(), folders_before);
+    assert_eq!(k.get(APP, "/").unwrap().body.trim(), "v1");
+
+    // Fill the disk: the app's output is dropped, never blocking it; the journal keeps its
+    // last complete version when it cannot be rewritten.
+    let filler = k.root.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 1024 * 1024];
+    use std::io::Write;
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.flush();
+    let start = Instant::now();
+    assert_eq!(
+        k.get(APP, "/print?n=5000").unwrap().body.trim(),
+        "printed 5000"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the app was blocked on its output"
+    );
+    let pid: i32 = k.get(APP, "/pid").unwrap().body.trim().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    k.wait_log("journal: cannot write", WAIT);
+    let journal = fs::read_to_string(k.root.join("etc/processes")).unwrap();
+    assert!(
+        journal.starts_with("# keter state journal"),
+        "half-written journal: {journal:?}"
+    );
+    assert_eq!(
+        journal, journal_before,
+        "the journal changed on a full disk"
+    );
+    // Space again: everything goes on.
+    drop(f);
+    fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while k
+        .get(APP, "/")
+        .map(|r| r.body.trim() != "v1")
+        .unwrap_or(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the app never came back:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    k.deploy_hello("app", "v2", APP, &[]);
+    k.wait_for(APP, "v2", WAIT);
+}

@@ -136,6 +136,24 @@ pub struct Opts {
     pub nginx: Option<String>,
     /// keter's root; `root/` in the test's folder when `None`.
     pub root: Option<PathBuf>,
+    /// Where the status interface listens.
+    pub status: StatusAt,
+    /// Put the root on a tmpfs of this many MiB (disk-full tests; needs root).
+    pub tmpfs_mib: Option<u64>,
+}
+
+/// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
+/// daemons run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAt {
+    /// `status.sock` in the test's folder.
+    Socket,
+    /// A free loopback port.
+    Tcp,
+    /// This address.
+    At(SocketAddr),
+    /// `status: false`.
+    Disabled,
 }
 
 impl Default for Opts {
@@ -151,6 +169,8 @@ impl Default for Opts {
             port: None,
             nginx: None,
             root: None,
+            status: StatusAt::Socket,
+            tmpfs_mib: None,
         }
     }
 }
@@ -162,7 +182,11 @@ pub struct Keter {
     pub config_path: PathBuf,
     pub port: u16,
     pub log_path: PathBuf,
+    /// The status interface's address as the config says it (`None` when disabled).
+    pub status: Option<keter::status::StatusAddress>,
     child: Option<Child>,
+    /// The root is a tmpfs mounted by the harness.
+    tmpfs: bool,
 }
 
 /// A free loopback port (bind to 0, then release it).
@@ -200,10 +224,26 @@ impl Keter {
             None => port_range(opts.ports),
         };
         let config_path = dir.0.join("keter-config.yaml");
+        let status = match opts.status {
+            StatusAt::Socket => Some(keter::status::StatusAddress::Unix(
+                dir.0.join("status.sock"),
+            )),
+            StatusAt::Tcp => Some(keter::status::StatusAddress::Tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                free_port(),
+            )))),
+            StatusAt::At(a) => Some(keter::status::StatusAddress::Tcp(a)),
+            StatusAt::Disabled => None,
+        };
+        let status_line = match &status {
+            Some(keter::status::StatusAddress::Unix(p)) => p.display().to_string(),
+            Some(keter::status::StatusAddress::Tcp(a)) => a.to_string(),
+            None => "false".to_string(),
+        };
         fs::write(
             &config_path,
             format!(
-                "root: {}\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\n{}",
+                "root: {}\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
                 root.display(),
                 opts.readiness_timeout,
                 opts.drain_time,
@@ -212,13 +252,28 @@ impl Keter {
             ),
         )
         .unwrap();
+        if let Some(mib) = opts.tmpfs_mib {
+            fs::create_dir_all(&root).unwrap();
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&root)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "cannot mount a tmpfs on {} (the disk-full tests run as root)",
+                root.display()
+            );
+        }
         let mut k = Keter {
             root,
             config_path,
             port,
             log_path: dir.0.join("keter.log"),
+            status,
             dir,
             child: None,
+            tmpfs: opts.tmpfs_mib.is_some(),
         };
         k.launch();
         k
@@ -404,6 +459,9 @@ impl Drop for Keter {
                     self.log()
                 );
             }
+        }
+        if self.tmpfs {
+            let _ = Command::new("umount").arg(&self.root).status();
         }
     }
 }

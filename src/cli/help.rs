@@ -1,0 +1,111 @@
+//! The `--help` texts: one overview and one per command, each with examples.
+
+/// `keter --help`.
+pub const MAIN: &str = "\
+keter: deploys web application bundles behind Nginx, with zero-downtime redeploys.
+
+Usage:
+  keter CONFIG                       run the daemon in the foreground (CONFIG: keter-config.yaml
+                                     or a root folder)
+  keter run [CONFIG]                 the same; CONFIG defaults to /etc/keter/keter-config.yaml
+  keter check PATH                   validate a global config, a bundle (NAME.keter) or a bundle
+                                     folder; print every problem with its file and key
+  keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
+  keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
+  keter status [-c CONFIG] [--json]  show the apps of the running daemon
+  keter help COMMAND                 help on one command (also: keter COMMAND --help)
+  keter --version                    print the version
+
+Deploy an app by copying NAME.keter into ROOT/incoming/; copy a new version over it to
+redeploy; delete it to stop the app. SIGHUP rescans incoming/, SIGTERM or SIGINT stops
+every app and exits. RUST_LOG sets the log level (default info). The status web interface
+listens on the config's `status` address (default http://127.0.0.1:4080/).
+
+Examples:
+  keter /opt/keter/etc/keter-config.yaml
+  keter check myapp.keter
+  keter bundle ./myapp -o /opt/keter/incoming/myapp.keter
+  keter status
+";
+
+/// `keter run --help`.
+pub const RUN: &str = "\
+keter run [CONFIG]: run the daemon in the foreground.
+
+CONFIG is a keter-config.yaml (default /etc/keter/keter-config.yaml) or a root folder, in
+which case every default applies. `keter CONFIG` is the same (Keter's form). keter logs to
+stderr; SIGHUP rescans incoming/, SIGTERM or SIGINT stops every app and Nginx and exits.
+
+Examples:
+  keter run
+  keter run /opt/keter/etc/keter-config.yaml
+  RUST_LOG=debug keter /srv/keter
+";
+
+/// `keter check --help`.
+pub const CHECK: &str = "\
+keter check PATH: validate without running anything.
+
+PATH is a global configuration (keter-config.yaml), a bundle file (NAME.keter) or a bundle
+folder (one holding config/keter.yaml). Every problem is printed with its file and key, for
+example:
+  error: hello.keter: config/keter.yaml: stanzas[0].hosts[1]: the host name \"evil.com;}\" is not valid ...
+Warnings (unknown keys, features not supported yet) are printed too but do not fail.
+
+Exit status: 0 when there is no error, 1 when there is any.
+
+Examples:
+  keter check /etc/keter/keter-config.yaml
+  keter check myapp.keter
+  keter check ./myapp
+";
+
+/// `keter render --help`.
+pub const RENDER: &str = "\
+keter render BUNDLE [-c CONFIG]: print the Nginx file BUNDLE would get, without deploying.
+
+BUNDLE is a NAME.keter file (unpacked into a temporary folder, with the same checks as a
+deploy) or a bundle folder. The listeners, timeouts and health check path come from CONFIG
+(default /etc/keter/keter-config.yaml when it exists, else keter's defaults). The upstream
+ports are placeholders taken from the start of port-range, since keter picks free ports only
+when it deploys; a comment at the top of the output says so.
+
+Exit status: 0 when the file was rendered, 1 when the bundle or the config has errors.
+
+Examples:
+  keter render myapp.keter
+  keter render ./myapp -c /etc/keter/keter-config.yaml
+";
+
+/// `keter bundle --help`.
+pub const BUNDLE: &str = "\
+keter bundle DIR [-o OUT.keter]: validate a bundle folder and pack it into a bundle file.
+
+DIR must hold config/keter.yaml. It is checked like `keter check DIR` first, and a folder
+with any error is not packed. The bundle is a gzip-compressed tar of DIR's files, folders and
+symlinks (sorted, owned by root, so the same folder gives the same bundle); OUT defaults to
+DIRNAME.keter in the current folder and must be named NAME.keter with a valid app name. The
+file is written under a hidden name and renamed into place, so OUT may be in incoming/.
+
+Exit status: 0 when the bundle was written, 1 otherwise.
+
+Examples:
+  keter bundle ./myapp
+  keter bundle ./myapp -o /opt/keter/incoming/myapp.keter
+";
+
+/// `keter status --help`.
+pub const STATUS: &str = "\
+keter status [-c CONFIG] [--json]: show the apps of the running daemon.
+
+Reads the daemon's JSON API (/api/apps) at the `status` address of CONFIG (default
+/etc/keter/keter-config.yaml; a TCP address or a unix socket) and prints one line per app:
+state, sha256 of the serving bundle, ports, pids, uptime, restarts, last deploy and hosts,
+then each app's last error. --json prints the API's answer instead.
+
+Exit status: 0 when the daemon answered, 1 when it could not be reached.
+
+Examples:
+  keter status
+  keter status -c /opt/keter/etc/keter-config.yaml --json
+";

@@ -1,0 +1,269 @@
+//! The command line in two stages: what the user typed becomes a [`Command`] ([`parse`]), and
+//! the commands other than the daemon itself run here ([`run`]); `main` only chooses the exit
+//! code's source. DESIGN.md 2 lists the commands.
+
+mod commands;
+pub mod help;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+/// A command line, understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the daemon with this configuration (or root folder).
+    Run(PathBuf),
+    Check(PathBuf),
+    Render {
+        bundle: PathBuf,
+        config: Option<PathBuf>,
+    },
+    Bundle {
+        dir: PathBuf,
+        out: Option<PathBuf>,
+    },
+    Status {
+        config: PathBuf,
+        json: bool,
+    },
+    /// Print a help text (on stdout) and exit 0.
+    Help(&'static str),
+    Version,
+}
+
+/// A command line that does not parse: the message and the help text to show with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub message: String,
+    pub help: &'static str,
+}
+
+impl Usage {
+    fn new(message: impl Into<String>, help: &'static str) -> Usage {
+        Usage {
+            message: message.into(),
+            help,
+        }
+    }
+}
+
+fn help_of(command: &str) -> Option<&'static str> {
+    Some(match command {
+        "run" => help::RUN,
+        "check" => help::CHECK,
+        "render" => help::RENDER,
+        "bundle" => help::BUNDLE,
+        "status" => help::STATUS,
+        "help" => help::MAIN,
+        _ => return None,
+    })
+}
+
+/// Understands the arguments after the program name.
+pub fn parse(args: &[String]) -> Result<Command, Usage> {
+    let Some((first, rest)) = args.split_first() else {
+        return Err(Usage::new("keter needs a command or a config", help::MAIN));
+    };
+    match first.as_str() {
+        "-h" | "--help" => return Ok(Command::Help(help::MAIN)),
+        "-V" | "--version" => return Ok(Command::Version),
+        "help" => {
+            return match rest {
+                [] => Ok(Command::Help(help::MAIN)),
+                [topic] => help_of(topic)
+                    .map(Command::Help)
+                    .ok_or_else(|| Usage::new(format!("no command {topic:?}"), help::MAIN)),
+                _ => Err(Usage::new("keter help takes one command", help::MAIN)),
+            };
+        }
+        _ => {}
+    }
+    let Some(help) = help_of(first) else {
+        return match rest {
+            [] if !first.starts_with('-') => Ok(Command::Run(PathBuf::from(first))),
+            _ => Err(Usage::new(
+                format!("unrecognised arguments: {}", args.join(" ")),
+                help::MAIN,
+            )),
+        };
+    };
+    let opts = Options::parse(rest, help)?;
+    if opts.help {
+        return Ok(Command::Help(help));
+    }
+    let usage = |m: &str| Err(Usage::new(m, help));
+    let one = |opts: &Options| match opts.positional.as_slice() {
+        [p] => Some(PathBuf::from(p)),
+        _ => None,
+    };
+    match first.as_str() {
+        "run" => match (opts.positional.as_slice(), opts.any_option()) {
+            ([], false) => Ok(Command::Run(PathBuf::from(DEFAULT_CONFIG_PATH))),
+            ([path], false) => Ok(Command::Run(PathBuf::from(path))),
+            _ => usage("keter run takes at most one CONFIG"),
+        },
+        "check" => match (one(&opts), opts.any_option()) {
+            (Some(path), false) => Ok(Command::Check(path)),
+            _ => usage("keter check takes one PATH"),
+        },
+        "render" => match (one(&opts), opts.out.is_some() || opts.json) {
+            (Some(bundle), false) => Ok(Command::Render {
+                bundle,
+                config: opts.config,
+            }),
+            _ => usage("keter render takes one BUNDLE and optionally -c CONFIG"),
+        },
+        "bundle" => match (one(&opts), opts.config.is_some() || opts.json) {
+            (Some(dir), false) => Ok(Command::Bundle { dir, out: opts.out }),
+            _ => usage("keter bundle takes one DIR and optionally -o OUT.keter"),
+        },
+        "status" => match (opts.positional.is_empty(), opts.out.is_some()) {
+            (true, false) => Ok(Command::Status {
+                config: opts
+                    .config
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+                json: opts.json,
+            }),
+            _ => usage("keter status takes only -c CONFIG and --json"),
+        },
+        _ => usage("unknown command"),
+    }
+}
+
+/// Runs a command other than the daemon; returns the exit code.
+pub fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Check(path) => commands::check(&path),
+        Command::Render { bundle, config } => commands::render(&bundle, config.as_deref()),
+        Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
+        Command::Status { config, json } => commands::status(&config, json),
+        Command::Help(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("keter {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Run(_) => {
+            eprintln!("keter: the daemon is started by main");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The options every command may be given; each command says which it accepts.
+#[derive(Debug, Default)]
+struct Options {
+    positional: Vec<String>,
+    config: Option<PathBuf>,
+    out: Option<PathBuf>,
+    json: bool,
+    help: bool,
+}
+
+impl Options {
+    fn parse(args: &[String], help: &'static str) -> Result<Options, Usage> {
+        let mut o = Options::default();
+        let mut args = args.iter();
+        while let Some(a) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| Usage::new(format!("{name} needs a value"), help))
+            };
+            match a.as_str() {
+                "-h" | "--help" => o.help = true,
+                "--json" => o.json = true,
+                "-c" | "--config" => o.config = Some(value(a)?),
+                "-o" | "--output" => o.out = Some(value(a)?),
+                _ if a.starts_with("--config=") => {
+                    o.config = Some(PathBuf::from(&a["--config=".len()..]))
+                }
+                _ if a.starts_with("--output=") => {
+                    o.out = Some(PathBuf::from(&a["--output=".len()..]))
+                }
+                "--" => o.positional.extend(args.by_ref().cloned()),
+                _ if a.starts_with('-') && a.len() > 1 => {
+                    return Err(Usage::new(format!("unknown option {a}"), help));
+                }
+                _ => o.positional.push(a.clone()),
+            }
+        }
+        Ok(o)
+    }
+
+    fn any_option(&self) -> bool {
+        self.config.is_some() || self.out.is_some() || self.json
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(line: &str) -> Result<Command, Usage> {
+        let args: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse(&args)
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(p("/etc/k.yaml"), Ok(Command::Run("/etc/k.yaml".into())));
+        assert_eq!(p("run"), Ok(Command::Run(DEFAULT_CONFIG_PATH.into())));
+        assert_eq!(p("check a.keter"), Ok(Command::Check("a.keter".into())));
+        assert_eq!(
+            p("render a.keter -c k.yaml"),
+            Ok(Command::Render {
+                bundle: "a.keter".into(),
+                config: Some("k.yaml".into())
+            })
+        );
+        assert_eq!(
+            p("bundle dir --output=x.keter"),
+            Ok(Command::Bundle {
+                dir: "dir".into(),
+                out: Some("x.keter".into())
+            })
+        );
+        assert_eq!(
+            p("status --json"),
+            Ok(Command::Status {
+                config: DEFAULT_CONFIG_PATH.into(),
+                json: true
+            })
+        );
+        assert_eq!(p("--version"), Ok(Command::Version));
+    }
+
+    #[test]
+    fn help_for_each_command() {
+        assert_eq!(p("help render"), Ok(Command::Help(help::RENDER)));
+        assert_eq!(p("bundle --help"), Ok(Command::Help(help::BUNDLE)));
+        assert_eq!(p("status -h"), Ok(Command::Help(help::STATUS)));
+        assert_eq!(p("--help"), Ok(Command::Help(help::MAIN)));
+        for text in [
+            help::RUN,
+            help::CHECK,
+            help::RENDER,
+            help::BUNDLE,
+            help::STATUS,
+        ] {
+            assert!(text.contains("Examples:"), "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_understand() {
+        assert!(p("").is_err());
+        assert!(p("check").is_err());
+        assert!(p("check a b").is_err());
+        assert!(p("render a.keter -o x").is_err());
+        assert_eq!(p("status -x").unwrap_err().help, help::STATUS);
+        assert!(p("bundle dir -o").is_err());
+        assert!(p("help nothing").is_err());
+        assert!(p("-q").is_err());
+    }
+}

@@ -1,0 +1,268 @@
+//! The client side of the status interface, for `keter status`: one GET to the running
+//! daemon's API (over TCP or its unix socket) and a table for people.
+//!
+//! The peer is keter itself on this machine, so a small blocking HTTP/1.1 exchange is all it
+//! takes: no proxy, no TLS, no redirects.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::StatusAddress;
+
+/// Largest answer read; the API of thousands of apps stays far below it.
+const MAX_RESPONSE: u64 = 64 << 20;
+
+/// Why the daemon's API could not be read.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Nothing answers at the address (keter not running, or another address configured).
+    Connect(String),
+    /// Something answered, but not with what `keter status` expects.
+    Response(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Connect(m) | ClientError::Response(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// `GET path` from the status interface at `address`; the body of a 200 answer.
+pub fn get(address: &StatusAddress, path: &str, timeout: Duration) -> Result<String, ClientError> {
+    let connect_error = |e: io::Error| {
+        ClientError::Connect(format!(
+            "cannot reach keter's status interface at {address}: {e} (is keter running, and \
+             is this its configuration?)"
+        ))
+    };
+    let raw = match address {
+        StatusAddress::Tcp(addr) => {
+            let mut s = TcpStream::connect_timeout(addr, timeout).map_err(connect_error)?;
+            s.set_read_timeout(Some(timeout)).map_err(connect_error)?;
+            exchange(&mut s, path)
+        }
+        StatusAddress::Unix(p) => {
+            let mut s = UnixStream::connect(p).map_err(connect_error)?;
+            s.set_read_timeout(Some(timeout)).map_err(connect_error)?;
+            exchange(&mut s, path)
+        }
+    }
+    .map_err(|e| ClientError::Response(format!("reading from {address}: {e}")))?;
+    let (status, body) = parse(&raw).map_err(ClientError::Response)?;
+    if status != 200 {
+        return Err(ClientError::Response(format!(
+            "{address} answered {path} with HTTP status {status}"
+        )));
+    }
+    Ok(body)
+}
+
+fn exchange(stream: &mut (impl Read + Write), path: &str) -> io::Result<Vec<u8>> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: keter\r\nUser-Agent: keter-status\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut buf = Vec::new();
+    stream.take(MAX_RESPONSE).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// The status code and the (de-chunked) body of a response.
+fn parse(raw: &[u8]) -> Result<(u16, String), String> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("an incomplete HTTP response")?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1."))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("not an HTTP/1.x response")?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, after) = rest.split_once("\r\n").ok_or("a truncated chunk")?;
+        let size_text = size_line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "a bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).ok_or("a truncated chunk")?;
+        out.push_str(chunk);
+        rest = after.get(size + 2..).ok_or("a truncated chunk")?;
+    }
+}
+
+/// The `/api/apps` answer as a table, then each app's last error on its own line.
+pub fn table(api: &Value) -> Result<String, String> {
+    let apps = api
+        .get("apps")
+        .and_then(Value::as_array)
+        .ok_or("the answer has no \"apps\" list")?;
+    if apps.is_empty() {
+        return Ok("No app is deployed.\n".to_string());
+    }
+    let header = [
+        "APP",
+        "STATE",
+        "SHA256",
+        "PORTS",
+        "PIDS",
+        "UPTIME",
+        "RESTARTS",
+        "LAST DEPLOY",
+        "HOSTS",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut errors = Vec::new();
+    for app in apps {
+        let text = |key: &str| {
+            app.get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let name = text("name");
+        let processes = app
+            .get("processes")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let list = |key: &str| {
+            let items: Vec<String> = processes
+                .iter()
+                .filter_map(|p| p.get(key).and_then(Value::as_u64))
+                .map(|n| n.to_string())
+                .collect();
+            if items.is_empty() {
+                "-".to_string()
+            } else {
+                items.join(",")
+            }
+        };
+        let last_deploy = match app.get("last_deploy") {
+            Some(d) if d.is_object() => format!(
+                "{} {}ms",
+                d.get("result").and_then(Value::as_str).unwrap_or("?"),
+                d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0)
+            ),
+            _ => "-".to_string(),
+        };
+        let hosts: Vec<&str> = app
+            .get("hosts")
+            .and_then(Value::as_array)
+            .map(|h| h.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let sha = text("sha256");
+        rows.push(vec![
+            name.clone(),
+            text("state"),
+            if sha.is_empty() {
+                "-".into()
+            } else {
+                sha.chars().take(12).collect()
+            },
+            list("port"),
+            list("pid"),
+            app.get("uptime_seconds")
+                .and_then(Value::as_u64)
+                .map(|s| format!("{s}s"))
+                .unwrap_or_else(|| "-".into()),
+            app.get("restarts")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string(),
+            last_deploy,
+            if hosts.is_empty() {
+                "-".into()
+            } else {
+                hosts.join(",")
+            },
+        ]);
+        if let Some(e) = app.get("last_error").and_then(Value::as_str) {
+            errors.push(format!("{name}: last error: {e}"));
+        }
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    if !errors.is_empty() {
+        out.push('\n');
+        for e in errors {
+            out.push_str(&e);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse(plain).unwrap(), (200, "{}".to_string()));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse(chunked).unwrap(), (200, "abcde".to_string()));
+        assert!(parse(b"garbage").is_err());
+    }
+
+    #[test]
+    fn tables_have_a_row_per_app_and_list_errors() {
+        let api = serde_json::json!({"apps": [
+            {"name": "hello", "state": "running", "sha256": "0123456789abcdef", "hosts": ["a.example"],
+             "processes": [{"kind": "webapp", "port": 4000, "pid": 42}], "uptime_seconds": 5,
+             "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null},
+            {"name": "broken", "state": "failed", "sha256": null, "hosts": [], "processes": [],
+             "restarts": 0, "last_deploy": {"result": "failed", "duration_ms": 12},
+             "last_error": "exec is missing"}
+        ]});
+        let t = table(&api).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("APP"));
+        assert!(
+            lines[1].starts_with("hello ")
+                && lines[1].contains("0123456789ab")
+                && lines[1].contains("4000")
+        );
+        assert!(lines[2].starts_with("broken") && lines[2].contains("failed 12ms"));
+        assert!(t.contains("broken: last error: exec is missing"));
+    }
+}

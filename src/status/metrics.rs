@@ -1,0 +1,194 @@
+//! `/metrics`: keter's counters in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Every family is written with its `# HELP` and `# TYPE` lines even when it has no sample
+//! yet, so that dashboards and alerts see the series from keter's first scrape.
+
+use std::fmt::Write;
+
+use crate::nginx::NginxCounters;
+use crate::report::{AppState, BUCKETS, Histogram, Reports};
+
+/// The content type Prometheus expects for this format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders every metric.
+pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::with_capacity(4096);
+    let apps = reports.apps();
+
+    family(
+        &mut out,
+        "keter_deploys_total",
+        "counter",
+        "Deploys since keter started, by how they ended.",
+    );
+    for (result, n) in reports.deploys() {
+        sample(
+            &mut out,
+            "keter_deploys_total",
+            &[("result", result.as_str())],
+            n,
+        );
+    }
+
+    histogram(
+        &mut out,
+        "keter_deploy_duration_seconds",
+        "Time from picking up a bundle to the switch, of successful deploys.",
+        &reports.deploy_duration,
+    );
+    histogram(
+        &mut out,
+        "keter_readiness_wait_seconds",
+        "Time from starting a webapp process until it answered its health check.",
+        &reports.readiness_wait,
+    );
+
+    family(
+        &mut out,
+        "keter_app_restarts_total",
+        "counter",
+        "Crash restarts of an app's processes since keter started.",
+    );
+    for (app, n) in reports.restarts() {
+        sample(&mut out, "keter_app_restarts_total", &[("app", &app)], n);
+    }
+
+    family(
+        &mut out,
+        "keter_apps",
+        "gauge",
+        "Apps known to keter, by state.",
+    );
+    for state in AppState::ALL {
+        let n = apps.iter().filter(|a| a.state == state).count() as u64;
+        sample(&mut out, "keter_apps", &[("state", state.as_str())], n);
+    }
+
+    family(
+        &mut out,
+        "keter_app_log_lines_dropped_total",
+        "counter",
+        "Output lines of an app dropped because its log could not keep up.",
+    );
+    for app in &apps {
+        sample(
+            &mut out,
+            "keter_app_log_lines_dropped_total",
+            &[("app", &app.name)],
+            app.log_lines_dropped,
+        );
+    }
+
+    for (name, help, value) in [
+        (
+            "keter_nginx_reloads_total",
+            "Nginx reloads confirmed.",
+            nginx.reloads.load(Relaxed),
+        ),
+        (
+            "keter_nginx_reload_failures_total",
+            "Nginx reloads that were not confirmed in time.",
+            nginx.reload_failures.load(Relaxed),
+        ),
+        (
+            "keter_nginx_test_failures_total",
+            "Configurations refused by nginx -t (the previous files were restored).",
+            nginx.test_failures.load(Relaxed),
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        sample(&mut out, name, &[], value);
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{}\"", label_value(v));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// Escapes a label value as the format requires (app names cannot contain these, but the
+/// format must hold whatever reaches it).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    family(out, name, "histogram", help);
+    let (buckets, count, sum) = h.snapshot();
+    let bucket = format!("{name}_bucket");
+    for (le, n) in BUCKETS.iter().zip(&buckets) {
+        sample(out, &bucket, &[("le", &le.to_string())], n);
+    }
+    sample(out, &bucket, &[("le", "+Inf")], count);
+    sample(out, &format!("{name}_sum"), &[], sum);
+    sample(out, &format!("{name}_count"), &[], count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::AppName;
+    use crate::report::{AppReport, DeployResult};
+    use std::time::Duration;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let reports = Reports::default();
+        reports.deploy_finished(DeployResult::Succeeded, Duration::from_millis(80));
+        reports.deploy_finished(DeployResult::Succeeded, Duration::from_secs(3));
+        reports.deploy_finished(DeployResult::Failed, Duration::from_secs(1));
+        let app = AppName::new("hello").unwrap();
+        reports.restarted(&app);
+        let mut r = AppReport::new(&app);
+        r.log_lines_dropped = 4;
+        reports.publish(r);
+        let nginx = NginxCounters::default();
+        nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
+        let text = render(&reports, &nginx);
+        for line in [
+            "keter_deploys_total{result=\"succeeded\"} 2",
+            "keter_deploys_total{result=\"failed\"} 1",
+            "keter_deploys_total{result=\"unchanged\"} 0",
+            "keter_deploy_duration_seconds_bucket{le=\"0.05\"} 0",
+            "keter_deploy_duration_seconds_bucket{le=\"0.1\"} 1",
+            "keter_deploy_duration_seconds_bucket{le=\"5\"} 2",
+            "keter_deploy_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "keter_deploy_duration_seconds_count 2",
+            "keter_deploy_duration_seconds_sum 3.08",
+            "keter_readiness_wait_seconds_count 0",
+            "keter_app_restarts_total{app=\"hello\"} 1",
+            "keter_apps{state=\"starting\"} 1",
+            "keter_apps{state=\"running\"} 0",
+            "keter_app_log_lines_dropped_total{app=\"hello\"} 4",
+            "keter_nginx_reloads_total 2",
+            "# TYPE keter_deploy_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn escapes_label_values() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,391 @@
+//! The status web server: axum on a small tokio runtime of its own thread (DESIGN.md 1: tokio
+//! runs the control plane's own I/O and never blocking work). It only reads what the workers
+//! publish in [`crate::report::Reports`] and the Nginx counters; no request changes anything,
+//! and every method but GET and HEAD is refused.
+//!
+//! A status address that cannot be bound is logged as an error and retried every ten seconds
+//! while keter goes on deploying apps: the status interface is not worth stopping the
+//! deploys for (and a keter that refused to start would take every app down with it).
+
+use std::io;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Json, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::StatusAddress;
+use super::metrics;
+use super::pages::{LOG_LINES, PageError, Pages};
+use crate::app::Shared;
+use crate::names::AppName;
+use crate::nginx::Paths;
+use crate::report::{AppReport, AppState};
+
+/// How often a status address that could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(10);
+/// How long open connections may take to finish once keter shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The running status server; [`StatusServer::stop`] ends it.
+pub struct StatusServer {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What every request handler sees.
+#[derive(Clone)]
+struct ServerState {
+    shared: Arc<Shared>,
+    pages: Arc<Pages>,
+    paths: Arc<Paths>,
+}
+
+impl StatusServer {
+    /// Starts serving `shared`'s reports on the configured `status` address. Returns `None`
+    /// (after logging why) when the interface is disabled or cannot run at all.
+    pub fn start(shared: Arc<Shared>) -> Option<StatusServer> {
+        let Some(address) = shared.config.status.clone() else {
+            log::info!("keter: the status interface is disabled (status: false)");
+            return None;
+        };
+        let pages = match Pages::new(shared.config.external_http_port) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("keter: the status interface cannot run: {e}");
+                return None;
+            }
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("keter: the status interface cannot run: no tokio runtime: {e}");
+                return None;
+            }
+        };
+        let state = ServerState {
+            paths: Arc::new(Paths::new(&shared.config.root)),
+            shared,
+            pages: Arc::new(pages),
+        };
+        let router = router(state);
+        let (stop, stopped) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || {
+                runtime.block_on(serve(address, router, stopped));
+                // Connections still open after the grace period are dropped with the runtime,
+                // and with them the handlers' share of the daemon's state.
+                runtime.shutdown_timeout(Duration::from_millis(500));
+            });
+        match thread {
+            Ok(t) => Some(StatusServer {
+                stop,
+                thread: Some(t),
+            }),
+            Err(e) => {
+                log::error!("keter: the status interface cannot run: no thread: {e}");
+                None
+            }
+        }
+    }
+
+    /// Stops serving and waits until the server's thread (and its share of the daemon's
+    /// state) is gone.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/apps/{name}", get(app_page))
+        .route("/api/apps", get(api_apps))
+        .route("/api/apps/{name}", get(api_app))
+        .route("/api/apps/{name}/log", get(api_log))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Binds (retrying while the address is taken) and serves until `stopped` turns true.
+async fn serve(address: StatusAddress, router: Router, mut stopped: watch::Receiver<bool>) {
+    let mut reported = false;
+    loop {
+        let bound = match &address {
+            StatusAddress::Tcp(addr) => tokio::net::TcpListener::bind(addr)
+                .await
+                .map(Listening::Tcp),
+            StatusAddress::Unix(path) => bind_unix(path).await.map(Listening::Unix),
+        };
+        match bound {
+            Ok(listening) => {
+                log::info!("keter: status interface on {address}");
+                match listening {
+                    Listening::Tcp(l) => run(l, router, stopped).await,
+                    Listening::Unix(l) => {
+                        run(l, router, stopped).await;
+                        if let StatusAddress::Unix(path) = &address {
+                            let _ = tokio::fs::remove_file(path).await;
+                        }
+                    }
+                }
+                return;
+            }
+            Err(e) if !reported => {
+                log::error!(
+                    "keter: cannot serve the status interface on {address}: {e}; apps are \
+                     deployed anyway, and keter tries again every {} s",
+                    BIND_RETRY.as_secs()
+                );
+                reported = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(BIND_RETRY) => {}
+        }
+    }
+}
+
+enum Listening {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn run<L>(listener: L, router: Router, stopped: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let mut graceful_stop = stopped.clone();
+    let mut hard_stop = stopped;
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = graceful_stop.wait_for(|s| *s).await;
+    });
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                log::error!("keter: the status interface stopped: {e}");
+            }
+        }
+        _ = async {
+            let _ = hard_stop.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => log::warn!("keter: status connections still open at shutdown were closed"),
+    }
+}
+
+/// Binds a unix socket, replacing a stale socket file left by a keter that was killed, but
+/// never one that a live process still answers on, nor a file that is not a socket.
+async fn bind_unix(path: &FsPath) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = tokio::fs::symlink_metadata(path).await {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process answers on this socket",
+                ));
+            }
+            Err(_) => tokio::fs::remove_file(path).await?,
+        }
+    }
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Refuses every method but GET and HEAD and adds the security headers to every response.
+async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::GET || request.method() == Method::HEAD {
+        next.run(request).await
+    } else {
+        let mut r = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "keter's status interface is read-only: only GET and HEAD are accepted\n",
+        )
+            .into_response();
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r
+    };
+    let headers = response.headers_mut();
+    if let Ok(csp) = HeaderValue::from_str(s.pages.csp()) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+async fn overview(State(s): State<ServerState>) -> Response {
+    html(s.pages.overview(&s.shared.reports.apps()))
+}
+
+async fn app_page(
+    State(s): State<ServerState>,
+    Path(name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let Some((app, report)) = lookup(&s, &name) else {
+        return not_found_page(&s, &uri, &headers, "No app has this name.");
+    };
+    let log = s
+        .shared
+        .reports
+        .log_tail(&report.name, LOG_LINES)
+        .unwrap_or_default();
+    let conf_path = s.paths.app_conf(&app);
+    let conf = read_conf(&conf_path).await;
+    html(s.pages.app(
+        &report,
+        &log,
+        &conf_path.display().to_string(),
+        conf.as_deref(),
+    ))
+}
+
+/// The app's Nginx file, if it has one right now (read off the runtime's thread).
+async fn read_conf(path: &FsPath) -> Option<String> {
+    tokio::fs::read_to_string(path).await.ok()
+}
+
+/// `GET /api/apps`.
+#[derive(Serialize)]
+struct AppsBody {
+    keter_version: &'static str,
+    apps: Vec<AppReport>,
+}
+
+async fn api_apps(State(s): State<ServerState>) -> Json<AppsBody> {
+    Json(AppsBody {
+        keter_version: env!("CARGO_PKG_VERSION"),
+        apps: s.shared.reports.apps(),
+    })
+}
+
+async fn api_app(State(s): State<ServerState>, Path(name): Path<String>) -> Response {
+    match lookup(&s, &name) {
+        Some((_, report)) => Json(report).into_response(),
+        None => json_not_found("no app has this name"),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    lines: Option<usize>,
+}
+
+/// `GET /api/apps/NAME/log`.
+#[derive(Serialize)]
+struct LogBody {
+    app: String,
+    state: AppState,
+    lines: Vec<String>,
+    log_lines_dropped: u64,
+}
+
+async fn api_log(
+    State(s): State<ServerState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let Some((_, report)) = lookup(&s, &name) else {
+        return json_not_found("no app has this name");
+    };
+    let n = q.lines.unwrap_or(LOG_LINES).min(LOG_LINES);
+    let lines = s
+        .shared
+        .reports
+        .log_tail(&report.name, n)
+        .unwrap_or_default();
+    Json(LogBody {
+        app: report.name,
+        state: report.state,
+        lines,
+        log_lines_dropped: report.log_lines_dropped,
+    })
+    .into_response()
+}
+
+async fn metrics_text(State(s): State<ServerState>) -> Response {
+    let body = metrics::render(&s.shared.reports, &s.shared.nginx.counters);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
+}
+
+async fn not_found(State(s): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {
+    if uri.path().starts_with("/api/") {
+        return json_not_found("no such endpoint");
+    }
+    not_found_page(&s, &uri, &headers, "")
+}
+
+/// An app known by this name; names that are not valid app names are never looked up.
+fn lookup(s: &ServerState, name: &str) -> Option<(AppName, AppReport)> {
+    let app = AppName::new(name).ok()?;
+    let report = s.shared.reports.app(app.as_str())?;
+    Some((app, report))
+}
+
+fn not_found_page(s: &ServerState, uri: &Uri, headers: &HeaderMap, detail: &str) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let mut r = html(s.pages.not_found(uri.path(), &host, detail));
+    if r.status() == StatusCode::OK {
+        *r.status_mut() = StatusCode::NOT_FOUND;
+    }
+    r
+}
+
+fn json_not_found(message: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+fn html(page: Result<String, PageError>) -> Response {
+    match page {
+        Ok(body) => Html(body).into_response(),
+        Err(e) => {
+            log::error!("keter: status page: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
+        }
+    }
+}

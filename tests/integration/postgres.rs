@@ -1,0 +1,582 @@
+//! The postgres plugin (issue 5) against a real throwaway PostgreSQL cluster: apps connect with
+//! the environment keter gave them, credentials survive redeploys and restarts, and every
+//! failure leaves the old version serving and the next deploy finishing the job.
+//!
+//! One cluster is shared by the tests of this binary (role names are cluster-wide, so every
+//! test uses its own app names); tests that stop the server or block CREATE DATABASE start
+//! their own.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use keter::postgres::{Identifier, derive_identifier};
+use postgres::{Client, NoTls};
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ADMIN: &str = "keter_admin";
+
+/// A PostgreSQL cluster in a temp folder, listening on 127.0.0.1 and a socket in its folder.
+/// Local socket connections are trusted (the tests' superuser); TCP needs a SCRAM password,
+/// so the passwords keter sets are really checked.
+pub struct PgCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    /// The file holding the admin role's password.
+    pub password_file: PathBuf,
+    pub admin_password: String,
+}
+
+/// The server binaries of the newest installed PostgreSQL (Debian: `postgresql-15`).
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop().unwrap_or_else(|| {
+        panic!(
+            "the PostgreSQL server is not installed (no /usr/lib/postgresql/*/bin/initdb): run `apt-get install -y postgresql` (scripts/test does)"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+impl PgCluster {
+    pub fn start(label: &str) -> PgCluster {
+        let bin = pg_bin();
+        let dir = std::env::temp_dir()
+            .join("keter-tests")
+            .join(format!("pg-{label}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            // initdb refuses to run as root; the server runs as the postgres user.
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("the postgres user exists when the server package is installed");
+            std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        }
+        let cluster = PgCluster {
+            port: free_port(),
+            password_file: dir.join("admin-password"),
+            admin_password: random_hex(),
+            dir,
+            bin,
+        };
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+        );
+        fs::write(
+            cluster.dir.join("data/pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        cluster.up();
+        let hash = postgres_protocol::password::scram_sha_256(cluster.admin_password.as_bytes());
+        cluster
+            .superuser("postgres")
+            .batch_execute(&format!(
+                "CREATE ROLE {ADMIN} LOGIN CREATEROLE CREATEDB PASSWORD '{hash}'"
+            ))
+            .unwrap();
+        fs::write(
+            &cluster.password_file,
+            format!("{}\n", cluster.admin_password),
+        )
+        .unwrap();
+        fs::set_permissions(&cluster.password_file, fs::Permissions::from_mode(0o600)).unwrap();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// A server binary, run as the postgres user when the tests run as root.
+    fn command(&self, program: &str) -> Command {
+        let exe = self.bin.join(program);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} failed: {}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(self.dir.join("pg.log")).unwrap_or_default()
+        );
+    }
+
+    /// Starts the server (again, on the same port).
+    pub fn up(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("pg.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server; connections are cut.
+    pub fn down(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// A superuser session over the socket, for the tests' own checks.
+    pub fn superuser(&self, dbname: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname(dbname)
+            .connect(NoTls)
+            .unwrap()
+    }
+
+    /// The global config lines that point keter at this cluster.
+    pub fn keter_config(&self) -> String {
+        format!(
+            "postgres:\n  host: 127.0.0.1\n  port: {}\n  user: {ADMIN}\n  password-file: {}\n",
+            self.port,
+            self.password_file.display()
+        )
+    }
+
+    pub fn role_exists(&self, role: &str) -> bool {
+        self.superuser("postgres")
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .unwrap()
+            .is_some()
+    }
+
+    pub fn database_exists(&self, db: &str) -> bool {
+        self.superuser("postgres")
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+            .unwrap()
+            .is_some()
+    }
+
+    fn stop_and_remove(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if std::env::var_os("KETER_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop_and_remove();
+    }
+}
+
+static SHARED: OnceLock<PgCluster> = OnceLock::new();
+
+extern "C" fn stop_shared_cluster() {
+    if let Some(c) = SHARED.get() {
+        c.stop_and_remove();
+    }
+}
+
+/// The cluster shared by this test binary, started by the first test that needs it and
+/// stopped when the binary exits (statics are never dropped, hence `atexit`).
+fn shared() -> &'static PgCluster {
+    SHARED.get_or_init(|| {
+        let c = PgCluster::start("shared");
+        // SAFETY: registers a plain function with no arguments; it runs at exit.
+        unsafe { libc::atexit(stop_shared_cluster) };
+        c
+    })
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The example app built by `cargo test`.
+fn pgapp_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/pgapp");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test`",
+        path.display()
+    );
+    path
+}
+
+/// Writes a bundle of `pgapp` recording `note`, asking for postgres in the stanza format.
+fn pgapp_bundle(k: &Keter, name: &str, note: &str, host: &str) -> PathBuf {
+    let yaml = format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/pgapp\n    args: [--note, {note:?}]\n    host: {host}\nplugins:\n  postgres: true\n"
+    );
+    let path = k.dir.0.join(format!("{name}-{note}.keter"));
+    BundleBuilder::new()
+        .file("dist/pgapp", fs::read(pgapp_binary()).unwrap(), 0o755)
+        .file("config/keter.yaml", yaml.into_bytes(), 0o644)
+        .write(&path);
+    path
+}
+
+fn deploy_pgapp(k: &Keter, name: &str, note: &str, host: &str) {
+    let bundle = pgapp_bundle(k, name, note, host);
+    k.deploy(name, &bundle);
+}
+
+/// Waits until `host` answers `body` and keter has logged its `switches`-th switch of `app`:
+/// until then Nginx workers from before the reload may still answer 404.
+fn wait_live(k: &Keter, app: &str, host: &str, body: &str, switches: usize) {
+    k.wait_for(host, body, WAIT);
+    let needle = format!("{app}: switched to deploy");
+    let start = std::time::Instant::now();
+    while k.log_count(&needle) < switches {
+        assert!(start.elapsed() < WAIT, "{app} never switched:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_keter(label: &str, pg: &PgCluster) -> Keter {
+    Keter::start_with(
+        label,
+        Opts {
+            readiness_timeout: 20.0,
+            extra: pg.keter_config(),
+            ..Opts::default()
+        },
+    )
+}
+
+fn store(k: &Keter) -> PathBuf {
+    k.root.join("etc/postgres.yaml")
+}
+
+/// The recorded password of `app`, read as the YAML it is.
+fn recorded_password(k: &Keter, app: &str) -> String {
+    let text = fs::read_to_string(store(k)).unwrap();
+    let tree = keter::yaml::parse(&text).unwrap();
+    tree[app]["pass"].as_str().unwrap().to_string()
+}
+
+fn assert_secret_absent(k: &Keter, secret: &str) {
+    assert!(secret.len() >= 10);
+    let log = k.log();
+    assert!(!log.contains(secret), "a secret is in keter's log:\n{log}");
+}
+
+#[test]
+fn an_app_writes_rows_that_survive_redeploys_and_restarts() {
+    let pg = shared();
+    let mut k = start_keter("pg-rows", pg);
+    let host = "rows.example.com";
+    deploy_pgapp(&k, "rows", "one", host);
+    wait_live(&k, "rows", host, "one", 1);
+    assert_eq!(k.get(host, "/whoami").unwrap().body.trim(), "rows rows");
+
+    // The credentials file: 0600, Keter's fields, a long password, no superuser role.
+    let meta = fs::metadata(store(&k)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let recorded = fs::read_to_string(store(&k)).unwrap();
+    let entry = &keter::yaml::parse(&recorded).unwrap()["rows"];
+    assert_eq!(entry["name"], "rows");
+    assert_eq!(entry["user"], "rows");
+    assert_eq!(entry["server"], "127.0.0.1");
+    assert_eq!(entry["port"], pg.port);
+    let password = recorded_password(&k, "rows");
+    assert!(password.len() >= 32, "the password is short");
+    let super_or_create: bool = pg
+        .superuser("postgres")
+        .query_one(
+            "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = 'rows'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!super_or_create, "the app role has admin rights");
+
+    // A redeploy reuses the database: the first row is still there.
+    deploy_pgapp(&k, "rows", "two", host);
+    k.wait_for(host, "one,two", WAIT);
+
+    // A restarted keter reuses the recorded credentials (the bundle is deployed again).
+    let _ = k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_for(host, "one,two,two", WAIT);
+    assert_eq!(fs::read_to_string(store(&k)).unwrap(), recorded);
+
+    assert_secret_absent(&k, &password);
+    assert_secret_absent(&k, &pg.admin_password);
+    let app_log = fs::read_to_string(k.root.join("log/app-rows.log")).unwrap();
+    assert!(!app_log.contains(&password), "{app_log}");
+}
+
+#[test]
+fn the_flat_format_and_hostile_app_names_get_valid_distinct_identifiers() {
+    let pg = shared();
+    let k = start_keter("pg-names", pg);
+    let long_prefix = "L".repeat(70);
+    let names = [
+        "Upper.Case-App".to_string(),
+        format!("{long_prefix}-first"),
+        format!("{long_prefix}-second"),
+    ];
+    let mut seen = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let host = format!("names{i}.example.com");
+        let yaml =
+            format!("exec: ../dist/pgapp\nargs: [--note, n{i}]\nhost: {host}\npostgres: true\n");
+        let path = k.dir.0.join(format!("names{i}.keter"));
+        BundleBuilder::new()
+            .file("dist/pgapp", fs::read(pgapp_binary()).unwrap(), 0o755)
+            .file("config/keter.yaml", yaml.into_bytes(), 0o644)
+            .write(&path);
+        k.deploy(name, &path);
+        wait_live(&k, name, &host, &format!("n{i}"), 1);
+        let who = k.get(&host, "/whoami").unwrap().body;
+        let (role, db) = who.trim().split_once(' ').unwrap();
+        assert_eq!(role, db);
+        assert!(Identifier::new(role).is_ok(), "{role:?} from {name:?}");
+        assert!(role.len() <= 63);
+        assert_eq!(role, derive_identifier(name));
+        seen.push(role.to_string());
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // A bundle name that could reach SQL unvalidated is refused before anything is created.
+    let path = k.dir.0.join("hostile.keter");
+    BundleBuilder::new()
+        .file("dist/pgapp", fs::read(pgapp_binary()).unwrap(), 0o755)
+        .file(
+            "config/keter.yaml",
+            b"exec: ../dist/pgapp\nhost: hostile.example.com\npostgres: true\n".to_vec(),
+            0o644,
+        )
+        .write(&path);
+    fs::copy(&path, k.incoming().join("x;drop\".keter")).unwrap();
+    k.wait_log("refused", WAIT);
+    assert!(!pg.role_exists("x_drop_"));
+    assert!(!fs::read_to_string(store(&k)).unwrap().contains("drop"));
+}
+
+#[test]
+fn a_database_dropped_by_hand_is_created_again_with_the_recorded_role() {
+    let pg = shared();
+    let k = start_keter("pg-dropped", pg);
+    let host = "dropped.example.com";
+    deploy_pgapp(&k, "dropped", "before", host);
+    k.wait_for(host, "before", WAIT);
+    let recorded = fs::read_to_string(store(&k)).unwrap();
+    pg.superuser("postgres")
+        .batch_execute("DROP DATABASE dropped WITH (FORCE)")
+        .unwrap();
+    deploy_pgapp(&k, "dropped", "after", host);
+    k.wait_for(host, "after", WAIT);
+    assert!(pg.database_exists("dropped"));
+    assert_eq!(fs::read_to_string(store(&k)).unwrap(), recorded);
+}
+
+#[test]
+fn a_keter_credentials_file_is_read_as_it_is() {
+    let pg = shared();
+    let k = start_keter("pg-legacy", pg);
+    // As Keter wrote it: its random names and 10-letter password, its default server.
+    let keter_file = "legacy:\n  name: legacyqwhkzvyxpa\n  user: legacymfkdsuwpel\n  pass: jzkxqvwhre\n  server: localhost\n  port: 5432\n";
+    fs::write(store(&k), keter_file).unwrap();
+    fs::set_permissions(store(&k), fs::Permissions::from_mode(0o600)).unwrap();
+    let host = "legacy.example.com";
+    deploy_pgapp(&k, "legacy", "kept", host);
+    wait_live(&k, "legacy", host, "kept", 1);
+    assert_eq!(
+        k.get(host, "/whoami").unwrap().body.trim(),
+        "legacymfkdsuwpel legacyqwhkzvyxpa"
+    );
+    assert_eq!(fs::read_to_string(store(&k)).unwrap(), keter_file);
+}
+
+#[test]
+fn a_role_that_keter_did_not_create_is_not_taken_over() {
+    let pg = shared();
+    pg.superuser("postgres")
+        .batch_execute("CREATE ROLE squatter LOGIN PASSWORD 'x'")
+        .unwrap();
+    let k = start_keter("pg-squatter", pg);
+    k.deploy_hello("other", "v1", "other.example.com", &[]);
+    deploy_pgapp(&k, "squatter", "x", "squatter.example.com");
+    k.wait_log("a role named squatter already exists", WAIT);
+    assert!(!pg.database_exists("squatter"));
+    assert!(!store(&k).exists());
+    // Other apps are not affected.
+    k.wait_for("other.example.com", "v1", WAIT);
+}
+
+#[test]
+fn a_bundle_asking_for_postgres_without_a_server_fails_clearly() {
+    let k = Keter::start("pg-none");
+    deploy_pgapp(&k, "nodb", "x", "nodb.example.com");
+    k.wait_log("has no `postgres` section", WAIT);
+    assert_eq!(k.get("nodb.example.com", "/").unwrap().status, 404);
+}
+
+#[test]
+fn server_down_then_up_keeps_the_old_version_then_deploys() {
+    let pg = PgCluster::start("downup");
+    let k = start_keter("pg-downup", &pg);
+    let host = "downup.example.com";
+    deploy_pgapp(&k, "downup", "one", host);
+    k.wait_for(host, "one", WAIT);
+
+    pg.down();
+    deploy_pgapp(&k, "downup", "two", host);
+    k.wait_log(
+        "deploy of downup.keter failed: postgres plugin: cannot connect to PostgreSQL at 127.0.0.1",
+        WAIT,
+    );
+    assert!(k.log().contains("the previous version keeps serving"));
+    // The old version still answers (its own queries fail while the server is down).
+    assert_eq!(k.get(host, "/whoami").unwrap().body.trim(), "downup downup");
+
+    pg.up();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(k.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    k.wait_for(host, "one,two", WAIT);
+}
+
+#[test]
+fn a_half_finished_run_is_finished_by_the_next_deploy() {
+    let pg = PgCluster::start("half");
+    let k = start_keter("pg-half", &pg);
+    let host = "half.example.com";
+    // A session on template1 makes CREATE DATABASE fail after CREATE ROLE succeeded.
+    let blocker = pg.superuser("template1");
+    deploy_pgapp(&k, "half", "one", host);
+    k.wait_log(
+        "deploy of half.keter failed: postgres plugin: CREATE DATABASE half failed",
+        WAIT,
+    );
+    assert!(pg.role_exists("half"));
+    assert!(!pg.database_exists("half"));
+    assert!(
+        !store(&k).exists(),
+        "credentials recorded for a missing database"
+    );
+    assert_eq!(k.get(host, "/").unwrap().status, 404);
+
+    drop(blocker);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(k.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    // The left-over role gets the password now recorded, so the app can log in.
+    k.wait_for(host, "one", WAIT);
+    assert!(
+        k.log()
+            .contains("left from an earlier deploy that did not finish")
+    );
+    assert_secret_absent(&k, &recorded_password(&k, "half"));
+}
+
+#[test]
+fn a_wrong_admin_password_fails_cleanly_and_stays_out_of_the_log() {
+    let pg = shared();
+    let dir = TempDir::new("pg-wrongpw-secret");
+    let wrong = dir.0.join("wrong-password");
+    let wrong_password = format!("wrong-{}", random_hex());
+    fs::write(&wrong, &wrong_password).unwrap();
+    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).unwrap();
+    let config = pg.keter_config().replace(
+        &pg.password_file.display().to_string(),
+        &wrong.display().to_string(),
+    );
+    let mut k = Keter::start_with(
+        "pg-wrongpw",
+        Opts {
+            readiness_timeout: 20.0,
+            extra: config,
+            ..Opts::default()
+        },
+    );
+    let host = "wrongpw.example.com";
+    deploy_pgapp(&k, "wrongpw", "one", host);
+    k.deploy_hello("bystander", "v1", "bystander.example.com", &[]);
+    k.wait_log("password authentication failed", WAIT);
+    k.wait_for("bystander.example.com", "v1", WAIT);
+    assert!(!store(&k).exists());
+    assert!(!pg.role_exists("wrongpw"));
+
+    // With the right password (read at start), the restarted keter deploys it.
+    fs::copy(&pg.password_file, &wrong).unwrap();
+    let _ = k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_for(host, "one", WAIT);
+    assert_secret_absent(&k, &wrong_password);
+    assert_secret_absent(&k, &pg.admin_password);
+    assert_secret_absent(&k, &recorded_password(&k, "wrongpw"));
+}
