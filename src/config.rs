@@ -547,13 +547,6 @@ fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Ng
     }
     config.reload_timeout = seconds_or(&mut n, "reload-timeout", 10.0, problems);
     n.finish(problems);
-    if config.mode == NginxMode::System {
-        problems.error(
-            "nginx.mode",
-            "system mode is not supported by this version of keter yet; use \"managed\"",
-        );
-        ok = false;
-    }
     ok.then_some(config)
 }
 
@@ -789,6 +782,15 @@ mod tests {
             p.warnings[0].to_string(),
             "keter-config.yaml: bogus: unknown key, ignored"
         );
+    }
+
+    #[test]
+    fn system_mode_with_its_pid_file() {
+        let (c, p) = check("root: /opt/keter\nnginx: {mode: system, pid-file: /run/nginx.pid}\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let n = c.unwrap().nginx;
+        assert_eq!(n.mode, NginxMode::System);
+        assert_eq!(n.pid_file, PathBuf::from("/run/nginx.pid"));
     }
 
     #[test]

@@ -9,11 +9,11 @@
 //! generation it runs and reports success only once the new one answers. In managed mode the
 //! controller also runs the Nginx master and restarts it if it dies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+use super::system::{self, Blame};
 use super::{Paths, Renderer, Site};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
@@ -38,6 +39,9 @@ pub enum NginxError {
     Unconfirmed(String),
     /// Writing the files failed (disk full, permissions) or rendering failed.
     Files(String),
+    /// System mode: `nginx -t` fails because of a file that is not keter's (another site on
+    /// the host, or the main configuration). Nginx keeps running what it ran before.
+    Foreign { file: PathBuf, message: String },
 }
 
 impl fmt::Display for NginxError {
@@ -48,6 +52,11 @@ impl fmt::Display for NginxError {
                 write!(f, "Nginx did not take the new configuration: {m}")
             }
             NginxError::Files(m) => write!(f, "cannot write the Nginx configuration: {m}"),
+            NginxError::Foreign { file, message } => write!(
+                f,
+                "nginx -t fails because of {}, which is not keter's file; Nginx keeps its running configuration until that file is fixed: {message}",
+                file.display()
+            ),
         }
     }
 }
@@ -73,7 +82,7 @@ pub struct Nginx {
     /// Pid of the running master, 0 when none (managed mode; written by the controller).
     master_pid: Arc<AtomicI32>,
     mode: NginxMode,
-    pid_file: std::path::PathBuf,
+    pid_file: PathBuf,
 }
 
 enum Msg {
@@ -106,6 +115,7 @@ impl Nginx {
             paths,
             generation: 1,
             live: BTreeMap::new(),
+            unremoved: BTreeSet::new(),
             master: None,
             restart: Restart::new(),
             tx: tx.clone(),
@@ -129,9 +139,7 @@ impl Nginx {
     pub fn master_pid(&self) -> Option<i32> {
         match self.mode {
             NginxMode::Managed => Some(self.master_pid.load(Ordering::Relaxed)).filter(|p| *p > 0),
-            NginxMode::System => fs::read_to_string(&self.pid_file)
-                .ok()
-                .and_then(|t| t.trim().parse().ok()),
+            NginxMode::System => system::master_pid(&self.pid_file).ok(),
         }
     }
 
@@ -200,6 +208,10 @@ struct Controller {
     generation: u64,
     /// Content of every app file keter has made live.
     live: BTreeMap<AppName, String>,
+    /// Apps whose removal Nginx did not take (a broken file elsewhere, Nginx down). Their
+    /// processes are stopped anyway, so every later change takes their files out too, rather
+    /// than keeping a route to a dead port for as long as keter runs.
+    unremoved: BTreeSet<AppName>,
     master: Option<Master>,
     restart: Restart,
     tx: Sender<Msg>,
@@ -230,6 +242,11 @@ impl Controller {
             self.stop_leftover_master();
             let main = self.renderer.main_conf()?;
             write_atomic(&p.main_conf, &main).map_err(|e| e.to_string())?;
+        } else {
+            // Fail before writing anything that the host's Nginx would load.
+            system::master_pid(&self.nginx.pid_file).map_err(|e| e.to_string())?;
+            system::remove_stale_socket(&p.control_socket)
+                .map_err(|e| format!("{}: {e}", p.control_socket.display()))?;
         }
         let http = self.renderer.http_conf()?;
         write_atomic(&p.http_conf, &http).map_err(|e| e.to_string())?;
@@ -316,6 +333,7 @@ impl Controller {
         let before = self.live.clone();
         let generation = self.generation + 1;
         let mut wanted = self.live.clone();
+        wanted.retain(|app, _| !self.unremoved.contains(app));
         let mut ready = Vec::new();
         for change in batch {
             match &change.site {
@@ -340,6 +358,7 @@ impl Controller {
         let result = self.make_live(generation, &before, &wanted);
         match result {
             Ok(()) => {
+                self.unremoved.clear();
                 for c in ready {
                     let _ = c.reply.send(Ok(generation));
                 }
@@ -353,6 +372,9 @@ impl Controller {
             }
             Err(e) => {
                 for c in ready {
+                    if c.site.is_none() {
+                        self.unremoved.insert(c.app.clone());
+                    }
                     let _ = c.reply.send(Err(e.clone()));
                 }
             }
@@ -455,16 +477,26 @@ impl Controller {
         let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
             NginxError::Rejected(format!("cannot run {}: {e}", self.nginx.binary.display()))
         })?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         if out.status.success() {
+            // Warnings matter in system mode: another site claiming an app's host name wins
+            // or loses silently otherwise ("conflicting server name").
+            for line in lines {
+                log::warn!("nginx -t: {line}");
+            }
             return Ok(());
         }
-        let text = String::from_utf8_lossy(&out.stderr);
-        let message: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.ends_with("test failed"))
-            .collect();
-        Err(NginxError::Rejected(message.join(" / ")))
+        let message = lines
+            .filter(|l| !l.ends_with("test failed"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        if self.nginx.mode == NginxMode::System
+            && let Blame::Foreign(file) = system::blame(&text, &self.paths.prefix)
+        {
+            return Err(NginxError::Foreign { file, message });
+        }
+        Err(NginxError::Rejected(message))
     }
 
     fn reload(&mut self) -> Result<(), NginxError> {
@@ -476,15 +508,8 @@ impl Controller {
                 None => self.start_master(),
             },
             NginxMode::System => {
-                let pid = fs::read_to_string(&self.nginx.pid_file)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<i32>().ok())
-                    .ok_or_else(|| {
-                        NginxError::Unconfirmed(format!(
-                            "no Nginx master pid in {}",
-                            self.nginx.pid_file.display()
-                        ))
-                    })?;
+                let pid = system::master_pid(&self.nginx.pid_file)
+                    .map_err(|e| NginxError::Unconfirmed(e.to_string()))?;
                 signal::kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|e| {
                     NginxError::Unconfirmed(format!("cannot signal Nginx (pid {pid}): {e}"))
                 })
@@ -537,8 +562,18 @@ impl Controller {
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
+                let hint = if self.nginx.mode == NginxMode::System
+                    && !self.paths.control_socket.exists()
+                {
+                    format!(
+                        "; is {} included by Nginx's main configuration? The package's /etc/nginx/conf.d/keter.conf includes it for the root /opt/keter",
+                        self.paths.http_conf.display()
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(NginxError::Unconfirmed(format!(
-                    "generation {} not confirmed within {:?} ({last})",
+                    "generation {} not confirmed within {:?} ({last}){hint}",
                     self.generation, self.nginx.reload_timeout
                 )));
             }
@@ -584,9 +619,7 @@ impl Controller {
     fn current_master(&self) -> Option<i32> {
         match self.nginx.mode {
             NginxMode::Managed => self.master.as_ref().map(|m| m.pid),
-            NginxMode::System => fs::read_to_string(&self.nginx.pid_file)
-                .ok()
-                .and_then(|t| t.trim().parse().ok()),
+            NginxMode::System => system::master_pid(&self.nginx.pid_file).ok(),
         }
     }
 
@@ -661,12 +694,44 @@ impl Controller {
     }
 
     fn stop_master(&mut self) {
+        if self.nginx.mode == NginxMode::System {
+            self.leave_system_nginx();
+            return;
+        }
         self.master_pid.store(0, Ordering::Relaxed);
         if let Some(m) = self.master.take() {
             log::info!("nginx: stopping the master (pid {})", m.pid);
             process::stop_group(m.pid, self.stop_timeout);
         }
         let _ = fs::remove_file(&self.paths.control_socket);
+    }
+
+    /// System mode at exit: the host's Nginx goes on serving other sites, so keter takes all of
+    /// its files out (every app is stopped by now) and reloads, leaving Nginx as it would be
+    /// without keter. Nginx then closes the control socket and deletes its file itself; keter
+    /// does not touch it while Nginx may still listen on it.
+    fn leave_system_nginx(&mut self) {
+        let p = &self.paths;
+        let mut files: Vec<PathBuf> = fs::read_dir(&p.apps)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.extend([p.http_conf.clone(), p.generation_conf.clone()]);
+        for f in files {
+            match fs::remove_file(&f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    log::error!("nginx: cannot remove {}: {e}", f.display())
+                }
+                _ => {}
+            }
+        }
+        self.live.clear();
+        let left = self.test().and_then(|()| self.reload());
+        match left {
+            Ok(()) => log::info!("nginx: keter's files removed from the system Nginx"),
+            Err(e) => log::error!(
+                "nginx: keter's files are removed but Nginx was not reloaded ({e}); it drops them at its next reload"
+            ),
+        }
     }
 }
 

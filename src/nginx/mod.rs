@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod site;
+pub mod system;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,13 +201,14 @@ impl Renderer {
         ctx.insert("servers", &servers);
         ctx.insert("healthcheck_path", &self.healthcheck_path);
         ctx.insert("acme_root", &self.acme_root);
+        ctx.insert("ip_from_header", &self.ip_from_header);
         self.render("app.conf", &ctx)
     }
 
-    /// `ROOT/nginx/http.conf`: shared maps and the control server.
+    /// `ROOT/nginx/http.conf`: shared maps and the control server, included in the http
+    /// context of the managed main configuration or, in system mode, of the host's.
     pub fn http_conf(&self) -> Result<String, String> {
         let mut ctx = tera::Context::new();
-        ctx.insert("ip_from_header", &self.ip_from_header);
         ctx.insert("control_socket", &self.paths.control_socket);
         ctx.insert("generation_file", &self.paths.generation_conf);
         ctx.insert("apps_dir", &self.paths.apps);

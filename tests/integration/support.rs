@@ -130,6 +130,12 @@ pub struct Opts {
     /// The first app port (by default a block distinct from other tests').
     pub first_port: Option<u16>,
     pub reload_timeout: f64,
+    /// The front-end port; a free one when `None`.
+    pub port: Option<u16>,
+    /// The `nginx` key as a YAML flow mapping; a managed Nginx when `None`.
+    pub nginx: Option<String>,
+    /// keter's root; `root/` in the test's folder when `None`.
+    pub root: Option<PathBuf>,
     /// Where the status interface listens.
     pub status: StatusAt,
     /// Put the root on a tmpfs of this many MiB (disk-full tests; needs root).
@@ -160,6 +166,9 @@ impl Default for Opts {
             ports: 20,
             first_port: None,
             reload_timeout: 10.0,
+            port: None,
+            nginx: None,
+            root: None,
             status: StatusAt::Socket,
             tmpfs_mib: None,
         }
@@ -205,8 +214,11 @@ impl Keter {
     pub fn start_with(label: &str, opts: Opts) -> Keter {
         require_nginx();
         let dir = TempDir::new(label);
-        let root = dir.0.join("root");
-        let port = free_port();
+        let root = opts.root.unwrap_or_else(|| dir.0.join("root"));
+        let port = opts.port.unwrap_or_else(free_port);
+        let nginx = opts.nginx.unwrap_or_else(|| {
+            format!("{{mode: managed, reload-timeout: {}}}", opts.reload_timeout)
+        });
         let (first, last) = match opts.first_port {
             Some(p) => (p, p + opts.ports - 1),
             None => port_range(opts.ports),
@@ -231,9 +243,12 @@ impl Keter {
         fs::write(
             &config_path,
             format!(
-                "root: root\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {{mode: managed, reload-timeout: {}}}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
-                opts.reload_timeout,
-                opts.readiness_timeout, opts.drain_time, opts.stop_timeout, opts.extra
+                "root: {}\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
+                root.display(),
+                opts.readiness_timeout,
+                opts.drain_time,
+                opts.stop_timeout,
+                opts.extra
             ),
         )
         .unwrap();
