@@ -217,6 +217,8 @@ struct Wrk {
     p99_ms: f64,
     errors: u64,
     requests: u64,
+    /// wrk's own line, e.g. `Socket errors: connect 0, read 12, write 0, timeout 0`.
+    detail: String,
 }
 
 fn wrk(url: &str, host: &str, seconds: u64, connections: u32, close: bool) -> std::process::Child {
@@ -267,11 +269,18 @@ fn wrk_result(child: std::process::Child) -> Wrk {
         .find(|l| l.contains("requests in"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
+    let detail = text
+        .lines()
+        .filter(|l| l.contains("Socket errors:") || l.contains("Non-2xx"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
     Wrk {
         rps: number("Requests/sec:").unwrap_or(0.0),
         p99_ms: p99,
         errors,
         requests,
+        detail,
     }
 }
 
@@ -339,12 +348,15 @@ fn redeploy_under_load() {
             "   {:<28} {:>10.0} {:>10.2} {:>10} {:>10}",
             label, w.rps, w.p99_ms, w.requests, w.errors
         );
+        if !w.detail.is_empty() {
+            println!("   {:<28} {}", "", w.detail);
+        }
     }
 }
 
 fn front_end_overhead() {
     // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
-    let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
+    let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
     let k = Keter::start_with("bench-overhead", Opts::default());
     let host = "fast.example.com";
     let path = k.dir.0.join("fast.keter");
@@ -441,7 +453,7 @@ fn many_apps() {
         .filter_map(|l| {
             l.split("generation ")
                 .nth(1)?
-                .split(',')
+                .split([' ', ','])
                 .next()?
                 .parse()
                 .ok()

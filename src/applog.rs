@@ -11,11 +11,11 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crossbeam_channel::{Sender, TrySendError, bounded};
+use crossbeam_channel::{Sender, unbounded};
 
 /// How many recent lines are kept in memory.
 const TAIL_LINES: usize = 200;
@@ -56,17 +56,21 @@ impl std::fmt::Debug for AppLog {
 struct Shared {
     tail: Mutex<VecDeque<String>>,
     dropped: AtomicU64,
+    /// Lines sent to the writer and not yet written. The queue itself grows on demand (a
+    /// preallocated bounded channel cost 128 KiB per app), and this count bounds it.
+    queued: AtomicUsize,
 }
 
 impl AppLog {
     /// Opens the target and starts its writer thread (which ends when every handle is gone).
     pub fn open(target: LogTarget) -> std::io::Result<AppLog> {
         let shared = Arc::new(Shared {
-            tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+            tail: Mutex::new(VecDeque::new()),
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
         });
         let mut sink = Sink::open(target)?;
-        let (tx, rx) = bounded::<String>(QUEUE_LINES);
+        let (tx, rx) = unbounded::<String>();
         let counters = shared.clone();
         std::thread::Builder::new()
             .name("app-log".into())
@@ -74,6 +78,7 @@ impl AppLog {
             .spawn(move || {
                 let mut reported = 0;
                 for line in rx {
+                    counters.queued.fetch_sub(1, Ordering::Relaxed);
                     sink.write_line(&line);
                     let dropped = counters.dropped.load(Ordering::Relaxed);
                     if dropped > reported {
@@ -99,11 +104,10 @@ impl AppLog {
             }
             tail.push_back(stamped.clone());
         }
-        match self.queue.try_send(stamped) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= QUEUE_LINES || self.queue.send(stamped).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
