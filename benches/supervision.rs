@@ -43,7 +43,7 @@ fn main() {
     let mut restarts = Vec::new();
     for n in 0..CRASHES {
         let host = format!("app{}.example.com", n % APPS);
-        let pid = pid(&k, &host);
+        let pid = k.pid_of(&host);
         let start = Instant::now();
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
         loop {
@@ -97,10 +97,6 @@ fn main() {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn pid(k: &Keter, host: &str) -> i32 {
-    k.get(host, "/pid").unwrap().body.trim().parse().unwrap()
 }
 
 fn status_field(pid: i32, field: &str) -> u64 {

@@ -291,7 +291,7 @@ fn a_version_that_never_gets_ready_is_removed_and_the_old_one_keeps_serving() {
     );
     k.deploy_hello("hello", "v1", HOST, &[]);
     k.wait_for(HOST, "v1", WAIT);
-    let good_pid = pid_of(&k, HOST);
+    let good_pid = k.pid_of(HOST);
 
     let cases: [(&str, &[&str], &str); 3] = [
         ("crash", &["--crash"], "exited with exit code 3"),
@@ -350,7 +350,7 @@ fn deleting_the_bundle_stops_the_app() {
     k.deploy_hello("other", "o1", "other.example.com", &[]);
     k.wait_for(HOST, "v1", WAIT);
     k.wait_for("other.example.com", "o1", WAIT);
-    let pid = pid_of(&k, HOST);
+    let pid = k.pid_of(HOST);
     let group_before = group_size(pid);
     assert!(group_before >= 2, "the --spawn-child grandchild is missing");
 
@@ -388,7 +388,7 @@ fn sigterm_stops_every_app_and_nginx_and_exits_zero() {
     k.wait_for("b.example.com", "b1", WAIT);
     let pids: Vec<i32> = ["a.example.com", "b.example.com"]
         .iter()
-        .map(|h| pid_of(&k, h))
+        .map(|h| k.pid_of(h))
         .collect();
     let nginx = k.nginx_pid();
     let status = k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
@@ -404,7 +404,7 @@ fn sigint_also_stops_cleanly() {
     let mut k = Keter::start("sigint");
     k.deploy_hello("a", "a1", "a.example.com", &[]);
     k.wait_for("a.example.com", "a1", WAIT);
-    let pid = pid_of(&k, "a.example.com");
+    let pid = k.pid_of("a.example.com");
     let status = k.signal_and_wait(nix::sys::signal::Signal::SIGINT);
     assert!(status.success(), "{status}");
     assert!(!alive(pid));
@@ -455,15 +455,6 @@ fn hosts_claimed_by_another_app_are_refused() {
         WAIT,
     );
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "f1");
-}
-
-/// The pid of the app process serving `host`.
-fn pid_of(k: &Keter, host: &str) -> i32 {
-    let r = k.get(host, "/pid").unwrap();
-    r.body
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("/pid on {host} answered {r:?}:\n{}", k.log()))
 }
 
 fn procs_named(name: &str) -> Vec<i32> {

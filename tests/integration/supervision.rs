@@ -12,14 +12,6 @@ use crate::support::*;
 const HOST: &str = "hello.example.com";
 const WAIT: Duration = Duration::from_secs(20);
 
-fn pid_of(k: &Keter, host: &str) -> i32 {
-    let r = k.get(host, "/pid").unwrap();
-    r.body
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("/pid on {host} answered {r:?}:\n{}", k.log()))
-}
-
 fn port_of(k: &Keter, host: &str) -> String {
     let env = k.get(host, "/env").unwrap().body;
     env.lines()
@@ -50,7 +42,7 @@ fn a_killed_app_comes_back_on_the_same_port() {
     k.deploy_hello("hello", "v1", HOST, &[]);
     k.wait_for(HOST, "v1", WAIT);
     let port = port_of(&k, HOST);
-    let pid = pid_of(&k, HOST);
+    let pid = k.pid_of(HOST);
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let (new_pid, took) = wait_new_pid(&k, HOST, pid);
     eprintln!("crash to serving again: {took:?}");
@@ -125,7 +117,7 @@ fn a_wrapper_script_leaves_nothing_behind() {
         .write(&bundle);
     k.deploy("hello", &bundle);
     k.wait_for(HOST, "wrapped", WAIT);
-    let app = pid_of(&k, HOST);
+    let app = k.pid_of(HOST);
     let pgid = nix::unistd::getpgid(Some(Pid::from_raw(app)))
         .unwrap()
         .as_raw();
@@ -155,7 +147,7 @@ fn an_app_that_ignores_sigterm_is_killed_after_stop_timeout() {
     );
     k.deploy_hello("hello", "v1", HOST, &["--ignore-term"]);
     k.wait_for(HOST, "v1", WAIT);
-    let pid = pid_of(&k, HOST);
+    let pid = k.pid_of(HOST);
     let start = Instant::now();
     fs::remove_file(k.incoming().join("hello.keter")).unwrap();
     k.wait_log("SIGKILL after stop-timeout", WAIT);
@@ -296,8 +288,8 @@ fn a_killed_keter_comes_back_with_one_process_per_app() {
     k.deploy_hello("b", "b1", "b.example.com", &[]);
     k.wait_for("a.example.com", "a1", WAIT);
     k.wait_for("b.example.com", "b1", WAIT);
-    let old_a = pid_of(&k, "a.example.com");
-    let old_b = pid_of(&k, "b.example.com");
+    let old_a = k.pid_of("a.example.com");
+    let old_b = k.pid_of("b.example.com");
     let old_nginx = k.nginx_pid();
     let journal = fs::read_to_string(k.root.join("etc/processes")).unwrap();
     assert!(journal.contains(&format!("{old_a} ")), "{journal}");

@@ -388,6 +388,15 @@ impl Keter {
         }
     }
 
+    /// The pid of the example app's process serving `host` (its `/pid` answer).
+    pub fn pid_of(&self, host: &str) -> i32 {
+        let r = self.get(host, "/pid").unwrap();
+        r.body
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("/pid on {host} answered {r:?}:\n{}", self.log()))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
