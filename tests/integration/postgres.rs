@@ -580,3 +580,61 @@ fn a_wrong_admin_password_fails_cleanly_and_stays_out_of_the_log() {
     assert_secret_absent(&k, &pg.admin_password);
     assert_secret_absent(&k, &recorded_password(&k, "wrongpw"));
 }
+
+#[test]
+fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_finishes() {
+    let pg = shared();
+    let k = start_keter("pg-disk-full", pg);
+    deploy_pgapp(&k, "first", "one", "first.example.com");
+    wait_live(&k, "first", "first.example.com", "one", 1);
+    let before = fs::read_to_string(store(&k)).unwrap();
+
+    // etc/ on a tiny tmpfs, filled up: the credentials file cannot be rewritten.
+    let etc = k.root.join("etc");
+    let saved = k.dir.0.join("etc-saved");
+    fs::create_dir_all(&saved).unwrap();
+    fs::copy(store(&k), saved.join("postgres.yaml")).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&etc)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount a tmpfs (this test runs as root)");
+    fs::copy(saved.join("postgres.yaml"), store(&k)).unwrap();
+    {
+        use std::io::Write;
+        let mut filler = fs::File::create(etc.join("filler")).unwrap();
+        while filler.write_all(&[7u8; 1024]).is_ok() {}
+    }
+    deploy_pgapp(&k, "second", "two", "second.example.com");
+    k.wait_log("second: deploy of second.keter failed", WAIT);
+    let line = k
+        .log()
+        .lines()
+        .rfind(|l| l.contains("second: deploy of second.keter failed"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("No space left on device"), "{line}");
+    // Nothing half-written, nothing recorded for the app that failed.
+    assert_eq!(fs::read_to_string(store(&k)).unwrap(), before);
+    let leftovers: Vec<_> = fs::read_dir(&etc)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "postgres.yaml" && n != "filler" && n != "processes")
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_eq!(k.get("first.example.com", "/").unwrap().body.trim(), "one");
+
+    // Space again: the next try finishes the job with the role created before.
+    fs::remove_file(etc.join("filler")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(k.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_live(&k, "second", "second.example.com", "two", 1);
+    let after = fs::read_to_string(store(&k)).unwrap();
+    assert!(after.contains("second"), "{after}");
+    let _ = std::process::Command::new("umount").arg(&etc).status();
+}
