@@ -9,6 +9,7 @@
 //! serving.
 
 mod deploy;
+mod site;
 mod version;
 
 use std::collections::HashMap;
@@ -31,7 +32,7 @@ use crate::postgres::Provisioner;
 use crate::procfs;
 use crate::report::{AppReport, AppState, DeployReport, ProcessReport, Reports, rfc3339};
 
-pub use deploy::{SiteSource, site_of};
+pub use site::{CertSource, SiteSource, site_of};
 use version::{FileStamp, Version};
 
 /// What the daemon asks of an app.
