@@ -479,6 +479,8 @@ fn a_websocket_stays_open_across_a_redeploy_until_drained() {
     // New requests reach v2; the open tunnel still talks to v1.
     assert_eq!(echo("two"), "v1:two");
     k.wait_log("still had connections at drain-time", WAIT);
+    // The line above comes just before v1 is stopped; its own line comes once it is gone.
+    k.wait_log("ws: stopped pid", WAIT);
     assert_eq!(
         echo("three"),
         "",
