@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -99,15 +98,7 @@ impl Journal {
         for (pgid, e) in groups {
             text.push_str(&format!("{pgid} {} {}\n", e.start_ticks, e.app));
         }
-        let tmp = self.path.with_extension("tmp");
-        let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
+        if let Err(e) = crate::atomic_file::replace(&self.path, text.as_bytes(), 0o644) {
             log::error!("journal: cannot write {}: {e}", self.path.display());
         }
     }

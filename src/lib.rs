@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod applog;
+pub mod atomic_file;
 pub mod bundle;
 pub mod cli;
 pub mod config;

@@ -626,20 +626,12 @@ fn version_certs_dir(root: &Path, app: &crate::names::AppName, id: u64) -> std::
 
 /// Writes a file only its owner can read, created with that mode (never widened first).
 fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let path = dir.join(name);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    crate::atomic_file::replace(&path, bytes, 0o600)?;
     Ok(path)
 }

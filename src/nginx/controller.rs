@@ -28,7 +28,7 @@ use super::system::{self, Blame};
 use super::{Paths, Renderer, Site};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
-use crate::{probe, process, procfs};
+use crate::{atomic_file, probe, process, procfs};
 
 /// Why a change could not be made live. In every case the previous files are back in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -738,8 +738,7 @@ impl Controller {
 /// A TLS listener's certificate with its chain appended, as `ssl_certificate` wants it,
 /// readable by its owner only.
 fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let mut bytes = Vec::new();
     for input in inputs {
         let part = fs::read(input).map_err(|e| format!("{}: {e}", input.display()))?;
@@ -754,34 +753,10 @@ fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result
         .mode(0o700)
         .create(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let write = || -> io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(out)?;
-        f.write_all(&bytes)?;
-        f.sync_all()
-    };
-    write().map_err(|e| format!("{}: {e}", out.display()))
+    atomic_file::replace(out, &bytes, 0o600).map_err(|e| format!("{}: {e}", out.display()))
 }
 
-/// Writes a file by temp file + fsync + rename, so Nginx never reads half a file. The temp
-/// name starts with a dot and does not end in `.conf`, so no include glob picks it up.
+/// Writes one of keter's Nginx files so that Nginx never reads half of it.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    atomic_file::replace(path, text.as_bytes(), 0o644)
 }
