@@ -39,13 +39,24 @@ pub fn get_unix(socket: &Path, path: &str, timeout: Duration) -> io::Result<Resp
 }
 
 fn exchange(stream: &mut (impl Read + Write), host: &str, path: &str) -> io::Result<Response> {
+    // Readiness and control answers are small; a cap keeps a misbehaving app from feeding us
+    // forever.
+    get(stream, host, path, 64 * 1024)
+}
+
+/// `GET path` with `Host: host` on an open connection, reading at most `max_bytes` of answer.
+pub fn get(
+    stream: &mut (impl Read + Write),
+    host: &str,
+    path: &str,
+    max_bytes: u64,
+) -> io::Result<Response> {
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keter\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes())?;
-    // Responses here are small; a cap keeps a misbehaving app from feeding us forever.
     let mut buf = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut buf)?;
+    stream.take(max_bytes).read_to_end(&mut buf)?;
     parse(&buf)
 }
 
@@ -63,16 +74,55 @@ fn parse(buf: &[u8]) -> io::Result<Response> {
         .and_then(|s| s.parse::<u16>().ok())
         .filter(|s| (100..1000).contains(s))
         .ok_or_else(|| bad("no status code in the response"))?;
-    let body = match text.find("\r\n\r\n") {
-        Some(i) => text[i + 4..].to_string(),
-        None => String::new(),
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Ok(Response {
+            status,
+            body: String::new(),
+        });
+    };
+    let chunked = head.lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = if chunked {
+        dechunk(body).map_err(bad)?
+    } else {
+        body.to_string()
     };
     Ok(Response { status, body })
+}
+
+fn dechunk(mut rest: &str) -> Result<String, &'static str> {
+    let mut out = String::new();
+    loop {
+        let (size_line, after) = rest.split_once("\r\n").ok_or("a truncated chunk")?;
+        let size_text = size_line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "a bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).ok_or("a truncated chunk")?;
+        out.push_str(chunk);
+        rest = after.get(size + 2..).ok_or("a truncated chunk")?;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((plain.status, plain.body.as_str()), (200, "{}"));
+        let chunked = parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((chunked.status, chunked.body.as_str()), (200, "abcde"));
+        assert!(parse(b"garbage").is_err());
+    }
 
     #[test]
     fn parses_status_and_body() {

@@ -5,7 +5,7 @@
 //! takes: no proxy, no TLS, no redirects.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::StatusAddress;
+use crate::probe;
 
 /// Largest answer read; the API of thousands of apps stays far below it.
 const MAX_RESPONSE: u64 = 64 << 20;
@@ -44,77 +45,26 @@ pub fn get(address: &StatusAddress, path: &str, timeout: Duration) -> Result<Str
              is this its configuration?)"
         ))
     };
-    let raw = match address {
+    let answer = match address {
         StatusAddress::Tcp(addr) => {
             let mut s = TcpStream::connect_timeout(addr, timeout).map_err(connect_error)?;
             s.set_read_timeout(Some(timeout)).map_err(connect_error)?;
-            exchange(&mut s, path)
+            probe::get(&mut s, "keter", path, MAX_RESPONSE)
         }
         StatusAddress::Unix(p) => {
             let mut s = UnixStream::connect(p).map_err(connect_error)?;
             s.set_read_timeout(Some(timeout)).map_err(connect_error)?;
-            exchange(&mut s, path)
+            probe::get(&mut s, "keter", path, MAX_RESPONSE)
         }
     }
     .map_err(|e| ClientError::Response(format!("reading from {address}: {e}")))?;
-    let (status, body) = parse(&raw).map_err(ClientError::Response)?;
-    if status != 200 {
+    if answer.status != 200 {
         return Err(ClientError::Response(format!(
-            "{address} answered {path} with HTTP status {status}"
+            "{address} answered {path} with HTTP status {}",
+            answer.status
         )));
     }
-    Ok(body)
-}
-
-fn exchange(stream: &mut (impl Read + Write), path: &str) -> io::Result<Vec<u8>> {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: keter\r\nUser-Agent: keter-status\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes())?;
-    let mut buf = Vec::new();
-    stream.take(MAX_RESPONSE).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-/// The status code and the (de-chunked) body of a response.
-fn parse(raw: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("an incomplete HTTP response")?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.strip_prefix("HTTP/1."))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("not an HTTP/1.x response")?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size_line, after) = rest.split_once("\r\n").ok_or("a truncated chunk")?;
-        let size_text = size_line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "a bad chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = after.get(..size).ok_or("a truncated chunk")?;
-        out.push_str(chunk);
-        rest = after.get(size + 2..).ok_or("a truncated chunk")?;
-    }
+    Ok(answer.body)
 }
 
 /// The `/api/apps` answer as a table, then each app's last error on its own line.
@@ -233,16 +183,6 @@ pub fn table(api: &Value) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_answers() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse(plain).unwrap(), (200, "{}".to_string()));
-        let chunked =
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse(chunked).unwrap(), (200, "abcde".to_string()));
-        assert!(parse(b"garbage").is_err());
-    }
 
     #[test]
     fn tables_have_a_row_per_app_and_list_errors() {
