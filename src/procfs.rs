@@ -30,10 +30,19 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     out
 }
 
+/// Field `n` (numbered from 1, as in proc(5)) of `/proc/PID/stat`, for `n` of 3 or more.
+fn stat_field(pid: i32, n: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: fields from 3 on
+    // start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(n.checked_sub(3)?).map(str::to_string)
+}
+
 /// State letter and process group of a pid, from `/proc/PID/stat`.
 fn stat_state_pgrp(pid: i32) -> Option<(char, i32)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    // One read for both fields: the process may exit between two.
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut fields = rest.split(' ');
     let state = fields.next()?.chars().next()?;
@@ -102,9 +111,7 @@ pub fn nginx_workers_shutting_down(master: i32) -> usize {
 
 /// The parent pid of a process.
 pub fn parent_of(pid: i32) -> Option<i32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
+    stat_field(pid, 4)?.parse().ok()
 }
 
 /// True when a socket listening on TCP `port` belongs to a live process of group `pgid`.
@@ -140,10 +147,7 @@ pub fn is_alive(pid: i32) -> bool {
 
 /// When a process started, in clock ticks since boot (`/proc/PID/stat` field 22).
 pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // Fields after the command name start at field 3 (state); starttime is field 22.
-    rest.split(' ').nth(22 - 3)?.parse().ok()
+    stat_field(pid, 22)?.parse().ok()
 }
 
 #[cfg(test)]
