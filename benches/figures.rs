@@ -465,6 +465,12 @@ fn many_apps() {
     std::thread::sleep(Duration::from_secs(3));
     let pid = k.pid();
     let rss = status_kib(pid, "VmRSS:");
+    let anonymous = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
     let threads = status_kib(pid, "Threads:");
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(60));
@@ -477,7 +483,8 @@ fn many_apps() {
         generations.len()
     );
     println!(
-        "   daemon RSS {rss} KiB with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
+        "   daemon RSS {rss} KiB ({anonymous} KiB heap and stacks, the rest the binary and \
+         libraries) with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
     );
 }
 

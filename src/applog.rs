@@ -3,13 +3,13 @@
 //! false`), and the last lines stay in memory so that a failed deploy can say what the app
 //! printed last.
 //!
-//! The pipe readers never wait for the disk: lines go through a bounded queue to a writer
-//! thread, and a line that does not fit is dropped and counted (a slow or full disk must never
-//! block the app on its own stdout).
+//! Nothing that reads an app's output waits for the disk: lines are queued for the one writer
+//! thread that all apps share, and a line that does not fit the app's share of the queue is
+//! dropped and counted (a slow or full disk must never block the app on its own stdout).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ const TAIL_LINES: usize = 200;
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE_LINES: usize = 4096;
 /// Longest line kept; longer ones are cut (a binary blob on stdout has no newlines).
-const MAX_LINE: usize = 16 * 1024;
+pub const MAX_LINE: usize = 16 * 1024;
 
 /// Where an app's lines end up.
 #[derive(Debug, Clone)]
@@ -38,11 +38,11 @@ pub enum LogTarget {
     Stderr(String),
 }
 
-/// Handle shared by the pipe readers of all processes of one app. Cheap to clone.
+/// One app's log. Cheap to clone.
 #[derive(Clone)]
 pub struct AppLog {
     shared: Arc<Shared>,
-    queue: Sender<String>,
+    writer: Sender<Queued>,
 }
 
 impl std::fmt::Debug for AppLog {
@@ -53,45 +53,34 @@ impl std::fmt::Debug for AppLog {
     }
 }
 
+/// A line for the writer, with the log it belongs to.
+type Queued = (Arc<Shared>, String);
+
 struct Shared {
     tail: Mutex<VecDeque<String>>,
     dropped: AtomicU64,
-    /// Lines sent to the writer and not yet written. The queue itself grows on demand (a
-    /// preallocated bounded channel cost 128 KiB per app), and this count bounds it.
+    /// This app's lines queued for the writer and not yet written. The queue itself grows on
+    /// demand (a preallocated bounded channel cost 128 KiB per app), and this count bounds
+    /// the app's share of it.
     queued: AtomicUsize,
+    /// Only the writer thread uses it; closed when the last handle and queued line are gone.
+    sink: Mutex<Sink>,
+    /// Dropped lines already reported in the log.
+    reported: AtomicU64,
 }
 
 impl AppLog {
-    /// Opens the target and starts its writer thread (which ends when every handle is gone).
+    /// Opens the target (the file is created now, so that a problem shows at once).
     pub fn open(target: LogTarget) -> std::io::Result<AppLog> {
+        let writer = writer()?;
         let shared = Arc::new(Shared {
             tail: Mutex::new(VecDeque::new()),
             dropped: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
+            sink: Mutex::new(Sink::open(target)?),
+            reported: AtomicU64::new(0),
         });
-        let mut sink = Sink::open(target)?;
-        let (tx, rx) = unbounded::<String>();
-        let counters = shared.clone();
-        std::thread::Builder::new()
-            .name("app-log".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut reported = 0;
-                for line in rx {
-                    counters.queued.fetch_sub(1, Ordering::Relaxed);
-                    sink.write_line(&line);
-                    let dropped = counters.dropped.load(Ordering::Relaxed);
-                    if dropped > reported {
-                        sink.write_line(&format!(
-                            "{} keter: {} lines of output were dropped because the log could not keep up",
-                            timestamp(SystemTime::now()),
-                            dropped - reported
-                        ));
-                        reported = dropped;
-                    }
-                }
-            })?;
-        Ok(AppLog { shared, queue: tx })
+        Ok(AppLog { shared, writer })
     }
 
     /// Records one line (without its newline).
@@ -105,7 +94,7 @@ impl AppLog {
             tail.push_back(stamped.clone());
         }
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if queued >= QUEUE_LINES || self.queue.send(stamped).is_err() {
+        if queued >= QUEUE_LINES || self.writer.send((self.shared.clone(), stamped)).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -124,37 +113,36 @@ impl AppLog {
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
+}
 
-    /// Starts a thread that reads `pipe` line by line into this log until end of file.
-    pub fn pump(&self, pipe: File) {
-        let log = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("app-pipe".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut reader = BufReader::new(pipe);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match (&mut reader)
-                        .take(MAX_LINE as u64)
-                        .read_until(b'\n', &mut buf)
-                    {
-                        Ok(0) => break,
-                        Ok(_) => {
-                            while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                                buf.pop();
-                            }
-                            log.line(&String::from_utf8_lossy(&buf));
-                        }
-                        Err(_) => break,
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a log reader thread: {e}");
-        }
+/// The queue of the one writer thread, started at the first use.
+fn writer() -> std::io::Result<Sender<Queued>> {
+    static WRITER: Mutex<Option<Sender<Queued>>> = Mutex::new(None);
+    let mut writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(tx) = &*writer {
+        return Ok(tx.clone());
     }
+    let (tx, rx) = unbounded::<Queued>();
+    std::thread::Builder::new()
+        .name("app-log".into())
+        .spawn(move || {
+            for (log, line) in rx {
+                log.queued.fetch_sub(1, Ordering::Relaxed);
+                let mut sink = log.sink.lock().unwrap_or_else(|e| e.into_inner());
+                sink.write_line(&line);
+                let dropped = log.dropped.load(Ordering::Relaxed);
+                let reported = log.reported.swap(dropped, Ordering::Relaxed);
+                if dropped > reported {
+                    sink.write_line(&format!(
+                        "{} keter: {} lines of output were dropped because the log could not keep up",
+                        timestamp(SystemTime::now()),
+                        dropped - reported
+                    ));
+                }
+            }
+        })?;
+    *writer = Some(tx.clone());
+    Ok(tx)
 }
 
 /// The writer's end: a file it rotates, or stderr.
@@ -314,6 +302,42 @@ mod tests {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "lines never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_flooding_app_loses_only_its_own_lines() {
+        let dir = std::env::temp_dir().join(format!("keter-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = |name: &str| {
+            AppLog::open(LogTarget::File {
+                path: dir.join(name),
+                max_bytes: 1 << 30,
+                keep: 1,
+            })
+            .unwrap()
+        };
+        let (flood, quiet) = (open("flood.log"), open("quiet.log"));
+        let noise = "x".repeat(100);
+        for i in 0..200_000 {
+            flood.line(&noise);
+            if i % 1000 == 0 {
+                quiet.line(&format!("quiet {i}"));
+            }
+        }
+        assert!(flood.dropped() > 0, "the flood never outran the writer");
+        assert_eq!(quiet.dropped(), 0);
+        drop((flood, quiet));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(dir.join("quiet.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 200
+        {
+            assert!(std::time::Instant::now() < deadline, "quiet lines lost");
             std::thread::sleep(Duration::from_millis(10));
         }
         std::fs::remove_dir_all(dir).unwrap();

@@ -60,7 +60,7 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 
 /// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
 pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
-    limit_malloc_arenas();
+    crate::memory::limit_arenas();
     prepare_root(&config.root)?;
     fs::create_dir_all(&config.acme_webroot).map_err(|e| {
         Fatal(format!(
@@ -114,17 +114,6 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     }
     daemon.shutdown();
     Ok(())
-}
-
-/// keter runs a few threads per app; glibc gives threads their own malloc arenas (up to eight
-/// per core), each keeping freed memory, which tripled the daemon's resident memory with 200
-/// apps. Two arenas are plenty for a daemon that mostly waits.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes an allocator setting; called before the worker threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 /// Creates the folders of DESIGN.md 5 and empties `temp/` (versions of an earlier run).

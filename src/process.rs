@@ -1,6 +1,7 @@
 //! All process handling in one place: spawning an app in its own process group with a clean
-//! signal mask, a chosen environment and its output in the app's log; waiting for its exit on a
-//! small thread; and stopping the whole group (SIGTERM, then SIGKILL after a grace period).
+//! signal mask, a chosen environment and its output in the app's log (read, like its exit, by
+//! the one [`crate::childwatch`] thread); and stopping the whole group (SIGTERM, then SIGKILL
+//! after a grace period).
 
 use std::fs::File;
 use std::io;
@@ -138,21 +139,20 @@ pub fn spawn(
             });
         }
     }
-    let mut child = spawn_retrying(&mut cmd)?;
+    let child = spawn_retrying(&mut cmd)?;
     // The parent's copies of the write end are closed with `cmd`, so the pipe reaches end of
     // file when the whole group has closed its output.
     drop(cmd);
-    log.pump(File::from(read_end));
     let pid = child.id() as i32;
-    std::thread::Builder::new()
-        .name(format!("wait-{pid}"))
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let status = child
-                .wait()
-                .unwrap_or_else(|_| ExitStatus::from_raw(0xff00));
-            on_exit(pid, status);
-        })?;
+    if let Err(e) = crate::childwatch::exit(child, Box::new(on_exit)) {
+        stop_group(pid, Duration::ZERO);
+        return Err(e);
+    }
+    if let Err(e) = crate::childwatch::output(File::from(read_end), log.clone()) {
+        // Unread, its output would fill the pipe and block it; the exit is still reaped.
+        stop_group(pid, Duration::ZERO);
+        return Err(e);
+    }
     Ok(Running {
         pid,
         started: Instant::now(),

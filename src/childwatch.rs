@@ -1,0 +1,299 @@
+//! The one thread that watches every app process: it reads their output pipes into their logs
+//! and learns of their exits, from a single epoll set of pipes and pidfds.
+//!
+//! A reader thread per pipe and a waiter thread per process cost 200 apps 400 threads and
+//! several megabytes of stacks; this costs one thread whatever the number of apps. Nothing the
+//! thread calls blocks: pipes are non-blocking, [`AppLog::line`] only queues, and the exit
+//! callbacks only send to a channel.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use crate::applog::{AppLog, MAX_LINE};
+
+/// Called on the watch thread with the pid and exit status, after the process was reaped.
+pub type OnExit = Box<dyn FnOnce(i32, ExitStatus) + Send>;
+
+/// Bytes read from one pipe per wake-up before the other pipes get their turn (the epoll set
+/// is level-triggered, so whatever is left wakes the thread again).
+const READ_PER_TURN: usize = 64 * 1024;
+
+enum Watched {
+    Output {
+        pipe: File,
+        log: AppLog,
+        /// The start of a line whose newline has not arrived yet.
+        partial: Vec<u8>,
+    },
+    Exit {
+        pidfd: OwnedFd,
+        child: Child,
+        on_exit: OnExit,
+    },
+}
+
+struct Watch {
+    epoll: Epoll,
+    entries: Mutex<HashMap<u64, Watched>>,
+    next_token: AtomicU64,
+}
+
+/// Reads `pipe` line by line into `log` until every writer has closed it.
+pub fn output(pipe: File, log: AppLog) -> io::Result<()> {
+    set_nonblocking(&pipe)?;
+    let fd = pipe.as_raw_fd();
+    watch()?.add(
+        fd,
+        Watched::Output {
+            pipe,
+            log,
+            partial: Vec::new(),
+        },
+    )
+}
+
+/// Reaps `child` once it exits and then calls `on_exit`. On an error the child is killed and
+/// reaped here, so that no process runs unwatched (the caller stops the rest of its group).
+pub fn exit(mut child: Child, on_exit: OnExit) -> io::Result<()> {
+    let pidfd = match pidfd_open(child.id() as i32).and_then(|p| Ok((p, watch()?))) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let (pidfd, watch) = pidfd;
+    let fd = pidfd.as_raw_fd();
+    watch.add(
+        fd,
+        Watched::Exit {
+            pidfd,
+            child,
+            on_exit,
+        },
+    )
+}
+
+fn watch() -> io::Result<&'static Arc<Watch>> {
+    static WATCH: OnceLock<Result<Arc<Watch>, String>> = OnceLock::new();
+    WATCH
+        .get_or_init(|| {
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
+            let w = Arc::new(Watch {
+                epoll,
+                entries: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(1),
+            });
+            let thread_side = w.clone();
+            std::thread::Builder::new()
+                .name("child-watch".into())
+                .spawn(move || thread_side.run())
+                .map_err(|e| e.to_string())?;
+            Ok(w)
+        })
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("the process watch thread did not start: {e}")))
+}
+
+impl Watch {
+    fn add(&self, fd: i32, entry: Watched) -> io::Result<()> {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        // In the map before it is in the epoll set: the thread must find every token it sees.
+        self.lock().insert(token, entry);
+        // SAFETY: `fd` belongs to the entry just stored; only the watch thread removes
+        // entries, and only after this registration has reported an event.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let added = self
+            .epoll
+            .add(borrowed, EpollEvent::new(EpollFlags::EPOLLIN, token));
+        if let Err(e) = added {
+            if let Some(Watched::Exit { mut child, .. }) = self.lock().remove(&token) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return Err(io::Error::from(e));
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watched>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        let mut events = vec![EpollEvent::empty(); 64];
+        let mut buf = vec![0u8; READ_PER_TURN];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("waiting for app processes failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            for ev in &events[..n] {
+                self.ready(ev.data(), &mut buf);
+            }
+        }
+    }
+
+    fn ready(&self, token: u64, buf: &mut [u8]) {
+        let mut entries = self.lock();
+        match entries.get_mut(&token) {
+            Some(Watched::Output { pipe, log, partial }) => {
+                if read_lines(pipe, log, partial, buf) {
+                    return;
+                }
+                if let Some(Watched::Output { pipe, .. }) = entries.remove(&token) {
+                    let _ = self.epoll.delete(pipe.as_fd());
+                }
+            }
+            Some(Watched::Exit { .. }) => {
+                let Some(Watched::Exit {
+                    pidfd,
+                    mut child,
+                    on_exit,
+                }) = entries.remove(&token)
+                else {
+                    return;
+                };
+                drop(entries);
+                let _ = self.epoll.delete(pidfd.as_fd());
+                // The pidfd is readable: the process has exited and `wait` returns at once.
+                let status = child
+                    .wait()
+                    .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0xff00));
+                on_exit(child.id() as i32, status);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reads what `pipe` has and logs every complete line; returns false at end of file (after
+/// logging an unfinished last line).
+fn read_lines(pipe: &mut File, log: &AppLog, partial: &mut Vec<u8>, buf: &mut [u8]) -> bool {
+    loop {
+        match pipe.read(buf) {
+            Ok(0) => {
+                if !partial.is_empty() {
+                    log_line(log, partial);
+                    *partial = Vec::new();
+                }
+                return false;
+            }
+            Ok(n) => {
+                // Whatever more is waiting comes at the next wake-up (the set is
+                // level-triggered), after the other pipes had their turn.
+                split_lines(log, partial, &buf[..n]);
+                return true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Appends `data` to `partial` and logs every complete line; a line longer than [`MAX_LINE`]
+/// is cut into pieces of that length (a binary blob on stdout has no newlines).
+fn split_lines(log: &AppLog, partial: &mut Vec<u8>, mut data: &[u8]) {
+    while !data.is_empty() {
+        let room = MAX_LINE - partial.len();
+        let window = &data[..data.len().min(room)];
+        match window.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                let line = &window[..i];
+                if partial.is_empty() {
+                    log_line(log, line);
+                } else {
+                    partial.extend_from_slice(line);
+                    log_line(log, partial);
+                    partial.clear();
+                }
+                data = &data[i + 1..];
+            }
+            None if window.len() == room => {
+                partial.extend_from_slice(window);
+                log_line(log, partial);
+                partial.clear();
+                data = &data[room..];
+            }
+            None => {
+                partial.extend_from_slice(window);
+                data = &[];
+            }
+        }
+    }
+    // A long partial line keeps its buffer; an empty one gives it back.
+    if partial.is_empty() && partial.capacity() > 4096 {
+        *partial = Vec::new();
+    }
+}
+
+fn log_line(log: &AppLog, mut line: &[u8]) {
+    while let [rest @ .., b'\r' | b'\n'] = line {
+        line = rest;
+    }
+    log.line(&String::from_utf8_lossy(line));
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function borrows.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A descriptor that becomes readable when process `pid` exits (Linux 5.3).
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; on success it returns a new descriptor that we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::applog::LogTarget;
+
+    fn lines(chunks: &[&[u8]]) -> Vec<String> {
+        let log = AppLog::open(LogTarget::Stderr("t".into())).unwrap();
+        let mut partial = Vec::new();
+        for c in chunks {
+            split_lines(&log, &mut partial, c);
+        }
+        log.tail(100)
+            .into_iter()
+            .map(|l| l.split_once(' ').unwrap().1.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn lines_across_reads_and_cut_at_the_limit() {
+        assert_eq!(lines(&[b"a\nb", b"c\r\n", b"\n"]), ["a", "bc", ""]);
+        let long = vec![b'x'; MAX_LINE + 3];
+        let got = lines(&[&long[..10], &long[10..], b"\n"]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].len(), MAX_LINE);
+        assert_eq!(got[1], "xxx");
+    }
+}
