@@ -316,23 +316,37 @@ fn redeploy_under_load() {
     k.deploy("load", &bundles[0]);
     k.wait_for(host, "v0", Duration::from_secs(30));
     let url = format!("http://127.0.0.1:{}/", k.port);
-    let steady_ka = wrk_result(wrk(&url, host, 10, 16, false));
-    let steady_new = wrk_result(wrk(&url, host, 10, 4, true));
-    // During 20 redeploys: both clients at once, the redeploys back to back.
-    let seconds = 30;
+    let mut next = 1;
+    let mut redeploy_20 = || {
+        // The redeploys are spread over the whole window (one every PACE, or back to back
+        // when one takes longer), so that every second of it is a second with redeploys.
+        const PACE: Duration = Duration::from_millis(900);
+        let start = Instant::now();
+        for i in 1..=20u32 {
+            let due = PACE * i - PACE / 2;
+            std::thread::sleep(due.saturating_sub(start.elapsed()));
+            k.deploy("load", &bundles[next]);
+            k.wait_for(host, &format!("v{next}"), Duration::from_secs(30));
+            next = (next + 1) % bundles.len();
+        }
+        start.elapsed()
+    };
+    let seconds = 20;
+
+    // Throughput and failures: wrk at full speed, both clients at once, the same length with
+    // and without redeploys.
+    let steady_ka = wrk(&url, host, seconds, 16, false);
+    let steady_new = wrk(&url, host, seconds, 4, true);
+    let (steady_ka, steady_new) = (wrk_result(steady_ka), wrk_result(steady_new));
     let ka = wrk(&url, host, seconds, 16, false);
     let new = wrk(&url, host, seconds, 4, true);
-    let start = Instant::now();
-    for (i, b) in bundles.iter().enumerate().skip(1) {
-        k.deploy("load", b);
-        k.wait_for(host, &format!("v{i}"), Duration::from_secs(30));
-    }
-    let redeploys = start.elapsed();
-    let during_ka = wrk_result(ka);
-    let during_new = wrk_result(new);
+    let took = redeploy_20();
+    let (during_ka, during_new) = (wrk_result(ka), wrk_result(new));
     println!(
-        "\n2. redeploy under load: 20 redeploys in {:.1} s while wrk runs {seconds} s",
-        redeploys.as_secs_f64()
+        "\n2. redeploy under load: wrk with 16 keep-alive connections and wrk with 4 connections \
+         sending Connection: close, {seconds} s each, without and with 20 redeploys (done after \
+         {:.1} s)",
+        took.as_secs_f64()
     );
     println!(
         "   {:<28} {:>10} {:>10} {:>10} {:>10}",
@@ -352,6 +366,129 @@ fn redeploy_under_load() {
             println!("   {:<28} {}", "", w.detail);
         }
     }
+
+    // Latency: the same two kinds of client at a fixed rate far below capacity, so that the
+    // percentiles show what a redeploy costs a request rather than how an overloaded machine
+    // shares its two cores (wrk at full speed measures the latter).
+    let addr = k.addr();
+    let run = |seconds: u64| {
+        let d = Duration::from_secs(seconds);
+        let ka = paced(addr, host, true, 8, 250.0, d);
+        let new = paced(addr, host, false, 4, 100.0, d);
+        (ka, new)
+    };
+    let (ka, new) = run(seconds);
+    let (steady_ka, steady_new) = (Paced::join(ka), Paced::join(new));
+    let (ka, new) = run(seconds);
+    let took = redeploy_20();
+    let (during_ka, during_new) = (Paced::join(ka), Paced::join(new));
+    println!(
+        "\n   at a fixed rate, 2000 req/s on 8 keep-alive connections and 400 req/s on new \
+         connections, {seconds} s each, without and with 20 redeploys (done after {:.1} s); \
+         latency from the moment each request was due",
+        took.as_secs_f64()
+    );
+    println!(
+        "   {:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "requests", "failed"
+    );
+    for (label, p) in [
+        ("keep-alive, steady", &steady_ka),
+        ("keep-alive, redeploying", &during_ka),
+        ("new connections, steady", &steady_new),
+        ("new connections, redeploying", &during_new),
+    ] {
+        println!(
+            "   {:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10} {:>10}",
+            label,
+            p.quantile(0.5),
+            p.quantile(0.99),
+            p.quantile(0.999),
+            p.quantile(1.0),
+            p.latencies.len(),
+            p.failed
+        );
+    }
+    println!(
+        "   p99 redeploying / steady: keep-alive {:.2}x, new connections {:.2}x; keep-alive \
+         requests resent after an idle close: {}",
+        during_ka.quantile(0.99) / steady_ka.quantile(0.99),
+        during_new.quantile(0.99) / steady_new.quantile(0.99),
+        during_ka.resent
+    );
+}
+
+/// What a paced client saw: latencies in microseconds, failures, and requests resent on a
+/// new connection because the server had closed the idle one before reading them.
+#[derive(Default)]
+struct Paced {
+    latencies: Vec<u32>,
+    failed: u64,
+    resent: u64,
+}
+
+impl Paced {
+    fn join(threads: Vec<std::thread::JoinHandle<Paced>>) -> Paced {
+        let mut all = Paced::default();
+        for t in threads {
+            let p = t.join().unwrap();
+            all.latencies.extend(p.latencies);
+            all.failed += p.failed;
+            all.resent += p.resent;
+        }
+        all.latencies.sort_unstable();
+        all
+    }
+
+    /// In milliseconds.
+    fn quantile(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.latencies[i]) / 1000.0
+    }
+}
+
+/// `connections` threads, each sending `rate` requests per second for `length`, on one
+/// keep-alive connection or on a new connection per request. A request's latency counts from
+/// when it was due, so a stall delays and counts against every request behind it.
+fn paced(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    keep_alive: bool,
+    connections: usize,
+    rate: f64,
+    length: Duration,
+) -> Vec<std::thread::JoinHandle<Paced>> {
+    (0..connections)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let start = Instant::now() + interval.mul_f64(c as f64 / connections as f64);
+                let mut client = KeepAliveClient::new(addr);
+                let mut out = Paced::default();
+                let mut due = start;
+                while due < start + length {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let answer = if keep_alive {
+                        client.get(host, "/")
+                    } else {
+                        keter::probe::get_tcp(addr, host, "/", Duration::from_secs(5))
+                    };
+                    match answer {
+                        Ok(r) if r.status == 200 => {
+                            out.latencies.push(due.elapsed().as_micros() as u32)
+                        }
+                        _ => out.failed += 1,
+                    }
+                    due += interval;
+                }
+                out.resent = u64::from(client.resent_after_idle_close);
+                out
+            })
+        })
+        .collect()
 }
 
 fn front_end_overhead() {
