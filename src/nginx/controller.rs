@@ -634,20 +634,18 @@ impl Controller {
             .arg(&self.paths.main_conf)
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null());
-        let mut child = cmd.spawn().map_err(|e| {
+        let child = cmd.spawn().map_err(|e| {
             NginxError::Unconfirmed(format!("cannot start {}: {e}", self.nginx.binary.display()))
         })?;
         let pid = child.id() as i32;
         let tx = self.tx.clone();
-        std::thread::Builder::new()
-            .name("wait-nginx".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                if let Ok(status) = child.wait() {
-                    let _ = tx.send(Msg::Exited { pid, status });
-                }
-            })
-            .map_err(|e| NginxError::Unconfirmed(e.to_string()))?;
+        crate::childwatch::exit(
+            child,
+            Box::new(move |pid, status| {
+                let _ = tx.send(Msg::Exited { pid, status });
+            }),
+        )
+        .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))?;
         log::info!("nginx: started the master, pid {pid}");
         self.master = Some(Master {
             pid,

@@ -288,7 +288,10 @@ impl Keter {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keter"))
+        // KETER_BIN runs another build (to compare two builds with the benchmarks).
+        let bin =
+            std::env::var_os("KETER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_keter").into());
+        let child = Command::new(bin)
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
