@@ -415,6 +415,19 @@ impl Drop for OwnNginx {
     }
 }
 
+/// CPU time used so far by the workers of the Nginx whose master is `master`, in µs
+/// (`/proc/PID/schedstat`: nanoseconds on a CPU).
+fn workers_cpu_us(master: i32) -> f64 {
+    keter::procfs::nginx_workers(master)
+        .iter()
+        .filter_map(|(pid, _)| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+            stat.split(' ').next()?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        / 1000.0
+}
+
 /// A minimal proxy to the app on `app_port`, listening on `port`, with or without keep-alive
 /// connections to the app.
 fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool) -> OwnNginx {
@@ -455,41 +468,64 @@ fn front_end_overhead() {
         .unwrap();
     // Hand-written proxies to the same app, beside keter's Nginx, for the same clients.
     let tuned_port = free_port();
-    let _tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true);
+    let tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true);
     let plain_port = free_port();
-    let _plain = hand_tuned_proxy("bench-no-keepalive", plain_port, app_port, false);
+    let plain = hand_tuned_proxy("bench-no-keepalive", plain_port, app_port, false);
+    // (label, port, master of the front end's Nginx).
     let targets = [
-        ("app directly", app_port),
-        ("keter's Nginx", k.port),
-        ("hand-tuned Nginx", tuned_port),
-        ("same, no upstream keep-alive", plain_port),
+        ("app directly", app_port, None),
+        ("keter's Nginx", k.port, Some(k.nginx_pid())),
+        (
+            "hand-tuned Nginx",
+            tuned_port,
+            Some(tuned.child.id() as i32),
+        ),
+        (
+            "same, no upstream keep-alive",
+            plain_port,
+            Some(plain.child.id() as i32),
+        ),
     ];
     // Round-robin over the targets, each round starting one target further, so that a slow
     // moment of the machine (the load tool, the front ends and the app share its cores) falls
-    // on every target alike; medians per target.
-    let mut runs: Vec<Vec<Wrk>> = targets.iter().map(|_| Vec::new()).collect();
+    // on every target alike; medians per target. The CPU time of the front end's workers per
+    // request hardly depends on how busy the machine is, unlike req/s.
+    let mut runs: Vec<Vec<(Wrk, f64)>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         for i in 0..targets.len() {
             let t = (round + i) % targets.len();
-            let url = format!("http://127.0.0.1:{}/", targets[t].1);
-            runs[t].push(wrk_result(wrk(&url, host, SECONDS, 32, false)));
+            let (_, port, master) = targets[t];
+            let cpu = || master.map_or(0.0, workers_cpu_us);
+            let before = cpu();
+            let w = wrk_result(wrk(
+                &format!("http://127.0.0.1:{port}/"),
+                host,
+                SECONDS,
+                32,
+                false,
+            ));
+            let per_request = (cpu() - before) / w.requests.max(1) as f64;
+            runs[t].push((w, per_request));
         }
     }
     let median_of = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
-    // Per target: median req/s, median p99, (max - min) / median of req/s, errors.
-    let rows: Vec<(f64, f64, f64, u64)> = runs
+    // Per target: median req/s, median p99, median front-end CPU µs per request,
+    // (max - min) / median of req/s, errors.
+    let rows: Vec<(f64, f64, f64, f64, u64)> = runs
         .iter()
         .map(|r| {
-            let (rps, min, max) = median_of(r.iter().map(|w| w.rps).collect());
-            let (p99, _, _) = median_of(r.iter().map(|w| w.p99_ms).collect());
+            let (rps, min, max) = median_of(r.iter().map(|(w, _)| w.rps).collect());
+            let (p99, _, _) = median_of(r.iter().map(|(w, _)| w.p99_ms).collect());
+            let (cpu, _, _) = median_of(r.iter().map(|(_, c)| *c).collect());
             (
                 rps,
                 p99,
+                cpu,
                 (max - min) / rps,
-                r.iter().map(|w| w.errors).sum(),
+                r.iter().map(|(w, _)| w.errors).sum(),
             )
         })
         .collect();
@@ -497,16 +533,21 @@ fn front_end_overhead() {
         "\n3. front-end overhead (keep-alive, 32 connections; {ROUNDS} rounds of {SECONDS} s runs over the 4 targets in turn, medians)"
     );
     println!(
-        "   {:<30} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "", "req/s", "p99 ms", "of direct", "spread", "errors"
+        "   {:<30} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
+        "", "req/s", "p99 ms", "of direct", "front µs/req", "spread", "errors"
     );
-    for ((label, _), (rps, p99, spread, errors)) in targets.iter().zip(&rows) {
+    for ((label, _, master), (rps, p99, cpu, spread, errors)) in targets.iter().zip(&rows) {
+        let cpu = match master {
+            Some(_) => format!("{cpu:.1}"),
+            None => "-".to_string(),
+        };
         println!(
-            "   {:<30} {:>10.0} {:>10.2} {:>10.2} {:>9.0}% {:>8}",
+            "   {:<30} {:>10.0} {:>10.2} {:>10.2} {:>12} {:>7.0}% {:>8}",
             label,
             rps,
             p99,
             rps / rows[0].0,
+            cpu,
             spread * 100.0,
             errors
         );
@@ -517,14 +558,17 @@ fn front_end_overhead() {
         runs[1]
             .iter()
             .zip(&runs[2])
-            .map(|(k, t)| k.rps / t.rps)
+            .map(|((k, _), (t, _))| k.rps / t.rps)
             .collect(),
     );
     println!(
-        "   keter's Nginx / hand-tuned Nginx: {:.2} (median of the per-round ratios {paired:.2})",
-        rows[1].0 / rows[2].0
+        "   keter's Nginx / hand-tuned Nginx: {:.2} in req/s (median of the per-round ratios {paired:.2}), {:.2} in front-end CPU per request",
+        rows[1].0 / rows[2].0,
+        rows[1].2 / rows[2].2
     );
-    println!("   (spread: (max - min) / median of a target's {ROUNDS} runs)");
+    println!(
+        "   (front µs/req: CPU time of the front end's workers per request; spread: (max - min) / median of a target's req/s)"
+    );
 }
 
 fn many_apps() {
