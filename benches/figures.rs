@@ -491,7 +491,97 @@ fn paced(
         .collect()
 }
 
+/// An Nginx started by the bench itself from a hand-written configuration, stopped (master
+/// and workers) when dropped, also when the bench panics.
+struct OwnNginx {
+    child: std::process::Child,
+    dir: TempDir,
+}
+
+impl OwnNginx {
+    /// `nginx` with `worker_processes auto` (as keter's) and `http` as its http block's
+    /// servers; returns once `port` answers `GET /` for `host` with `expect`.
+    fn start(label: &str, http: &str, port: u16, host: &str, expect: &str) -> OwnNginx {
+        let dir = TempDir::new(label);
+        let d = dir.0.display();
+        fs::create_dir_all(dir.0.join("t")).unwrap();
+        let conf = dir.0.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes auto;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/t; proxy_temp_path {d}/t; fastcgi_temp_path {d}/t; uwsgi_temp_path {d}/t; scgi_temp_path {d}/t;\n{http}}}\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .args(["-e", "stderr", "-p"])
+            .arg(&dir.0)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.0.join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut nginx = OwnNginx { child, dir };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = keter::probe::get_tcp(addr, host, "/", Duration::from_secs(1))
+                && r.body.trim() == expect
+            {
+                return nginx;
+            }
+            let exited = nginx.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && start.elapsed() < Duration::from_secs(10),
+                "{label}: nginx does not answer on port {port} ({exited:?}): {}",
+                fs::read_to_string(nginx.dir.0.join("stderr")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OwnNginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers, then exits.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time used so far by the workers of the Nginx whose master is `master`, in µs
+/// (`/proc/PID/schedstat`: nanoseconds on a CPU).
+fn workers_cpu_us(master: i32) -> f64 {
+    keter::procfs::nginx_workers(master)
+        .iter()
+        .filter_map(|(pid, _)| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+            stat.split(' ').next()?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        / 1000.0
+}
+
+/// A minimal proxy to the app on `app_port`, listening on `port`, with or without keep-alive
+/// connections to the app.
+fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool) -> OwnNginx {
+    let (pool, connection) = if keepalive {
+        ("keepalive 32; ", "proxy_set_header Connection \"\"; ")
+    } else {
+        ("", "")
+    };
+    let http = format!(
+        "    upstream app {{ server 127.0.0.1:{app_port}; {pool}}}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; {connection}}}\n    }}\n"
+    );
+    OwnNginx::start(label, &http, port, "fast.example.com", "fast")
+}
+
 fn front_end_overhead() {
+    const ROUNDS: usize = 9;
+    const SECONDS: u64 = 2;
     // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
     let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
     let k = Keter::start_with("bench-overhead", Opts::default());
@@ -507,39 +597,114 @@ fn front_end_overhead() {
         .write(&path);
     k.deploy("fast", &path);
     k.wait_for(host, "fast", Duration::from_secs(30));
-    let env_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
+    let app_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
         .unwrap()
         .lines()
         .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
-        .map(|p| p.trim_end_matches(';').to_string())
+        .and_then(|p| p.trim_end_matches(';').parse::<u16>().ok())
         .unwrap();
-    let direct_url = format!("http://127.0.0.1:{env_port}/");
-    let front_url = format!("http://127.0.0.1:{}/", k.port);
-    let mut rows = Vec::new();
-    for _ in 0..3 {
-        let direct = wrk_result(wrk(&direct_url, host, 8, 32, false));
-        let front = wrk_result(wrk(&front_url, host, 8, 32, false));
-        rows.push((direct, front));
+    // Hand-written proxies to the same app, beside keter's Nginx, for the same clients.
+    let tuned_port = free_port();
+    let tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true);
+    let plain_port = free_port();
+    let plain = hand_tuned_proxy("bench-no-keepalive", plain_port, app_port, false);
+    // (label, port, master of the front end's Nginx).
+    let targets = [
+        ("app directly", app_port, None),
+        ("keter's Nginx", k.port, Some(k.nginx_pid())),
+        (
+            "hand-tuned Nginx",
+            tuned_port,
+            Some(tuned.child.id() as i32),
+        ),
+        (
+            "same, no upstream keep-alive",
+            plain_port,
+            Some(plain.child.id() as i32),
+        ),
+    ];
+    // Round-robin over the targets, each round starting one target further, so that a slow
+    // moment of the machine (the load tool, the front ends and the app share its cores) falls
+    // on every target alike; medians per target. The CPU time of the front end's workers per
+    // request hardly depends on how busy the machine is, unlike req/s.
+    let mut runs: Vec<Vec<(Wrk, f64)>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..ROUNDS {
+        for i in 0..targets.len() {
+            let t = (round + i) % targets.len();
+            let (_, port, master) = targets[t];
+            let cpu = || master.map_or(0.0, workers_cpu_us);
+            let before = cpu();
+            let w = wrk_result(wrk(
+                &format!("http://127.0.0.1:{port}/"),
+                host,
+                SECONDS,
+                32,
+                false,
+            ));
+            let per_request = (cpu() - before) / w.requests.max(1) as f64;
+            runs[t].push((w, per_request));
+        }
     }
-    rows.sort_by(|a, b| (a.1.rps / a.0.rps).total_cmp(&(b.1.rps / b.0.rps)));
-    let (direct, front) = &rows[1];
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    // Per target: median req/s, median p99, median front-end CPU µs per request,
+    // (max - min) / median of req/s, errors.
+    let rows: Vec<(f64, f64, f64, f64, u64)> = runs
+        .iter()
+        .map(|r| {
+            let (rps, min, max) = median_of(r.iter().map(|(w, _)| w.rps).collect());
+            let (p99, _, _) = median_of(r.iter().map(|(w, _)| w.p99_ms).collect());
+            let (cpu, _, _) = median_of(r.iter().map(|(_, c)| *c).collect());
+            (
+                rps,
+                p99,
+                cpu,
+                (max - min) / rps,
+                r.iter().map(|(w, _)| w.errors).sum(),
+            )
+        })
+        .collect();
     println!(
-        "\n3. front-end overhead (keep-alive, 32 connections, median ratio of 3 pairs of 8 s runs)"
+        "\n3. front-end overhead (keep-alive, 32 connections; {ROUNDS} rounds of {SECONDS} s runs over the 4 targets in turn, medians)"
     );
-    println!("   {:<26} {:>10} {:>10}", "", "req/s", "p99 ms");
     println!(
-        "   {:<26} {:>10.0} {:>10.2}",
-        "app directly", direct.rps, direct.p99_ms
+        "   {:<30} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
+        "", "req/s", "p99 ms", "of direct", "front µs/req", "spread", "errors"
+    );
+    for ((label, _, master), (rps, p99, cpu, spread, errors)) in targets.iter().zip(&rows) {
+        let cpu = match master {
+            Some(_) => format!("{cpu:.1}"),
+            None => "-".to_string(),
+        };
+        println!(
+            "   {:<30} {:>10.0} {:>10.2} {:>10.2} {:>12} {:>7.0}% {:>8}",
+            label,
+            rps,
+            p99,
+            rps / rows[0].0,
+            cpu,
+            spread * 100.0,
+            errors
+        );
+    }
+    // keter against the hand-tuned proxy also run by run: the two are measured within seconds
+    // of each other in every round.
+    let (paired, _, _) = median_of(
+        runs[1]
+            .iter()
+            .zip(&runs[2])
+            .map(|((k, _), (t, _))| k.rps / t.rps)
+            .collect(),
     );
     println!(
-        "   {:<26} {:>10.0} {:>10.2}",
-        "through keter's Nginx", front.rps, front.p99_ms
+        "   keter's Nginx / hand-tuned Nginx: {:.2} in req/s (median of the per-round ratios {paired:.2}), {:.2} in front-end CPU per request",
+        rows[1].0 / rows[2].0,
+        rows[1].2 / rows[2].2
     );
     println!(
-        "   ratio {:.2} (errors: {} direct, {} through Nginx)",
-        front.rps / direct.rps,
-        direct.errors,
-        front.errors
+        "   (front µs/req: CPU time of the front end's workers per request; spread: (max - min) / median of a target's req/s)"
     );
 }
 
