@@ -50,6 +50,8 @@ impl fmt::Display for DeployError {
 
 /// Readiness is polled after 1 ms, then at doubling intervals up to every 20 ms (DESIGN.md
 /// 6.5: tens of milliseconds): most apps listen within milliseconds of exec.
+/// Unpacking runs only on otherwise idle CPU for this long, then at the normal priority.
+const UNPACK_IDLE_GRACE: Duration = Duration::from_millis(100);
 const READINESS_POLL_FIRST: Duration = Duration::from_millis(1);
 const READINESS_POLL: Duration = Duration::from_millis(20);
 
@@ -169,8 +171,10 @@ impl Worker {
         let id = self.shared.next_version.fetch_add(1, Ordering::Relaxed);
         let dir = config.root.join("temp").join(format!("{}-{id}", self.name));
         let mut progress = bundle::log_progress(self.name.to_string());
-        let unpacked = bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
-            .map_err(|e| DeployError::Failed(e.to_string()))?;
+        let unpacked = process::when_idle(UNPACK_IDLE_GRACE, || {
+            bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
+        })
+        .map_err(|e| DeployError::Failed(e.to_string()))?;
         log::info!(
             "{}: unpacked {} bytes in {} entries into {} in {} ms",
             self.name,
