@@ -3,7 +3,7 @@
 //! the front end's overhead against the app reached directly, and 200 apps at once.
 //!
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
-//! be on PATH, `apt-get install wrk`). About five minutes on two cores.
+//! be on PATH, `apt-get install wrk`). About six minutes on two cores.
 
 #[path = "../tests/integration/support.rs"]
 mod support;
