@@ -187,6 +187,21 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             vars.join("\n") + "\n"
         } else if target == "/host" {
             format!("{host}\n")
+        } else if target == "/fds" {
+            // Every descriptor beyond stdin, stdout and stderr, with what it refers to.
+            let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| {
+                            let n: u32 = e.file_name().to_str()?.parse().ok()?;
+                            let to = std::fs::read_link(e.path()).ok()?;
+                            (n > 2).then(|| format!("{n} {}", to.display()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            fds.sort();
+            fds.join("\n") + "\n"
         } else if target == "/pid" {
             format!("{}\n", std::process::id())
         } else if target == "/whoami" {

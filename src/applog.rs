@@ -19,7 +19,7 @@ use crossbeam_channel::{Sender, unbounded};
 
 /// How many recent lines are kept in memory.
 const TAIL_LINES: usize = 200;
-/// Lines waiting for the writer before new ones are dropped.
+/// An app's lines waiting for the writer before its new ones are dropped.
 const QUEUE_LINES: usize = 4096;
 /// Longest line kept; longer ones are cut (a binary blob on stdout has no newlines).
 pub const MAX_LINE: usize = 16 * 1024;

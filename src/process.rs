@@ -76,11 +76,12 @@ pub struct Running {
 
 /// A command that will run as the leader of a new process group (so that stopping it reaches
 /// every process it starts, and a Ctrl-C meant for keter does not reach it directly), with an
-/// empty signal mask and default signal dispositions.
+/// empty signal mask, default signal dispositions and no descriptor beyond 0, 1 and 2.
 pub fn command_in_new_group(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.process_group(0);
-    // SAFETY: the closure only calls async-signal-safe functions (sigprocmask, signal).
+    // SAFETY: the closure only calls async-signal-safe functions (sigprocmask, signal,
+    // close_range).
     unsafe {
         cmd.pre_exec(|| {
             // keter's threads may block signals; a child must start with none blocked and with
@@ -95,6 +96,15 @@ pub fn command_in_new_group(program: &Path) -> Command {
             ] {
                 signal::signal(sig, signal::SigHandler::SigDfl).map_err(io::Error::from)?;
             }
+            // Nothing beyond stdin, stdout and stderr reaches the program, whatever keter
+            // itself inherited or opened without close-on-exec (as systemd does for services).
+            // Best effort: close_range needs Linux 5.11 for this flag.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -159,7 +169,10 @@ pub fn spawn(
     log: &AppLog,
     on_exit: impl FnOnce(i32, ExitStatus) + Send + 'static,
 ) -> io::Result<Running> {
-    let (read_end, write_end) = nix::unistd::pipe().map_err(io::Error::from)?;
+    // Close-on-exec: an app started at the same moment by another thread must not inherit
+    // this app's pipe (its output would never reach end of file while the other one runs).
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let write_err = write_end.try_clone()?;
     let mut cmd = command_in_new_group(&spec.program);
     cmd.args(&spec.args)

@@ -37,6 +37,31 @@ fn wait_new_pid(k: &Keter, host: &str, old_pid: i32) -> (i32, Duration) {
 }
 
 #[test]
+fn apps_inherit_no_descriptor_of_keter_or_of_each_other() {
+    let k = Keter::start("fds");
+    // Started at the same moment, so that one app's spawn races the other's pipes.
+    let a = k.dir.0.join("a.keter");
+    let b = k.dir.0.join("b.keter");
+    BundleBuilder::hello(&hello_yaml("a", "a.example.com", &[])).write(&a);
+    BundleBuilder::hello(&hello_yaml("b", "b.example.com", &[])).write(&b);
+    k.deploy("a", &a);
+    k.deploy("b", &b);
+    k.wait_for("a.example.com", "a", WAIT);
+    k.wait_for("b.example.com", "b", WAIT);
+    for host in ["a.example.com", "b.example.com"] {
+        let fds = k.get(host, "/fds").unwrap().body;
+        // The listening socket, the connection being served, and the folder being listed.
+        for line in fds.lines() {
+            let target = line.split_once(' ').map_or("", |(_, t)| t);
+            assert!(
+                target.starts_with("socket:") || target.starts_with("/proc/"),
+                "{host} inherited {line}:\n{fds}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_killed_app_comes_back_on_the_same_port() {
     let k = Keter::start("kill9");
     k.deploy_hello("hello", "v1", HOST, &[]);
