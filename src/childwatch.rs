@@ -63,15 +63,15 @@ pub fn output(pipe: File, log: AppLog) -> io::Result<()> {
 /// Reaps `child` once it exits and then calls `on_exit`. On an error the child is killed and
 /// reaped here, so that no process runs unwatched (the caller stops the rest of its group).
 pub fn exit(mut child: Child, on_exit: OnExit) -> io::Result<()> {
-    let pidfd = match pidfd_open(child.id() as i32).and_then(|p| Ok((p, watch()?))) {
-        Ok(p) => p,
+    let registered = pidfd_open(child.id() as i32).and_then(|pidfd| Ok((pidfd, watch()?)));
+    let (pidfd, watch) = match registered {
+        Ok(r) => r,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);
         }
     };
-    let (pidfd, watch) = pidfd;
     let fd = pidfd.as_raw_fd();
     watch.add(
         fd,
