@@ -766,14 +766,9 @@ fn many_apps() {
     distinct.dedup();
     std::thread::sleep(Duration::from_secs(3));
     let pid = k.pid();
-    let rss = status_kib(pid, "VmRSS:");
-    let anonymous = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Anonymous:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    let threads = status_kib(pid, "Threads:");
+    let rss = proc_field(pid, "status", "VmRSS:");
+    let anonymous = proc_field(pid, "smaps_rollup", "Anonymous:");
+    let threads = proc_field(pid, "status", "Threads:");
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(60));
     let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
@@ -790,8 +785,9 @@ fn many_apps() {
     );
 }
 
-fn status_kib(pid: i32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+/// The first number after `field` in `/proc/PID/FILE` (KiB for the memory fields).
+fn proc_field(pid: i32, file: &str, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix(field))

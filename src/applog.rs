@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use crossbeam_channel::{Sender, unbounded};
@@ -117,32 +117,35 @@ impl AppLog {
 
 /// The queue of the one writer thread, started at the first use.
 fn writer() -> std::io::Result<Sender<Queued>> {
-    static WRITER: Mutex<Option<Sender<Queued>>> = Mutex::new(None);
-    let mut writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(tx) = &*writer {
-        return Ok(tx.clone());
+    static WRITER: OnceLock<Result<Sender<Queued>, String>> = OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (tx, rx) = unbounded::<Queued>();
+            std::thread::Builder::new()
+                .name("app-log".into())
+                .spawn(move || write_lines(rx))
+                .map_err(|e| e.to_string())?;
+            Ok(tx)
+        })
+        .clone()
+        .map_err(|e| std::io::Error::other(format!("the log writer thread did not start: {e}")))
+}
+
+fn write_lines(rx: crossbeam_channel::Receiver<Queued>) {
+    for (log, line) in rx {
+        log.queued.fetch_sub(1, Ordering::Relaxed);
+        let mut sink = log.sink.lock().unwrap_or_else(|e| e.into_inner());
+        sink.write_line(&line);
+        let dropped = log.dropped.load(Ordering::Relaxed);
+        let reported = log.reported.swap(dropped, Ordering::Relaxed);
+        if dropped > reported {
+            sink.write_line(&format!(
+                "{} keter: {} lines of output were dropped because the log could not keep up",
+                timestamp(SystemTime::now()),
+                dropped - reported
+            ));
+        }
     }
-    let (tx, rx) = unbounded::<Queued>();
-    std::thread::Builder::new()
-        .name("app-log".into())
-        .spawn(move || {
-            for (log, line) in rx {
-                log.queued.fetch_sub(1, Ordering::Relaxed);
-                let mut sink = log.sink.lock().unwrap_or_else(|e| e.into_inner());
-                sink.write_line(&line);
-                let dropped = log.dropped.load(Ordering::Relaxed);
-                let reported = log.reported.swap(dropped, Ordering::Relaxed);
-                if dropped > reported {
-                    sink.write_line(&format!(
-                        "{} keter: {} lines of output were dropped because the log could not keep up",
-                        timestamp(SystemTime::now()),
-                        dropped - reported
-                    ));
-                }
-            }
-        })?;
-    *writer = Some(tx.clone());
-    Ok(tx)
 }
 
 /// The writer's end: a file it rotates, or stderr.
