@@ -352,6 +352,8 @@ mod tests {
             finished: "2026-11-27T14:09:53.123Z".into(),
             duration_ms: 812,
             error: Some("<b>bad</b>".into()),
+            error_kind: Some("config"),
+            retry_at: None,
         });
         r.last_error = Some("<script>alert(1)</script>".into());
         r
