@@ -35,6 +35,18 @@ impl FileStamp {
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
+
+    /// A stamp that stands for the `n`-th file, for tests of the state machine.
+    #[cfg(test)]
+    pub(super) fn fake(n: u64) -> FileStamp {
+        FileStamp {
+            dev: 1,
+            ino: n,
+            size: n,
+            mtime_ns: 0,
+            ctime_ns: 0,
+        }
+    }
 }
 
 /// One unpacked version of the app and its processes.
