@@ -13,11 +13,11 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
-use crate::report::Reports;
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
+use crate::report::Reports;
 use crate::status::StatusServer;
 use crate::watcher::{self, Hint};
 
@@ -37,7 +37,10 @@ pub enum Input {
     Hint(Hint),
     Control(Control),
     /// An app's worker stopped the app after receiving `commands` commands.
-    Stopped { app: AppName, commands: u64 },
+    Stopped {
+        app: AppName,
+        commands: u64,
+    },
 }
 
 impl From<Hint> for Input {
@@ -232,7 +235,11 @@ impl Daemon {
     /// A worker stopped its app: if that answers the last command it was sent (the bundle is
     /// still gone), the worker ends; a newer command keeps it.
     fn end_stopped(&mut self, app: &AppName, commands: u64) {
-        if !self.apps.get(app).is_some_and(|h| h.stopped_after(commands)) {
+        if !self
+            .apps
+            .get(app)
+            .is_some_and(|h| h.stopped_after(commands))
+        {
             return;
         }
         if let Some(h) = self.apps.remove(app) {

@@ -39,7 +39,12 @@ impl std::fmt::Display for ProbeError {
 /// `GET path` with `Host: host` on `addr`; the status of the answer, read from its head
 /// alone (the body is never read, and the connection is closed). `timeout` bounds the whole
 /// exchange.
-pub fn ready(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<u16, ProbeError> {
+pub fn ready(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, ProbeError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .proxy(None)
         .max_redirects(0)
@@ -175,7 +180,10 @@ mod tests {
 
     /// A server on a free port that answers one request with `head`, then `body_chunks`
     /// chunks of 8 KiB, and then keeps the connection open until the test ends.
-    fn serve_once(head: &'static str, body_chunks: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    fn serve_once(
+        head: &'static str,
+        body_chunks: usize,
+    ) -> (SocketAddr, std::thread::JoinHandle<()>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -197,12 +205,12 @@ mod tests {
 
     #[test]
     fn readiness_stops_after_the_head_of_a_large_chunked_answer() {
-        let (addr, t) = serve_once(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-            30,
-        );
+        let (addr, t) = serve_once("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 30);
         // 240 KiB of chunks and no end: only the head counts.
-        assert_eq!(ready(addr, "app.example.com", "/", Duration::from_secs(30)), Ok(200));
+        assert_eq!(
+            ready(addr, "app.example.com", "/", Duration::from_secs(30)),
+            Ok(200)
+        );
         t.join().unwrap();
     }
 
@@ -211,11 +219,20 @@ mod tests {
         let (addr, t) = serve_once("HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n", 0);
         assert_eq!(ready(addr, "h", "/up", Duration::from_secs(30)), Ok(503));
         t.join().unwrap();
-        let (addr, t) = serve_once("HTTP/1.1 301 Moved\r\nlocation: http://elsewhere.invalid/\r\ncontent-length: 0\r\n\r\n", 0);
+        let (addr, t) = serve_once(
+            "HTTP/1.1 301 Moved\r\nlocation: http://elsewhere.invalid/\r\ncontent-length: 0\r\n\r\n",
+            0,
+        );
         assert_eq!(ready(addr, "h", "/", Duration::from_secs(30)), Ok(301));
         t.join().unwrap();
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        assert_eq!(ready(free, "h", "/", Duration::from_secs(5)), Err(ProbeError::Refused));
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert_eq!(
+            ready(free, "h", "/", Duration::from_secs(5)),
+            Err(ProbeError::Refused)
+        );
     }
 
     #[test]

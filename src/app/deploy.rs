@@ -161,13 +161,18 @@ pub(super) fn prepare(
 /// order), each webapp with a port of its own.
 fn plan(ctx: &Context, version: &mut Version) -> Result<(), DeployError> {
     let config = &ctx.config;
-    let background = version.config.background.iter().enumerate().map(|(index, b)| {
-        let policy = Policy::Fixed {
-            delay: b.restart_delay,
-            count: b.restart_count,
-        };
-        (Role::Background { index }, b.program.clone(), None, policy)
-    });
+    let background = version
+        .config
+        .background
+        .iter()
+        .enumerate()
+        .map(|(index, b)| {
+            let policy = Policy::Fixed {
+                delay: b.restart_delay,
+                count: b.restart_count,
+            };
+            (Role::Background { index }, b.program.clone(), None, policy)
+        });
     let web = version.config.webapps.iter().enumerate().map(|(index, w)| {
         let role = Role::Web { index, port: 0 };
         (role, w.program.clone(), Some(w.clone()), Policy::WEBAPP)

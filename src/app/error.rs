@@ -78,9 +78,7 @@ impl DeployError {
         match self {
             DeployError::Bundle(_) => "bundle",
             DeployError::Unpack(_) | DeployError::HandOver { .. } => "unpack",
-            DeployError::Config(_) | DeployError::Stanza { .. } | DeployError::Site(_) => {
-                "config"
-            }
+            DeployError::Config(_) | DeployError::Stanza { .. } | DeployError::Site(_) => "config",
             DeployError::HostTaken { .. } => "host-taken",
             DeployError::NoPostgresServer | DeployError::Postgres(_) => "postgres",
             DeployError::NoFreePort(_) => "ports",

@@ -176,7 +176,9 @@ impl Machine {
     /// The earliest moment something is due: a restart, a drain check, a deploy retry. `None`
     /// when nothing is, so an idle app costs no wake-ups at all.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let restarts = self.supervised().flat_map(|v| v.procs.iter().filter_map(|p| p.restart_due()));
+        let restarts = self
+            .supervised()
+            .flat_map(|v| v.procs.iter().filter_map(|p| p.restart_due()));
         let drains = self.retiring.iter().map(|_| now + DRAIN_POLL);
         let retry = match &self.life {
             Life::Idle(_) | Life::Serving(_) => self.failed.as_ref().and_then(|f| f.retry_at),
@@ -190,7 +192,10 @@ impl Machine {
     fn supervised(&self) -> impl Iterator<Item = &Version> {
         let (serving, candidate) = match &self.life {
             Life::Serving(v) => (Some(v), None),
-            Life::Deploying { serving, deploy } | Life::Stopping { serving, deploy, .. } => {
+            Life::Deploying { serving, deploy }
+            | Life::Stopping {
+                serving, deploy, ..
+            } => {
                 let c = match &deploy.stage {
                     Stage::Readiness(c) | Stage::Switching(c) => Some(c),
                     Stage::Unpacking => None,
@@ -205,7 +210,10 @@ impl Machine {
     fn supervised_mut(&mut self) -> Vec<&mut Version> {
         match &mut self.life {
             Life::Serving(v) => vec![v],
-            Life::Deploying { serving, deploy } | Life::Stopping { serving, deploy, .. } => {
+            Life::Deploying { serving, deploy }
+            | Life::Stopping {
+                serving, deploy, ..
+            } => {
                 let mut out: Vec<&mut Version> = serving.iter_mut().collect();
                 if let Stage::Readiness(c) | Stage::Switching(c) = &mut deploy.stage {
                     out.push(c);
@@ -280,13 +288,21 @@ impl Machine {
             && f.stamp.is_some()
             && f.stamp == stamp
         {
-            log::debug!("{}: {}.keter failed before and has not changed", self.name, self.name);
+            log::debug!(
+                "{}: {}.keter failed before and has not changed",
+                self.name,
+                self.name
+            );
             return;
         }
         if let (Some(v), Some(s)) = (self.serving(), stamp)
             && v.stamp == s
         {
-            log::debug!("{}: {}.keter is the file already serving", self.name, self.name);
+            log::debug!(
+                "{}: {}.keter is the file already serving",
+                self.name,
+                self.name
+            );
             self.failed = None;
             return;
         }
@@ -452,7 +468,8 @@ impl Machine {
         if !matches!(&deploy.stage, Stage::Switching(c) if c.id == version) {
             return self.put_back(serving, deploy, stopping);
         }
-        let Stage::Switching(mut candidate) = std::mem::replace(&mut deploy.stage, Stage::Unpacking)
+        let Stage::Switching(mut candidate) =
+            std::mem::replace(&mut deploy.stage, Stage::Unpacking)
         else {
             unreachable!("checked above");
         };
@@ -556,10 +573,16 @@ impl Machine {
                 if let (Life::Serving(v), Some(stamp)) = (&mut self.life, stamp) {
                     v.stamp = stamp;
                 }
-                log::info!("{}: {label} is unchanged (same sha256); nothing to do", self.name);
+                log::info!(
+                    "{}: {label} is unchanged (same sha256); nothing to do",
+                    self.name
+                );
             }
             End::Superseded => {
-                log::info!("{}: deploy of {label} superseded by a newer command", self.name)
+                log::info!(
+                    "{}: deploy of {label} superseded by a newer command",
+                    self.name
+                )
             }
             End::Failed(e) => {
                 let keeps = if self.serving().is_some() {
@@ -576,7 +599,10 @@ impl Machine {
                     ),
                     None => String::new(),
                 };
-                log::error!("{}: deploy of {label} failed: {e}; {keeps}{retry}", self.name);
+                log::error!(
+                    "{}: deploy of {label} failed: {e}; {keeps}{retry}",
+                    self.name
+                );
                 fx.note(&format!("keter: deploy failed: {e}"));
                 report.retry_at = retry_at.map(|at| rfc3339(SystemTime::now() + (at - now)));
                 self.last_error = Some(e.to_string());
@@ -595,7 +621,10 @@ impl Machine {
     /// version stops. A stage in flight that cannot be interrupted is waited for first.
     fn stop(&mut self, exit: bool, fx: &mut dyn Effects) {
         match std::mem::replace(&mut self.life, Life::Ended) {
-            Life::Deploying { serving, mut deploy } => match deploy.stage {
+            Life::Deploying {
+                serving,
+                mut deploy,
+            } => match deploy.stage {
                 Stage::Readiness(_) => {
                     deploy.pending = None;
                     self.life = Life::Deploying { serving, deploy };
@@ -670,14 +699,23 @@ impl Machine {
     /// A process exited. The supervised versions' processes follow their restart policy,
     /// except a candidate's webapp before it is ready, which fails the deploy; an old
     /// version's are only accounted for.
-    fn exited(&mut self, version: u64, i: usize, pid: i32, status: ExitStatus, fx: &mut dyn Effects) {
+    fn exited(
+        &mut self,
+        version: u64,
+        i: usize,
+        pid: i32,
+        status: ExitStatus,
+        fx: &mut dyn Effects,
+    ) {
         // Members of the group that outlive the leader (a wrapper's children) go with it.
         fx.reap(pid);
         let now = fx.now();
         if let Life::Deploying { deploy, .. } = &mut self.life
             && let Stage::Readiness(c) = &mut deploy.stage
             && c.id == version
-            && c.procs.get(i).is_some_and(|p| p.running().is_some_and(|r| r.pid == pid))
+            && c.procs
+                .get(i)
+                .is_some_and(|p| p.running().is_some_and(|r| r.pid == pid))
             && matches!(c.procs[i].role, Role::Web { .. })
         {
             c.procs[i].state = ProcState::Ended;
@@ -726,7 +764,7 @@ impl Machine {
         for v in self.supervised_mut() {
             let id = v.id;
             for (i, p) in v.procs.iter_mut().enumerate() {
-                if !p.restart_due().is_some_and(|at| at <= now) {
+                if p.restart_due().is_none_or(|at| at > now) {
                     continue;
                 }
                 match fx.spawn(id, i, &p.spec, &p.label()) {
@@ -766,7 +804,11 @@ impl Machine {
             && f.retry_at.is_some_and(|at| at <= now)
         {
             let (path, stamp, backoff) = (f.path.clone(), f.stamp, f.backoff);
-            log::info!("{}: trying the deploy of {}.keter again", self.name, self.name);
+            log::info!(
+                "{}: trying the deploy of {}.keter again",
+                self.name,
+                self.name
+            );
             self.begin(path, stamp, Some(backoff), fx);
         }
     }
@@ -784,9 +826,12 @@ impl Machine {
             Life::Idle(Why::New | Why::Stopped) | Life::Ended => AppState::Stopped,
             Life::Serving(_) if crash_looping => AppState::CrashLooping,
             Life::Serving(_) => AppState::Running,
-            Life::Deploying { serving: Some(_), .. } | Life::Stopping { serving: Some(_), .. } => {
-                AppState::Deploying
+            Life::Deploying {
+                serving: Some(_), ..
             }
+            | Life::Stopping {
+                serving: Some(_), ..
+            } => AppState::Deploying,
             Life::Deploying { serving: None, .. } | Life::Stopping { serving: None, .. } => {
                 AppState::Starting
             }
@@ -833,7 +878,6 @@ impl Machine {
         r.draining = self.retiring.len();
         r
     }
-
 }
 
 /// Starts every process of a new version: background stanzas first, then webapps (Keter's

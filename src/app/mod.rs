@@ -115,7 +115,8 @@ trait Effects {
     /// Ends a version's readiness checks; what they last saw.
     fn cancel(&mut self, version: u64) -> String;
     /// Starts process `proc` of `version`; its exit comes back as [`Event::Exited`].
-    fn spawn(&mut self, version: u64, proc: usize, spec: &Spec, label: &str) -> io::Result<Running>;
+    fn spawn(&mut self, version: u64, proc: usize, spec: &Spec, label: &str)
+    -> io::Result<Running>;
     /// After a leader's exit: stops what is left of its group and forgets it.
     fn reap(&mut self, pid: i32);
     /// Stops a version's processes, frees its ports, deletes its folder.

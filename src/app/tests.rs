@@ -264,7 +264,9 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
         },
         &mut fx,
     );
-    assert!(matches!(&m.life, Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Readiness(_))));
+    assert!(
+        matches!(&m.life, Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Readiness(_)))
+    );
     // v1's webapp is killed while v2 is still not listening.
     let pid = pid_of(&fx, v1, 0);
     m.handle(
@@ -286,7 +288,10 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     assert!(matches!(serving_proc(&m, 0), ProcState::Running(r) if r.pid == restarted));
     assert_eq!(fx.restarted, 1);
     assert_eq!(m.report(0).state, AppState::Deploying);
-    assert!(fx.switches.iter().all(|s| s.version != v2), "v2 switched without being ready");
+    assert!(
+        fx.switches.iter().all(|s| s.version != v2),
+        "v2 switched without being ready"
+    );
 }
 
 #[test]
@@ -321,7 +326,10 @@ fn a_restart_that_cannot_start_the_process_follows_the_restart_policy() {
     assert_eq!(tries, 2);
     assert_eq!(serving_proc(&m, 0), ProcState::GaveUp);
     assert_eq!(m.next_deadline(fx.now), None);
-    assert_eq!(fx.restarted, 0, "a restart that started nothing was counted");
+    assert_eq!(
+        fx.restarted, 0,
+        "a restart that started nothing was counted"
+    );
     assert_eq!(m.report(0).restarts, 0);
 
     // The webapp's failed spawns back off as its exits do: 0.1 s, 0.2 s, 0.4 s.
@@ -387,7 +395,13 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
     let mut delays = Vec::new();
     for _ in 0..3 {
         let id = fx.prepares.last().unwrap().id;
-        m.handle(Event::Prepared { id, result: pg_down() }, &mut fx);
+        m.handle(
+            Event::Prepared {
+                id,
+                result: pg_down(),
+            },
+            &mut fx,
+        );
         let report = m.report(0);
         assert_eq!(report.state, AppState::Running);
         let last = report.last_deploy.unwrap();
@@ -415,8 +429,20 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
         },
         &mut fx,
     );
-    m.handle(Event::Ready { version: id, result: Ok(()) }, &mut fx);
-    m.handle(Event::Switched { version: id, result: Ok(()) }, &mut fx);
+    m.handle(
+        Event::Ready {
+            version: id,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: id,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
     assert!(matches!(&m.life, Life::Serving(v) if v.id == id));
     assert!(m.retiring.iter().any(|r| r.version.id == v1));
     assert!(m.failed.is_none());
@@ -438,7 +464,11 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
     assert_eq!(m.next_deadline(fx.now), None);
     let tried = fx.prepares.len();
     deploy(&mut m, &mut fx, 3);
-    assert_eq!(fx.prepares.len(), tried, "an unchanged bad bundle was tried again");
+    assert_eq!(
+        fx.prepares.len(),
+        tried,
+        "an unchanged bad bundle was tried again"
+    );
     deploy(&mut m, &mut fx, 4);
     assert_eq!(fx.prepares.len(), tried + 1);
 }
@@ -465,7 +495,13 @@ fn a_newer_bundle_supersedes_a_deploy_waiting_for_readiness() {
     assert_eq!(fx.finished, [DeployResult::Superseded]);
     assert_eq!(fx.prepares.len(), 2);
     // The late answer of the superseded checks changes nothing.
-    m.handle(Event::Ready { version: v1, result: Ok(()) }, &mut fx);
+    m.handle(
+        Event::Ready {
+            version: v1,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
     assert!(fx.switches.is_empty());
 }
 
@@ -503,12 +539,27 @@ fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
         },
         &mut fx,
     );
-    m.handle(Event::Ready { version: v2, result: Ok(()) }, &mut fx);
+    m.handle(
+        Event::Ready {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
     assert_eq!(fx.switches.len(), 2);
     m.handle(Event::Shutdown, &mut fx);
     assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
-    assert_eq!(fx.removed_site, 0, "the site was removed under a switch in flight");
-    m.handle(Event::Switched { version: v2, result: Ok(()) }, &mut fx);
+    assert_eq!(
+        fx.removed_site, 0,
+        "the site was removed under a switch in flight"
+    );
+    m.handle(
+        Event::Switched {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
     assert!(m.ended());
     assert_eq!(fx.removed_site, 1);
     let mut discarded = fx.discarded.clone();
@@ -548,7 +599,9 @@ fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
     assert_eq!(last.error_kind, Some("not-ready"));
     assert_eq!(last.retry_at, None);
     assert!(
-        last.error.unwrap().contains("exited with exit code 3 before answering"),
+        last.error
+            .unwrap()
+            .contains("exited with exit code 3 before answering"),
         "{:?}",
         m.last_error
     );
@@ -567,7 +620,13 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
         },
         &mut fx,
     );
-    m.handle(Event::Ready { version: v2, result: Ok(()) }, &mut fx);
+    m.handle(
+        Event::Ready {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
     m.handle(
         Event::Switched {
             version: v2,

@@ -94,7 +94,9 @@ pub(super) enum ProcState {
     NotStarted,
     Running(Running),
     /// Exited (or could not be started); starts again at `until`.
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     /// Its restart policy is used up (a background stanza's `restart-count`); stays stopped.
     GaveUp,
     /// Exited in a version that is no longer supervised (draining, or being discarded).

@@ -175,7 +175,13 @@ impl Effects for World {
         }
     }
 
-    fn spawn(&mut self, version: u64, proc: usize, spec: &Spec, label: &str) -> io::Result<Running> {
+    fn spawn(
+        &mut self,
+        version: u64,
+        proc: usize,
+        spec: &Spec,
+        label: &str,
+    ) -> io::Result<Running> {
         let tx = self.tx.clone();
         let running = process::spawn(spec, &self.log, move |pid, status| {
             let _ = tx.send(Event::Exited {

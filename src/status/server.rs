@@ -330,10 +330,7 @@ async fn api_log(
         return json_not_found("no app has this name");
     };
     let n = q.lines.unwrap_or(LOG_LINES).min(LOG_LINES);
-    let lines = s
-        .reports
-        .log_tail(&report.name, n)
-        .unwrap_or_default();
+    let lines = s.reports.log_tail(&report.name, n).unwrap_or_default();
     Json(LogBody {
         app: report.name,
         state: report.state,

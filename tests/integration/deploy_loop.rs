@@ -503,9 +503,7 @@ fn threads_named(keter: i32, name: &str) -> usize {
     fs::read_dir(format!("/proc/{keter}/task"))
         .unwrap()
         .flatten()
-        .filter(|t| {
-            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-        })
+        .filter(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
         .count()
 }
 

@@ -1,4 +1,4 @@
-//! The postgres plugin (issue 5) against a real throwaway PostgreSQL cluster: apps connect with
+//! The postgres plugin against a real throwaway PostgreSQL cluster: apps connect with
 //! the environment keter gave them, credentials survive redeploys and restarts, and every
 //! failure leaves the old version serving and the next deploy finishing the job.
 //!
@@ -518,7 +518,10 @@ fn a_deploy_that_failed_while_the_server_was_down_is_tried_again_by_itself() {
 
     pg.down();
     deploy_pgapp(&k, "retry", "two", host);
-    k.wait_log("deploy of retry.keter failed: postgres plugin: cannot connect", WAIT);
+    k.wait_log(
+        "deploy of retry.keter failed: postgres plugin: cannot connect",
+        WAIT,
+    );
     let line = k
         .log()
         .lines()
@@ -535,7 +538,10 @@ fn a_deploy_that_failed_while_the_server_was_down_is_tried_again_by_itself() {
     // The server comes back; nobody sends SIGHUP or copies the bundle again.
     pg.up();
     k.wait_for(host, "one,two", Duration::from_secs(60));
-    assert!(k.log().contains("retry: trying the deploy of retry.keter again"));
+    assert!(
+        k.log()
+            .contains("retry: trying the deploy of retry.keter again")
+    );
 }
 
 #[test]

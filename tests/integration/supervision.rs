@@ -429,10 +429,7 @@ fn a_restart_that_cannot_start_the_process_follows_its_restart_count() {
     let dir = k.root.join("temp").join(&k.temp_folders()[0]);
     fs::remove_file(dir.join("dist/worker.sh")).unwrap();
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-    k.wait_log(
-        "restart of background stanza 0 failed: cannot start",
-        WAIT,
-    );
+    k.wait_log("restart of background stanza 0 failed: cannot start", WAIT);
     k.wait_log("its restart-count is used up, it stays stopped", WAIT);
     let failed = k.log_count("restart of background stanza 0 failed");
     assert_eq!(failed, 2, "{}", k.log());
