@@ -14,6 +14,7 @@ mod deploy;
 mod error;
 mod machine;
 mod site;
+mod supervise;
 #[cfg(test)]
 mod tests;
 mod version;
