@@ -5,26 +5,38 @@
 //! several megabytes of stacks; this costs one thread whatever the number of apps. Nothing the
 //! thread calls blocks: pipes are non-blocking, [`AppLog::line`] only queues, and the exit
 //! callbacks only send to a channel.
+//!
+//! Processes are known by pid and pidfd, not by `std::process::Child`, so that a process keter
+//! did not start in this process image is watched the same way: after an in-place upgrade
+//! (`src/handover.rs`) the apps are still keter's children and their exit status is reaped
+//! here; after a keter that died was started again they are not, and only the exit itself is
+//! known. [`pause`] stops the thread for a handover and hands out what it holds.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, ExitStatus};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::applog::{AppLog, MAX_LINE};
 
-/// Called on the watch thread with the pid and exit status, after the process was reaped.
-pub type OnExit = Box<dyn FnOnce(i32, ExitStatus) + Send>;
+/// Called on the watch thread with the pid and exit status once the process has exited (and,
+/// if it is keter's child, been reaped). The status is `None` for a process keter did not
+/// start, whose parent is someone else.
+pub type OnExit = Box<dyn FnOnce(i32, Option<ExitStatus>) + Send>;
 
 /// Bytes read from one pipe per wake-up before the other pipes get their turn (the epoll set
 /// is level-triggered, so whatever is left wakes the thread again).
 const READ_PER_TURN: usize = 64 * 1024;
+/// The epoll token of the descriptor that wakes the thread to pause it.
+const WAKE: u64 = 0;
 
 enum Watched {
     Output {
@@ -35,52 +47,120 @@ enum Watched {
     },
     Exit {
         pidfd: OwnedFd,
-        child: Child,
+        pid: i32,
+        /// Keter's child: its status is reaped here.
+        child: bool,
         on_exit: OnExit,
     },
+}
+
+/// Whether the thread runs, and the handover's request to stop it.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: bool,
 }
 
 struct Watch {
     epoll: Epoll,
     entries: Mutex<HashMap<u64, Watched>>,
     next_token: AtomicU64,
+    wake: OwnedFd,
+    pause: Mutex<PauseState>,
+    changed: Condvar,
 }
 
 /// Reads `pipe` line by line into `log` until every writer has closed it.
 pub fn output(pipe: File, log: AppLog) -> io::Result<()> {
-    set_nonblocking(&pipe)?;
-    let fd = pipe.as_raw_fd();
-    watch()?.add(
-        fd,
-        Watched::Output {
-            pipe,
-            log,
-            partial: Vec::new(),
-        },
-    )
+    output_continued(pipe, log, Vec::new())
 }
 
-/// Reaps `child` once it exits and then calls `on_exit`. On an error the child is killed and
-/// reaped here, so that no process runs unwatched (the caller stops the rest of its group).
-pub fn exit(mut child: Child, on_exit: OnExit) -> io::Result<()> {
-    let registered = pidfd_open(child.id() as i32).and_then(|pidfd| Ok((pidfd, watch()?)));
-    let (pidfd, watch) = match registered {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-    };
+/// [`output`] of a pipe that an earlier keter already read from: `partial` is the start of a
+/// line it had read and not logged yet.
+pub fn output_continued(pipe: File, log: AppLog, partial: Vec<u8>) -> io::Result<()> {
+    set_nonblocking(&pipe)?;
+    let fd = pipe.as_raw_fd();
+    watch()?.add(fd, Watched::Output { pipe, log, partial })
+}
+
+/// Learns of the exit of process `pid`, known by `pidfd`, and then calls `on_exit`. A child of
+/// keter's is reaped here; the caller has made sure that `pidfd` refers to the process it
+/// means (for a process of an earlier keter, by its start time).
+pub fn exit(pid: i32, pidfd: OwnedFd, on_exit: OnExit) -> io::Result<()> {
+    let child = crate::procfs::parent_of(pid) == Some(std::process::id() as i32);
     let fd = pidfd.as_raw_fd();
-    watch.add(
+    watch()?.add(
         fd,
         Watched::Exit {
             pidfd,
+            pid,
             child,
             on_exit,
         },
     )
+}
+
+/// What the watch thread held when it was paused.
+pub struct Paused {
+    watch: &'static Arc<Watch>,
+}
+
+/// One output pipe as the paused thread held it.
+pub struct HeldPipe {
+    /// Inode of the pipe, which names it across keters.
+    pub ino: u64,
+    pub fd: i32,
+    /// The start of a line not logged yet.
+    pub partial: Vec<u8>,
+}
+
+/// Stops the watch thread (no more output read, no more exits reported) until the returned
+/// guard is dropped. For an in-place upgrade: what arrives meanwhile waits in the pipes and as
+/// exited processes for the next keter.
+pub fn pause() -> io::Result<Paused> {
+    let watch = watch()?;
+    let mut st = watch.pause_lock();
+    st.requested = true;
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to an eventfd this module owns.
+    unsafe { libc::write(watch.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    while !st.parked {
+        st = watch.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    Ok(Paused { watch })
+}
+
+impl Paused {
+    /// The output pipes held, each with what it had read of an unfinished line.
+    pub fn pipes(&self) -> Vec<HeldPipe> {
+        self.watch
+            .lock()
+            .values()
+            .filter_map(|w| match w {
+                Watched::Output { pipe, partial, .. } => Some(HeldPipe {
+                    ino: pipe.metadata().ok()?.ino(),
+                    fd: pipe.as_raw_fd(),
+                    partial: partial.clone(),
+                }),
+                Watched::Exit { .. } => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let mut st = self.watch.pause_lock();
+        st.requested = false;
+        self.watch.changed.notify_all();
+        while st.parked {
+            st = self
+                .watch
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 fn watch() -> io::Result<&'static Arc<Watch>> {
@@ -88,10 +168,23 @@ fn watch() -> io::Result<&'static Arc<Watch>> {
     WATCH
         .get_or_init(|| {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
+            // SAFETY: a plain system call; on success it returns a new descriptor we own.
+            let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if wake < 0 {
+                return Err(io::Error::last_os_error().to_string());
+            }
+            // SAFETY: `wake` was just returned by eventfd and nothing else owns it.
+            let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+            epoll
+                .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
+                .map_err(|e| e.to_string())?;
             let w = Arc::new(Watch {
                 epoll,
                 entries: Mutex::new(HashMap::new()),
-                next_token: AtomicU64::new(1),
+                next_token: AtomicU64::new(WAKE + 1),
+                wake,
+                pause: Mutex::new(PauseState::default()),
+                changed: Condvar::new(),
             });
             let thread_side = w.clone();
             std::thread::Builder::new()
@@ -116,10 +209,7 @@ impl Watch {
             .epoll
             .add(borrowed, EpollEvent::new(EpollFlags::EPOLLIN, token));
         if let Err(e) = added {
-            if let Some(Watched::Exit { mut child, .. }) = self.lock().remove(&token) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            self.lock().remove(&token);
             return Err(io::Error::from(e));
         }
         Ok(())
@@ -127,6 +217,10 @@ impl Watch {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watched>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pause_lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn run(&self) {
@@ -142,13 +236,41 @@ impl Watch {
                     continue;
                 }
             };
+            // A pause comes before anything else in the batch: from the moment it is asked
+            // for, nothing more is read or reported.
+            if events[..n].iter().any(|e| e.data() == WAKE) {
+                self.park();
+            }
             for ev in &events[..n] {
-                self.ready(ev.data(), &mut buf);
+                if ev.data() != WAKE {
+                    self.ready(ev.data(), &mut buf);
+                }
             }
         }
     }
 
+    /// Waits while a pause is asked for.
+    fn park(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a valid u64 from the eventfd this module owns.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
+        let mut st = self.pause_lock();
+        if !st.requested {
+            return;
+        }
+        st.parked = true;
+        self.changed.notify_all();
+        while st.requested {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked = false;
+        self.changed.notify_all();
+    }
+
     fn ready(&self, token: u64, buf: &mut [u8]) {
+        if self.pause_lock().requested {
+            return; // level-triggered: it comes back after the pause
+        }
         let mut entries = self.lock();
         match entries.get_mut(&token) {
             Some(Watched::Output { pipe, log, partial }) => {
@@ -162,7 +284,8 @@ impl Watch {
             Some(Watched::Exit { .. }) => {
                 let Some(Watched::Exit {
                     pidfd,
-                    mut child,
+                    pid,
+                    child,
                     on_exit,
                 }) = entries.remove(&token)
                 else {
@@ -170,14 +293,28 @@ impl Watch {
                 };
                 drop(entries);
                 let _ = self.epoll.delete(pidfd.as_fd());
-                // The pidfd is readable: the process has exited and `wait` returns at once.
-                let status = child
-                    .wait()
-                    .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0xff00));
-                on_exit(child.id() as i32, status);
+                // The pidfd is readable: the process has exited and `waitpid` returns at once.
+                let status = if child { reap(pid) } else { None };
+                on_exit(pid, status);
             }
             None => {}
         }
+    }
+}
+
+/// Reaps child `pid`, which has exited; `None` if it cannot be reaped (no longer a child).
+pub fn reap(pid: i32) -> Option<ExitStatus> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on a pid of ours with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Some(ExitStatus::from_raw(status));
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return None;
     }
 }
 
@@ -260,7 +397,7 @@ fn set_nonblocking(file: &File) -> io::Result<()> {
 }
 
 /// A descriptor that becomes readable when process `pid` exits (Linux 5.3).
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: a plain system call; on success it returns a new descriptor that we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {

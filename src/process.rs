@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -66,12 +67,19 @@ impl RunAs {
     }
 }
 
-/// A started process, leader of its own process group.
+/// A started process, leader of its own process group. It is known by its pid and its start
+/// time, so a process that an earlier keter started (before an in-place upgrade, or before it
+/// was killed) is `Running` as well.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running {
     /// Pid of the process, also its process group id.
     pub pid: i32,
     pub started: Instant,
+    /// When it started, in clock ticks since boot (`/proc/PID/stat` field 22): tells it from
+    /// a later process that got the same pid.
+    pub ticks: u64,
+    /// Inode of its output pipe (0 for none), by which a later keter finds the pipe again.
+    pub output: u64,
 }
 
 /// A command that will run as the leader of a new process group (so that stopping it reaches
@@ -162,26 +170,27 @@ fn set_policy(tid: libc::pid_t, policy: libc::c_int) {
     }
 }
 
+/// Bytes an app's output pipe holds before the app blocks on its next write while nobody reads
+/// it (a keter being upgraded or started again). Pipe pages are taken only as they fill.
+const OUTPUT_PIPE_BYTES: libc::c_int = 1 << 20;
+
 /// Starts `spec` in a new process group with stdout and stderr going to `log`. `on_exit` runs
-/// on a waiter thread with the pid and status once the process has exited and been reaped.
+/// on the watch thread with the pid and status once the process has exited and been reaped.
 pub fn spawn(
     spec: &Spec,
     log: &AppLog,
-    on_exit: impl FnOnce(i32, ExitStatus) + Send + 'static,
+    on_exit: impl FnOnce(i32, Option<ExitStatus>) + Send + 'static,
 ) -> io::Result<Running> {
-    // Close-on-exec: an app started at the same moment by another thread must not inherit
-    // this app's pipe (its output would never reach end of file while the other one runs).
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let write_err = write_end.try_clone()?;
+    let (read_end, app_end) = output_pipe()?;
+    let app_err = app_end.try_clone()?;
     let mut cmd = command_in_new_group(&spec.program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::from(write_end))
-        .stderr(Stdio::from(write_err));
+        .stdout(Stdio::from(app_end))
+        .stderr(Stdio::from(app_err));
     if let Some(user) = spec.user.clone() {
         // `CommandExt::uid/gid` would clear the supplementary groups; set all three here, in
         // the order that keeps the permission to change them (groups, group, then user).
@@ -204,15 +213,22 @@ pub fn spawn(
         }
     }
     let child = spawn_retrying(&mut cmd)?;
-    // The parent's copies of the write end are closed with `cmd`, so the pipe reaches end of
+    // The parent's copies of the app's end are closed with `cmd`, so the pipe reaches end of
     // file when the whole group has closed its output.
     drop(cmd);
     let pid = child.id() as i32;
-    if let Err(e) = crate::childwatch::exit(child, Box::new(on_exit)) {
+    // Reaped by the watch thread, by pid.
+    drop(child);
+    let ticks = procfs::start_ticks(pid).unwrap_or(0);
+    let output = read_end.metadata().map(|m| m.ino()).unwrap_or(0);
+    let watched = crate::childwatch::pidfd_open(pid)
+        .and_then(|pidfd| crate::childwatch::exit(pid, pidfd, Box::new(on_exit)));
+    if let Err(e) = watched {
         stop_group(pid, Duration::ZERO);
+        crate::childwatch::reap(pid);
         return Err(e);
     }
-    if let Err(e) = crate::childwatch::output(File::from(read_end), log.clone()) {
+    if let Err(e) = crate::childwatch::output(read_end, log.clone()) {
         // Unread, its output would fill the pipe and block it; the exit is still reaped.
         stop_group(pid, Duration::ZERO);
         return Err(e);
@@ -220,7 +236,34 @@ pub fn spawn(
     Ok(Running {
         pid,
         started: Instant::now(),
+        ticks,
+        output,
     })
+}
+
+/// An app's output pipe: keter's reading end, and the app's end, which is the same pipe
+/// opened for reading and writing. Holding it for reading too, the app never writes into a
+/// pipe without a reader, so it gets no SIGPIPE when keter dies or re-executes itself: it
+/// outlives keter, and the next keter opens the pipe again from `/proc/PID/fd`
+/// ([`procfs::open_pipe_of_group`]) and reads what the app wrote meanwhile. The app never
+/// reads it (nobody reads their stdout).
+fn output_pipe() -> io::Result<(File, File)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Close-on-exec: an app started at the same moment by another thread must not inherit
+    // this app's pipe (its output would never reach end of file while the other one runs).
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let app_end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", write_end.as_raw_fd()))?;
+    drop(write_end);
+    // Best effort: room for what an app prints while no keter reads (the default is 64 KiB).
+    // SAFETY: fcntl on a descriptor owned here.
+    unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETPIPE_SZ, OUTPUT_PIPE_BYTES) };
+    Ok((File::from(read_end), app_end))
 }
 
 /// `Command::spawn`, retried on ETXTBSY: the executable was just written by the unpacker, and
@@ -240,8 +283,12 @@ fn spawn_retrying(cmd: &mut Command) -> io::Result<std::process::Child> {
     cmd.spawn()
 }
 
-/// Describes an exit status for the log: `exit code 3`, `killed by SIGKILL`.
-pub fn describe_exit(status: ExitStatus) -> String {
+/// Describes an exit status for the log: `exit code 3`, `killed by SIGKILL`; `None` is the
+/// exit of a process keter did not start itself, whose status only its parent learns.
+pub fn describe_exit(status: Option<ExitStatus>) -> String {
+    let Some(status) = status else {
+        return "an unknown status (an earlier keter started it)".to_string();
+    };
     if let Some(code) = status.code() {
         format!("exit code {code}")
     } else if let Some(sig) = status.signal() {

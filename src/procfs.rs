@@ -1,5 +1,6 @@
-//! Facts about processes and sockets read from `/proc`: the live members of a process group
-//! and the TCP connections to a local port (to know when an old version has drained).
+//! Facts about processes and sockets read from `/proc`: the live members of a process group,
+//! the TCP connections to a local port (to know when an old version has drained), how long a
+//! process has run, and the output pipe of a process that an earlier keter started.
 
 use std::fs;
 
@@ -148,6 +149,53 @@ pub fn is_alive(pid: i32) -> bool {
 /// When a process started, in clock ticks since boot (`/proc/PID/stat` field 22).
 pub fn start_ticks(pid: i32) -> Option<u64> {
     stat_field(pid, 22)?.parse().ok()
+}
+
+/// How long process `pid` has been running, from its start time and the system's uptime.
+pub fn age(pid: i32) -> Option<std::time::Duration> {
+    let ticks = start_ticks(pid)?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let started = ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 };
+    Some(std::time::Duration::from_secs_f64(
+        (uptime - started).max(0.0),
+    ))
+}
+
+/// Opens, for reading, the pipe with inode `ino` that a live member of process group `pgid`
+/// holds (through `/proc/PID/fd`, which opens the pipe itself, as a FIFO is opened), without
+/// blocking and closed at exec. That is how a keter started again reads the output of an app
+/// an earlier keter started: the app holds its pipe open for reading too (`process::spawn`),
+/// so the pipe outlives the keter that made it.
+pub fn open_pipe_of_group(pgid: i32, ino: u64) -> Option<fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let wanted = format!("pipe:[{ino}]");
+    let mut members = group_members(pgid);
+    // The leader first: it is the one that normally holds the pipe.
+    members.sort_by_key(|p| *p != pgid);
+    for pid in members {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str())
+                && let Ok(file) = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(fd.path())
+                && file.metadata().is_ok_and(|m| m.ino() == ino)
+            {
+                return Some(file);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

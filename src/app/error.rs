@@ -59,7 +59,7 @@ pub enum DeployError {
 pub enum NotReady {
     /// The process exited before it answered.
     Exited {
-        status: ExitStatus,
+        status: Option<ExitStatus>,
         last: String,
         output: String,
     },
@@ -208,7 +208,7 @@ mod tests {
         assert!(DeployError::NotReady(timeout).transient());
         use std::os::unix::process::ExitStatusExt;
         let exited = NotReady::Exited {
-            status: ExitStatus::from_raw(3 << 8),
+            status: Some(ExitStatus::from_raw(3 << 8)),
             last: "never listened on port 4000".into(),
             output: "; the app printed nothing".into(),
         };

@@ -29,7 +29,8 @@ pub(super) enum Event {
         version: u64,
         proc: usize,
         pid: i32,
-        status: ExitStatus,
+        /// `None` for a process an earlier keter started (only its parent learns the status).
+        status: Option<ExitStatus>,
     },
     /// The unpack stage of deploy `id` ended.
     Prepared {

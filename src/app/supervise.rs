@@ -99,7 +99,7 @@ impl Machine {
         version: u64,
         i: usize,
         pid: i32,
-        status: ExitStatus,
+        status: Option<ExitStatus>,
         fx: &mut dyn Effects,
     ) {
         // Members of the group that outlive the leader (a wrapper's children) go with it.

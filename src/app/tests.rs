@@ -116,6 +116,8 @@ impl Effects for Fake {
         Ok(Running {
             pid: self.pid,
             started: self.now,
+            ticks: self.pid as u64,
+            output: 0,
         })
     }
     fn reap(&mut self, _: i32) {}
@@ -189,8 +191,8 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
     }
 }
 
-fn exit_code(code: i32) -> ExitStatus {
-    ExitStatus::from_raw(code << 8)
+fn exit_code(code: i32) -> Option<ExitStatus> {
+    Some(ExitStatus::from_raw(code << 8))
 }
 
 fn machine() -> Machine {
@@ -274,7 +276,7 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
             version: v1,
             proc: 0,
             pid,
-            status: ExitStatus::from_raw(9),
+            status: Some(ExitStatus::from_raw(9)),
         },
         &mut fx,
     );

@@ -153,7 +153,7 @@ impl Proc {
     }
 
     /// The process exited: decides about its restart and says so in the log.
-    pub fn exited(&mut self, app: &AppName, pid: i32, status: ExitStatus, now: Instant) {
+    pub fn exited(&mut self, app: &AppName, pid: i32, status: Option<ExitStatus>, now: Instant) {
         let ran = self
             .running()
             .map(|r| now.saturating_duration_since(r.started))

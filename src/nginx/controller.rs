@@ -101,7 +101,7 @@ enum Msg {
     },
     Exited {
         pid: i32,
-        status: ExitStatus,
+        status: Option<ExitStatus>,
     },
     Shutdown,
 }
@@ -641,14 +641,12 @@ impl Controller {
             NginxError::Unconfirmed(format!("cannot start {}: {e}", self.nginx.binary.display()))
         })?;
         let pid = child.id() as i32;
-        let tx = self.tx.clone();
-        crate::childwatch::exit(
-            child,
-            Box::new(move |pid, status| {
-                let _ = tx.send(Msg::Exited { pid, status });
-            }),
-        )
-        .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))?;
+        // Reaped by the watch thread, by pid.
+        drop(child);
+        self.watch_master(pid).inspect_err(|_| {
+            process::stop_group(pid, Duration::ZERO);
+            crate::childwatch::reap(pid);
+        })?;
         log::info!("nginx: started the master, pid {pid}");
         self.master = Some(Master {
             pid,
@@ -659,7 +657,23 @@ impl Controller {
         Ok(())
     }
 
-    fn exited(&mut self, pid: i32, status: ExitStatus) {
+    /// Has the watch thread report the master's exit to the controller.
+    fn watch_master(&self, pid: i32) -> Result<(), NginxError> {
+        let tx = self.tx.clone();
+        crate::childwatch::pidfd_open(pid)
+            .and_then(|pidfd| {
+                crate::childwatch::exit(
+                    pid,
+                    pidfd,
+                    Box::new(move |pid, status| {
+                        let _ = tx.send(Msg::Exited { pid, status });
+                    }),
+                )
+            })
+            .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))
+    }
+
+    fn exited(&mut self, pid: i32, status: Option<ExitStatus>) {
         let Some(m) = &self.master else { return };
         if m.pid != pid {
             return;
