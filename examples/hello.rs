@@ -4,12 +4,13 @@
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
 //!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
-//!       [--keep-open]
+//!       [--keep-open] [--log-requests]
 //! ```
 //!
 //! `--home-kb N` makes `/` a home page of N KiB sent in chunks, as Warp streams a Yesod page;
 //! `--keep-open` keeps every connection open after an answer, even when the client asked to
-//! close it.
+//! close it. `--log-requests` prints a line `request TARGET` for every request before
+//! answering it, as a chatty framework logs.
 //!
 //! `--crash-after-first-run` serves on its first start and exits at once on every later one
 //! (it leaves a marker file in its working folder): a crash loop after a good deploy.
@@ -37,6 +38,7 @@ struct Options {
     crash_after_first_run: bool,
     home_kb: usize,
     keep_open: bool,
+    log_requests: bool,
 }
 
 fn options() -> Options {
@@ -51,6 +53,7 @@ fn options() -> Options {
         crash_after_first_run: false,
         home_kb: 0,
         keep_open: false,
+        log_requests: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -80,6 +83,7 @@ fn options() -> Options {
                     .expect("--home-kb N")
             }
             "--keep-open" => o.keep_open = true,
+            "--log-requests" => o.log_requests = true,
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -124,14 +128,23 @@ fn main() {
     println!("hello {}: listening on port {port}", o.version);
     let version = o.version.clone();
     let status = o.status;
-    let (home_kb, keep_open) = (o.home_kb, o.keep_open);
+    let (home_kb, keep_open, log_requests) = (o.home_kb, o.keep_open, o.log_requests);
     for stream in listener.incoming().flatten() {
         let version = version.clone();
-        std::thread::spawn(move || serve(stream, &version, status, home_kb, keep_open));
+        std::thread::spawn(move || {
+            serve(stream, &version, status, home_kb, keep_open, log_requests)
+        });
     }
 }
 
-fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_open: bool) {
+fn serve(
+    stream: TcpStream,
+    version: &str,
+    status: u16,
+    home_kb: usize,
+    keep_open: bool,
+    log_requests: bool,
+) {
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -198,6 +211,9 @@ fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_ope
             .nth(1)
             .unwrap_or("/")
             .to_string();
+        if log_requests {
+            println!("request {target}");
+        }
         if target == "/" && home_kb > 0 {
             let head = format!(
                 "HTTP/1.1 {status} X\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n{}\r\n",

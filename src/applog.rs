@@ -53,8 +53,13 @@ impl std::fmt::Debug for AppLog {
     }
 }
 
-/// A line for the writer, with the log it belongs to.
-type Queued = (Arc<Shared>, String);
+/// What the writer is sent.
+enum Queued {
+    /// A line, with the log it belongs to.
+    Line(Arc<Shared>, String),
+    /// Answer once every line queued before is written.
+    Flush(Sender<()>),
+}
 
 struct Shared {
     tail: Mutex<VecDeque<String>>,
@@ -94,7 +99,12 @@ impl AppLog {
             tail.push_back(stamped.clone());
         }
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if queued >= QUEUE_LINES || self.writer.send((self.shared.clone(), stamped)).is_err() {
+        if queued >= QUEUE_LINES
+            || self
+                .writer
+                .send(Queued::Line(self.shared.clone(), stamped))
+                .is_err()
+        {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -115,6 +125,17 @@ impl AppLog {
     }
 }
 
+/// Returns once every line queued so far is written (for an in-place upgrade: nothing read
+/// from the apps may be left in memory when the process image is replaced).
+pub fn flush() {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if let Ok(writer) = writer()
+        && writer.send(Queued::Flush(tx)).is_ok()
+    {
+        let _ = rx.recv();
+    }
+}
+
 /// The queue of the one writer thread, started at the first use.
 fn writer() -> std::io::Result<Sender<Queued>> {
     static WRITER: OnceLock<Result<Sender<Queued>, String>> = OnceLock::new();
@@ -132,7 +153,14 @@ fn writer() -> std::io::Result<Sender<Queued>> {
 }
 
 fn write_lines(rx: crossbeam_channel::Receiver<Queued>) {
-    for (log, line) in rx {
+    for queued in rx {
+        let (log, line) = match queued {
+            Queued::Line(log, line) => (log, line),
+            Queued::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
         log.queued.fetch_sub(1, Ordering::Relaxed);
         let mut sink = log.sink.lock().unwrap_or_else(|e| e.into_inner());
         sink.write_line(&line);

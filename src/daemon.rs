@@ -29,6 +29,8 @@ pub enum Control {
     Rescan,
     /// SIGTERM / SIGINT: stop every app and Nginx, then return.
     Shutdown,
+    /// SIGUSR2: re-execute keter's binary and hand everything over (`src/handover.rs`).
+    Upgrade,
 }
 
 /// Everything that reaches the daemon's loop.
@@ -66,29 +68,48 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
     bounded(4096)
 }
 
-/// Runs the daemon until a `Control::Shutdown` arrives on `rx`.
-pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
+/// Runs the daemon until a `Control::Shutdown` arrives on `rx`. `takeover` is what an earlier
+/// image of this process handed over before it re-executed keter (`src/handover.rs`); without
+/// it keter takes over from the records of a keter that was killed, if there are any.
+pub fn run(
+    config: Config,
+    tx: Sender<Input>,
+    rx: Receiver<Input>,
+    takeover: Option<crate::handover::Takeover>,
+) -> Result<(), Fatal> {
     crate::memory::limit_arenas();
-    prepare_root(&config.root)?;
+    let started = std::time::Instant::now();
+    make_root(&config.root)?;
     fs::create_dir_all(&config.acme_webroot).map_err(|e| {
         Fatal(format!(
             "cannot create {}: {e}",
             config.acme_webroot.display()
         ))
     })?;
-    // Process groups left by a keter that was killed are stopped before anything starts: they
-    // hold ports and would answer for apps about to be deployed again.
+    // What an earlier keter ran is taken over from its records before anything starts: the
+    // apps that still run go on serving (README, "A keter that dies and comes back").
     let journal = Journal::new(&config.root.join("etc"));
-    let leftovers = journal.recover(config.stop_timeout);
+    let live = crate::nginx::live_sites(&crate::nginx::Paths::new(&config.root));
+    let upgrade = takeover.is_some();
+    let since = takeover.as_ref().and_then(|t| t.since);
+    let mut inherited = takeover.map(|t| t.pipes).unwrap_or_default();
+    let recovery = crate::app::recover(&journal, &live, &mut inherited);
+    drop(inherited);
+    // Every other group an earlier keter ran is stopped: it holds ports and would answer for
+    // apps about to be deployed again.
+    let leftovers = journal.recover(&recovery.groups, config.stop_timeout);
     if leftovers > 0 {
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
+    empty_temp(&config.root, &recovery.dirs)?;
     let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
-    let nginx = Nginx::start(&config, renderer).map_err(|e| Fatal(format!("nginx: {e}")))?;
+    let nginx = Nginx::start(&config, renderer, &recovery.sites)
+        .map_err(|e| Fatal(format!("nginx: {e}")))?;
     let incoming = config.root.join("incoming");
     let reports = Arc::new(Reports::default());
     let status = StatusServer::start(&config, reports.clone(), nginx.counters.clone());
     let shared = Arc::new(Shared::new(config, nginx.handle(), journal, reports));
+    recovery.claim(&shared);
     let watcher = watcher::watch(&incoming, tx.clone())
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
     let mut daemon = Daemon {
@@ -97,9 +118,41 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
         refused: BTreeSet::new(),
         tx,
     };
+    let (apps, processes) = (recovery.apps.len(), recovery.processes());
+    for adopted in recovery.apps {
+        daemon.adopt(adopted);
+    }
+    if apps > 0 {
+        log::info!(
+            "keter: took over {apps} apps and {processes} processes from {} in {} ms",
+            if upgrade {
+                "the keter before the upgrade"
+            } else {
+                "an earlier run"
+            },
+            started.elapsed().as_millis()
+        );
+    }
     log::info!("keter: watching {}", incoming.display());
-    daemon.rescan(false);
-    while let Ok(input) = rx.recv() {
+    if let Some(since) = since {
+        log::info!(
+            "keter: upgraded in place to keter {} in {} ms (from the signal to watching again)",
+            env!("CARGO_PKG_VERSION"),
+            since.elapsed().as_millis()
+        );
+    }
+    crate::systemd::notify("READY=1");
+    // After an upgrade the bundles are looked at as a SIGHUP does, failed ones included.
+    daemon.rescan(upgrade);
+    let mut queued: Vec<Input> = Vec::new();
+    loop {
+        let input = match queued.pop() {
+            Some(i) => i,
+            None => match rx.recv() {
+                Ok(i) => i,
+                Err(_) => break,
+            },
+        };
         match input {
             Input::Hint(Hint::Changed(name)) => daemon.reconcile(&name, false),
             Input::Hint(Hint::Created(name)) => {
@@ -112,12 +165,17 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
             // An operator's SIGHUP also retries bundles whose deploy failed.
             Input::Control(Control::Rescan) => daemon.rescan(true),
             Input::Control(Control::Shutdown) => break,
+            Input::Control(Control::Upgrade) => {
+                queued = daemon.upgrade(&nginx, &rx);
+                queued.reverse();
+            }
             Input::Stopped { app, commands } => daemon.end_stopped(&app, commands),
         }
         if watcher.overflowed.swap(false, Ordering::Relaxed) {
             daemon.rescan(false);
         }
     }
+    crate::systemd::notify("STOPPING=1");
     drop(watcher);
     if let Some(status) = status {
         status.stop();
@@ -129,18 +187,26 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     Ok(())
 }
 
-/// Creates the folders of the README's "Folder layout under `root`" and empties `temp/`
-/// (versions of an earlier run).
-fn prepare_root(root: &Path) -> Result<(), Fatal> {
+/// Creates the folders of the README's "Folder layout under `root`".
+fn make_root(root: &Path) -> Result<(), Fatal> {
     for sub in ["incoming", "temp", "log", "etc", "nginx"] {
         let dir = root.join(sub);
         fs::create_dir_all(&dir)
             .map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
     }
+    Ok(())
+}
+
+/// Empties `temp/` (versions of an earlier run), except the folders of the versions taken
+/// over.
+fn empty_temp(root: &Path, keep: &BTreeSet<std::path::PathBuf>) -> Result<(), Fatal> {
     let temp = root.join("temp");
     let entries = fs::read_dir(&temp).map_err(|e| Fatal(format!("{}: {e}", temp.display())))?;
     for entry in entries.flatten() {
         let path = entry.path();
+        if keep.contains(&path) {
+            continue;
+        }
         let removed = match entry.file_type() {
             Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
             _ => fs::remove_file(&path),
@@ -162,6 +228,127 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// SIGUSR2: asks the binary at keter's start path whether it takes over, brings every
+    /// worker, the Nginx controller and the watch thread to rest, flushes the apps' logs and
+    /// re-executes keter (`src/handover.rs`). Returns only if that did not happen, with the
+    /// inputs that arrived meanwhile; this keter then carries on as before.
+    fn upgrade(&mut self, nginx: &Nginx, rx: &Receiver<Input>) -> Vec<Input> {
+        let since = std::time::Instant::now();
+        let program = crate::handover::program();
+        log::info!(
+            "keter: SIGUSR2: upgrading in place to {}",
+            program.display()
+        );
+        let answer = match crate::handover::probe(&self.shared.config) {
+            Ok(a) => a,
+            Err(why) => {
+                log::error!(
+                    "keter: cannot hand over to {}: {why}; this keter carries on",
+                    program.display()
+                );
+                return Vec::new();
+            }
+        };
+        crate::systemd::notify("RELOADING=1");
+        let mut later = Vec::new();
+        let result = self.hand_over(nginx, rx, since, &answer, &mut later);
+        if let Err(why) = result {
+            log::error!(
+                "keter: cannot hand over to {}: {why}; this keter carries on",
+                program.display()
+            );
+        }
+        crate::systemd::notify("READY=1");
+        later
+    }
+
+    /// The handover itself: returns only if the exec did not happen, after undoing the rest.
+    fn hand_over(
+        &mut self,
+        nginx: &Nginx,
+        rx: &Receiver<Input>,
+        since: std::time::Instant,
+        answer: &crate::handover::Answer,
+        later: &mut Vec<Input>,
+    ) -> Result<(), String> {
+        let config = &self.shared.config;
+        // A switch in flight is waited for: up to a test and a reload that times out.
+        let deadline = since + config.nginx.reload_timeout * 3 + std::time::Duration::from_secs(5);
+        let quiet: Vec<_> = self.apps.iter().map(|(a, h)| (a, h.freeze())).collect();
+        let thaw = |apps: &BTreeMap<AppName, AppHandle>| apps.values().for_each(|h| h.thaw());
+        for (app, answer) in &quiet {
+            if answer.recv_deadline(deadline).is_err() {
+                let app = (*app).clone();
+                thaw(&self.apps);
+                return Err(format!(
+                    "{app} did not come to rest in time (a switch in flight)"
+                ));
+            }
+        }
+        nginx.freeze();
+        let paused = match crate::childwatch::pause() {
+            Ok(p) => p,
+            Err(e) => {
+                nginx.thaw();
+                thaw(&self.apps);
+                return Err(e.to_string());
+            }
+        };
+        // Nothing reports exits any more: each worker's record is now final.
+        let written: Vec<_> = self.apps.values().map(|h| h.snapshot()).collect();
+        for w in written {
+            let _ = w.recv_timeout(std::time::Duration::from_secs(10));
+        }
+        crate::applog::flush();
+        // A stop asked for meanwhile wins: the new image would not know of it.
+        while let Ok(input) = rx.try_recv() {
+            later.push(input);
+        }
+        let result = if later
+            .iter()
+            .any(|i| matches!(i, Input::Control(Control::Shutdown)))
+        {
+            Err("keter is asked to stop".to_string())
+        } else {
+            log::info!(
+                "keter: handing {} apps over to keter {} after {} ms",
+                self.apps.len(),
+                answer.keter,
+                since.elapsed().as_millis()
+            );
+            let e = crate::handover::exec(&paused.pipes(), since);
+            Err(format!("cannot execute it: {e}"))
+        };
+        drop(paused);
+        nginx.thaw();
+        thaw(&self.apps);
+        result
+    }
+
+    /// Starts the worker of an app taken over from an earlier keter.
+    fn adopt(&mut self, adopted: crate::app::Adopted) {
+        let app = adopted.name.clone();
+        match AppHandle::adopt(adopted, self.shared.clone(), self.on_stopped(&app)) {
+            Ok(h) => {
+                self.apps.insert(app, h);
+            }
+            Err(e) => log::error!("{app}: cannot start its worker: {e}"),
+        }
+    }
+
+    /// What a worker calls when its app has stopped.
+    fn on_stopped(&self, app: &AppName) -> Box<dyn Fn(u64) + Send> {
+        let tx = self.tx.clone();
+        let name = app.clone();
+        Box::new(move |commands| {
+            // Never blocks a worker: a lost note only keeps an idle worker alive.
+            let _ = tx.try_send(Input::Stopped {
+                app: name.clone(),
+                commands,
+            });
+        })
+    }
+
     /// Looks at every bundle in `incoming/` and every app known.
     fn rescan(&mut self, retry: bool) {
         let incoming = self.shared.config.root.join("incoming");
@@ -205,15 +392,7 @@ impl Daemon {
         let present = fs::symlink_metadata(&path).is_ok();
         if present {
             if !self.apps.contains_key(&app) {
-                let tx = self.tx.clone();
-                let name = app.clone();
-                let on_stopped = Box::new(move |commands| {
-                    // Never blocks a worker: a lost note only keeps an idle worker alive.
-                    let _ = tx.try_send(Input::Stopped {
-                        app: name.clone(),
-                        commands,
-                    });
-                });
+                let on_stopped = self.on_stopped(&app);
                 match AppHandle::spawn(app.clone(), self.shared.clone(), on_stopped) {
                     Ok(h) => {
                         self.apps.insert(app.clone(), h);

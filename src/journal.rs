@@ -1,20 +1,28 @@
-//! The state journal, `ROOT/etc/processes`: the process groups keter runs, so that a keter
-//! that was killed (SIGKILL, OOM) finds them when it starts again.
+//! keter's state on disk, under `ROOT/etc`, so that a keter started later (an in-place upgrade,
+//! or a start after this one was killed by SIGKILL, the OOM killer or a panic) finds what runs:
 //!
-//! Policy: leftover groups are stopped, not adopted, and the apps are deployed again from
-//! `incoming/`. Adoption cannot be made safe here: an app's stdout and stderr are pipes whose
-//! reading end died with the old keter, so the app gets SIGPIPE (or EPIPE) at its next line of
-//! output, and keter could not wait for a process it did not start.
+//! * `processes`: every process group keter runs, with its leader's start time, rewritten at
+//!   every start and stop of a group. A keter that starts stops every group listed there that
+//!   it does not take over, so that nothing is left running unknown.
+//! * `state/NAME.json`: each app's record (`src/app/record.rs`), written by the app's worker
+//!   whenever it changes: what a later keter needs to take the app over without restarting it.
 //!
-//! The file is rewritten whole (temp file, fsync, rename) on every change, so it is never seen
-//! half-written; if the disk is full the previous version stays and an error is logged.
+//! Both are replaced whole (temp file, rename), so they are never seen half-written. The
+//! records are not synced to the disk: they serve a keter started again on the same boot,
+//! which finds them in the page cache; after a reboot no app process is left to take over.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::names::AppName;
 use crate::{process, procfs};
 
 /// One running process group.
@@ -31,6 +39,8 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
+    /// `etc/state`: one record per app.
+    records: PathBuf,
     groups: Mutex<BTreeMap<i32, Entry>>,
 }
 
@@ -38,13 +48,27 @@ impl Journal {
     pub fn new(etc: &Path) -> Journal {
         Journal {
             path: etc.join("processes"),
+            records: etc.join("state"),
             groups: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Stops the groups recorded by an earlier run that are still alive, then empties the
-    /// journal. Returns how many groups were stopped.
-    pub fn recover(&self, grace: Duration) -> usize {
+    /// The groups recorded by an earlier run (they may be gone).
+    pub fn earlier_groups(&self) -> BTreeMap<i32, Entry> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => parse(&text).into_iter().collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                log::error!("journal: cannot read {}: {e}", self.path.display());
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Stops the groups recorded by an earlier run that are still alive, except those in
+    /// `adopted` (taken over, their leaders' start times checked), which stay in the journal.
+    /// Returns how many groups were stopped.
+    pub fn recover(&self, adopted: &BTreeSet<i32>, grace: Duration) -> usize {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
@@ -54,7 +78,12 @@ impl Journal {
             }
         };
         let mut stopped = 0;
+        let mut kept = BTreeMap::new();
         for (pgid, entry) in parse(&text) {
+            if adopted.contains(&pgid) {
+                kept.insert(pgid, entry);
+                continue;
+            }
             if !is_leftover(pgid, &entry) {
                 continue;
             }
@@ -65,8 +94,74 @@ impl Journal {
             process::stop_group(pgid, grace);
             stopped += 1;
         }
-        self.write(&BTreeMap::new());
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.extend(kept);
+        self.write(&groups);
         stopped
+    }
+
+    /// Writes app `app`'s record, replacing the one before.
+    pub fn save_record<T: Serialize>(&self, app: &AppName, record: &T) {
+        let write = || -> io::Result<()> {
+            fs::create_dir_all(&self.records)?;
+            let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+            let path = self.record_path(app);
+            let tmp = self.records.join(format!(".{app}.json.tmp"));
+            let _ = fs::remove_file(&tmp);
+            // The processes' environment is in it (the postgres plugin's password, say).
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&json)?;
+            drop(file);
+            fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            log::error!(
+                "journal: cannot write {}: {e}",
+                self.record_path(app).display()
+            );
+        }
+    }
+
+    /// Removes app `app`'s record (nothing of it runs any more).
+    pub fn forget_record(&self, app: &AppName) {
+        match fs::remove_file(self.record_path(app)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => log::error!(
+                "journal: cannot remove {}: {e}",
+                self.record_path(app).display()
+            ),
+            _ => {}
+        }
+    }
+
+    /// Every app's record, or why it cannot be read.
+    pub fn records<T: DeserializeOwned>(&self) -> Vec<(AppName, Result<T, String>)> {
+        let Ok(dir) = fs::read_dir(&self.records) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in dir.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".json") else {
+                continue;
+            };
+            let Ok(app) = AppName::new(name) else {
+                continue; // a temp file, or not keter's
+            };
+            let read = fs::read(entry.path())
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
+            out.push((app, read));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn record_path(&self, app: &AppName) -> PathBuf {
+        self.records.join(format!("{app}.json"))
     }
 
     pub fn add(&self, pgid: i32, app: &str) {
@@ -150,9 +245,18 @@ mod tests {
         assert_eq!(parse(&text)[0].0, pid);
         assert_eq!(parse(&text)[0].1.app, "app-a");
 
-        // A new journal (a restarted keter) stops the group it finds.
+        // A new journal (a restarted keter) stops the group it finds, unless it takes it over.
         let again = Journal::new(&dir);
-        assert_eq!(again.recover(Duration::from_secs(2)), 1);
+        assert_eq!(
+            again.recover(&BTreeSet::from([pid]), Duration::from_secs(2)),
+            0
+        );
+        assert_eq!(
+            parse(&fs::read_to_string(dir.join("processes")).unwrap())[0].0,
+            pid
+        );
+        let again = Journal::new(&dir);
+        assert_eq!(again.recover(&BTreeSet::new(), Duration::from_secs(2)), 1);
         let status = child.wait().unwrap();
         assert!(!status.success());
         assert_eq!(

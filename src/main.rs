@@ -6,11 +6,19 @@ use std::process::ExitCode;
 use keter::cli::{self, Command};
 use keter::config::{self, Config};
 use keter::daemon::{self, Control, Input};
+use keter::handover::{self, Takeover};
 
 fn main() -> ExitCode {
+    // Before any thread starts: the command line an upgrade executes again, and what an
+    // earlier image of this process handed over (`src/handover.rs`).
+    handover::remember_invocation();
+    let takeover = handover::take();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(handover::CHECK) {
+        return check_handover(&args[1..]);
+    }
     match cli::parse(&args) {
-        Ok(Command::Run(path)) => run_daemon(&path),
+        Ok(Command::Run(path)) => run_daemon(&path, takeover),
         Ok(command) => cli::run(command),
         Err(usage) => {
             eprintln!("keter: {}\n\n{}", usage.message, usage.help);
@@ -35,8 +43,59 @@ fn init_logging() {
     builder.init();
 }
 
-fn run_daemon(path: &Path) -> ExitCode {
+/// `keter --check-handover ARGS...`: asked by a running keter before it re-executes this
+/// binary, whether it can take over with the command line ARGS (`src/handover.rs`). Prints
+/// what it reads and where it would run, as JSON.
+fn check_handover(args: &[String]) -> ExitCode {
+    let path = match cli::parse(args) {
+        Ok(Command::Run(path)) => path,
+        _ => {
+            eprintln!(
+                "keter: {}: not a command line that runs the daemon",
+                handover::CHECK
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match Config::load(&path) {
+        Ok(config) => {
+            let answer = handover::answer(&config);
+            println!("{}", serde_json::to_string(&answer).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "keter: invalid configuration: {}",
+                config::describe(&e.0).replace('\n', "; ")
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_daemon(path: &Path, takeover: Option<Result<Takeover, String>>) -> ExitCode {
     init_logging();
+    // The handlers first: a signal that came before them would end keter (after an upgrade,
+    // the new image has the default dispositions until here).
+    let (tx, rx) = daemon::channel();
+    if let Err(e) = forward_signals(tx.clone()) {
+        log::error!("cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
+    let takeover = match takeover {
+        Some(Ok(t)) => {
+            log::info!(
+                "keter: taking over from keter {} (in-place upgrade)",
+                t.from
+            );
+            Some(t)
+        }
+        Some(Err(e)) => {
+            log::error!("keter: {e}; taking the apps over from their records instead");
+            None
+        }
+        None => None,
+    };
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -44,12 +103,7 @@ fn run_daemon(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (tx, rx) = daemon::channel();
-    if let Err(e) = forward_signals(tx.clone()) {
-        log::error!("cannot install signal handlers: {e}");
-        return ExitCode::from(1);
-    }
-    match daemon::run(config, tx, rx) {
+    match daemon::run(config, tx, rx, takeover) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("keter cannot run: {e}");
@@ -58,10 +112,11 @@ fn run_daemon(path: &Path) -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT stop the daemon; SIGHUP rescans `incoming/`.
+/// SIGTERM and SIGINT stop the daemon; SIGHUP rescans `incoming/`; SIGUSR2 upgrades keter in
+/// place.
 fn forward_signals(tx: crossbeam_channel::Sender<Input>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -69,6 +124,8 @@ fn forward_signals(tx: crossbeam_channel::Sender<Input>) -> std::io::Result<()> 
                 let control = if sig == SIGHUP {
                     log::info!("keter: SIGHUP, rescanning incoming/");
                     Control::Rescan
+                } else if sig == SIGUSR2 {
+                    Control::Upgrade
                 } else {
                     log::info!("keter: signal {sig}, shutting down");
                     Control::Shutdown

@@ -55,6 +55,12 @@ impl PortPool {
         None
     }
 
+    /// Marks a port as handed out: one that a process taken over from an earlier keter holds.
+    pub fn claim(&self, port: u16) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.taken.insert(port);
+    }
+
     /// Returns a port to the pool. Releasing a port that is not taken is a no-op.
     pub fn release(&self, port: u16) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());

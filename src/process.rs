@@ -18,7 +18,7 @@ use crate::applog::AppLog;
 use crate::procfs;
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<String>,
@@ -30,7 +30,7 @@ pub struct Spec {
 }
 
 /// A user to run apps as, resolved once from the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunAs {
     pub name: String,
     pub uid: u32,

@@ -57,7 +57,7 @@ impl AppState {
 }
 
 /// How a deploy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeployResult {
     Succeeded,

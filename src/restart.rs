@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Exponential backoff: `first`, doubling up to `max`; a run of at least `healthy` brings the
 /// delay back to `first` and clears the failures in a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Backoff {
     first: Duration,
     max: Duration,
@@ -81,7 +81,8 @@ pub const DEPLOY_RETRY: Backoff = Backoff::new(
 );
 
 /// How a stanza's process is restarted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// Webapps: always restarted, with backoff.
     Backoff(Backoff),
@@ -111,7 +112,7 @@ pub enum Decision {
 }
 
 /// The restart state of one supervised process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Restarts {
     policy: Policy,
     /// Failures in a row of the fixed policy (the backoff counts its own).

@@ -127,6 +127,14 @@ pub(super) fn prepare(
     for w in &warnings.warnings {
         log::warn!("{w}");
     }
+    // Kept with the version so that a later keter reads the same configuration, whatever the
+    // app's user does to the folder meanwhile.
+    let config_text = ["config/keter.yaml", "config/keter.yml"]
+        .iter()
+        .map(|p| dir.join(p))
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
+        .find_map(|p| fs::read_to_string(p).ok())
+        .unwrap_or_default();
     if let Some(user) = &config.run_as {
         version::hand_over(&dir, user.uid, user.gid).map_err(|source| {
             cleanup(DeployError::HandOver {
@@ -144,6 +152,7 @@ pub(super) fn prepare(
         sha256: unpacked.sha256,
         stamp,
         config: bundle_config,
+        config_text,
         plugin_env,
         procs: Vec::new(),
         deploy: 0,
@@ -445,8 +454,11 @@ pub(super) fn discard(ctx: &Context, name: &AppName, version: Version) {
     if certs.exists() {
         let _ = fs::remove_dir_all(&certs);
     }
-    if let Err(e) = fs::remove_dir_all(&version.dir) {
-        log::warn!("{name}: cannot delete {}: {e}", version.dir.display());
+    match fs::remove_dir_all(&version.dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            log::warn!("{name}: cannot delete {}: {e}", version.dir.display())
+        }
+        _ => {}
     }
 }
 

@@ -72,6 +72,19 @@ pub enum NotReady {
 }
 
 impl DeployError {
+    /// Every value of [`DeployError::kind`].
+    pub const KINDS: [&'static str; 9] = [
+        "bundle",
+        "unpack",
+        "config",
+        "host-taken",
+        "postgres",
+        "ports",
+        "spawn",
+        "not-ready",
+        "nginx",
+    ];
+
     /// The kind shown next to the message: `bundle`, `unpack`, `config`, `host-taken`,
     /// `postgres`, `ports`, `spawn`, `not-ready` or `nginx`.
     pub fn kind(&self) -> &'static str {

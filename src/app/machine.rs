@@ -49,6 +49,18 @@ pub(super) enum Event {
     },
     /// Stop everything and end the worker.
     Shutdown,
+    /// A step of an in-place upgrade, for the worker's loop (`freeze.rs`).
+    Handover(Handover),
+}
+
+/// The steps of an in-place upgrade, as the daemon drives each worker through them.
+pub enum Handover {
+    /// Come to rest; answer once nothing is in flight.
+    Freeze(crossbeam_channel::Sender<()>),
+    /// Write the record, answer, and do nothing more until `Thaw`.
+    Snapshot(crossbeam_channel::Sender<()>),
+    /// The upgrade did not happen: carry on.
+    Thaw,
 }
 
 /// What the worker is doing. Each state holds exactly what exists in it: a version serves in
@@ -147,6 +159,14 @@ pub(super) struct Machine {
     pub last_error: Option<String>,
     /// Commands received, so that the daemon knows which of its commands a stop answers.
     pub commands: u64,
+    /// The serving version was taken over from an earlier keter but cannot stay (its folder
+    /// is gone, or Nginx does not route to it): the next deploy of its bundle goes ahead even
+    /// when the file and its content are the same (`adopt.rs`).
+    pub replace: bool,
+    /// Coming to rest for an in-place upgrade (`freeze.rs`): nothing new starts.
+    pub frozen: bool,
+    /// The command to act on if the upgrade does not happen.
+    pub held: Option<Command>,
 }
 
 /// How a deploy ended.
@@ -168,6 +188,9 @@ impl Machine {
             last_deploy: None,
             last_error: None,
             commands: 0,
+            replace: false,
+            frozen: false,
+            held: None,
         }
     }
 
@@ -183,7 +206,9 @@ impl Machine {
             .flat_map(|v| v.procs.iter().filter_map(|p| p.restart_due()));
         let drains = self.retiring.iter().map(|_| now + DRAIN_POLL);
         let retry = match &self.life {
-            Life::Idle(_) | Life::Serving(_) => self.failed.as_ref().and_then(|f| f.retry_at),
+            Life::Idle(_) | Life::Serving(_) if !self.frozen => {
+                self.failed.as_ref().and_then(|f| f.retry_at)
+            }
             _ => None,
         };
         restarts.chain(drains).chain(retry).min()
@@ -251,10 +276,11 @@ impl Machine {
             Event::Ready { version, result } => self.ready(version, result, fx),
             Event::Switched { version, result } => self.switched(version, result, fx),
             Event::Shutdown => self.stop(true, fx),
+            Event::Handover(_) => {}
         }
     }
 
-    fn command(&mut self, c: Command, fx: &mut dyn Effects) {
+    pub(super) fn command(&mut self, c: Command, fx: &mut dyn Effects) {
         match c {
             Command::Deploy { path, retry } => self.deploy_command(path, retry, fx),
             Command::Stop => self.stop(false, fx),
@@ -270,7 +296,8 @@ impl Machine {
                 // the one serving, is no newer command.
                 let repeat = stamp.is_some()
                     && ((deploy.path == path && deploy.stamp == stamp)
-                        || serving.as_ref().is_some_and(|v| Some(v.stamp) == stamp));
+                        || (!self.replace
+                            && serving.as_ref().is_some_and(|v| Some(v.stamp) == stamp)));
                 if repeat {
                     return;
                 }
@@ -299,6 +326,7 @@ impl Machine {
         }
         if let (Some(v), Some(s)) = (self.serving(), stamp)
             && v.stamp == s
+            && !self.replace
         {
             log::debug!(
                 "{}: {}.keter is the file already serving",
@@ -336,7 +364,10 @@ impl Machine {
         fx.prepare(PrepareJob {
             id,
             path: path.clone(),
-            serving_sha256: serving.as_ref().map(|v| v.sha256.clone()),
+            serving_sha256: serving
+                .as_ref()
+                .filter(|_| !self.replace)
+                .map(|v| v.sha256.clone()),
             started: fx.now(),
         });
         self.life = Life::Deploying {
@@ -570,7 +601,7 @@ impl Machine {
         };
         self.failed = None;
         match end {
-            End::Deployed => {}
+            End::Deployed => self.replace = false,
             End::SameContent(stamp) => {
                 if let (Life::Serving(v), Some(stamp)) = (&mut self.life, stamp) {
                     v.stamp = stamp;

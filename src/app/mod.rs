@@ -10,9 +10,12 @@
 //! deploy that has not switched yet (Keter #64/#294: redeploys got stuck behind a
 //! crash-looping version). Whatever fails, the version that was serving keeps serving.
 
+mod adopt;
 mod deploy;
 mod error;
+mod freeze;
 mod machine;
+mod record;
 mod site;
 mod supervise;
 #[cfg(test)]
@@ -40,9 +43,11 @@ use crate::postgres::Provisioner;
 use crate::process::{Running, Spec};
 use crate::report::{DeployResult, Reports};
 
+pub use adopt::{Adopted, Inherited, Recovery, recover};
 use deploy::{Check, PrepareJob, SwitchJob};
 pub use error::{DeployError, NotReady};
-use machine::{Event, Machine};
+use machine::{Event, Handover, Machine};
+pub use record::{FORMAT as RECORD_FORMAT, Mono};
 pub use site::{CertSource, SiteSource, site_of};
 use version::{FileStamp, Version};
 
@@ -157,6 +162,27 @@ impl AppHandle {
         shared: Arc<Shared>,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
+        let machine = Machine::new(name.clone());
+        AppHandle::start(machine, Vec::new(), shared, on_stopped)
+    }
+
+    /// Starts the worker of an app taken over from an earlier keter, watching its processes
+    /// from now on.
+    pub fn adopt(
+        adopted: Adopted,
+        shared: Arc<Shared>,
+        on_stopped: Box<dyn Fn(u64) + Send>,
+    ) -> io::Result<AppHandle> {
+        AppHandle::start(adopted.machine, adopted.watches, shared, on_stopped)
+    }
+
+    fn start(
+        machine: Machine,
+        watches: Vec<adopt::Watch>,
+        shared: Arc<Shared>,
+        on_stopped: Box<dyn Fn(u64) + Send>,
+    ) -> io::Result<AppHandle> {
+        let name = machine.name.clone();
         let (tx, rx) = unbounded();
         let config = &shared.config;
         let target = if config.rotate_logs {
@@ -170,8 +196,10 @@ impl AppHandle {
         };
         let log = AppLog::open(target)?;
         shared.reports.attach_log(&name, log.clone());
-        let machine = Machine::new(name.clone());
-        let world = world::World::new(name.clone(), shared, log, tx.clone(), on_stopped);
+        let mut world = world::World::new(name.clone(), shared, log, tx.clone(), on_stopped);
+        for w in watches {
+            world.watch(w);
+        }
         let thread = std::thread::Builder::new()
             .name(format!("app-{name}"))
             .spawn(move || run(machine, world, rx))?;
@@ -192,6 +220,26 @@ impl AppHandle {
         commands == self.sent
     }
 
+    /// Asks the worker to come to rest for an in-place upgrade; the answer comes once nothing
+    /// is in flight.
+    pub fn freeze(&self) -> Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Event::Handover(Handover::Freeze(tx)));
+        rx
+    }
+
+    /// Asks the frozen worker to write its record and then wait; answered once written.
+    pub fn snapshot(&self) -> Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Event::Handover(Handover::Snapshot(tx)));
+        rx
+    }
+
+    /// The upgrade did not happen: the worker carries on.
+    pub fn thaw(&self) {
+        let _ = self.tx.send(Event::Handover(Handover::Thaw));
+    }
+
     /// Asks the worker to stop everything; [`AppHandle::join`] waits for it.
     pub fn begin_shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
@@ -207,7 +255,9 @@ impl AppHandle {
 /// The worker's loop: the next event or the next deadline, then the machine's transition,
 /// then the app's report.
 fn run(mut machine: Machine, mut world: world::World, rx: Receiver<Event>) {
-    publish(&machine, &world);
+    publish(&machine, &mut world);
+    // The daemon's answer for a freeze, sent once nothing is in flight.
+    let mut quiet = None;
     while !machine.ended() {
         let event = match machine.next_deadline(Instant::now()) {
             Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -220,20 +270,78 @@ fn run(mut machine: Machine, mut world: world::World, rx: Receiver<Event>) {
                 Err(_) => break,
             },
         };
-        match event {
-            Some(Event::Command(c)) => command(&mut machine, &mut world, &rx, c),
-            Some(e) => machine.handle(e, &mut world),
-            None => {}
+        if let Some(e) = event {
+            dispatch(e, &mut machine, &mut world, &rx, &mut quiet);
         }
         machine.tick(&mut world);
-        publish(&machine, &world);
+        publish(&machine, &mut world);
+        if machine.quiet()
+            && let Some(reply) = quiet.take()
+        {
+            let _ = reply.send(());
+        }
     }
     world.join_stages();
+    // Stopped (the bundle was deleted, or keter stops): nothing of the app is left to take
+    // over.
+    world.forget_record();
+}
+
+fn dispatch(
+    event: Event,
+    machine: &mut Machine,
+    world: &mut world::World,
+    rx: &Receiver<Event>,
+    quiet: &mut Option<Sender<()>>,
+) {
+    match event {
+        Event::Handover(Handover::Freeze(reply)) => {
+            machine.freeze(world);
+            *quiet = Some(reply);
+        }
+        Event::Handover(Handover::Snapshot(reply)) => {
+            publish(machine, world);
+            let _ = reply.send(());
+            rest(machine, world, rx, quiet);
+        }
+        Event::Handover(Handover::Thaw) => machine.thaw(world),
+        Event::Command(c) if machine.frozen => machine.hold(c),
+        Event::Command(c) => command(machine, world, rx, c, quiet),
+        e => machine.handle(e, world),
+    }
+}
+
+/// After its record is written for an upgrade, the worker does nothing (its record must stay
+/// true) until the upgrade replaces the process or, if it does not happen, `Thaw` comes.
+fn rest(
+    machine: &mut Machine,
+    world: &mut world::World,
+    rx: &Receiver<Event>,
+    quiet: &mut Option<Sender<()>>,
+) {
+    let mut later = Vec::new();
+    loop {
+        match rx.recv() {
+            Ok(Event::Handover(Handover::Thaw)) => break,
+            Ok(e) => later.push(e),
+            Err(_) => return,
+        }
+    }
+    machine.thaw(world);
+    for e in later {
+        dispatch(e, machine, world, rx, quiet);
+    }
 }
 
 /// Acts on the newest of the commands already queued (the older ones are moot), handling the
 /// other events queued meanwhile in order.
-fn command(machine: &mut Machine, world: &mut world::World, rx: &Receiver<Event>, first: Command) {
+fn command(
+    machine: &mut Machine,
+    world: &mut world::World,
+    rx: &Receiver<Event>,
+    first: Command,
+    quiet: &mut Option<Sender<()>>,
+) {
     let mut newest = first;
     while let Ok(e) = rx.try_recv() {
         match e {
@@ -242,15 +350,21 @@ fn command(machine: &mut Machine, world: &mut world::World, rx: &Receiver<Event>
                 newest = c;
             }
             Event::Shutdown => return machine.handle(Event::Shutdown, world),
+            Event::Handover(h) => {
+                machine.handle(Event::Command(newest), world);
+                return dispatch(Event::Handover(h), machine, world, rx, quiet);
+            }
             other => machine.handle(other, world),
         }
     }
     machine.handle(Event::Command(newest), world);
 }
 
-fn publish(machine: &Machine, world: &world::World) {
+/// The app's report for the status interface, and its record for a later keter.
+fn publish(machine: &Machine, world: &mut world::World) {
     world
         .shared
         .reports
         .publish(machine.report(world.log.dropped()));
+    world.save_record(machine.to_record());
 }

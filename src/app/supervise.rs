@@ -195,6 +195,7 @@ impl Machine {
             }
         }
         if matches!(self.life, Life::Idle(_) | Life::Serving(_))
+            && !self.frozen
             && let Some(f) = &self.failed
             && f.retry_at.is_some_and(|at| at <= now)
         {

@@ -183,6 +183,7 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         sha256: format!("{id:064}"),
         stamp: FileStamp::fake(n),
         config,
+        config_text: yaml.to_string(),
         plugin_env: BTreeMap::new(),
         procs,
         deploy: 0,

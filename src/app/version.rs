@@ -16,7 +16,7 @@ use crate::process::{self, Running, Spec};
 use crate::restart::{Decision, Policy, Restarts};
 
 /// Identity of a bundle file on disk, to skip re-reading a file that did not change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) struct FileStamp {
     dev: u64,
     ino: u64,
@@ -57,6 +57,8 @@ pub(super) struct Version {
     pub sha256: String,
     pub stamp: FileStamp,
     pub config: BundleConfig,
+    /// The text of the bundle's `config/keter.yaml`, as `config` was read from it.
+    pub config_text: String,
     /// Variables of the plugins (postgres), between the global and the stanza `env`.
     pub plugin_env: BTreeMap<String, String>,
     /// Background stanzas first, then webapps, in the order they are started.
@@ -77,7 +79,8 @@ impl Version {
 }
 
 /// What a process is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub(super) enum Role {
     /// `webapps[index]`, listening on `port`; the port is kept across crash restarts so the
     /// Nginx upstream stays right (Dokku #3396: a changed upstream after a restart meant 502s).

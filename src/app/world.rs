@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use super::adopt::Watch;
 use super::deploy::{self, Check, PrepareJob, SwitchJob};
 use super::machine::Event;
+use super::record::AppRecord;
 use super::version::{FileStamp, Version};
 use super::{Effects, Shared};
 use crate::applog::AppLog;
@@ -50,6 +52,8 @@ pub(super) struct World {
     stages: Vec<JoinHandle<()>>,
     /// Held from the start of a deploy to its end (see [`crate::memory::burst`]).
     burst: Option<Burst>,
+    /// The record last written, so that only a change is written.
+    saved: Option<AppRecord>,
 }
 
 impl World {
@@ -69,7 +73,57 @@ impl World {
             probes: HashMap::new(),
             stages: Vec::new(),
             burst: None,
+            saved: None,
         }
+    }
+
+    /// Watches a process taken over from an earlier keter: its exit comes back as an event
+    /// and its output goes on into the app's log.
+    pub(super) fn watch(&mut self, w: Watch) {
+        let tx = self.tx.clone();
+        let (version, proc) = (w.version, w.proc);
+        let watched = crate::childwatch::exit(
+            w.pid,
+            w.pidfd,
+            Box::new(move |pid, status| {
+                let _ = tx.send(Event::Exited {
+                    version,
+                    proc,
+                    pid,
+                    status,
+                });
+            }),
+        );
+        if let Err(e) = watched {
+            log::error!(
+                "{}: cannot watch pid {} taken over: {e}; its exit will not be noticed",
+                self.name,
+                w.pid
+            );
+        }
+        if let Some((pipe, partial)) = w.output
+            && let Err(e) = crate::childwatch::output_continued(pipe, self.log.clone(), partial)
+        {
+            log::error!(
+                "{}: cannot read the output of pid {}: {e}",
+                self.name,
+                w.pid
+            );
+        }
+    }
+
+    /// Writes the app's record if it changed.
+    pub fn save_record(&mut self, record: AppRecord) {
+        if self.saved.as_ref() != Some(&record) {
+            self.shared.journal.save_record(&self.name, &record);
+            self.saved = Some(record);
+        }
+    }
+
+    /// Removes the app's record.
+    pub fn forget_record(&mut self) {
+        self.shared.journal.forget_record(&self.name);
+        self.saved = None;
     }
 
     /// Runs a stage on a thread that ends with it (its stack goes back to the system: on the

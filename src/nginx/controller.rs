@@ -103,13 +103,22 @@ enum Msg {
         pid: i32,
         status: Option<ExitStatus>,
     },
+    /// An in-place upgrade: answer once idle, then do nothing until `Thaw`.
+    Freeze(Sender<()>),
+    Thaw,
     Shutdown,
 }
 
 impl Nginx {
-    /// Writes the shared files, removes app files left from an earlier run and, in managed
-    /// mode, starts Nginx and waits until it answers. An error here is fatal for the daemon.
-    pub fn start(config: &Config, renderer: Arc<Renderer>) -> Result<Nginx, String> {
+    /// Writes the shared files, removes app files left from an earlier run except those of
+    /// the apps in `keep` (taken over: Nginx goes on routing to them) and, in managed mode,
+    /// takes over the master an earlier keter left running or starts one, and waits until
+    /// it answers. An error here is fatal for the daemon.
+    pub fn start(
+        config: &Config,
+        renderer: Arc<Renderer>,
+        keep: &BTreeSet<AppName>,
+    ) -> Result<Nginx, String> {
         let (tx, rx) = unbounded();
         let paths = renderer.paths().clone();
         let master_pid = Arc::new(AtomicI32::new(0));
@@ -129,7 +138,7 @@ impl Nginx {
             restart: restart::NGINX_MASTER,
             tx: tx.clone(),
         };
-        c.prepare()?;
+        c.prepare(keep)?;
         let thread = std::thread::Builder::new()
             .name("nginx".into())
             .spawn(move || c.run(rx))
@@ -149,6 +158,21 @@ impl Nginx {
     /// A handle for an app worker.
     pub fn handle(&self) -> NginxHandle {
         self.handle.clone()
+    }
+
+    /// For an in-place upgrade: returns once the controller is idle (no change in flight, no
+    /// master being started), and keeps it so until [`Nginx::thaw`]. What it would have done
+    /// meanwhile (a master that died, restarted) the next keter does.
+    pub fn freeze(&self) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.handle.tx.send(Msg::Freeze(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// The upgrade did not happen: the controller carries on.
+    pub fn thaw(&self) {
+        let _ = self.handle.tx.send(Msg::Thaw);
     }
 
     /// Stops a managed Nginx (system mode: takes keter's files out of the host's Nginx) and
@@ -228,43 +252,89 @@ struct Change {
 }
 
 impl Controller {
-    fn prepare(&mut self) -> Result<(), String> {
-        let p = &self.paths;
+    fn prepare(&mut self, keep: &BTreeSet<AppName>) -> Result<(), String> {
+        let p = self.paths.clone();
         for dir in [&p.prefix, &p.apps, &p.prefix.join("temp")] {
             fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        // No app runs yet: files left by an earlier run would route to dead ports.
+        // Files of apps taken over stay: Nginx goes on routing to them. Any other file left by
+        // an earlier run would route to a dead port.
+        let mut changed = false;
         for entry in fs::read_dir(&p.apps).map_err(|e| format!("{}: {e}", p.apps.display()))? {
             let path = entry.map_err(|e| e.to_string())?.path();
-            let _ = fs::remove_file(path);
+            let app = path
+                .file_name()
+                .and_then(|n| n.to_str()?.strip_suffix(".conf"))
+                .and_then(|n| AppName::new(n).ok())
+                .filter(|a| keep.contains(a));
+            match app.and_then(|a| Some((a, fs::read_to_string(&path).ok()?))) {
+                Some((app, text)) => {
+                    self.live.insert(app, text);
+                }
+                None => {
+                    let _ = fs::remove_file(path);
+                    changed = true;
+                }
+            }
+        }
+        // The generation goes on from the one an earlier run wrote, so that "confirmed" keeps
+        // meaning "this generation or a later one".
+        if let Some(g) = fs::read_to_string(&p.generation_conf)
+            .ok()
+            .and_then(|t| written_generation(&t))
+        {
+            self.generation = g.max(1);
         }
         for (out, inputs) in self.renderer.listener_cert_bundles() {
             write_certificate_bundle(&out, &inputs)?;
         }
-        if self.nginx.mode == NginxMode::Managed {
-            self.stop_leftover_master();
+        let adopted = if self.nginx.mode == NginxMode::Managed {
+            let adopted = self.adopt_master();
             let main = self.renderer.main_conf()?;
-            write_atomic(&p.main_conf, &main).map_err(|e| e.to_string())?;
+            changed |= write_if_changed(&p.main_conf, &main).map_err(|e| e.to_string())?;
+            adopted
         } else {
             // Fail before writing anything that the host's Nginx would load.
             system::master_pid(&self.nginx.pid_file).map_err(|e| e.to_string())?;
             system::remove_stale_socket(&p.control_socket)
                 .map_err(|e| format!("{}: {e}", p.control_socket.display()))?;
-        }
+            true
+        };
         let http = self.renderer.http_conf()?;
-        write_atomic(&p.http_conf, &http).map_err(|e| e.to_string())?;
-        write_atomic(
+        changed |= write_if_changed(&p.http_conf, &http).map_err(|e| e.to_string())?;
+        changed |= write_if_changed(
             &p.generation_conf,
             &Renderer::generation_conf(self.generation),
         )
         .map_err(|e| e.to_string())?;
         self.test().map_err(|e| e.to_string())?;
-        if self.nginx.mode == NginxMode::Managed {
+        if !adopted {
             self.start_master().map_err(|e| e.to_string())?;
-        } else {
-            self.reload().map_err(|e| e.to_string())?;
+            self.confirm().map_err(|e| e.to_string())?;
+        } else if changed || self.confirm().is_err() {
+            // A master that runs on (taken over, or the host's) loads what changed, or what an
+            // earlier keter wrote and was killed before it reloaded.
+            self.generation += 1;
+            write_atomic(
+                &p.generation_conf,
+                &Renderer::generation_conf(self.generation),
+            )
+            .map_err(|e| e.to_string())?;
+            let live = self.reload().and_then(|()| self.confirm());
+            if let Err(e) = live {
+                if self.nginx.mode == NginxMode::System {
+                    return Err(e.to_string());
+                }
+                log::error!(
+                    "nginx: the master taken over does not take the configuration ({e}); starting a new one"
+                );
+                if let Some(m) = self.master.take() {
+                    process::stop_group(m.pid, self.stop_timeout);
+                }
+                self.start_master().map_err(|e| e.to_string())?;
+                self.confirm().map_err(|e| e.to_string())?;
+            }
         }
-        self.confirm().map_err(|e| e.to_string())?;
         log::info!(
             "nginx: running, configuration generation {}",
             self.generation
@@ -272,21 +342,56 @@ impl Controller {
         Ok(())
     }
 
-    /// A managed master left by a keter that was killed would hold the listening ports.
-    fn stop_leftover_master(&self) {
+    /// Takes over the managed master an earlier keter left running (an in-place upgrade, or a
+    /// keter that was killed): it goes on serving. A master that is gone may have left its
+    /// workers, which hold the listening sockets: they are stopped. True when a master was
+    /// taken over.
+    fn adopt_master(&mut self) -> bool {
         let pid_file = self.paths.prefix.join("nginx.pid");
         let Some(pid) = fs::read_to_string(&pid_file)
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0)
         else {
-            return;
+            return false;
         };
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let prefix = self.paths.prefix.to_string_lossy().into_owned();
-        if String::from_utf8_lossy(&cmdline).contains(&prefix) {
-            log::warn!("nginx: stopping the master (pid {pid}) left by an earlier run");
-            // keter starts the master as the leader of its own group, workers included.
-            process::stop_group(pid, self.stop_timeout);
+        let ours = |pid: i32| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("nginx: master process") && cmdline.contains(&prefix)
+        };
+        // The pidfd first, then the check: once it is open the pid names this process.
+        let pidfd = crate::childwatch::pidfd_open(pid);
+        match pidfd {
+            Ok(pidfd) if ours(pid) && procfs::is_alive(pid) => {
+                if let Err(e) = self.watch_master_fd(pid, pidfd) {
+                    log::error!("nginx: {e}; stopping the master (pid {pid}) left running");
+                    process::stop_group(pid, self.stop_timeout);
+                    return false;
+                }
+                let age = procfs::age(pid).unwrap_or_default();
+                self.master = Some(Master {
+                    pid,
+                    started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                });
+                self.master_pid.store(pid, Ordering::Relaxed);
+                log::info!("nginx: took over the master, pid {pid}");
+                true
+            }
+            Ok(_) => false,
+            Err(_) => {
+                // Gone: its workers, in its process group, would keep the ports.
+                let orphans = procfs::group_members(pid).into_iter().any(|w| {
+                    fs::read(format!("/proc/{w}/cmdline"))
+                        .is_ok_and(|c| c.starts_with(b"nginx: worker process"))
+                });
+                if orphans {
+                    log::warn!("nginx: stopping the workers of the master (pid {pid}) that died");
+                    process::stop_group(pid, self.stop_timeout);
+                }
+                false
+            }
         }
     }
 
@@ -311,12 +416,15 @@ impl Controller {
                     let mut batch = vec![Change { app, site, reply }];
                     let mut shutdown = false;
                     // Everything already waiting shares this reload.
+                    let mut freeze = None;
                     while let Ok(m) = rx.try_recv() {
                         match m {
                             Msg::Apply { app, site, reply } => {
                                 batch.push(Change { app, site, reply })
                             }
                             Msg::Exited { pid, status } => self.exited(pid, status),
+                            Msg::Freeze(reply) => freeze = Some(reply),
+                            Msg::Thaw => {}
                             Msg::Shutdown => shutdown = true,
                         }
                     }
@@ -324,12 +432,39 @@ impl Controller {
                     if shutdown {
                         break;
                     }
+                    if let Some(reply) = freeze {
+                        self.frozen(reply, &rx);
+                    }
                 }
                 Msg::Exited { pid, status } => self.exited(pid, status),
+                Msg::Freeze(reply) => self.frozen(reply, &rx),
+                Msg::Thaw => {}
                 Msg::Shutdown => break,
             }
         }
         self.stop_master();
+    }
+
+    /// Answers a freeze and waits for the thaw; what came meanwhile is handled after it.
+    fn frozen(&mut self, reply: Sender<()>, rx: &Receiver<Msg>) {
+        let _ = reply.send(());
+        let mut later = Vec::new();
+        loop {
+            match rx.recv() {
+                Ok(Msg::Thaw) | Err(_) => break,
+                Ok(m) => later.push(m),
+            }
+        }
+        for m in later {
+            match m {
+                Msg::Apply { app, site, reply } => {
+                    self.apply_batch(vec![Change { app, site, reply }])
+                }
+                Msg::Exited { pid, status } => self.exited(pid, status),
+                Msg::Freeze(reply) => self.frozen(reply, rx),
+                Msg::Thaw | Msg::Shutdown => {}
+            }
+        }
     }
 
     fn apply_batch(&mut self, batch: Vec<Change>) {
@@ -659,18 +794,21 @@ impl Controller {
 
     /// Has the watch thread report the master's exit to the controller.
     fn watch_master(&self, pid: i32) -> Result<(), NginxError> {
-        let tx = self.tx.clone();
         crate::childwatch::pidfd_open(pid)
-            .and_then(|pidfd| {
-                crate::childwatch::exit(
-                    pid,
-                    pidfd,
-                    Box::new(move |pid, status| {
-                        let _ = tx.send(Msg::Exited { pid, status });
-                    }),
-                )
-            })
             .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))
+            .and_then(|pidfd| self.watch_master_fd(pid, pidfd))
+    }
+
+    fn watch_master_fd(&self, pid: i32, pidfd: std::os::fd::OwnedFd) -> Result<(), NginxError> {
+        let tx = self.tx.clone();
+        crate::childwatch::exit(
+            pid,
+            pidfd,
+            Box::new(move |pid, status| {
+                let _ = tx.send(Msg::Exited { pid, status });
+            }),
+        )
+        .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))
     }
 
     fn exited(&mut self, pid: i32, status: Option<ExitStatus>) {
@@ -770,4 +908,44 @@ fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result
 /// Writes one of keter's Nginx files so that Nginx never reads half of it.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     atomic_file::replace(path, text.as_bytes(), 0o644)
+}
+
+/// [`write_atomic`] unless the file holds `text` already; true when it was written.
+fn write_if_changed(path: &Path, text: &str) -> io::Result<bool> {
+    if fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(false);
+    }
+    write_atomic(path, text).map(|()| true)
+}
+
+/// The generation in `generation.conf` as [`Renderer::generation_conf`] writes it.
+fn written_generation(text: &str) -> Option<u64> {
+    text.split('"')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The sha256 of the bundle that each app's file in `apps/` serves, from its header: what
+/// Nginx routes to, for a keter taking over from an earlier one.
+pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
+    let Ok(dir) = fs::read_dir(&paths.apps) else {
+        return BTreeMap::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
+            let app = AppName::new(&name).ok()?;
+            let text = fs::read_to_string(e.path()).ok()?;
+            let sha = text
+                .lines()
+                .take(5)
+                .find_map(|l| l.strip_prefix("# sha256 "))?
+                .trim()
+                .to_string();
+            Some((app, sha))
+        })
+        .collect()
 }

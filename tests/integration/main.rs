@@ -13,3 +13,5 @@ mod stanzas;
 mod status;
 mod supervision;
 mod system_mode;
+mod takeover;
+mod traffic;

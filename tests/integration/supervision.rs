@@ -307,7 +307,7 @@ fn apps_run_as_the_setuid_user_and_cannot_write_keters_folders() {
 }
 
 #[test]
-fn a_killed_keter_comes_back_with_one_process_per_app() {
+fn a_killed_keter_without_records_stops_the_leftovers_and_deploys_again() {
     let mut k = Keter::start("keter-kill9");
     k.deploy_hello("a", "a1", "a.example.com", &["--spawn-child"]);
     k.deploy_hello("b", "b1", "b.example.com", &[]);
@@ -315,27 +315,32 @@ fn a_killed_keter_comes_back_with_one_process_per_app() {
     k.wait_for("b.example.com", "b1", WAIT);
     let old_a = k.pid_of("a.example.com");
     let old_b = k.pid_of("b.example.com");
-    let old_nginx = k.nginx_pid();
     let journal = fs::read_to_string(k.root.join("etc/processes")).unwrap();
     assert!(journal.contains(&format!("{old_a} ")), "{journal}");
     assert!(journal.contains(&format!("{old_b} ")), "{journal}");
 
     let _ = k.signal_and_wait(Signal::SIGKILL);
     // The apps and the managed Nginx outlive it.
+    let old_nginx = k.nginx_pid();
     assert!(alive(old_a) && alive(old_b) && alive(old_nginx));
+    // Without the apps' records (a keter of before records, or records that do not read), the
+    // journal of process groups still says what ran: it is stopped, not taken over.
+    fs::write(k.root.join("etc/state/a.json"), "not a record").unwrap();
+    fs::remove_file(k.root.join("etc/state/b.json")).unwrap();
     k.launch();
     k.wait_for("a.example.com", "a1", WAIT);
     k.wait_for("b.example.com", "b1", WAIT);
     k.wait_log("stopped 2 process groups left by an earlier run", WAIT);
-    for pid in [old_a, old_b, old_nginx] {
+    k.wait_log("a: its record cannot be read", WAIT);
+    for pid in [old_a, old_b] {
         assert!(wait_gone(pid, Duration::from_secs(5)), "pid {pid} survived");
     }
-    // Exactly one app process per app, and one Nginx master.
+    // Exactly one app process per app, and one Nginx master (the one left running, taken
+    // over).
     let ours: Vec<i32> = processes_under(&k.root, "hello");
     assert_eq!(ours.len(), 2, "{ours:?}");
     let masters = processes_under_cmdline("nginx: master process", &k.root.join("nginx"));
-    assert_eq!(masters.len(), 1, "{masters:?}");
-    // Ports were not leaked: both apps got ports again from the start of the range.
+    assert_eq!(masters, [old_nginx]);
     assert_eq!(k.temp_folders().len(), 2);
 }
 

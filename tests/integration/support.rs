@@ -140,6 +140,9 @@ pub struct Opts {
     pub status: StatusAt,
     /// Put the root on a tmpfs of this many MiB (disk-full tests; needs root).
     pub tmpfs_mib: Option<u64>,
+    /// The keter binary to start (a copy that a test replaces, say); `KETER_BIN` or the one
+    /// cargo built when `None`.
+    pub binary: Option<PathBuf>,
 }
 
 /// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
@@ -171,6 +174,7 @@ impl Default for Opts {
             root: None,
             status: StatusAt::Socket,
             tmpfs_mib: None,
+            binary: None,
         }
     }
 }
@@ -187,6 +191,8 @@ pub struct Keter {
     child: Option<Child>,
     /// The root is a tmpfs mounted by the harness.
     tmpfs: bool,
+    /// The binary `launch` starts.
+    pub bin: PathBuf,
 }
 
 /// A free loopback port (bind to 0, then release it).
@@ -265,7 +271,14 @@ impl Keter {
                 root.display()
             );
         }
+        // KETER_BIN runs another build (to compare two builds with the benchmarks).
+        let bin = opts.binary.unwrap_or_else(|| {
+            std::env::var_os("KETER_BIN")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_keter").into())
+                .into()
+        });
         let mut k = Keter {
+            bin,
             root,
             config_path,
             port,
@@ -288,10 +301,7 @@ impl Keter {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        // KETER_BIN runs another build (to compare two builds with the benchmarks).
-        let bin =
-            std::env::var_os("KETER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_keter").into());
-        let child = Command::new(bin)
+        let child = Command::new(&self.bin)
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
@@ -440,6 +450,40 @@ impl Keter {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// Sends `sig` to keter without waiting.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for keter to exit by itself.
+    pub fn wait_exited(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("keter is running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("keter did not exit:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `needle` appears in keter's log at least `n` times.
+    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.log_count(needle) < n {
+            assert!(
+                start.elapsed() < timeout,
+                "keter's log never said {needle:?} {n} times:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends `sig` to keter and waits for it to exit.

@@ -1,0 +1,87 @@
+//! The worker's part of an in-place upgrade (`src/handover.rs`): it comes to rest so that its
+//! record says everything a new keter needs. A switch in flight is waited for (Nginx's files
+//! must be what the record says); an unpack or a readiness check is dropped, its candidate
+//! stopped, and the deploy held to be started again (by this keter if the upgrade does not
+//! happen, by the new one from `incoming/` if it does). Commands that arrive meanwhile are
+//! held the same way; nothing new starts while frozen.
+
+use super::Command;
+use super::Effects;
+use super::machine::{End, Life, Machine, Stage};
+
+impl Machine {
+    /// Starts coming to rest for a handover.
+    pub fn freeze(&mut self, fx: &mut dyn Effects) {
+        self.frozen = true;
+        let held = match std::mem::replace(&mut self.life, Life::Ended) {
+            Life::Deploying {
+                serving,
+                mut deploy,
+            } => match deploy.stage {
+                Stage::Unpacking => {
+                    // Its result, when it comes, matches no deploy and is discarded.
+                    self.life = back_to(serving);
+                    Some(deploy.pending.take().unwrap_or(Command::Deploy {
+                        path: deploy.path,
+                        retry: true,
+                    }))
+                }
+                Stage::Readiness(_) => {
+                    let command = deploy.pending.take().unwrap_or(Command::Deploy {
+                        path: deploy.path.clone(),
+                        retry: true,
+                    });
+                    self.life = Life::Deploying { serving, deploy };
+                    self.fail_candidate(End::Superseded, fx);
+                    Some(command)
+                }
+                Stage::Switching(_) => {
+                    self.life = Life::Deploying { serving, deploy };
+                    None
+                }
+            },
+            Life::Stopping {
+                serving, deploy, ..
+            } if matches!(deploy.stage, Stage::Unpacking) => {
+                self.life = back_to(serving);
+                Some(Command::Stop)
+            }
+            other => {
+                self.life = other;
+                None
+            }
+        };
+        if held.is_some() {
+            self.held = held;
+        }
+    }
+
+    /// True once nothing is in flight that the record could not say (after [`freeze`], only
+    /// a switch can be).
+    ///
+    /// [`freeze`]: Machine::freeze
+    pub fn quiet(&self) -> bool {
+        !matches!(self.life, Life::Deploying { .. } | Life::Stopping { .. })
+    }
+
+    /// A command while frozen: the newest is held.
+    pub fn hold(&mut self, command: Command) {
+        self.commands += 1;
+        self.held = Some(command);
+    }
+
+    /// The upgrade did not happen: carries on, with the command held.
+    pub fn thaw(&mut self, fx: &mut dyn Effects) {
+        self.frozen = false;
+        if let Some(c) = self.held.take() {
+            self.command(c, fx);
+        }
+    }
+}
+
+fn back_to(serving: Option<super::version::Version>) -> Life {
+    match serving {
+        Some(v) => Life::Serving(v),
+        None => Life::Idle(super::machine::Why::New),
+    }
+}

@@ -1,0 +1,360 @@
+//! The in-place upgrade (README, "Upgrading keter in place"): on SIGUSR2 keter re-executes its
+//! binary, from the path it was started from (after a package upgrade `/proc/self/exe` names
+//! the deleted old file), in the same process, and the new image takes over every app without
+//! restarting one. The apps stay keter's children, their pipes and the managed Nginx master
+//! stay where they are, and the state is in the records (`src/app/record.rs`) plus a small
+//! handover file passed on as a memfd: the output pipes, each with the line it was reading.
+//!
+//! Before anything is stopped, the new binary is asked (`keter --check-handover ARGS`) whether
+//! it reads this configuration, this root and these formats; if it is missing, broken or says
+//! no, this keter logs why and carries on. If the new image fails after the exec, the state is
+//! still in the records: a keter started again (by systemd's `Restart=`, or by hand) takes the
+//! apps over from there, as after a crash.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::Inherited;
+use crate::childwatch::HeldPipe;
+use crate::config::{Config, NginxMode};
+
+/// The format of the handover file. A keter hands over only to a binary that reads it.
+pub const FORMAT: u32 = 1;
+/// The environment variable that names the handover file's descriptor in the new image.
+const FD_VAR: &str = "KETER_HANDOVER_FD";
+/// The hidden command that asks a binary whether it can take over.
+pub const CHECK: &str = "--check-handover";
+/// How long the new binary may take to answer [`CHECK`].
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an earlier image of this process handed over.
+#[derive(Default)]
+pub struct Takeover {
+    /// The apps' output pipes, by inode, with the unfinished line read from each.
+    pub pipes: Inherited,
+    /// When the upgrade began (the signal), in the earlier image.
+    pub since: Option<Instant>,
+    /// The version of keter that handed over.
+    pub from: String,
+}
+
+/// The handover file.
+#[derive(Serialize, Deserialize)]
+struct Handed {
+    format: u32,
+    from: String,
+    since: crate::app::Mono,
+    pipes: Vec<HandedPipe>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HandedPipe {
+    ino: u64,
+    fd: RawFd,
+    partial: Vec<u8>,
+}
+
+/// What [`CHECK`] prints: what the binary reads and where it would run.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub keter: String,
+    pub handover: u32,
+    pub records: u32,
+    pub root: PathBuf,
+    pub nginx_mode: String,
+}
+
+/// How keter was started: what an upgrade executes again.
+struct Invocation {
+    /// The program as it was started, made absolute, symlinks kept (a package upgrade or an
+    /// operator replaces the file at this path).
+    program: PathBuf,
+    arg0: OsString,
+    args: Vec<OsString>,
+}
+
+static INVOCATION: OnceLock<Invocation> = OnceLock::new();
+
+/// Remembers the command line; called first thing in `main`, before any `chdir`.
+pub fn remember_invocation() {
+    INVOCATION.get_or_init(|| {
+        let mut all = std::env::args_os();
+        let arg0 = all.next().unwrap_or_else(|| "keter".into());
+        Invocation {
+            program: program_path(&arg0),
+            arg0,
+            args: all.collect(),
+        }
+    });
+}
+
+/// The path of the program named by `arg0`: relative to the current folder when it has a
+/// slash, else found on `PATH`; the running executable when neither works.
+fn program_path(arg0: &OsStr) -> PathBuf {
+    let p = Path::new(arg0);
+    if arg0.as_bytes().contains(&b'/') {
+        let absolute = std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or(p.into());
+        return crate::fspath::normalize(&absolute);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(p);
+            if candidate.is_file() {
+                return if candidate.is_absolute() {
+                    candidate
+                } else {
+                    std::env::current_dir()
+                        .map(|d| d.join(&candidate))
+                        .unwrap_or(candidate)
+                };
+            }
+        }
+    }
+    std::fs::read_link("/proc/self/exe").unwrap_or(p.into())
+}
+
+/// The program an upgrade executes.
+pub fn program() -> PathBuf {
+    remember_invocation();
+    INVOCATION
+        .get()
+        .map(|i| i.program.clone())
+        .unwrap_or_default()
+}
+
+/// The answer to [`CHECK`] for `config`.
+pub fn answer(config: &Config) -> Answer {
+    Answer {
+        keter: env!("CARGO_PKG_VERSION").to_string(),
+        handover: FORMAT,
+        records: crate::app::RECORD_FORMAT,
+        root: config.root.clone(),
+        nginx_mode: mode_name(config.nginx.mode).to_string(),
+    }
+}
+
+fn mode_name(mode: NginxMode) -> &'static str {
+    match mode {
+        NginxMode::Managed => "managed",
+        NginxMode::System => "system",
+    }
+}
+
+/// Asks the binary at the start path whether it takes over from this keter running `config`:
+/// it must answer [`CHECK`] in time, read the same formats and, with the configuration as it
+/// is now on disk, keep the same root and Nginx mode. The reason when it does not.
+pub fn probe(config: &Config) -> Result<Answer, String> {
+    remember_invocation();
+    let inv = INVOCATION.get().ok_or("the command line is not known")?;
+    let mut child = Command::new(&inv.program)
+        .arg(CHECK)
+        .args(&inv.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", inv.program.display()))?;
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} {CHECK} did not answer within {CHECK_TIMEOUT:?}",
+                    inv.program.display()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {}: {e}", inv.program.display())),
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() {
+        let said = err.trim().lines().last().unwrap_or("").to_string();
+        return Err(format!(
+            "{} {CHECK} failed ({status}){}",
+            inv.program.display(),
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            }
+        ));
+    }
+    let answer: Answer = serde_json::from_str(out.trim()).map_err(|e| {
+        format!(
+            "{} does not answer {CHECK} as a keter that can take over does ({e})",
+            inv.program.display()
+        )
+    })?;
+    let ours = self::answer(config);
+    if answer.handover != ours.handover || answer.records != ours.records {
+        return Err(format!(
+            "keter {} reads handover format {} and records of format {}; this keter writes {} and {}",
+            answer.keter, answer.handover, answer.records, ours.handover, ours.records
+        ));
+    }
+    if answer.root != ours.root {
+        return Err(format!(
+            "the configuration now has the root {}, not {}; restart keter to move it",
+            answer.root.display(),
+            ours.root.display()
+        ));
+    }
+    if answer.nginx_mode != ours.nginx_mode {
+        return Err(format!(
+            "the configuration now has nginx.mode {}, not {}; restart keter to change it",
+            answer.nginx_mode, ours.nginx_mode
+        ));
+    }
+    Ok(answer)
+}
+
+/// Re-executes keter with the handover file; returns only if the exec failed (then this image
+/// carries on as it was). `pipes` are the output pipes the watch thread held.
+pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
+    let Some(inv) = INVOCATION.get() else {
+        return io::Error::other("the command line is not known");
+    };
+    let handed = Handed {
+        format: FORMAT,
+        from: env!("CARGO_PKG_VERSION").to_string(),
+        since: crate::app::Mono::of(since),
+        pipes: pipes
+            .iter()
+            .map(|p| HandedPipe {
+                ino: p.ino,
+                fd: p.fd,
+                partial: p.partial.clone(),
+            })
+            .collect(),
+    };
+    let file = match handover_file(&handed) {
+        Ok(f) => f,
+        Err(e) => return e,
+    };
+    for p in pipes {
+        set_cloexec(p.fd, false);
+    }
+    let mut cmd = Command::new(&inv.program);
+    cmd.arg0(&inv.arg0).args(&inv.args).env_clear();
+    for (k, v) in std::env::vars_os() {
+        // The descriptors systemd passed at the start are no longer there.
+        let stale = [FD_VAR, "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+        if !stale.iter().any(|s| k == *s) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env(FD_VAR, file.as_raw_fd().to_string());
+    // SAFETY: sigprocmask is async-signal-safe; the new image starts with no signal blocked.
+    unsafe {
+        cmd.pre_exec(|| {
+            let empty = nix::sys::signal::SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+    }
+    let e = cmd.exec();
+    for p in pipes {
+        set_cloexec(p.fd, true);
+    }
+    drop(file);
+    e
+}
+
+/// The handover file: a memfd (no file on disk to leave behind), inherited by the new image.
+fn handover_file(handed: &Handed) -> io::Result<File> {
+    let name = c"keter-handover";
+    // SAFETY: a plain system call with a valid name; returns a new descriptor we own.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(&serde_json::to_vec(handed).map_err(io::Error::other)?)?;
+    file.rewind()?;
+    Ok(file)
+}
+
+fn set_cloexec(fd: RawFd, on: bool) {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+}
+
+/// In the new image: reads what the earlier one handed over, if this image was started by an
+/// upgrade. Must run before other threads start (it removes a variable from the environment).
+pub fn take() -> Option<Result<Takeover, String>> {
+    let fd: RawFd = std::env::var(FD_VAR).ok()?.parse().ok()?;
+    // SAFETY: called at the start of `main`, before any other thread exists.
+    unsafe { std::env::remove_var(FD_VAR) };
+    // SAFETY: the earlier image passed this descriptor for us alone; nothing else owns it.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut bytes = Vec::new();
+    if let Err(e) = file.read_to_end(&mut bytes) {
+        return Some(Err(format!("cannot read the handover file: {e}")));
+    }
+    drop(file);
+    let handed: Handed = match serde_json::from_slice(&bytes) {
+        Ok(h) => h,
+        Err(e) => return Some(Err(format!("the handover file does not read: {e}"))),
+    };
+    if handed.format != FORMAT {
+        return Some(Err(format!(
+            "the handover file has format {}, not {FORMAT}",
+            handed.format
+        )));
+    }
+    let mut pipes = HashMap::new();
+    for p in handed.pipes {
+        // Only a descriptor that is the pipe named is taken: a number alone proves nothing.
+        // SAFETY: fstat on a descriptor number, which fails harmlessly if it is not open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(p.fd, &mut st) } != 0 {
+            continue;
+        }
+        // SAFETY: the descriptor is open and was handed over for us alone.
+        let file = unsafe { File::from_raw_fd(p.fd) };
+        let ok = file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_fifo() && m.ino() == p.ino);
+        if ok {
+            set_cloexec(p.fd, true);
+            pipes.insert(p.ino, (file, p.partial));
+        } else {
+            std::mem::forget(file);
+        }
+    }
+    Some(Ok(Takeover {
+        pipes,
+        since: Some(handed.since.instant()),
+        from: handed.from,
+    }))
+}
