@@ -269,24 +269,64 @@ pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
         }
     }
     cmd.env(FD_VAR, file.as_raw_fd().to_string());
-    // SAFETY: sigprocmask is async-signal-safe; the new image starts with no signal blocked.
+    // The signals keter handles stay blocked across the exec, so that one sent meanwhile
+    // waits for the new image's handlers instead of ending it ([`unblock_signals`]); every
+    // other signal is unblocked. (`exec` runs this in this process: on failure the mask is
+    // put back.)
+    let mut before = nix::sys::signal::SigSet::empty();
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        None,
+        Some(&mut before),
+    );
+    let held = held_signals();
+    // SAFETY: sigprocmask is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            let empty = nix::sys::signal::SigSet::empty();
+        cmd.pre_exec(move || {
             nix::sys::signal::sigprocmask(
                 nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&empty),
+                Some(&held),
                 None,
             )
             .map_err(io::Error::from)
         });
     }
     let e = cmd.exec();
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&before),
+        None,
+    );
     for p in pipes {
         set_cloexec(p.fd, true);
     }
     drop(file);
     e
+}
+
+/// The signals keter handles (SIGTERM, SIGINT, SIGHUP, SIGUSR2).
+fn held_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Unblocks the signals an upgrade kept blocked across the exec, once their handlers are in
+/// place: one that came meanwhile is delivered now.
+pub fn unblock_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&held_signals()),
+        None,
+    );
 }
 
 /// The handover file: a memfd (no file on disk to leave behind), inherited by the new image.

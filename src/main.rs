@@ -82,6 +82,7 @@ fn run_daemon(path: &Path, takeover: Option<Result<Takeover, String>>) -> ExitCo
         log::error!("cannot install signal handlers: {e}");
         return ExitCode::from(1);
     }
+    handover::unblock_signals();
     let takeover = match takeover {
         Some(Ok(t)) => {
             log::info!(

@@ -478,3 +478,89 @@ fn a_process_whose_pid_was_reused_is_never_signalled() {
     assert!(alive(ticker), "keter signalled a process it does not own");
     kill(Pid::from_raw(-ticker), Signal::SIGKILL).unwrap();
 }
+
+/// Waits until the status interface says `app`'s deploy is at `stage`.
+fn wait_stage(k: &Keter, app: &str, stage: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = status_json(k);
+        let a = s["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == app);
+        if a.is_some_and(|a| a["deploy_stage"] == stage) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app} never got to {stage}:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_deploy_under_way_during_an_upgrade_is_done_again_by_the_new_keter() {
+    let k = Keter::start("takeover-upgrade-deploying");
+    k.deploy_hello("a", "a1", "a.example.com", &[]);
+    k.wait_for("a.example.com", "a1", WAIT);
+    let serving = k.pid_of("a.example.com");
+    let traffic = Traffic::start(k.addr(), &["a.example.com"], 1, 1, PAUSE);
+    // A version that takes a while to answer: the upgrade comes during its readiness.
+    k.deploy_hello("a", "a2", "a.example.com", &["--delay-ms", "1500"]);
+    wait_stage(&k, "a", "readiness");
+    let candidate = started_pids(&k)[1];
+    k.signal(Signal::SIGUSR2);
+    k.wait_log("keter: upgraded in place", WAIT);
+    k.wait_for("a.example.com", "a2", WAIT);
+    let tally = traffic.stop();
+    assert!(
+        tally.failures.is_empty(),
+        "{:?}\n{}",
+        tally.failures,
+        k.log()
+    );
+    // The candidate of before the upgrade was stopped, the new keter's own serves, and the
+    // version of before it is stopped once drained.
+    let started = started_pids(&k);
+    assert_eq!(started.len(), 3, "{}", k.log());
+    assert!(!alive(candidate));
+    assert_eq!(k.pid_of("a.example.com"), started[2]);
+    assert!(wait_gone(serving, WAIT));
+    assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+}
+
+/// The pids of the processes keter's log says it started, in order.
+fn started_pids(k: &Keter) -> Vec<i32> {
+    k.log()
+        .lines()
+        .filter(|l| l.contains(": started /"))
+        .filter_map(|l| l.split("as pid ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_deploy_under_way_when_keter_is_killed_is_done_again_by_the_next_keter() {
+    let mut k = Keter::start("takeover-kill-deploying");
+    k.deploy_hello("a", "a1", "a.example.com", &[]);
+    k.wait_for("a.example.com", "a1", WAIT);
+    let traffic = Traffic::start(k.addr(), &["a.example.com"], 1, 1, PAUSE);
+    k.deploy_hello("a", "a2", "a.example.com", &["--delay-ms", "1500"]);
+    wait_stage(&k, "a", "readiness");
+    let candidate = started_pids(&k)[1];
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    k.launch();
+    // The candidate that was waiting for readiness is stopped; the deploy starts again.
+    assert!(wait_gone(candidate, WAIT), "{}", k.log());
+    k.wait_for("a.example.com", "a2", WAIT);
+    let tally = traffic.stop();
+    assert!(
+        tally.failures.is_empty(),
+        "{:?}\n{}",
+        tally.failures,
+        k.log()
+    );
+    assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+}
