@@ -651,3 +651,5 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     assert_eq!(m.report(0).deploy, Some(3));
     let _ = v3;
 }
+
+mod takeover;
