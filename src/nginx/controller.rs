@@ -290,8 +290,7 @@ impl Controller {
         }
         let adopted = if self.nginx.mode == NginxMode::Managed {
             let adopted = self.adopt_master();
-            let main = self.renderer.main_conf()?;
-            changed |= write_if_changed(&p.main_conf, &main).map_err(|e| e.to_string())?;
+            changed |= self.write_main(&self.live.clone())?;
             adopted
         } else {
             // Fail before writing anything that the host's Nginx would load.
@@ -569,7 +568,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Writes the generation file and every app file that differs between `from` and `to`.
+    /// Writes the generation file, the main configuration if the apps' bounds changed it,
+    /// and every app file that differs between `from` and `to`.
     fn write_files(
         &self,
         from: &BTreeMap<AppName, String>,
@@ -579,6 +579,9 @@ impl Controller {
             &self.paths.generation_conf,
             &Renderer::generation_conf(self.generation),
         )?;
+        if self.nginx.mode == NginxMode::Managed {
+            self.write_main(to).map_err(io::Error::other)?;
+        }
         for (app, text) in to {
             if from.get(app) != Some(text) {
                 write_atomic(&self.paths.app_conf(app), text)?;
@@ -600,6 +603,15 @@ impl Controller {
         if let Err(e) = self.write_files(wanted, before) {
             log::error!("nginx: cannot restore the previous files: {e}");
         }
+    }
+
+    /// Writes the managed main configuration for the apps' files `apps` (their bounds set how
+    /// long a retired worker serves on); true when it changed.
+    fn write_main(&self, apps: &BTreeMap<AppName, String>) -> Result<bool, String> {
+        let longest = longest_bound(apps.values(), self.renderer.default_bound());
+        let main = self.renderer.main_conf(longest)?;
+        write_if_changed(&self.paths.main_conf, &main)
+            .map_err(|e| format!("{}: {e}", self.paths.main_conf.display()))
     }
 
     /// `nginx -t` against the real main configuration.
@@ -918,6 +930,32 @@ fn write_if_changed(path: &Path, text: &str) -> io::Result<bool> {
     write_atomic(path, text).map(|()| true)
 }
 
+/// The longest `proxy_read_timeout` in the apps' files (the `connection-time-bound` each
+/// stanza got), and `default` when no file has one; `None` when one has none (`365d`).
+fn longest_bound<'a>(
+    apps: impl Iterator<Item = &'a String>,
+    default: Option<Duration>,
+) -> Option<Duration> {
+    let mut longest = default;
+    for text in apps {
+        for value in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
+        {
+            let bound = value
+                .trim_end_matches(';')
+                .strip_suffix("ms")
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis);
+            longest = match (longest, bound) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+    }
+    longest
+}
+
 /// The generation in `generation.conf` as [`Renderer::generation_conf`] writes it.
 fn written_generation(text: &str) -> Option<u64> {
     text.split('"')
@@ -948,4 +986,29 @@ pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
             Some((app, sha))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_bound_of_the_apps_files_and_none_when_one_has_none() {
+        let bounded = |ms: u64| {
+            format!(
+                "server {{\n    location / {{\n        proxy_read_timeout {ms}ms;\n    }}\n}}\n"
+            )
+        };
+        let (short, long) = (bounded(5000), bounded(60000));
+        let default = Some(Duration::from_secs(300));
+        assert_eq!(longest_bound([&short].into_iter(), default), default);
+        assert_eq!(
+            longest_bound([&short, &long].into_iter(), Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(60))
+        );
+        let none = "        proxy_read_timeout 365d;\n".to_string();
+        assert_eq!(longest_bound([&long, &none].into_iter(), default), None);
+        assert_eq!(longest_bound([].into_iter(), None), None);
+        assert_eq!(written_generation(&Renderer::generation_conf(42)), Some(42));
+    }
 }

@@ -70,7 +70,9 @@ pub struct Renderer {
     ip_from_header: bool,
     default_timeout: Option<Duration>,
     external_https_port: u16,
-    worker_shutdown_timeout: Duration,
+    /// The shortest `worker_shutdown_timeout`: drain-time + 10 s, as before a bound was taken
+    /// from the apps.
+    shortest_shutdown: Duration,
     acme_root: PathBuf,
     paths: Paths,
 }
@@ -133,10 +135,15 @@ impl Renderer {
             ip_from_header: config.ip_from_header,
             default_timeout: config.connection_time_bound,
             external_https_port: config.external_https_port,
-            worker_shutdown_timeout: config.drain_time + Duration::from_secs(10),
+            shortest_shutdown: config.drain_time + Duration::from_secs(10),
             acme_root: config.acme_webroot.clone(),
             paths,
         })
+    }
+
+    /// The global `connection-time-bound`, which a stanza without its own gets.
+    pub fn default_bound(&self) -> Option<Duration> {
+        self.default_timeout
     }
 
     /// Certificate files keter must write before Nginx reads its configuration: a TLS
@@ -168,7 +175,6 @@ impl Renderer {
             listeners: &self.listeners,
             listener_certs: &self.listener_certs,
             external_https_port: self.external_https_port,
-            default_timeout: self.default_timeout,
         };
         let webapps = site
             .blocks
@@ -215,8 +221,12 @@ impl Renderer {
         self.render("http.conf", &ctx)
     }
 
-    /// `ROOT/nginx/nginx.conf` of a managed Nginx.
-    pub fn main_conf(&self) -> Result<String, String> {
+    /// `ROOT/nginx/nginx.conf` of a managed Nginx. `longest` is the longest
+    /// `connection-time-bound` of the apps Nginx serves (`None`: one has none): a worker that
+    /// a reload retires keeps serving its open connections (websockets, server-sent events,
+    /// long downloads, of every app) that long, so that one app's deploy never cuts another
+    /// app's connection before its own bound (README, "Neighbours and Nginx reloads").
+    pub fn main_conf(&self, longest: Option<Duration>) -> Result<String, String> {
         let listens: Vec<ListenView> = self
             .listeners
             .iter()
@@ -235,7 +245,7 @@ impl Renderer {
         ctx.insert("acme_root", &self.acme_root);
         ctx.insert(
             "worker_shutdown_timeout",
-            &site::nginx_time(Some(self.worker_shutdown_timeout)),
+            &site::nginx_time(longest.map(|b| b.max(self.shortest_shutdown))),
         );
         self.render("nginx.conf", &ctx)
     }
@@ -399,7 +409,10 @@ mod golden {
             &tls,
             site(vec![secure, own]),
         );
-        out.push(("main-managed-tls", tls.main_conf().unwrap()));
+        out.push((
+            "main-managed-tls",
+            tls.main_conf(Some(Duration::from_secs(300))).unwrap(),
+        ));
         out
     }
 

@@ -146,7 +146,6 @@ pub(super) struct Front<'a> {
     /// Certificate files of each TLS listener (chain already appended where needed), by index.
     pub listener_certs: &'a [Option<CertFiles>],
     pub external_https_port: u16,
-    pub default_timeout: Option<Duration>,
 }
 
 /// An Nginx time value in milliseconds; no bound is rendered as a year.
@@ -170,7 +169,7 @@ pub(super) fn upstream_name(app: &AppName, index: usize, webapps: usize) -> Stri
 pub(super) fn servers(block: &Block, upstream: Option<&str>, front: &Front) -> Vec<ServerView> {
     let names: Vec<String> = block.hosts.iter().map(Hostname::server_name).collect();
     let server_names = names.join(" ");
-    let content = || content_view(&block.content, upstream, front);
+    let content = || content_view(&block.content, upstream);
     let mut out = Vec::new();
     let plain: Vec<String> = front
         .listeners
@@ -227,11 +226,12 @@ pub(super) fn servers(block: &Block, upstream: Option<&str>, front: &Front) -> V
     out
 }
 
-fn content_view(content: &Content, upstream: Option<&str>, front: &Front) -> ContentView {
+fn content_view(content: &Content, upstream: Option<&str>) -> ContentView {
     match content {
         Content::App { timeout, .. } => ContentView::App {
             upstream: upstream.unwrap_or_default().to_string(),
-            timeout: nginx_time(timeout.or(front.default_timeout)),
+            // Resolved already (`src/app/site.rs`): `None` is a stanza's `0`, no bound.
+            timeout: nginx_time(*timeout),
         },
         Content::Static { root, listing } => ContentView::Static {
             root: root.display().to_string(),
@@ -293,7 +293,7 @@ fn content_view(content: &Content, upstream: Option<&str>, front: &Front) -> Con
                 } else {
                     literal
                 },
-                timeout: nginx_time(timeout.or(front.default_timeout)),
+                timeout: nginx_time(*timeout),
             }
         }
     }

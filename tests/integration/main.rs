@@ -8,6 +8,7 @@ mod commands;
 mod craft;
 mod deploy_loop;
 mod hostile;
+mod neighbours;
 mod postgres;
 mod stanzas;
 mod status;

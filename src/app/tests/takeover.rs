@@ -26,7 +26,10 @@ fn the_record_says_what_serves_and_what_retires_and_reads_back() {
     let record = m.to_record();
     let standing: Vec<(u64, Standing)> =
         record.versions.iter().map(|v| (v.id, v.standing)).collect();
-    assert_eq!(standing, [(v2, Standing::Serving), (v1, Standing::Retiring)]);
+    assert_eq!(
+        standing,
+        [(v2, Standing::Serving), (v1, Standing::Retiring)]
+    );
     let web = &record.versions[0].procs[0];
     assert_eq!(
         web.state,
