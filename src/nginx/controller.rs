@@ -306,13 +306,18 @@ impl Controller {
             &Renderer::generation_conf(self.generation),
         )
         .map_err(|e| e.to_string())?;
-        self.test().map_err(|e| e.to_string())?;
+        // A master that runs on with the files it has loaded needs no test: nothing changed.
+        let unchanged = adopted && !changed && self.answers().is_ok();
+        if !unchanged {
+            self.test().map_err(|e| e.to_string())?;
+        }
         if !adopted {
             self.start_master().map_err(|e| e.to_string())?;
             self.confirm().map_err(|e| e.to_string())?;
-        } else if changed || self.confirm().is_err() {
+        } else if !unchanged {
             // A master that runs on (taken over, or the host's) loads what changed, or what an
-            // earlier keter wrote and was killed before it reloaded.
+            // earlier keter wrote and was killed before it reloaded. (A worker retired by this
+            // reload closes its idle keep-alive connections, as at every reload.)
             self.generation += 1;
             write_atomic(
                 &p.generation_conf,
@@ -685,31 +690,9 @@ impl Controller {
                 self.master = None;
                 self.start_master()?;
             }
-            let last = match probe::get_unix(
-                &self.paths.control_socket,
-                "/keter-generation",
-                Duration::from_secs(1),
-            ) {
-                Ok(r) if r.status == 200 => {
-                    let mut words = r.body.split_whitespace();
-                    let generation = words.next().and_then(|g| g.parse::<u64>().ok());
-                    let worker = words.next().and_then(|p| p.parse::<i32>().ok());
-                    let master = self.current_master();
-                    match (generation, worker) {
-                        // Workers of a master that died keep answering until stopped: only
-                        // the current master's workers count.
-                        (Some(_), Some(w))
-                            if master.is_some() && procfs::parent_of(w) != master =>
-                        {
-                            format!("answered by worker {w}, which is not the current master's")
-                        }
-                        (Some(g), Some(_)) if g >= self.generation => return Ok(()),
-                        (Some(g), Some(_)) => format!("still generation {g}"),
-                        _ => format!("unexpected answer {:?}", r.body),
-                    }
-                }
-                Ok(r) => format!("status {}", r.status),
-                Err(e) => e.to_string(),
+            let last = match self.answers() {
+                Ok(()) => return Ok(()),
+                Err(last) => last,
             };
             if Instant::now() >= deadline {
                 let hint = if self.nginx.mode == NginxMode::System
@@ -728,6 +711,34 @@ impl Controller {
                 )));
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Asks the control socket once whether the current master runs the current generation
+    /// (or a later one); what it answered otherwise.
+    fn answers(&self) -> Result<(), String> {
+        let r = probe::get_unix(
+            &self.paths.control_socket,
+            "/keter-generation",
+            Duration::from_secs(1),
+        )
+        .map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!("status {}", r.status));
+        }
+        let mut words = r.body.split_whitespace();
+        let generation = words.next().and_then(|g| g.parse::<u64>().ok());
+        let worker = words.next().and_then(|p| p.parse::<i32>().ok());
+        let master = self.current_master();
+        match (generation, worker) {
+            // Workers of a master that died keep answering until stopped: only the current
+            // master's workers count.
+            (Some(_), Some(w)) if master.is_some() && procfs::parent_of(w) != master => Err(
+                format!("answered by worker {w}, which is not the current master's"),
+            ),
+            (Some(g), Some(_)) if g >= self.generation => Ok(()),
+            (Some(g), Some(_)) => Err(format!("still generation {g}")),
+            _ => Err(format!("unexpected answer {:?}", r.body)),
         }
     }
 

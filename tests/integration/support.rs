@@ -296,24 +296,7 @@ impl Keter {
     /// its Nginx answers.
     pub fn launch(&mut self) {
         let started_before = self.log_count("keter: watching");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .arg(&self.config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("KETER_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("KETER_TEST_SECRET", "inherited-by-keter")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.launch_no_wait();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.log_count("keter: watching") > started_before
@@ -332,6 +315,40 @@ impl Keter {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts the binary (again) on the same root.
+    pub fn launch_no_wait(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("KETER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("KETER_TEST_SECRET", "inherited-by-keter")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// True (and forgotten) once the keter started last has exited.
+    pub fn exited(&mut self) -> bool {
+        let gone = self
+            .child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().unwrap().is_some());
+        if gone {
+            self.child = None;
+        }
+        gone
     }
 
     pub fn pid(&self) -> i32 {
@@ -554,6 +571,9 @@ pub struct KeepAliveClient {
     pub resent_after_idle_close: u32,
     /// Responses read on a reused connection.
     pub reused: u32,
+    /// Resend a request the server closed the idle connection under (true, as browsers and
+    /// curl do); false counts it as failed, as `wrk` does.
+    pub resend: bool,
 }
 
 impl KeepAliveClient {
@@ -563,6 +583,7 @@ impl KeepAliveClient {
             conn: None,
             resent_after_idle_close: 0,
             reused: 0,
+            resend: true,
         }
     }
 
@@ -577,7 +598,7 @@ impl KeepAliveClient {
             }
             Err((e, got_bytes)) => {
                 self.conn = None;
-                if reusing && !got_bytes {
+                if reusing && !got_bytes && self.resend {
                     self.resent_after_idle_close += 1;
                     self.try_get(host, path).map(|(r, _)| r).map_err(|(e, _)| e)
                 } else {

@@ -178,9 +178,22 @@ fn a_killed_keter_is_started_again_and_takes_every_app_over() {
         let down = std::time::Instant::now() + Duration::from_millis(10);
         std::thread::sleep(Duration::from_millis(200));
         // No keter runs from `down` to here.
-        gaps.push((down, std::time::Instant::now()));
+        let up = std::time::Instant::now();
+        gaps.push((down, up));
         k.launch();
         k.wait_log_count("keter: took over 3 apps and 4 processes", i, WAIT);
+        // What the apps printed meanwhile reaches their logs before the next kill (which
+        // would otherwise catch it in flight, read and not yet written).
+        for (app, host) in APPS {
+            let ids = traffic.answered_between(host, down, up);
+            let missing = missing_log_lines(&k.root, app, &ids, WAIT);
+            assert!(
+                missing.is_empty(),
+                "{app}: {} of the {} lines printed while keter was down are not in its log",
+                missing.len(),
+                ids.len()
+            );
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     let tally = traffic.stop();

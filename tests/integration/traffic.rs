@@ -27,6 +27,8 @@ pub struct Tally {
     pub answered: BTreeMap<String, Vec<(String, Instant)>>,
     /// Requests a kept-alive client resent after the server closed the idle connection.
     pub resent: u32,
+    /// Failures of the clients that do not resend.
+    pub blunt_failures: Vec<String>,
 }
 
 impl Tally {
@@ -37,6 +39,7 @@ impl Tally {
             self.answered.entry(h).or_default().extend(ids);
         }
         self.resent += other.resent;
+        self.blunt_failures.extend(other.blunt_failures);
     }
 
     pub fn failed(&self) -> usize {
@@ -55,10 +58,14 @@ impl Tally {
     }
 }
 
+/// Answered requests as they come: host, id, when.
+type Answered = Arc<std::sync::Mutex<Vec<(String, String, Instant)>>>;
+
 /// Clients running until [`Traffic::stop`].
 pub struct Traffic {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Tally>>,
+    answered: Answered,
 }
 
 impl Traffic {
@@ -71,19 +78,53 @@ impl Traffic {
         kept: usize,
         pause: Duration,
     ) -> Traffic {
+        Traffic::with_clients(addr, hosts, fresh, kept, 0, pause)
+    }
+
+    /// [`Traffic::start`] with also `blunt` kept-alive clients per host that do not resend a
+    /// request the server closed the idle connection under (as `wrk` does not): their
+    /// failures are in [`Tally::blunt_failures`], not in `failures`.
+    pub fn with_clients(
+        addr: SocketAddr,
+        hosts: &[&str],
+        fresh: usize,
+        kept: usize,
+        blunt: usize,
+        pause: Duration,
+    ) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
+        let answered: Answered = Default::default();
         let mut threads = Vec::new();
         for host in hosts {
-            for c in 0..fresh + kept {
-                let (stop, host) = (stop.clone(), host.to_string());
-                let keep_alive = c >= fresh;
-                let name = format!("{}{c}", if keep_alive { "k" } else { "f" });
+            for c in 0..fresh + kept + blunt {
+                let (stop, host, seen) = (stop.clone(), host.to_string(), answered.clone());
+                let kind = if c < fresh {
+                    Kind::Fresh
+                } else if c < fresh + kept {
+                    Kind::Kept
+                } else {
+                    Kind::Blunt
+                };
+                let name = format!("{}{c}", kind.letter());
                 threads.push(std::thread::spawn(move || {
-                    client(addr, &host, &name, keep_alive, pause, &stop)
+                    client(addr, &host, &name, kind, pause, &stop, &seen)
                 }));
             }
         }
-        Traffic { stop, threads }
+        Traffic {
+            stop,
+            threads,
+            answered,
+        }
+    }
+
+    /// The ids answered on `host` so far between `from` and `to`.
+    pub fn answered_between(&self, host: &str, from: Instant, to: Instant) -> Vec<String> {
+        let seen = self.answered.lock().unwrap();
+        seen.iter()
+            .filter(|(h, _, at)| h == host && from <= *at && *at <= to)
+            .map(|(_, id, _)| id.clone())
+            .collect()
     }
 
     pub fn stop(self) -> Tally {
@@ -96,16 +137,36 @@ impl Traffic {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fresh,
+    Kept,
+    Blunt,
+}
+
+impl Kind {
+    fn letter(self) -> char {
+        match self {
+            Kind::Fresh => 'f',
+            Kind::Kept => 'k',
+            Kind::Blunt => 'b',
+        }
+    }
+}
+
 fn client(
     addr: SocketAddr,
     host: &str,
     name: &str,
-    keep_alive: bool,
+    kind: Kind,
     pause: Duration,
     stop: &AtomicBool,
+    seen: &Answered,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut kept = KeepAliveClient::new(addr);
+    kept.resend = kind != Kind::Blunt;
+    let keep_alive = kind != Kind::Fresh;
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
@@ -119,15 +180,23 @@ fn client(
         match answer {
             Ok(r) if r.status == 200 => {
                 tally.ok += 1;
+                let at = Instant::now();
+                seen.lock()
+                    .unwrap()
+                    .push((host.to_string(), id.clone(), at));
                 tally
                     .answered
                     .entry(host.to_string())
                     .or_default()
                     .push((id, Instant::now()));
             }
+            Ok(r) if kind == Kind::Blunt => tally
+                .blunt_failures
+                .push(format!("{host} {id}: status {}", r.status)),
             Ok(r) => tally
                 .failures
                 .push(format!("{host} {id}: status {} {:?}", r.status, r.body)),
+            Err(e) if kind == Kind::Blunt => tally.blunt_failures.push(format!("{host} {id}: {e}")),
             Err(e) => tally.failures.push(format!("{host} {id}: {e}")),
         }
         std::thread::sleep(pause);
