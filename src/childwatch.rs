@@ -44,6 +44,8 @@ enum Watched {
         log: AppLog,
         /// The start of a line whose newline has not arrived yet.
         partial: Vec<u8>,
+        /// The pipe's inode, its name in systemd's store.
+        ino: u64,
     },
     Exit {
         pidfd: OwnedFd,
@@ -80,7 +82,17 @@ pub fn output(pipe: File, log: AppLog) -> io::Result<()> {
 pub fn output_continued(pipe: File, log: AppLog, partial: Vec<u8>) -> io::Result<()> {
     set_nonblocking(&pipe)?;
     let fd = pipe.as_raw_fd();
-    watch()?.add(fd, Watched::Output { pipe, log, partial })
+    let ino = pipe.metadata()?.ino();
+    crate::systemd::keep_pipe(ino, pipe.as_fd());
+    watch()?.add(
+        fd,
+        Watched::Output {
+            pipe,
+            log,
+            partial,
+            ino,
+        },
+    )
 }
 
 /// Learns of the exit of process `pid`, known by `pidfd`, and then calls `on_exit`. A child of
@@ -137,8 +149,10 @@ impl Paused {
             .lock()
             .values()
             .filter_map(|w| match w {
-                Watched::Output { pipe, partial, .. } => Some(HeldPipe {
-                    ino: pipe.metadata().ok()?.ino(),
+                Watched::Output {
+                    pipe, partial, ino, ..
+                } => Some(HeldPipe {
+                    ino: *ino,
                     fd: pipe.as_raw_fd(),
                     partial: partial.clone(),
                 }),
@@ -273,12 +287,15 @@ impl Watch {
         }
         let mut entries = self.lock();
         match entries.get_mut(&token) {
-            Some(Watched::Output { pipe, log, partial }) => {
+            Some(Watched::Output {
+                pipe, log, partial, ..
+            }) => {
                 if read_lines(pipe, log, partial, buf) {
                     return;
                 }
-                if let Some(Watched::Output { pipe, .. }) = entries.remove(&token) {
+                if let Some(Watched::Output { pipe, ino, .. }) = entries.remove(&token) {
                     let _ = self.epoll.delete(pipe.as_fd());
+                    crate::systemd::forget_pipe(ino);
                 }
             }
             Some(Watched::Exit { .. }) => {

@@ -76,6 +76,7 @@ pub fn run(
     tx: Sender<Input>,
     rx: Receiver<Input>,
     takeover: Option<crate::handover::Takeover>,
+    stored: std::collections::HashMap<u64, std::fs::File>,
 ) -> Result<(), Fatal> {
     crate::memory::limit_arenas();
     let started = std::time::Instant::now();
@@ -93,7 +94,15 @@ pub fn run(
     let upgrade = takeover.is_some();
     let since = takeover.as_ref().and_then(|t| t.since);
     let mut inherited = takeover.map(|t| t.pipes).unwrap_or_default();
+    // The pipes systemd kept, where the earlier image of this process did not pass them on.
+    for (ino, pipe) in stored {
+        inherited.entry(ino).or_insert((pipe, Vec::new()));
+    }
     let recovery = crate::app::recover(&journal, &live, &mut inherited);
+    // Pipes that no process taken over holds are of no use any more.
+    for ino in inherited.keys() {
+        crate::systemd::forget_pipe(*ino);
+    }
     drop(inherited);
     // Every other group an earlier keter ran is stopped: it holds ports and would answer for
     // apps about to be deployed again.

@@ -1,5 +1,6 @@
 //! The `keter` command: parses the command line and calls into the library.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -13,12 +14,13 @@ fn main() -> ExitCode {
     // earlier image of this process handed over (`src/handover.rs`).
     handover::remember_invocation();
     let takeover = handover::take();
+    let stored = keter::systemd::stored_pipes();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(handover::CHECK) {
         return check_handover(&args[1..]);
     }
     match cli::parse(&args) {
-        Ok(Command::Run(path)) => run_daemon(&path, takeover),
+        Ok(Command::Run(path)) => run_daemon(&path, takeover, stored),
         Ok(command) => cli::run(command),
         Err(usage) => {
             eprintln!("keter: {}\n\n{}", usage.message, usage.help);
@@ -73,8 +75,21 @@ fn check_handover(args: &[String]) -> ExitCode {
     }
 }
 
-fn run_daemon(path: &Path, takeover: Option<Result<Takeover, String>>) -> ExitCode {
+fn run_daemon(
+    path: &Path,
+    takeover: Option<Result<Takeover, String>>,
+    stored: HashMap<u64, std::fs::File>,
+) -> ExitCode {
     init_logging();
+    // A panic on any thread ends keter at once: without the thread (an app's worker, say) the
+    // rest would go on half-working. Started again (by systemd's Restart=), keter takes every
+    // app over from its records, so a panic costs no request and restarts no app.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        log::error!("keter: {info}; stopping at once, a keter started again takes the apps over");
+        std::process::abort();
+    }));
     // The handlers first: a signal that came before them would end keter (after an upgrade,
     // the new image has the default dispositions until here).
     let (tx, rx) = daemon::channel();
@@ -104,7 +119,7 @@ fn run_daemon(path: &Path, takeover: Option<Result<Takeover, String>>) -> ExitCo
             return ExitCode::from(1);
         }
     };
-    match daemon::run(config, tx, rx, takeover) {
+    match daemon::run(config, tx, rx, takeover, stored) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("keter cannot run: {e}");

@@ -50,6 +50,9 @@ pub struct Adopted {
     pub name: AppName,
     pub(super) machine: Machine,
     pub(super) watches: Vec<Watch>,
+    /// Pipes of processes that ended while no keter ran, kept by systemd: what is left in
+    /// them goes to the app's log.
+    pub(super) drains: Vec<Pipe>,
 }
 
 /// Everything taken over from the records.
@@ -150,11 +153,12 @@ fn adopt_app(
         }
     }
     let mut watches = Vec::new();
+    let mut drains = Vec::new();
     let mut replace = false;
     let serving = serving.and_then(|v| {
         let routed = live == Some(&v.sha256);
         let folder = v.dir.is_dir();
-        let version = version(name, v, true, inherited, &mut watches, now)?;
+        let version = version(name, v, true, inherited, &mut watches, &mut drains, now)?;
         if !routed || !folder {
             log::warn!(
                 "{name}: the serving version {}; it keeps serving until a fresh deploy of its bundle has switched",
@@ -170,7 +174,7 @@ fn adopt_app(
     });
     let retiring: Vec<Retiring> = retiring
         .into_iter()
-        .filter_map(|v| version(name, v, false, inherited, &mut watches, now))
+        .filter_map(|v| version(name, v, false, inherited, &mut watches, &mut drains, now))
         .map(|version| Retiring {
             version,
             since: now,
@@ -209,6 +213,7 @@ fn adopt_app(
         name: name.clone(),
         machine,
         watches,
+        drains,
     }
 }
 
@@ -221,6 +226,7 @@ fn version(
     supervised: bool,
     inherited: &mut Inherited,
     watches: &mut Vec<Watch>,
+    drains: &mut Vec<Pipe>,
     now: Instant,
 ) -> Option<Version> {
     let config = match parse_config(name, &v.config) {
@@ -262,14 +268,22 @@ fn version(
                             output,
                         })
                     }
-                    None if supervised => {
-                        log::warn!(
-                            "{name}: pid {pid} ({}) ended while no keter watched it; starting it again",
-                            proc.label()
-                        );
-                        ProcState::Backoff { until: now }
+                    None => {
+                        // What it printed before it ended is still in its pipe if systemd
+                        // kept the pipe.
+                        if let Some(pipe) = inherited.remove(&output).filter(|_| output != 0) {
+                            drains.push(pipe);
+                        }
+                        if supervised {
+                            log::warn!(
+                                "{name}: pid {pid} ({}) ended while no keter watched it; starting it again",
+                                proc.label()
+                            );
+                            ProcState::Backoff { until: now }
+                        } else {
+                            ProcState::Ended
+                        }
                     }
-                    None => ProcState::Ended,
                 }
             }
             ProcRecordState::Backoff { until } if supervised => ProcState::Backoff {

@@ -163,7 +163,7 @@ impl AppHandle {
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
         let machine = Machine::new(name.clone());
-        AppHandle::start(machine, Vec::new(), shared, on_stopped)
+        AppHandle::start(machine, Vec::new(), Vec::new(), shared, on_stopped)
     }
 
     /// Starts the worker of an app taken over from an earlier keter, watching its processes
@@ -173,12 +173,19 @@ impl AppHandle {
         shared: Arc<Shared>,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
-        AppHandle::start(adopted.machine, adopted.watches, shared, on_stopped)
+        AppHandle::start(
+            adopted.machine,
+            adopted.watches,
+            adopted.drains,
+            shared,
+            on_stopped,
+        )
     }
 
     fn start(
         machine: Machine,
         watches: Vec<adopt::Watch>,
+        drains: Vec<adopt::Pipe>,
         shared: Arc<Shared>,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
@@ -199,6 +206,11 @@ impl AppHandle {
         let mut world = world::World::new(name.clone(), shared, log, tx.clone(), on_stopped);
         for w in watches {
             world.watch(w);
+        }
+        for (pipe, partial) in drains {
+            if let Err(e) = crate::childwatch::output_continued(pipe, world.log.clone(), partial) {
+                log::error!("{name}: cannot read the output left by an ended process: {e}");
+            }
         }
         let thread = std::thread::Builder::new()
             .name(format!("app-{name}"))

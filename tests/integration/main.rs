@@ -7,6 +7,7 @@ mod support;
 mod commands;
 mod craft;
 mod deploy_loop;
+mod fd_store;
 mod hostile;
 mod neighbours;
 mod postgres;

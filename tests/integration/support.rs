@@ -143,6 +143,8 @@ pub struct Opts {
     /// The keter binary to start (a copy that a test replaces, say); `KETER_BIN` or the one
     /// cargo built when `None`.
     pub binary: Option<PathBuf>,
+    /// More environment variables for keter.
+    pub env: Vec<(String, String)>,
 }
 
 /// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
@@ -175,6 +177,7 @@ impl Default for Opts {
             status: StatusAt::Socket,
             tmpfs_mib: None,
             binary: None,
+            env: Vec::new(),
         }
     }
 }
@@ -193,6 +196,7 @@ pub struct Keter {
     tmpfs: bool,
     /// The binary `launch` starts.
     pub bin: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// A free loopback port (bind to 0, then release it).
@@ -278,6 +282,7 @@ impl Keter {
                 .into()
         });
         let mut k = Keter {
+            env: opts.env,
             bin,
             root,
             config_path,
@@ -295,8 +300,14 @@ impl Keter {
     /// Starts the binary (again) on the same root and waits until it watches `incoming/` and
     /// its Nginx answers.
     pub fn launch(&mut self) {
+        self.launch_with(|_| {});
+    }
+
+    /// [`Keter::launch`] with the command changed by `prepare` first (descriptors to pass, a
+    /// wrapper).
+    pub fn launch_with(&mut self, prepare: impl FnOnce(&mut Command)) {
         let started_before = self.log_count("keter: watching");
-        self.launch_no_wait();
+        self.spawn(prepare);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.log_count("keter: watching") > started_before
@@ -319,24 +330,28 @@ impl Keter {
 
     /// Starts the binary (again) on the same root.
     pub fn launch_no_wait(&mut self) {
+        self.spawn(|_| {});
+    }
+
+    fn spawn(&mut self, prepare: impl FnOnce(&mut Command)) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(&self.bin)
-            .arg(&self.config_path)
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(&self.config_path)
             .env(
                 "RUST_LOG",
                 std::env::var("KETER_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("KETER_TEST_SECRET", "inherited-by-keter")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .stderr(log);
+        prepare(&mut cmd);
+        self.child = Some(cmd.spawn().unwrap());
     }
 
     /// True (and forgotten) once the keter started last has exited.

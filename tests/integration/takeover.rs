@@ -137,12 +137,19 @@ fn assert_nothing_lost(
     }
 }
 
+/// The build under test: `KETER_BIN`, or the one cargo built.
+fn build() -> PathBuf {
+    std::env::var_os("KETER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keter").into())
+}
+
 /// A copy of keter's binary that the test replaces, as a package upgrade does.
 fn own_binary(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
     let path = bin.join("keter");
-    replace_binary(&path, Path::new(env!("CARGO_BIN_EXE_keter")));
+    replace_binary(&path, &build());
     path
 }
 
@@ -255,7 +262,7 @@ fn in_place_upgrades_hand_every_app_over_to_the_new_binary() {
     let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
     for i in 1..=10 {
         // A new file at the path keter was started from: the running one is now deleted.
-        replace_binary(&bin, Path::new(env!("CARGO_BIN_EXE_keter")));
+        replace_binary(&bin, &build());
         let exe = fs::read_link(format!("/proc/{keter}/exe")).unwrap();
         assert!(exe.to_string_lossy().ends_with("(deleted)"), "{exe:?}");
         k.signal(Signal::SIGUSR2);
@@ -303,7 +310,7 @@ fn in_place_upgrades_hand_every_app_over_to_the_new_binary() {
 fn an_upgrade_that_cannot_happen_leaves_the_running_keter_in_charge() {
     let dir = TempDir::new("takeover-refused-bin");
     let bin = own_binary(&dir.0);
-    let real = Path::new(env!("CARGO_BIN_EXE_keter"));
+    let real = &build();
     let k = Keter::start_with(
         "takeover-refused",
         Opts {
@@ -369,7 +376,7 @@ fn an_upgrade_that_cannot_happen_leaves_the_running_keter_in_charge() {
 fn a_new_image_that_dies_at_once_leaves_the_apps_to_the_next_keter() {
     let dir = TempDir::new("takeover-dies-bin");
     let bin = own_binary(&dir.0);
-    let real = Path::new(env!("CARGO_BIN_EXE_keter"));
+    let real = &build();
     let mut k = Keter::start_with(
         "takeover-dies",
         Opts {
