@@ -194,8 +194,12 @@ impl Worker {
             let _ = fs::remove_dir_all(&dir);
             return Ok(Outcome::SameContent);
         }
-        let (bundle_config, warnings) = bundle::read_config(&dir, &format!("{}.keter", self.name))
-            .map_err(|e| cleanup(DeployError::Failed(e.to_string())))?;
+        let (bundle_config, warnings) = bundle::read_config(
+            &dir,
+            &format!("{}.keter", self.name),
+            &bundle::Context::of(config),
+        )
+        .map_err(|e| cleanup(DeployError::Failed(e.to_string())))?;
         for w in &warnings.warnings {
             log::warn!("{w}");
         }
@@ -513,7 +517,6 @@ impl Worker {
             &SiteSource {
                 app: &self.name,
                 bundle: &version.config,
-                dir: &version.dir,
                 sha256: &version.sha256,
                 deploy: version.deploy,
                 ports: &ports,
@@ -530,42 +533,22 @@ impl Worker {
         Ok(site)
     }
 
-    /// Copies a stanza's own certificate out of the bundle into `ROOT/etc/certs/NAME-ID/`
-    /// (mode 0600, chain appended), so that Nginx reads files the app cannot change.
+    /// Copies a stanza's own certificate (from the bundle or the host) into
+    /// `ROOT/etc/certs/NAME-ID/` (mode 0600, chain appended), so that Nginx reads files the app
+    /// cannot change.
     fn copy_certificate(
         &self,
         version: &Version,
         tls: &Tls,
         origin: &str,
     ) -> Result<Option<CertFiles>, String> {
-        let Tls::Own {
-            key,
-            certificate,
-            chain,
-        } = tls
+        let Some(bytes) = bundle::certs::read_own(tls).map_err(|e| format!("{origin}: {e}"))?
         else {
             return Ok(None);
         };
-        let read = |p: &Path| -> Result<Vec<u8>, String> {
-            let real =
-                bundle::resolve_file(&version.dir, p).map_err(|e| format!("{origin}: {e}"))?;
-            let meta = fs::metadata(&real).map_err(|e| format!("{origin}: {e}"))?;
-            if meta.len() > 1 << 20 {
-                return Err(format!("{origin}: {} is larger than 1 MiB", p.display()));
-            }
-            fs::read(&real).map_err(|e| format!("{origin}: {}: {e}", p.display()))
-        };
-        let mut cert = read(certificate)?;
-        for c in chain {
-            if !cert.ends_with(b"\n") {
-                cert.push(b'\n');
-            }
-            cert.extend(read(c)?);
-        }
-        let key_bytes = read(key)?;
         let dir = version_certs_dir(&self.shared.config.root, &self.name, version.id);
-        write_private(&dir, "certificate.pem", &cert)
-            .and_then(|c| Ok((c, write_private(&dir, "key.pem", &key_bytes)?)))
+        write_private(&dir, "certificate.pem", &bytes.certificate)
+            .and_then(|c| Ok((c, write_private(&dir, "key.pem", &bytes.key)?)))
             .map(|(certificate, key)| Some(CertFiles { certificate, key }))
             .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))
     }
