@@ -15,7 +15,10 @@ const TLS_CONFIG: &str = "root: /srv/keter\nexternal-https-port: 8443\nlisteners
 fn renderer(yaml: &str) -> Renderer {
     let (config, problems) = Config::parse(yaml, Path::new("/"), "golden.yaml");
     assert!(problems.errors.is_empty(), "{:?}", problems.errors);
-    Renderer::new(&config.unwrap()).unwrap()
+    let mut r = Renderer::new(&config.unwrap()).unwrap();
+    // The same text whoever runs the tests.
+    r.worker_user = Some("www-data".into());
+    r
 }
 
 fn hosts(names: &[&str]) -> Vec<Host> {

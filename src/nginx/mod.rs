@@ -9,6 +9,7 @@ pub mod controller;
 pub mod middleware;
 pub mod site;
 pub mod system;
+mod worker_files;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -91,6 +92,10 @@ pub struct Renderer {
     acme_root: PathBuf,
     paths: Paths,
     responses: crate::responses::ResponseFiles,
+    /// The `user` of a managed Nginx's workers: `www-data`, as Debian's Nginx runs them, when
+    /// keter runs as root and the user exists (else Nginx's default, nobody). Apps run as
+    /// other users, so the workers' group alone reads `worker-files/`.
+    worker_user: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +167,12 @@ impl Renderer {
             acme_root: config.acme_webroot.clone(),
             paths,
             responses: config.responses.clone(),
+            worker_user: (nix::unistd::geteuid().is_root()
+                && nix::unistd::User::from_name("www-data")
+                    .ok()
+                    .flatten()
+                    .is_some())
+            .then(|| "www-data".to_string()),
         })
     }
 
@@ -292,6 +303,7 @@ impl Renderer {
             .collect();
         let mut ctx = tera::Context::new();
         ctx.insert("prefix", &self.paths.prefix);
+        ctx.insert("worker_user", &self.worker_user);
         ctx.insert("listeners", &listens);
         ctx.insert("acme_root", &self.acme_root);
         ctx.insert("responses_dir", &self.paths.responses());

@@ -8,6 +8,8 @@ mod commands;
 mod craft;
 mod deploy_loop;
 mod hostile;
+mod keter_configs;
+mod matrix;
 mod postgres;
 mod stanzas;
 mod status;
