@@ -82,8 +82,7 @@ fn deployed(k: &Keter, name: &str, path: &Path) -> Result<(), String> {
             let log = k.log();
             let line = log
                 .lines()
-                .filter(|l| l.contains(&failed))
-                .last()
+                .rfind(|l| l.contains(&failed))
                 .unwrap_or_default();
             return Err(line.to_string());
         }
