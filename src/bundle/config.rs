@@ -39,7 +39,7 @@ pub struct BundleConfig {
     pub statics: Vec<StaticFiles>,
     pub redirects: Vec<Redirect>,
     pub proxies: Vec<ReverseProxy>,
-    /// The postgres plugin: the app gets its own role and database (DESIGN.md 8).
+    /// The postgres plugin: the app gets its own role and database (README, "PostgreSQL plugin").
     pub postgres: bool,
 }
 
