@@ -788,4 +788,43 @@ mod tests {
         assert_eq!(c.readiness_timeout, Duration::from_millis(500));
         assert_eq!(c.connection_time_bound, None);
     }
+    #[test]
+    fn keter_global_keys_keter_replaces() {
+        let (c, p) = check(
+            "root: /r\ngraceful-drain-micros: 1500000\ncli-port: 1234\napp-crash-hook: /bin/true\nport-manager: {}\nclient-max-body-size: 64m\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.drain_time, Duration::from_millis(1500));
+        assert_eq!(c.client_max_body_size, 64 << 20);
+        let warned: Vec<&str> = p.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(warned, ["cli-port", "app-crash-hook", "port-manager"]);
+        assert!(p.warnings.iter().all(|w| !w.message.contains("unknown")));
+        let (_, p) = check("root: /r\nenv: {PORT: \"80\", LANG: C}\nreverse-proxy: []\n");
+        let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["env.PORT", "reverse-proxy"]);
+    }
+
+    #[test]
+    fn allowed_static_roots_resolve_symlinks() {
+        let dir = std::env::temp_dir().join(format!("keter-unit-roots-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.join("real"), &link).unwrap();
+        let (c, p) = check(&format!(
+            "root: /r\nallowed-static-roots: [{}, {}/missing]\n",
+            link.display(),
+            dir.display()
+        ));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(
+            c.unwrap().allowed_static_roots,
+            vec![dir.join("real").canonicalize().unwrap()]
+        );
+        assert_eq!(p.warnings[0].key, "allowed-static-roots[1]");
+        let (_, p) = check("root: /r\nallowed-static-roots: [/]\n");
+        assert_eq!(p.errors[0].key, "allowed-static-roots[0]");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

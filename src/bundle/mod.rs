@@ -8,6 +8,8 @@
 pub mod certs;
 pub mod config;
 pub mod env;
+#[cfg(test)]
+mod keter_forms;
 pub mod middleware;
 pub mod pack;
 pub mod served;

@@ -362,6 +362,27 @@ fn keters_own_sample_with_underscores_absolute_exec_and_a_shared_host() {
     let (code, out) = check(&k, &missing);
     assert_eq!(code, 1);
     assert!(out.contains("does not exist on this host"), "{out}");
+    // `keter bundle` packs on a build machine: what only the host has is left to the host.
+    let folder = k.dir.0.join("nixos-folder");
+    fs::create_dir_all(folder.join("config")).unwrap();
+    fs::write(
+        folder.join("config/keter.yaml"),
+        yaml.replace("bundle-wrapper\"", "missing\""),
+    )
+    .unwrap();
+    let packed = k.dir.0.join("nixos3.keter");
+    let (code, out, err) = keter_cmd(&[
+        "bundle",
+        folder.to_str().unwrap(),
+        "-o",
+        packed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("is a path on the host; it is checked when the bundle is deployed"),
+        "{out}"
+    );
+    assert_eq!(check(&k, &packed).0, 1);
 
     // One host in two stanzas: Keter serves it from the first; keter warns, naming both.
     let yaml = "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, app]\n    hosts: [shared.example.com, app.example.com]\n  - type: static-files\n    hosts: [shared.example.com, files.example.com]\n    root: ../static\n";
