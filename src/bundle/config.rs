@@ -393,6 +393,14 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza>
 fn read_plugins(v: &Value, problems: &mut Problems) -> Option<bool> {
     let mut f = Fields::new(v, "plugins", problems)?;
     let errors_before = problems.errors.len();
+    if let Some(Value::Array(_) | Value::Object(_)) = f.raw("postgres") {
+        // Keter's remote form: `postgres: [{server, port}]`.
+        problems.error(
+            "plugins.postgres",
+            "a server per bundle is not supported: keter's global `postgres` section names the server; write `postgres: true`",
+        );
+        return None;
+    }
     let postgres = f.bool("postgres", problems).unwrap_or(false);
     f.finish(problems);
     (problems.errors.len() == errors_before).then_some(postgres)

@@ -177,3 +177,17 @@ fn middleware_and_time_bounds_on_every_stanza_keter_allows_them_on() {
     assert_eq!(proxy.served.max_body, Some(10 << 20));
     assert!(proxy.middleware.basic_auth.is_some());
 }
+
+#[test]
+fn a_remote_postgres_server_per_bundle_is_refused_with_the_replacement() {
+    let (c, p) = read(
+        "stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins:\n  postgres:\n    - server: db.example.com\n      port: 5432\n",
+    );
+    assert!(c.is_none());
+    assert_eq!(keys(&p.errors), ["plugins.postgres"]);
+    assert!(
+        p.errors[0].message.contains("global `postgres` section"),
+        "{:?}",
+        p.errors
+    );
+}
