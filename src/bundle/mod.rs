@@ -7,11 +7,12 @@
 
 pub mod certs;
 pub mod config;
-pub mod env;
 #[cfg(test)]
-mod keter_forms;
+mod config_tests;
+pub mod env;
 pub mod middleware;
 pub mod pack;
+pub mod rate_limit;
 pub mod served;
 pub mod unpack;
 

@@ -9,6 +9,7 @@ mod craft;
 mod deploy_loop;
 mod hostile;
 mod keter_configs;
+mod keter_front;
 mod matrix;
 mod postgres;
 mod stanzas;

@@ -1,14 +1,19 @@
-//! Unit tests of the forms Keter accepts in a `keter.yaml`, as real bundles write them: a flat
-//! bundle without an app, hosts with ports or `_`, one host in two stanzas, the port and
-//! APPROOT variables, `yesod keter`'s keys, numbers where host names belong.
+//! Unit tests of reading a `keter.yaml` (`bundle::config`): both formats, errors with their
+//! file and key, and the forms Keter accepts as real bundles write them (a flat bundle without
+//! an app, hosts with ports or `_`, one host in two stanzas, the port and APPROOT variables,
+//! `yesod keter`'s keys, numbers where host names belong).
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Tls;
 use super::config::{BundleConfig, from_tree};
 use crate::problem::Problems;
 use crate::yaml;
 
 fn read(text: &str) -> (Option<BundleConfig>, Problems) {
     let tree = yaml::parse(text).unwrap();
-    let mut p = Problems::new("app.keter: config/keter.yaml");
+    let mut p = Problems::new("hello.keter: config/keter.yaml");
     let c = from_tree(&tree, &mut p);
     (c, p)
 }
@@ -190,4 +195,124 @@ fn a_remote_postgres_server_per_bundle_is_refused_with_the_replacement() {
         "{:?}",
         p.errors
     );
+}
+
+#[test]
+fn seed_flat_format() {
+    let (c, p) = read(
+        "exec: ../dist/build/yesodweb/yesodweb\nargs:\n  - production\nhost: www.yesodweb.com\nssl: false\n",
+    );
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let w = &c.unwrap().webapps[0];
+    assert_eq!(
+        w.program.exec,
+        PathBuf::from("../dist/build/yesodweb/yesodweb")
+    );
+    assert_eq!(w.program.args, vec!["production"]);
+    assert_eq!(w.program.key("exec"), "exec");
+    assert_eq!(w.hosts[0].as_str(), "www.yesodweb.com");
+    assert_eq!(w.tls, Tls::Off);
+    assert_eq!(w.health_check_path.as_str(), "/");
+}
+
+#[test]
+fn flat_extra_hosts_and_env() {
+    let (c, p) = read(
+        "exec: ../app\nhost: A.example.com\nextra-hosts: [b.example.com]\nenv: {GREETING: hi}\n",
+    );
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let w = &c.unwrap().webapps[0];
+    let hosts: Vec<&str> = w.hosts.iter().map(|h| h.as_str()).collect();
+    assert_eq!(hosts, ["a.example.com", "b.example.com"]);
+    assert_eq!(w.program.env["GREETING"], "hi");
+}
+
+#[test]
+fn stanza_format_webapp() {
+    let (c, p) = read(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/bin/app\n    args: [production]\n    env: {KEY: value}\n    forward-env: [LANG]\n    hosts: [www.example.com, example.com]\n    health-check-path: /up\n    ensure-alive-time-bound: 5000000\n",
+    );
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let w = &c.unwrap().webapps[0];
+    assert_eq!(w.hosts.len(), 2);
+    assert_eq!(w.program.forward_env, ["LANG"]);
+    assert_eq!(w.program.key("exec"), "stanzas[0].exec");
+    assert_eq!(w.health_check_path.as_str(), "/up");
+    assert_eq!(w.readiness_timeout, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn errors_name_file_and_key() {
+    let (c, p) = read(
+        "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n  - type: background\n    exec: ../w\n    restart-count: often\n",
+    );
+    assert!(c.is_none());
+    let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+    for expected in [
+        "hello.keter: config/keter.yaml: stanzas[0].exec: required",
+        "hello.keter: config/keter.yaml: stanzas[0].env.PORT: PORT is set by keter to the port it gives the app",
+        "hello.keter: config/keter.yaml: stanzas[0].hosts[0]: the host name \"evil.com;}\" is not valid",
+        "hello.keter: config/keter.yaml: stanzas[1].hosts: required: at least one host name",
+        "hello.keter: config/keter.yaml: stanzas[3].restart-count: expected a whole number",
+        "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
+    ] {
+        assert!(
+            msgs.iter().any(|m| m.starts_with(expected)),
+            "missing {expected:?} in {msgs:#?}"
+        );
+    }
+}
+
+#[test]
+fn missing_host_and_wrong_types() {
+    let (c, p) = read("exec: 5\nargs: {a: 1}\nhost: []\n");
+    assert!(c.is_none());
+    let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"args"), "{keys:?}");
+    assert!(keys.contains(&"host"), "{keys:?}");
+}
+
+#[test]
+fn background_stanzas() {
+    let (c, p) = read(
+        "stanzas:\n  - type: webapp\n    exec: ../a\n    host: a.b\n  - type: background\n    exec: ../dist/bin/worker\n    args: [--queue, q]\n    restart-count: 3\n    restart-delay-seconds: 1\n  - type: background\n    exec: ../w2\n    restart-count: unlimited\n",
+    );
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let c = c.unwrap();
+    assert_eq!(c.background.len(), 2);
+    assert_eq!(c.background[0].restart_count, Some(3));
+    assert_eq!(c.background[0].restart_delay, Duration::from_secs(1));
+    assert_eq!(c.background[0].program.key("exec"), "stanzas[1].exec");
+    assert_eq!(c.background[1].restart_count, None);
+    assert_eq!(c.background[1].restart_delay, Duration::from_secs(5));
+}
+
+#[test]
+fn unknown_keys_warn() {
+    let (c, p) = read("exec: ../app\nhost: a.example.com\ncolour: blue\n");
+    assert!(c.is_some());
+    assert_eq!(p.warnings[0].key, "colour");
+}
+
+#[test]
+fn postgres_plugin_in_both_formats() {
+    let (c, p) =
+        read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(c.unwrap().postgres);
+    let (c, p) = read("exec: ../a\nhost: a.b\npostgres: yes\n");
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(c.unwrap().postgres);
+    let (c, _) = read("exec: ../a\nhost: a.b\n");
+    assert!(!c.unwrap().postgres);
+    let (c, _) = read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {}\n");
+    assert!(!c.unwrap().postgres);
+}
+
+#[test]
+fn postgres_plugin_wrong_type_is_an_error() {
+    let (c, p) =
+        read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: maybe}\n");
+    assert!(c.is_none());
+    assert_eq!(p.errors[0].key, "plugins.postgres");
 }
