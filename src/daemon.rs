@@ -189,8 +189,11 @@ pub fn run(
     if let Some(status) = status {
         status.stop();
     }
+    let journal_owner = daemon.shared.clone();
     daemon.shutdown();
-    // Every worker has ended: nothing asks Nginx for changes any more.
+    // Every worker has ended and removed its record: nothing is left to take over.
+    journal_owner.journal.flush();
+    // Nothing asks Nginx for changes any more.
     nginx.shutdown();
     log::info!("keter: stopped");
     Ok(())
@@ -308,6 +311,7 @@ impl Daemon {
         for w in written {
             let _ = w.recv_timeout(std::time::Duration::from_secs(10));
         }
+        self.shared.journal.flush();
         crate::applog::flush();
         // A stop asked for meanwhile wins: the new image would not know of it.
         while let Ok(input) = rx.try_recv() {

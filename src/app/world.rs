@@ -50,8 +50,11 @@ pub(super) struct World {
     probes: HashMap<u64, Probe>,
     /// Stage threads, joined before the worker ends.
     stages: Vec<JoinHandle<()>>,
-    /// Held from the start of a deploy to its end (see [`crate::memory::burst`]).
+    /// Held from the start of a deploy to its end (see [`crate::memory::burst`]), until the
+    /// app's record is written after it.
     burst: Option<Burst>,
+    /// The deploy has ended: the burst ends once the record is written.
+    burst_over: bool,
     /// The record last written, so that only a change is written.
     saved: Option<AppRecord>,
 }
@@ -73,6 +76,7 @@ impl World {
             probes: HashMap::new(),
             stages: Vec::new(),
             burst: None,
+            burst_over: false,
             saved: None,
         }
     }
@@ -112,11 +116,16 @@ impl World {
         }
     }
 
-    /// Writes the app's record if it changed.
+    /// Writes the app's record if it changed; ends a deploy's burst of allocation after that
+    /// (what writing it allocated is freed before the memory goes back to the system).
     pub fn save_record(&mut self, record: AppRecord) {
         if self.saved.as_ref() != Some(&record) {
-            self.shared.journal.save_record(&self.name, &record);
+            self.shared.journal.save_record(&self.name, record.clone());
             self.saved = Some(record);
+        }
+        if self.burst_over {
+            self.burst_over = false;
+            self.burst = None;
         }
     }
 
@@ -186,6 +195,7 @@ impl Effects for World {
     }
 
     fn prepare(&mut self, job: PrepareJob) {
+        self.burst_over = false;
         if self.burst.is_none() {
             self.burst = Some(crate::memory::burst());
         }
@@ -294,7 +304,7 @@ impl Effects for World {
 
     fn deploy_finished(&mut self, result: DeployResult, took: Duration) {
         self.shared.reports.deploy_finished(result, took);
-        self.burst = None;
+        self.burst_over = true;
     }
 
     fn note(&mut self, line: &str) {
