@@ -24,6 +24,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+mod disk;
+mod master;
+
+pub use disk::live_sites;
+use disk::{longest_bound, write_if_changed, written_generation};
+use master::Master;
+
 use super::system::{self, Blame};
 use super::{Paths, Renderer, Site, worker_files};
 use crate::config::{Config, NginxConfig, NginxMode};
@@ -218,12 +225,6 @@ impl NginxHandle {
     }
 }
 
-/// The running managed master.
-struct Master {
-    pid: i32,
-    started: Instant,
-}
-
 struct Controller {
     counters: Arc<NginxCounters>,
     master_pid: Arc<AtomicI32>,
@@ -370,59 +371,6 @@ impl Controller {
                 "nginx: cannot give {} to the workers' group {gid}: {e}",
                 self.paths.worker_files.display()
             ),
-        }
-    }
-
-    /// Takes over the managed master an earlier keter left running (an in-place upgrade, or a
-    /// keter that was killed): it goes on serving. A master that is gone may have left its
-    /// workers, which hold the listening sockets: they are stopped. True when a master was
-    /// taken over.
-    fn adopt_master(&mut self) -> bool {
-        let pid_file = self.paths.prefix.join("nginx.pid");
-        let Some(pid) = fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-            .filter(|p| *p > 0)
-        else {
-            return false;
-        };
-        let prefix = self.paths.prefix.to_string_lossy().into_owned();
-        let ours = |pid: i32| {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("nginx: master process") && cmdline.contains(&prefix)
-        };
-        // The pidfd first, then the check: once it is open the pid names this process.
-        let pidfd = crate::childwatch::pidfd_open(pid);
-        match pidfd {
-            Ok(pidfd) if ours(pid) && procfs::is_alive(pid) => {
-                if let Err(e) = self.watch_master_fd(pid, pidfd) {
-                    log::error!("nginx: {e}; stopping the master (pid {pid}) left running");
-                    process::stop_group(pid, self.stop_timeout);
-                    return false;
-                }
-                let age = procfs::age(pid).unwrap_or_default();
-                self.master = Some(Master {
-                    pid,
-                    started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-                });
-                self.master_pid.store(pid, Ordering::Relaxed);
-                log::info!("nginx: took over the master, pid {pid}");
-                true
-            }
-            Ok(_) => false,
-            Err(_) => {
-                // Gone: its workers, in its process group, would keep the ports.
-                let orphans = procfs::group_members(pid).into_iter().any(|w| {
-                    fs::read(format!("/proc/{w}/cmdline"))
-                        .is_ok_and(|c| c.starts_with(b"nginx: worker process"))
-                });
-                if orphans {
-                    log::warn!("nginx: stopping the workers of the master (pid {pid}) that died");
-                    process::stop_group(pid, self.stop_timeout);
-                }
-                false
-            }
         }
     }
 
@@ -839,108 +787,6 @@ impl Controller {
         }
     }
 
-    /// The master whose workers must answer: ours in managed mode, the pid file's in system mode.
-    fn current_master(&self) -> Option<i32> {
-        match self.nginx.mode {
-            NginxMode::Managed => self.master.as_ref().map(|m| m.pid),
-            NginxMode::System => system::master_pid(&self.nginx.pid_file).ok(),
-        }
-    }
-
-    fn start_master(&mut self) -> Result<(), NginxError> {
-        // A master that was killed leaves its socket file behind, and Nginx will not bind over
-        // it. The file is keter's own.
-        let _ = fs::remove_file(&self.paths.control_socket);
-        let mut cmd = process::command_in_new_group(&self.nginx.binary);
-        cmd.args(["-e", "stderr", "-p"])
-            .arg(&self.paths.prefix)
-            .arg("-c")
-            .arg(&self.paths.main_conf)
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|e| {
-            NginxError::Unconfirmed(format!("cannot start {}: {e}", self.nginx.binary.display()))
-        })?;
-        let pid = child.id() as i32;
-        // Reaped by the watch thread, by pid.
-        drop(child);
-        self.watch_master(pid).inspect_err(|_| {
-            process::stop_group(pid, Duration::ZERO);
-            crate::childwatch::reap(pid);
-        })?;
-        log::info!("nginx: started the master, pid {pid}");
-        self.master = Some(Master {
-            pid,
-            started: Instant::now(),
-        });
-        self.master_pid.store(pid, Ordering::Relaxed);
-        self.restart_at = None;
-        Ok(())
-    }
-
-    /// Has the watch thread report the master's exit to the controller.
-    fn watch_master(&self, pid: i32) -> Result<(), NginxError> {
-        crate::childwatch::pidfd_open(pid)
-            .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))
-            .and_then(|pidfd| self.watch_master_fd(pid, pidfd))
-    }
-
-    fn watch_master_fd(&self, pid: i32, pidfd: std::os::fd::OwnedFd) -> Result<(), NginxError> {
-        let tx = self.tx.clone();
-        crate::childwatch::exit(
-            pid,
-            pidfd,
-            Box::new(move |pid, status| {
-                let _ = tx.send(Msg::Exited { pid, status });
-            }),
-        )
-        .map_err(|e| NginxError::Unconfirmed(format!("cannot watch the Nginx master: {e}")))
-    }
-
-    fn exited(&mut self, pid: i32, status: Option<ExitStatus>) {
-        let Some(m) = &self.master else { return };
-        if m.pid != pid {
-            return;
-        }
-        let ran = m.started.elapsed();
-        self.master = None;
-        self.master_pid.store(0, Ordering::Relaxed);
-        // Its workers outlive it and keep the listening sockets: stop the whole group.
-        process::stop_group(pid, Duration::from_secs(2));
-        let delay = self.restart.failed(ran);
-        log::error!(
-            "nginx: the master (pid {pid}) stopped with {}; restarting it in {delay:?}",
-            process::describe_exit(status),
-        );
-        self.restart_at = Some(Instant::now() + delay);
-    }
-
-    fn restart_master(&mut self) {
-        self.restart_at = None;
-        let result = self.start_master().and_then(|()| self.confirm());
-        if let Err(e) = result {
-            log::error!("nginx: restart failed: {e}");
-            self.master_pid.store(0, Ordering::Relaxed);
-            if let Some(m) = self.master.take() {
-                process::stop_group(m.pid, Duration::from_secs(1));
-            }
-            self.restart_at = Some(Instant::now() + self.restart.failed(Duration::ZERO));
-        }
-    }
-
-    fn stop_master(&mut self) {
-        if self.nginx.mode == NginxMode::System {
-            self.leave_system_nginx();
-            return;
-        }
-        self.master_pid.store(0, Ordering::Relaxed);
-        if let Some(m) = self.master.take() {
-            log::info!("nginx: stopping the master (pid {})", m.pid);
-            process::stop_group(m.pid, self.stop_timeout);
-        }
-        let _ = fs::remove_file(&self.paths.control_socket);
-    }
-
     /// System mode at exit: the host's Nginx goes on serving other sites, so keter takes all of
     /// its files out (every app is stopped by now) and reloads, leaving Nginx as it would be
     /// without keter. Nginx then closes the control socket and deletes its file itself; keter
@@ -994,95 +840,4 @@ fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result
 /// Writes one of keter's Nginx files so that Nginx never reads half of it.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     atomic_file::replace(path, text.as_bytes(), 0o644)
-}
-
-/// [`write_atomic`] unless the file holds `text` already; true when it was written.
-fn write_if_changed(path: &Path, text: &str) -> io::Result<bool> {
-    if fs::read_to_string(path).is_ok_and(|t| t == text) {
-        return Ok(false);
-    }
-    write_atomic(path, text).map(|()| true)
-}
-
-/// The longest `proxy_read_timeout` in the apps' files (the `connection-time-bound` each
-/// stanza got), and `default` when no file has one; `None` when one has none (`365d`).
-fn longest_bound<'a>(
-    apps: impl Iterator<Item = &'a String>,
-    default: Option<Duration>,
-) -> Option<Duration> {
-    let mut longest = default;
-    for text in apps {
-        for value in text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
-        {
-            let bound = value
-                .trim_end_matches(';')
-                .strip_suffix("ms")
-                .and_then(|ms| ms.parse().ok())
-                .map(Duration::from_millis);
-            longest = match (longest, bound) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                _ => None,
-            };
-        }
-    }
-    longest
-}
-
-/// The generation in `generation.conf` as [`Renderer::generation_conf`] writes it.
-fn written_generation(text: &str) -> Option<u64> {
-    text.split('"')
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The sha256 of the bundle that each app's file in `apps/` serves, from its header: what
-/// Nginx routes to, for a keter taking over from an earlier one.
-pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
-    let Ok(dir) = fs::read_dir(&paths.apps) else {
-        return BTreeMap::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
-            let app = AppName::new(&name).ok()?;
-            let text = fs::read_to_string(e.path()).ok()?;
-            let sha = text
-                .lines()
-                .take(5)
-                .find_map(|l| l.strip_prefix("# sha256 "))?
-                .trim()
-                .to_string();
-            Some((app, sha))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_longest_bound_of_the_apps_files_and_none_when_one_has_none() {
-        let bounded = |ms: u64| {
-            format!(
-                "server {{\n    location / {{\n        proxy_read_timeout {ms}ms;\n    }}\n}}\n"
-            )
-        };
-        let (short, long) = (bounded(5000), bounded(60000));
-        let default = Some(Duration::from_secs(300));
-        assert_eq!(longest_bound([&short].into_iter(), default), default);
-        assert_eq!(
-            longest_bound([&short, &long].into_iter(), Some(Duration::from_secs(1))),
-            Some(Duration::from_secs(60))
-        );
-        let none = "        proxy_read_timeout 365d;\n".to_string();
-        assert_eq!(longest_bound([&long, &none].into_iter(), default), None);
-        assert_eq!(longest_bound([].into_iter(), None), None);
-        assert_eq!(written_generation(&Renderer::generation_conf(42)), Some(42));
-    }
 }

@@ -1,0 +1,104 @@
+//! What keter's Nginx files on disk say, for a controller that starts where an earlier keter
+//! left off: which bundle each app's file serves, the generation written, the apps' bounds.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use super::write_atomic;
+use crate::names::AppName;
+use crate::nginx::Paths;
+
+/// [`write_atomic`] unless the file holds `text` already; true when it was written.
+pub(super) fn write_if_changed(path: &Path, text: &str) -> io::Result<bool> {
+    if fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(false);
+    }
+    write_atomic(path, text).map(|()| true)
+}
+
+/// The longest `proxy_read_timeout` in the apps' files (the `connection-time-bound` each
+/// stanza got), and `default` when no file has one; `None` when one has none (`365d`).
+pub(super) fn longest_bound<'a>(
+    apps: impl Iterator<Item = &'a String>,
+    default: Option<Duration>,
+) -> Option<Duration> {
+    let mut longest = default;
+    for text in apps {
+        for value in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
+        {
+            let bound = value
+                .trim_end_matches(';')
+                .strip_suffix("ms")
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis);
+            longest = match (longest, bound) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+    }
+    longest
+}
+
+/// The generation in `generation.conf` as [`Renderer::generation_conf`] writes it.
+pub(super) fn written_generation(text: &str) -> Option<u64> {
+    text.split('"')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The sha256 of the bundle that each app's file in `apps/` serves, from its header: what
+/// Nginx routes to, for a keter taking over from an earlier one.
+pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
+    let Ok(dir) = fs::read_dir(&paths.apps) else {
+        return BTreeMap::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
+            let app = AppName::new(&name).ok()?;
+            let text = fs::read_to_string(e.path()).ok()?;
+            let sha = text
+                .lines()
+                .take(5)
+                .find_map(|l| l.strip_prefix("# sha256 "))?
+                .trim()
+                .to_string();
+            Some((app, sha))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nginx::Renderer;
+
+    #[test]
+    fn the_longest_bound_of_the_apps_files_and_none_when_one_has_none() {
+        let bounded = |ms: u64| {
+            format!(
+                "server {{\n    location / {{\n        proxy_read_timeout {ms}ms;\n    }}\n}}\n"
+            )
+        };
+        let (short, long) = (bounded(5000), bounded(60000));
+        let default = Some(Duration::from_secs(300));
+        assert_eq!(longest_bound([&short].into_iter(), default), default);
+        assert_eq!(
+            longest_bound([&short, &long].into_iter(), Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(60))
+        );
+        let none = "        proxy_read_timeout 365d;\n".to_string();
+        assert_eq!(longest_bound([&long, &none].into_iter(), default), None);
+        assert_eq!(longest_bound([].into_iter(), None), None);
+        assert_eq!(written_generation(&Renderer::generation_conf(42)), Some(42));
+    }
+}
