@@ -5,6 +5,7 @@
 //! ([`process`]), checks ([`probe`]) and switches Nginx over ([`nginx`]) without a failed
 //! request. `DESIGN.md` is the contract.
 
+pub mod acme;
 pub mod app;
 pub mod applog;
 pub mod atomic_file;
