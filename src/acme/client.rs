@@ -39,48 +39,63 @@ const VALIDATION: RetryPolicy = RetryPolicy::new()
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
 
-/// What an attempt needs: the CA, where keter's files go, and the HTTP client.
+/// What an attempt needs: the CA, and where keter's files go.
 pub struct Ca {
     config: AcmeConfig,
     store: Store,
     webroot: PathBuf,
-    http: CaHttp,
 }
 
 impl Ca {
+    /// Checks that an HTTP client for the CA can be made (the roots load).
     pub fn new(config: AcmeConfig, store: Store, webroot: PathBuf) -> Result<Ca, String> {
-        let http = CaHttp::new(&config)?;
+        CaHttp::new(&config)?;
         Ok(Ca {
             config,
             store,
             webroot,
-            http,
         })
     }
 
-    /// Obtains and stores a certificate for `hosts`.
+    /// Obtains and stores a certificate for `hosts`. Each attempt has an HTTP client of its
+    /// own: a connection kept from an earlier attempt may have been closed by the CA since,
+    /// and would fail the first request of this one.
     pub async fn obtain(&self, hosts: &HostSet) -> Result<Certificate, AcmeError> {
-        self.http.forget_retry_after();
-        let result = self.attempt(hosts).await;
+        let http = CaHttp::new(&self.config).map_err(other)?;
+        let result = self.attempt(hosts, &http).await;
         result.map_err(|mut e| {
             if e.retry_after.is_none() {
-                e.retry_after = self.http.retry_after();
+                e.retry_after = http.retry_after();
             }
             e
         })
     }
 
-    async fn attempt(&self, hosts: &HostSet) -> Result<Certificate, AcmeError> {
-        let account = self.account().await?;
+    async fn attempt(&self, hosts: &HostSet, http: &CaHttp) -> Result<Certificate, AcmeError> {
+        let account = self.account(http).await?;
         let identifiers: Vec<Identifier> = hosts
             .hosts()
             .iter()
             .map(|h| Identifier::Dns(h.to_string()))
             .collect();
-        let mut order = account
-            .new_order(&NewOrder::new(&identifiers))
-            .await
-            .map_err(|e| AcmeError::from_client("new order", &e))?;
+        let mut order = match account.new_order(&NewOrder::new(&identifiers)).await {
+            Ok(order) => order,
+            Err(e) => {
+                let mut error = AcmeError::from_client("new order", &e).outside_challenge();
+                if is_unknown_account(&e) {
+                    // The CA lost or closed keter's account: the next attempt opens another.
+                    let set_aside = self
+                        .store
+                        .set_account_aside(&self.config.directory)
+                        .map_err(other)?;
+                    error.message.push_str(&format!(
+                        "; the account file is kept as {}, and the next attempt opens a new account",
+                        set_aside.display()
+                    ));
+                }
+                return Err(error);
+            }
+        };
         // The answers stay in the webroot until the order is decided, and go in any case.
         let mut challenges = Challenges::new(&self.webroot).map_err(other)?;
         let mut authorizations = order.authorizations();
@@ -111,31 +126,31 @@ impl Ca {
                 .await
                 .map_err(|e| AcmeError::from_client(&format!("{host}: challenge"), &e))?;
         }
-        let status = match order.poll_ready(&VALIDATION).await {
-            Ok(s) => s,
-            // The order's own problem is vaguer than its challenges': look at those.
-            Err(instant_acme::Error::Api(_)) => OrderStatus::Invalid,
+        let (status, problem) = match order.poll_ready(&VALIDATION).await {
+            Ok(s) => (s, None),
+            // The order's own problem is vaguer than its challenges': look at those first.
+            Err(instant_acme::Error::Api(p)) => (OrderStatus::Invalid, Some(p)),
             Err(e) => return Err(AcmeError::from_client("validation", &e)),
         };
         if status != OrderStatus::Ready {
-            return Err(why_invalid(&mut order, status).await);
+            return Err(why_invalid(&mut order, status, problem).await);
         }
         drop(challenges);
         let key_pem = order
             .finalize()
             .await
-            .map_err(|e| AcmeError::from_client("finalize", &e))?;
+            .map_err(|e| AcmeError::from_client("finalize", &e).outside_challenge())?;
         let chain_pem = order
             .poll_certificate(&VALIDATION)
             .await
-            .map_err(|e| AcmeError::from_client("certificate", &e))?;
+            .map_err(|e| AcmeError::from_client("certificate", &e).outside_challenge())?;
         self.store
             .save_certificate(hosts, &key_pem, &chain_pem, SystemTime::now())
             .map_err(other)
     }
 
     /// keter's account at this CA: the stored one, or a new one (stored before it is used).
-    async fn account(&self) -> Result<Account, AcmeError> {
+    async fn account(&self, http: &CaHttp) -> Result<Account, AcmeError> {
         let directory = self.config.directory.clone();
         let contact: Vec<String> = self
             .config
@@ -152,21 +167,20 @@ impl Ca {
                         self.store.account_path(&directory).display()
                     ))
                 })?;
-            let account = Account::builder_with_http(Box::new(self.http.clone()))
+            let account = Account::builder_with_http(Box::new(http.clone()))
                 .from_credentials(credentials)
                 .await
-                .map_err(|e| AcmeError::from_client("directory", &e))?;
+                .map_err(|e| AcmeError::from_client("directory", &e).outside_challenge())?;
             if stored.email != self.config.email {
-                account
-                    .update_contacts(&contact)
-                    .await
-                    .map_err(|e| AcmeError::from_client("account contact", &e))?;
+                account.update_contacts(&contact).await.map_err(|e| {
+                    AcmeError::from_client("account contact", &e).outside_challenge()
+                })?;
                 stored.email = self.config.email.clone();
                 self.store.save_account(&stored).map_err(other)?;
             }
             return Ok(account);
         }
-        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
+        let (account, credentials) = Account::builder_with_http(Box::new(http.clone()))
             .create(
                 &NewAccount {
                     contact: &contact,
@@ -177,7 +191,7 @@ impl Ca {
                 None,
             )
             .await
-            .map_err(|e| AcmeError::from_client("new account", &e))?;
+            .map_err(|e| AcmeError::from_client("new account", &e).outside_challenge())?;
         let credentials = serde_json::to_value(&credentials)
             .map_err(|e| other(format!("cannot encode the account: {e}")))?;
         self.store
@@ -196,8 +210,13 @@ impl Ca {
     }
 }
 
-/// The reason an order became invalid: the first failed challenge's problem, with its host.
-async fn why_invalid(order: &mut Order, status: OrderStatus) -> AcmeError {
+/// The reason an order became invalid: the first failed challenge's problem, with its host;
+/// else the order's own `problem`.
+async fn why_invalid(
+    order: &mut Order,
+    status: OrderStatus,
+    problem: Option<instant_acme::Problem>,
+) -> AcmeError {
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let Ok(mut authz) = authz else { continue };
@@ -223,10 +242,19 @@ async fn why_invalid(order: &mut Order, status: OrderStatus) -> AcmeError {
             format!("{host}: the CA's authorization is {:?}", state.status),
         );
     }
+    if let Some(p) = problem {
+        return AcmeError::from_client("validation", &instant_acme::Error::Api(p));
+    }
     AcmeError::new(
         ErrorKind::ChallengeFailed,
         format!("the order is {status:?} after validation"),
     )
+}
+
+/// Whether the CA does not know the account that signed the request (RFC 8555 7.3.1).
+fn is_unknown_account(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"))
 }
 
 fn other(message: String) -> AcmeError {
@@ -280,10 +308,6 @@ impl CaHttp {
             client: HyperClient::builder(TokioExecutor::new()).build(connector),
             retry_after: Arc::new(Mutex::new(None)),
         })
-    }
-
-    fn forget_retry_after(&self) {
-        *self.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn retry_after(&self) -> Option<SystemTime> {

@@ -74,6 +74,15 @@ impl AcmeError {
         };
         AcmeError::new(kind, format!("{what}: {detail}"))
     }
+
+    /// For a step that validates nothing (account, order, finalization), where a problem such
+    /// as `unauthorized` is about the account, not about a challenge.
+    pub fn outside_challenge(mut self) -> AcmeError {
+        if self.kind == ErrorKind::ChallengeFailed {
+            self.kind = ErrorKind::Other;
+        }
+        self
+    }
 }
 
 impl fmt::Display for AcmeError {

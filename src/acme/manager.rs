@@ -53,15 +53,17 @@ enum Request {
     RenewNow(HostSet),
 }
 
-/// The handle of the ACME thread. Dropping it stops the thread (an attempt in progress is
-/// abandoned and its challenge files removed).
+/// The handle of the ACME thread; it may be shared between threads (`Acme` is `Sync`).
+/// [`Acme::stop`], or dropping it, stops the thread: an attempt in progress is abandoned and
+/// its challenge files removed.
 pub struct Acme {
-    tx: Option<Sender<Request>>,
+    /// `None` once stopped.
+    tx: Mutex<Option<Sender<Request>>>,
     stopping: Arc<Stop>,
     statuses: Arc<Mutex<Vec<CertStatus>>>,
     store: Store,
     clock: Arc<dyn Clock>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Stop {
@@ -113,12 +115,12 @@ impl Acme {
             .spawn(move || worker.run())
             .map_err(|e| format!("cannot start the ACME thread: {e}"))?;
         Ok(Acme {
-            tx: Some(tx),
+            tx: Mutex::new(Some(tx)),
             stopping,
             statuses,
             store,
             clock,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -166,37 +168,34 @@ impl Acme {
 
     /// Every wanted host set's status, as of the thread's last step.
     pub fn statuses(&self) -> Vec<CertStatus> {
-        self.statuses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.statuses).clone()
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn send(&self, r: Request) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(r);
+    /// Stops the thread and waits for it; later requests are ignored.
+    pub fn stop(&self) {
+        self.stopping.flag.store(true, Ordering::SeqCst);
+        self.stopping.notify.notify_one();
+        lock(&self.tx).take();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
         }
     }
 
-    fn shutdown(&mut self) {
-        self.stopping.flag.store(true, Ordering::SeqCst);
-        self.stopping.notify.notify_one();
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    fn send(&self, r: Request) {
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            let _ = tx.send(r);
         }
     }
 }
 
 impl Drop for Acme {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The thread's state.
@@ -298,6 +297,17 @@ impl Worker {
     }
 
     fn publish(&self, now: SystemTime) {
-        *self.statuses.lock().unwrap_or_else(|e| e.into_inner()) = self.scheduler.statuses(now);
+        *lock(&self.statuses) = self.scheduler.statuses(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Acme>();
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! account-HOST-HASH.json   the account at one CA: its key and URL (one file per directory URL)
+//! account-HOST-HASH.json.unknown-T   an account the CA said it did not know, set aside
 //! certs/STEM.pem           one certificate: private key, certificate, chain (see certificate.rs)
 //! ```
 //!
@@ -149,6 +150,18 @@ impl Store {
         Ok(Some(account))
     }
 
+    /// Renames the account file of `directory` out of the way (`.json.unknown-UNIXTIME`) so
+    /// that the next attempt opens a new account; it is kept for the operator.
+    pub fn set_account_aside(&self, directory: &str) -> Result<PathBuf, String> {
+        let path = self.account_path(directory);
+        let secs = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = path.with_extension(format!("json.unknown-{secs}"));
+        fs::rename(&path, &aside).map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
+        Ok(aside)
+    }
+
     pub fn save_account(&self, account: &StoredAccount) -> Result<(), String> {
         let path = self.account_path(&account.directory);
         let text = serde_json::to_string_pretty(account)
@@ -266,6 +279,14 @@ mod tests {
         assert_eq!(mode(&p), 0o600);
         let back = store.load_account(le).unwrap().unwrap();
         assert_eq!(back.email.as_deref(), Some("ops@example.com"));
+        let aside = store.set_account_aside(le).unwrap();
+        assert!(store.load_account(le).unwrap().is_none());
+        assert_eq!(mode(&aside), 0o600);
+        assert!(
+            aside.to_str().unwrap().contains(".json.unknown-"),
+            "{}",
+            aside.display()
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -137,12 +137,12 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
     init_log();
     let dir = TempDir::new("acme-obtain");
     let (port, tls_port) = (free_port(), free_port());
-    // 30 s certificates: renewal is due 20 s after each is issued.
+    // 40 s certificates: renewal is due about 27 s after each is issued.
     let mut pebble = Pebble::start(
         &dir.0.join("pebble"),
         PebbleOpts {
             http_port: port,
-            validity: Duration::from_secs(30),
+            validity: Duration::from_secs(40),
             port: None,
         },
     );
@@ -221,6 +221,13 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
     assert_ne!(second.serial, first.serial);
     assert!(second.not_after > first.not_after);
     assert!(SystemTime::now() >= first.renew_at());
+    // At two thirds of the lifetime, well before the first one expired.
+    let lifetime = first.not_after.duration_since(first.not_before).unwrap();
+    assert_eq!(first.renew_at(), first.not_before + lifetime * 2 / 3);
+    assert!(
+        second.not_before + Duration::from_secs(5) < first.not_after,
+        "{first:?} {second:?}"
+    );
     assert_eq!(second.path, first.path);
     assert_eq!(mode(&second.path), 0o600);
     verify_chain(&second.path, &fs::read_to_string(&root).unwrap(), &dir.0).unwrap();
@@ -319,7 +326,7 @@ fn certbot_webroot_mode_works_for_a_deployed_host_and_a_bundle_serves_the_result
 }
 
 #[test]
-fn a_ca_that_is_down_is_reported_and_retried_until_it_answers() {
+fn a_ca_that_is_down_or_forgot_the_account_is_reported_and_retried() {
     init_log();
     let dir = TempDir::new("acme-down");
     let (port, tls_port) = (free_port(), free_port());
@@ -369,6 +376,43 @@ fn a_ca_that_is_down_is_reported_and_retried_until_it_answers() {
         &pebble,
     );
     assert_eq!((valid.failures, valid.last_error), (0, None));
+
+    // The CA loses its state and keter's account with it (pebble keeps nothing across a
+    // restart): the attempt that finds out sets the account aside, the next one opens a new
+    // account and gets the certificate.
+    pebble.stop();
+    pebble.run();
+    acme.renew_now(&hosts);
+    let forgot = wait_status(
+        &acme,
+        &hosts,
+        "told of the lost account",
+        |s| s.failures >= 1,
+        &pebble,
+    );
+    let error = forgot.last_error.clone().unwrap();
+    assert_eq!(error.kind, ErrorKind::Other, "{error:#?}");
+    assert!(error.message.contains("accountDoesNotExist"), "{error:#?}");
+    assert!(error.message.contains("opens a new account"), "{error:#?}");
+    assert_eq!(
+        forgot.state,
+        CertState::Valid,
+        "the old certificate still serves"
+    );
+    let renewed = wait_status(
+        &acme,
+        &hosts,
+        "renewed with a new account",
+        |s| s.failures == 0 && s.serial != valid.serial,
+        &pebble,
+    );
+    assert_eq!(renewed.state, CertState::Valid);
+    let set_aside = fs::read_dir(k.root.join("etc/acme"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".json.unknown-"))
+        .count();
+    assert_eq!(set_aside, 1);
 }
 
 #[test]
