@@ -27,57 +27,96 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
+/// `struct nlmsghdr`: length, type, flags, sequence number, port id.
+const NLMSG_HDR_LEN: usize = 16;
+/// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
+const SOCK_ID_LEN: usize = 48;
+/// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, socket id.
+const REQ_V2_LEN: usize = 8 + SOCK_ID_LEN;
+/// `struct inet_diag_msg` up to `idiag_inode`: family, state, timer, retransmits, socket
+/// id, expires, read and write queues, uid, inode.
+const DIAG_MSG_LEN: usize = 4 + SOCK_ID_LEN + 20;
+
+// The kernel's structures are written and read field by field at their offsets, never by
+// reinterpreting memory: no `unsafe` is needed for their contents, and a message shorter than
+// its structure is an error rather than a zero-padded value.
+
+/// The dump request for TCP sockets of `family` in `states` (a bit mask).
+fn request(family: u8, states: u32) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let mut b = [0u8; NLMSG_HDR_LEN + REQ_V2_LEN];
+    let len = b.len() as u32;
+    b[0..4].copy_from_slice(&len.to_ne_bytes());
+    b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    b[6..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // Port id 0 at 12..16: the kernel.
+    b[16] = family;
+    b[17] = libc::IPPROTO_TCP as u8;
+    b[20..24].copy_from_slice(&states.to_ne_bytes());
+    b
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u32; 4],
-    dst: [u32; 4],
-    interface: u32,
-    cookie: [u32; 2],
+/// `N` bytes at `at`, if the buffer holds them.
+fn bytes<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
+    buf.get(at..at.checked_add(N)?)?.try_into().ok()
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
+fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+    bytes(buf, at).map(u16::from_ne_bytes)
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct DiagMsg {
-    family: u8,
-    state: u8,
-    timer: u8,
-    retrans: u8,
-    id: SockId,
-    expires: u32,
-    rqueue: u32,
-    wqueue: u32,
-    uid: u32,
-    inode: u32,
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    bytes(buf, at).map(u32::from_ne_bytes)
 }
 
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: ReqV2,
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Reads the messages of one datagram into `out`. `Ok(true)` once the dump is done.
+fn parse(buf: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
+    let mut at = 0usize;
+    while at + NLMSG_HDR_LEN <= buf.len() {
+        let len = u32_at(buf, at).ok_or_else(|| invalid("short netlink header"))? as usize;
+        let kind = u16_at(buf, at + 4).ok_or_else(|| invalid("short netlink header"))?;
+        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+            return Err(invalid("short netlink message"));
+        }
+        let msg = &buf[at..at + len];
+        let payload = NLMSG_HDR_LEN;
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = bytes::<4>(msg, payload)
+                    .map(i32::from_ne_bytes)
+                    .ok_or_else(|| invalid("short netlink error message"))?;
+                return Err(io::Error::from_raw_os_error(-code));
+            }
+            SOCK_DIAG_BY_FAMILY if len >= payload + DIAG_MSG_LEN => {
+                let state = msg[payload + 1];
+                let id = payload + 4;
+                // Ports are in network byte order.
+                let local_port = bytes(msg, id).map(u16::from_be_bytes);
+                let remote_port = bytes(msg, id + 2).map(u16::from_be_bytes);
+                let inode = u32_at(msg, payload + 4 + SOCK_ID_LEN + 16);
+                if let (Some(local_port), Some(remote_port), Some(inode)) =
+                    (local_port, remote_port, inode)
+                {
+                    out.push(Socket {
+                        state,
+                        local_port,
+                        remote_port,
+                        inode,
+                    });
+                }
+            }
+            _ => {}
+        }
+        // Messages are aligned to 4 bytes.
+        at += (len + 3) & !3;
+    }
+    Ok(false)
 }
 
 /// Every IPv4 and IPv6 TCP socket in one of `states` (a list of the constants above).
@@ -105,30 +144,16 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
-    let request = Request {
-        hdr: NlMsgHdr {
-            len: size_of::<Request>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
-            seq: 1,
-            pid: 0,
-        },
-        req: ReqV2 {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            states,
-            ..ReqV2::default()
-        },
-    };
+    let request = request(family, states);
     // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: the buffer is the request struct, valid for its size; addr is a valid sockaddr_nl.
+    // SAFETY: the buffer is valid for reads of its length; addr is a valid sockaddr_nl.
     let sent = unsafe {
         libc::sendto(
             raw,
-            (&request as *const Request).cast(),
-            size_of::<Request>(),
+            request.as_ptr().cast(),
+            request.len(),
             0,
             (&addr as *const libc::sockaddr_nl).cast(),
             size_of::<libc::sockaddr_nl>() as u32,
@@ -148,55 +173,57 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
             }
             return Err(e);
         }
-        let mut at = 0usize;
-        let n = n as usize;
-        while at + size_of::<NlMsgHdr>() <= n {
-            let hdr: NlMsgHdr = read_struct(&buf[at..]);
-            let len = hdr.len as usize;
-            if len < size_of::<NlMsgHdr>() || at + len > n {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "short netlink message",
-                ));
-            }
-            match hdr.kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let code: i32 = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-                SOCK_DIAG_BY_FAMILY if len >= size_of::<NlMsgHdr>() + size_of::<DiagMsg>() => {
-                    let msg: DiagMsg = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
-                    out.push(Socket {
-                        state: msg.state,
-                        local_port: u16::from_be_bytes(msg.id.sport),
-                        remote_port: u16::from_be_bytes(msg.id.dport),
-                        inode: msg.inode,
-                    });
-                }
-                _ => {}
-            }
-            // Messages are aligned to 4 bytes.
-            at += (len + 3) & !3;
+        if parse(&buf[..n as usize], out)? {
+            return Ok(());
         }
     }
-}
-
-/// Copies a plain-data struct out of a byte buffer (which may be unaligned).
-fn read_struct<T: Copy + Default>(bytes: &[u8]) -> T {
-    let mut value = T::default();
-    let size = size_of::<T>().min(bytes.len());
-    // SAFETY: T is a repr(C) plain-data type (integers and arrays only); at most size_of::<T>()
-    // bytes are copied into it, and any bit pattern is valid for it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut value as *mut T).cast::<u8>(), size);
-    }
-    value
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A netlink message of `kind` with `payload`.
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(((NLMSG_HDR_LEN + payload.len()) as u32).to_ne_bytes());
+        m.extend(kind.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    #[test]
+    fn messages_are_read_field_by_field_and_short_ones_are_refused() {
+        let mut diag = vec![0u8; DIAG_MSG_LEN];
+        diag[1] = LISTEN;
+        diag[4..6].copy_from_slice(&8080u16.to_be_bytes());
+        diag[4 + SOCK_ID_LEN + 16..4 + SOCK_ID_LEN + 20].copy_from_slice(&77u32.to_ne_bytes());
+        let mut buf = message(SOCK_DIAG_BY_FAMILY, &diag);
+        buf.extend(message(NLMSG_DONE, &[0; 4]));
+        let mut out = Vec::new();
+        assert!(parse(&buf, &mut out).unwrap());
+        assert_eq!(
+            out,
+            [Socket {
+                state: LISTEN,
+                local_port: 8080,
+                remote_port: 0,
+                inode: 77
+            }]
+        );
+        // An error message must carry its whole error code; two bytes of it are not
+        // "success" padded with zeros.
+        let short = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()[..2]);
+        let e = parse(&short, &mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let full = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
+        let e = parse(&full, &mut out).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
 
     #[test]
     fn sees_a_listener_and_a_connection() {

@@ -1,7 +1,7 @@
-//! The status web server: axum on a small tokio runtime of its own thread (DESIGN.md 1: tokio
-//! runs the control plane's own I/O and never blocking work). It only reads what the workers
-//! publish in [`crate::report::Reports`] and the Nginx counters; no request changes anything,
-//! and every method but GET and HEAD is refused.
+//! The status web server: axum on a small tokio runtime of its own thread (tokio runs the
+//! control plane's own I/O and never blocking work; README, "Status interface"). It holds
+//! only what it reads, the workers' [`crate::report::Reports`] and the Nginx counters; no
+//! request changes anything, and every method but GET and HEAD is refused.
 //!
 //! A status address that cannot be bound is logged as an error and retried every ten seconds
 //! while keter goes on deploying apps: the status interface is not worth stopping the
@@ -25,10 +25,10 @@ use tokio::sync::watch;
 use super::StatusAddress;
 use super::metrics;
 use super::pages::{LOG_LINES, PageError, Pages};
-use crate::app::Shared;
+use crate::config::Config;
 use crate::names::AppName;
-use crate::nginx::Paths;
-use crate::report::{AppReport, AppState};
+use crate::nginx::{NginxCounters, Paths};
+use crate::report::{AppReport, AppState, Reports};
 
 /// How often a status address that could not be bound is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(10);
@@ -44,20 +44,25 @@ pub struct StatusServer {
 /// What every request handler sees.
 #[derive(Clone)]
 struct ServerState {
-    shared: Arc<Shared>,
+    reports: Arc<Reports>,
+    nginx: Arc<NginxCounters>,
     pages: Arc<Pages>,
     paths: Arc<Paths>,
 }
 
 impl StatusServer {
-    /// Starts serving `shared`'s reports on the configured `status` address. Returns `None`
-    /// (after logging why) when the interface is disabled or cannot run at all.
-    pub fn start(shared: Arc<Shared>) -> Option<StatusServer> {
-        let Some(address) = shared.config.status.clone() else {
+    /// Starts serving `reports` and the Nginx counters on the configured `status` address.
+    /// Returns `None` (after logging why) when the interface is disabled or cannot run at all.
+    pub fn start(
+        config: &Config,
+        reports: Arc<Reports>,
+        nginx: Arc<NginxCounters>,
+    ) -> Option<StatusServer> {
+        let Some(address) = config.status.clone() else {
             log::info!("keter: the status interface is disabled (status: false)");
             return None;
         };
-        let pages = match Pages::new(shared.config.external_http_port) {
+        let pages = match Pages::new(config.external_http_port) {
             Ok(p) => p,
             Err(e) => {
                 log::error!("keter: the status interface cannot run: {e}");
@@ -76,8 +81,9 @@ impl StatusServer {
             }
         };
         let state = ServerState {
-            paths: Arc::new(Paths::new(&shared.config.root)),
-            shared,
+            paths: Arc::new(Paths::new(&config.root)),
+            reports,
+            nginx,
             pages: Arc::new(pages),
         };
         let router = router(state);
@@ -86,8 +92,7 @@ impl StatusServer {
             .name("status".into())
             .spawn(move || {
                 runtime.block_on(serve(address, router, stopped));
-                // Connections still open after the grace period are dropped with the runtime,
-                // and with them the handlers' share of the daemon's state.
+                // Connections still open after the grace period are dropped with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(500));
             });
         match thread {
@@ -102,8 +107,7 @@ impl StatusServer {
         }
     }
 
-    /// Stops serving and waits until the server's thread (and its share of the daemon's
-    /// state) is gone.
+    /// Stops serving and waits until the server's thread is gone.
     pub fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
@@ -251,7 +255,7 @@ async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Re
 }
 
 async fn overview(State(s): State<ServerState>) -> Response {
-    html(s.pages.overview(&s.shared.reports.apps()))
+    html(s.pages.overview(&s.reports.apps()))
 }
 
 async fn app_page(
@@ -264,7 +268,6 @@ async fn app_page(
         return not_found_page(&s, &uri, &headers, "No app has this name.");
     };
     let log = s
-        .shared
         .reports
         .log_tail(&report.name, LOG_LINES)
         .unwrap_or_default();
@@ -293,7 +296,7 @@ struct AppsBody {
 async fn api_apps(State(s): State<ServerState>) -> Json<AppsBody> {
     Json(AppsBody {
         keter_version: env!("CARGO_PKG_VERSION"),
-        apps: s.shared.reports.apps(),
+        apps: s.reports.apps(),
     })
 }
 
@@ -327,11 +330,7 @@ async fn api_log(
         return json_not_found("no app has this name");
     };
     let n = q.lines.unwrap_or(LOG_LINES).min(LOG_LINES);
-    let lines = s
-        .shared
-        .reports
-        .log_tail(&report.name, n)
-        .unwrap_or_default();
+    let lines = s.reports.log_tail(&report.name, n).unwrap_or_default();
     Json(LogBody {
         app: report.name,
         state: report.state,
@@ -342,7 +341,7 @@ async fn api_log(
 }
 
 async fn metrics_text(State(s): State<ServerState>) -> Response {
-    let body = metrics::render(&s.shared.reports, &s.shared.nginx.counters);
+    let body = metrics::render(&s.reports, &s.nginx);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
@@ -356,7 +355,7 @@ async fn not_found(State(s): State<ServerState>, uri: Uri, headers: HeaderMap) -
 /// An app known by this name; names that are not valid app names are never looked up.
 fn lookup(s: &ServerState, name: &str) -> Option<(AppName, AppReport)> {
     let app = AppName::new(name).ok()?;
-    let report = s.shared.reports.app(app.as_str())?;
+    let report = s.reports.app(app.as_str())?;
     Some((app, report))
 }
 
