@@ -60,22 +60,38 @@ fn acme_of(k: &Keter) -> Acme {
     Acme::start(acme, &config.root.join("etc"), &config.acme_webroot).unwrap()
 }
 
-/// The example app answering `version` on `hosts`, optionally with `pem` (a stored
-/// certificate file: key and chain) as the stanza's own certificate.
-fn deploy(k: &Keter, name: &str, version: &str, hosts: &[&str], pem: Option<(&Path, &Path)>) {
+/// Where a stanza's own certificate comes from.
+enum Own<'a> {
+    None,
+    /// These key and certificate files, copied into the bundle.
+    InBundle(&'a Path, &'a Path),
+    /// These files on the host, named by their absolute paths.
+    OnHost(&'a Path, &'a Path),
+}
+
+/// The example app answering `version` on `hosts`, with the stanza's own certificate if any.
+fn deploy(k: &Keter, name: &str, version: &str, hosts: &[&str], own: Own) {
     let hosts_yaml: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
     let mut yaml = format!(
         "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, {version}]\n    hosts: [{}]\n",
         hosts_yaml.join(", ")
     );
     let mut b = BundleBuilder::new();
-    if let Some((key, cert)) = pem {
-        yaml.push_str("    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\n");
-        b = b.file("tls/key.pem", fs::read(key).unwrap(), 0o600).file(
-            "tls/cert.pem",
-            fs::read(cert).unwrap(),
-            0o644,
-        );
+    match own {
+        Own::None => {}
+        Own::InBundle(key, cert) => {
+            yaml.push_str("    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\n");
+            b = b.file("tls/key.pem", fs::read(key).unwrap(), 0o600).file(
+                "tls/cert.pem",
+                fs::read(cert).unwrap(),
+                0o644,
+            );
+        }
+        Own::OnHost(key, cert) => yaml.push_str(&format!(
+            "    ssl: {{key: {}, certificate: {}}}\n",
+            key.display(),
+            cert.display()
+        )),
     }
     let b = b
         .file("dist/hello", fs::read(hello_binary()).unwrap(), 0o755)
@@ -147,7 +163,7 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
         },
     );
     let mut k = keter("acme-obtain", &pebble, port, tls_port, &pebble.directory);
-    deploy(&k, "shop", "v1", &["shop.test", "www.shop.test"], None);
+    deploy(&k, "shop", "v1", &["shop.test", "www.shop.test"], Own::None);
 
     let hosts = set(&["shop.test", "www.shop.test"]);
     let acme = acme_of(&k);
@@ -202,7 +218,7 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
         "shop",
         "v2",
         &["shop.test", "www.shop.test"],
-        Some((&first.path, &first.path)),
+        Own::InBundle(&first.path, &first.path),
     );
     for host in ["shop.test", "www.shop.test"] {
         assert_eq!(
@@ -256,7 +272,7 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
         "shop",
         "v3",
         &["shop.test", "www.shop.test"],
-        Some((&reused.path, &reused.path)),
+        Own::InBundle(&reused.path, &reused.path),
     );
     assert_eq!(
         https_get(tls_port, "www.shop.test", "/", &root).map(|b| b.trim().to_string()),
@@ -279,7 +295,7 @@ fn certbot_webroot_mode_works_for_a_deployed_host_and_a_bundle_serves_the_result
         },
     );
     let k = keter("acme-certbot", &pebble, port, tls_port, &pebble.directory);
-    deploy(&k, "blog", "v1", &["blog.test", "www.blog.test"], None);
+    deploy(&k, "blog", "v1", &["blog.test", "www.blog.test"], Own::None);
     let le = dir.0.join("letsencrypt");
     let out = Command::new("certbot")
         .args(["certonly", "--webroot", "-w"])
@@ -314,7 +330,7 @@ fn certbot_webroot_mode_works_for_a_deployed_host_and_a_bundle_serves_the_result
         "blog",
         "v2",
         &["blog.test", "www.blog.test"],
-        Some((&live.join("privkey.pem"), &live.join("fullchain.pem"))),
+        Own::OnHost(&live.join("privkey.pem"), &live.join("fullchain.pem")),
     );
     for host in ["blog.test", "www.blog.test"] {
         assert_eq!(
@@ -339,7 +355,7 @@ fn a_ca_that_is_down_or_forgot_the_account_is_reported_and_retried() {
         },
     );
     let k = keter("acme-down", &pebble, port, tls_port, &pebble.directory);
-    deploy(&k, "down", "v1", &["down.test"], None);
+    deploy(&k, "down", "v1", &["down.test"], Own::None);
     let hosts = set(&["down.test"]);
     let acme = acme_of(&k);
     acme.want(&hosts, |_| {});
@@ -438,7 +454,7 @@ fn a_challenge_answered_wrongly_is_reported_and_retried() {
         },
     );
     let k = keter("acme-wrong", &pebble, port, tls_port, &pebble.directory);
-    deploy(&k, "wrong", "v1", &["wrong.test"], None);
+    deploy(&k, "wrong", "v1", &["wrong.test"], Own::None);
     let hosts = set(&["wrong.test"]);
     let acme = acme_of(&k);
     acme.want(&hosts, |_| {});
@@ -476,7 +492,7 @@ fn a_rate_limit_is_reported_and_retried_no_sooner_than_the_ca_asks() {
     );
     let proxy = RateLimitingProxy::start(&pebble);
     let k = keter("acme-limited", &pebble, port, tls_port, &proxy.directory);
-    deploy(&k, "limited", "v1", &["limited.test"], None);
+    deploy(&k, "limited", "v1", &["limited.test"], Own::None);
     let hosts = set(&["limited.test"]);
     let acme = acme_of(&k);
     acme.want(&hosts, |_| {});
