@@ -230,9 +230,7 @@ pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Optio
     let (local, remote) = (plain(local), plain(remote));
     let (family, src, dst) = match (local.ip(), remote.ip()) {
         (IpAddr::V4(l), IpAddr::V4(r)) => (libc::AF_INET, words(&l.octets()), words(&r.octets())),
-        (IpAddr::V6(l), IpAddr::V6(r)) => {
-            (libc::AF_INET6, words(&l.octets()), words(&r.octets()))
-        }
+        (IpAddr::V6(l), IpAddr::V6(r)) => (libc::AF_INET6, words(&l.octets()), words(&r.octets())),
         _ => return Ok(None),
     };
     let id = SockId {

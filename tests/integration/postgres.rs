@@ -236,7 +236,7 @@ extern "C" fn stop_shared_cluster() {
 
 /// The cluster shared by this test binary, started by the first test that needs it and
 /// stopped when the binary exits (statics are never dropped, hence `atexit`).
-fn shared() -> &'static PgCluster {
+pub(crate) fn shared() -> &'static PgCluster {
     SHARED.get_or_init(|| {
         let c = PgCluster::start("shared");
         // SAFETY: registers a plain function with no arguments; it runs at exit.
@@ -252,7 +252,7 @@ fn random_hex() -> String {
 }
 
 /// The example app built by `cargo test`.
-fn pgapp_binary() -> PathBuf {
+pub(crate) fn pgapp_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
