@@ -712,19 +712,12 @@ fn front_end_overhead() {
     );
 }
 
-fn many_apps() {
-    const APPS: usize = 200;
-    let k = Keter::start_with(
-        "bench-many",
-        Opts {
-            ports: 400,
-            readiness_timeout: 60.0,
-            ..Opts::default()
-        },
-    );
+/// Copies `apps` bundles into `k` at once; how long until all serve, and the Nginx
+/// generations of their switches.
+fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
     let dir = k.dir.0.join("many");
     fs::create_dir_all(&dir).unwrap();
-    for i in 0..APPS {
+    for i in 0..apps {
         BundleBuilder::hello(&hello_yaml(
             &format!("m{i}"),
             &format!("m{i}.example.com"),
@@ -733,12 +726,12 @@ fn many_apps() {
         .write(&dir.join(format!("m{i}.keter")));
     }
     let start = Instant::now();
-    for i in 0..APPS {
+    for i in 0..apps {
         let staged = k.incoming().join(format!(".m{i}.part"));
         fs::hard_link(dir.join(format!("m{i}.keter")), &staged).unwrap();
         fs::rename(&staged, k.incoming().join(format!("m{i}.keter"))).unwrap();
     }
-    for i in 0..APPS {
+    for i in 0..apps {
         let host = format!("m{i}.example.com");
         let want = format!("m{i}");
         loop {
@@ -765,6 +758,32 @@ fn many_apps() {
                 .ok()
         })
         .collect();
+    (all, generations)
+}
+
+fn many_apps() {
+    const APPS: usize = 200;
+    let opts = |extra: &str| Opts {
+        ports: 400,
+        readiness_timeout: 60.0,
+        extra: extra.into(),
+        ..Opts::default()
+    };
+    // The same burst with apps run as root first: with users of their own, each app's first
+    // deploy also creates its user.
+    let (as_root, root_rss, root_anonymous) = {
+        let k = Keter::start_with("bench-many-root", opts("run-apps-as-root: true\n"));
+        let took = burst(&k, APPS).0;
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = k.pid();
+        (
+            took,
+            proc_field(pid, "status", "VmRSS:"),
+            proc_field(pid, "smaps_rollup", "Anonymous:"),
+        )
+    };
+    let k = Keter::start_with("bench-many", opts(""));
+    let (all, generations) = burst(&k, APPS);
     let mut distinct = generations.clone();
     distinct.sort();
     distinct.dedup();
@@ -778,14 +797,18 @@ fn many_apps() {
     let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
     println!("\n4. {APPS} bundles copied in at once");
     println!(
-        "   all serving after {:.1} s; {} Nginx reloads for {} switches",
+        "   all serving after {:.1} s ({:.1} s with run-apps-as-root: the first deploys create {APPS} users); {} Nginx reloads for {} switches",
         all.as_secs_f64(),
+        as_root.as_secs_f64(),
         distinct.len(),
         generations.len()
     );
     println!(
         "   daemon RSS {rss} KiB ({anonymous} KiB heap and stacks, the rest the binary and \
          libraries) with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
+    );
+    println!(
+        "   with run-apps-as-root: daemon RSS {root_rss} KiB ({root_anonymous} KiB heap and stacks)"
     );
 }
 

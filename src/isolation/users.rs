@@ -42,8 +42,12 @@ pub struct AppUsers {
     root: PathBuf,
     records: PathBuf,
     range: RangeInclusive<u32>,
-    /// App name to its user; the one owner of the records file.
+    /// App name to its user; the one owner of the records file. Held only to read or update
+    /// it, never while `useradd` runs.
     known: Mutex<BTreeMap<String, Record>>,
+    /// Serialises this keter's `useradd` calls (the system serialises them anyway, with its
+    /// lock on `/etc/passwd`), so that lookups of existing users never wait for a creation.
+    creating: Mutex<()>,
 }
 
 /// A user name keter may write into files (passwd, Nginx's `user`): `[a-z_][a-z0-9_-]*`.
@@ -68,13 +72,20 @@ impl AppUsers {
             records,
             range,
             known: Mutex::new(known),
+            creating: Mutex::new(()),
         })
     }
 
     /// The uids of every recorded app user.
     pub fn uids(&self) -> Vec<(u32, String)> {
-        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.iter().map(|(app, r)| (r.uid, app.clone())).collect()
+        self.lock()
+            .iter()
+            .map(|(app, r)| (r.uid, app.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn range(&self) -> &RangeInclusive<u32> {
@@ -84,17 +95,19 @@ impl AppUsers {
     /// The user `app` runs as, created (with its home) on first use. The second value is true
     /// when the user was created just now.
     pub fn user_for(&self, app: &AppName) -> Result<(RunAs, bool), String> {
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = self.lock().get(app.as_str()).cloned();
         let mut created = false;
-        let record = match known.get(app.as_str()) {
+        let record = match &recorded {
             Some(r) => self.still_there(app, r)?,
             None => {
+                let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
                 let (r, new) = self.find_or_create(app)?;
                 created = new;
                 r
             }
         };
-        if known.get(app.as_str()) != Some(&record) {
+        if recorded.as_ref() != Some(&record) {
+            let mut known = self.lock();
             known.insert(app.to_string(), record.clone());
             self.write(&known)?;
         }
@@ -135,6 +148,7 @@ impl AppUsers {
                     r.user,
                     r.uid
                 );
+                let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
                 self.create(app, &r.user, Some(r.uid))
             }
             Err(e) => Err(format!("cannot look up the user {}: {e}", r.user)),
@@ -375,6 +389,7 @@ mod tests {
             records: PathBuf::new(),
             range: 65536..=99999,
             known: Mutex::new(BTreeMap::new()),
+            creating: Mutex::new(()),
         };
         let a = users("/opt/keter");
         let blog = AppName::new("blog").unwrap();
