@@ -75,6 +75,19 @@ const LAYOUT: &[(&str, u32)] = &[
 /// folder changed.
 pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
     let mut changed = Vec::new();
+    // The root itself: nobody but its owner writes it (a tmpfs or a hand-made folder may be
+    // 1777).
+    let meta = fs::metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let now = meta.mode() & 0o7777;
+    if now & 0o022 != 0 {
+        let wanted = now & !0o1022;
+        fs::set_permissions(root, fs::Permissions::from_mode(wanted))
+            .map_err(|e| format!("cannot set the mode of {}: {e}", root.display()))?;
+        changed.push(format!(
+            "{} was mode {now:04o}, now {wanted:04o}: apps must not write it",
+            root.display()
+        ));
+    }
     for (sub, mode) in LAYOUT {
         let dir = root.join(sub);
         match fs::DirBuilder::new().mode(*mode).create(&dir) {
@@ -92,15 +105,15 @@ pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
             return Err(format!("{} is not a folder", dir.display()));
         }
         let now = meta.mode() & 0o7777;
-        // The owner keeps its bits (at least the layout's), setgid stays, the group keeps
-        // what the layout allows it, and others get exactly the layout's bits.
-        let group_allowed = match *sub {
-            "incoming" => 0o070,
-            "log" => 0o050,
+        // The owner keeps its bits (at least the layout's) and setgid stays; the group keeps
+        // what an operator gave it on incoming/ (deployers) and log/ (readers), and gets the
+        // layout's bits elsewhere; others get exactly the layout's bits.
+        let group = match *sub {
+            "incoming" => now & 0o070,
+            "log" => now & 0o050,
             _ => mode & 0o070,
         };
-        let wanted =
-            (now & 0o2000) | ((now | mode) & 0o700) | (now & group_allowed) | (mode & 0o007);
+        let wanted = (now & 0o2000) | ((now | mode) & 0o700) | group | (mode & 0o007);
         if wanted != now {
             fs::set_permissions(&dir, fs::Permissions::from_mode(wanted))
                 .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
@@ -405,13 +418,22 @@ impl Isolation {
             .insert(uid)
     }
 
-    /// What a user could do to keter's state that an app must not: write `incoming/`,
-    /// `temp/`, `nginx/`, `log/`, the ACME webroot, or read `etc/`.
+    /// What a user could do to keter's state that an app must not: write the root,
+    /// `incoming/`, `temp/`, `nginx/`, `log/`, `etc/`, `home/`, or read `etc/`.
     fn breaches(&self, ids: &Ids) -> Result<Vec<String>, String> {
         let root = self.root.clone();
         access::as_user(ids, move || {
             let mut out = Vec::new();
-            for sub in ["incoming", "temp", "nginx", "nginx/apps", "log", "etc"] {
+            for sub in [
+                "",
+                "incoming",
+                "temp",
+                "nginx",
+                "nginx/apps",
+                "log",
+                "etc",
+                "home",
+            ] {
                 let dir = root.join(sub);
                 if dir.exists() && access::can_write_into(&dir) {
                     out.push(format!("may write {}", dir.display()));
@@ -445,5 +467,37 @@ fn ids_of(user: &RunAs) -> Ids {
         uid: user.uid,
         gid: user.gid,
         groups: user.groups.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_root_is_laid_out_and_wider_folders_are_narrowed() {
+        let root = std::env::temp_dir().join(format!("keter-layout-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o1777)).unwrap();
+        // As an older package left them, and an operator's deployers' group on incoming/.
+        for (sub, m) in [("incoming", 0o2777), ("temp", 0o750), ("etc", 0o755)] {
+            fs::create_dir(root.join(sub)).unwrap();
+            fs::set_permissions(root.join(sub), fs::Permissions::from_mode(m)).unwrap();
+        }
+        let changed = prepare_root(&root).unwrap();
+        assert_eq!(mode(&root.join("incoming")), 0o2770);
+        assert_eq!(mode(&root.join("temp")), 0o711);
+        assert_eq!(mode(&root.join("etc")), 0o700);
+        assert_eq!(mode(&root.join("nginx/apps")), 0o700);
+        assert_eq!(mode(&root.join("log")), 0o750);
+        assert_eq!(mode(&root), 0o755);
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        assert!(prepare_root(&root).unwrap().is_empty());
+        fs::remove_dir_all(&root).unwrap();
     }
 }

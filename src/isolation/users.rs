@@ -109,7 +109,12 @@ impl AppUsers {
         if recorded.as_ref() != Some(&record) {
             let mut known = self.lock();
             known.insert(app.to_string(), record.clone());
-            self.write(&known)?;
+            // The user's comment marks it as this root's: a record that cannot be written
+            // now (a full disk) is written at a later deploy, and the user is found again
+            // meanwhile. Nothing is lost by going on.
+            if let Err(e) = self.write(&known) {
+                log::warn!("{app}: {e}; its user {} is recorded later", record.user);
+            }
         }
         let home = self.root.join("home").join(app.as_str());
         make_home(&home, record.uid, record.gid)
@@ -126,22 +131,39 @@ impl AppUsers {
         ))
     }
 
-    /// A recorded user as the system knows it now: the same user, or made again with its uid
-    /// when it was removed by hand.
+    /// A recorded user as the system knows it now: the same user; the same user made again
+    /// with its uid when it was removed by hand; or, when its name now belongs to a user keter
+    /// did not make for this app, another user.
     fn still_there(&self, app: &AppName, r: &Record) -> Result<Record, String> {
         match nix::unistd::User::from_name(&r.user) {
             Ok(Some(u)) if u.uid.as_raw() == r.uid => Ok(Record {
                 gid: u.gid.as_raw(),
                 ..r.clone()
             }),
-            Ok(Some(u)) => Err(format!(
-                "the user {} has uid {}, but {} records uid {} for the app {app}; remove its \
-                 line there to let keter choose another user",
-                r.user,
-                u.uid,
-                self.records.display(),
-                r.uid
-            )),
+            Ok(Some(u)) if u.gecos.to_str().ok() == Some(self.tag(app).as_str()) => {
+                log::warn!(
+                    "{app}: its user {} has uid {} now, not {}; the app's files follow it",
+                    r.user,
+                    u.uid,
+                    r.uid
+                );
+                Ok(Record {
+                    user: r.user.clone(),
+                    uid: u.uid.as_raw(),
+                    gid: u.gid.as_raw(),
+                })
+            }
+            Ok(Some(u)) => {
+                log::warn!(
+                    "{app}: the name of its user {} (uid {}) now belongs to another user (uid {}); \
+                     choosing another",
+                    r.user,
+                    r.uid,
+                    u.uid
+                );
+                let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+                self.find_or_create(app).map(|(r, _)| r)
+            }
             Ok(None) => {
                 log::warn!(
                     "{app}: its user {} (uid {}) is gone from the system; creating it again",
@@ -149,7 +171,13 @@ impl AppUsers {
                     r.uid
                 );
                 let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-                self.create(app, &r.user, Some(r.uid))
+                match self.create(app, &r.user, Some(r.uid)) {
+                    Ok(r) => Ok(r),
+                    // The uid (or, a moment later, the name) was taken meanwhile.
+                    Err(Created::Taken | Created::Failed(_)) => {
+                        self.find_or_create(app).map(|(r, _)| r)
+                    }
+                }
             }
             Err(e) => Err(format!("cannot look up the user {}: {e}", r.user)),
         }
@@ -173,7 +201,12 @@ impl AppUsers {
                 }
                 // Someone else's user (or another keter root's): never taken over.
                 Ok(Some(_)) => continue,
-                Ok(None) => return self.create(app, &name, None).map(|r| (r, true)),
+                Ok(None) => match self.create(app, &name, None) {
+                    Ok(r) => return Ok((r, true)),
+                    // Another process made a user of that name a moment ago.
+                    Err(Created::Taken) => continue,
+                    Err(Created::Failed(e)) => return Err(e),
+                },
                 Err(e) => return Err(format!("cannot look up the user {name}: {e}")),
             }
         }
@@ -219,7 +252,7 @@ impl AppUsers {
         format!("keter app {app} in {root}")
     }
 
-    fn create(&self, app: &AppName, name: &str, uid: Option<u32>) -> Result<Record, String> {
+    fn create(&self, app: &AppName, name: &str, uid: Option<u32>) -> Result<Record, Created> {
         let (first, last) = (self.range.start(), self.range.end());
         let home = self.root.join("home").join(app.as_str());
         let mut cmd = Command::new(sbin("useradd"));
@@ -263,17 +296,28 @@ impl AppUsers {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| format!("cannot run useradd to create the user {name}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "useradd could not create the user {name} for the app {app}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            .map_err(|e| {
+                Created::Failed(format!("cannot run useradd to create the user {name}: {e}"))
+            })?;
+        // useradd(8): 4, the uid is in use; 9, the name is.
+        match out.status.code() {
+            Some(0) => {}
+            Some(4 | 9) => return Err(Created::Taken),
+            _ => {
+                return Err(Created::Failed(format!(
+                    "useradd could not create the user {name} for the app {app}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
         }
         let u = nix::unistd::User::from_name(name)
             .ok()
             .flatten()
-            .ok_or_else(|| format!("useradd created {name}, but the system does not know it"))?;
+            .ok_or_else(|| {
+                Created::Failed(format!(
+                    "useradd created {name}, but the system does not know it"
+                ))
+            })?;
         log::info!(
             "{app}: created the system user {name} (uid {}, gid {}) for it",
             u.uid,
@@ -297,6 +341,13 @@ impl AppUsers {
         crate::atomic_file::replace(&self.records, text.as_bytes(), 0o600)
             .map_err(|e| format!("cannot write {}: {e}", self.records.display()))
     }
+}
+
+/// Why `useradd` made no user.
+enum Created {
+    /// The name or the uid is in use (by another process, a moment ago).
+    Taken,
+    Failed(String),
 }
 
 /// `keter-` + the name cut and cleaned + `-` + 8 hex digits of SHA-256 of `seed`.

@@ -625,13 +625,15 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
     wait_live(&k, "first", "first.example.com", "one", 1);
     let before = fs::read_to_string(store(&k)).unwrap();
 
-    // etc/ on a tiny tmpfs, filled up: the credentials file cannot be rewritten.
+    // etc/ on a tiny tmpfs, filled up: the credentials file cannot be rewritten. Mode 0700,
+    // as keter keeps etc/ (a tmpfs is 1777 otherwise, and keter refuses to run apps whose
+    // users could write it).
     let etc = k.root.join("etc");
     let saved = k.dir.0.join("etc-saved");
     fs::create_dir_all(&saved).unwrap();
     fs::copy(store(&k), saved.join("postgres.yaml")).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
         .arg(&etc)
         .status()
         .is_ok_and(|s| s.success());

@@ -256,7 +256,13 @@ impl Keter {
         if let Some(mib) = opts.tmpfs_mib {
             fs::create_dir_all(&root).unwrap();
             let ok = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m,mode=0755"),
+                    "tmpfs",
+                ])
                 .arg(&root)
                 .status()
                 .is_ok_and(|s| s.success());
@@ -481,13 +487,26 @@ impl Drop for Keter {
 }
 
 /// Removes the system users a test daemon created for its apps (listed in
-/// `ROOT/etc/app-users`): the machine's user database must not fill up with test users.
+/// `ROOT/etc/app-users`): the machine's user database must not fill up with test users. A
+/// name is only removed while it still is this root's user (other test daemons reuse names).
 pub fn remove_app_users(root: &Path) {
     let Ok(text) = fs::read_to_string(root.join("etc/app-users")) else {
         return;
     };
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        if let Some(user) = line.split_whitespace().nth(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [app, user, uid, _] = fields[..] else {
+            continue;
+        };
+        let ours = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .is_some_and(|u| {
+                u.uid.as_raw().to_string() == uid
+                    && u.gecos.to_str().ok()
+                        == Some(format!("keter app {app} in {}", root.display()).as_str())
+            });
+        if ours {
             userdel(user);
         }
     }
