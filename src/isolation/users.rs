@@ -114,6 +114,11 @@ impl AppUsers {
             // meanwhile. Nothing is lost by going on.
             if let Err(e) = self.write(&known) {
                 log::warn!("{app}: {e}; its user {} is recorded later", record.user);
+                // Not recorded: the next deploy finds the user by its comment and writes again.
+                match &recorded {
+                    Some(old) => known.insert(app.to_string(), old.clone()),
+                    None => known.remove(app.as_str()),
+                };
             }
         }
         let home = self.root.join("home").join(app.as_str());

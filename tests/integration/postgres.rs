@@ -674,5 +674,10 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
     wait_live(&k, "second", "second.example.com", "two", 1);
     let after = fs::read_to_string(store(&k)).unwrap();
     assert!(after.contains("second"), "{after}");
+    // The apps' users are recorded in the etc/ about to be unmounted: removed while it is
+    // there.
+    let mut k = k;
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    remove_app_users(&k.root);
     let _ = std::process::Command::new("umount").arg(&etc).status();
 }
