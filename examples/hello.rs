@@ -17,7 +17,9 @@
 //! Paths: `/` version, `/env` its environment, `/pid` its pid, `/whoami` its uid, gid and
 //! groups, `/slow?ms=N` answers after N milliseconds, `/exit` exits with code 7,
 //! `/print?n=N` prints N lines of 100 bytes, `/write?path=P` tries to create file P and
-//! answers `ok` or the error, `/host` the `Host` header it got. A request with `Upgrade:
+//! answers `ok` or the error, `/read?path=P` tries to read file P and answers `ok` or the
+//! error, `/upload` the number of body bytes it received, `/method` the request's method (also in every answer's `X-Request-Method`),
+//! `/host` the `Host` header it got. A request with `Upgrade:
 //! websocket` gets `101 Switching Protocols`, then every chunk it sends is echoed back
 //! prefixed with the version (enough to test that Nginx keeps such a tunnel open).
 //! HTTP/1.1 keep-alive is supported so Nginx can reuse upstream connections.
@@ -193,6 +195,11 @@ fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_ope
                 return;
             }
         }
+        let method = request_line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string();
         let target = request_line
             .split_whitespace()
             .nth(1)
@@ -220,6 +227,15 @@ fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_ope
             vars.join("\n") + "\n"
         } else if target == "/host" {
             format!("{host}\n")
+        } else if target == "/upload" {
+            format!("received {content_length}\n")
+        } else if target == "/method" {
+            format!("{method}\n")
+        } else if let Some(path) = target.strip_prefix("/read?path=") {
+            match std::fs::read(path) {
+                Ok(_) => "ok\n".to_string(),
+                Err(e) => format!("error: {e}\n"),
+            }
         } else if target == "/fds" {
             // Every descriptor beyond stdin, stdout and stderr, with what it refers to.
             let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
@@ -267,7 +283,7 @@ fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_ope
             format!("{version}\n")
         };
         let response = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Request-Method: {method}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );

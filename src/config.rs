@@ -2,17 +2,18 @@
 //! validated values with defaults applied. The README's "Global configuration" lists the keys.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 
+pub use crate::listen::{Bind, Listener, TlsFiles};
 use crate::names::{UrlPath, check_env_name, check_env_value};
 use crate::postgres::{PostgresAdmin, Secret, Server};
 use crate::problem::{Invalid, Problem, Problems};
 use crate::process::RunAs;
+use crate::responses::ResponseFiles;
 use crate::status::StatusAddress;
 use crate::yaml::{self, Fields};
 
@@ -63,6 +64,14 @@ pub struct Config {
     pub postgres: Option<PostgresAdmin>,
     /// Where the status web interface listens; `None` when it is disabled (`status: false`).
     pub status: Option<StatusAddress>,
+    /// Folders outside bundles that a static-files stanza may serve (`allowed-static-roots`;
+    /// absolute, symlinks resolved). None by default.
+    pub allowed_static_roots: Vec<PathBuf>,
+    /// Nginx's `client_max_body_size` for every app (`client-max-body-size`); 0, the default,
+    /// is no limit, as Keter has none.
+    pub client_max_body_size: u64,
+    /// Keter's `*-response-file` pages.
+    pub responses: ResponseFiles,
 }
 
 /// How keter runs and reaches Nginx.
@@ -86,34 +95,6 @@ pub enum NginxMode {
     Managed,
     /// Nginx is an OS service; keter writes files under its root and signals the master.
     System,
-}
-
-/// One front-end listening address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listener {
-    /// `None` for every address (`*`).
-    pub ip: Option<IpAddr>,
-    pub port: u16,
-    pub tls: Option<TlsFiles>,
-}
-
-impl Listener {
-    /// The address part of an Nginx `listen` directive: `80`, `127.0.0.1:80`, `[::1]:80`.
-    pub fn nginx_address(&self) -> String {
-        match self.ip {
-            None => self.port.to_string(),
-            Some(IpAddr::V4(ip)) => format!("{ip}:{}", self.port),
-            Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
-        }
-    }
-}
-
-/// Certificate files of a TLS listener (absolute, validated paths).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub key: PathBuf,
-    pub certificate: PathBuf,
-    pub chain_certificates: Vec<PathBuf>,
 }
 
 /// Caps applied while unpacking a bundle.
@@ -212,7 +193,7 @@ fn from_tree(
             }
         },
     };
-    let listeners = read_listeners(&mut f, base, problems);
+    let listeners = crate::listen::read_listeners(&mut f, base, problems);
     let mut env = f.string_map("env", problems).unwrap_or_default();
     env.retain(|k, v| {
         let checked = check_env_name(k).and_then(|()| check_env_value(v));
@@ -239,15 +220,7 @@ fn from_tree(
         });
     let rotate_logs = f.bool("rotate-logs", problems).unwrap_or(true);
     let ip_from_header = f.bool("ip-from-header", problems).unwrap_or(false);
-    for key in [
-        "unknown-host-response-file",
-        "missing-host-response-file",
-        "proxy-exception-response-file",
-    ] {
-        if f.raw(key).is_some() {
-            problems.warn(key, "not supported yet: the built-in response is used");
-        }
-    }
+    keter_only_keys(&mut f, &mut env, problems);
     let run_as = f.string("setuid", problems).and_then(|user| {
         RunAs::lookup(&user)
             .map_err(|e| problems.error("setuid", e))
@@ -279,8 +252,12 @@ fn from_tree(
     let postgres = read_postgres(&mut f, base, problems);
     let status = crate::status::address::read(f.raw("status"), base, problems);
     let nginx = read_nginx(&mut f, base, problems);
+    let system = nginx.as_ref().is_some_and(|n| n.mode == NginxMode::System);
+    let responses = crate::responses::read(&mut f, base, system, problems);
     let readiness_timeout = seconds_or(&mut f, "readiness-timeout", 90.0, problems);
-    let drain_time = seconds_or(&mut f, "drain-time", 20.0, problems);
+    let drain_time = read_drain_time(&mut f, problems);
+    let allowed_static_roots = read_allowed_static_roots(&mut f, base, problems);
+    let client_max_body_size = f.size("client-max-body-size", problems).unwrap_or(0);
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
@@ -315,7 +292,96 @@ fn from_tree(
         limits,
         postgres,
         status,
+        allowed_static_roots,
+        client_max_body_size,
+        responses,
     })
+}
+
+/// Keter's keys that keter gives another meaning or a replacement, each said in a warning
+/// rather than called unknown; and the global `env`'s port variables, which keter sets.
+fn keter_only_keys(f: &mut Fields, env: &mut BTreeMap<String, String>, problems: &mut Problems) {
+    for name in crate::bundle::config::PORT_ENV {
+        if env.remove(name).is_some() {
+            problems.error(
+                format!("env.{name}"),
+                crate::bundle::config::port_reserved(name),
+            );
+        }
+    }
+    if f.raw("cli-port").is_some() {
+        problems.warn(
+            "cli-port",
+            "Keter's debug console is not there: `keter status` and the status web interface (key `status`) list the apps and their state",
+        );
+    }
+    if f.raw("app-crash-hook").is_some() {
+        problems.warn(
+            "app-crash-hook",
+            "Keter runs no crash hook (Keter 2.3 reads this key as its healthcheck-path by mistake), and keter runs none: crashes are logged, shown by `keter status` and counted in /metrics (keter_app_restarts_total)",
+        );
+    }
+    if f.raw("port-manager").is_some() {
+        problems.warn(
+            "port-manager",
+            "Keter ignores the contents of this key, and so does keter: `port-range` sets the ports given to apps",
+        );
+    }
+    if f.raw("reverse-proxy").is_some() {
+        problems.error(
+            "reverse-proxy",
+            "Keter's global reverse-proxy list is not supported: put each entry in a bundle as a `type: reverse-proxy` stanza",
+        );
+    }
+}
+
+/// `drain-time` (seconds), or Keter's `graceful-drain-micros` (microseconds) when it is the
+/// one given; both at once is an error.
+fn read_drain_time(f: &mut Fields, problems: &mut Problems) -> Duration {
+    let micros = f.uint("graceful-drain-micros", 86_400_000_000, problems);
+    let given = f.contains("drain-time");
+    let seconds = seconds_or(f, "drain-time", 20.0, problems);
+    match micros {
+        Some(_) if given => {
+            problems.error(
+                "graceful-drain-micros",
+                "both drain-time and Keter's graceful-drain-micros are given; keep one",
+            );
+            seconds
+        }
+        Some(us) => Duration::from_micros(us),
+        None => seconds,
+    }
+}
+
+/// `allowed-static-roots`: absolute folders (relative ones are taken from the configuration
+/// file's folder), symlinks resolved, so that a root is compared with what it really is.
+fn read_allowed_static_roots(f: &mut Fields, base: &Path, problems: &mut Problems) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (i, text) in f
+        .strings("allowed-static-roots", problems)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("allowed-static-roots[{i}]");
+        let path = normalize(&base.join(&text));
+        match path.canonicalize() {
+            Ok(real) if real == Path::new("/") => {
+                problems.error(key, "/ would let a bundle serve every file of the host")
+            }
+            Ok(real) if real.is_dir() => out.push(real),
+            Ok(_) => problems.error(key, format!("{} is not a folder", path.display())),
+            Err(e) => problems.warn(
+                key,
+                format!(
+                    "{}: {e}; no static root is allowed there until it exists and keter restarts",
+                    path.display()
+                ),
+            ),
+        }
+    }
+    out
 }
 
 pub use crate::fspath::normalize;
@@ -373,164 +439,6 @@ fn show(v: &Value) -> String {
         Value::Number(n) => n.to_string(),
         other => yaml::type_name(other).to_string(),
     }
-}
-
-fn read_listeners(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Vec<Listener>> {
-    let mut out = Vec::new();
-    let mut ok = true;
-    if let Some(v) = f.raw("listeners") {
-        match v {
-            Value::Array(items) if !items.is_empty() => {
-                for (i, item) in items.iter().enumerate() {
-                    match read_listener(item, &format!("listeners[{i}]"), base, problems) {
-                        Some(l) => out.push(l),
-                        None => ok = false,
-                    }
-                }
-            }
-            Value::Object(_) => match read_listener(v, "listeners", base, problems) {
-                Some(l) => out.push(l),
-                None => ok = false,
-            },
-            other => {
-                problems.error(
-                    "listeners",
-                    format!(
-                        "expected a non-empty list of listeners, found {}",
-                        show(other)
-                    ),
-                );
-                ok = false;
-            }
-        }
-    }
-    // Keter's older flat form: `host`/`port` for plain HTTP and `ssl: {host, port, key,
-    // certificate}` for TLS; converted to listeners as Keter does.
-    let flat_host = f.string("host", problems);
-    let flat_port = f.uint("port", 65535, problems);
-    if flat_host.is_some() || flat_port.is_some() {
-        let host = flat_host.unwrap_or_else(|| "*".into());
-        match listen_ip(&host) {
-            Ok(ip) => out.push(Listener {
-                ip,
-                port: flat_port.unwrap_or(80) as u16,
-                tls: None,
-            }),
-            Err(e) => {
-                problems.error("host", e);
-                ok = false;
-            }
-        }
-    }
-    if let Some(v) = f.raw("ssl") {
-        match read_listener(v, "ssl", base, problems) {
-            Some(mut l) if l.tls.is_some() => {
-                if !matches!(v.get("port"), Some(p) if !p.is_null()) {
-                    l.port = 443;
-                }
-                out.push(l)
-            }
-            Some(_) => {
-                problems.error("ssl", "a TLS listener needs `key` and `certificate`");
-                ok = false;
-            }
-            None => ok = false,
-        }
-    }
-    if !ok {
-        return None;
-    }
-    if out.is_empty() {
-        out.push(Listener {
-            ip: None,
-            port: 80,
-            tls: None,
-        });
-    }
-    Some(out)
-}
-
-fn listen_ip(host: &str) -> Result<Option<IpAddr>, String> {
-    if host == "*" || host == "*4" || host == "*6" {
-        return Ok(None);
-    }
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .map(Some)
-        .map_err(|_| format!("expected \"*\" or an IP address, found {host:?}"))
-}
-
-fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) -> Option<Listener> {
-    let mut f = Fields::new(v, path, problems)?;
-    let host = f.string("host", problems).unwrap_or_else(|| "*".into());
-    let ip = match listen_ip(&host) {
-        Ok(ip) => Some(ip),
-        Err(e) => {
-            problems.error(f.path("host"), e);
-            None
-        }
-    };
-    let key = f.string("key", problems);
-    let certificate = f.string("certificate", problems);
-    let chain = f
-        .strings("chain-certificates", problems)
-        .unwrap_or_default();
-    let port = f.uint("port", 65535, problems);
-    let mut ok = ip.is_some();
-    let mut file = |key_name: &'static str, value: String| -> Option<PathBuf> {
-        let p = normalize(&base.join(&value));
-        match crate::names::check_conf_path(&p) {
-            Ok(()) => Some(p),
-            Err(e) => {
-                problems.error(format!("{path}.{key_name}"), e);
-                None
-            }
-        }
-    };
-    let tls = match (key, certificate) {
-        (Some(k), Some(c)) => {
-            let key = file("key", k);
-            let certificate = file("certificate", c);
-            let chain: Vec<Option<PathBuf>> = chain
-                .into_iter()
-                .map(|c| file("chain-certificates", c))
-                .collect();
-            match (key, certificate, chain.iter().all(Option::is_some)) {
-                (Some(key), Some(certificate), true) => Some(TlsFiles {
-                    key,
-                    certificate,
-                    chain_certificates: chain.into_iter().flatten().collect(),
-                }),
-                _ => {
-                    ok = false;
-                    None
-                }
-            }
-        }
-        (None, None) => None,
-        _ => {
-            problems.error(path, "`key` and `certificate` go together");
-            ok = false;
-            None
-        }
-    };
-    let port = match port {
-        Some(0) => {
-            problems.error(f.path("port"), "port 0 cannot be listened on");
-            ok = false;
-            0
-        }
-        Some(p) => p as u16,
-        None if tls.is_some() => 443,
-        None => 80,
-    };
-    f.finish(problems);
-    ok.then(|| Listener {
-        ip: ip.flatten(),
-        port,
-        tls,
-    })
 }
 
 fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<NginxConfig> {
@@ -792,14 +700,13 @@ mod tests {
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let c = c.unwrap();
         assert_eq!(c.root, PathBuf::from("/etc/opt"));
+        assert_eq!(c.listeners.len(), 1);
         assert_eq!(
-            c.listeners,
-            vec![Listener {
-                ip: None,
-                port: 80,
-                tls: None
-            }]
+            (c.listeners[0].port, c.listeners[0].tls.is_none()),
+            (80, true)
         );
+        assert_eq!(c.client_max_body_size, 0);
+        assert!(c.allowed_static_roots.is_empty());
         assert_eq!(c.readiness_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_time, Duration::from_secs(20));
         assert_eq!(c.stop_timeout, Duration::from_secs(10));
@@ -877,19 +784,19 @@ mod tests {
         let (c, p) = check("root: /opt/keter\nhost: 127.0.0.1\nport: 8080\n");
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let l = &c.unwrap().listeners[0];
-        assert_eq!(l.nginx_address(), "127.0.0.1:8080");
+        assert_eq!(l.nginx_addresses(), ["127.0.0.1:8080"]);
     }
 
     #[test]
     fn every_error_is_reported_with_its_key() {
         let (c, p) = check(
-            "listeners: [{host: nowhere, port: 70000}]\nreadiness-timeout: soon\nport-range: 5-1\nnginx: {mode: fancy}\nbogus: 1\n",
+            "listeners: [{host: nowhere.invalid, port: 70000}]\nreadiness-timeout: soon\nport-range: 5-1\nnginx: {mode: fancy}\nbogus: 1\n",
         );
         assert!(c.is_none());
         let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
         let expected = [
             "keter-config.yaml: root: required",
-            "keter-config.yaml: listeners[0].host: expected \"*\" or an IP address, found \"nowhere\"",
+            "keter-config.yaml: listeners[0].host: cannot resolve the host name \"nowhere.invalid\"",
             "keter-config.yaml: listeners[0].port: 70000 is too large (at most 65535)",
             "keter-config.yaml: nginx.mode: expected \"managed\" or \"system\", found \"fancy\"",
             "keter-config.yaml: readiness-timeout: expected a number of seconds, found \"soon\"",
@@ -931,7 +838,8 @@ mod tests {
             tls.chain_certificates,
             vec![PathBuf::from("/etc/keter/chain.pem")]
         );
-        assert_eq!((l[2].port, l[2].ip), (443, None));
+        assert_eq!(l[2].port, 443);
+        assert!(l[2].nginx_addresses().contains(&"443".to_string()));
         let (_, p) = check("root: /r\nlisteners: [{key: \"/a b\", certificate: /c}]\n");
         assert!(
             p.errors[0]
@@ -988,5 +896,44 @@ mod tests {
         let c = c.unwrap();
         assert_eq!(c.readiness_timeout, Duration::from_millis(500));
         assert_eq!(c.connection_time_bound, None);
+    }
+    #[test]
+    fn keter_global_keys_keter_replaces() {
+        let (c, p) = check(
+            "root: /r\ngraceful-drain-micros: 1500000\ncli-port: 1234\napp-crash-hook: /bin/true\nport-manager: {}\nclient-max-body-size: 64m\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(c.drain_time, Duration::from_millis(1500));
+        assert_eq!(c.client_max_body_size, 64 << 20);
+        let warned: Vec<&str> = p.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(warned, ["cli-port", "app-crash-hook", "port-manager"]);
+        assert!(p.warnings.iter().all(|w| !w.message.contains("unknown")));
+        let (_, p) = check("root: /r\nenv: {PORT: \"80\", LANG: C}\nreverse-proxy: []\n");
+        let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["env.PORT", "reverse-proxy"]);
+    }
+
+    #[test]
+    fn allowed_static_roots_resolve_symlinks() {
+        let dir = std::env::temp_dir().join(format!("keter-unit-roots-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.join("real"), &link).unwrap();
+        let (c, p) = check(&format!(
+            "root: /r\nallowed-static-roots: [{}, {}/missing]\n",
+            link.display(),
+            dir.display()
+        ));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(
+            c.unwrap().allowed_static_roots,
+            vec![dir.join("real").canonicalize().unwrap()]
+        );
+        assert_eq!(p.warnings[0].key, "allowed-static-roots[1]");
+        let (_, p) = check("root: /r\nallowed-static-roots: [/]\n");
+        assert_eq!(p.errors[0].key, "allowed-static-roots[0]");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -60,13 +60,54 @@ impl fmt::Display for AppName {
     }
 }
 
-/// A host name as Nginx's `server_name` will see it: lower case, RFC 1123 labels (letters,
-/// digits, inner `-`, 1-63 bytes each), at most 253 bytes. A label may be `*`, matching any one
-/// label in that position, as Keter allows (`*.example.com`, `bar.*.*.example.com`); a host
-/// must have at least two labels besides wildcards' neighbours, so `*` alone is refused.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct Hostname(String);
+/// A host name as Nginx's `server_name` will see it: RFC 1123 labels (letters, digits, inner
+/// `-`, 1-63 bytes each) plus `_`, which Keter accepts and real host names such as `keter1_0`
+/// use; at most 253 bytes. A label may be `*`, matching any one label in that position, as
+/// Keter allows (`*.example.com`, `bar.*.*.example.com`); a wildcard host must have at least
+/// two other labels, so `*` alone is refused, and so is the single label `_`, which is Nginx's
+/// catch-all name.
+///
+/// Names compare case-insensitively (as Keter's do); [`Hostname::original`] keeps the name as
+/// written, which Keter puts into `APPROOT` and redirect targets.
+#[derive(Debug, Clone)]
+pub struct Hostname {
+    /// Lower case: what Nginx matches and what names compare by.
+    lower: String,
+    /// As written in the configuration.
+    original: String,
+}
+
+impl PartialEq for Hostname {
+    fn eq(&self, other: &Hostname) -> bool {
+        self.lower == other.lower
+    }
+}
+
+impl Eq for Hostname {}
+
+impl std::hash::Hash for Hostname {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.lower.hash(state)
+    }
+}
+
+impl PartialOrd for Hostname {
+    fn partial_cmp(&self, other: &Hostname) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Hostname {
+    fn cmp(&self, other: &Hostname) -> std::cmp::Ordering {
+        self.lower.cmp(&other.lower)
+    }
+}
+
+impl Serialize for Hostname {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.lower)
+    }
+}
 
 impl Hostname {
     pub fn new(host: &str) -> Result<Hostname, String> {
@@ -79,6 +120,12 @@ impl Hostname {
                 "the host name is {} bytes long (at most 253)",
                 lower.len()
             ));
+        }
+        if lower == "_" {
+            return Err(
+                "the host name \"_\" is Nginx's catch-all name, not a host; list the names to serve"
+                    .into(),
+            );
         }
         let labels: Vec<&str> = lower.split('.').collect();
         for label in &labels {
@@ -95,15 +142,24 @@ impl Hostname {
                 "the host name {host:?} is not valid: a wildcard needs at least two other labels"
             ));
         }
-        Ok(Hostname(lower))
+        Ok(Hostname {
+            lower,
+            original: host.to_string(),
+        })
     }
 
+    /// The name in lower case.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.lower
+    }
+
+    /// The name as written (Keter keeps it so in `APPROOT` and redirect targets).
+    pub fn original(&self) -> &str {
+        &self.original
     }
 
     pub fn is_wildcard(&self) -> bool {
-        self.0.contains('*')
+        self.lower.contains('*')
     }
 
     /// The name as Nginx's `server_name` takes it. Nginx's own `*.example.com` would also
@@ -112,20 +168,18 @@ impl Hostname {
     /// it in Nginx, as in Keter).
     pub fn server_name(&self) -> String {
         if !self.is_wildcard() {
-            return self.0.clone();
+            return self.lower.clone();
         }
-        let parts: Vec<String> = self
-            .0
+        format!("~^{}$", self.pattern())
+    }
+
+    /// The name as an unanchored regular expression: `.` escaped, each `*` one label.
+    pub fn pattern(&self) -> String {
+        self.lower
             .split('.')
-            .map(|l| {
-                if l == "*" {
-                    "[^.]+".to_string()
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        format!("~^{}$", parts.join("\\."))
+            .map(|l| if l == "*" { "[^.]+" } else { l })
+            .collect::<Vec<_>>()
+            .join("\\.")
     }
 }
 
@@ -138,10 +192,10 @@ fn check_label(label: &str) -> Result<(), String> {
     }
     if let Some(c) = label
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
         return Err(format!(
-            "it contains {c:?}; only letters, digits, '-' and '.' are allowed"
+            "it contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
         ));
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -152,7 +206,79 @@ fn check_label(label: &str) -> Result<(), String> {
 
 impl fmt::Display for Hostname {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.lower)
+    }
+}
+
+/// A host a stanza answers: a [`Hostname`] and, as Keter allows (`127.0.0.1:8000`), a port.
+/// Keter matches the whole `Host` header first and then the header without its port, so a
+/// host with a port answers only requests whose `Host` carries that very port, and a host
+/// without one answers every port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Host {
+    pub name: Hostname,
+    pub port: Option<u16>,
+    /// `name[:port]` in lower case: the `Host` header that reaches this stanza.
+    text: String,
+}
+
+impl Host {
+    pub fn new(text: &str) -> Result<Host, String> {
+        let (name, port) = match text.rsplit_once(':') {
+            Some((name, port)) => {
+                let port = match port.parse::<u16>() {
+                    Ok(p) if p > 0 && !port.starts_with('+') => p,
+                    _ => {
+                        return Err(format!(
+                            "the host {text:?} is not valid: {port:?} is not a port from 1 to 65535"
+                        ));
+                    }
+                };
+                (name, Some(port))
+            }
+            None => (text, None),
+        };
+        let name = Hostname::new(name)?;
+        let text = match port {
+            Some(p) => format!("{name}:{p}"),
+            None => name.to_string(),
+        };
+        Ok(Host { name, port, text })
+    }
+
+    /// `name[:port]` in lower case, as a `Host` header.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// `name[:port]` with the name as written.
+    pub fn original(&self) -> String {
+        match self.port {
+            Some(p) => format!("{}:{p}", self.name.original()),
+            None => self.name.original().to_string(),
+        }
+    }
+}
+
+impl From<Hostname> for Host {
+    fn from(name: Hostname) -> Host {
+        Host {
+            text: name.to_string(),
+            name,
+            port: None,
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for Host {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
     }
 }
 
@@ -332,14 +458,46 @@ mod tests {
         );
         assert_eq!(Hostname::new("a.b").unwrap().server_name(), "a.b");
         assert!(Hostname::new("localhost").is_ok());
+        // Keter's own sample hosts use `_`; only Nginx's catch-all `_` itself is refused.
+        assert_eq!(Hostname::new("Keter1_0").unwrap().as_str(), "keter1_0");
+        assert_eq!(Hostname::new("Keter1_0").unwrap().original(), "Keter1_0");
+        assert_eq!(
+            Hostname::new("WWW.Example.com").unwrap(),
+            Hostname::new("www.example.com").unwrap()
+        );
         for bad in [
             "", "a;b", "a{b", "a}b", "a b", "a\nb", "a\"b", "a$b", "a#b", "a\0b", "-a.com",
-            "a-.com", "a..com", "*", "*.com", "**.com", "a.com.", "*.*", "a*.com",
+            "a-.com", "a..com", "*", "*.com", "**.com", "a.com.", "*.*", "a*.com", "_", "a:80",
         ] {
             assert!(Hostname::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Hostname::new(&format!("{}.com", "a.".repeat(126))).is_err());
         assert!(Hostname::new(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn hosts_with_ports() {
+        let h = Host::new("127.0.0.1:8000").unwrap();
+        assert_eq!((h.name.as_str(), h.port), ("127.0.0.1", Some(8000)));
+        assert_eq!(h.as_str(), "127.0.0.1:8000");
+        let h = Host::new("Foo.Example.com").unwrap();
+        assert_eq!((h.as_str(), h.port), ("foo.example.com", None));
+        assert_eq!(h.original(), "Foo.Example.com");
+        assert_eq!(
+            Host::new("*.Example.com:8443").unwrap().original(),
+            "*.Example.com:8443"
+        );
+        for bad in [
+            "a.com:",
+            "a.com:0",
+            "a.com:70000",
+            "a.com:+80",
+            "a.com:x",
+            ":80",
+            "[::1]:80",
+        ] {
+            assert!(Host::new(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

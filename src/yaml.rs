@@ -145,6 +145,12 @@ impl<'a> Fields<'a> {
         as_uint(v, &self.path(key), max, problems)
     }
 
+    /// A size in bytes ([`as_size`]).
+    pub fn size(&mut self, key: &'static str, problems: &mut Problems) -> Option<u64> {
+        let v = self.raw(key)?;
+        as_size(v, &self.path(key), problems)
+    }
+
     /// A list of strings; a single string is accepted as a list of one.
     pub fn strings(&mut self, key: &'static str, problems: &mut Problems) -> Option<Vec<String>> {
         let v = self.raw(key)?;
@@ -169,6 +175,46 @@ impl<'a> Fields<'a> {
                 );
                 None
             }
+        }
+    }
+
+    /// A list of names (host names): only strings, or a single string for a list of one. A
+    /// number or a boolean is refused, as Keter refuses `hosts: 12`: where a name belongs, a
+    /// bare number is a mistake, not a host.
+    pub fn names(&mut self, key: &'static str, problems: &mut Problems) -> Option<Vec<String>> {
+        let v = self.raw(key)?;
+        let path = self.path(key);
+        let name = |v: &Value, path: &str, problems: &mut Problems| match v {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                problems.error(
+                    path,
+                    format!(
+                        "expected a host name (a string; quote it if YAML reads it as something else), found {}",
+                        type_name(other)
+                    ),
+                );
+                None
+            }
+        };
+        match v {
+            Value::Array(items) => {
+                let before = problems.errors.len();
+                let out: Vec<String> = items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| name(item, &format!("{path}[{i}]"), problems))
+                    .collect();
+                (problems.errors.len() == before).then_some(out)
+            }
+            Value::Object(_) => {
+                problems.error(
+                    path,
+                    format!("expected a list of host names, found {}", type_name(v)),
+                );
+                None
+            }
+            other => name(other, &path, problems).map(|s| vec![s]),
         }
     }
 
@@ -209,6 +255,51 @@ impl<'a> Fields<'a> {
             if !self.known.iter().any(|k| k == key) {
                 problems.warn(self.path(key), "unknown key, ignored");
             }
+        }
+    }
+}
+
+/// A size in bytes as Nginx writes one: a whole number, or a string of digits with `k`, `m`
+/// or `g` after it (`10m`); 0 means no limit.
+pub fn as_size(v: &Value, path: &str, problems: &mut Problems) -> Option<u64> {
+    let parsed = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => {
+            let s = s.trim().to_ascii_lowercase();
+            let (digits, unit) = match s.char_indices().last() {
+                Some((i, c @ ('k' | 'm' | 'g'))) => (&s[..i], Some(c)),
+                _ => (s.as_str(), None),
+            };
+            let shift = match unit {
+                Some('k') => 10,
+                Some('m') => 20,
+                Some('g') => 30,
+                _ => 0,
+            };
+            digits
+                .parse::<u64>()
+                .ok()
+                .filter(|_| !digits.starts_with('+'))
+                .and_then(|n| n.checked_mul(1 << shift))
+        }
+        _ => None,
+    };
+    // Nginx keeps sizes in an off_t.
+    match parsed {
+        Some(n) if n <= i64::MAX as u64 => Some(n),
+        _ => {
+            problems.error(
+                path,
+                format!(
+                    "expected a size such as 10485760, \"10m\" or 0 for no limit, found {}",
+                    match v {
+                        Value::String(s) => format!("{s:?}"),
+                        Value::Number(n) => n.to_string(),
+                        other => type_name(other).to_string(),
+                    }
+                ),
+            );
+            None
         }
     }
 }
@@ -291,6 +382,41 @@ mod tests {
         );
         let warned: Vec<String> = p.warnings.iter().map(|w| w.key.clone()).collect();
         assert_eq!(warned, vec!["listeners.x", "extra"]);
+    }
+
+    #[test]
+    fn sizes_as_nginx_writes_them() {
+        let v = parse("a: 1048576\nb: 10m\nc: \"2G\"\nd: 0\ne: 5x\nf: -1\n").unwrap();
+        let mut p = Problems::new("f.yaml");
+        let mut f = Fields::new(&v, "", &mut p).unwrap();
+        assert_eq!(f.size("a", &mut p), Some(1 << 20));
+        assert_eq!(f.size("b", &mut p), Some(10 << 20));
+        assert_eq!(f.size("c", &mut p), Some(2 << 30));
+        assert_eq!(f.size("d", &mut p), Some(0));
+        assert_eq!(f.size("e", &mut p), None);
+        assert_eq!(f.size("f", &mut p), None);
+        assert_eq!(p.errors.len(), 2);
+    }
+
+    #[test]
+    fn host_names_must_be_strings() {
+        let v = parse("a: [x.example.com, 12]\nb: 12\nc: y.example.com\nd: {x: 1}\n").unwrap();
+        let mut p = Problems::new("f.yaml");
+        let mut f = Fields::new(&v, "", &mut p).unwrap();
+        assert_eq!(f.names("a", &mut p), None);
+        assert_eq!(f.names("b", &mut p), None);
+        assert_eq!(
+            f.names("c", &mut p),
+            Some(vec!["y.example.com".to_string()])
+        );
+        assert_eq!(f.names("d", &mut p), None);
+        let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["a[1]", "b", "d"]);
+        assert!(
+            p.errors[0].message.contains("found a number"),
+            "{:?}",
+            p.errors
+        );
     }
 
     #[test]

@@ -68,7 +68,6 @@ pub(super) struct Check {
 pub(super) struct SwitchJob {
     pub version: u64,
     pub deploy: u64,
-    pub dir: PathBuf,
     pub sha256: String,
     pub config: BundleConfig,
     /// (webapp index, port) of each webapp.
@@ -102,7 +101,7 @@ pub(super) fn prepare(
     }
     let stamp = FileStamp::of(&meta);
     let config = &ctx.config;
-    let dir = config.root.join("temp").join(format!("{name}-{}", job.id));
+    let dir = version_dir(ctx, name, job.id);
     let mut progress = bundle::log_progress(name.to_string());
     let unpacked = process::when_idle(UNPACK_IDLE_GRACE, || {
         bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
@@ -123,8 +122,9 @@ pub(super) fn prepare(
         let _ = fs::remove_dir_all(&dir);
         return Ok(Prepared::SameContent);
     }
-    let (bundle_config, warnings) = bundle::read_config(&dir, &format!("{name}.keter"))
-        .map_err(|e| cleanup(DeployError::Config(e)))?;
+    let (bundle_config, warnings) =
+        bundle::read_config(&dir, &format!("{name}.keter"), &bundle::Context::of(config))
+            .map_err(|e| cleanup(DeployError::Config(e)))?;
     for w in &warnings.warnings {
         log::warn!("{w}");
     }
@@ -312,7 +312,11 @@ fn ready(
 pub(super) fn switch(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<(), DeployError> {
     let site = site_for(ctx, name, job)?;
     ctx.isolation
-        .open_to_nginx(&site, &job.dir, ctx.nginx.master_pid())
+        .open_to_nginx(
+            &site,
+            &version_dir(ctx, name, job.version),
+            ctx.nginx.master_pid(),
+        )
         .map_err(DeployError::Isolation)?;
     let switching = Instant::now();
     let generation = ctx
@@ -360,7 +364,6 @@ fn site_for(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<Site, Depl
         &SiteSource {
             app: name,
             bundle: &job.config,
-            dir: &job.dir,
             sha256: &job.sha256,
             deploy: job.deploy,
             ports: &job.ports,
@@ -377,8 +380,9 @@ fn site_for(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<Site, Depl
     Ok(site)
 }
 
-/// Copies a stanza's own certificate out of the bundle into `ROOT/etc/certs/NAME-ID/`
-/// (mode 0600, chain appended), so that Nginx reads files the app cannot change.
+/// Copies a stanza's own certificate (from the bundle or the host) into
+/// `ROOT/etc/certs/NAME-ID/` (mode 0600, chain appended), so that Nginx reads files the app
+/// cannot change.
 fn copy_certificate(
     ctx: &Context,
     name: &AppName,
@@ -386,33 +390,12 @@ fn copy_certificate(
     tls: &Tls,
     origin: &str,
 ) -> Result<Option<CertFiles>, String> {
-    let Tls::Own {
-        key,
-        certificate,
-        chain,
-    } = tls
-    else {
+    let Some(bytes) = bundle::certs::read_own(tls).map_err(|e| format!("{origin}: {e}"))? else {
         return Ok(None);
     };
-    let read = |p: &Path| -> Result<Vec<u8>, String> {
-        let real = bundle::resolve_file(&job.dir, p).map_err(|e| format!("{origin}: {e}"))?;
-        let meta = fs::metadata(&real).map_err(|e| format!("{origin}: {e}"))?;
-        if meta.len() > 1 << 20 {
-            return Err(format!("{origin}: {} is larger than 1 MiB", p.display()));
-        }
-        fs::read(&real).map_err(|e| format!("{origin}: {}: {e}", p.display()))
-    };
-    let mut cert = read(certificate)?;
-    for c in chain {
-        if !cert.ends_with(b"\n") {
-            cert.push(b'\n');
-        }
-        cert.extend(read(c)?);
-    }
-    let key_bytes = read(key)?;
     let dir = version_certs_dir(&ctx.config.root, name, job.version);
-    write_private(&dir, "certificate.pem", &cert)
-        .and_then(|c| Ok((c, write_private(&dir, "key.pem", &key_bytes)?)))
+    write_private(&dir, "certificate.pem", &bytes.certificate)
+        .and_then(|c| Ok((c, write_private(&dir, "key.pem", &bytes.key)?)))
         .map(|(certificate, key)| Some(CertFiles { certificate, key }))
         .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))
 }
@@ -455,6 +438,11 @@ pub(super) fn discard(ctx: &Context, name: &AppName, version: Version) {
     if let Err(e) = fs::remove_dir_all(&version.dir) {
         log::warn!("{name}: cannot delete {}: {e}", version.dir.display());
     }
+}
+
+/// The unpacked folder of version `id`: `temp/NAME-ID`.
+fn version_dir(ctx: &Context, name: &AppName, id: u64) -> PathBuf {
+    ctx.config.root.join("temp").join(format!("{name}-{id}"))
 }
 
 /// Where a version's own certificates are kept.

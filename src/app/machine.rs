@@ -454,7 +454,6 @@ impl Machine {
         fx.switch(SwitchJob {
             version: c.id,
             deploy: c.deploy,
-            dir: c.dir.clone(),
             sha256: c.sha256.clone(),
             config: c.config.clone(),
             ports: web_ports(c),

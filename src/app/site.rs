@@ -1,23 +1,24 @@
 //! What Nginx serves for a bundle ([`site_of`]): one block per stanza with hosts, built from
-//! the bundle's validated configuration. The daemon's deploys and `keter render` share it.
+//! the bundle's checked configuration. The daemon's deploys and `keter render` share it.
 
-use std::path::Path;
-
-use crate::bundle::{self, BundleConfig, RedirectTo, Tls};
+use crate::bundle::middleware::Middlewares;
+use crate::bundle::served::Served;
+use crate::bundle::{BundleConfig, RedirectTo, Tls};
 use crate::config::Config;
 use crate::names::AppName;
-use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site};
+use crate::nginx::middleware::htpasswd;
+use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
 /// Turns a stanza's `ssl` (and its key path, for messages) into the certificate files Nginx
 /// reads.
 pub type CertSource<'a> = dyn FnMut(&Tls, &str) -> Result<Option<CertFiles>, String> + 'a;
 
-/// What a site is built from: a bundle's configuration and where its webapps listen.
+/// What a site is built from: a bundle's configuration, checked against its unpacked folder by
+/// `bundle::check_config` (static roots and certificates are absolute), and where its webapps
+/// listen.
 pub struct SiteSource<'a> {
     pub app: &'a AppName,
     pub bundle: &'a BundleConfig,
-    /// The unpacked folder (static roots are resolved inside it).
-    pub dir: &'a Path,
     pub sha256: &'a str,
     pub deploy: u64,
     /// (webapp index, port) of each webapp.
@@ -25,15 +26,31 @@ pub struct SiteSource<'a> {
 }
 
 /// What Nginx serves for a bundle: one block per stanza with hosts. `certs` turns a stanza's
-/// `ssl` into certificate files (the daemon copies them out of the bundle; `keter render`
+/// `ssl` into certificate files (the daemon copies them into its own folder; `keter render`
 /// shows them where they are).
 pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Result<Site, String> {
     let config = src.bundle;
     let mut blocks = Vec::new();
+    let mut files = Vec::new();
+    let mut add = |blocks: &mut Vec<Block>, block: Block, middleware: &Middlewares| {
+        if block.hosts.is_empty() {
+            // Every host of the stanza is served by another stanza of the bundle.
+            return;
+        }
+        let mut block = block;
+        if let Some(auth) = &middleware.basic_auth {
+            let file = SiteFile::new(htpasswd(&auth.users), "htpasswd");
+            block.auth_file = Some(file.name.clone());
+            files.push(file);
+        }
+        block.middleware = middleware.clone();
+        blocks.push(block);
+    };
+    let max_body = |stanza: Option<u64>| stanza.unwrap_or(global.client_max_body_size);
     for &(index, port) in src.ports {
         let w = &config.webapps[index];
-        blocks.push(Block {
-            hosts: w.hosts.clone(),
+        let block = Block {
+            hosts: w.routed.clone(),
             content: Content::App {
                 port,
                 timeout: w
@@ -42,21 +59,20 @@ pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Res
             },
             certificate: certs(&w.tls, &w.program.key("ssl"))?,
             requires_secure: w.requires_secure,
-        });
+            max_body: max_body(w.max_body),
+            middleware: Middlewares::default(),
+            auth_file: None,
+        };
+        add(&mut blocks, block, &w.middleware);
     }
     for st in &config.statics {
-        let root = bundle::resolve_dir(src.dir, &st.root)
-            .map_err(|e| format!("{}: {e}", key(&st.origin, "root")))?;
-        crate::names::check_conf_path(&root)?;
-        blocks.push(Block {
-            hosts: st.served.hosts.clone(),
-            content: Content::Static {
-                root,
-                listing: st.directory_listing,
-            },
-            certificate: certs(&st.served.tls, &key(&st.origin, "ssl"))?,
-            requires_secure: st.served.requires_secure,
-        });
+        let content = Content::Static {
+            root: st.root.clone(),
+            listing: st.directory_listing,
+            send_timeout: st.time_bound,
+        };
+        let block = served(&st.served, content, max_body(st.served.max_body), certs)?;
+        add(&mut blocks, block, &st.middleware);
     }
     for r in &config.redirects {
         let rules = r
@@ -74,29 +90,23 @@ pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Res
                 },
             })
             .collect();
-        blocks.push(Block {
-            hosts: r.served.hosts.clone(),
-            content: Content::Redirect {
-                status: r.status,
-                rules,
-            },
-            certificate: certs(&r.served.tls, "redirect.ssl")?,
-            requires_secure: r.served.requires_secure,
-        });
+        let content = Content::Redirect {
+            status: r.status,
+            rules,
+        };
+        let block = served(&r.served, content, max_body(r.served.max_body), certs)?;
+        add(&mut blocks, block, &Middlewares::default());
     }
     for p in &config.proxies {
-        blocks.push(Block {
-            hosts: p.served.hosts.clone(),
-            content: Content::ReverseProxy {
-                https: p.reversed_ssl,
-                host: p.reversed_host.clone(),
-                port: p.reversed_port,
-                preserve_host: p.preserve_host,
-                timeout: p.timeout.unwrap_or(global.connection_time_bound),
-            },
-            certificate: certs(&p.served.tls, "reverse-proxy.ssl")?,
-            requires_secure: p.served.requires_secure,
-        });
+        let content = Content::ReverseProxy {
+            https: p.reversed_ssl,
+            host: p.reversed_host.clone(),
+            port: p.reversed_port,
+            preserve_host: p.preserve_host,
+            timeout: p.timeout.unwrap_or(global.connection_time_bound),
+        };
+        let block = served(&p.served, content, max_body(p.served.max_body), certs)?;
+        add(&mut blocks, block, &p.middleware);
     }
     Ok(Site {
         app: src.app.clone(),
@@ -104,14 +114,24 @@ pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Res
         sha256: src.sha256.to_string(),
         deploy: src.deploy,
         blocks,
+        files,
     })
 }
 
-/// `stanzas[1].root` from a stanza's origin and a key.
-fn key(origin: &str, key: &str) -> String {
-    if origin.is_empty() {
-        key.to_string()
-    } else {
-        format!("{origin}.{key}")
-    }
+/// The block of a stanza Nginx serves by itself.
+fn served(
+    s: &Served,
+    content: Content,
+    max_body: u64,
+    certs: &mut CertSource,
+) -> Result<Block, String> {
+    Ok(Block {
+        hosts: s.routed.clone(),
+        content,
+        certificate: certs(&s.tls, &s.key("ssl"))?,
+        requires_secure: s.requires_secure,
+        max_body,
+        middleware: Middlewares::default(),
+        auth_file: None,
+    })
 }

@@ -219,9 +219,8 @@ impl Proc {
     }
 }
 
-/// The environment of the README's "Environment of an app", lowest precedence first: base, global `env`, `plugin`
-/// variables, `forward-env`, stanza `env`; then, for a webapp, keter's own variables, which a
-/// bundle cannot override.
+/// The environment of one process (README "Environment of an app"), built by
+/// `bundle::env`.
 pub(super) fn environment(
     config: &Config,
     plugin_env: &BTreeMap<String, String>,
@@ -229,38 +228,7 @@ pub(super) fn environment(
     web: Option<(&WebApp, u16)>,
     home: &str,
 ) -> Vec<(String, String)> {
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
-    env.insert("HOME".into(), home.into());
-    env.extend(config.env.clone());
-    env.extend(plugin_env.clone());
-    for name in &program.forward_env {
-        if let Ok(v) = std::env::var(name) {
-            env.insert(name.clone(), v);
-        }
-    }
-    env.extend(program.env.clone());
-    if let Some((webapp, port)) = web {
-        let (scheme, external, default) = if webapp.https() {
-            ("https", config.external_https_port, 443)
-        } else {
-            ("http", config.external_http_port, 80)
-        };
-        let host = webapp.hosts[0].as_str();
-        let approot = if external == default {
-            format!("{scheme}://{host}")
-        } else {
-            format!("{scheme}://{host}:{external}")
-        };
-        for name in &webapp.port_env_vars {
-            env.insert(name.clone(), port.to_string());
-        }
-        env.insert("PORT".into(), port.to_string());
-        env.insert("YESOD_PORT".into(), port.to_string());
-        env.insert("APPROOT".into(), approot.clone());
-        env.insert("YESOD_APPROOT".into(), approot);
-    }
-    env.into_iter().collect()
+    crate::bundle::env::environment(config, plugin_env, program, web, home)
 }
 
 /// Stops a process group and waits, SIGTERM then SIGKILL after `grace`; says how it ended.

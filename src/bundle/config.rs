@@ -1,5 +1,6 @@
-//! A bundle's `config/keter.yaml`, in either of the two formats of the README's "Bundles" (the
-//! seed's flat format and Keter's stanza format), read into validated stanzas.
+//! A bundle's `config/keter.yaml`, in either of Keter's two formats (the README's "Bundles":
+//! the flat format of Keter's first README and the stanza format), read into validated
+//! stanzas.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,14 +8,25 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::served::{self, Redirect, ReverseProxy, StaticFiles, Tls};
-use crate::names::{Hostname, UrlPath, check_env_name, check_env_value};
+use super::middleware::{self, Middlewares};
+use super::served::{self, Redirect, ReverseProxy, Served, StaticFiles, Tls};
+use crate::names::{Host, Hostname, UrlPath, check_env_name, check_env_value};
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
 
-/// Variables that keter sets itself; a bundle may not override them (an app that overrides
-/// PORT breaks its own readiness check).
-pub const RESERVED_ENV: [&str; 4] = ["PORT", "YESOD_PORT", "APPROOT", "YESOD_APPROOT"];
+/// Variables that always carry the port keter gives a webapp; a bundle may not set them (an
+/// app listening elsewhere fails its own readiness check).
+pub const PORT_ENV: [&str; 2] = ["PORT", "YESOD_PORT"];
+
+/// Keys of the `yesod keter` command (yesod-bin) that Yesod's scaffolds put into the same
+/// file; Keter ignores them, and so does keter, without calling them unknown.
+pub const YESOD_KETER_KEYS: [&str; 5] = [
+    "user-edited",
+    "copy-to",
+    "copy-to-args",
+    "copy-to-port",
+    "extraFiles",
+];
 
 /// A bundle's validated configuration: at least one stanza.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,11 +46,12 @@ pub struct BundleConfig {
 /// What to run, common to every process stanza.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Program {
-    /// The executable, as written: relative to `config/` (or absolute inside the bundle).
-    /// Resolved and checked against the unpacked folder by `bundle::resolve_exec`.
+    /// The executable, as written: relative to `config/` (then inside the bundle), or an
+    /// absolute path on the host (NixOS's module writes `/nix/store/...`). Resolved and
+    /// checked by `bundle::resolve_exec`.
     pub exec: PathBuf,
     pub args: Vec<String>,
-    /// Stanza `env`: names valid and none of [`RESERVED_ENV`].
+    /// Stanza `env`: names valid and none of [`PORT_ENV`].
     pub env: BTreeMap<String, String>,
     /// Names of keter's own environment variables to pass on.
     pub forward_env: Vec<String>,
@@ -62,8 +75,10 @@ impl Program {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebApp {
     pub program: Program,
-    /// Non-empty, no duplicates; the first builds APPROOT.
-    pub hosts: Vec<Hostname>,
+    /// Non-empty, no duplicates; the first builds APPROOT and is the readiness check's `Host`.
+    pub hosts: Vec<Host>,
+    /// The hosts Nginx routes to this webapp: `hosts` less those another stanza serves.
+    pub routed: Vec<Host>,
     /// `ssl`: certificates; anything but `Off` makes `APPROOT` use `https://`.
     pub tls: Tls,
     /// Plain HTTP requests get a 301 to HTTPS.
@@ -76,6 +91,9 @@ pub struct WebApp {
     pub readiness_timeout: Option<Duration>,
     /// Overrides the global per-request bound; `Some(None)` means no bound.
     pub connection_time_bound: Option<Option<Duration>>,
+    /// keter's `client-max-body-size` for this stanza; `None` for the global one.
+    pub max_body: Option<u64>,
+    pub middleware: Middlewares,
 }
 
 /// A `background` stanza: a process with no port, restarted as Keter does.
@@ -105,42 +123,68 @@ impl WebApp {
 }
 
 impl BundleConfig {
-    /// Every host of every stanza, in order.
+    /// Every host name of every stanza (without ports: Nginx routes by name), in order. Two
+    /// apps cannot share one.
     pub fn hosts(&self) -> impl Iterator<Item = &Hostname> {
         self.webapps
             .iter()
             .flat_map(|w| w.hosts.iter())
-            .chain(self.statics.iter().flat_map(|s| s.served.hosts.iter()))
-            .chain(self.redirects.iter().flat_map(|r| r.served.hosts.iter()))
-            .chain(self.proxies.iter().flat_map(|p| p.served.hosts.iter()))
+            .chain(self.served().flat_map(|s| s.hosts.iter()))
+            .map(|h| &h.name)
+    }
+
+    /// The shared keys of every stanza Nginx serves by itself.
+    fn served(&self) -> impl Iterator<Item = &Served> {
+        self.statics
+            .iter()
+            .map(|s| &s.served)
+            .chain(self.redirects.iter().map(|r| &r.served))
+            .chain(self.proxies.iter().map(|p| &p.served))
     }
 }
 
 /// Reads a parsed `keter.yaml`. Problems are recorded with `problems`' file name.
 pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> {
     let mut f = Fields::new(tree, "", problems)?;
-    let mut webapps = Vec::new();
-    let mut background = Vec::new();
-    let mut statics = Vec::new();
-    let mut redirects = Vec::new();
-    let mut proxies = Vec::new();
+    let mut config = BundleConfig {
+        webapps: Vec::new(),
+        background: Vec::new(),
+        statics: Vec::new(),
+        redirects: Vec::new(),
+        proxies: Vec::new(),
+        postgres: false,
+    };
+    // Stanzas in the order of the file (the flat format's webapp, static hosts, redirects,
+    // as Keter converts them): which stanza a shared host goes to depends on it.
+    let mut order: Vec<Slot> = Vec::new();
     let mut ok = true;
-    let mut postgres = false;
-    // Keys of the `yesod keter` command that Yesod's scaffold puts in the same file.
-    for key in ["user-edited", "copy-to", "copy-to-args", "copy-to-port"] {
+    for key in YESOD_KETER_KEYS {
         f.raw(key);
     }
     if f.contains("stanzas") {
-        let stanzas = f.raw("stanzas");
-        match stanzas {
+        // A scaffold's leftover `exec` beside `stanzas` is read by `yesod keter`, not Keter.
+        f.raw("exec");
+        match f.raw("stanzas") {
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     match read_stanza(item, &format!("stanzas[{i}]"), problems) {
-                        Some(Stanza::Web(w)) => webapps.push(w),
-                        Some(Stanza::Background(b)) => background.push(b),
-                        Some(Stanza::Static(st)) => statics.push(st),
-                        Some(Stanza::Redirect(r)) => redirects.push(r),
-                        Some(Stanza::Proxy(p)) => proxies.push(p),
+                        Some(Stanza::Web(w)) => {
+                            order.push(Slot::Web(config.webapps.len()));
+                            config.webapps.push(w);
+                        }
+                        Some(Stanza::Background(b)) => config.background.push(b),
+                        Some(Stanza::Static(st)) => {
+                            order.push(Slot::Static(config.statics.len()));
+                            config.statics.push(st);
+                        }
+                        Some(Stanza::Redirect(r)) => {
+                            order.push(Slot::Redirect(config.redirects.len()));
+                            config.redirects.push(r);
+                        }
+                        Some(Stanza::Proxy(p)) => {
+                            order.push(Slot::Proxy(config.proxies.len()));
+                            config.proxies.push(p);
+                        }
                         None => ok = false,
                     }
                 }
@@ -158,56 +202,163 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         }
         if let Some(plugins) = f.raw("plugins") {
             match read_plugins(plugins, problems) {
-                Some(pg) => postgres = pg,
+                Some(pg) => config.postgres = pg,
                 None => ok = false,
             }
         }
         f.finish(problems);
     } else {
-        // The flat format: the top level is one webapp, plus Keter's flat extras.
-        match read_webapp(&mut f, true, problems) {
-            Some(w) => webapps.push(w),
-            None => ok = false,
-        }
+        // The flat format: the top level is one webapp when it names `exec` or `host` (Keter
+        // 0.3.5 and later also accept a bundle of only static hosts and redirects).
         let errors_before = problems.errors.len();
+        if (f.contains("exec") || f.contains("host"))
+            && let Some(w) = read_webapp(&mut f, true, problems)
+        {
+            order.push(Slot::Web(0));
+            config.webapps.push(w);
+        }
         if let Some(v) = f.raw("static-hosts") {
-            statics = served::read_flat_static(v, problems);
+            config.statics = served::read_flat_static(v, problems);
+            order.extend((0..config.statics.len()).map(Slot::Static));
         }
         if let Some(v) = f.raw("redirects") {
-            redirects = served::read_flat_redirects(v, problems);
+            config.redirects = served::read_flat_redirects(v, problems);
+            order.extend((0..config.redirects.len()).map(Slot::Redirect));
         }
+        config.postgres = f.bool("postgres", problems).unwrap_or(false);
         ok &= problems.errors.len() == errors_before;
-        postgres = f.bool("postgres", problems).unwrap_or(false);
         f.finish(problems);
     }
-    if ok && webapps.is_empty() && statics.is_empty() && redirects.is_empty() && proxies.is_empty()
-    {
+    if ok && order.is_empty() {
         problems.error(
-            "stanzas",
-            "the bundle has no webapp, static-files, redirect or reverse-proxy stanza; nothing would be served",
+            "",
+            "the bundle has no webapp, static-files, redirect or reverse-proxy stanza (nor, in the flat format, `exec` and `host`, `static-hosts` or `redirects`); nothing would be served",
         );
         ok = false;
     }
-    let config = BundleConfig {
-        webapps,
-        background,
-        statics,
-        redirects,
-        proxies,
-        postgres,
-    };
     if ok {
-        // One host, one stanza: Nginx would pick one of them silently.
-        let mut seen: Vec<&Hostname> = Vec::new();
-        for h in config.hosts() {
-            if seen.contains(&h) {
-                problems.error("stanzas", format!("the host {h} is served by two stanzas"));
-                ok = false;
-            }
-            seen.push(h);
-        }
+        ok = route_hosts(&mut config, &order, problems);
     }
     (ok && !problems.has_errors()).then_some(config)
+}
+
+/// A stanza with hosts, by kind and index, in file order.
+#[derive(Clone, Copy)]
+enum Slot {
+    Web(usize),
+    Static(usize),
+    Redirect(usize),
+    Proxy(usize),
+}
+
+/// Decides which stanza serves a host that several stanzas list, as Keter's table of hosts
+/// does: the first one in the file, except that a reverse-proxy stanza takes the host over
+/// from the stanzas before it (Keter inserts its host where the others add theirs only when
+/// it is new). Each case is a warning naming both stanzas. Nginx routes by name without the
+/// port, so the same name with different ports in two stanzas is an error. Returns false on
+/// error.
+fn route_hosts(config: &mut BundleConfig, order: &[Slot], problems: &mut Problems) -> bool {
+    let hosts_of = |c: &BundleConfig, slot: Slot| -> (Vec<Host>, String) {
+        match slot {
+            Slot::Web(i) => (
+                c.webapps[i].hosts.clone(),
+                c.webapps[i].program.origin.clone(),
+            ),
+            Slot::Static(i) => (
+                c.statics[i].served.hosts.clone(),
+                c.statics[i].served.origin.clone(),
+            ),
+            Slot::Redirect(i) => (
+                c.redirects[i].served.hosts.clone(),
+                c.redirects[i].served.origin.clone(),
+            ),
+            Slot::Proxy(i) => (
+                c.proxies[i].served.hosts.clone(),
+                c.proxies[i].served.origin.clone(),
+            ),
+        }
+    };
+    let label = |origin: &str| {
+        if origin.is_empty() {
+            "the flat format's webapp".to_string()
+        } else {
+            origin.to_string()
+        }
+    };
+    // Host name -> (the host as the winning stanza lists it, its position in `order`).
+    let mut owner: BTreeMap<Hostname, (Host, usize)> = BTreeMap::new();
+    let mut ok = true;
+    for (pos, slot) in order.iter().enumerate() {
+        let (hosts, origin) = hosts_of(config, *slot);
+        for h in hosts {
+            match owner.get(&h.name).cloned() {
+                None => {
+                    owner.insert(h.name.clone(), (h, pos));
+                }
+                Some((_, prev)) if prev == pos => {
+                    // The same name with and without a port in one stanza: the bare name
+                    // answers every port already.
+                    if h.port.is_none() {
+                        owner.insert(h.name.clone(), (h, pos));
+                    }
+                }
+                Some((theirs, prev)) => {
+                    let their_origin = hosts_of(config, order[prev]).1;
+                    if theirs.port != h.port {
+                        problems.error(
+                            join(&origin, "hosts"),
+                            format!(
+                                "{h} here and {theirs} in {}: Nginx routes by host name without the port, so one stanza must serve both",
+                                label(&their_origin)
+                            ),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    let takes_over = matches!(slot, Slot::Proxy(_));
+                    let winner = if takes_over { &origin } else { &their_origin };
+                    problems.warn(
+                        join(&origin, "hosts"),
+                        format!(
+                            "the host {h} is also listed by {}; as in Keter, {} serves it",
+                            label(&their_origin),
+                            label(winner)
+                        ),
+                    );
+                    if takes_over {
+                        owner.insert(h.name.clone(), (h, pos));
+                    }
+                }
+            }
+        }
+    }
+    let routed_of = |pos: usize, hosts: &[Host]| -> Vec<Host> {
+        hosts
+            .iter()
+            .filter(|h| owner.get(&h.name).is_some_and(|(_, p)| *p == pos))
+            .cloned()
+            .collect()
+    };
+    for (pos, slot) in order.iter().enumerate() {
+        match *slot {
+            Slot::Web(i) => config.webapps[i].routed = routed_of(pos, &config.webapps[i].hosts),
+            Slot::Static(i) => {
+                config.statics[i].served.routed = routed_of(pos, &config.statics[i].served.hosts)
+            }
+            Slot::Redirect(i) => {
+                config.redirects[i].served.routed =
+                    routed_of(pos, &config.redirects[i].served.hosts)
+            }
+            Slot::Proxy(i) => {
+                config.proxies[i].served.routed = routed_of(pos, &config.proxies[i].served.hosts)
+            }
+        }
+    }
+    ok
+}
+
+fn join(origin: &str, key: &str) -> String {
+    served::join_key(origin, key)
 }
 
 /// One stanza; `None` on error (recorded in `problems`).
@@ -223,7 +374,7 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza>
     let stanza = match kind.as_str() {
         "webapp" => read_webapp(&mut f, false, problems).map(Stanza::Web),
         "background" => read_background(&mut f, problems).map(Stanza::Background),
-        "static-files" => served::read_static(&mut f, problems).map(Stanza::Static),
+        "static-files" => served::read_static(&mut f, false, problems).map(Stanza::Static),
         "redirect" => served::read_redirect(&mut f, problems).map(Stanza::Redirect),
         "reverse-proxy" => served::read_reverse_proxy(&mut f, problems).map(Stanza::Proxy),
         other => {
@@ -242,6 +393,14 @@ fn read_stanza(v: &Value, path: &str, problems: &mut Problems) -> Option<Stanza>
 fn read_plugins(v: &Value, problems: &mut Problems) -> Option<bool> {
     let mut f = Fields::new(v, "plugins", problems)?;
     let errors_before = problems.errors.len();
+    if let Some(Value::Array(_) | Value::Object(_)) = f.raw("postgres") {
+        // Keter's remote form: `postgres: [{server, port}]`.
+        problems.error(
+            "plugins.postgres",
+            "a server per bundle is not supported: keter's global `postgres` section names the server; write `postgres: true`",
+        );
+        return None;
+    }
     let postgres = f.bool("postgres", problems).unwrap_or(false);
     f.finish(problems);
     (problems.errors.len() == errors_before).then_some(postgres)
@@ -254,7 +413,7 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
     if exec.is_none() && !problems.errors.iter().any(|e| e.key == f.path("exec")) {
         problems.error(
             f.path("exec"),
-            "required: the program to run, relative to config/",
+            "required: the program to run, relative to config/ (or an absolute path on the host)",
         );
     }
     if let Some(e) = &exec
@@ -271,8 +430,8 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
     let env = f.string_map("env", problems).unwrap_or_default();
     for (k, v) in &env {
         let key = format!("{}.{k}", f.path("env"));
-        if RESERVED_ENV.contains(&k.as_str()) {
-            problems.error(key, format!("{k} is set by keter and cannot be overridden"));
+        if PORT_ENV.contains(&k.as_str()) {
+            problems.error(key, port_reserved(k));
         } else if let Err(e) = check_env_name(k).and_then(|()| check_env_value(v)) {
             problems.error(key, e);
         }
@@ -280,11 +439,8 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
     let forward_env = f.strings("forward-env", problems).unwrap_or_default();
     for (i, name) in forward_env.iter().enumerate() {
         let key = format!("{}[{i}]", f.path("forward-env"));
-        if RESERVED_ENV.contains(&name.as_str()) {
-            problems.error(
-                key,
-                format!("{name} is set by keter and cannot be overridden"),
-            );
+        if PORT_ENV.contains(&name.as_str()) {
+            problems.error(key, port_reserved(name));
         } else if let Err(e) = check_env_name(name) {
             problems.error(key, e);
         }
@@ -299,6 +455,13 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
         forward_env,
         origin: f.path("").trim_end_matches('.').to_string(),
     })
+}
+
+/// Why a bundle may not set `name` (one of [`PORT_ENV`]).
+pub fn port_reserved(name: &str) -> String {
+    format!(
+        "{name} is set by keter to the port it gives the app (its readiness check connects there) and cannot be overridden"
+    )
 }
 
 /// A `background` stanza: Keter's `restart-count` (a number or `unlimited`) and
@@ -340,10 +503,17 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let port_env_vars = f.strings("port-env-vars", problems).unwrap_or_default();
     for (i, name) in port_env_vars.iter().enumerate() {
         let key = format!("{}[{i}]", f.path("port-env-vars"));
-        if RESERVED_ENV.contains(&name.as_str()) {
-            problems.error(key, format!("{name} is set by keter already"));
-        } else if let Err(e) = check_env_name(name) {
+        if let Err(e) = check_env_name(name) {
             problems.error(key, e);
+        } else if name == "APPROOT" || name == "YESOD_APPROOT" {
+            problems.error(key, format!("{name} holds the app's URL, not its port"));
+        } else if let Some(p) = &program
+            && p.env.contains_key(name)
+        {
+            problems.error(
+                key,
+                format!("{name} is also set in env; it cannot hold both that value and the port"),
+            );
         }
     }
     let health_check_path = match f.string("health-check-path", problems) {
@@ -360,9 +530,8 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let readiness_timeout = f
         .uint("ensure-alive-time-bound", 86_400_000_000, problems)
         .map(Duration::from_micros);
-    let connection_time_bound = f
-        .uint("connection-time-bound", u64::MAX, problems)
-        .map(|ms| (ms > 0).then(|| Duration::from_millis(ms)));
+    let connection_time_bound = served::read_time_bound(f, problems);
+    let middleware = middleware::read(f, problems);
 
     if problems.errors.len() > errors_before {
         return None;
@@ -370,6 +539,7 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let served = served?;
     Some(WebApp {
         program: program?,
+        routed: served.routed,
         hosts: served.hosts,
         tls: served.tls,
         requires_secure: served.requires_secure,
@@ -377,137 +547,7 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
         health_check_path,
         readiness_timeout,
         connection_time_bound,
+        max_body: served.max_body,
+        middleware: middleware?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn read(text: &str) -> (Option<BundleConfig>, Problems) {
-        let tree = yaml::parse(text).unwrap();
-        let mut p = Problems::new("hello.keter: config/keter.yaml");
-        let c = from_tree(&tree, &mut p);
-        (c, p)
-    }
-
-    #[test]
-    fn seed_flat_format() {
-        let (c, p) = read(
-            "exec: ../dist/build/yesodweb/yesodweb\nargs:\n  - production\nhost: www.yesodweb.com\nssl: false\n",
-        );
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let w = &c.unwrap().webapps[0];
-        assert_eq!(
-            w.program.exec,
-            PathBuf::from("../dist/build/yesodweb/yesodweb")
-        );
-        assert_eq!(w.program.args, vec!["production"]);
-        assert_eq!(w.program.key("exec"), "exec");
-        assert_eq!(w.hosts[0].as_str(), "www.yesodweb.com");
-        assert_eq!(w.tls, Tls::Off);
-        assert_eq!(w.health_check_path.as_str(), "/");
-    }
-
-    #[test]
-    fn flat_extra_hosts_and_env() {
-        let (c, p) = read(
-            "exec: ../app\nhost: A.example.com\nextra-hosts: [b.example.com]\nenv: {GREETING: hi}\n",
-        );
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let w = &c.unwrap().webapps[0];
-        let hosts: Vec<&str> = w.hosts.iter().map(|h| h.as_str()).collect();
-        assert_eq!(hosts, ["a.example.com", "b.example.com"]);
-        assert_eq!(w.program.env["GREETING"], "hi");
-    }
-
-    #[test]
-    fn stanza_format_webapp() {
-        let (c, p) = read(
-            "stanzas:\n  - type: webapp\n    exec: ../dist/bin/app\n    args: [production]\n    env: {KEY: value}\n    forward-env: [LANG]\n    hosts: [www.example.com, example.com]\n    health-check-path: /up\n    ensure-alive-time-bound: 5000000\n",
-        );
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let w = &c.unwrap().webapps[0];
-        assert_eq!(w.hosts.len(), 2);
-        assert_eq!(w.program.forward_env, ["LANG"]);
-        assert_eq!(w.program.key("exec"), "stanzas[0].exec");
-        assert_eq!(w.health_check_path.as_str(), "/up");
-        assert_eq!(w.readiness_timeout, Some(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn errors_name_file_and_key() {
-        let (c, p) = read(
-            "stanzas:\n  - type: webapp\n    hosts: [\"evil.com;}\"]\n    env: {PORT: \"1\"}\n  - type: static-files\n    root: ../static\n  - type: teleport\n  - type: background\n    exec: ../w\n    restart-count: often\n",
-        );
-        assert!(c.is_none());
-        let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
-        for expected in [
-            "hello.keter: config/keter.yaml: stanzas[0].exec: required",
-            "hello.keter: config/keter.yaml: stanzas[0].env.PORT: PORT is set by keter and cannot be overridden",
-            "hello.keter: config/keter.yaml: stanzas[0].hosts[0]: the host name \"evil.com;}\" is not valid",
-            "hello.keter: config/keter.yaml: stanzas[1].hosts: required: at least one host name",
-            "hello.keter: config/keter.yaml: stanzas[3].restart-count: expected a whole number",
-            "hello.keter: config/keter.yaml: stanzas[2].type: unknown stanza type \"teleport\"",
-        ] {
-            assert!(
-                msgs.iter().any(|m| m.starts_with(expected)),
-                "missing {expected:?} in {msgs:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn missing_host_and_wrong_types() {
-        let (c, p) = read("exec: 5\nargs: {a: 1}\nhost: []\n");
-        assert!(c.is_none());
-        let keys: Vec<&str> = p.errors.iter().map(|e| e.key.as_str()).collect();
-        assert!(keys.contains(&"args"), "{keys:?}");
-        assert!(keys.contains(&"host"), "{keys:?}");
-    }
-
-    #[test]
-    fn background_stanzas() {
-        let (c, p) = read(
-            "stanzas:\n  - type: webapp\n    exec: ../a\n    host: a.b\n  - type: background\n    exec: ../dist/bin/worker\n    args: [--queue, q]\n    restart-count: 3\n    restart-delay-seconds: 1\n  - type: background\n    exec: ../w2\n    restart-count: unlimited\n",
-        );
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let c = c.unwrap();
-        assert_eq!(c.background.len(), 2);
-        assert_eq!(c.background[0].restart_count, Some(3));
-        assert_eq!(c.background[0].restart_delay, Duration::from_secs(1));
-        assert_eq!(c.background[0].program.key("exec"), "stanzas[1].exec");
-        assert_eq!(c.background[1].restart_count, None);
-        assert_eq!(c.background[1].restart_delay, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn unknown_keys_warn() {
-        let (c, p) = read("exec: ../app\nhost: a.example.com\ncolour: blue\n");
-        assert!(c.is_some());
-        assert_eq!(p.warnings[0].key, "colour");
-    }
-
-    #[test]
-    fn postgres_plugin_in_both_formats() {
-        let (c, p) =
-            read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: true}\n");
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        assert!(c.unwrap().postgres);
-        let (c, p) = read("exec: ../a\nhost: a.b\npostgres: yes\n");
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        assert!(c.unwrap().postgres);
-        let (c, _) = read("exec: ../a\nhost: a.b\n");
-        assert!(!c.unwrap().postgres);
-        let (c, _) = read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {}\n");
-        assert!(!c.unwrap().postgres);
-    }
-
-    #[test]
-    fn postgres_plugin_wrong_type_is_an_error() {
-        let (c, p) =
-            read("stanzas: [{type: webapp, exec: ../a, host: a.b}]\nplugins: {postgres: maybe}\n");
-        assert!(c.is_none());
-        assert_eq!(p.errors[0].key, "plugins.postgres");
-    }
 }

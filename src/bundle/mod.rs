@@ -1,11 +1,18 @@
 //! Bundles: the `NAME.keter` files an operator copies into `incoming/`.
 //!
-//! [`unpack`] turns the file into a fresh folder (safely: README, "How a deploy works", step
-//! 2); [`config`] reads its
-//! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
+//! [`unpack`] turns the file into a fresh folder (safely, as the README's "How a deploy
+//! works" says); [`config`] reads its `config/keter.yaml`; [`check_config`] reads it and
+//! checks it against the unpacked folder and the host: the one validation that `keter check`,
+//! `keter render`, `keter bundle` and a deploy share, so that they give the same verdict.
 
+pub mod certs;
 pub mod config;
+#[cfg(test)]
+mod config_tests;
+pub mod env;
+pub mod middleware;
 pub mod pack;
+pub mod rate_limit;
 pub mod served;
 pub mod unpack;
 
@@ -18,18 +25,46 @@ pub use unpack::{Progress, UnpackError, Unpacked, log_progress, unpack, unpack_w
 use crate::problem::{Invalid, Problems};
 use crate::yaml;
 
-/// Reads `config/keter.yaml` (or `.yml`) from an unpacked bundle folder. `label` names the
-/// bundle in messages (`hello.keter`). Returns the config and the warnings.
-pub fn read_config(dir: &Path, label: &str) -> Result<(BundleConfig, Problems), Invalid> {
-    match check_config(dir, label) {
+/// What a bundle is checked against besides its own files.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The global `allowed-static-roots`: folders outside bundles that a static-files root
+    /// may be in (absolute, symlinks resolved).
+    pub allowed_static_roots: Vec<PathBuf>,
+    /// Check what lives on the host (absolute `exec`, certificates and static roots outside
+    /// the bundle). `keter bundle` packs on a build machine and leaves them to the host.
+    pub host: bool,
+}
+
+impl Context {
+    /// The checks a deploy with `config` makes.
+    pub fn of(config: &crate::config::Config) -> Context {
+        Context {
+            allowed_static_roots: config.allowed_static_roots.clone(),
+            host: true,
+        }
+    }
+}
+
+/// Reads `config/keter.yaml` (or `.yml`) from an unpacked bundle folder and checks it
+/// ([`check_config`]). `label` names the bundle in messages (`hello.keter`). Returns the config
+/// and the warnings.
+pub fn read_config(
+    dir: &Path,
+    label: &str,
+    ctx: &Context,
+) -> Result<(BundleConfig, Problems), Invalid> {
+    match check_config(dir, label, ctx) {
         (Some(c), problems) if !problems.has_errors() => Ok((c, problems)),
         (_, problems) => Err(Invalid(problems.errors)),
     }
 }
 
-/// [`read_config`] for `keter check`: every problem, warnings included even when there are
-/// errors; the config only when it could be read.
-pub fn check_config(dir: &Path, label: &str) -> (Option<BundleConfig>, Problems) {
+/// Reads `config/keter.yaml` and checks it against the unpacked folder: every executable,
+/// every static root (made absolute) and every stanza certificate (made absolute, and read to
+/// see that key and certificate are a pair). Every problem, warnings included even when there
+/// are errors; the config only when it could be read.
+pub fn check_config(dir: &Path, label: &str, ctx: &Context) -> (Option<BundleConfig>, Problems) {
     let yaml_path = ["config/keter.yaml", "config/keter.yml"]
         .iter()
         .map(|p| dir.join(p))
@@ -44,56 +79,170 @@ pub fn check_config(dir: &Path, label: &str) -> (Option<BundleConfig>, Problems)
     };
     let rel = yaml_path.strip_prefix(dir).unwrap_or(&yaml_path);
     let mut problems = Problems::new(format!("{label}: {}", rel.display()));
-    let config = yaml::read_file(&yaml_path, &mut problems)
+    let mut config = yaml::read_file(&yaml_path, &mut problems)
         .and_then(|tree| config::from_tree(&tree, &mut problems));
-    if let Some(c) = &config {
-        let programs = c
-            .webapps
-            .iter()
-            .map(|w| &w.program)
-            .chain(c.background.iter().map(|b| &b.program));
-        for program in programs {
-            if let Err(e) = resolve_exec(dir, &program.exec) {
-                problems.error(program.key("exec"), e);
-            }
-        }
+    if let Some(c) = &mut config {
+        resolve(c, dir, ctx, &mut problems);
     }
     (config, problems)
 }
 
-/// Resolves a stanza's `exec` (relative to `config/`, or absolute meaning inside the bundle)
-/// to a file inside the unpacked folder that is a regular executable file. Symlinks are
-/// followed only when they stay inside the folder.
-pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
-    let joined = if exec.is_absolute() {
-        dir.join(exec.strip_prefix("/").unwrap_or(exec))
-    } else {
-        dir.join("config").join(exec)
-    };
-    let lexical = crate::config::normalize(&joined);
-    let root = dir
-        .canonicalize()
-        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
-    if !lexical.starts_with(dir) {
-        return Err(format!("{} points outside the bundle", exec.display()));
-    }
-    let real = match lexical.canonicalize() {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("{} is not in the bundle", exec.display()));
+/// Checks every path of `config` against the unpacked folder and the host, and makes static
+/// roots and certificate paths absolute.
+fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut Problems) {
+    let programs = config
+        .webapps
+        .iter()
+        .map(|w| &w.program)
+        .chain(config.background.iter().map(|b| &b.program));
+    for program in programs {
+        if program.exec.is_absolute() && !ctx.host {
+            problems.warn(
+                program.key("exec"),
+                format!(
+                    "{} is a path on the host; it is checked when the bundle is deployed",
+                    program.exec.display()
+                ),
+            );
+        } else if let Err(e) = resolve_exec(dir, &program.exec) {
+            problems.error(program.key("exec"), e);
         }
-        Err(e) => return Err(format!("{}: {e}", exec.display())),
-    };
-    if !real.starts_with(&root) {
-        return Err(format!(
-            "{} resolves outside the bundle (through a symlink)",
-            exec.display()
-        ));
     }
+    for st in &mut config.statics {
+        let key = st.served.key("root");
+        match resolve_static_root(dir, &st.root, ctx) {
+            Ok(Some(real)) => st.root = real,
+            Ok(None) => problems.warn(
+                key,
+                format!(
+                    "{} is outside the bundle; it is checked against allowed-static-roots when the bundle is deployed",
+                    st.root.display()
+                ),
+            ),
+            Err(e) => problems.error(key, e),
+        }
+    }
+    let served = config
+        .webapps
+        .iter_mut()
+        .map(|w| {
+            let key = w.program.key("ssl");
+            (&mut w.tls, key)
+        })
+        .chain(config.statics.iter_mut().map(|s| {
+            let key = s.served.key("ssl");
+            (&mut s.served.tls, key)
+        }))
+        .chain(config.redirects.iter_mut().map(|r| {
+            let key = r.served.key("ssl");
+            (&mut r.served.tls, key)
+        }))
+        .chain(config.proxies.iter_mut().map(|p| {
+            let key = p.served.key("ssl");
+            (&mut p.served.tls, key)
+        }));
+    for (tls, key) in served {
+        resolve_certificate(tls, dir, ctx, &key, problems);
+    }
+}
+
+/// Makes a stanza's own certificate paths absolute and reads the files to check they are a
+/// pair (or, without host checks, leaves absolute paths to the deploy).
+fn resolve_certificate(
+    tls: &mut Tls,
+    dir: &Path,
+    ctx: &Context,
+    key: &str,
+    problems: &mut Problems,
+) {
+    let Tls::Own {
+        key: k,
+        certificate,
+        chain,
+    } = tls
+    else {
+        return;
+    };
+    let on_host =
+        k.is_absolute() || certificate.is_absolute() || chain.iter().any(|c| c.is_absolute());
+    if on_host && !ctx.host {
+        problems.warn(
+            key,
+            "the certificate files are paths on the host; they are checked when the bundle is deployed",
+        );
+        return;
+    }
+    let mut resolve = |p: &PathBuf, which: &str| {
+        certs::resolve(dir, p)
+            .map_err(|e| problems.error(format!("{key}.{which}"), e))
+            .ok()
+    };
+    let paths = (
+        resolve(k, "key"),
+        resolve(certificate, "certificate"),
+        chain
+            .iter()
+            .map(|c| resolve(c, "chain-certificates"))
+            .collect::<Option<Vec<_>>>(),
+    );
+    let (Some(rk), Some(rc), Some(rchain)) = paths else {
+        return;
+    };
+    let paths = certs::CertPaths {
+        key: rk,
+        certificate: rc,
+        chain: rchain,
+    };
+    match certs::read(&paths) {
+        Ok(_) => {
+            *k = paths.key;
+            *certificate = paths.certificate;
+            *chain = paths.chain;
+        }
+        Err(e) => problems.error(key, e),
+    }
+}
+
+/// Resolves a stanza's `exec` to a regular executable file: relative to `config/`, it must
+/// stay inside the unpacked folder (symlinks are followed only while they stay inside); an
+/// absolute path names a program on the host, as in Keter (NixOS's module points `exec` into
+/// `/nix/store`). Either way the app runs as the `setuid` user, so the host path gives a bundle
+/// nothing it could not bring itself.
+pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let real = if exec.is_absolute() {
+        exec.canonicalize().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                format!("{} does not exist on this host", exec.display())
+            }
+            _ => format!("{}: {e}", exec.display()),
+        })?
+    } else {
+        let lexical = crate::config::normalize(&dir.join("config").join(exec));
+        let root = dir
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+        if !lexical.starts_with(dir) {
+            return Err(format!("{} points outside the bundle", exec.display()));
+        }
+        let real = match lexical.canonicalize() {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{} is not in the bundle", exec.display()));
+            }
+            Err(e) => return Err(format!("{}: {e}", exec.display())),
+        };
+        if !real.starts_with(&root) {
+            return Err(format!(
+                "{} resolves outside the bundle (through a symlink)",
+                exec.display()
+            ));
+        }
+        real
+    };
     let meta = real
         .metadata()
         .map_err(|e| format!("{}: {e}", exec.display()))?;
-    use std::os::unix::fs::PermissionsExt;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", exec.display()));
     }
@@ -103,15 +252,61 @@ pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
     Ok(real)
 }
 
-/// Resolves a path of a `static-files` stanza (relative to `config/`) to a folder inside the
-/// unpacked bundle. Keter let a bundle serve `../../` or `/home`; keter refuses a root that
-/// resolves outside the bundle.
-pub fn resolve_dir(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
-    let real = resolve_inside(dir, rel)?;
-    if !real.is_dir() {
-        return Err(format!("{} is not a folder", rel.display()));
+/// Resolves a static-files root (relative to `config/`, or absolute) to a folder, symlinks
+/// followed: inside the unpacked bundle, or inside one of `allowed-static-roots`. Keter served
+/// `../../` or `/home` if asked; keter serves a folder outside the bundle only where the
+/// operator allows it. `Ok(None)` when the root is outside the bundle and host checks are off.
+pub fn resolve_static_root(
+    dir: &Path,
+    root: &Path,
+    ctx: &Context,
+) -> Result<Option<PathBuf>, String> {
+    let joined = crate::config::normalize(&dir.join("config").join(root));
+    let bundle = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+    let real = match joined.canonicalize() {
+        Ok(r) => r,
+        Err(_) if !ctx.host && !joined.starts_with(dir) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(if joined.starts_with(dir) {
+                format!("{} is not in the bundle", root.display())
+            } else {
+                format!("{} does not exist on this host", joined.display())
+            });
+        }
+        Err(e) => return Err(format!("{}: {e}", root.display())),
+    };
+    if !real.starts_with(&bundle) {
+        if !ctx.host {
+            return Ok(None);
+        }
+        let allowed = ctx.allowed_static_roots.iter().any(|a| real.starts_with(a));
+        if !allowed {
+            let listed = if ctx.allowed_static_roots.is_empty() {
+                "lists no folder".to_string()
+            } else {
+                format!(
+                    "lists only {}",
+                    ctx.allowed_static_roots
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            return Err(format!(
+                "{} resolves to {}, outside the bundle; the global allowed-static-roots {listed}",
+                root.display(),
+                real.display()
+            ));
+        }
     }
-    Ok(real)
+    if !real.is_dir() {
+        return Err(format!("{} is not a folder", root.display()));
+    }
+    crate::names::check_conf_path(&real)?;
+    Ok(Some(real))
 }
 
 /// Resolves a file of the bundle (relative to `config/`) inside the unpacked folder.

@@ -1,6 +1,7 @@
 //! The stanzas Nginx serves by itself, without an app process: `static-files`, `redirect`
 //! and `reverse-proxy` (and the flat format's `static-hosts` and `redirects`), plus the keys
-//! every host-serving stanza shares: `host`/`hosts`, `ssl` and `requires-secure`.
+//! every host-serving stanza shares: `host`/`hosts`, `ssl`, `requires-secure` and keter's
+//! `client-max-body-size`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::names::{Hostname, RedirectUrl, UrlPath};
+use super::middleware::{self, Middlewares};
+use crate::names::{Host, Hostname, RedirectUrl, UrlPath};
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
 
@@ -20,8 +22,9 @@ pub enum Tls {
     Off,
     /// `ssl: true`: the TLS listeners' certificates; `APPROOT` is `https://`.
     Listener,
-    /// `ssl: {key, certificate, chain-certificates}`: files inside the bundle (relative to
-    /// `config/`), copied into keter's own folder at deploy.
+    /// `ssl: {key, certificate, chain-certificates}`: as written, relative to `config/` (inside
+    /// the bundle) or absolute (on the host); made absolute when the bundle is checked
+    /// (`bundle::check_config`), and copied into keter's own folder at deploy.
     Own {
         key: PathBuf,
         certificate: PathBuf,
@@ -33,21 +36,46 @@ pub enum Tls {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Served {
     /// Non-empty, no duplicates.
-    pub hosts: Vec<Hostname>,
+    pub hosts: Vec<Host>,
+    /// The hosts Nginx routes to this stanza: `hosts` less those another stanza of the bundle
+    /// serves (Keter's rule, see `config::route_hosts`).
+    pub routed: Vec<Host>,
     pub tls: Tls,
     /// Plain HTTP requests get a 301 to HTTPS.
     pub requires_secure: bool,
+    /// keter's `client-max-body-size` for this stanza; `None` for the global one.
+    pub max_body: Option<u64>,
+    /// Where the stanza is in the file (`stanzas[2]`, `static-hosts[0]`), for messages.
+    pub origin: String,
 }
 
-/// `static-files`: Nginx serves a folder of the bundle.
+impl Served {
+    /// The key path of one of this stanza's keys.
+    pub fn key(&self, key: &str) -> String {
+        join_key(&self.origin, key)
+    }
+}
+
+/// `stanzas[1].root` from a stanza's origin and a key.
+pub fn join_key(origin: &str, key: &str) -> String {
+    if origin.is_empty() {
+        key.to_string()
+    } else {
+        format!("{origin}.{key}")
+    }
+}
+
+/// `static-files`: Nginx serves a folder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaticFiles {
     pub served: Served,
-    /// As written, relative to `config/`; must resolve inside the bundle.
+    /// As written, relative to `config/`; `bundle::check_config` makes it the absolute folder
+    /// it resolves to, inside the bundle or under an `allowed-static-roots` folder.
     pub root: PathBuf,
     pub directory_listing: bool,
-    /// Where the stanza is in the file, for messages.
-    pub origin: String,
+    pub middleware: Middlewares,
+    /// Keter's `connection-time-bound` (ms) of this stanza; `Some(None)` for none.
+    pub time_bound: Option<Option<Duration>>,
 }
 
 /// `redirect`: Nginx answers with a redirect.
@@ -71,9 +99,9 @@ pub struct RedirectAction {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RedirectTo {
     Url(RedirectUrl),
-    /// The same path on another host.
+    /// The same path on another host, written as given (Keter keeps its case).
     Host {
-        host: Hostname,
+        host: Host,
         secure: bool,
         port: Option<u16>,
     },
@@ -90,12 +118,15 @@ pub struct ReverseProxy {
     pub reversed_ssl: bool,
     /// Pass the client's `Host` instead of `reversed-host`.
     pub preserve_host: bool,
-    /// Per-request bound; `Some(None)` for none, `None` for the global one.
+    /// Per-request bound: the smaller of Keter's `timeout` (µs) and `connection-time-bound`
+    /// (ms); `Some(None)` for none, `None` for the global one.
     pub timeout: Option<Option<Duration>>,
+    pub middleware: Middlewares,
 }
 
-/// Reads `host`/`hosts` (and `extra_key`, e.g. the flat format's `extra-hosts`), `ssl` and
-/// `requires-secure`. `None` (with problems recorded) when a host is invalid or none is given.
+/// Reads `host`/`hosts` (and `extra_key`, e.g. the flat format's `extra-hosts`), `ssl`,
+/// `requires-secure` and `client-max-body-size`. `None` (with problems recorded) when a host
+/// is invalid or none is given.
 pub fn read_served(
     f: &mut Fields,
     extra_key: &'static str,
@@ -103,11 +134,21 @@ pub fn read_served(
 ) -> Option<Served> {
     let errors_before = problems.errors.len();
     let mut texts: Vec<(String, String)> = Vec::new();
-    if let Some(list) = f.strings("host", problems) {
+    let single = f.names("host", problems);
+    let has_single = single.is_some();
+    if let Some(list) = single {
         texts.extend(list.into_iter().map(|h| (f.path("host"), h)));
     }
-    if let Some(list) = f.strings(extra_key, problems) {
+    if let Some(list) = f.names(extra_key, problems) {
         let key = f.path(extra_key);
+        if has_single && extra_key == "hosts" {
+            // Keter reads one of the two keys (a webapp's `host`, the other stanzas' `hosts`)
+            // and ignores the other; serving both is the only reading that loses nothing.
+            problems.warn(
+                &key,
+                "both `host` and `hosts` are given: Keter reads only one of them; keter serves the hosts of both",
+            );
+        }
         texts.extend(
             list.into_iter()
                 .enumerate()
@@ -129,17 +170,21 @@ pub fn read_served(
     }
     let tls = read_tls(f, problems);
     let requires_secure = f.bool("requires-secure", problems).unwrap_or(false);
-    (problems.errors.len() == errors_before).then_some(Served {
+    let max_body = f.size("client-max-body-size", problems);
+    (problems.errors.len() == errors_before).then(|| Served {
+        routed: hosts.clone(),
         hosts,
         tls,
         requires_secure,
+        max_body,
+        origin: f.path("").trim_end_matches('.').to_string(),
     })
 }
 
-fn hosts_from(texts: Vec<(String, String)>, problems: &mut Problems) -> Vec<Hostname> {
-    let mut hosts: Vec<Hostname> = Vec::new();
+fn hosts_from(texts: Vec<(String, String)>, problems: &mut Problems) -> Vec<Host> {
+    let mut hosts: Vec<Host> = Vec::new();
     for (key, text) in texts {
-        match Hostname::new(&text) {
+        match Host::new(&text) {
             Ok(h) if hosts.contains(&h) => {
                 problems.warn(key, format!("the host {h} is listed twice"))
             }
@@ -173,7 +218,7 @@ fn read_tls(f: &mut Fields, problems: &mut Problems) -> Tls {
                 _ => {
                     problems.error(
                         path,
-                        "a certificate needs `key` and `certificate` (files in the bundle, relative to config/)",
+                        "a certificate needs `key` and `certificate` (files relative to config/, or absolute paths on the host)",
                     );
                     Tls::Off
                 }
@@ -186,8 +231,15 @@ fn read_tls(f: &mut Fields, problems: &mut Problems) -> Tls {
     }
 }
 
-/// A `static-files` stanza.
-pub fn read_static(f: &mut Fields, problems: &mut Problems) -> Option<StaticFiles> {
+/// Keter's `connection-time-bound` in milliseconds; `Some(None)` for 0 (none).
+pub fn read_time_bound(f: &mut Fields, problems: &mut Problems) -> Option<Option<Duration>> {
+    f.uint("connection-time-bound", u64::MAX, problems)
+        .map(|ms| (ms > 0).then(|| Duration::from_millis(ms)))
+}
+
+/// A `static-files` stanza (`listing` is the default of `directory-listing`: off for stanzas,
+/// on for the flat format's `static-hosts`, as Keter's conversion sets it).
+pub fn read_static(f: &mut Fields, listing: bool, problems: &mut Problems) -> Option<StaticFiles> {
     let served = read_served(f, "hosts", problems);
     let root = f.string("root", problems);
     if root.is_none() && !problems.errors.iter().any(|e| e.key == f.path("root")) {
@@ -196,19 +248,15 @@ pub fn read_static(f: &mut Fields, problems: &mut Problems) -> Option<StaticFile
             "required: the folder to serve, relative to config/",
         );
     }
-    let directory_listing = f.bool("directory-listing", problems).unwrap_or(false);
-    if f.raw("middleware").is_some() {
-        problems.error(
-            f.path("middleware"),
-            "Keter's WAI middleware is not available behind Nginx; remove it",
-        );
-        return None;
-    }
+    let directory_listing = f.bool("directory-listing", problems).unwrap_or(listing);
+    let middleware = middleware::read(f, problems);
+    let time_bound = read_time_bound(f, problems);
     Some(StaticFiles {
         served: served?,
         root: PathBuf::from(root?),
         directory_listing,
-        origin: f.path("").trim_end_matches('.').to_string(),
+        middleware: middleware?,
+        time_bound,
     })
 }
 
@@ -252,6 +300,21 @@ pub fn read_redirect(f: &mut Fields, problems: &mut Problems) -> Option<Redirect
     })
 }
 
+/// A redirect's target host: any host name, with a port, but no wildcard.
+fn target_host(text: &str, key: &str, problems: &mut Problems) -> Option<Host> {
+    match Host::new(text) {
+        Ok(h) if h.name.is_wildcard() => {
+            problems.error(key, "a redirect target cannot be a wildcard");
+            None
+        }
+        Ok(h) => Some(h),
+        Err(e) => {
+            problems.error(key, e);
+            None
+        }
+    }
+}
+
 fn read_action(v: &Value, path: &str, problems: &mut Problems) -> Option<RedirectAction> {
     let errors_before = problems.errors.len();
     let mut f = Fields::new(v, path, problems)?;
@@ -270,19 +333,16 @@ fn read_action(v: &Value, path: &str, problems: &mut Problems) -> Option<Redirec
             .map(RedirectTo::Url)
             .map_err(|e| problems.error(format!("{path}.url"), e))
             .ok(),
-        (None, Some(host)) => match Hostname::new(&host) {
-            Ok(h) if h.is_wildcard() => {
+        (None, Some(host)) => match target_host(&host, &format!("{path}.host"), problems) {
+            Some(h) if h.port.is_some() && port.is_some() => {
                 problems.error(
-                    format!("{path}.host"),
-                    "a redirect target cannot be a wildcard",
+                    path,
+                    "give the port either in `host` or in `port`, not both",
                 );
                 None
             }
-            Ok(host) => Some(RedirectTo::Host { host, secure, port }),
-            Err(e) => {
-                problems.error(format!("{path}.host"), e);
-                None
-            }
+            Some(host) => Some(RedirectTo::Host { host, secure, port }),
+            None => None,
         },
         _ => {
             problems.error(path, "an action needs either `host` or `url`");
@@ -303,7 +363,7 @@ pub fn read_reverse_proxy(f: &mut Fields, problems: &mut Problems) -> Option<Rev
     let errors_before = problems.errors.len();
     // Keter names the incoming host `reversing-host`.
     let hosts = f
-        .strings("reversing-host", problems)
+        .names("reversing-host", problems)
         .map(|list| {
             let key = f.path("reversing-host");
             hosts_from(
@@ -320,6 +380,7 @@ pub fn read_reverse_proxy(f: &mut Fields, problems: &mut Problems) -> Option<Rev
     }
     let tls = read_tls(f, problems);
     let requires_secure = f.bool("requires-secure", problems).unwrap_or(false);
+    let max_body = f.size("client-max-body-size", problems);
     let reversed_host = match f.string("reversed-host", problems) {
         Some(h) if h.parse::<IpAddr>().is_ok() => Some(h),
         Some(h) => match Hostname::new(&h) {
@@ -350,9 +411,24 @@ pub fn read_reverse_proxy(f: &mut Fields, problems: &mut Problems) -> Option<Rev
     };
     let reversed_ssl = f.bool("reversed-ssl", problems).unwrap_or(false);
     let preserve_host = f.bool("preserve-host", problems).unwrap_or(false);
-    let timeout = f
-        .uint("timeout", 86_400, problems)
-        .map(|s| (s > 0).then(|| Duration::from_secs(s)));
+    // Keter's `timeout` is the response timeout of its HTTP client, in microseconds.
+    let timeout = match f.uint("timeout", u64::MAX, problems) {
+        Some(0) => Some(None),
+        Some(us) if us < 1000 => {
+            problems.error(
+                f.path("timeout"),
+                format!(
+                    "{us} is microseconds, as in Keter: every request would time out; write {} for {us} s",
+                    us * 1_000_000
+                ),
+            );
+            None
+        }
+        Some(us) => Some(Some(Duration::from_micros(us))),
+        None => None,
+    };
+    let time_bound = read_time_bound(f, problems);
+    let middleware = middleware::read(f, problems);
     for key in ["rewrite-request", "rewrite-response"] {
         if f.raw(key).is_some() {
             problems.error(
@@ -364,21 +440,33 @@ pub fn read_reverse_proxy(f: &mut Fields, problems: &mut Problems) -> Option<Rev
     if problems.errors.len() > errors_before {
         return None;
     }
+    // Both bound the request: the smaller one applies; "none" only when neither bounds it.
+    let timeout = match (timeout, time_bound) {
+        (Some(Some(a)), Some(Some(b))) => Some(Some(a.min(b))),
+        (Some(Some(a)), _) | (_, Some(Some(a))) => Some(Some(a)),
+        (Some(None), _) | (_, Some(None)) => Some(None),
+        (None, None) => None,
+    };
     Some(ReverseProxy {
         served: Served {
+            routed: hosts.clone(),
             hosts,
             tls,
             requires_secure,
+            max_body,
+            origin: f.path("").trim_end_matches('.').to_string(),
         },
         reversed_host: reversed_host?,
         reversed_port: reversed_port?,
         reversed_ssl,
         preserve_host,
         timeout,
+        middleware: middleware?,
     })
 }
 
-/// The flat format's `static-hosts: [{host, root}]`.
+/// The flat format's `static-hosts: [{host, root}]`, listing directories as Keter's
+/// conversion does.
 pub fn read_flat_static(v: &Value, problems: &mut Problems) -> Vec<StaticFiles> {
     let mut out = Vec::new();
     let Value::Array(items) = v else {
@@ -388,7 +476,7 @@ pub fn read_flat_static(v: &Value, problems: &mut Problems) -> Vec<StaticFiles> 
     for (i, item) in items.iter().enumerate() {
         let path = format!("static-hosts[{i}]");
         if let Some(mut f) = Fields::new(item, &path, problems) {
-            if let Some(s) = read_static(&mut f, problems) {
+            if let Some(s) = read_static(&mut f, true, problems) {
                 out.push(s);
             }
             f.finish(problems);
@@ -410,21 +498,24 @@ pub fn read_flat_redirects(v: &Value, problems: &mut Problems) -> Vec<Redirect> 
         let Some(mut f) = Fields::new(item, &path, problems) else {
             continue;
         };
-        let from = f.string("from", problems);
-        let to = f.string("to", problems);
+        let from = f.names("from", problems);
+        let to = f.names("to", problems);
         f.finish(problems);
-        let (Some(from), Some(to)) = (from, to) else {
-            problems.error(path, "needs `from` and `to` host names");
+        let (Some([from]), Some([to])) = (from.as_deref(), to.as_deref()) else {
+            problems.error(path, "needs `from` and `to`, one host name each");
             continue;
         };
-        let from = Hostname::new(&from).map_err(|e| problems.error(format!("{path}.from"), e));
-        let to = Hostname::new(&to).map_err(|e| problems.error(format!("{path}.to"), e));
-        if let (Ok(from), Ok(to)) = (from, to) {
+        let from = Host::new(from).map_err(|e| problems.error(format!("{path}.from"), e));
+        let to = target_host(to, &format!("{path}.to"), problems);
+        if let (Ok(from), Some(to)) = (from, to) {
             out.push(Redirect {
                 served: Served {
+                    routed: vec![from.clone()],
                     hosts: vec![from],
                     tls: Tls::Off,
                     requires_secure: false,
+                    max_body: None,
+                    origin: path,
                 },
                 status: 301,
                 actions: vec![RedirectAction {

@@ -16,15 +16,41 @@ use crate::nginx::{CertFiles, Renderer};
 use crate::problem::Problem;
 use crate::status::client;
 
-/// `keter check PATH`.
-pub fn check(path: &Path) -> ExitCode {
-    let (errors, warnings) = if is_bundle_dir(path) {
-        let (_, problems) = bundle::check_config(path, &path.display().to_string());
-        (strings(&problems.errors), strings(&problems.warnings))
-    } else if path.extension().is_some_and(|e| e == "keter") {
-        match Opened::bundle(path) {
-            Ok(b) => b.check_result(),
-            Err(errors) => (errors, Vec::new()),
+/// `keter check PATH [-c CONFIG]`.
+pub fn check(path: &Path, config_path: Option<&Path>) -> ExitCode {
+    let is_bundle = is_bundle_dir(path) || path.extension().is_some_and(|e| e == "keter");
+    let (errors, warnings) = if is_bundle {
+        // A bundle is checked as a deploy on this host would check it: against the daemon's
+        // configuration. Problems of that configuration are not the bundle's and only warn.
+        let scratch = match Scratch::new("check") {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        let (config, mut notes) = match load_config(config_path, &scratch.0) {
+            Ok((c, _)) => (Some(c), Vec::new()),
+            Err(errors) => (
+                None,
+                errors
+                    .into_iter()
+                    .map(|e| format!("{e} (the bundle is checked against keter's defaults)"))
+                    .collect(),
+            ),
+        };
+        let config = match config {
+            Some(c) => c,
+            None => match Config::check(&scratch.0) {
+                (Some(c), _) => c,
+                (None, p) => return fail_with(&strings(&p.errors), "keter's defaults"),
+            },
+        };
+        let ctx = bundle::Context::of(&config);
+        match Opened::bundle(path, &ctx, &config.limits) {
+            Ok(b) => {
+                let (errors, mut warnings) = b.check_result();
+                warnings.append(&mut notes);
+                (errors, warnings)
+            }
+            Err(errors) => (errors, notes),
         }
     } else {
         let (_, problems) = Config::check(path);
@@ -49,7 +75,7 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
         Ok(c) => c,
         Err(errors) => return fail_with(&errors, "the configuration has errors"),
     };
-    let opened = match Opened::bundle(bundle_path) {
+    let opened = match Opened::bundle(bundle_path, &bundle::Context::of(&config), &config.limits) {
         Ok(b) => b,
         Err(errors) => return fail_with(&errors, "the bundle cannot be read"),
     };
@@ -77,16 +103,14 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
         .sha256
         .clone()
         .unwrap_or_else(|| "none (rendered from a folder, not a bundle file)".into());
-    // Certificates are shown where they are in the bundle; the daemon copies them out.
-    let dir = opened.dir.clone();
-    let mut certs = |tls: &Tls, origin: &str| -> Result<Option<CertFiles>, String> {
+    // Certificates are shown where they are (checked already); the daemon copies them out.
+    let mut certs = |tls: &Tls, _origin: &str| -> Result<Option<CertFiles>, String> {
         match tls {
             Tls::Own {
                 key, certificate, ..
             } => Ok(Some(CertFiles {
-                certificate: bundle::resolve_file(&dir, certificate)
-                    .map_err(|e| format!("{origin}: {e}"))?,
-                key: bundle::resolve_file(&dir, key).map_err(|e| format!("{origin}: {e}"))?,
+                certificate: certificate.clone(),
+                key: key.clone(),
             })),
             _ => Ok(None),
         }
@@ -94,7 +118,6 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
     let source = SiteSource {
         app: &app,
         bundle: bundle_config,
-        dir: &opened.dir,
         sha256: &sha256,
         deploy: 0,
         ports: &ports,
@@ -126,7 +149,9 @@ pub fn bundle(dir: &Path, out: Option<&Path>) -> ExitCode {
             dir.display()
         ));
     }
-    let (_, problems) = bundle::check_config(dir, &dir.display().to_string());
+    // Packing happens on a build machine: what only the deployment host has is left to it.
+    let ctx = bundle::Context::default();
+    let (_, problems) = bundle::check_config(dir, &dir.display().to_string(), &ctx);
     let (errors, warnings) = (strings(&problems.errors), strings(&problems.warnings));
     print_problems(&errors, &warnings);
     if !errors.is_empty() {
@@ -230,8 +255,6 @@ struct Opened {
     app: Option<AppName>,
     sha256: Option<String>,
     config: Option<BundleConfig>,
-    /// The bundle's files (unpacked into `_scratch` for a `.keter` file).
-    dir: PathBuf,
     errors: Vec<String>,
     warnings: Vec<String>,
     /// Holds the unpacked files until the command is done.
@@ -239,9 +262,14 @@ struct Opened {
 }
 
 impl Opened {
-    /// Opens `path`: a `NAME.keter` file is unpacked (with the daemon's checks) into a
-    /// private temporary folder; a folder is read where it is.
-    fn bundle(path: &Path) -> Result<Opened, Vec<String>> {
+    /// Opens `path`: a `NAME.keter` file is unpacked (with the daemon's checks and `limits`)
+    /// into a private temporary folder; a folder is read where it is. Both are checked as a
+    /// deploy checks them, against `ctx`.
+    fn bundle(
+        path: &Path,
+        ctx: &bundle::Context,
+        limits: &BundleLimits,
+    ) -> Result<Opened, Vec<String>> {
         let label = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -261,7 +289,7 @@ impl Opened {
         } else {
             let scratch = Scratch::new("bundle").map_err(|e| vec![e])?;
             let dest = scratch.0.join("bundle");
-            match bundle::unpack(path, &dest, &BundleLimits::default()) {
+            match bundle::unpack(path, &dest, limits) {
                 Ok(u) => (u.dir, Some(u.sha256), Some(scratch)),
                 Err(e) => {
                     errors.push(format!("{label}: {e}"));
@@ -269,14 +297,13 @@ impl Opened {
                 }
             }
         };
-        let (config, problems) = bundle::check_config(&dir, &label);
+        let (config, problems) = bundle::check_config(&dir, &label, ctx);
         errors.extend(strings(&problems.errors));
         let warnings = strings(&problems.warnings);
         Ok(Opened {
             app,
             sha256,
             config,
-            dir,
             errors,
             warnings,
             _scratch: scratch,

@@ -8,7 +8,7 @@ Usage:
   keter CONFIG                       run the daemon in the foreground (CONFIG: keter-config.yaml
                                      or a root folder)
   keter run [CONFIG]                 the same; CONFIG defaults to /etc/keter/keter-config.yaml
-  keter check PATH                   validate a global config, a bundle (NAME.keter) or a bundle
+  keter check PATH [-c CONFIG]       validate a global config, a bundle (NAME.keter) or a bundle
                                      folder; print every problem with its file and key
   keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
   keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
@@ -44,20 +44,27 @@ Examples:
 
 /// `keter check --help`.
 pub const CHECK: &str = "\
-keter check PATH: validate without running anything.
+keter check PATH [-c CONFIG]: validate without running anything.
 
 PATH is a global configuration (keter-config.yaml), a bundle file (NAME.keter) or a bundle
 folder (one holding config/keter.yaml). Every problem is printed with its file and key, for
 example:
   error: hello.keter: config/keter.yaml: stanzas[0].hosts[1]: the host name \"evil.com;}\" is not valid ...
-Warnings (unknown keys, features not supported yet) are printed too but do not fail.
+Warnings (unknown keys, keys keter reads differently from Keter) are printed too but do not
+fail.
+
+A bundle is checked as a deploy on this host checks it, against CONFIG (default
+/etc/keter/keter-config.yaml when it exists, else keter's defaults): executables,
+certificates (the files exist and the key belongs to the certificate) and static roots (in
+the bundle or under allowed-static-roots). Run it where the bundle will be deployed, as the
+user keter runs as, for the same verdict.
 
 Exit status: 0 when there is no error, 1 when there is any.
 
 Examples:
   keter check /etc/keter/keter-config.yaml
   keter check myapp.keter
-  keter check ./myapp
+  keter check ./myapp -c /opt/keter/etc/keter-config.yaml
 ";
 
 /// `keter render --help`.
@@ -82,7 +89,8 @@ pub const BUNDLE: &str = "\
 keter bundle DIR [-o OUT.keter]: validate a bundle folder and pack it into a bundle file.
 
 DIR must hold config/keter.yaml. It is checked like `keter check DIR` first, and a folder
-with any error is not packed. The bundle is a gzip-compressed tar of DIR's files, folders and
+with any error is not packed; what only the deployment host has (absolute executables and
+certificate paths, static roots outside the bundle) is left to that host, with a warning. The bundle is a gzip-compressed tar of DIR's files, folders and
 symlinks (sorted, owned by root, so the same folder gives the same bundle); OUT defaults to
 DIRNAME.keter in the current folder and must be named NAME.keter with a valid app name. The
 file is written under a hidden name and renamed into place, so OUT may be in incoming/.

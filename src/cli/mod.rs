@@ -15,7 +15,10 @@ use crate::config::DEFAULT_CONFIG_PATH;
 pub enum Command {
     /// Run the daemon with this configuration (or root folder).
     Run(PathBuf),
-    Check(PathBuf),
+    Check {
+        path: PathBuf,
+        config: Option<PathBuf>,
+    },
     Render {
         bundle: PathBuf,
         config: Option<PathBuf>,
@@ -104,9 +107,12 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             ([path], false) => Ok(Command::Run(PathBuf::from(path))),
             _ => usage("keter run takes at most one CONFIG"),
         },
-        "check" => match (one(&opts), opts.any_option()) {
-            (Some(path), false) => Ok(Command::Check(path)),
-            _ => usage("keter check takes one PATH"),
+        "check" => match (one(&opts), opts.out.is_some() || opts.json) {
+            (Some(path), false) => Ok(Command::Check {
+                path,
+                config: opts.config,
+            }),
+            _ => usage("keter check takes one PATH and optionally -c CONFIG"),
         },
         "render" => match (one(&opts), opts.out.is_some() || opts.json) {
             (Some(bundle), false) => Ok(Command::Render {
@@ -135,7 +141,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
 /// Runs a command other than the daemon; returns the exit code.
 pub fn run(command: Command) -> ExitCode {
     match command {
-        Command::Check(path) => commands::check(&path),
+        Command::Check { path, config } => commands::check(&path, config.as_deref()),
         Command::Render { bundle, config } => commands::render(&bundle, config.as_deref()),
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
@@ -213,7 +219,20 @@ mod tests {
     fn parses_every_command() {
         assert_eq!(p("/etc/k.yaml"), Ok(Command::Run("/etc/k.yaml".into())));
         assert_eq!(p("run"), Ok(Command::Run(DEFAULT_CONFIG_PATH.into())));
-        assert_eq!(p("check a.keter"), Ok(Command::Check("a.keter".into())));
+        assert_eq!(
+            p("check a.keter"),
+            Ok(Command::Check {
+                path: "a.keter".into(),
+                config: None
+            })
+        );
+        assert_eq!(
+            p("check ./app -c k.yaml"),
+            Ok(Command::Check {
+                path: "./app".into(),
+                config: Some("k.yaml".into())
+            })
+        );
         assert_eq!(
             p("render a.keter -c k.yaml"),
             Ok(Command::Render {

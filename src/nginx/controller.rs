@@ -25,7 +25,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
 use super::system::{self, Blame};
-use super::{Paths, Renderer, Site};
+use super::{Paths, Renderer, Site, worker_files};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
 use crate::restart::{self, Backoff};
@@ -123,6 +123,8 @@ impl Nginx {
             paths,
             generation: 1,
             live: BTreeMap::new(),
+            live_files: BTreeMap::new(),
+            worker_gid: None,
             unremoved: BTreeSet::new(),
             master: None,
             restart_at: None,
@@ -209,6 +211,10 @@ struct Controller {
     generation: u64,
     /// Content of every app file keter has made live.
     live: BTreeMap<AppName, String>,
+    /// The names of the worker files each live app file reads.
+    live_files: BTreeMap<AppName, Vec<String>>,
+    /// The group of Nginx's workers, once known: owner group of `worker-files/`.
+    worker_gid: Option<u32>,
     /// Apps whose removal Nginx did not take (a broken file elsewhere, Nginx down). Their
     /// processes are stopped anyway, so every later change takes their files out too, rather
     /// than keeping a route to a dead port for as long as keter runs.
@@ -241,6 +247,8 @@ impl Controller {
         for (out, inputs) in self.renderer.listener_cert_bundles() {
             write_certificate_bundle(&out, &inputs)?;
         }
+        worker_files::prepare(p, &self.renderer.response_pages(), None)
+            .map_err(|e| format!("{}: {e}", p.worker_files.display()))?;
         if self.nginx.mode == NginxMode::Managed {
             self.stop_leftover_master();
             let main = self.renderer.main_conf()?;
@@ -265,11 +273,30 @@ impl Controller {
             self.reload().map_err(|e| e.to_string())?;
         }
         self.confirm().map_err(|e| e.to_string())?;
+        self.share_with_workers();
         log::info!(
             "nginx: running, configuration generation {}",
             self.generation
         );
         Ok(())
+    }
+
+    /// Gives `worker-files/` to the group the workers run as, when that is new (at start, and
+    /// after a host's Nginx was restarted with another `user`).
+    fn share_with_workers(&mut self) {
+        let Some(gid) = self.current_master().and_then(worker_files::workers_gid) else {
+            return;
+        };
+        if self.worker_gid == Some(gid) {
+            return;
+        }
+        match worker_files::share(&self.paths, gid) {
+            Ok(()) => self.worker_gid = Some(gid),
+            Err(e) => log::error!(
+                "nginx: cannot give {} to the workers' group {gid}: {e}",
+                self.paths.worker_files.display()
+            ),
+        }
     }
 
     /// A managed master left by a keter that was killed would hold the listening ports.
@@ -355,13 +382,49 @@ impl Controller {
                 }
             }
         }
+        // The files the new configurations read go in first; they never replace a live one.
+        let mut written = Vec::new();
+        for change in ready {
+            let files = change
+                .site
+                .as_ref()
+                .map(|s| s.files.as_slice())
+                .unwrap_or(&[]);
+            match worker_files::write_site_files(&self.paths, &change.app, files, self.worker_gid) {
+                Ok(()) => written.push(change),
+                Err(e) => {
+                    match before.get(&change.app) {
+                        Some(text) => wanted.insert(change.app.clone(), text.clone()),
+                        None => wanted.remove(&change.app),
+                    };
+                    let _ = change.reply.send(Err(NginxError::Files(format!(
+                        "{}: {e}",
+                        self.paths.app_files(&change.app).display()
+                    ))));
+                }
+            }
+        }
+        let ready = written;
         if ready.is_empty() {
             return;
         }
         let result = self.make_live(generation, &before, &wanted);
+        for c in &ready {
+            if result.is_ok() {
+                let names: Vec<String> = c
+                    .site
+                    .iter()
+                    .flat_map(|s| s.files.iter().map(|f| f.name.clone()))
+                    .collect();
+                self.live_files.insert(c.app.clone(), names);
+            }
+            let keep = self.live_files.get(&c.app).cloned().unwrap_or_default();
+            worker_files::prune(&self.paths, &c.app, &keep);
+        }
         match result {
             Ok(()) => {
                 self.unremoved.clear();
+                self.share_with_workers();
                 for c in ready {
                     let _ = c.reply.send(Ok(generation));
                 }

@@ -6,8 +6,10 @@
 //! paths): `.conf` output is not escaped, so nothing unvalidated may reach it.
 
 pub mod controller;
+pub mod middleware;
 pub mod site;
 pub mod system;
+mod worker_files;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,9 +22,10 @@ use crate::names::{AppName, UrlPath};
 use site::{Front, ServerView};
 
 pub use controller::{Nginx, NginxCounters, NginxError, NginxHandle};
-pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site};
+pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");
+const MIDDLEWARE_TEMPLATE: &str = include_str!("../../templates/middleware.conf.tera");
 const HTTP_TEMPLATE: &str = include_str!("../../templates/http.conf.tera");
 const MAIN_TEMPLATE: &str = include_str!("../../templates/nginx.conf.tera");
 
@@ -39,6 +42,10 @@ pub struct Paths {
     pub control_socket: PathBuf,
     /// Certificates keter writes itself (a listener's certificate with its chain appended).
     pub certs: PathBuf,
+    /// `ROOT/nginx/worker-files`: the files Nginx's workers read while serving (the
+    /// operator's response pages in `responses/`, password files in `apps/NAME/`). Readable
+    /// by the workers' group, not by others (the controller sets the group).
+    pub worker_files: PathBuf,
 }
 
 impl Paths {
@@ -51,12 +58,23 @@ impl Paths {
             generation_conf: prefix.join("generation.conf"),
             control_socket: prefix.join("control.sock"),
             certs: prefix.join("certs"),
+            worker_files: prefix.join("worker-files"),
             prefix,
         }
     }
 
     pub fn app_conf(&self, app: &AppName) -> PathBuf {
         self.apps.join(format!("{app}.conf"))
+    }
+
+    /// Where an app's files for the workers go.
+    pub fn app_files(&self, app: &AppName) -> PathBuf {
+        self.worker_files.join("apps").join(app.as_str())
+    }
+
+    /// Where the operator's response pages go.
+    pub fn responses(&self) -> PathBuf {
+        self.worker_files.join("responses")
     }
 }
 
@@ -73,8 +91,12 @@ pub struct Renderer {
     worker_shutdown_timeout: Duration,
     acme_root: PathBuf,
     paths: Paths,
-    /// Managed mode run by root: the (user, group) of Nginx's workers, rendered as `user`.
-    /// Names come from the system's user database and are checked plain.
+    responses: crate::responses::ResponseFiles,
+    /// Managed mode run by root: the (user, group) of Nginx's workers, rendered as `user`
+    /// (`www-data` as Debian's Nginx runs them, or `nginx.user`; set by the daemon from
+    /// `crate::isolation`). Apps run as other users, so the workers' group alone reads
+    /// `worker-files/` and the static roots keter opens to it. Names come from the system's
+    /// user database and are checked plain.
     pub worker_user: Option<(String, String)>,
 }
 
@@ -84,17 +106,19 @@ struct UpstreamView {
     port: u16,
 }
 
-/// A TLS listener's default server, for the main configuration.
+/// A listener's default server, for the main configuration.
 #[derive(Serialize)]
 struct ListenView {
-    listen: String,
+    listens: Vec<String>,
     certificate: Option<CertFiles>,
+    session_cache: bool,
 }
 
 impl Renderer {
     pub fn new(config: &Config) -> Result<Renderer, String> {
         let mut tera = tera::Tera::new();
         for (name, text) in [
+            ("middleware.conf", MIDDLEWARE_TEMPLATE),
             ("app.conf", APP_TEMPLATE),
             ("http.conf", HTTP_TEMPLATE),
             ("nginx.conf", MAIN_TEMPLATE),
@@ -103,7 +127,12 @@ impl Renderer {
                 .map_err(|e| format!("template {name}: {e}"))?;
         }
         let paths = Paths::new(&config.root);
-        for p in [&paths.prefix, &paths.control_socket, &config.acme_webroot] {
+        for p in [
+            &paths.prefix,
+            &paths.control_socket,
+            &config.acme_webroot,
+            &paths.worker_files,
+        ] {
             crate::names::check_conf_path(p).map_err(|e| format!("root: {e}"))?;
         }
         // sun_path holds 108 bytes including the terminating NUL.
@@ -139,8 +168,14 @@ impl Renderer {
             worker_shutdown_timeout: config.drain_time + Duration::from_secs(10),
             acme_root: config.acme_webroot.clone(),
             paths,
+            responses: config.responses.clone(),
             worker_user: None,
         })
+    }
+
+    /// The operator's response pages, to write into `worker-files/responses/`.
+    pub fn response_pages(&self) -> Vec<(&'static str, &[u8])> {
+        self.responses.pages()
     }
 
     /// Certificate files keter must write before Nginx reads its configuration: a TLS
@@ -173,12 +208,15 @@ impl Renderer {
             listener_certs: &self.listener_certs,
             external_https_port: self.external_https_port,
             default_timeout: self.default_timeout,
+            proxy_exception_page: self.responses.proxy_exception.is_some(),
         };
         let webapps = site
             .blocks
             .iter()
             .filter(|b| matches!(b.content, Content::App { .. }))
             .count();
+        let files = self.paths.app_files(&site.app);
+        let mut decl = middleware::Declarations::default();
         let mut upstreams = Vec::new();
         let mut servers: Vec<ServerView> = Vec::new();
         for block in &site.blocks {
@@ -193,7 +231,17 @@ impl Renderer {
                 }
                 _ => None,
             };
-            servers.extend(site::servers(block, upstream.as_deref(), &front));
+            let proxied = matches!(
+                block.content,
+                Content::App { .. } | Content::ReverseProxy { .. }
+            );
+            let auth_file = block
+                .auth_file
+                .as_ref()
+                .map(|f| files.join(f).display().to_string());
+            let location =
+                middleware::location(&site.app, &block.middleware, auth_file, proxied, &mut decl)?;
+            servers.extend(site::servers(block, upstream.as_deref(), &location, &front));
         }
         let mut ctx = tera::Context::new();
         ctx.insert("app", &site.app);
@@ -202,10 +250,13 @@ impl Renderer {
         ctx.insert("deploy", &site.deploy);
         ctx.insert("generation", &generation);
         ctx.insert("upstreams", &upstreams);
+        ctx.insert("zones", &decl.zones);
+        ctx.insert("maps", &decl.maps);
         ctx.insert("servers", &servers);
         ctx.insert("healthcheck_path", &self.healthcheck_path);
         ctx.insert("acme_root", &self.acme_root);
         ctx.insert("ip_from_header", &self.ip_from_header);
+        ctx.insert("responses_dir", &self.paths.responses());
         self.render("app.conf", &ctx)
     }
 
@@ -221,16 +272,30 @@ impl Renderer {
 
     /// `ROOT/nginx/nginx.conf` of a managed Nginx.
     pub fn main_conf(&self) -> Result<String, String> {
+        // One default server per address: two listeners may share one (`*` and `*4`).
+        let mut seen: Vec<String> = Vec::new();
         let listens: Vec<ListenView> = self
             .listeners
             .iter()
             .zip(&self.listener_certs)
-            .map(|(l, cert)| ListenView {
-                listen: match cert {
-                    Some(_) => format!("{} ssl http2", l.nginx_address()),
-                    None => l.nginx_address(),
-                },
-                certificate: cert.clone(),
+            .filter_map(|(l, cert)| {
+                let listens: Vec<String> = l
+                    .nginx_addresses()
+                    .into_iter()
+                    .filter(|a| !seen.contains(a))
+                    .collect();
+                seen.extend(listens.iter().cloned());
+                (!listens.is_empty()).then(|| ListenView {
+                    listens: listens
+                        .into_iter()
+                        .map(|a| match cert {
+                            Some(_) => format!("{a} ssl http2"),
+                            None => a,
+                        })
+                        .collect(),
+                    certificate: cert.clone(),
+                    session_cache: l.session,
+                })
             })
             .collect();
         let mut ctx = tera::Context::new();
@@ -241,6 +306,9 @@ impl Renderer {
             crate::isolation::users::is_plain_name(u) && crate::isolation::users::is_plain_name(g)
         });
         ctx.insert("worker_user", &worker_user.map(|(u, g)| format!("{u} {g}")));
+        ctx.insert("responses_dir", &self.paths.responses());
+        ctx.insert("unknown_host_page", &self.responses.unknown_host.is_some());
+        ctx.insert("missing_host_page", &self.responses.missing_host.is_some());
         ctx.insert(
             "worker_shutdown_timeout",
             &site::nginx_time(Some(self.worker_shutdown_timeout)),
@@ -265,166 +333,4 @@ impl Renderer {
 /// read what keter writes. `KETER_BLESS=1 cargo test golden` rewrites them; the integration
 /// tests check each with `nginx -t`.
 #[cfg(test)]
-mod golden {
-    use std::path::{Path, PathBuf};
-    use std::time::Duration;
-
-    use super::*;
-    use crate::names::{Hostname, RedirectUrl};
-
-    const BASE_CONFIG: &str = "root: /srv/keter\nlisteners: [{host: 127.0.0.1, port: 8080}]\n";
-    const TLS_CONFIG: &str = "root: /srv/keter\nexternal-https-port: 8443\nlisteners:\n  - {host: 127.0.0.1, port: 8080}\n  - {host: 127.0.0.1, port: 8443, key: /srv/keter/tls/key.pem, certificate: /srv/keter/tls/cert.pem}\n";
-
-    fn renderer(yaml: &str) -> Renderer {
-        let (config, problems) = Config::parse(yaml, Path::new("/"), "golden.yaml");
-        assert!(problems.errors.is_empty(), "{:?}", problems.errors);
-        Renderer::new(&config.unwrap()).unwrap()
-    }
-
-    fn hosts(names: &[&str]) -> Vec<Hostname> {
-        names.iter().map(|h| Hostname::new(h).unwrap()).collect()
-    }
-
-    fn site(blocks: Vec<Block>) -> Site {
-        Site {
-            app: AppName::new("demo").unwrap(),
-            bundle: "demo.keter".into(),
-            sha256: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
-            deploy: 3,
-            blocks,
-        }
-    }
-
-    fn app(port: u16, names: &[&str]) -> Block {
-        Block {
-            hosts: hosts(names),
-            content: Content::App {
-                port,
-                timeout: Some(Duration::from_secs(300)),
-            },
-            certificate: None,
-            requires_secure: false,
-        }
-    }
-
-    pub(crate) fn cases() -> Vec<(&'static str, String)> {
-        let plain = renderer(BASE_CONFIG);
-        let mut tls = renderer(TLS_CONFIG);
-        tls.worker_user = Some(("www-data".into(), "www-data".into()));
-        let health = renderer(&format!("{BASE_CONFIG}healthcheck-path: /keter-health\n"));
-        let mut out = Vec::new();
-        let mut add = |name: &'static str, r: &Renderer, s: Site| {
-            out.push((name, r.app_conf(&s, 7).unwrap()));
-        };
-        add(
-            "webapp",
-            &plain,
-            site(vec![app(4000, &["www.example.com", "example.com"])]),
-        );
-        let mut unbounded = app(4001, &["*.example.com", "bar.*.*.example.org"]);
-        unbounded.content = Content::App {
-            port: 4001,
-            timeout: None,
-        };
-        add(
-            "webapp-wildcards-no-time-bound",
-            &health,
-            site(vec![unbounded]),
-        );
-        add(
-            "two-webapps",
-            &plain,
-            site(vec![
-                app(4002, &["a.example.com"]),
-                app(4003, &["b.example.com"]),
-            ]),
-        );
-        add(
-            "static-files",
-            &plain,
-            site(vec![Block {
-                hosts: hosts(&["static.example.com"]),
-                content: Content::Static {
-                    root: PathBuf::from("/srv/keter/temp/demo-3/static"),
-                    listing: true,
-                },
-                certificate: None,
-                requires_secure: false,
-            }]),
-        );
-        add(
-            "redirect",
-            &plain,
-            site(vec![Block {
-                hosts: hosts(&["example.com", "old.example.com"]),
-                content: Content::Redirect {
-                    status: 303,
-                    rules: vec![
-                        RedirectRule {
-                            path: Some(UrlPath::new("/docs").unwrap()),
-                            target: RedirectTarget::Url {
-                                url: RedirectUrl::new("https://docs.example.com/").unwrap(),
-                            },
-                        },
-                        RedirectRule {
-                            path: None,
-                            target: RedirectTarget::Host {
-                                secure: true,
-                                host: Hostname::new("www.example.com").unwrap(),
-                                port: Some(8443),
-                            },
-                        },
-                    ],
-                },
-                certificate: None,
-                requires_secure: false,
-            }]),
-        );
-        add(
-            "reverse-proxy",
-            &plain,
-            site(vec![Block {
-                hosts: hosts(&["api.example.com"]),
-                content: Content::ReverseProxy {
-                    https: false,
-                    host: "127.0.0.1".into(),
-                    port: 9000,
-                    preserve_host: true,
-                    timeout: Some(Duration::from_secs(30)),
-                },
-                certificate: None,
-                requires_secure: false,
-            }]),
-        );
-        let mut secure = app(4004, &["secure.example.com"]);
-        secure.requires_secure = true;
-        let mut own = app(4005, &["own-cert.example.com"]);
-        own.certificate = Some(CertFiles {
-            certificate: PathBuf::from("/srv/keter/etc/certs/demo-3/certificate.pem"),
-            key: PathBuf::from("/srv/keter/etc/certs/demo-3/key.pem"),
-        });
-        add(
-            "tls-requires-secure-and-own-certificate",
-            &tls,
-            site(vec![secure, own]),
-        );
-        out.push(("main-managed-tls", tls.main_conf().unwrap()));
-        out
-    }
-
-    #[test]
-    fn golden_files() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
-        let bless = std::env::var_os("KETER_BLESS").is_some();
-        for (name, text) in cases() {
-            let path = dir.join(format!("{name}.conf"));
-            if bless {
-                std::fs::write(&path, &text).unwrap();
-                continue;
-            }
-            let expected = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e} (KETER_BLESS=1 writes it)", path.display()));
-            assert_eq!(text, expected, "{name} differs from {}", path.display());
-        }
-    }
-}
+mod golden;

@@ -78,9 +78,10 @@ fn a_bundle_copied_in_is_served_with_keters_environment() {
         vars.contains(&format!("YESOD_PORT={port}").as_str()),
         "{env}"
     );
-    assert!(vars.contains(&"APPROOT=http://hello.example.com"), "{env}");
+    // The first host as written, as Keter builds APPROOT.
+    assert!(vars.contains(&"APPROOT=http://Hello.Example.com"), "{env}");
     assert!(
-        vars.contains(&"YESOD_APPROOT=http://hello.example.com"),
+        vars.contains(&"YESOD_APPROOT=http://Hello.Example.com"),
         "{env}"
     );
     assert!(vars.contains(&"GLOBAL_VAR=from-global"), "{env}");

@@ -140,6 +140,9 @@ pub struct Opts {
     pub status: StatusAt,
     /// Put the root on a tmpfs of this many MiB (disk-full tests; needs root).
     pub tmpfs_mib: Option<u64>,
+    /// The `listeners` value as YAML, instead of one on `127.0.0.1:port`; `{port}` in it is
+    /// replaced by the front-end port.
+    pub listeners: Option<String>,
 }
 
 /// The `status` key of a test daemon. Tests never use the default `127.0.0.1:4080`: many
@@ -171,6 +174,7 @@ impl Default for Opts {
             root: None,
             status: StatusAt::Socket,
             tmpfs_mib: None,
+            listeners: None,
         }
     }
 }
@@ -241,10 +245,14 @@ impl Keter {
             Some(keter::status::StatusAddress::Tcp(a)) => a.to_string(),
             None => "false".to_string(),
         };
+        let listeners = opts
+            .listeners
+            .map(|l| l.replace("{port}", &port.to_string()))
+            .unwrap_or_else(|| format!("[{{host: 127.0.0.1, port: {port}}}]"));
         fs::write(
             &config_path,
             format!(
-                "root: {}\nlisteners: [{{host: 127.0.0.1, port: {port}}}]\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
+                "root: {}\nlisteners: {listeners}\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
                 root.display(),
                 opts.readiness_timeout,
                 opts.drain_time,

@@ -39,8 +39,8 @@ impl SystemNginx {
         for sub in ["conf.d", "sites-enabled", "temp", "logs"] {
             fs::create_dir_all(p.join(sub)).unwrap();
         }
-        // Debian's nginx.conf, with every path that Debian's build puts in system folders
-        // moved under the prefix.
+        // Debian's nginx.conf (workers as www-data), with every path that Debian's build puts
+        // in system folders moved under the prefix.
         fs::write(
             p.join("nginx.conf"),
             format!(
@@ -461,4 +461,64 @@ fn procfs_workers(master: i32) -> Vec<i32> {
         .into_iter()
         .map(|(pid, _)| pid)
         .collect()
+}
+
+#[test]
+fn files_for_nginx_are_read_by_its_www_data_workers_and_no_app() {
+    let sys = SystemNginx::start("sys-worker-files-nginx");
+    let pages = sys.dir.0.join("pages");
+    fs::create_dir_all(&pages).unwrap();
+    fs::write(pages.join("proxy.html"), "<h1>Back soon</h1>\n").unwrap();
+    set_mode(&pages.join("proxy.html"), 0o600);
+    let mut opts = sys.opts();
+    opts.extra = format!(
+        "setuid: nobody\nproxy-exception-response-file: {}/proxy.html\n",
+        pages.display()
+    );
+    let k = Keter::start_with("sys-worker-files", opts);
+    let yaml = format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, guarded]\n    hosts: [{HOST}]\n    middleware:\n      - basic-auth: {{realm: staff, creds: {{jon: rocks}}}}\n  - type: reverse-proxy\n    reversed-host: 127.0.0.1\n    reversed-port: {}\n    reversed-ssl: false\n    reversing-host: down.example.com\n",
+        free_port()
+    );
+    let path = k.dir.0.join("guarded.keter");
+    BundleBuilder::hello(&yaml).write(&path);
+    k.deploy("guarded", &path);
+    k.wait_log("guarded: switched", WAIT);
+    let curl = |host: &str, path: &str, auth: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Host: {host}"))
+            .args(auth)
+            .arg(format!("http://127.0.0.1:{}{path}", sys.port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The host's workers, as www-data, read the password file and the page...
+    assert!(curl(HOST, "/", &[]).ends_with("\n401"));
+    assert_eq!(curl(HOST, "/", &["-u", "jon:rocks"]), "guarded\n\n200");
+    assert_eq!(
+        curl("down.example.com", "/", &[]),
+        "<h1>Back soon</h1>\n\n502"
+    );
+    // ...which sit in one folder of the workers' group, that the app (nobody) cannot read.
+    use std::os::unix::fs::MetadataExt;
+    let files = sys.keter_root().join("nginx/worker-files");
+    let www = nix::unistd::Group::from_name("www-data").unwrap().unwrap();
+    for f in [
+        files.clone(),
+        files.join("responses/proxy-exception.html"),
+        files.join("apps/guarded"),
+    ] {
+        let meta = fs::metadata(&f).unwrap();
+        assert_eq!(meta.gid(), www.gid.as_raw(), "{}", f.display());
+        assert_eq!(meta.mode() & 0o007, 0, "{}: {:o}", f.display(), meta.mode());
+    }
+    let page = files.join("responses/proxy-exception.html");
+    let answer = curl(
+        HOST,
+        &format!("/read?path={}", page.display()),
+        &["-u", "jon:rocks"],
+    );
+    assert!(answer.contains("Permission denied"), "{answer}");
 }
