@@ -84,6 +84,7 @@ fn a_hostile_app_reaches_nothing_of_its_neighbour_or_of_keter() {
     // secret in its folder, and output in its log.
     let yaml = "stanzas:\n  - type: webapp\n    exec: ../dist/pgapp\n    args: [--note, secret-note]\n    host: probed.example.com\n    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\nplugins:\n  postgres: true\n";
     let neighbour = k.dir.0.join("probed.keter");
+    let (cert, key) = crate::stanzas::self_signed(&k.dir.0.join("tls"), "probed.example.com");
     BundleBuilder::new()
         .file(
             "dist/pgapp",
@@ -91,8 +92,8 @@ fn a_hostile_app_reaches_nothing_of_its_neighbour_or_of_keter() {
             0o755,
         )
         .file("config/keter.yaml", yaml.as_bytes().to_vec(), 0o644)
-        .file("tls/key.pem", b"not a real key\n".to_vec(), 0o644)
-        .file("tls/cert.pem", b"not a real certificate\n".to_vec(), 0o644)
+        .file("tls/key.pem", fs::read(key).unwrap(), 0o644)
+        .file("tls/cert.pem", fs::read(cert).unwrap(), 0o644)
         .file("secret.txt", b"the neighbour's secret\n".to_vec(), 0o644)
         .write(&neighbour);
     k.deploy("probed", &neighbour);
