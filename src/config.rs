@@ -59,6 +59,9 @@ pub struct Config {
     /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
     /// certbot's webroot mode.
     pub acme_webroot: PathBuf,
+    /// The CA that certificates are obtained from over ACME (the `acme` section); `None` when
+    /// the section is absent.
+    pub acme: Option<crate::acme::AcmeConfig>,
     /// The admin connection of the postgres plugin; `None` when the section is absent (then a
     /// bundle that asks for a database fails its deploy).
     pub postgres: Option<PostgresAdmin>,
@@ -264,12 +267,14 @@ fn from_tree(
     let acme_webroot = f
         .string("acme-webroot", problems)
         .map(|p| normalize(&base.join(p)));
+    let acme = crate::acme::config::read(f.raw("acme"), base, problems);
     f.finish(problems);
     let root = root?;
     let acme_webroot = acme_webroot.unwrap_or_else(|| root.join("acme"));
 
     Some(Config {
         acme_webroot,
+        acme,
         root,
         listeners: listeners?,
         env,

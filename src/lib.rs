@@ -6,6 +6,7 @@
 //! request. The README is the contract; `docs/lifecycle.md` describes an app's life inside
 //! the daemon.
 
+pub mod acme;
 pub mod app;
 pub mod applog;
 pub mod atomic_file;

@@ -2,8 +2,10 @@
 //! stands in for the host's in system mode), a real PostgreSQL, real bundles and real HTTP
 //! requests. One test binary; each test has its own root folder and ports.
 
+mod pebble;
 mod support;
 
+mod acme;
 mod commands;
 mod craft;
 mod deploy_loop;
