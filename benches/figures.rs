@@ -1,6 +1,7 @@
 //! keter's figures, each side by side with its baseline in the same run: deploy latency by
 //! bundle size (and unpack throughput against `tar xzf`), redeploys under load with `wrk`,
-//! the front end's overhead against the app reached directly, and 200 apps at once.
+//! the front end's overhead against the app reached directly, 200 apps at once, and what
+//! isolation costs a deploy (apps as users of their own against `run-apps-as-root`).
 //!
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
 //! be on PATH, `apt-get install wrk`). About six minutes on two cores.
@@ -34,6 +35,9 @@ fn main() {
     }
     if run("many") {
         many_apps();
+    }
+    if run("isolation") {
+        isolation_cost();
     }
 }
 
@@ -708,19 +712,12 @@ fn front_end_overhead() {
     );
 }
 
-fn many_apps() {
-    const APPS: usize = 200;
-    let k = Keter::start_with(
-        "bench-many",
-        Opts {
-            ports: 400,
-            readiness_timeout: 60.0,
-            ..Opts::default()
-        },
-    );
+/// Copies `apps` bundles into `k` at once; how long until all serve, and the Nginx
+/// generations of their switches.
+fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
     let dir = k.dir.0.join("many");
     fs::create_dir_all(&dir).unwrap();
-    for i in 0..APPS {
+    for i in 0..apps {
         BundleBuilder::hello(&hello_yaml(
             &format!("m{i}"),
             &format!("m{i}.example.com"),
@@ -729,12 +726,12 @@ fn many_apps() {
         .write(&dir.join(format!("m{i}.keter")));
     }
     let start = Instant::now();
-    for i in 0..APPS {
+    for i in 0..apps {
         let staged = k.incoming().join(format!(".m{i}.part"));
         fs::hard_link(dir.join(format!("m{i}.keter")), &staged).unwrap();
         fs::rename(&staged, k.incoming().join(format!("m{i}.keter"))).unwrap();
     }
-    for i in 0..APPS {
+    for i in 0..apps {
         let host = format!("m{i}.example.com");
         let want = format!("m{i}");
         loop {
@@ -761,6 +758,32 @@ fn many_apps() {
                 .ok()
         })
         .collect();
+    (all, generations)
+}
+
+fn many_apps() {
+    const APPS: usize = 200;
+    let opts = |extra: &str| Opts {
+        ports: 400,
+        readiness_timeout: 60.0,
+        extra: extra.into(),
+        ..Opts::default()
+    };
+    // The same burst with apps run as root first: with users of their own, each app's first
+    // deploy also creates its user.
+    let (as_root, root_rss, root_anonymous) = {
+        let k = Keter::start_with("bench-many-root", opts("run-apps-as-root: true\n"));
+        let took = burst(&k, APPS).0;
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = k.pid();
+        (
+            took,
+            proc_field(pid, "status", "VmRSS:"),
+            proc_field(pid, "smaps_rollup", "Anonymous:"),
+        )
+    };
+    let k = Keter::start_with("bench-many", opts(""));
+    let (all, generations) = burst(&k, APPS);
     let mut distinct = generations.clone();
     distinct.sort();
     distinct.dedup();
@@ -774,14 +797,18 @@ fn many_apps() {
     let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
     println!("\n4. {APPS} bundles copied in at once");
     println!(
-        "   all serving after {:.1} s; {} Nginx reloads for {} switches",
+        "   all serving after {:.1} s ({:.1} s with run-apps-as-root: the first deploys create {APPS} users); {} Nginx reloads for {} switches",
         all.as_secs_f64(),
+        as_root.as_secs_f64(),
         distinct.len(),
         generations.len()
     );
     println!(
         "   daemon RSS {rss} KiB ({anonymous} KiB heap and stacks, the rest the binary and \
          libraries) with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
+    );
+    println!(
+        "   with run-apps-as-root: daemon RSS {root_rss} KiB ({root_anonymous} KiB heap and stacks)"
     );
 }
 
@@ -801,4 +828,166 @@ fn cpu_ticks(pid: i32) -> u64 {
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A bundle of the example app with a static-files stanza of `files` files in 10 folders:
+/// the app's folder is handed over and its static root opened to Nginx's workers.
+fn static_bundle(path: &Path, version: &str, host: &str, files: usize) {
+    let mut b = BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, {version}]\n    host: {host}\n  - type: static-files\n    root: ../static\n    hosts: [static.{host}]\n"
+    ));
+    for i in 0..files {
+        b = b.file(
+            &format!("static/d{}/f{i}.css", i % 10),
+            format!("/* {i} */\n").into_bytes(),
+            0o644,
+        );
+    }
+    b.write(path);
+}
+
+/// Renames `bundle` in as `name` and waits until `host` answers `version`; the time taken.
+fn deploy_and_wait(k: &Keter, name: &str, bundle: &Path, host: &str, version: &str) -> Duration {
+    let staged = k.incoming().join(format!(".{name}.part"));
+    fs::copy(bundle, &staged).unwrap();
+    let start = Instant::now();
+    fs::rename(&staged, k.incoming().join(format!("{name}.keter"))).unwrap();
+    loop {
+        if let Ok(r) = k.get(host, "/")
+            && r.body.trim() == version
+        {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", k.log());
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// "N ms after the bundle was picked up" of the last switch of `app` in keter's log.
+fn picked_up_to_switch(k: &Keter, app: &str) -> Duration {
+    let needle = format!("{app}: switched to deploy");
+    let line = k
+        .log()
+        .lines()
+        .rfind(|l| l.contains(&needle))
+        .map(str::to_string);
+    let ms = line
+        .as_deref()
+        .and_then(|l| l.rsplit(" ms after the bundle").nth(1))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no switch of {app} in the log"));
+    Duration::from_millis(ms)
+}
+
+/// The microseconds of every `isolation:` debug line of keter's log from line `from` on.
+fn isolation_us(k: &Keter, from: usize) -> (u64, usize) {
+    let log = k.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let us = lines[from.min(lines.len())..]
+        .iter()
+        .filter(|l| l.contains(" isolation: "))
+        .filter_map(|l| {
+            l.strip_suffix(" us")?
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    (us, lines.len())
+}
+
+fn isolation_cost() {
+    const RUNS: usize = 15;
+    const FILES: usize = 500;
+    // The isolation's own steps are logged at debug level with their durations.
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::set_var("KETER_TEST_LOG", "debug") };
+    let opts = |extra: &str| Opts {
+        drain_time: 1.0,
+        ports: 80,
+        extra: extra.into(),
+        ..Opts::default()
+    };
+    let isolated = Keter::start_with("bench-isolated", opts(""));
+    let as_root = Keter::start_with("bench-as-root", opts("run-apps-as-root: true\n"));
+    let kinds = [(&isolated, "own users"), (&as_root, "as root")];
+    // Redeploys of one app, interleaved between the two daemons.
+    let mut redeploy = [Vec::new(), Vec::new()];
+    let mut switch = [Vec::new(), Vec::new()];
+    let mut own_steps = [Vec::new(), Vec::new()];
+    let mut seen = [0, 0];
+    for i in 0..=RUNS {
+        for (n, (k, _)) in kinds.iter().enumerate() {
+            let version = format!("v{i}");
+            let path = k.dir.0.join(format!("r{i}.keter"));
+            static_bundle(&path, &version, "iso.example.com", FILES);
+            let took = deploy_and_wait(k, "iso", &path, "iso.example.com", &version);
+            std::thread::sleep(Duration::from_millis(1200));
+            let (us, lines) = isolation_us(k, seen[n]);
+            seen[n] = lines;
+            if i > 0 {
+                redeploy[n].push(took);
+                switch[n].push(picked_up_to_switch(k, "iso"));
+                own_steps[n].push(Duration::from_micros(us));
+            }
+        }
+    }
+    // First deploys of new apps: the user is created on the way.
+    let mut first = [Vec::new(), Vec::new()];
+    let mut first_steps = [Vec::new(), Vec::new()];
+    for i in 0..RUNS {
+        for (n, (k, _)) in kinds.iter().enumerate() {
+            let name = format!("new{i}");
+            let host = format!("{name}.example.com");
+            let path = k.dir.0.join(format!("{name}.keter"));
+            static_bundle(&path, &name, &host, FILES);
+            first[n].push(deploy_and_wait(k, &name, &path, &host, &name));
+            std::thread::sleep(Duration::from_millis(300));
+            let (us, lines) = isolation_us(k, seen[n]);
+            seen[n] = lines;
+            first_steps[n].push(Duration::from_micros(us));
+        }
+    }
+    println!(
+        "\n5. what isolation costs a deploy (medians of {RUNS}, interleaved; the example app with a static root of {FILES} files)"
+    );
+    println!(
+        "   {:>10} {:>16} {:>16} {:>18} {:>16} {:>18}",
+        "apps run", "redeploy", "picked up->", "isolation steps", "first deploy", "isolation steps"
+    );
+    println!(
+        "   {:>10} {:>16} {:>16} {:>18} {:>16} {:>18}",
+        "", "rename->answer", "switch", "per redeploy", "rename->answer", "first deploy"
+    );
+    let mut medians = Vec::new();
+    for (n, (_, label)) in kinds.iter().enumerate() {
+        let row = (
+            median(&mut redeploy[n]),
+            median(&mut switch[n]),
+            median(&mut own_steps[n]),
+            median(&mut first[n]),
+            median(&mut first_steps[n]),
+        );
+        println!(
+            "   {label:>10} {:>13.1} ms {:>13.1} ms {:>15.2} ms {:>13.1} ms {:>15.2} ms",
+            ms(row.0),
+            ms(row.1),
+            ms(row.2),
+            ms(row.3),
+            ms(row.4)
+        );
+        medians.push(row);
+    }
+    let d = |a: Duration, b: Duration| ms(a) - ms(b);
+    println!(
+        "   own users against as root: {:+.1} ms per redeploy end to end ({:+.1} ms picked up to switch), {:+.1} ms per first deploy",
+        d(medians[0].0, medians[1].0),
+        d(medians[0].1, medians[1].1),
+        d(medians[0].3, medians[1].3)
+    );
+    println!(
+        "   (isolation steps: keter's own timing of the app's user, the hand-over of its folder and the opening and check of its static roots, from its debug log)"
+    );
 }

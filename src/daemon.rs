@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
 use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
@@ -81,12 +83,20 @@ pub fn run(
     crate::memory::limit_arenas();
     let started = std::time::Instant::now();
     make_root(&config.root)?;
-    fs::create_dir_all(&config.acme_webroot).map_err(|e| {
-        Fatal(format!(
-            "cannot create {}: {e}",
-            config.acme_webroot.display()
-        ))
-    })?;
+    // Nginx's workers read it for certbot; nobody but root writes it (an app that could
+    // would get certificates for every host keter serves).
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&config.acme_webroot)
+        .map_err(|e| {
+            Fatal(format!(
+                "cannot create {}: {e}",
+                config.acme_webroot.display()
+            ))
+        })?;
+    let isolation = Isolation::new(&config).map_err(Fatal)?;
+    log::info!("keter: {}", isolation.describe());
     // What an earlier keter ran is taken over from its records before anything starts: the
     // apps that still run go on serving (README, "A keter that dies and comes back").
     let journal = Journal::new(&config.root.join("etc"));
@@ -111,13 +121,27 @@ pub fn run(
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
     empty_temp(&config.root, &recovery.dirs)?;
-    let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
-    let nginx = Nginx::start(&config, renderer, &recovery.sites)
+    let mut renderer = Renderer::new(&config).map_err(Fatal)?;
+    renderer.worker_user = isolation.managed_worker_user();
+    let nginx = Nginx::start(&config, Arc::new(renderer), &recovery.sites)
         .map_err(|e| Fatal(format!("nginx: {e}")))?;
+    isolation.check_acme_webroot(&config.acme_webroot, nginx.handle().master_pid());
     let incoming = config.root.join("incoming");
     let reports = Arc::new(Reports::default());
-    let status = StatusServer::start(&config, reports.clone(), nginx.counters.clone());
-    let shared = Arc::new(Shared::new(config, nginx.handle(), journal, reports));
+    let isolation = Arc::new(isolation);
+    let status = StatusServer::start(
+        &config,
+        reports.clone(),
+        nginx.counters.clone(),
+        isolation.clone(),
+    );
+    let shared = Arc::new(Shared::new(
+        config,
+        nginx.handle(),
+        journal,
+        reports,
+        isolation,
+    ));
     recovery.claim(&shared);
     let watcher = watcher::watch(&incoming, tx.clone())
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
@@ -199,12 +223,13 @@ pub fn run(
     Ok(())
 }
 
-/// Creates the folders of the README's "Folder layout under `root`".
+/// Creates the folders of the README's "Folder layout under `root`" with the modes that keep
+/// apps out of them.
 fn make_root(root: &Path) -> Result<(), Fatal> {
-    for sub in ["incoming", "temp", "log", "etc", "nginx"] {
-        let dir = root.join(sub);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
+    fs::create_dir_all(root)
+        .map_err(|e| Fatal(format!("cannot create {}: {e}", root.display())))?;
+    for changed in crate::isolation::prepare_root(root).map_err(Fatal)? {
+        log::warn!("keter: {changed}");
     }
     Ok(())
 }

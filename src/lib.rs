@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod fspath;
 pub mod handover;
+pub mod isolation;
 pub mod journal;
 pub mod listen;
 pub mod memory;

@@ -7,19 +7,22 @@
 
 use std::io;
 use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub const ESTABLISHED: u8 = 1;
 pub const LISTEN: u8 = 10;
 
-/// One socket: its state, local and remote ports and inode.
+/// One socket: its state, local and remote ports, inode and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Socket {
     pub state: u8,
     pub local_port: u16,
     pub remote_port: u16,
     pub inode: u32,
+    /// The uid of the process that made it.
+    pub uid: u32,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -43,17 +46,47 @@ const DIAG_MSG_LEN: usize = 4 + SOCK_ID_LEN + 20;
 
 /// The dump request for TCP sockets of `family` in `states` (a bit mask).
 fn request(family: u8, states: u32) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    header(family, states, flags)
+}
+
+fn header(family: u8, states: u32, flags: u16) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
     let mut b = [0u8; NLMSG_HDR_LEN + REQ_V2_LEN];
     let len = b.len() as u32;
     b[0..4].copy_from_slice(&len.to_ne_bytes());
     b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     b[6..8].copy_from_slice(&flags.to_ne_bytes());
     b[8..12].copy_from_slice(&1u32.to_ne_bytes());
     // Port id 0 at 12..16: the kernel.
     b[16] = family;
     b[17] = libc::IPPROTO_TCP as u8;
     b[20..24].copy_from_slice(&states.to_ne_bytes());
+    b
+}
+
+/// The request for the one TCP socket whose own address is `local` and whose peer is
+/// `remote` (both of one family).
+fn lookup_request(local: SocketAddr, remote: SocketAddr) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let mut b = header(family as u8, 0, libc::NLM_F_REQUEST as u16);
+    let id = NLMSG_HDR_LEN + 8;
+    // Ports and addresses in network byte order, as the kernel keeps them.
+    b[id..id + 2].copy_from_slice(&local.port().to_be_bytes());
+    b[id + 2..id + 4].copy_from_slice(&remote.port().to_be_bytes());
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let src = octets(local.ip());
+    let dst = octets(remote.ip());
+    b[id + 4..id + 4 + src.len()].copy_from_slice(&src);
+    b[id + 20..id + 20 + dst.len()].copy_from_slice(&dst);
+    // Interface 0 at id+36; the cookie INET_DIAG_NOCOOKIE: look up by addresses alone.
+    b[id + 40..id + 48].copy_from_slice(&[0xff; 8]);
     b
 }
 
@@ -99,15 +132,17 @@ fn parse(buf: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
                 // Ports are in network byte order.
                 let local_port = bytes(msg, id).map(u16::from_be_bytes);
                 let remote_port = bytes(msg, id + 2).map(u16::from_be_bytes);
+                let uid = u32_at(msg, payload + 4 + SOCK_ID_LEN + 12);
                 let inode = u32_at(msg, payload + 4 + SOCK_ID_LEN + 16);
-                if let (Some(local_port), Some(remote_port), Some(inode)) =
-                    (local_port, remote_port, inode)
+                if let (Some(local_port), Some(remote_port), Some(inode), Some(uid)) =
+                    (local_port, remote_port, inode, uid)
                 {
                     out.push(Socket {
                         state,
                         local_port,
                         remote_port,
                         inode,
+                        uid,
                     });
                 }
             }
@@ -130,6 +165,37 @@ pub fn tcp_sockets(states: &[u8]) -> io::Result<Vec<Socket>> {
 }
 
 fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
+    exchange(&request(family, states), false, out)
+}
+
+/// The uid that owns the TCP socket of this machine whose own address is `local` and whose
+/// peer is `remote`; `None` when there is none (the peer is another machine, or gone). The
+/// status interface asks this about the other end of each connection it accepts.
+pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
+    // A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d, but the peer's own socket
+    // is an IPv4 one.
+    let plain = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    };
+    let (local, remote) = (plain(local), plain(remote));
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    match exchange(&lookup_request(local, remote), true, &mut out) {
+        Ok(()) => Ok(out.first().map(|s| s.uid)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one request and reads its answer into `out`: until the end of a dump, or the one
+/// socket a `single` lookup answers.
+fn exchange(request: &[u8], single: bool, out: &mut Vec<Socket>) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -144,7 +210,6 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
-    let request = request(family, states);
     // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
@@ -173,7 +238,8 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
             }
             return Err(e);
         }
-        if parse(&buf[..n as usize], out)? {
+        // A lookup is answered by one message and no NLMSG_DONE.
+        if parse(&buf[..n as usize], out)? || single {
             return Ok(());
         }
     }
@@ -212,7 +278,8 @@ mod tests {
                 state: LISTEN,
                 local_port: 8080,
                 remote_port: 0,
-                inode: 77
+                inode: 77,
+                uid: 0
             }]
         );
         // An error message must carry its whole error code; two bytes of it are not
@@ -245,5 +312,19 @@ mod tests {
         );
         assert!(established.iter().any(|s| s.remote_port == port));
         assert!(established.iter().all(|s| s.state == ESTABLISHED));
+    }
+
+    #[test]
+    fn finds_the_owner_of_the_other_end_of_a_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        assert_eq!(client.local_addr().unwrap(), peer);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(tcp_socket_uid(peer, local).unwrap(), Some(me));
+        let nobody = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(tcp_socket_uid(nobody, local).unwrap(), None);
     }
 }

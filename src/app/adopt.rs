@@ -294,7 +294,10 @@ fn version(
         };
         procs.push(proc);
     }
+    // Every process of a version runs as the version's user.
+    let user = procs.first().and_then(|p: &Proc| p.spec.user.clone());
     Some(Version {
+        user,
         id: v.id,
         dir: v.dir,
         sha256: v.sha256,

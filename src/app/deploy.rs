@@ -18,6 +18,7 @@ use super::site::{SiteSource, site_of};
 use super::version::{self, FileStamp, Proc, Role, Version};
 use crate::applog::AppLog;
 use crate::bundle::{self, BundleConfig, Tls};
+use crate::isolation::Isolation;
 use crate::names::AppName;
 use crate::nginx::{CertFiles, Site};
 use crate::probe::{self, ProbeError};
@@ -100,7 +101,7 @@ pub(super) fn prepare(
     }
     let stamp = FileStamp::of(&meta);
     let config = &ctx.config;
-    let dir = config.root.join("temp").join(format!("{name}-{}", job.id));
+    let dir = version_dir(ctx, name, job.id);
     let mut progress = bundle::log_progress(name.to_string());
     let unpacked = process::when_idle(UNPACK_IDLE_GRACE, || {
         bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
@@ -135,15 +136,11 @@ pub(super) fn prepare(
         .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
         .find_map(|p| fs::read_to_string(p).ok())
         .unwrap_or_default();
-    if let Some(user) = &config.run_as {
-        version::hand_over(&dir, user.uid, user.gid).map_err(|source| {
-            cleanup(DeployError::HandOver {
-                dir: dir.clone(),
-                user: user.name.clone(),
-                source,
-            })
-        })?;
-    }
+    let isolation = &ctx.isolation;
+    let user = isolation
+        .user_of(name)
+        .and_then(|user| isolation.hand_over(&dir, user.as_ref()).map(|()| user))
+        .map_err(|e| cleanup(DeployError::Isolation(e)))?;
     claim_hosts(ctx, name, &bundle_config).map_err(cleanup)?;
     let plugin_env = provision(ctx, name, &bundle_config).map_err(cleanup)?;
     let mut version = Version {
@@ -154,6 +151,7 @@ pub(super) fn prepare(
         config: bundle_config,
         config_text,
         plugin_env,
+        user,
         procs: Vec::new(),
         deploy: 0,
         modified: meta.modified().ok(),
@@ -204,8 +202,14 @@ fn plan(ctx: &Context, version: &mut Version) -> Result<(), DeployError> {
             program: resolved.clone().unwrap_or_default(),
             args: program.args.clone(),
             cwd: version.dir.clone(),
-            env: version::environment(config, &version.plugin_env, &program, web),
-            user: config.run_as.clone(),
+            env: version::environment(
+                config,
+                &version.plugin_env,
+                &program,
+                web,
+                &Isolation::home(version.user.as_ref()),
+            ),
+            user: version.user.clone(),
         };
         // Recorded before anything can fail, so that `discard` frees the port.
         version.procs.push(Proc::new(role, spec, policy));
@@ -316,6 +320,13 @@ fn ready(
 /// Renders the version's site and has Nginx take it; returns once Nginx runs it.
 pub(super) fn switch(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<(), DeployError> {
     let site = site_for(ctx, name, job)?;
+    ctx.isolation
+        .open_to_nginx(
+            &site,
+            &version_dir(ctx, name, job.version),
+            ctx.nginx.master_pid(),
+        )
+        .map_err(DeployError::Isolation)?;
     let switching = Instant::now();
     let generation = ctx
         .nginx
@@ -439,6 +450,11 @@ pub(super) fn discard(ctx: &Context, name: &AppName, version: Version) {
         }
         _ => {}
     }
+}
+
+/// The unpacked folder of version `id`: `temp/NAME-ID`.
+fn version_dir(ctx: &Context, name: &AppName, id: u64) -> PathBuf {
+    ctx.config.root.join("temp").join(format!("{name}-{id}"))
 }
 
 /// Where a version's own certificates are kept.

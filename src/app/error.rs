@@ -33,12 +33,11 @@ pub enum DeployError {
     Site(String),
     /// Another app serves one of the bundle's hosts.
     HostTaken { host: Hostname, owner: AppName },
-    /// The unpacked folder could not be given to the `setuid` user.
-    HandOver {
-        dir: PathBuf,
-        user: String,
-        source: io::Error,
-    },
+    /// The app's user, its folder or its static roots are not as isolation needs them
+    /// (README "Security"): the user cannot be made or cannot reach its folder, the folder
+    /// cannot be given to it, or Nginx's workers cannot read a static root. The message names
+    /// the folder, the user and the permission.
+    Isolation(String),
     /// The bundle asks for the postgres plugin and keter has no `postgres` section.
     NoPostgresServer,
     /// The postgres plugin could not provide the database.
@@ -86,11 +85,12 @@ impl DeployError {
     ];
 
     /// The kind shown next to the message: `bundle`, `unpack`, `config`, `host-taken`,
-    /// `postgres`, `ports`, `spawn`, `not-ready` or `nginx`.
+    /// `isolation`, `postgres`, `ports`, `spawn`, `not-ready` or `nginx`.
     pub fn kind(&self) -> &'static str {
         match self {
             DeployError::Bundle(_) => "bundle",
-            DeployError::Unpack(_) | DeployError::HandOver { .. } => "unpack",
+            DeployError::Unpack(_) => "unpack",
+            DeployError::Isolation(_) => "isolation",
             DeployError::Config(_) | DeployError::Stanza { .. } | DeployError::Site(_) => "config",
             DeployError::HostTaken { .. } => "host-taken",
             DeployError::NoPostgresServer | DeployError::Postgres(_) => "postgres",
@@ -107,7 +107,7 @@ impl DeployError {
     /// program that exits before it answers waits for a new bundle.
     pub fn transient(&self) -> bool {
         match self {
-            DeployError::Unpack(UnpackError::Io(_)) | DeployError::HandOver { .. } => true,
+            DeployError::Unpack(UnpackError::Io(_)) => true,
             DeployError::Postgres(e) => match e {
                 PgError::Connect { .. } | PgError::Sql { .. } | PgError::Random(_) => true,
                 PgError::Store(StoreError::Read { .. } | StoreError::Write { .. }) => true,
@@ -126,6 +126,7 @@ impl DeployError {
             | DeployError::Stanza { .. }
             | DeployError::Site(_)
             | DeployError::HostTaken { .. }
+            | DeployError::Isolation(_)
             | DeployError::NoPostgresServer
             | DeployError::NotReady(NotReady::Exited { .. }) => false,
         }
@@ -135,18 +136,15 @@ impl DeployError {
 impl fmt::Display for DeployError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeployError::Bundle(m) | DeployError::Site(m) => f.write_str(m),
+            DeployError::Bundle(m) | DeployError::Site(m) | DeployError::Isolation(m) => {
+                f.write_str(m)
+            }
             DeployError::Unpack(e) => write!(f, "{e}"),
             DeployError::Config(e) => write!(f, "{e}"),
             DeployError::Stanza { key, message } => write!(f, "{key}: {message}"),
             DeployError::HostTaken { host, owner } => {
                 write!(f, "the host {host} is already served by the app {owner}")
             }
-            DeployError::HandOver { dir, user, source } => write!(
-                f,
-                "cannot give {} to the user {user}: {source}",
-                dir.display()
-            ),
             DeployError::NoPostgresServer => f.write_str(
                 "the bundle asks for the postgres plugin, but keter's configuration has no \
                  `postgres` section naming the server",
@@ -184,9 +182,7 @@ impl std::error::Error for DeployError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             DeployError::Unpack(e) => Some(e),
-            DeployError::HandOver { source, .. } | DeployError::Spawn { source, .. } => {
-                Some(source)
-            }
+            DeployError::Spawn { source, .. } => Some(source),
             DeployError::Postgres(e) => Some(e),
             DeployError::Nginx(e) => Some(e),
             _ => None,

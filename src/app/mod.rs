@@ -35,6 +35,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use crate::applog::{AppLog, LogTarget};
 use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::{AppName, Hostname};
 use crate::nginx::{NginxError, NginxHandle};
@@ -77,6 +78,8 @@ pub struct Shared {
     pub next_version: AtomicU64,
     /// The postgres plugin, when the global config has a `postgres` section.
     pub postgres: Option<Provisioner>,
+    /// Who apps run as and what they may reach (the status server asks it too).
+    pub isolation: Arc<Isolation>,
 }
 
 impl Shared {
@@ -85,6 +88,7 @@ impl Shared {
         nginx: NginxHandle,
         journal: Journal,
         reports: Arc<Reports>,
+        isolation: Arc<Isolation>,
     ) -> Shared {
         Shared {
             ports: PortPool::new(config.port_range.clone()),
@@ -98,6 +102,7 @@ impl Shared {
             reports,
             hosts: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
+            isolation,
         }
     }
 }

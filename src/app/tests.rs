@@ -185,6 +185,7 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         config,
         config_text: yaml.to_string(),
         plugin_env: BTreeMap::new(),
+        user: None,
         procs,
         deploy: 0,
         modified: None,

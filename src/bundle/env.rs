@@ -14,20 +14,18 @@ use super::config::{Program, WebApp};
 use crate::config::Config;
 
 /// The variables of one process, sorted by name. `web` is the webapp and its port (none for a
-/// background stanza). A bundle-given `APPROOT` is logged, once per process start-up plan.
+/// background stanza); `home` the home of the user it runs as (`crate::isolation`). A
+/// bundle-given `APPROOT` is logged, once per process start-up plan.
 pub fn environment(
     config: &Config,
     plugin_env: &BTreeMap<String, String>,
     program: &Program,
     web: Option<(&WebApp, u16)>,
+    home: &str,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
-    let home = match &config.run_as {
-        Some(user) => user.home.display().to_string(),
-        None => std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-    };
-    env.insert("HOME".into(), home);
+    env.insert("HOME".into(), home.into());
     let mut given: BTreeMap<String, String> = BTreeMap::new();
     given.extend(config.env.clone());
     given.extend(plugin_env.clone());

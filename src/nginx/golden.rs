@@ -17,7 +17,7 @@ fn renderer(yaml: &str) -> Renderer {
     assert!(problems.errors.is_empty(), "{:?}", problems.errors);
     let mut r = Renderer::new(&config.unwrap()).unwrap();
     // The same text whoever runs the tests.
-    r.worker_user = Some("www-data".into());
+    r.worker_user = Some(("www-data".into(), "www-data".into()));
     r
 }
 

@@ -94,10 +94,12 @@ pub struct Renderer {
     acme_root: PathBuf,
     paths: Paths,
     responses: crate::responses::ResponseFiles,
-    /// The `user` of a managed Nginx's workers: `www-data`, as Debian's Nginx runs them, when
-    /// keter runs as root and the user exists (else Nginx's default, nobody). Apps run as
-    /// other users, so the workers' group alone reads `worker-files/`.
-    worker_user: Option<String>,
+    /// Managed mode run by root: the (user, group) of Nginx's workers, rendered as `user`
+    /// (`www-data` as Debian's Nginx runs them, or `nginx.user`; set by the daemon from
+    /// `crate::isolation`). Apps run as other users, so the workers' group alone reads
+    /// `worker-files/` and the static roots keter opens to it. Names come from the system's
+    /// user database and are checked plain.
+    pub worker_user: Option<(String, String)>,
 }
 
 #[derive(Serialize)]
@@ -169,12 +171,7 @@ impl Renderer {
             acme_root: config.acme_webroot.clone(),
             paths,
             responses: config.responses.clone(),
-            worker_user: (nix::unistd::geteuid().is_root()
-                && nix::unistd::User::from_name("www-data")
-                    .ok()
-                    .flatten()
-                    .is_some())
-            .then(|| "www-data".to_string()),
+            worker_user: None,
         })
     }
 
@@ -313,9 +310,12 @@ impl Renderer {
             .collect();
         let mut ctx = tera::Context::new();
         ctx.insert("prefix", &self.paths.prefix);
-        ctx.insert("worker_user", &self.worker_user);
         ctx.insert("listeners", &listens);
         ctx.insert("acme_root", &self.acme_root);
+        let worker_user = self.worker_user.as_ref().filter(|(u, g)| {
+            crate::isolation::users::is_plain_name(u) && crate::isolation::users::is_plain_name(g)
+        });
+        ctx.insert("worker_user", &worker_user.map(|(u, g)| format!("{u} {g}")));
         ctx.insert("responses_dir", &self.paths.responses());
         ctx.insert("unknown_host_page", &self.responses.unknown_host.is_some());
         ctx.insert("missing_host_page", &self.responses.missing_host.is_some());

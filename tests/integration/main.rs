@@ -11,6 +11,7 @@ mod craft;
 mod deploy_loop;
 mod fd_store;
 mod hostile;
+mod isolation;
 mod keter_configs;
 mod keter_front;
 mod matrix;

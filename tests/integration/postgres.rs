@@ -236,7 +236,7 @@ extern "C" fn stop_shared_cluster() {
 
 /// The cluster shared by this test binary, started by the first test that needs it and
 /// stopped when the binary exits (statics are never dropped, hence `atexit`).
-fn shared() -> &'static PgCluster {
+pub(crate) fn shared() -> &'static PgCluster {
     SHARED.get_or_init(|| {
         let c = PgCluster::start("shared");
         // SAFETY: registers a plain function with no arguments; it runs at exit.
@@ -252,7 +252,7 @@ fn random_hex() -> String {
 }
 
 /// The example app built by `cargo test`.
-fn pgapp_binary() -> PathBuf {
+pub(crate) fn pgapp_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
@@ -625,13 +625,15 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
     wait_live(&k, "first", "first.example.com", "one", 1);
     let before = fs::read_to_string(store(&k)).unwrap();
 
-    // etc/ on a tiny tmpfs, filled up: the credentials file cannot be rewritten.
+    // etc/ on a tiny tmpfs, filled up: the credentials file cannot be rewritten. Mode 0700,
+    // as keter keeps etc/ (a tmpfs is 1777 otherwise, and keter refuses to run apps whose
+    // users could write it).
     let etc = k.root.join("etc");
     let saved = k.dir.0.join("etc-saved");
     fs::create_dir_all(&saved).unwrap();
     fs::copy(store(&k), saved.join("postgres.yaml")).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
         .arg(&etc)
         .status()
         .is_ok_and(|s| s.success());
@@ -672,5 +674,10 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
     wait_live(&k, "second", "second.example.com", "two", 1);
     let after = fs::read_to_string(store(&k)).unwrap();
     assert!(after.contains("second"), "{after}");
+    // The apps' users are recorded in the etc/ about to be unmounted: removed while it is
+    // there.
+    let mut k = k;
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    remove_app_users(&k.root);
     let _ = std::process::Command::new("umount").arg(&etc).status();
 }
