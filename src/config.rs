@@ -40,8 +40,14 @@ pub struct Config {
     /// ...keeping this many older files (`app-NAME.log.1` newest).
     pub log_rotate_keep: u32,
     pub ip_from_header: bool,
-    /// The user every app runs as (`setuid`), resolved at load time.
+    /// The user every app runs as (`setuid`), resolved at load time; never root (that is
+    /// `run_apps_as_root`).
     pub run_as: Option<RunAs>,
+    /// `run-apps-as-root: true`: a keter running as root runs apps as root too, as Keter did,
+    /// instead of one system user per app (README "Security").
+    pub run_apps_as_root: bool,
+    /// The uids (and gids) of the per-app system users keter creates.
+    pub app_uid_range: RangeInclusive<u32>,
     pub nginx: NginxConfig,
     pub readiness_timeout: Duration,
     pub drain_time: Duration,
@@ -69,6 +75,9 @@ pub struct NginxConfig {
     pub pid_file: PathBuf,
     /// How long to wait for Nginx to confirm a new configuration after SIGHUP.
     pub reload_timeout: Duration,
+    /// Managed mode run by root: the user Nginx's workers run as (`nginx.user`); `None` for
+    /// the default (`www-data` where it exists, else `nobody`).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +253,22 @@ fn from_tree(
             .map_err(|e| problems.error("setuid", e))
             .ok()
     });
+    let run_apps_as_root = f.bool("run-apps-as-root", problems).unwrap_or(false);
+    match &run_as {
+        Some(_) if run_apps_as_root => problems.error(
+            "run-apps-as-root",
+            "contradicts setuid: say which user apps run as, or that they run as root, not both",
+        ),
+        Some(user) if user.uid == 0 => problems.error(
+            "setuid",
+            format!(
+                "{} is root: to run apps as root, remove setuid and say run-apps-as-root: true",
+                user.name
+            ),
+        ),
+        _ => {}
+    }
+    let app_uid_range = read_uid_range(&mut f, problems);
     let log_rotate_bytes = f
         .uint("log-rotate-bytes", u64::MAX, problems)
         .unwrap_or(5 * 1024 * 1024);
@@ -280,6 +305,8 @@ fn from_tree(
         log_rotate_keep,
         ip_from_header,
         run_as,
+        run_apps_as_root,
+        app_uid_range,
         nginx: nginx?,
         readiness_timeout,
         drain_time,
@@ -515,6 +542,7 @@ fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Ng
         binary: PathBuf::from("nginx"),
         pid_file: PathBuf::from("/run/nginx.pid"),
         reload_timeout: Duration::from_secs(10),
+        user: None,
     };
     let Some(v) = f.raw("nginx") else {
         return Some(config);
@@ -546,6 +574,21 @@ fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Ng
         config.pid_file = normalize(&base.join(p));
     }
     config.reload_timeout = seconds_or(&mut n, "reload-timeout", 10.0, problems);
+    if let Some(user) = n.string("user", problems) {
+        match nix::unistd::User::from_name(&user) {
+            Ok(Some(_)) if crate::isolation::users::is_plain_name(&user) => {
+                config.user = Some(user)
+            }
+            Ok(Some(_)) => problems.error(
+                "nginx.user",
+                format!("{user:?} cannot be written into an Nginx file"),
+            ),
+            _ => {
+                problems.error("nginx.user", format!("no user {user:?} on this system"));
+                ok = false;
+            }
+        }
+    }
     n.finish(problems);
     ok.then_some(config)
 }
@@ -673,6 +716,45 @@ fn read_port_range(f: &mut Fields, problems: &mut Problems) -> Option<RangeInclu
     parsed
 }
 
+/// `app-uid-range: FIRST-LAST`. The default, 65536-99999, is above the 16-bit ids (Debian
+/// Policy 9.2.2 leaves 65536 and up to dynamically allocated accounts, and systemd's dynamic
+/// users end at 65519) and below 100000, where `useradd` starts the subordinate ids of
+/// rootless containers.
+fn read_uid_range(f: &mut Fields, problems: &mut Problems) -> RangeInclusive<u32> {
+    const DEFAULT: RangeInclusive<u32> = 65536..=99999;
+    let Some(v) = f.raw("app-uid-range") else {
+        return DEFAULT;
+    };
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => {
+            problems.error(
+                "app-uid-range",
+                format!(
+                    "expected FIRST-LAST such as 65536-99999, found {}",
+                    show(other)
+                ),
+            );
+            return DEFAULT;
+        }
+    };
+    let parsed = text.split_once('-').and_then(|(a, b)| {
+        let a: u32 = a.trim().parse().ok()?;
+        let b: u32 = b.trim().parse().ok()?;
+        (1000 <= a && a <= b && b < 1 << 31).then_some(a..=b)
+    });
+    parsed.unwrap_or_else(|| {
+        problems.error(
+            "app-uid-range",
+            format!(
+                "expected FIRST-LAST with 1000 <= FIRST <= LAST < 2147483648 (system users and \
+                 root stay out of it), found {text:?}"
+            ),
+        );
+        DEFAULT
+    })
+}
+
 fn read_limits(f: &mut Fields, problems: &mut Problems) -> BundleLimits {
     let mut limits = BundleLimits::default();
     if let Some(b) = f.uint("max-bundle-bytes", u64::MAX, problems) {
@@ -728,6 +810,8 @@ mod tests {
         assert_eq!(c.connection_time_bound, Some(Duration::from_secs(300)));
         assert_eq!(c.nginx.mode, NginxMode::Managed);
         assert_eq!(c.run_as, None);
+        assert!(!c.run_apps_as_root);
+        assert_eq!(c.app_uid_range, 65536..=99999);
         assert_eq!(c.acme_webroot, PathBuf::from("/etc/opt/acme"));
         assert_eq!(
             (c.log_rotate_bytes, c.log_rotate_keep),
@@ -737,16 +821,41 @@ mod tests {
 
     #[test]
     fn setuid_resolves_the_user_and_its_groups() {
-        let (c, p) = check("root: /r\nsetuid: root\n");
+        let (c, p) = check("root: /r\nsetuid: nobody\n");
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let user = c.unwrap().run_as.unwrap();
-        assert_eq!((user.uid, user.gid), (0, 0));
-        assert!(user.groups.contains(&0));
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert_eq!(
+            (user.uid, user.gid),
+            (nobody.uid.as_raw(), nobody.gid.as_raw())
+        );
+        assert!(user.groups.contains(&nobody.gid.as_raw()));
         let (_, p) = check("root: /r\nsetuid: no-such-user-here\n");
         assert_eq!(
             p.errors[0].to_string(),
             "keter-config.yaml: setuid: no user \"no-such-user-here\" on this system"
         );
+    }
+
+    #[test]
+    fn root_is_only_ever_asked_for_with_run_apps_as_root() {
+        let (c, p) = check("root: /r\nrun-apps-as-root: true\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(c.unwrap().run_apps_as_root);
+        let (_, p) = check("root: /r\nsetuid: root\n");
+        assert_eq!(
+            p.errors[0].to_string(),
+            "keter-config.yaml: setuid: root is root: to run apps as root, remove setuid and say run-apps-as-root: true"
+        );
+        let (_, p) = check("root: /r\nsetuid: nobody\nrun-apps-as-root: true\n");
+        assert_eq!(p.errors[0].key, "run-apps-as-root");
+        let (c, p) = check("root: /r\napp-uid-range: 70000-70999\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(c.unwrap().app_uid_range, 70000..=70999);
+        for bad in ["0-100", "5000-4000", "x", "1000-4294967295"] {
+            let (_, p) = check(&format!("root: /r\napp-uid-range: {bad:?}\n"));
+            assert_eq!(p.errors[0].key, "app-uid-range", "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
 use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
@@ -62,12 +64,20 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(), Fatal> {
     crate::memory::limit_arenas();
     prepare_root(&config.root)?;
-    fs::create_dir_all(&config.acme_webroot).map_err(|e| {
-        Fatal(format!(
-            "cannot create {}: {e}",
-            config.acme_webroot.display()
-        ))
-    })?;
+    // Nginx's workers read it for certbot; nobody but root writes it (an app that could
+    // would get certificates for every host keter serves).
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&config.acme_webroot)
+        .map_err(|e| {
+            Fatal(format!(
+                "cannot create {}: {e}",
+                config.acme_webroot.display()
+            ))
+        })?;
+    let isolation = Isolation::new(&config).map_err(Fatal)?;
+    log::info!("keter: {}", isolation.describe());
     // Process groups left by a keter that was killed are stopped before anything starts: they
     // hold ports and would answer for apps about to be deployed again.
     let journal = Journal::new(&config.root.join("etc"));
@@ -75,10 +85,13 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     if leftovers > 0 {
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
-    let renderer = Arc::new(Renderer::new(&config).map_err(Fatal)?);
-    let nginx = Nginx::start(&config, renderer).map_err(|e| Fatal(format!("nginx: {e}")))?;
+    let mut renderer = Renderer::new(&config).map_err(Fatal)?;
+    renderer.worker_user = isolation.managed_worker_user();
+    let nginx =
+        Nginx::start(&config, Arc::new(renderer)).map_err(|e| Fatal(format!("nginx: {e}")))?;
+    isolation.check_acme_webroot(&config.acme_webroot, nginx.master_pid());
     let incoming = config.root.join("incoming");
-    let shared = Arc::new(Shared::new(config, nginx, journal));
+    let shared = Arc::new(Shared::new(config, nginx, journal, isolation));
     let watcher = watcher::watch(&incoming, tx)
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
     let status = StatusServer::start(shared.clone());
@@ -116,12 +129,13 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     Ok(())
 }
 
-/// Creates the folders of DESIGN.md 5 and empties `temp/` (versions of an earlier run).
+/// Creates the folders of the README's "Folder layout under root" with the modes that keep
+/// apps out of them, and empties `temp/` (versions of an earlier run).
 fn prepare_root(root: &Path) -> Result<(), Fatal> {
-    for sub in ["incoming", "temp", "log", "etc", "nginx"] {
-        let dir = root.join(sub);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Fatal(format!("cannot create {}: {e}", dir.display())))?;
+    fs::create_dir_all(root)
+        .map_err(|e| Fatal(format!("cannot create {}: {e}", root.display())))?;
+    for changed in crate::isolation::prepare_root(root).map_err(Fatal)? {
+        log::warn!("keter: {changed}");
     }
     let temp = root.join("temp");
     let entries = fs::read_dir(&temp).map_err(|e| Fatal(format!("{}: {e}", temp.display())))?;

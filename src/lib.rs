@@ -13,6 +13,7 @@ pub mod childwatch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod isolation;
 pub mod journal;
 pub mod memory;
 pub mod names;

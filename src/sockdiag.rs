@@ -7,6 +7,7 @@
 
 use std::io;
 use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -91,6 +92,30 @@ pub fn tcp_sockets(states: &[u8]) -> io::Result<Vec<Socket>> {
 }
 
 fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
+    exchange(
+        family,
+        states,
+        SockId::default(),
+        (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+        &mut |msg: &DiagMsg| {
+            out.push(Socket {
+                state: msg.state,
+                local_port: u16::from_be_bytes(msg.id.sport),
+                remote_port: u16::from_be_bytes(msg.id.dport),
+                inode: msg.inode,
+            })
+        },
+    )
+}
+
+/// Sends one sock_diag request and hands every socket of the answer to `each`.
+fn exchange(
+    family: u8,
+    states: u32,
+    id: SockId,
+    flags: u16,
+    each: &mut dyn FnMut(&DiagMsg),
+) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -109,7 +134,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
         hdr: NlMsgHdr {
             len: size_of::<Request>() as u32,
             kind: SOCK_DIAG_BY_FAMILY,
-            flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            flags,
             seq: 1,
             pid: 0,
         },
@@ -117,6 +142,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
             family,
             protocol: libc::IPPROTO_TCP as u8,
             states,
+            id,
             ..ReqV2::default()
         },
     };
@@ -137,6 +163,7 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
+    let dump = flags & libc::NLM_F_DUMP as u16 != 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: buf is valid for writes of its length.
@@ -163,16 +190,18 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
                 NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
                     let code: i32 = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
+                    if code == 0 {
+                        return Ok(());
+                    }
                     return Err(io::Error::from_raw_os_error(-code));
                 }
                 SOCK_DIAG_BY_FAMILY if len >= size_of::<NlMsgHdr>() + size_of::<DiagMsg>() => {
                     let msg: DiagMsg = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
-                    out.push(Socket {
-                        state: msg.state,
-                        local_port: u16::from_be_bytes(msg.id.sport),
-                        remote_port: u16::from_be_bytes(msg.id.dport),
-                        inode: msg.inode,
-                    });
+                    each(&msg);
+                    // A single lookup answers one message and no NLMSG_DONE.
+                    if !dump {
+                        return Ok(());
+                    }
                 }
                 _ => {}
             }
@@ -180,6 +209,64 @@ fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
             at += (len + 3) & !3;
         }
     }
+}
+
+/// `INET_DIAG_NOCOOKIE`: look a socket up by its addresses alone.
+const NO_COOKIE: [u32; 2] = [u32::MAX, u32::MAX];
+
+/// The uid that owns the TCP socket of this machine whose own address is `local` and whose
+/// peer is `remote` (`None` when there is none: the peer is on another machine, or gone).
+/// The status interface asks this about the other end of each connection it accepts.
+pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
+    // A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d, but the peer's own socket
+    // is an IPv4 one.
+    let plain = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    };
+    let (local, remote) = (plain(local), plain(remote));
+    let (family, src, dst) = match (local.ip(), remote.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => (libc::AF_INET, words(&l.octets()), words(&r.octets())),
+        (IpAddr::V6(l), IpAddr::V6(r)) => {
+            (libc::AF_INET6, words(&l.octets()), words(&r.octets()))
+        }
+        _ => return Ok(None),
+    };
+    let id = SockId {
+        sport: local.port().to_be_bytes(),
+        dport: remote.port().to_be_bytes(),
+        src,
+        dst,
+        interface: 0,
+        cookie: NO_COOKIE,
+    };
+    let mut found = None;
+    let result = exchange(
+        family as u8,
+        0,
+        id,
+        libc::NLM_F_REQUEST as u16,
+        &mut |msg: &DiagMsg| found = Some(msg.uid),
+    );
+    match result {
+        Ok(()) => Ok(found),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An address as the kernel's `__be32[4]`: its bytes in network order.
+fn words(octets: &[u8]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, chunk) in octets.chunks(4).enumerate() {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        out[i] = u32::from_ne_bytes(b);
+    }
+    out
 }
 
 /// Copies a plain-data struct out of a byte buffer (which may be unaligned).
@@ -218,5 +305,20 @@ mod tests {
         );
         assert!(established.iter().any(|s| s.remote_port == port));
         assert!(established.iter().all(|s| s.state == ESTABLISHED));
+    }
+
+    #[test]
+    fn finds_the_owner_of_the_other_end_of_a_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(tcp_socket_uid(peer, local).unwrap(), Some(me));
+        assert_eq!(client.local_addr().unwrap(), peer);
+        drop(client);
+        let gone = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(tcp_socket_uid(gone, local).unwrap(), None);
     }
 }

@@ -16,6 +16,7 @@ use super::version::{self, FileStamp, Proc, Role, Version};
 use super::{Command, Event, Retiring, Worker};
 use crate::bundle::Tls;
 use crate::bundle::{self, BundleConfig, WebApp};
+use crate::isolation::Isolation;
 use crate::nginx::{CertFiles, Site};
 use crate::process::{self, Running, Spec};
 use crate::report::{DeployReport, DeployResult, rfc3339};
@@ -199,15 +200,11 @@ impl Worker {
         for w in &warnings.warnings {
             log::warn!("{w}");
         }
-        if let Some(user) = &config.run_as {
-            version::hand_over(&dir, user.uid, user.gid).map_err(|e| {
-                cleanup(DeployError::Failed(format!(
-                    "cannot give {} to the user {}: {e}",
-                    dir.display(),
-                    user.name
-                )))
-            })?;
-        }
+        let isolation = &self.shared.isolation;
+        let user = isolation
+            .user_of(&self.name)
+            .and_then(|user| isolation.hand_over(&dir, user.as_ref()).map(|()| user))
+            .map_err(|e| cleanup(DeployError::Failed(e)))?;
         self.claim_hosts(&bundle_config).map_err(cleanup)?;
         let plugin_env = match self.provision(&bundle_config) {
             Ok(env) => env,
@@ -224,6 +221,7 @@ impl Worker {
             stamp,
             config: bundle_config,
             plugin_env,
+            user,
             procs: Vec::new(),
             deploy: self.deploys,
             modified: meta.modified().ok(),
@@ -303,8 +301,14 @@ impl Worker {
                 program: resolved.clone().unwrap_or_default(),
                 args: program.args.clone(),
                 cwd: version.dir.clone(),
-                env: version::environment(config, &version.plugin_env, &program, web),
-                user: config.run_as.clone(),
+                env: version::environment(
+                    config,
+                    &version.plugin_env,
+                    &program,
+                    web,
+                    &Isolation::home(version.user.as_ref()),
+                ),
+                user: version.user.clone(),
             };
             // Recorded before anything can fail, so that `discard` frees the port.
             procs.push(Proc::new(role, spec, policy));
@@ -331,6 +335,10 @@ impl Worker {
             );
         }
         let site = self.site_for(version).map_err(DeployError::Failed)?;
+        self.shared
+            .isolation
+            .open_to_nginx(&site, &version.dir, self.shared.nginx.master_pid())
+            .map_err(DeployError::Failed)?;
         let switching = Instant::now();
         let generation = self
             .shared

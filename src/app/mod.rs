@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use crate::applog::{AppLog, LogTarget};
 use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::{AppName, Hostname};
 use crate::nginx::Nginx;
@@ -75,10 +76,12 @@ pub struct Shared {
     pub next_version: AtomicU64,
     /// The postgres plugin, when the global config has a `postgres` section.
     pub postgres: Option<Provisioner>,
+    /// Who apps run as and what they may reach.
+    pub isolation: Isolation,
 }
 
 impl Shared {
-    pub fn new(config: Config, nginx: Nginx, journal: Journal) -> Shared {
+    pub fn new(config: Config, nginx: Nginx, journal: Journal, isolation: Isolation) -> Shared {
         Shared {
             ports: PortPool::new(config.port_range.clone()),
             postgres: config
@@ -91,6 +94,7 @@ impl Shared {
             reports: Reports::default(),
             hosts: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
+            isolation,
         }
     }
 }

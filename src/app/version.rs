@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,8 @@ pub(super) struct Version {
     pub config: BundleConfig,
     /// Variables of the plugins (postgres), between the global and the stanza `env`.
     pub plugin_env: BTreeMap<String, String>,
+    /// The user its processes run as (`None`: keter's own).
+    pub user: Option<crate::process::RunAs>,
     /// Background stanzas first, then webapps, in the order they are started.
     pub procs: Vec<Proc>,
     /// Deploy number of this app within this run.
@@ -154,14 +156,11 @@ pub(super) fn environment(
     plugin_env: &BTreeMap<String, String>,
     program: &Program,
     web: Option<(&WebApp, u16)>,
+    home: &str,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
-    let home = match &config.run_as {
-        Some(user) => user.home.display().to_string(),
-        None => std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-    };
-    env.insert("HOME".into(), home);
+    env.insert("HOME".into(), home.into());
     env.extend(config.env.clone());
     env.extend(plugin_env.clone());
     for name in &program.forward_env {
@@ -191,25 +190,6 @@ pub(super) fn environment(
         env.insert("YESOD_APPROOT".into(), approot);
     }
     env.into_iter().collect()
-}
-
-/// Gives the unpacked folder to the `setuid` user (Yesod apps write `static/tmp` inside it)
-/// and stops others from listing it (mode 0711: Nginx's workers still reach the files of a
-/// static-files stanza by their path). Symlinks are changed themselves, never followed.
-pub(super) fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{PermissionsExt, lchown};
-    fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-        lchown(p, Some(uid), Some(gid))?;
-        let meta = fs::symlink_metadata(p)?;
-        if meta.is_dir() {
-            for entry in fs::read_dir(p)? {
-                walk(&entry?.path(), uid, gid)?;
-            }
-        }
-        Ok(())
-    }
-    walk(dir, uid, gid)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
 }
 
 /// Stops a process group and waits, SIGTERM then SIGKILL after `grace`; says how it ended.

@@ -73,6 +73,9 @@ pub struct Renderer {
     worker_shutdown_timeout: Duration,
     acme_root: PathBuf,
     paths: Paths,
+    /// Managed mode run by root: the (user, group) of Nginx's workers, rendered as `user`.
+    /// Names come from the system's user database and are checked plain.
+    pub worker_user: Option<(String, String)>,
 }
 
 #[derive(Serialize)]
@@ -136,6 +139,7 @@ impl Renderer {
             worker_shutdown_timeout: config.drain_time + Duration::from_secs(10),
             acme_root: config.acme_webroot.clone(),
             paths,
+            worker_user: None,
         })
     }
 
@@ -233,6 +237,10 @@ impl Renderer {
         ctx.insert("prefix", &self.paths.prefix);
         ctx.insert("listeners", &listens);
         ctx.insert("acme_root", &self.acme_root);
+        let worker_user = self.worker_user.as_ref().filter(|(u, g)| {
+            crate::isolation::users::is_plain_name(u) && crate::isolation::users::is_plain_name(g)
+        });
+        ctx.insert("worker_user", &worker_user.map(|(u, g)| format!("{u} {g}")));
         ctx.insert(
             "worker_shutdown_timeout",
             &site::nginx_time(Some(self.worker_shutdown_timeout)),
@@ -301,7 +309,8 @@ mod golden {
 
     pub(crate) fn cases() -> Vec<(&'static str, String)> {
         let plain = renderer(BASE_CONFIG);
-        let tls = renderer(TLS_CONFIG);
+        let mut tls = renderer(TLS_CONFIG);
+        tls.worker_user = Some(("www-data".into(), "www-data".into()));
         let health = renderer(&format!("{BASE_CONFIG}healthcheck-path: /keter-health\n"));
         let mut out = Vec::new();
         let mut add = |name: &'static str, r: &Renderer, s: Site| {

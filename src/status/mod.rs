@@ -7,6 +7,7 @@ pub mod address;
 pub mod client;
 pub mod metrics;
 pub mod pages;
+pub mod peer;
 pub mod server;
 
 pub use address::StatusAddress;

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use super::StatusAddress;
 use super::metrics;
 use super::pages::{LOG_LINES, PageError, Pages};
+use super::peer::Peer;
 use crate::app::Shared;
 use crate::names::AppName;
 use crate::nginx::Paths;
@@ -175,10 +177,12 @@ async fn run<L>(listener: L, router: Router, stopped: watch::Receiver<bool>)
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    for<'a> Peer: Connected<axum::serve::IncomingStream<'a, L>>,
 {
     let mut graceful_stop = stopped.clone();
     let mut hard_stop = stopped;
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let service = router.into_make_service_with_connect_info::<Peer>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         let _ = graceful_stop.wait_for(|s| *s).await;
     });
     tokio::select! {
@@ -218,12 +222,39 @@ async fn bind_unix(path: &FsPath) -> io::Result<tokio::net::UnixListener> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
     }
-    tokio::net::UnixListener::bind(path)
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Owner and group only: the group of the socket's folder (the package's /run/keter is
+    // setgid adm) decides which operators may connect.
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).await?;
+    Ok(listener)
 }
 
-/// Refuses every method but GET and HEAD and adds the security headers to every response.
+/// Refuses apps (and connections nobody can tell the origin of), refuses every method but
+/// GET and HEAD, and adds the security headers to every response.
 async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Response {
-    let mut response = if request.method() == Method::GET || request.method() == Method::HEAD {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    let refusal = match peer {
+        Some(Peer::Uid(uid)) => s.shared.isolation.app_of_uid(uid).map(|what| {
+            if s.shared.isolation.first_refusal(uid) {
+                log::warn!("keter: the status interface refused uid {uid} ({what})");
+            }
+            format!("uid {uid} is {what}")
+        }),
+        Some(Peer::Remote(_)) => None,
+        Some(Peer::Unknown(why)) => Some(format!("keter cannot tell who connected: {why}")),
+        None => Some("keter cannot tell who connected".into()),
+    };
+    let mut response = if let Some(why) = refusal {
+        (
+            StatusCode::FORBIDDEN,
+            format!("keter's status interface answers operators, not apps: {why}\n"),
+        )
+            .into_response()
+    } else if request.method() == Method::GET || request.method() == Method::HEAD {
         next.run(request).await
     } else {
         let mut r = (

@@ -213,6 +213,7 @@ impl Keter {
 
     pub fn start_with(label: &str, opts: Opts) -> Keter {
         require_nginx();
+        sweep_stale_app_users();
         let dir = TempDir::new(label);
         let root = opts.root.unwrap_or_else(|| dir.0.join("root"));
         let port = opts.port.unwrap_or_else(free_port);
@@ -472,10 +473,56 @@ impl Drop for Keter {
                 );
             }
         }
+        remove_app_users(&self.root);
         if self.tmpfs {
             let _ = Command::new("umount").arg(&self.root).status();
         }
     }
+}
+
+/// Removes the system users a test daemon created for its apps (listed in
+/// `ROOT/etc/app-users`): the machine's user database must not fill up with test users.
+pub fn remove_app_users(root: &Path) {
+    let Ok(text) = fs::read_to_string(root.join("etc/app-users")) else {
+        return;
+    };
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some(user) = line.split_whitespace().nth(1) {
+            userdel(user);
+        }
+    }
+}
+
+fn userdel(user: &str) {
+    let _ = Command::new("userdel")
+        .arg(user)
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Once per test binary: removes the app users of test roots that are gone (a test run that
+/// was killed before its daemons' cleanup).
+fn sweep_stale_app_users() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let tests = std::env::temp_dir().join("keter-tests");
+        let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            let (Some(user), Some(comment)) = (fields.first(), fields.get(4)) else {
+                continue;
+            };
+            let Some((_, root)) = comment.split_once(" in ") else {
+                continue;
+            };
+            if comment.starts_with("keter app ")
+                && Path::new(root).starts_with(&tests)
+                && !Path::new(root).exists()
+            {
+                userdel(user);
+            }
+        }
+    });
 }
 
 /// True while a process with this pid exists (and is not a zombie).

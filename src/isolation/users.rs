@@ -1,0 +1,404 @@
+//! One system user per app, created on the app's first deploy with `useradd`, and recorded in
+//! `ROOT/etc/app-users` so that it is the same user, with the same uid, at every later deploy
+//! and after restarts (and so that the package's postrm knows which users to remove on purge).
+//!
+//! A user is named `keter-APP` when the app's name makes a valid user name of at most 32
+//! bytes; otherwise the name is cut and followed by 8 hex digits of a hash. Its uid and its
+//! own group's gid come from `app-uid-range`; it has no other group, no password, the shell
+//! `nologin`, and the home `ROOT/home/APP` (created by keter, mode 0700). Its comment field
+//! (`keter app APP in ROOT`) marks it as this keter's: a user of that name that keter did not
+//! create (or another keter root's) is never taken over; the app then gets the hashed name.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::ops::RangeInclusive;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+use crate::names::AppName;
+use crate::process::RunAs;
+
+/// The records file under `ROOT/etc`.
+pub const RECORDS: &str = "app-users";
+/// Longest user name `useradd` accepts.
+const MAX_NAME: usize = 32;
+const PREFIX: &str = "keter-";
+
+/// One app's user as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The per-app users of one keter root.
+pub struct AppUsers {
+    root: PathBuf,
+    records: PathBuf,
+    range: RangeInclusive<u32>,
+    /// App name to its user; the one owner of the records file.
+    known: Mutex<BTreeMap<String, Record>>,
+}
+
+/// A user name keter may write into files (passwd, Nginx's `user`): `[a-z_][a-z0-9_-]*`.
+pub fn is_plain_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= MAX_NAME
+}
+
+impl AppUsers {
+    /// Reads the records of `root` (none yet is fine).
+    pub fn load(root: &Path, range: RangeInclusive<u32>) -> Result<AppUsers, String> {
+        let records = root.join("etc").join(RECORDS);
+        let known = match fs::read_to_string(&records) {
+            Ok(text) => parse(&text).map_err(|e| format!("{}: {e}", records.display()))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", records.display())),
+        };
+        Ok(AppUsers {
+            root: root.to_path_buf(),
+            records,
+            range,
+            known: Mutex::new(known),
+        })
+    }
+
+    /// The uids of every recorded app user.
+    pub fn uids(&self) -> Vec<(u32, String)> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.iter().map(|(app, r)| (r.uid, app.clone())).collect()
+    }
+
+    pub fn range(&self) -> &RangeInclusive<u32> {
+        &self.range
+    }
+
+    /// The user `app` runs as, created (with its home) on first use. The second value is true
+    /// when the user was created just now.
+    pub fn user_for(&self, app: &AppName) -> Result<(RunAs, bool), String> {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut created = false;
+        let record = match known.get(app.as_str()) {
+            Some(r) => self.still_there(app, r)?,
+            None => {
+                let (r, new) = self.find_or_create(app)?;
+                created = new;
+                r
+            }
+        };
+        if known.get(app.as_str()) != Some(&record) {
+            known.insert(app.to_string(), record.clone());
+            self.write(&known)?;
+        }
+        let home = self.root.join("home").join(app.as_str());
+        make_home(&home, record.uid, record.gid)
+            .map_err(|e| format!("cannot make the home folder {}: {e}", home.display()))?;
+        Ok((
+            RunAs {
+                name: record.user,
+                uid: record.uid,
+                gid: record.gid,
+                groups: vec![record.gid],
+                home,
+            },
+            created,
+        ))
+    }
+
+    /// A recorded user as the system knows it now: the same user, or made again with its uid
+    /// when it was removed by hand.
+    fn still_there(&self, app: &AppName, r: &Record) -> Result<Record, String> {
+        match nix::unistd::User::from_name(&r.user) {
+            Ok(Some(u)) if u.uid.as_raw() == r.uid => Ok(Record {
+                gid: u.gid.as_raw(),
+                ..r.clone()
+            }),
+            Ok(Some(u)) => Err(format!(
+                "the user {} has uid {}, but {} records uid {} for the app {app}; remove its \
+                 line there to let keter choose another user",
+                r.user,
+                u.uid,
+                self.records.display(),
+                r.uid
+            )),
+            Ok(None) => {
+                log::warn!(
+                    "{app}: its user {} (uid {}) is gone from the system; creating it again",
+                    r.user,
+                    r.uid
+                );
+                self.create(app, &r.user, Some(r.uid))
+            }
+            Err(e) => Err(format!("cannot look up the user {}: {e}", r.user)),
+        }
+    }
+
+    /// A user for an app that has no record yet: one of keter's own users of the expected
+    /// name (records lost), or a new one.
+    fn find_or_create(&self, app: &AppName) -> Result<(Record, bool), String> {
+        let tag = self.tag(app);
+        for name in self.names(app) {
+            match nix::unistd::User::from_name(&name) {
+                Ok(Some(u)) if u.gecos.to_str().ok() == Some(tag.as_str()) => {
+                    return Ok((
+                        Record {
+                            user: name,
+                            uid: u.uid.as_raw(),
+                            gid: u.gid.as_raw(),
+                        },
+                        false,
+                    ));
+                }
+                // Someone else's user (or another keter root's): never taken over.
+                Ok(Some(_)) => continue,
+                Ok(None) => return self.create(app, &name, None).map(|r| (r, true)),
+                Err(e) => return Err(format!("cannot look up the user {name}: {e}")),
+            }
+        }
+        Err(format!(
+            "no user name is free for the app {app}: {} are all taken by users keter did not \
+             create for {}",
+            self.names(app).join(" and "),
+            self.root.display()
+        ))
+    }
+
+    /// `keter-APP`, then a name made unique to this root.
+    fn names(&self, app: &AppName) -> Vec<String> {
+        let name = app.as_str();
+        let plain = format!("{PREFIX}{name}");
+        let first = if is_plain_name(&plain) {
+            plain
+        } else {
+            hashed(name, name.as_bytes())
+        };
+        let mut seed = self.root.as_os_str().as_encoded_bytes().to_vec();
+        seed.push(0);
+        seed.extend(name.as_bytes());
+        vec![first, hashed(name, &seed)]
+    }
+
+    /// The comment field that marks a user as this root's user of `app`.
+    fn tag(&self, app: &AppName) -> String {
+        // passwd fields are separated by ':' and subfields by ','.
+        let root: String = self
+            .root
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| {
+                if c == ':' || c == ',' || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        format!("keter app {app} in {root}")
+    }
+
+    fn create(&self, app: &AppName, name: &str, uid: Option<u32>) -> Result<Record, String> {
+        let (first, last) = (self.range.start(), self.range.end());
+        let home = self.root.join("home").join(app.as_str());
+        let mut cmd = Command::new(sbin("useradd"));
+        cmd.args(["--system", "--no-log-init", "--no-create-home", "--shell"])
+            .arg(if Path::new("/usr/sbin/nologin").exists() {
+                "/usr/sbin/nologin"
+            } else {
+                "/bin/false"
+            })
+            .arg("--home-dir")
+            .arg(&home)
+            .arg("--comment")
+            .arg(self.tag(app))
+            .args([
+                "-K",
+                &format!("SYS_UID_MIN={first}"),
+                "-K",
+                &format!("SYS_UID_MAX={last}"),
+                "-K",
+                &format!("SYS_GID_MIN={first}"),
+                "-K",
+                &format!("SYS_GID_MAX={last}"),
+            ]);
+        match uid {
+            // A removed user comes back with its uid, so its files are its own again.
+            Some(uid) => {
+                cmd.args(["--uid", &uid.to_string()]);
+                if nix::unistd::Group::from_name(name).ok().flatten().is_some() {
+                    cmd.args(["--gid", name]);
+                } else {
+                    cmd.arg("--user-group");
+                }
+            }
+            None => {
+                cmd.arg("--user-group");
+            }
+        }
+        cmd.arg(name);
+        let out = cmd
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run useradd to create the user {name}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "useradd could not create the user {name} for the app {app}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let u = nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("useradd created {name}, but the system does not know it"))?;
+        log::info!(
+            "{app}: created the system user {name} (uid {}, gid {}) for it",
+            u.uid,
+            u.gid
+        );
+        Ok(Record {
+            user: name.to_string(),
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        })
+    }
+
+    fn write(&self, known: &BTreeMap<String, Record>) -> Result<(), String> {
+        let mut text = String::from(
+            "# keter: the system user of each app: APP USER UID GID. Written by keter; the same\n\
+             # user serves the app at every deploy. Purging the Debian package removes these users.\n",
+        );
+        for (app, r) in known {
+            text += &format!("{app} {} {} {}\n", r.user, r.uid, r.gid);
+        }
+        crate::atomic_file::replace(&self.records, text.as_bytes(), 0o600)
+            .map_err(|e| format!("cannot write {}: {e}", self.records.display()))
+    }
+}
+
+/// `keter-` + the name cut and cleaned + `-` + 8 hex digits of SHA-256 of `seed`.
+fn hashed(name: &str, seed: &[u8]) -> String {
+    let hash = Sha256::digest(seed);
+    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let room = MAX_NAME - PREFIX.len() - 1 - hex.len();
+    let clean: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_' | '-') => c,
+            _ => '_',
+        })
+        .take(room)
+        .collect();
+    format!("{PREFIX}{clean}-{hex}")
+}
+
+fn parse(text: &str) -> Result<BTreeMap<String, Record>, String> {
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let bad = || format!("line {}: expected APP USER UID GID, found {line:?}", i + 1);
+        let [app, user, uid, gid] = fields[..] else {
+            return Err(bad());
+        };
+        out.insert(
+            app.to_string(),
+            Record {
+                user: user.to_string(),
+                uid: uid.parse().map_err(|_| bad())?,
+                gid: gid.parse().map_err(|_| bad())?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// `ROOT/home/APP`, mode 0700, owned by the app's user. A home left by an earlier user of
+/// another uid (the user was removed and made again) is given to the new one.
+fn make_home(home: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    if let Some(parent) = home.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(home) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = fs::symlink_metadata(home)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("it exists and is not a folder"));
+    }
+    if meta.uid() != uid || meta.gid() != gid {
+        chown_tree(home, uid, gid)?;
+    }
+    fs::set_permissions(home, fs::Permissions::from_mode(0o700))
+}
+
+fn chown_tree(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+    if fs::symlink_metadata(p)?.is_dir() {
+        for e in fs::read_dir(p)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// `/usr/sbin/NAME` where it is, else NAME on PATH.
+fn sbin(name: &str) -> PathBuf {
+    let p = Path::new("/usr/sbin").join(name);
+    if p.exists() { p } else { PathBuf::from(name) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_valid_user_names_distinct_per_root() {
+        let users = |root: &str| AppUsers {
+            root: PathBuf::from(root),
+            records: PathBuf::new(),
+            range: 65536..=99999,
+            known: Mutex::new(BTreeMap::new()),
+        };
+        let a = users("/opt/keter");
+        let blog = AppName::new("blog").unwrap();
+        assert_eq!(a.names(&blog)[0], "keter-blog");
+        assert_ne!(a.names(&blog)[1], users("/srv/keter").names(&blog)[1]);
+        for name in ["My.App", &"x".repeat(100), "a_b-c", "9lives"] {
+            let app = AppName::new(name).unwrap();
+            for n in a.names(&app) {
+                assert!(is_plain_name(&n), "{name}: {n}");
+            }
+        }
+        assert_eq!(a.names(&AppName::new("9lives").unwrap())[0], "keter-9lives");
+        assert_eq!(a.tag(&blog), "keter app blog in /opt/keter");
+    }
+
+    #[test]
+    fn records_round_trip_and_bad_lines_are_named() {
+        let text = "# comment\nblog keter-blog 65600 65600\n";
+        let parsed = parse(text).unwrap();
+        assert_eq!(parsed["blog"].uid, 65600);
+        assert!(
+            parse("blog keter-blog x 1\n")
+                .unwrap_err()
+                .starts_with("line 1")
+        );
+    }
+}
