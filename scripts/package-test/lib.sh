@@ -67,8 +67,8 @@ wait_until() {
 
 # Makes (or takes from the cache) a tarball of a bookworm tree with systemd as init and every
 # package in "$@" installed, and prints its path. The tarball's name carries a hash of the
-# package list, so a test that needs another package gets a tree built for it; a tree older
-# than a week is rebuilt (security updates). Downloaded .debs and apt's lists are kept in the
+# package list, so a package that starts to depend on another gets a tree built for it; a tree
+# older than a week is rebuilt (security updates). Downloaded .debs and apt's lists are kept in the
 # cache, so a rebuild downloads only what changed.
 cached_tree() {
     local key tarball
@@ -80,8 +80,9 @@ cached_tree() {
     flock 9
     if [ -z "$(find "$tarball" -mtime -7 2>/dev/null)" ]; then
         build_tree "$tarball" "$@"
-        find "$CACHE" -maxdepth 1 -name "$SUITE-*.tar" ! -name "$(basename "$tarball")" -delete
     fi
+    # Trees of other package lists (another branch's) stay until they are a week old.
+    find "$CACHE" -maxdepth 1 -name "$SUITE-*.tar" -mtime +7 -delete
     flock -u 9
     exec 9>&-
     echo "$tarball"
