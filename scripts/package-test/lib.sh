@@ -241,7 +241,10 @@ check_answer() {
 
 # Prints a cursor of the container's journal now: journal_since CURSOR shows what came after.
 journal_cursor() {
-    in_ct journalctl -q -n 1 -o export --show-cursor 2>/dev/null | sed -n 's/^-- cursor: //p'
+    local cursor
+    cursor="$(in_ct journalctl -q -n 0 --show-cursor 2>/dev/null | sed -n 's/^-- cursor: //p')"
+    [ -n "$cursor" ] || fatal "journalctl gives no cursor"
+    echo "$cursor"
 }
 # journal_since CURSOR: keter's lines (and systemd's about its unit) logged after CURSOR.
 journal_since() {
