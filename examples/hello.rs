@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
-//!       [--ignore-term] [--spawn-child] [--crash-after-first-run]
+//!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
+//!       [--keep-open]
 //! ```
+//!
+//! `--home-kb N` makes `/` a home page of N KiB sent in chunks, as Warp streams a Yesod page;
+//! `--keep-open` keeps every connection open after an answer, even when the client asked to
+//! close it.
 //!
 //! `--crash-after-first-run` serves on its first start and exits at once on every later one
 //! (it leaves a marker file in its working folder): a crash loop after a good deploy.
@@ -30,6 +35,8 @@ struct Options {
     ignore_term: bool,
     spawn_child: bool,
     crash_after_first_run: bool,
+    home_kb: usize,
+    keep_open: bool,
 }
 
 fn options() -> Options {
@@ -42,6 +49,8 @@ fn options() -> Options {
         ignore_term: false,
         spawn_child: false,
         crash_after_first_run: false,
+        home_kb: 0,
+        keep_open: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -64,6 +73,13 @@ fn options() -> Options {
             "--ignore-term" => o.ignore_term = true,
             "--spawn-child" => o.spawn_child = true,
             "--crash-after-first-run" => o.crash_after_first_run = true,
+            "--home-kb" => {
+                o.home_kb = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--home-kb N")
+            }
+            "--keep-open" => o.keep_open = true,
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -108,13 +124,14 @@ fn main() {
     println!("hello {}: listening on port {port}", o.version);
     let version = o.version.clone();
     let status = o.status;
+    let (home_kb, keep_open) = (o.home_kb, o.keep_open);
     for stream in listener.incoming().flatten() {
         let version = version.clone();
-        std::thread::spawn(move || serve(stream, &version, status));
+        std::thread::spawn(move || serve(stream, &version, status, home_kb, keep_open));
     }
 }
 
-fn serve(stream: TcpStream, version: &str, status: u16) {
+fn serve(stream: TcpStream, version: &str, status: u16, home_kb: usize, keep_open: bool) {
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -126,7 +143,7 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let mut close = request_line.ends_with("HTTP/1.0\r\n");
+        let mut close = request_line.ends_with("HTTP/1.0\r\n") && !keep_open;
         let mut content_length = 0usize;
         let mut host = String::new();
         let mut upgrade = false;
@@ -140,7 +157,7 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             if h.is_empty() {
                 break;
             }
-            if h == "connection: close" {
+            if h == "connection: close" && !keep_open {
                 close = true;
             }
             if let Some(v) = h.strip_prefix("content-length:") {
@@ -181,6 +198,22 @@ fn serve(stream: TcpStream, version: &str, status: u16) {
             .nth(1)
             .unwrap_or("/")
             .to_string();
+        if target == "/" && home_kb > 0 {
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            let chunk = format!("400\r\n{}\r\n", "y".repeat(1024));
+            let mut page = head.into_bytes();
+            for _ in 0..home_kb {
+                page.extend(chunk.as_bytes());
+            }
+            page.extend(b"0\r\n\r\n");
+            if out.write_all(&page).is_err() || close {
+                return;
+            }
+            continue;
+        }
         let body = if target == "/env" {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();

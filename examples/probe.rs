@@ -108,12 +108,17 @@ fn serve(stream: TcpStream, version: &str) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        let mut close = request_line.ends_with("HTTP/1.0\r\n");
         loop {
             let mut header = String::new();
             match reader.read_line(&mut header) {
                 Ok(0) | Err(_) => return,
                 Ok(_) if header.trim_end().is_empty() => break,
-                Ok(_) => {}
+                Ok(_) => {
+                    if header.trim_end().eq_ignore_ascii_case("connection: close") {
+                        close = true;
+                    }
+                }
             }
         }
         let target = request_line.split_whitespace().nth(1).unwrap_or("/");
@@ -126,10 +131,11 @@ fn serve(stream: TcpStream, version: &str) {
             _ => (200, format!("{version}\n")),
         };
         let response = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
         );
-        if out.write_all(response.as_bytes()).is_err() {
+        if out.write_all(response.as_bytes()).is_err() || close {
             return;
         }
     }

@@ -1,5 +1,5 @@
 //! The global configuration (`keter-config.yaml`): read in two stages, the YAML tree and then
-//! validated values with defaults applied. DESIGN.md section 3 lists the keys.
+//! validated values with defaults applied. The README's "Global configuration" lists the keys.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -318,25 +318,22 @@ fn from_tree(
     })
 }
 
-/// Lexically removes `.` and `..` so that messages and Nginx files show plain paths.
-pub fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
+pub use crate::fspath::normalize;
 
+/// A port number key (`external-http-port`, ...): 1 to 65535. Port 0 would put `:0` into
+/// every app's `APPROOT`.
 fn port_or(f: &mut Fields, key: &'static str, default: u16, problems: &mut Problems) -> u16 {
-    f.uint(key, 65535, problems)
-        .map(|p| p as u16)
-        .unwrap_or(default)
+    match f.uint(key, 65535, problems) {
+        Some(0) => {
+            problems.error(
+                f.path(key),
+                "0 is not a port: expected a number from 1 to 65535".to_string(),
+            );
+            default
+        }
+        Some(p) => p as u16,
+        None => default,
+    }
 }
 
 fn seconds_or(
@@ -817,6 +814,23 @@ mod tests {
             (c.log_rotate_bytes, c.log_rotate_keep),
             (5 * 1024 * 1024, 20)
         );
+    }
+
+    #[test]
+    fn external_ports_must_be_real_ports() {
+        for key in ["external-http-port", "external-https-port"] {
+            let (_, p) = check(&format!("root: /r\n{key}: 0\n"));
+            assert_eq!(
+                p.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                [format!(
+                    "keter-config.yaml: {key}: 0 is not a port: expected a number from 1 to 65535"
+                )]
+            );
+            let (c, p) = check(&format!("root: /r\n{key}: 8443\n"));
+            assert!(p.errors.is_empty(), "{:?}", p.errors);
+            let c = c.unwrap();
+            assert!(c.external_http_port == 8443 || c.external_https_port == 8443);
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The daemon: sets up the root folder and Nginx, turns changes in `incoming/` into commands
-//! for the app workers, and stops everything cleanly on request.
+//! for the app workers, ends the workers of deleted apps, and stops everything cleanly on
+//! request. It owns the Nginx controller and stops it last (`docs/lifecycle.md`, "Who owns
+//! what").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,6 +19,7 @@ use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
+use crate::report::Reports;
 use crate::status::StatusServer;
 use crate::watcher::{self, Hint};
 
@@ -35,6 +38,11 @@ pub enum Control {
 pub enum Input {
     Hint(Hint),
     Control(Control),
+    /// An app's worker stopped the app after receiving `commands` commands.
+    Stopped {
+        app: AppName,
+        commands: u64,
+    },
 }
 
 impl From<Hint> for Input {
@@ -89,16 +97,30 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
     renderer.worker_user = isolation.managed_worker_user();
     let nginx =
         Nginx::start(&config, Arc::new(renderer)).map_err(|e| Fatal(format!("nginx: {e}")))?;
-    isolation.check_acme_webroot(&config.acme_webroot, nginx.master_pid());
+    isolation.check_acme_webroot(&config.acme_webroot, nginx.handle().master_pid());
     let incoming = config.root.join("incoming");
-    let shared = Arc::new(Shared::new(config, nginx, journal, isolation));
-    let watcher = watcher::watch(&incoming, tx)
+    let reports = Arc::new(Reports::default());
+    let isolation = Arc::new(isolation);
+    let status = StatusServer::start(
+        &config,
+        reports.clone(),
+        nginx.counters.clone(),
+        isolation.clone(),
+    );
+    let shared = Arc::new(Shared::new(
+        config,
+        nginx.handle(),
+        journal,
+        reports,
+        isolation,
+    ));
+    let watcher = watcher::watch(&incoming, tx.clone())
         .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
-    let status = StatusServer::start(shared.clone());
     let mut daemon = Daemon {
         shared,
         apps: BTreeMap::new(),
         refused: BTreeSet::new(),
+        tx,
     };
     log::info!("keter: watching {}", incoming.display());
     daemon.rescan(false);
@@ -115,21 +137,24 @@ pub fn run(config: Config, tx: Sender<Input>, rx: Receiver<Input>) -> Result<(),
             // An operator's SIGHUP also retries bundles whose deploy failed.
             Input::Control(Control::Rescan) => daemon.rescan(true),
             Input::Control(Control::Shutdown) => break,
+            Input::Stopped { app, commands } => daemon.end_stopped(&app, commands),
         }
         if watcher.overflowed.swap(false, Ordering::Relaxed) {
             daemon.rescan(false);
         }
     }
     drop(watcher);
-    // The status server holds a share of the state that `shutdown` needs back to stop Nginx.
     if let Some(status) = status {
         status.stop();
     }
     daemon.shutdown();
+    // Every worker has ended: nothing asks Nginx for changes any more.
+    nginx.shutdown();
+    log::info!("keter: stopped");
     Ok(())
 }
 
-/// Creates the folders of the README's "Folder layout under root" with the modes that keep
+/// Creates the folders of the README's "Folder layout under `root`" with the modes that keep
 /// apps out of them, and empties `temp/` (versions of an earlier run).
 fn prepare_root(root: &Path) -> Result<(), Fatal> {
     fs::create_dir_all(root)
@@ -157,6 +182,8 @@ struct Daemon {
     apps: BTreeMap<AppName, AppHandle>,
     /// Names in `incoming/` already reported as unusable (reported once, not at every event).
     refused: BTreeSet<String>,
+    /// The daemon's own channel, for the workers' [`Input::Stopped`].
+    tx: Sender<Input>,
 }
 
 impl Daemon {
@@ -203,7 +230,16 @@ impl Daemon {
         let present = fs::symlink_metadata(&path).is_ok();
         if present {
             if !self.apps.contains_key(&app) {
-                match AppHandle::spawn(app.clone(), self.shared.clone()) {
+                let tx = self.tx.clone();
+                let name = app.clone();
+                let on_stopped = Box::new(move |commands| {
+                    // Never blocks a worker: a lost note only keeps an idle worker alive.
+                    let _ = tx.try_send(Input::Stopped {
+                        app: name.clone(),
+                        commands,
+                    });
+                });
+                match AppHandle::spawn(app.clone(), self.shared.clone(), on_stopped) {
                     Ok(h) => {
                         self.apps.insert(app.clone(), h);
                     }
@@ -213,9 +249,28 @@ impl Daemon {
                     }
                 }
             }
-            self.apps[&app].send(Command::Deploy { path, retry });
-        } else if let Some(h) = self.apps.get(&app) {
+            if let Some(h) = self.apps.get_mut(&app) {
+                h.send(Command::Deploy { path, retry });
+            }
+        } else if let Some(h) = self.apps.get_mut(&app) {
             h.send(Command::Stop);
+        }
+    }
+
+    /// A worker stopped its app: if that answers the last command it was sent (the bundle is
+    /// still gone), the worker ends; a newer command keeps it.
+    fn end_stopped(&mut self, app: &AppName, commands: u64) {
+        if !self
+            .apps
+            .get(app)
+            .is_some_and(|h| h.stopped_after(commands))
+        {
+            return;
+        }
+        if let Some(h) = self.apps.remove(app) {
+            h.begin_shutdown();
+            h.join();
+            log::debug!("{app}: worker ended");
         }
     }
 
@@ -227,11 +282,5 @@ impl Daemon {
         for (_, h) in self.apps {
             h.join();
         }
-        let Ok(shared) = Arc::try_unwrap(self.shared) else {
-            log::error!("keter: app workers still hold the shared state; Nginx left running");
-            return;
-        };
-        shared.nginx.shutdown();
-        log::info!("keter: stopped");
     }
 }

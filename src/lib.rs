@@ -3,7 +3,8 @@
 //! The daemon ([`daemon`]) watches `incoming/` ([`watcher`]), runs one worker thread per app
 //! ([`app`]) that unpacks ([`bundle`]), provides a database when asked ([`postgres`]), starts
 //! ([`process`]), checks ([`probe`]) and switches Nginx over ([`nginx`]) without a failed
-//! request. `DESIGN.md` is the contract.
+//! request. The README is the contract; `docs/lifecycle.md` describes an app's life inside
+//! the daemon.
 
 pub mod app;
 pub mod applog;
@@ -13,6 +14,7 @@ pub mod childwatch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fspath;
 pub mod isolation;
 pub mod journal;
 pub mod memory;

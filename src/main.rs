@@ -24,7 +24,7 @@ fn init_logging() {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     builder.format_target(false);
     // At debug level the PostgreSQL client logs every statement it sends, and CREATE ROLE
-    // carries the role's SCRAM verifier (issue 5: no credential material in logs).
+    // carries the role's SCRAM verifier (no credential material in logs).
     builder.filter_module("tokio_postgres", log::LevelFilter::Info);
     // journald adds its own timestamps.
     if std::env::var_os("JOURNAL_STREAM").is_some() {

@@ -1,4 +1,4 @@
-//! The PostgreSQL plugin (DESIGN.md 8, issue 5): each app that asks for it gets its own role
+//! The PostgreSQL plugin (README, "PostgreSQL plugin"): each app that asks for it gets its own role
 //! and database on the server of the global `postgres` section, and the variables to reach
 //! them.
 //!
@@ -219,7 +219,7 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// The plugin's variables (DESIGN.md 7 and 8): libpq's names, Keter's `PGPASS`, and a URL
+    /// The plugin's variables (README, "PostgreSQL plugin"): libpq's names, Keter's `PGPASS`, and a URL
     /// with the user and password percent-encoded.
     pub fn env(&self) -> BTreeMap<String, String> {
         let url = format!(
@@ -351,7 +351,7 @@ impl Provisioner {
                 };
                 ensure_new_role(&mut client, app, &creds)?;
                 ensure_database(&mut client, &creds)?;
-                // Recorded only now that the database exists (issue 5): a failure above leaves
+                // Recorded only now that the database exists: a failure above leaves
                 // no record, and the next deploy resets the role's password to its own.
                 let _guard = self.store_lock.lock().unwrap_or_else(|e| e.into_inner());
                 let mut entries = store::read(&self.store)?;

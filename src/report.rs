@@ -1,5 +1,6 @@
 //! What the app workers and the Nginx controller report about themselves, for the status
-//! interface (`keter status`, the web pages, `/api/apps`, `/metrics`).
+//! interface (`keter status`, the web pages, `/api/apps`, `/metrics`). The daemon makes the
+//! registry; the workers write it and the status server reads it.
 //!
 //! Each worker alone writes its app's entry (after every step it takes); readers get copies.
 //! Counters that only grow (deploys by result, restarts, reloads) live here too, so that
@@ -92,6 +93,12 @@ pub struct DeployReport {
     pub duration_ms: u64,
     /// Why it failed; never contains secrets (keter's messages name files and keys only).
     pub error: Option<String>,
+    /// What kind of failure: `bundle`, `unpack`, `config`, `host-taken`, `postgres`, `ports`,
+    /// `spawn`, `not-ready` or `nginx`.
+    pub error_kind: Option<&'static str>,
+    /// When keter tries the same bundle again (UTC, RFC 3339): the failure may pass by
+    /// itself. `None` for a failure that waits for a new bundle.
+    pub retry_at: Option<String>,
 }
 
 /// One process of the serving version.
@@ -132,6 +139,8 @@ pub struct AppReport {
     pub log_lines_dropped: u64,
     /// Old versions still draining.
     pub draining: usize,
+    /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
+    pub deploy_stage: Option<&'static str>,
     /// When the serving version went live, so that readers compute `uptime_seconds` at the
     /// time they read (an idle worker does not publish again).
     #[serde(skip)]
@@ -155,6 +164,7 @@ impl AppReport {
             last_error: None,
             log_lines_dropped: 0,
             draining: 0,
+            deploy_stage: None,
             live_since: None,
         }
     }

@@ -1,39 +1,102 @@
-//! When a supervised process that exited is started again: exponential backoff for webapps
-//! (short at first, capped, reset after a healthy minute; a crash loop becomes a visible state
-//! instead of a hot loop) and Keter's `restart-count` / `restart-delay-seconds` for background
-//! stanzas.
+//! When something that failed is tried again. One [`Backoff`] type (short at first, doubling,
+//! capped, reset after a healthy run) serves the webapps' crash restarts, the managed Nginx
+//! master and the retries of deploys that failed for a passing reason; [`Restarts`] adds
+//! Keter's `restart-count` / `restart-delay-seconds` for background stanzas. A crash loop
+//! becomes a visible state instead of a hot loop (README, "Supervision").
 //!
-//! Pure logic: every method takes the current time, so the schedule is unit-tested with a fake
-//! clock and no sleeps.
+//! Pure logic: every method takes the current time or the length of the run, so schedules are
+//! unit-tested with a fake clock and no sleeps.
 
 use std::time::{Duration, Instant};
+
+/// Exponential backoff: `first`, doubling up to `max`; a run of at least `healthy` brings the
+/// delay back to `first` and clears the failures in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    healthy: Duration,
+    /// Delay before the next attempt.
+    next: Duration,
+    /// Failures in a row without a healthy run.
+    failures: u32,
+}
+
+impl Backoff {
+    pub const fn new(first: Duration, max: Duration, healthy: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            healthy,
+            next: first,
+            failures: 0,
+        }
+    }
+
+    /// A failure after a run of `ran` (zero for an attempt that never started): the delay
+    /// before the next attempt.
+    pub fn failed(&mut self, ran: Duration) -> Duration {
+        if ran >= self.healthy {
+            self.reset();
+        }
+        self.failures += 1;
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Back to the first delay, as after a healthy run.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+        self.failures = 0;
+    }
+
+    /// Failures in a row without a healthy run.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// The webapps' schedule (README, "Supervision"): 0.1 s doubling to 30 s, reset after a minute.
+pub const WEBAPP: Backoff = Backoff::new(
+    Duration::from_millis(100),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+);
+
+/// A managed Nginx master that died: 0.1 s doubling to 10 s, reset after a minute.
+pub const NGINX_MASTER: Backoff = Backoff::new(
+    Duration::from_millis(100),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+);
+
+/// A deploy that failed for a passing reason (database or Nginx unreachable, disk full, no
+/// free port, not ready in time): tried again after 5 s, doubling up to 5 minutes. A deploy
+/// that goes live ends the series.
+pub const DEPLOY_RETRY: Backoff = Backoff::new(
+    Duration::from_secs(5),
+    Duration::from_secs(300),
+    Duration::MAX,
+);
 
 /// How a stanza's process is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    /// Webapps: always restarted, after `first`, doubling up to `max`; the delay goes back to
-    /// `first` once a run lasted `healthy`.
-    Backoff {
-        first: Duration,
-        max: Duration,
-        healthy: Duration,
-    },
+    /// Webapps: always restarted, with backoff.
+    Backoff(Backoff),
     /// Background stanzas as in Keter: after a fixed delay, at most `count` times in a row
     /// (`None`: unlimited).
     Fixed { delay: Duration, count: Option<u32> },
 }
 
 impl Policy {
-    /// The webapp schedule of DESIGN.md 6.8: 0.1 s doubling to 30 s, reset after a minute.
-    pub const WEBAPP: Policy = Policy::Backoff {
-        first: Duration::from_millis(100),
-        max: Duration::from_secs(30),
-        healthy: Duration::from_secs(60),
-    };
+    /// The webapp policy: [`WEBAPP`].
+    pub const WEBAPP: Policy = Policy::Backoff(WEBAPP);
 }
 
-/// Failures in a row (each run shorter than this) after which a process counts as crash
-/// looping.
+/// Failures in a row (each run shorter than a healthy one) after which a process counts as
+/// crash looping.
 pub const CRASH_LOOP_AFTER: u32 = 5;
 /// A run at least this long breaks a crash loop even under the fixed policy.
 const FIXED_HEALTHY: Duration = Duration::from_secs(60);
@@ -51,68 +114,57 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 pub struct Restarts {
     policy: Policy,
-    /// Delay before the next restart (backoff policy).
-    next_delay: Duration,
-    /// Exits in a row without a healthy run.
-    failures: u32,
-    /// Restarts done in total, for the status of the app.
+    /// Failures in a row of the fixed policy (the backoff counts its own).
+    fixed_failures: u32,
+    /// Restarts that started a process, for the status of the app.
     pub total: u64,
 }
 
 impl Restarts {
     pub fn new(policy: Policy) -> Restarts {
-        let next_delay = match policy {
-            Policy::Backoff { first, .. } => first,
-            Policy::Fixed { delay, .. } => delay,
-        };
         Restarts {
             policy,
-            next_delay,
-            failures: 0,
+            fixed_failures: 0,
             total: 0,
         }
     }
 
-    /// The process exited at `now` after running for `ran`.
+    /// The process exited at `now` after running for `ran`, or a restart could not start it
+    /// at all (`ran` zero): when to try again. Spawn failures go through the same schedule
+    /// as exits, so a missing executable is neither a hot loop nor retried past
+    /// `restart-count`.
     pub fn exited(&mut self, now: Instant, ran: Duration) -> Decision {
-        match self.policy {
-            Policy::Backoff {
-                first,
-                max,
-                healthy,
-            } => {
-                if ran >= healthy {
-                    self.next_delay = first;
-                    self.failures = 0;
-                }
-                self.failures += 1;
-                let delay = self.next_delay;
-                self.next_delay = (self.next_delay * 2).min(max);
-                self.total += 1;
-                Decision::RestartAt(now + delay)
-            }
+        match &mut self.policy {
+            Policy::Backoff(b) => Decision::RestartAt(now + b.failed(ran)),
             Policy::Fixed { delay, count } => {
                 if ran >= FIXED_HEALTHY {
-                    self.failures = 0;
+                    self.fixed_failures = 0;
                 }
-                self.failures += 1;
-                if count.is_some_and(|c| self.failures > c) {
+                self.fixed_failures += 1;
+                if count.is_some_and(|c| self.fixed_failures > c) {
                     return Decision::GiveUp;
                 }
-                self.total += 1;
-                Decision::RestartAt(now + delay)
+                Decision::RestartAt(now + *delay)
             }
         }
     }
 
+    /// A restart started the process again.
+    pub fn restarted(&mut self) {
+        self.total += 1;
+    }
+
     /// True once the process failed [`CRASH_LOOP_AFTER`] times in a row.
     pub fn crash_looping(&self) -> bool {
-        self.failures >= CRASH_LOOP_AFTER
+        self.failures() >= CRASH_LOOP_AFTER
     }
 
     /// Exits in a row without a healthy run.
     pub fn failures(&self) -> u32 {
-        self.failures
+        match &self.policy {
+            Policy::Backoff(b) => b.failures(),
+            Policy::Fixed { .. } => self.fixed_failures,
+        }
     }
 }
 
@@ -122,6 +174,7 @@ mod tests {
 
     const SHORT: Duration = Duration::from_millis(10);
 
+    /// Delays chosen for runs of these lengths, each restart succeeding.
     fn delays(r: &mut Restarts, t0: Instant, runs: &[Duration]) -> Vec<u128> {
         let mut now = t0;
         runs.iter()
@@ -131,6 +184,7 @@ mod tests {
                     Decision::RestartAt(at) => {
                         let d = at - now;
                         now = at;
+                        r.restarted();
                         d.as_millis()
                     }
                     Decision::GiveUp => u128::MAX,
@@ -209,5 +263,33 @@ mod tests {
             Decision::RestartAt(_)
         ));
         assert_eq!(counted.exited(t0, SHORT), Decision::GiveUp);
+    }
+
+    #[test]
+    fn failed_spawns_count_as_failures_but_not_as_restarts() {
+        let mut r = Restarts::new(Policy::Fixed {
+            delay: Duration::from_secs(1),
+            count: Some(2),
+        });
+        let t0 = Instant::now();
+        assert!(matches!(r.exited(t0, SHORT), Decision::RestartAt(_)));
+        // The restart cannot start the process: the same schedule, no restart counted.
+        assert!(matches!(
+            r.exited(t0, Duration::ZERO),
+            Decision::RestartAt(_)
+        ));
+        assert_eq!(r.exited(t0, Duration::ZERO), Decision::GiveUp);
+        assert_eq!(r.total, 0);
+    }
+
+    #[test]
+    fn one_backoff_for_the_nginx_master_and_deploy_retries() {
+        let mut b = NGINX_MASTER;
+        let d: Vec<u128> = (0..9).map(|_| b.failed(SHORT).as_millis()).collect();
+        assert_eq!(d, [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
+        assert_eq!(b.failed(Duration::from_secs(61)).as_millis(), 100);
+        let mut retry = DEPLOY_RETRY;
+        let d: Vec<u64> = (0..8).map(|_| retry.failed(SHORT).as_secs()).collect();
+        assert_eq!(d, [5, 10, 20, 40, 80, 160, 300, 300]);
     }
 }

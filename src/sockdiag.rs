@@ -14,13 +14,15 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub const ESTABLISHED: u8 = 1;
 pub const LISTEN: u8 = 10;
 
-/// One socket: its state, local and remote ports and inode.
+/// One socket: its state, local and remote ports, inode and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Socket {
     pub state: u8,
     pub local_port: u16,
     pub remote_port: u16,
     pub inode: u32,
+    /// The uid of the process that made it.
+    pub uid: u32,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -28,57 +30,128 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
+/// `struct nlmsghdr`: length, type, flags, sequence number, port id.
+const NLMSG_HDR_LEN: usize = 16;
+/// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
+const SOCK_ID_LEN: usize = 48;
+/// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, socket id.
+const REQ_V2_LEN: usize = 8 + SOCK_ID_LEN;
+/// `struct inet_diag_msg` up to `idiag_inode`: family, state, timer, retransmits, socket
+/// id, expires, read and write queues, uid, inode.
+const DIAG_MSG_LEN: usize = 4 + SOCK_ID_LEN + 20;
+
+// The kernel's structures are written and read field by field at their offsets, never by
+// reinterpreting memory: no `unsafe` is needed for their contents, and a message shorter than
+// its structure is an error rather than a zero-padded value.
+
+/// The dump request for TCP sockets of `family` in `states` (a bit mask).
+fn request(family: u8, states: u32) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    header(family, states, flags)
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u32; 4],
-    dst: [u32; 4],
-    interface: u32,
-    cookie: [u32; 2],
+fn header(family: u8, states: u32, flags: u16) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let mut b = [0u8; NLMSG_HDR_LEN + REQ_V2_LEN];
+    let len = b.len() as u32;
+    b[0..4].copy_from_slice(&len.to_ne_bytes());
+    b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    b[6..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // Port id 0 at 12..16: the kernel.
+    b[16] = family;
+    b[17] = libc::IPPROTO_TCP as u8;
+    b[20..24].copy_from_slice(&states.to_ne_bytes());
+    b
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
+/// The request for the one TCP socket whose own address is `local` and whose peer is
+/// `remote` (both of one family).
+fn lookup_request(local: SocketAddr, remote: SocketAddr) -> [u8; NLMSG_HDR_LEN + REQ_V2_LEN] {
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let mut b = header(family as u8, 0, libc::NLM_F_REQUEST as u16);
+    let id = NLMSG_HDR_LEN + 8;
+    // Ports and addresses in network byte order, as the kernel keeps them.
+    b[id..id + 2].copy_from_slice(&local.port().to_be_bytes());
+    b[id + 2..id + 4].copy_from_slice(&remote.port().to_be_bytes());
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let src = octets(local.ip());
+    let dst = octets(remote.ip());
+    b[id + 4..id + 4 + src.len()].copy_from_slice(&src);
+    b[id + 20..id + 20 + dst.len()].copy_from_slice(&dst);
+    // Interface 0 at id+36; the cookie INET_DIAG_NOCOOKIE: look up by addresses alone.
+    b[id + 40..id + 48].copy_from_slice(&[0xff; 8]);
+    b
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct DiagMsg {
-    family: u8,
-    state: u8,
-    timer: u8,
-    retrans: u8,
-    id: SockId,
-    expires: u32,
-    rqueue: u32,
-    wqueue: u32,
-    uid: u32,
-    inode: u32,
+/// `N` bytes at `at`, if the buffer holds them.
+fn bytes<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
+    buf.get(at..at.checked_add(N)?)?.try_into().ok()
 }
 
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: ReqV2,
+fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+    bytes(buf, at).map(u16::from_ne_bytes)
+}
+
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    bytes(buf, at).map(u32::from_ne_bytes)
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Reads the messages of one datagram into `out`. `Ok(true)` once the dump is done.
+fn parse(buf: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
+    let mut at = 0usize;
+    while at + NLMSG_HDR_LEN <= buf.len() {
+        let len = u32_at(buf, at).ok_or_else(|| invalid("short netlink header"))? as usize;
+        let kind = u16_at(buf, at + 4).ok_or_else(|| invalid("short netlink header"))?;
+        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+            return Err(invalid("short netlink message"));
+        }
+        let msg = &buf[at..at + len];
+        let payload = NLMSG_HDR_LEN;
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = bytes::<4>(msg, payload)
+                    .map(i32::from_ne_bytes)
+                    .ok_or_else(|| invalid("short netlink error message"))?;
+                return Err(io::Error::from_raw_os_error(-code));
+            }
+            SOCK_DIAG_BY_FAMILY if len >= payload + DIAG_MSG_LEN => {
+                let state = msg[payload + 1];
+                let id = payload + 4;
+                // Ports are in network byte order.
+                let local_port = bytes(msg, id).map(u16::from_be_bytes);
+                let remote_port = bytes(msg, id + 2).map(u16::from_be_bytes);
+                let uid = u32_at(msg, payload + 4 + SOCK_ID_LEN + 12);
+                let inode = u32_at(msg, payload + 4 + SOCK_ID_LEN + 16);
+                if let (Some(local_port), Some(remote_port), Some(inode), Some(uid)) =
+                    (local_port, remote_port, inode, uid)
+                {
+                    out.push(Socket {
+                        state,
+                        local_port,
+                        remote_port,
+                        inode,
+                        uid,
+                    });
+                }
+            }
+            _ => {}
+        }
+        // Messages are aligned to 4 bytes.
+        at += (len + 3) & !3;
+    }
+    Ok(false)
 }
 
 /// Every IPv4 and IPv6 TCP socket in one of `states` (a list of the constants above).
@@ -92,30 +165,37 @@ pub fn tcp_sockets(states: &[u8]) -> io::Result<Vec<Socket>> {
 }
 
 fn dump(family: u8, states: u32, out: &mut Vec<Socket>) -> io::Result<()> {
-    exchange(
-        family,
-        states,
-        SockId::default(),
-        (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
-        &mut |msg: &DiagMsg| {
-            out.push(Socket {
-                state: msg.state,
-                local_port: u16::from_be_bytes(msg.id.sport),
-                remote_port: u16::from_be_bytes(msg.id.dport),
-                inode: msg.inode,
-            })
-        },
-    )
+    exchange(&request(family, states), false, out)
 }
 
-/// Sends one sock_diag request and hands every socket of the answer to `each`.
-fn exchange(
-    family: u8,
-    states: u32,
-    id: SockId,
-    flags: u16,
-    each: &mut dyn FnMut(&DiagMsg),
-) -> io::Result<()> {
+/// The uid that owns the TCP socket of this machine whose own address is `local` and whose
+/// peer is `remote`; `None` when there is none (the peer is another machine, or gone). The
+/// status interface asks this about the other end of each connection it accepts.
+pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
+    // A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d, but the peer's own socket
+    // is an IPv4 one.
+    let plain = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    };
+    let (local, remote) = (plain(local), plain(remote));
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    match exchange(&lookup_request(local, remote), true, &mut out) {
+        Ok(()) => Ok(out.first().map(|s| s.uid)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one request and reads its answer into `out`: until the end of a dump, or the one
+/// socket a `single` lookup answers.
+fn exchange(request: &[u8], single: bool, out: &mut Vec<Socket>) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -130,31 +210,15 @@ fn exchange(
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
-    let request = Request {
-        hdr: NlMsgHdr {
-            len: size_of::<Request>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags,
-            seq: 1,
-            pid: 0,
-        },
-        req: ReqV2 {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            states,
-            id,
-            ..ReqV2::default()
-        },
-    };
     // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: the buffer is the request struct, valid for its size; addr is a valid sockaddr_nl.
+    // SAFETY: the buffer is valid for reads of its length; addr is a valid sockaddr_nl.
     let sent = unsafe {
         libc::sendto(
             raw,
-            (&request as *const Request).cast(),
-            size_of::<Request>(),
+            request.as_ptr().cast(),
+            request.len(),
             0,
             (&addr as *const libc::sockaddr_nl).cast(),
             size_of::<libc::sockaddr_nl>() as u32,
@@ -163,7 +227,6 @@ fn exchange(
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let dump = flags & libc::NLM_F_DUMP as u16 != 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: buf is valid for writes of its length.
@@ -175,115 +238,59 @@ fn exchange(
             }
             return Err(e);
         }
-        let mut at = 0usize;
-        let n = n as usize;
-        while at + size_of::<NlMsgHdr>() <= n {
-            let hdr: NlMsgHdr = read_struct(&buf[at..]);
-            let len = hdr.len as usize;
-            if len < size_of::<NlMsgHdr>() || at + len > n {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "short netlink message",
-                ));
-            }
-            match hdr.kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let code: i32 = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
-                    if code == 0 {
-                        return Ok(());
-                    }
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-                SOCK_DIAG_BY_FAMILY if len >= size_of::<NlMsgHdr>() + size_of::<DiagMsg>() => {
-                    let msg: DiagMsg = read_struct(&buf[at + size_of::<NlMsgHdr>()..]);
-                    each(&msg);
-                    // A single lookup answers one message and no NLMSG_DONE.
-                    if !dump {
-                        return Ok(());
-                    }
-                }
-                _ => {}
-            }
-            // Messages are aligned to 4 bytes.
-            at += (len + 3) & !3;
+        // A lookup is answered by one message and no NLMSG_DONE.
+        if parse(&buf[..n as usize], out)? || single {
+            return Ok(());
         }
     }
-}
-
-/// `INET_DIAG_NOCOOKIE`: look a socket up by its addresses alone.
-const NO_COOKIE: [u32; 2] = [u32::MAX, u32::MAX];
-
-/// The uid that owns the TCP socket of this machine whose own address is `local` and whose
-/// peer is `remote` (`None` when there is none: the peer is on another machine, or gone).
-/// The status interface asks this about the other end of each connection it accepts.
-pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
-    // A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d, but the peer's own socket
-    // is an IPv4 one.
-    let plain = |a: SocketAddr| match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::from((v4, v6.port())),
-            None => a,
-        },
-        v4 => v4,
-    };
-    let (local, remote) = (plain(local), plain(remote));
-    let (family, src, dst) = match (local.ip(), remote.ip()) {
-        (IpAddr::V4(l), IpAddr::V4(r)) => (libc::AF_INET, words(&l.octets()), words(&r.octets())),
-        (IpAddr::V6(l), IpAddr::V6(r)) => {
-            (libc::AF_INET6, words(&l.octets()), words(&r.octets()))
-        }
-        _ => return Ok(None),
-    };
-    let id = SockId {
-        sport: local.port().to_be_bytes(),
-        dport: remote.port().to_be_bytes(),
-        src,
-        dst,
-        interface: 0,
-        cookie: NO_COOKIE,
-    };
-    let mut found = None;
-    let result = exchange(
-        family as u8,
-        0,
-        id,
-        libc::NLM_F_REQUEST as u16,
-        &mut |msg: &DiagMsg| found = Some(msg.uid),
-    );
-    match result {
-        Ok(()) => Ok(found),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// An address as the kernel's `__be32[4]`: its bytes in network order.
-fn words(octets: &[u8]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    for (i, chunk) in octets.chunks(4).enumerate() {
-        let mut b = [0u8; 4];
-        b[..chunk.len()].copy_from_slice(chunk);
-        out[i] = u32::from_ne_bytes(b);
-    }
-    out
-}
-
-/// Copies a plain-data struct out of a byte buffer (which may be unaligned).
-fn read_struct<T: Copy + Default>(bytes: &[u8]) -> T {
-    let mut value = T::default();
-    let size = size_of::<T>().min(bytes.len());
-    // SAFETY: T is a repr(C) plain-data type (integers and arrays only); at most size_of::<T>()
-    // bytes are copied into it, and any bit pattern is valid for it.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut value as *mut T).cast::<u8>(), size);
-    }
-    value
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A netlink message of `kind` with `payload`.
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(((NLMSG_HDR_LEN + payload.len()) as u32).to_ne_bytes());
+        m.extend(kind.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    #[test]
+    fn messages_are_read_field_by_field_and_short_ones_are_refused() {
+        let mut diag = vec![0u8; DIAG_MSG_LEN];
+        diag[1] = LISTEN;
+        diag[4..6].copy_from_slice(&8080u16.to_be_bytes());
+        diag[4 + SOCK_ID_LEN + 16..4 + SOCK_ID_LEN + 20].copy_from_slice(&77u32.to_ne_bytes());
+        let mut buf = message(SOCK_DIAG_BY_FAMILY, &diag);
+        buf.extend(message(NLMSG_DONE, &[0; 4]));
+        let mut out = Vec::new();
+        assert!(parse(&buf, &mut out).unwrap());
+        assert_eq!(
+            out,
+            [Socket {
+                state: LISTEN,
+                local_port: 8080,
+                remote_port: 0,
+                inode: 77,
+                uid: 0
+            }]
+        );
+        // An error message must carry its whole error code; two bytes of it are not
+        // "success" padded with zeros.
+        let short = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()[..2]);
+        let e = parse(&short, &mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let full = message(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
+        let e = parse(&full, &mut out).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
 
     #[test]
     fn sees_a_listener_and_a_connection() {
@@ -313,12 +320,11 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, peer) = listener.accept().unwrap();
         let local = server.local_addr().unwrap();
+        assert_eq!(client.local_addr().unwrap(), peer);
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         assert_eq!(tcp_socket_uid(peer, local).unwrap(), Some(me));
-        assert_eq!(client.local_addr().unwrap(), peer);
-        drop(client);
-        let gone = SocketAddr::from(([127, 0, 0, 1], 1));
-        assert_eq!(tcp_socket_uid(gone, local).unwrap(), None);
+        let nobody = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(tcp_socket_uid(nobody, local).unwrap(), None);
     }
 }

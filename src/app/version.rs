@@ -1,5 +1,6 @@
-//! One unpacked version of an app and its supervised processes: how each process is started
-//! (environment, user, ports), restarted after an exit, and stopped with its folder.
+//! One unpacked version of an app and its supervised processes: the state of each process
+//! ([`ProcState`]), how it is started (environment, user, ports), restarted after an exit, and
+//! stopped with its folder. `docs/lifecycle.md` draws the process states.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,6 +33,18 @@ impl FileStamp {
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// A stamp that stands for the `n`-th file, for tests of the state machine.
+    #[cfg(test)]
+    pub(super) fn fake(n: u64) -> FileStamp {
+        FileStamp {
+            dev: 1,
+            ino: n,
+            size: n,
+            mtime_ns: 0,
+            ctime_ns: 0,
         }
     }
 }
@@ -75,13 +88,28 @@ pub(super) enum Role {
     Background { index: usize },
 }
 
+/// Where a supervised process is in its life. Plain data: a process keter did not start
+/// itself (known by pid and start time) is `Running` like any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProcState {
+    /// Not started yet: the version's processes are about to start.
+    NotStarted,
+    Running(Running),
+    /// Exited (or could not be started); starts again at `until`.
+    Backoff {
+        until: Instant,
+    },
+    /// Its restart policy is used up (a background stanza's `restart-count`); stays stopped.
+    GaveUp,
+    /// Exited in a version that is no longer supervised (draining, or being discarded).
+    Ended,
+}
+
 /// A supervised process of a version.
 pub(super) struct Proc {
     pub role: Role,
     pub spec: Spec,
-    pub running: Option<Running>,
-    /// When an exited process is due to start again.
-    pub restart_at: Option<Instant>,
+    pub state: ProcState,
     pub restarts: Restarts,
 }
 
@@ -90,8 +118,7 @@ impl Proc {
         Proc {
             role,
             spec,
-            running: None,
-            restart_at: None,
+            state: ProcState::NotStarted,
             restarts: Restarts::new(policy),
         }
     }
@@ -100,6 +127,22 @@ impl Proc {
         match self.role {
             Role::Web { port, .. } => Some(port),
             Role::Background { .. } => None,
+        }
+    }
+
+    /// The process as it runs now.
+    pub fn running(&self) -> Option<Running> {
+        match self.state {
+            ProcState::Running(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// When a restart is due.
+    pub fn restart_due(&self) -> Option<Instant> {
+        match self.state {
+            ProcState::Backoff { until } => Some(until),
+            _ => None,
         }
     }
 
@@ -114,41 +157,69 @@ impl Proc {
     /// The process exited: decides about its restart and says so in the log.
     pub fn exited(&mut self, app: &AppName, pid: i32, status: ExitStatus, now: Instant) {
         let ran = self
-            .running
-            .take()
+            .running()
             .map(|r| now.saturating_duration_since(r.started))
             .unwrap_or_default();
         let how = process::describe_exit(status);
-        match self.restarts.exited(now, ran) {
+        self.state = match self.restarts.exited(now, ran) {
             Decision::RestartAt(at) => {
-                let looping = if self.restarts.crash_looping() {
-                    format!(
-                        "; crash-looping ({} failures in a row)",
-                        self.restarts.failures()
-                    )
-                } else {
-                    String::new()
-                };
                 log::warn!(
-                    "{app}: pid {pid} ({}) exited with {how} after {} ms; restarting in {} ms{looping}",
+                    "{app}: pid {pid} ({}) exited with {how} after {} ms; restarting in {} ms{}",
                     self.label(),
                     ran.as_millis(),
-                    at.saturating_duration_since(now).as_millis()
+                    at.saturating_duration_since(now).as_millis(),
+                    self.looping()
                 );
-                self.restart_at = Some(at);
+                ProcState::Backoff { until: at }
             }
             Decision::GiveUp => {
                 log::error!(
                     "{app}: pid {pid} ({}) exited with {how}; its restart-count is used up, it stays stopped",
                     self.label()
                 );
-                self.restart_at = None;
+                ProcState::GaveUp
             }
+        };
+    }
+
+    /// A restart could not start the process: the restart policy decides about the next try,
+    /// as for an exit that happened at once.
+    pub fn restart_failed(&mut self, app: &AppName, error: &std::io::Error, now: Instant) {
+        self.state = match self.restarts.exited(now, Duration::ZERO) {
+            Decision::RestartAt(at) => {
+                log::error!(
+                    "{app}: restart of {} failed: cannot start {}: {error}; trying again in {} ms{}",
+                    self.label(),
+                    self.spec.program.display(),
+                    at.saturating_duration_since(now).as_millis(),
+                    self.looping()
+                );
+                ProcState::Backoff { until: at }
+            }
+            Decision::GiveUp => {
+                log::error!(
+                    "{app}: restart of {} failed: cannot start {}: {error}; its restart-count is used up, it stays stopped",
+                    self.label(),
+                    self.spec.program.display()
+                );
+                ProcState::GaveUp
+            }
+        };
+    }
+
+    fn looping(&self) -> String {
+        if self.restarts.crash_looping() {
+            format!(
+                "; crash-looping ({} failures in a row)",
+                self.restarts.failures()
+            )
+        } else {
+            String::new()
         }
     }
 }
 
-/// The environment of DESIGN.md 7, lowest precedence first: base, global `env`, `plugin`
+/// The environment of the README's "Environment of an app", lowest precedence first: base, global `env`, `plugin`
 /// variables, `forward-env`, stanza `env`; then, for a webapp, keter's own variables, which a
 /// bundle cannot override.
 pub(super) fn environment(

@@ -1,4 +1,4 @@
-//! A bundle's `config/keter.yaml`, in either of the two formats of DESIGN.md section 4 (the
+//! A bundle's `config/keter.yaml`, in either of the two formats of the README's "Bundles" (the
 //! seed's flat format and Keter's stanza format), read into validated stanzas.
 
 use std::collections::BTreeMap;
@@ -27,7 +27,7 @@ pub struct BundleConfig {
     pub statics: Vec<StaticFiles>,
     pub redirects: Vec<Redirect>,
     pub proxies: Vec<ReverseProxy>,
-    /// The postgres plugin: the app gets its own role and database (DESIGN.md 8).
+    /// The postgres plugin: the app gets its own role and database (README, "PostgreSQL plugin").
     pub postgres: bool,
 }
 

@@ -1,6 +1,7 @@
 //! Bundles: the `NAME.keter` files an operator copies into `incoming/`.
 //!
-//! [`unpack`] turns the file into a fresh folder (safely, DESIGN.md 6.2); [`config`] reads its
+//! [`unpack`] turns the file into a fresh folder (safely: README, "How a deploy works", step
+//! 2); [`config`] reads its
 //! `config/keter.yaml`; [`load`] does both and resolves each stanza's executable.
 
 pub mod config;

@@ -1,5 +1,6 @@
 //! Unpacking a bundle into a fresh private folder, refusing everything that could write or
-//! point outside it (DESIGN.md 6.2).
+//! point outside it (README, "How a deploy works", step 2, and "Security: hostile bundles
+//! and faults").
 //!
 //! The `tar` crate's own `unpack` silently skips `..`, creates symlinks that point outside and
 //! only rejects an outside hard link after earlier files are written, so every entry is checked

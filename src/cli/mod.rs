@@ -1,6 +1,6 @@
 //! The command line in two stages: what the user typed becomes a [`Command`] ([`parse`]), and
 //! the commands other than the daemon itself run here ([`run`]); `main` only chooses the exit
-//! code's source. DESIGN.md 2 lists the commands.
+//! code's source. The README's "Running keter" lists the commands.
 
 mod commands;
 pub mod help;

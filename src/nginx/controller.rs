@@ -1,5 +1,5 @@
 //! The Nginx controller: the only writer of keter's Nginx files and the only sender of signals
-//! to Nginx (DESIGN.md 1 and 6.6).
+//! to Nginx (README, "How a deploy works", step 6; `docs/lifecycle.md`, "Who owns what").
 //!
 //! An app worker asks for its site to be set or removed and blocks until the change is live.
 //! Requests that arrive while a reload is in progress are applied together with one `nginx -t`
@@ -28,6 +28,7 @@ use super::system::{self, Blame};
 use super::{Paths, Renderer, Site};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
+use crate::restart::{self, Backoff};
 use crate::{atomic_file, probe, process, procfs};
 
 /// Why a change could not be made live. In every case the previous files are back in place.
@@ -74,11 +75,18 @@ pub struct NginxCounters {
     pub test_failures: AtomicU64,
 }
 
-/// Handle to the controller thread.
+/// The controller thread, owned by the daemon: it alone stops it ([`Nginx::shutdown`]), after
+/// every app worker has ended. Workers hold [`NginxHandle`]s.
 pub struct Nginx {
     pub counters: Arc<NginxCounters>,
-    tx: Sender<Msg>,
+    handle: NginxHandle,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What an app worker holds to change its site and read the master's pid.
+#[derive(Clone)]
+pub struct NginxHandle {
+    tx: Sender<Msg>,
     /// Pid of the running master, 0 when none (managed mode; written by the controller).
     master_pid: Arc<AtomicI32>,
     mode: NginxMode,
@@ -117,7 +125,8 @@ impl Nginx {
             live: BTreeMap::new(),
             unremoved: BTreeSet::new(),
             master: None,
-            restart: Restart::new(),
+            restart_at: None,
+            restart: restart::NGINX_MASTER,
             tx: tx.clone(),
         };
         c.prepare()?;
@@ -127,14 +136,32 @@ impl Nginx {
             .map_err(|e| format!("cannot start the nginx controller thread: {e}"))?;
         Ok(Nginx {
             counters,
-            tx,
+            handle: NginxHandle {
+                tx,
+                master_pid,
+                mode: config.nginx.mode,
+                pid_file: config.nginx.pid_file.clone(),
+            },
             thread: Some(thread),
-            master_pid,
-            mode: config.nginx.mode,
-            pid_file: config.nginx.pid_file.clone(),
         })
     }
 
+    /// A handle for an app worker.
+    pub fn handle(&self) -> NginxHandle {
+        self.handle.clone()
+    }
+
+    /// Stops a managed Nginx (system mode: takes keter's files out of the host's Nginx) and
+    /// ends the controller thread.
+    pub fn shutdown(mut self) {
+        let _ = self.handle.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl NginxHandle {
     /// The pid of the Nginx master, if one is known to run.
     pub fn master_pid(&self) -> Option<i32> {
         match self.mode {
@@ -163,32 +190,6 @@ impl Nginx {
             ))
         })
     }
-
-    /// Stops a managed Nginx and ends the controller thread.
-    pub fn shutdown(mut self) {
-        let _ = self.tx.send(Msg::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Backoff for restarting a managed Nginx that died.
-struct Restart {
-    delay: Duration,
-    at: Option<Instant>,
-}
-
-impl Restart {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(10);
-
-    fn new() -> Restart {
-        Restart {
-            delay: Restart::FIRST,
-            at: None,
-        }
-    }
 }
 
 /// The running managed master.
@@ -213,7 +214,9 @@ struct Controller {
     /// than keeping a route to a dead port for as long as keter runs.
     unremoved: BTreeSet<AppName>,
     master: Option<Master>,
-    restart: Restart,
+    /// When a managed master that died is started again, and the schedule of those restarts.
+    restart_at: Option<Instant>,
+    restart: Backoff,
     tx: Sender<Msg>,
 }
 
@@ -289,7 +292,7 @@ impl Controller {
 
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let msg = match self.restart.at {
+            let msg = match self.restart_at {
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
@@ -652,7 +655,7 @@ impl Controller {
             started: Instant::now(),
         });
         self.master_pid.store(pid, Ordering::Relaxed);
-        self.restart.at = None;
+        self.restart_at = None;
         Ok(())
     }
 
@@ -661,24 +664,21 @@ impl Controller {
         if m.pid != pid {
             return;
         }
-        if m.started.elapsed() > Duration::from_secs(60) {
-            self.restart.delay = Restart::FIRST;
-        }
+        let ran = m.started.elapsed();
         self.master = None;
         self.master_pid.store(0, Ordering::Relaxed);
         // Its workers outlive it and keep the listening sockets: stop the whole group.
         process::stop_group(pid, Duration::from_secs(2));
+        let delay = self.restart.failed(ran);
         log::error!(
-            "nginx: the master (pid {pid}) stopped with {}; restarting it in {:?}",
+            "nginx: the master (pid {pid}) stopped with {}; restarting it in {delay:?}",
             process::describe_exit(status),
-            self.restart.delay
         );
-        self.restart.at = Some(Instant::now() + self.restart.delay);
-        self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
+        self.restart_at = Some(Instant::now() + delay);
     }
 
     fn restart_master(&mut self) {
-        self.restart.at = None;
+        self.restart_at = None;
         let result = self.start_master().and_then(|()| self.confirm());
         if let Err(e) = result {
             log::error!("nginx: restart failed: {e}");
@@ -686,8 +686,7 @@ impl Controller {
             if let Some(m) = self.master.take() {
                 process::stop_group(m.pid, Duration::from_secs(1));
             }
-            self.restart.at = Some(Instant::now() + self.restart.delay);
-            self.restart.delay = (self.restart.delay * 2).min(Restart::MAX);
+            self.restart_at = Some(Instant::now() + self.restart.failed(Duration::ZERO));
         }
     }
 

@@ -19,7 +19,7 @@ use crate::config::Listener;
 use crate::names::{AppName, UrlPath};
 use site::{Front, ServerView};
 
-pub use controller::{Nginx, NginxCounters, NginxError};
+pub use controller::{Nginx, NginxCounters, NginxError, NginxHandle};
 pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");

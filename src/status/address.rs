@@ -1,4 +1,5 @@
-//! The global `status` key: where the status web interface listens (DESIGN.md 3 and 9).
+//! The global `status` key: where the status web interface listens (README, "Global
+//! configuration" and "Status interface").
 //!
 //! `HOST:PORT` (an IP address; loopback by default), a unix socket path (anything with a `/`,
 //! relative to the config file's folder), `true` for the default, or `false` to serve nothing.
@@ -65,7 +66,7 @@ pub fn read(value: Option<&Value>, base: &Path, problems: &mut Problems) -> Opti
 fn parse(text: &str, base: &Path) -> Result<StatusAddress, String> {
     let text = text.trim();
     if text.contains('/') {
-        let path = crate::config::normalize(&base.join(text));
+        let path = crate::fspath::normalize(&base.join(text));
         // sun_path holds 108 bytes including the terminating NUL.
         if path.as_os_str().len() > 107 {
             return Err(format!(

@@ -116,12 +116,20 @@ pub fn table(api: &Value) -> Result<String, String> {
         };
         let last_deploy = match app.get("last_deploy") {
             Some(d) if d.is_object() => format!(
-                "{} {}ms",
+                "{}{} {}ms",
                 d.get("result").and_then(Value::as_str).unwrap_or("?"),
+                d.get("error_kind")
+                    .and_then(Value::as_str)
+                    .map(|k| format!(" ({k})"))
+                    .unwrap_or_default(),
                 d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0)
             ),
             _ => "-".to_string(),
         };
+        let retry_at = app
+            .get("last_deploy")
+            .and_then(|d| d.get("retry_at"))
+            .and_then(Value::as_str);
         let hosts: Vec<&str> = app
             .get("hosts")
             .and_then(Value::as_array)
@@ -155,6 +163,9 @@ pub fn table(api: &Value) -> Result<String, String> {
         ]);
         if let Some(e) = app.get("last_error").and_then(Value::as_str) {
             errors.push(format!("{name}: last error: {e}"));
+        }
+        if let Some(at) = retry_at {
+            errors.push(format!("{name}: the failed deploy is tried again at {at}"));
         }
     }
     let widths: Vec<usize> = (0..header.len())
@@ -192,7 +203,11 @@ mod tests {
              "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null},
             {"name": "broken", "state": "failed", "sha256": null, "hosts": [], "processes": [],
              "restarts": 0, "last_deploy": {"result": "failed", "duration_ms": 12},
-             "last_error": "exec is missing"}
+             "last_error": "exec is missing"},
+            {"name": "db", "state": "running", "sha256": "ab", "hosts": [], "processes": [],
+             "restarts": 0, "last_deploy": {"result": "failed", "duration_ms": 7,
+             "error_kind": "postgres", "retry_at": "2026-11-27T14:09:53.123Z"},
+             "last_error": "postgres plugin: cannot connect"}
         ]});
         let t = table(&api).unwrap();
         let lines: Vec<&str> = t.lines().collect();
@@ -204,5 +219,7 @@ mod tests {
         );
         assert!(lines[2].starts_with("broken") && lines[2].contains("failed 12ms"));
         assert!(t.contains("broken: last error: exec is missing"));
+        assert!(lines[3].starts_with("db") && lines[3].contains("failed (postgres) 7ms"));
+        assert!(t.contains("db: the failed deploy is tried again at 2026-11-27T14:09:53.123Z"));
     }
 }

@@ -1,4 +1,4 @@
-//! The status interface (DESIGN.md 9): a read-only web server inside the daemon with an HTML
+//! The status interface (README, "Status interface"): a read-only web server inside the daemon with an HTML
 //! overview of every app, a page per app with its recent output and Nginx file, the same
 //! facts as JSON under `/api/apps`, and Prometheus metrics at `/metrics`; and the client side
 //! that `keter status` uses to read the API of a running daemon.

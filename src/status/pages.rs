@@ -60,6 +60,9 @@ struct AppView {
     uptime: String,
     restarts: u64,
     deploy_result: &'static str,
+    /// The kind of a failed deploy, and when it is tried again (empty when it is not).
+    deploy_kind: &'static str,
+    deploy_retry: String,
     deploy_duration: String,
     deploy_finished: String,
     last_error: String,
@@ -250,6 +253,11 @@ impl Pages {
             uptime: a.uptime_seconds.map(duration).unwrap_or_else(none),
             restarts: a.restarts,
             deploy_result: deploy.map(|d| d.result.as_str()).unwrap_or(""),
+            deploy_kind: deploy.and_then(|d| d.error_kind).unwrap_or(""),
+            deploy_retry: deploy
+                .and_then(|d| d.retry_at.as_deref())
+                .map(shown_time)
+                .unwrap_or_default(),
             deploy_duration: deploy
                 .map(|d| format!("in {} ms", d.duration_ms))
                 .unwrap_or_default(),
@@ -352,6 +360,8 @@ mod tests {
             finished: "2026-11-27T14:09:53.123Z".into(),
             duration_ms: 812,
             error: Some("<b>bad</b>".into()),
+            error_kind: Some("config"),
+            retry_at: None,
         });
         r.last_error = Some("<script>alert(1)</script>".into());
         r

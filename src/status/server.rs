@@ -1,7 +1,7 @@
-//! The status web server: axum on a small tokio runtime of its own thread (DESIGN.md 1: tokio
-//! runs the control plane's own I/O and never blocking work). It only reads what the workers
-//! publish in [`crate::report::Reports`] and the Nginx counters; no request changes anything,
-//! and every method but GET and HEAD is refused.
+//! The status web server: axum on a small tokio runtime of its own thread (tokio runs the
+//! control plane's own I/O and never blocking work; README, "Status interface"). It holds
+//! only what it reads, the workers' [`crate::report::Reports`] and the Nginx counters; no
+//! request changes anything, and every method but GET and HEAD is refused.
 //!
 //! A status address that cannot be bound is logged as an error and retried every ten seconds
 //! while keter goes on deploying apps: the status interface is not worth stopping the
@@ -27,10 +27,11 @@ use super::StatusAddress;
 use super::metrics;
 use super::pages::{LOG_LINES, PageError, Pages};
 use super::peer::Peer;
-use crate::app::Shared;
+use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::names::AppName;
-use crate::nginx::Paths;
-use crate::report::{AppReport, AppState};
+use crate::nginx::{NginxCounters, Paths};
+use crate::report::{AppReport, AppState, Reports};
 
 /// How often a status address that could not be bound is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(10);
@@ -46,20 +47,29 @@ pub struct StatusServer {
 /// What every request handler sees.
 #[derive(Clone)]
 struct ServerState {
-    shared: Arc<Shared>,
+    reports: Arc<Reports>,
+    nginx: Arc<NginxCounters>,
     pages: Arc<Pages>,
     paths: Arc<Paths>,
+    /// Tells connections of apps from those of operators.
+    isolation: Arc<Isolation>,
 }
 
 impl StatusServer {
-    /// Starts serving `shared`'s reports on the configured `status` address. Returns `None`
-    /// (after logging why) when the interface is disabled or cannot run at all.
-    pub fn start(shared: Arc<Shared>) -> Option<StatusServer> {
-        let Some(address) = shared.config.status.clone() else {
+    /// Starts serving `reports` and the Nginx counters on the configured `status` address, to
+    /// every peer that `isolation` does not call an app. Returns `None` (after logging why)
+    /// when the interface is disabled or cannot run at all.
+    pub fn start(
+        config: &Config,
+        reports: Arc<Reports>,
+        nginx: Arc<NginxCounters>,
+        isolation: Arc<Isolation>,
+    ) -> Option<StatusServer> {
+        let Some(address) = config.status.clone() else {
             log::info!("keter: the status interface is disabled (status: false)");
             return None;
         };
-        let pages = match Pages::new(shared.config.external_http_port) {
+        let pages = match Pages::new(config.external_http_port) {
             Ok(p) => p,
             Err(e) => {
                 log::error!("keter: the status interface cannot run: {e}");
@@ -78,9 +88,11 @@ impl StatusServer {
             }
         };
         let state = ServerState {
-            paths: Arc::new(Paths::new(&shared.config.root)),
-            shared,
+            paths: Arc::new(Paths::new(&config.root)),
+            reports,
+            nginx,
             pages: Arc::new(pages),
+            isolation,
         };
         let router = router(state);
         let (stop, stopped) = watch::channel(false);
@@ -88,8 +100,7 @@ impl StatusServer {
             .name("status".into())
             .spawn(move || {
                 runtime.block_on(serve(address, router, stopped));
-                // Connections still open after the grace period are dropped with the runtime,
-                // and with them the handlers' share of the daemon's state.
+                // Connections still open after the grace period are dropped with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(500));
             });
         match thread {
@@ -104,8 +115,7 @@ impl StatusServer {
         }
     }
 
-    /// Stops serving and waits until the server's thread (and its share of the daemon's
-    /// state) is gone.
+    /// Stops serving and waits until the server's thread is gone.
     pub fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
@@ -238,8 +248,8 @@ async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Re
         .get::<ConnectInfo<Peer>>()
         .map(|c| c.0.clone());
     let refusal = match peer {
-        Some(Peer::Uid(uid)) => s.shared.isolation.app_of_uid(uid).map(|what| {
-            if s.shared.isolation.first_refusal(uid) {
+        Some(Peer::Uid(uid)) => s.isolation.app_of_uid(uid).map(|what| {
+            if s.isolation.first_refusal(uid) {
                 log::warn!("keter: the status interface refused uid {uid} ({what})");
             }
             format!("uid {uid} is {what}")
@@ -282,7 +292,7 @@ async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Re
 }
 
 async fn overview(State(s): State<ServerState>) -> Response {
-    html(s.pages.overview(&s.shared.reports.apps()))
+    html(s.pages.overview(&s.reports.apps()))
 }
 
 async fn app_page(
@@ -295,7 +305,6 @@ async fn app_page(
         return not_found_page(&s, &uri, &headers, "No app has this name.");
     };
     let log = s
-        .shared
         .reports
         .log_tail(&report.name, LOG_LINES)
         .unwrap_or_default();
@@ -324,7 +333,7 @@ struct AppsBody {
 async fn api_apps(State(s): State<ServerState>) -> Json<AppsBody> {
     Json(AppsBody {
         keter_version: env!("CARGO_PKG_VERSION"),
-        apps: s.shared.reports.apps(),
+        apps: s.reports.apps(),
     })
 }
 
@@ -358,11 +367,7 @@ async fn api_log(
         return json_not_found("no app has this name");
     };
     let n = q.lines.unwrap_or(LOG_LINES).min(LOG_LINES);
-    let lines = s
-        .shared
-        .reports
-        .log_tail(&report.name, n)
-        .unwrap_or_default();
+    let lines = s.reports.log_tail(&report.name, n).unwrap_or_default();
     Json(LogBody {
         app: report.name,
         state: report.state,
@@ -373,7 +378,7 @@ async fn api_log(
 }
 
 async fn metrics_text(State(s): State<ServerState>) -> Response {
-    let body = metrics::render(&s.shared.reports, &s.shared.nginx.counters);
+    let body = metrics::render(&s.reports, &s.nginx);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
@@ -387,7 +392,7 @@ async fn not_found(State(s): State<ServerState>, uri: Uri, headers: HeaderMap) -
 /// An app known by this name; names that are not valid app names are never looked up.
 fn lookup(s: &ServerState, name: &str) -> Option<(AppName, AppReport)> {
     let app = AppName::new(name).ok()?;
-    let report = s.shared.reports.app(app.as_str())?;
+    let report = s.reports.app(app.as_str())?;
     Some((app, report))
 }
 

@@ -476,3 +476,56 @@ fn cwd_under(pid: i32, root: &std::path::Path) -> bool {
 fn group_size(pgid: i32) -> usize {
     keter::procfs::group_members(pgid).len()
 }
+
+#[test]
+fn apps_with_a_large_chunked_home_page_or_connections_kept_open_become_ready() {
+    let k = Keter::start("big-home");
+    // A Yesod page of 240 KiB streamed in chunks, and a server that keeps the connection open
+    // after its answer although the check asked to close it: only the status line counts.
+    let cases: [(&str, &[&str]); 2] = [
+        ("yesod", &["--home-kb", "240"]),
+        ("sticky", &["--home-kb", "1", "--keep-open"]),
+    ];
+    for (name, args) in cases {
+        let host = format!("{name}.example.com");
+        k.deploy_hello(name, "v1", &host, args);
+    }
+    for (name, _) in cases {
+        let host = format!("{name}.example.com");
+        k.wait_log(&format!("{name}: switched to deploy 1"), WAIT);
+        assert_eq!(k.get(&host, "/host").unwrap().body.trim(), host);
+    }
+    assert!(!k.log().contains("deploy of"), "{}", k.log());
+}
+
+/// Threads of the keter process named `name`.
+fn threads_named(keter: i32, name: &str) -> usize {
+    fs::read_dir(format!("/proc/{keter}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+        .count()
+}
+
+#[test]
+fn a_deleted_apps_worker_ends_and_a_new_bundle_gets_a_new_one() {
+    let k = Keter::start("worker-ends");
+    k.deploy_hello("gone", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    assert_eq!(threads_named(k.pid(), "app-gone"), 1);
+    fs::remove_file(k.incoming().join("gone.keter")).unwrap();
+    k.wait_log("gone: stopped", WAIT);
+    let start = Instant::now();
+    while threads_named(k.pid(), "app-gone") > 0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the worker of a deleted app is still there:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The same name again is a new app with a worker of its own.
+    k.deploy_hello("gone", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    assert_eq!(threads_named(k.pid(), "app-gone"), 1);
+}

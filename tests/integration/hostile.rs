@@ -429,14 +429,23 @@ fn hostile_bundle_file_names() {
         let shown = format!("incoming/{}: refused: the app name", name.escape_debug());
         k.wait_log(&shown, WAIT);
     }
-    // A leading dot is a file still being copied in (cp then mv): never deployed.
+    // A leading dot is a file still being copied in (cp then mv): never deployed, and not
+    // refused either (checked below, once the symlink's line shows the scan went past it).
     fs::copy(&good, k.incoming().join(".n.keter")).unwrap();
     // A symlink in incoming/ pointing elsewhere is refused.
     std::os::unix::fs::symlink(&good, k.incoming().join("linked.keter")).unwrap();
     k.wait_log("is a symlink; copy the bundle itself into incoming/", WAIT);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(k.get("n.example.com", "/").unwrap().status, 404);
+    assert!(
+        !k.log().contains(".n.keter"),
+        "a file still being copied in was acted on:\n{}",
+        k.log()
+    );
     assert_rule_holds(&k, &k.temp_folders());
+    // Renamed to its final name, the same file deploys.
+    fs::rename(k.incoming().join(".n.keter"), k.incoming().join("n.keter")).unwrap();
+    k.wait_for("n.example.com", "n1", WAIT);
 }
 
 #[test]

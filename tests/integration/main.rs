@@ -8,6 +8,7 @@ mod commands;
 mod craft;
 mod deploy_loop;
 mod hostile;
+mod isolation;
 mod postgres;
 mod stanzas;
 mod status;

@@ -1,4 +1,4 @@
-//! The postgres plugin (issue 5) against a real throwaway PostgreSQL cluster: apps connect with
+//! The postgres plugin against a real throwaway PostgreSQL cluster: apps connect with
 //! the environment keter gave them, credentials survive redeploys and restarts, and every
 //! failure leaves the old version serving and the next deploy finishing the job.
 //!
@@ -236,7 +236,7 @@ extern "C" fn stop_shared_cluster() {
 
 /// The cluster shared by this test binary, started by the first test that needs it and
 /// stopped when the binary exits (statics are never dropped, hence `atexit`).
-fn shared() -> &'static PgCluster {
+pub(crate) fn shared() -> &'static PgCluster {
     SHARED.get_or_init(|| {
         let c = PgCluster::start("shared");
         // SAFETY: registers a plain function with no arguments; it runs at exit.
@@ -252,7 +252,7 @@ fn random_hex() -> String {
 }
 
 /// The example app built by `cargo test`.
-fn pgapp_binary() -> PathBuf {
+pub(crate) fn pgapp_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
@@ -506,6 +506,42 @@ fn server_down_then_up_keeps_the_old_version_then_deploys() {
     )
     .unwrap();
     k.wait_for(host, "one,two", WAIT);
+}
+
+#[test]
+fn a_deploy_that_failed_while_the_server_was_down_is_tried_again_by_itself() {
+    let pg = PgCluster::start("retry");
+    let k = start_keter("pg-retry", &pg);
+    let host = "retry.example.com";
+    deploy_pgapp(&k, "retry", "one", host);
+    k.wait_for(host, "one", WAIT);
+
+    pg.down();
+    deploy_pgapp(&k, "retry", "two", host);
+    k.wait_log(
+        "deploy of retry.keter failed: postgres plugin: cannot connect",
+        WAIT,
+    );
+    let line = k
+        .log()
+        .lines()
+        .rfind(|l| l.contains("deploy of retry.keter failed"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("keter tries again in"), "{line}");
+    // The status says what failed and that it is tried again.
+    let report = crate::status::json(&k, "/api/apps/retry");
+    assert_eq!(report["state"], "running", "{report}");
+    assert_eq!(report["last_deploy"]["error_kind"], "postgres", "{report}");
+    assert!(report["last_deploy"]["retry_at"].is_string(), "{report}");
+
+    // The server comes back; nobody sends SIGHUP or copies the bundle again.
+    pg.up();
+    k.wait_for(host, "one,two", Duration::from_secs(60));
+    assert!(
+        k.log()
+            .contains("retry: trying the deploy of retry.keter again")
+    );
 }
 
 #[test]

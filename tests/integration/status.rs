@@ -32,7 +32,7 @@ fn status_get(k: &Keter, path: &str) -> Response {
     status_get_as(k, "keter-status", path)
 }
 
-fn json(k: &Keter, path: &str) -> Value {
+pub fn json(k: &Keter, path: &str) -> Value {
     let r = status_get(k, path);
     assert_eq!(r.status, 200, "{path}: {r:?}");
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body))
@@ -536,4 +536,24 @@ fn a_status_address_in_use_does_not_stop_deploys() {
     k.deploy_hello("hello", "v1", "hello.example.com", &[]);
     k.wait_for("hello.example.com", "v1", WAIT);
     drop(taken);
+}
+
+#[test]
+fn a_deleted_app_whose_last_deploy_failed_is_stopped() {
+    let k = Keter::start("status-failed-deleted");
+    deploy_broken(&k, "broken");
+    let report = wait_state(&k, "broken", "failed");
+    assert_eq!(report["last_deploy"]["result"], "failed");
+    assert_eq!(report["last_deploy"]["error_kind"], "config", "{report}");
+    assert_eq!(report["last_deploy"]["retry_at"], Value::Null, "{report}");
+    // `keter status` shows the kind next to the result.
+    let config = k.config_path.display().to_string();
+    let (code, out, err) = keter_cmd(&["status", "-c", &config]);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out.lines().find(|l| l.starts_with("broken")).unwrap();
+    assert!(row.contains("failed (config)"), "{out}");
+
+    fs::remove_file(k.incoming().join("broken.keter")).unwrap();
+    let report = wait_state(&k, "broken", "stopped");
+    assert_eq!(report["processes"], serde_json::json!([]));
 }

@@ -369,3 +369,77 @@ fn processes_under_cmdline(title: &str, path: &std::path::Path) -> Vec<i32> {
         .filter(|pid| alive(*pid))
         .collect()
 }
+
+#[test]
+fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
+    let k = Keter::start_with(
+        "slow-deploy-restart",
+        Opts {
+            readiness_timeout: 60.0,
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    // v2 takes 8 s to listen; v1 is killed while keter waits for it.
+    k.deploy_hello("hello", "v2", HOST, &["--delay-ms", "8000"]);
+    let start = Instant::now();
+    while k.log_count("hello: started ") < 2 {
+        assert!(start.elapsed() < WAIT, "v2 never started:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let (again, _) = wait_new_pid(&k, HOST, pid);
+    assert!(
+        !k.log().contains("switched to deploy 2"),
+        "v1 was not restarted before v2 was ready:\n{}",
+        k.log()
+    );
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert!(alive(again));
+    // And the deploy goes on.
+    k.wait_for(HOST, "v2", Duration::from_secs(60));
+}
+
+#[test]
+fn a_restart_that_cannot_start_the_process_follows_its_restart_count() {
+    let k = Keter::start("restart-spawn-fails");
+    let worker = b"#!/bin/sh\nexec sleep 3600\n".to_vec();
+    let bundle = k.dir.0.join("bg.keter");
+    BundleBuilder::hello(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, bg]\n    host: hello.example.com\n  - type: background\n    exec: ../dist/worker.sh\n    restart-count: 2\n    restart-delay-seconds: 1\n",
+    )
+    .file("dist/worker.sh", worker, 0o755)
+    .write(&bundle);
+    k.deploy("hello", &bundle);
+    k.wait_for(HOST, "bg", WAIT);
+    let log = k.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("(background stanza 0)") && l.contains(" as pid "))
+        .unwrap_or_else(|| panic!("no start line of the worker:\n{log}"));
+    let pid: i32 = line
+        .split(" as pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    // Its executable disappears, then it exits: every restart fails to start it.
+    let dir = k.root.join("temp").join(&k.temp_folders()[0]);
+    fs::remove_file(dir.join("dist/worker.sh")).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    k.wait_log("restart of background stanza 0 failed: cannot start", WAIT);
+    k.wait_log("its restart-count is used up, it stays stopped", WAIT);
+    let failed = k.log_count("restart of background stanza 0 failed");
+    assert_eq!(failed, 2, "{}", k.log());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(k.log_count("restart of background stanza 0 failed"), failed);
+    // No restart started anything, so none is counted.
+    let report = crate::status::json(&k, "/api/apps/hello");
+    let worker = &report["processes"][0];
+    assert_eq!(worker["kind"], "background");
+    assert_eq!(worker["pid"], serde_json::Value::Null);
+    assert_eq!(worker["restarts"], 0, "{report}");
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "bg");
+}

@@ -4,7 +4,8 @@
 //! (`conf.d/*.conf` with the package's `nginx/keter.conf`, `sites-enabled/*` with a default
 //! server and another site), and points keter at it: `nginx.binary` is a wrapper that adds
 //! `-p/-c`, so keter's plain `nginx -t` tests that whole main configuration, and
-//! `nginx.pid-file` is that Nginx's pid file.
+//! `nginx.pid-file` is that Nginx's pid file. Like Debian's, its master runs as root and its
+//! workers as `www-data`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,7 +44,7 @@ impl SystemNginx {
         fs::write(
             p.join("nginx.conf"),
             format!(
-                "worker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\n\
+                "user www-data;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\n\
                  events {{ worker_connections 768; }}\n\
                  http {{\n  sendfile on;\n  tcp_nopush on;\n  types_hash_max_size 2048;\n\
                  default_type application/octet-stream;\n  access_log off;\n  gzip on;\n\
@@ -355,4 +356,109 @@ fn a_bundle_deleted_while_nginx_refuses_changes_leaves_nginx_at_the_next_change(
     k.wait_for("second.example.com", "s1", WAIT);
     assert!(!k.root.join("nginx/apps/hello.conf").exists());
     assert_eq!(body(sys.get(HOST)), "404 system default");
+}
+
+/// Runs `args` as the user of the host Nginx's workers; true when it succeeds.
+fn as_www_data(args: &[&str]) -> bool {
+    Command::new("runuser")
+        .args(["-u", "www-data", "--"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn workers_running_as_www_data_serve_static_roots_and_read_nothing_else() {
+    let sys = SystemNginx::start("sys-static-nginx");
+    let workers = procfs_workers(sys.pid());
+    assert!(!workers.is_empty());
+    let www = nix::unistd::User::from_name("www-data").unwrap().unwrap();
+    for w in &workers {
+        let status = fs::read_to_string(format!("/proc/{w}/status")).unwrap();
+        assert!(
+            status.contains(&format!("Uid:\t{0}\t{0}", www.uid)),
+            "worker {w} is not www-data:\n{status}"
+        );
+    }
+    // The root as the first package left it: temp/ closed to Nginx's workers.
+    let root = sys.keter_root();
+    fs::create_dir_all(root.join("temp")).unwrap();
+    set_mode(&root.join("temp"), 0o750);
+    let k = Keter::start_with("sys-static", sys.opts());
+
+    let stanzas = k.dir.0.join("site.keter");
+    BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, site]\n    host: {HOST}\n  - type: static-files\n    root: ../static\n    hosts: [static.example.com]\n"
+    ))
+    // A private file in the bundle is still served: the stanza says so.
+    .file("static/hello.txt", b"static hello\n".to_vec(), 0o600)
+    .file("static/css/site.css", b"body {}\n".to_vec(), 0o644)
+    .write(&stanzas);
+    k.deploy("site", &stanzas);
+    let flat = k.dir.0.join("flat.keter");
+    BundleBuilder::hello(
+        "exec: ../dist/hello\nargs: [--version-string, flat]\nhost: flat.example.com\nstatic-hosts:\n  - {host: files.example.com, root: ../public}\n",
+    )
+    .file("public/index.html", b"flat files\n".to_vec(), 0o644)
+    .write(&flat);
+    k.deploy("flat", &flat);
+    k.wait_for(HOST, "site", WAIT);
+    k.wait_for("flat.example.com", "flat", WAIT);
+    k.wait_log("site: switched to deploy", WAIT);
+    k.wait_log("flat: switched to deploy", WAIT);
+    let get = |host: &str, path: &str| {
+        let r = k.get(host, path).unwrap();
+        format!("{} {}", r.status, r.body.trim())
+    };
+    assert_eq!(get("static.example.com", "/hello.txt"), "200 static hello");
+    assert_eq!(get("static.example.com", "/css/site.css"), "200 body {}");
+    assert_eq!(get("files.example.com", "/index.html"), "200 flat files");
+    // certbot's webroot, as certbot writes it.
+    let challenge = k.root.join("acme/.well-known/acme-challenge");
+    fs::create_dir_all(&challenge).unwrap();
+    fs::write(challenge.join("token-1"), "token-1.key\n").unwrap();
+    assert_eq!(
+        get(HOST, "/.well-known/acme-challenge/token-1"),
+        "200 token-1.key"
+    );
+
+    // Nothing else of keter's, nor of the apps', is open to the workers.
+    let site = k
+        .temp_folders()
+        .into_iter()
+        .find(|f| f.starts_with("site-"))
+        .unwrap();
+    let site = k.root.join("temp").join(site);
+    assert!(as_www_data(&[
+        "cat",
+        &site.join("static/hello.txt").display().to_string()
+    ]));
+    for file in [
+        site.join("config/keter.yaml"),
+        site.join("dist/hello"),
+        k.root.join("etc/processes"),
+        k.root.join("nginx/apps/site.conf"),
+        k.root.join("log/app-site.log"),
+        k.root.join("incoming/site.keter"),
+    ] {
+        assert!(file.exists(), "{}", file.display());
+        assert!(
+            !as_www_data(&["cat", &file.display().to_string()]),
+            "www-data can read {}",
+            file.display()
+        );
+    }
+    for dir in ["temp", "etc", "log", "incoming", "nginx/apps"] {
+        let dir = k.root.join(dir).display().to_string();
+        assert!(!as_www_data(&["ls", &dir]), "www-data can list {dir}");
+    }
+}
+
+fn procfs_workers(master: i32) -> Vec<i32> {
+    keter::procfs::nginx_workers(master)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
 }

@@ -1,0 +1,276 @@
+//! The supervising half of the worker's state machine (the deploying half is `machine.rs`):
+//! process exits and restarts, draining old versions, deploy retries that are due, stopping,
+//! and the app's report.
+
+use std::process::ExitStatus;
+
+use super::Effects;
+use super::error::{DeployError, NotReady};
+use super::machine::{End, Life, Machine, Stage, Why};
+use super::version::{ProcState, Role, Version};
+use crate::names::Hostname;
+use crate::report::{AppReport, AppState, ProcessReport, rfc3339};
+
+impl Machine {
+    /// Stop (the bundle was deleted) or shutdown (`exit`): the app leaves Nginx, then every
+    /// version stops. A stage in flight that cannot be interrupted is waited for first.
+    pub(super) fn stop(&mut self, exit: bool, fx: &mut dyn Effects) {
+        match std::mem::replace(&mut self.life, Life::Ended) {
+            Life::Deploying {
+                serving,
+                mut deploy,
+            } => match deploy.stage {
+                Stage::Readiness(_) => {
+                    deploy.pending = None;
+                    self.life = Life::Deploying { serving, deploy };
+                    self.fail_candidate(End::Superseded, fx);
+                    // The candidate is gone; now stop what is left.
+                    return self.stop(exit, fx);
+                }
+                Stage::Unpacking | Stage::Switching(_) => {
+                    self.life = Life::Stopping {
+                        serving,
+                        deploy,
+                        exit,
+                    };
+                    return;
+                }
+            },
+            Life::Stopping {
+                serving, deploy, ..
+            } => {
+                self.life = Life::Stopping {
+                    serving,
+                    deploy,
+                    exit,
+                };
+                return;
+            }
+            Life::Serving(v) => self.stop_versions(Some(v), fx),
+            Life::Idle(_) | Life::Ended => self.stop_versions(None, fx),
+        }
+        self.failed = None;
+        self.life = if exit {
+            Life::Ended
+        } else {
+            fx.stopped(self.commands);
+            Life::Idle(Why::Stopped)
+        };
+    }
+
+    /// Removes the app from Nginx, then stops every version.
+    fn stop_versions(&mut self, serving: Option<Version>, fx: &mut dyn Effects) {
+        if serving.is_none() && self.retiring.is_empty() {
+            return;
+        }
+        match fx.remove_site() {
+            Ok(g) => log::info!("{}: removed from Nginx at generation {g}", self.name),
+            Err(e) => log::error!(
+                "{}: removing from Nginx failed: {e}; stopping anyway",
+                self.name
+            ),
+        }
+        for v in serving
+            .into_iter()
+            .chain(self.retiring.drain(..).map(|r| r.version))
+        {
+            fx.discard(v);
+        }
+        self.release_unused_hosts(fx);
+        log::info!("{}: stopped", self.name);
+    }
+
+    /// Gives back the hosts that no version of this app still serves.
+    pub(super) fn release_unused_hosts(&self, fx: &mut dyn Effects) {
+        let used: Vec<&Hostname> = self
+            .serving()
+            .into_iter()
+            .chain(self.retiring.iter().map(|r| &r.version))
+            .flat_map(|v| v.config.hosts())
+            .collect();
+        fx.release_hosts(&used);
+    }
+
+    /// A process exited. The supervised versions' processes follow their restart policy,
+    /// except a candidate's webapp before it is ready, which fails the deploy; an old
+    /// version's are only accounted for.
+    pub(super) fn exited(
+        &mut self,
+        version: u64,
+        i: usize,
+        pid: i32,
+        status: ExitStatus,
+        fx: &mut dyn Effects,
+    ) {
+        // Members of the group that outlive the leader (a wrapper's children) go with it.
+        fx.reap(pid);
+        let now = fx.now();
+        if let Life::Deploying { deploy, .. } = &mut self.life
+            && let Stage::Readiness(c) = &mut deploy.stage
+            && c.id == version
+            && c.procs
+                .get(i)
+                .is_some_and(|p| p.running().is_some_and(|r| r.pid == pid))
+            && matches!(c.procs[i].role, Role::Web { .. })
+        {
+            c.procs[i].state = ProcState::Ended;
+            let last = fx.cancel(version);
+            let e = DeployError::NotReady(NotReady::Exited {
+                status,
+                last,
+                output: fx.last_output(),
+            });
+            return self.fail_candidate(End::Failed(e), fx);
+        }
+        let name = self.name.clone();
+        let mut note = None;
+        for v in self.supervised_mut() {
+            if v.id == version
+                && let Some(p) = v.procs.get_mut(i)
+                && p.running().is_some_and(|r| r.pid == pid)
+            {
+                p.exited(&name, pid, status, now);
+                note = Some(format!(
+                    "pid {pid} ({}) exited with {}",
+                    p.label(),
+                    crate::process::describe_exit(status)
+                ));
+                break;
+            }
+        }
+        if note.is_some() {
+            self.last_error = note;
+            return;
+        }
+        for r in &mut self.retiring {
+            if r.version.id == version
+                && let Some(p) = r.version.procs.get_mut(i)
+                && p.running().is_some_and(|r| r.pid == pid)
+            {
+                p.state = ProcState::Ended;
+            }
+        }
+    }
+
+    /// Timed work: due restarts, drained old versions, a due deploy retry.
+    pub fn tick(&mut self, fx: &mut dyn Effects) {
+        let now = fx.now();
+        let name = self.name.clone();
+        for v in self.supervised_mut() {
+            let id = v.id;
+            for (i, p) in v.procs.iter_mut().enumerate() {
+                if p.restart_due().is_none_or(|at| at > now) {
+                    continue;
+                }
+                match fx.spawn(id, i, &p.spec, &p.label()) {
+                    Ok(r) => {
+                        p.state = ProcState::Running(r);
+                        p.restarts.restarted();
+                        fx.restarted();
+                    }
+                    Err(e) => p.restart_failed(&name, &e, now),
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let r = &self.retiring[i];
+            let age = now.saturating_duration_since(r.since);
+            let drained = fx.drained(&r.version, age);
+            if drained || age >= fx.drain_time() {
+                let r = self.retiring.remove(i);
+                log::info!(
+                    "{}: previous version {} after {} ms; stopping it",
+                    self.name,
+                    if drained {
+                        "drained"
+                    } else {
+                        "still had connections at drain-time"
+                    },
+                    age.as_millis()
+                );
+                fx.discard(r.version);
+            } else {
+                i += 1;
+            }
+        }
+        if matches!(self.life, Life::Idle(_) | Life::Serving(_))
+            && let Some(f) = &self.failed
+            && f.retry_at.is_some_and(|at| at <= now)
+        {
+            let (path, stamp, backoff) = (f.path.clone(), f.stamp, f.backoff);
+            log::info!(
+                "{}: trying the deploy of {}.keter again",
+                self.name,
+                self.name
+            );
+            self.begin(path, stamp, Some(backoff), fx);
+        }
+    }
+
+    /// This app's entry of the status report.
+    pub fn report(&self, log_lines_dropped: u64) -> AppReport {
+        let mut r = AppReport::new(&self.name);
+        let serving = self.serving();
+        let crash_looping = serving
+            .iter()
+            .flat_map(|v| v.procs.iter())
+            .any(|p| p.restarts.crash_looping() && p.running().is_none());
+        r.state = match &self.life {
+            Life::Idle(Why::Failed) => AppState::Failed,
+            Life::Idle(Why::New | Why::Stopped) | Life::Ended => AppState::Stopped,
+            Life::Serving(_) if crash_looping => AppState::CrashLooping,
+            Life::Serving(_) => AppState::Running,
+            Life::Deploying {
+                serving: Some(_), ..
+            }
+            | Life::Stopping {
+                serving: Some(_), ..
+            } => AppState::Deploying,
+            Life::Deploying { serving: None, .. } | Life::Stopping { serving: None, .. } => {
+                AppState::Starting
+            }
+        };
+        if let Some(v) = serving {
+            r.sha256 = Some(v.sha256.clone());
+            r.bundle_time = v.modified.map(rfc3339);
+            r.deploy = Some(v.deploy);
+            r.hosts = v.config.hosts().map(|h| h.to_string()).collect();
+            r.processes = v
+                .procs
+                .iter()
+                .map(|p| {
+                    let (kind, stanza) = match p.role {
+                        Role::Web { index, .. } => ("webapp", index),
+                        Role::Background { index } => ("background", index),
+                    };
+                    ProcessReport {
+                        kind,
+                        stanza,
+                        port: p.port(),
+                        pid: p.running().map(|r| r.pid),
+                        restarts: p.restarts.total,
+                    }
+                })
+                .collect();
+            r.restarts = v.procs.iter().map(|p| p.restarts.total).sum();
+            r.since = v.live_since.map(rfc3339);
+            r.live_since = v.live_since;
+            r.uptime_seconds = v
+                .live_since
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs());
+        }
+        r.deploy_stage = match &self.life {
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => {
+                Some(deploy.stage.name())
+            }
+            _ => None,
+        };
+        r.last_deploy = self.last_deploy.clone();
+        r.last_error = self.last_error.clone();
+        r.log_lines_dropped = log_lines_dropped;
+        r.draining = self.retiring.len();
+        r
+    }
+}

@@ -1,0 +1,651 @@
+//! Unit tests of the worker's state machine with a fake spawner and a fake clock: every
+//! transition is driven by events and `tick`, and what the machine does to the world is
+//! recorded. The integration tests (`tests/integration/`) drive the real binary.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
+use super::error::DeployError;
+use super::machine::{Event, Life, Machine, Stage};
+use super::version::{FileStamp, Proc, ProcState, Role, Version};
+use super::{Command, Effects};
+use crate::names::{AppName, Hostname};
+use crate::nginx::NginxError;
+use crate::postgres::PgError;
+use crate::process::{Running, Spec};
+use crate::report::{AppState, DeployResult};
+use crate::restart::Policy;
+
+/// The world as the machine sees it, with a clock that moves only when told.
+struct Fake {
+    now: Instant,
+    next_id: u64,
+    pid: i32,
+    stamps: HashMap<PathBuf, FileStamp>,
+    /// Spawns that fail from now on (`ENOENT`), counted down.
+    failing_spawns: usize,
+    spawned: Vec<(u64, usize, i32)>,
+    prepares: Vec<PrepareJob>,
+    readiness: Vec<(u64, Vec<Check>)>,
+    switches: Vec<SwitchJob>,
+    cancelled: Vec<u64>,
+    discarded: Vec<u64>,
+    removed_site: usize,
+    drained: bool,
+    restarted: usize,
+    finished: Vec<DeployResult>,
+    stopped: Vec<u64>,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake {
+            now: Instant::now(),
+            next_id: 1,
+            pid: 1000,
+            stamps: HashMap::new(),
+            failing_spawns: 0,
+            spawned: Vec::new(),
+            prepares: Vec::new(),
+            readiness: Vec::new(),
+            switches: Vec::new(),
+            cancelled: Vec::new(),
+            discarded: Vec::new(),
+            removed_site: 0,
+            drained: false,
+            restarted: 0,
+            finished: Vec::new(),
+            stopped: Vec::new(),
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    /// Puts bundle file number `n` at `incoming/app.keter`.
+    fn bundle(&mut self, n: u64) -> PathBuf {
+        let path = PathBuf::from("/root/incoming/app.keter");
+        self.stamps.insert(path.clone(), FileStamp::fake(n));
+        path
+    }
+}
+
+impl Effects for Fake {
+    fn now(&self) -> Instant {
+        self.now
+    }
+    fn stamp(&self, path: &Path) -> Option<FileStamp> {
+        self.stamps.get(path).copied()
+    }
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+    fn readiness_timeout(&self) -> Duration {
+        Duration::from_secs(90)
+    }
+    fn drain_time(&self) -> Duration {
+        Duration::from_secs(20)
+    }
+    fn prepare(&mut self, job: PrepareJob) {
+        self.prepares.push(job);
+    }
+    fn readiness(&mut self, version: u64, checks: Vec<Check>) {
+        self.readiness.push((version, checks));
+    }
+    fn switch(&mut self, job: SwitchJob) {
+        self.switches.push(job);
+    }
+    fn cancel(&mut self, version: u64) -> String {
+        self.cancelled.push(version);
+        "never listened on port 4000".into()
+    }
+    fn spawn(&mut self, version: u64, proc: usize, _: &Spec, _: &str) -> io::Result<Running> {
+        if self.failing_spawns > 0 {
+            self.failing_spawns -= 1;
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        self.pid += 1;
+        self.spawned.push((version, proc, self.pid));
+        Ok(Running {
+            pid: self.pid,
+            started: self.now,
+        })
+    }
+    fn reap(&mut self, _: i32) {}
+    fn discard(&mut self, version: Version) {
+        self.discarded.push(version.id);
+    }
+    fn remove_site(&mut self) -> Result<u64, NginxError> {
+        self.removed_site += 1;
+        Ok(9)
+    }
+    fn drained(&self, _: &Version, _: Duration) -> bool {
+        self.drained
+    }
+    fn release_hosts(&mut self, _: &[&Hostname]) {}
+    fn restarted(&mut self) {
+        self.restarted += 1;
+    }
+    fn deploy_finished(&mut self, result: DeployResult, _: Duration) {
+        self.finished.push(result);
+    }
+    fn note(&mut self, _: &str) {}
+    fn last_output(&self) -> String {
+        "; the app printed nothing".into()
+    }
+    fn stopped(&mut self, commands: u64) {
+        self.stopped.push(commands);
+    }
+}
+
+const WEB: &str = "exec: ../dist/app\nhost: app.example.com\n";
+const WEB_AND_WORKER: &str = "stanzas:\n  - type: webapp\n    exec: ../dist/app\n    hosts: [app.example.com]\n  - type: background\n    exec: ../dist/worker\n    restart-count: 2\n    restart-delay-seconds: 1\n";
+
+/// A prepared version `id` of `yaml`, from bundle file `n`, its processes not started.
+fn version(id: u64, n: u64, yaml: &str) -> Version {
+    let tree = crate::yaml::parse(yaml).unwrap();
+    let mut problems = crate::problem::Problems::new("app.keter: config/keter.yaml");
+    let config = crate::bundle::config::from_tree(&tree, &mut problems).unwrap();
+    let spec = Spec {
+        program: "/root/temp/app/dist/app".into(),
+        args: Vec::new(),
+        cwd: "/root/temp/app".into(),
+        env: Vec::new(),
+        user: None,
+    };
+    let mut procs = Vec::new();
+    for (index, b) in config.background.iter().enumerate() {
+        let policy = Policy::Fixed {
+            delay: b.restart_delay,
+            count: b.restart_count,
+        };
+        procs.push(Proc::new(Role::Background { index }, spec.clone(), policy));
+    }
+    for index in 0..config.webapps.len() {
+        let role = Role::Web {
+            index,
+            port: 4000 + id as u16,
+        };
+        procs.push(Proc::new(role, spec.clone(), Policy::WEBAPP));
+    }
+    Version {
+        id,
+        dir: format!("/root/temp/app-{id}").into(),
+        sha256: format!("{id:064}"),
+        stamp: FileStamp::fake(n),
+        config,
+        plugin_env: BTreeMap::new(),
+        user: None,
+        procs,
+        deploy: 0,
+        modified: None,
+        live_since: None,
+    }
+}
+
+fn exit_code(code: i32) -> ExitStatus {
+    ExitStatus::from_raw(code << 8)
+}
+
+fn machine() -> Machine {
+    Machine::new(AppName::new("app").unwrap())
+}
+
+fn deploy(m: &mut Machine, fx: &mut Fake, n: u64) {
+    let path = fx.bundle(n);
+    m.handle(Event::Command(Command::Deploy { path, retry: false }), fx);
+}
+
+/// Takes bundle file `n` through every stage to serving; returns its version id.
+fn serve(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
+    deploy(m, fx, n);
+    let id = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id,
+            result: Ok(Prepared::Version(Box::new(version(id, n, yaml)))),
+        },
+        fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: id,
+            result: Ok(()),
+        },
+        fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: id,
+            result: Ok(()),
+        },
+        fx,
+    );
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id));
+    id
+}
+
+/// The pid of process `proc` of version `id` as last spawned.
+fn pid_of(fx: &Fake, id: u64, proc: usize) -> i32 {
+    fx.spawned
+        .iter()
+        .rev()
+        .find(|(v, p, _)| *v == id && *p == proc)
+        .unwrap()
+        .2
+}
+
+fn serving_proc(m: &Machine, i: usize) -> ProcState {
+    match &m.life {
+        Life::Serving(v) => v.procs[i].state,
+        Life::Deploying {
+            serving: Some(v), ..
+        } => v.procs[i].state,
+        _ => panic!("nothing serves"),
+    }
+}
+
+#[test]
+fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    assert!(
+        matches!(&m.life, Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Readiness(_)))
+    );
+    // v1's webapp is killed while v2 is still not listening.
+    let pid = pid_of(&fx, v1, 0);
+    m.handle(
+        Event::Exited {
+            version: v1,
+            proc: 0,
+            pid,
+            status: ExitStatus::from_raw(9),
+        },
+        &mut fx,
+    );
+    let due = fx.now + Duration::from_millis(100);
+    assert_eq!(serving_proc(&m, 0), ProcState::Backoff { until: due });
+    assert_eq!(m.next_deadline(fx.now), Some(due));
+    fx.advance(Duration::from_millis(100));
+    m.tick(&mut fx);
+    let restarted = pid_of(&fx, v1, 0);
+    assert_ne!(restarted, pid);
+    assert!(matches!(serving_proc(&m, 0), ProcState::Running(r) if r.pid == restarted));
+    assert_eq!(fx.restarted, 1);
+    assert_eq!(m.report(0).state, AppState::Deploying);
+    assert!(
+        fx.switches.iter().all(|s| s.version != v2),
+        "v2 switched without being ready"
+    );
+}
+
+#[test]
+fn a_restart_that_cannot_start_the_process_follows_the_restart_policy() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v = serve(&mut m, &mut fx, 1, WEB_AND_WORKER);
+    // The background stanza (restart-count 2, 1 s): it exits, and its executable is gone.
+    let pid = pid_of(&fx, v, 0);
+    m.handle(
+        Event::Exited {
+            version: v,
+            proc: 0,
+            pid,
+            status: exit_code(1),
+        },
+        &mut fx,
+    );
+    fx.failing_spawns = 100;
+    let mut tries = 0;
+    for _ in 0..10 {
+        let Some(at) = m.next_deadline(fx.now) else {
+            break;
+        };
+        assert_eq!(at - fx.now, Duration::from_secs(1));
+        fx.advance(Duration::from_secs(1));
+        let before = fx.failing_spawns;
+        m.tick(&mut fx);
+        tries += before - fx.failing_spawns;
+    }
+    // The exit used one of the two restarts, the first failed spawn the other; the second
+    // failed spawn gives up.
+    assert_eq!(tries, 2);
+    assert_eq!(serving_proc(&m, 0), ProcState::GaveUp);
+    assert_eq!(m.next_deadline(fx.now), None);
+    assert_eq!(
+        fx.restarted, 0,
+        "a restart that started nothing was counted"
+    );
+    assert_eq!(m.report(0).restarts, 0);
+
+    // The webapp's failed spawns back off as its exits do: 0.1 s, 0.2 s, 0.4 s.
+    let pid = pid_of(&fx, v, 1);
+    m.handle(
+        Event::Exited {
+            version: v,
+            proc: 1,
+            pid,
+            status: exit_code(1),
+        },
+        &mut fx,
+    );
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let at = m.next_deadline(fx.now).unwrap();
+        delays.push((at - fx.now).as_millis());
+        fx.now = at;
+        m.tick(&mut fx);
+    }
+    assert_eq!(delays, [100, 200, 400]);
+    fx.failing_spawns = 0;
+    let at = m.next_deadline(fx.now).unwrap();
+    assert_eq!((at - fx.now).as_millis(), 800);
+    fx.now = at;
+    m.tick(&mut fx);
+    assert!(matches!(serving_proc(&m, 1), ProcState::Running(_)));
+    assert_eq!(fx.restarted, 1);
+}
+
+#[test]
+fn an_app_whose_last_deploy_failed_is_stopped_when_its_bundle_is_deleted() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    deploy(&mut m, &mut fx, 1);
+    let id = fx.prepares[0].id;
+    m.handle(
+        Event::Prepared {
+            id,
+            result: Err(DeployError::Bundle("broken".into())),
+        },
+        &mut fx,
+    );
+    assert_eq!(m.report(0).state, AppState::Failed);
+    m.handle(Event::Command(Command::Stop), &mut fx);
+    assert_eq!(m.report(0).state, AppState::Stopped);
+    // The daemon learns that the stop answers both commands, and may end the worker.
+    assert_eq!(fx.stopped, [2]);
+    m.handle(Event::Shutdown, &mut fx);
+    assert!(m.ended());
+}
+
+#[test]
+fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let pg_down = || {
+        Err(DeployError::Postgres(PgError::Connect {
+            server: "127.0.0.1:5432".into(),
+            message: "connection refused".into(),
+        }))
+    };
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let id = fx.prepares.last().unwrap().id;
+        m.handle(
+            Event::Prepared {
+                id,
+                result: pg_down(),
+            },
+            &mut fx,
+        );
+        let report = m.report(0);
+        assert_eq!(report.state, AppState::Running);
+        let last = report.last_deploy.unwrap();
+        assert_eq!(last.error_kind, Some("postgres"));
+        assert!(last.retry_at.is_some());
+        let at = m.next_deadline(fx.now).unwrap();
+        delays.push((at - fx.now).as_secs());
+        // A repeated event for the same file does not retry before the time.
+        let tried = fx.prepares.len();
+        deploy(&mut m, &mut fx, 2);
+        assert_eq!(fx.prepares.len(), tried);
+        fx.now = at;
+        m.tick(&mut fx);
+        assert_eq!(fx.prepares.len(), tried + 1, "not tried again");
+        let path = fx.bundle(2);
+        assert_eq!(fx.prepares.last().unwrap().path, path);
+    }
+    assert_eq!(delays, [5, 10, 20]);
+    // The server is back: the retry deploys, and no retry is left.
+    let id = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id,
+            result: Ok(Prepared::Version(Box::new(version(id, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: id,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: id,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    assert!(matches!(&m.life, Life::Serving(v) if v.id == id));
+    assert!(m.retiring.iter().any(|r| r.version.id == v1));
+    assert!(m.failed.is_none());
+
+    // A bad configuration waits for a new bundle.
+    deploy(&mut m, &mut fx, 3);
+    let id = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id,
+            result: Err(DeployError::Config(crate::problem::Invalid(Vec::new()))),
+        },
+        &mut fx,
+    );
+    let last = m.report(0).last_deploy.unwrap();
+    assert_eq!((last.error_kind, last.retry_at), (Some("config"), None));
+    fx.drained = true;
+    m.tick(&mut fx);
+    assert_eq!(m.next_deadline(fx.now), None);
+    let tried = fx.prepares.len();
+    deploy(&mut m, &mut fx, 3);
+    assert_eq!(
+        fx.prepares.len(),
+        tried,
+        "an unchanged bad bundle was tried again"
+    );
+    deploy(&mut m, &mut fx, 4);
+    assert_eq!(fx.prepares.len(), tried + 1);
+}
+
+#[test]
+fn a_newer_bundle_supersedes_a_deploy_waiting_for_readiness() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    deploy(&mut m, &mut fx, 1);
+    let v1 = fx.prepares[0].id;
+    m.handle(
+        Event::Prepared {
+            id: v1,
+            result: Ok(Prepared::Version(Box::new(version(v1, 1, WEB)))),
+        },
+        &mut fx,
+    );
+    assert_eq!(m.report(0).state, AppState::Starting);
+    // The same file again is no newer command.
+    deploy(&mut m, &mut fx, 1);
+    assert!(fx.cancelled.is_empty());
+    deploy(&mut m, &mut fx, 2);
+    assert_eq!(fx.cancelled, [v1]);
+    assert_eq!(fx.discarded, [v1]);
+    assert_eq!(fx.finished, [DeployResult::Superseded]);
+    assert_eq!(fx.prepares.len(), 2);
+    // The late answer of the superseded checks changes nothing.
+    m.handle(
+        Event::Ready {
+            version: v1,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    assert!(fx.switches.is_empty());
+}
+
+#[test]
+fn commands_during_an_unpack_wait_for_it_and_only_the_newest_is_kept() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    deploy(&mut m, &mut fx, 1);
+    deploy(&mut m, &mut fx, 2);
+    deploy(&mut m, &mut fx, 3);
+    assert_eq!(fx.prepares.len(), 1, "an unpack is never run twice at once");
+    let first = fx.prepares[0].id;
+    m.handle(
+        Event::Prepared {
+            id: first,
+            result: Ok(Prepared::Version(Box::new(version(first, 1, WEB)))),
+        },
+        &mut fx,
+    );
+    assert_eq!(fx.discarded, [first]);
+    assert!(fx.spawned.is_empty(), "a superseded version was started");
+    assert_eq!(fx.prepares.len(), 2);
+    assert_eq!(fx.stamp(&fx.prepares[1].path), Some(FileStamp::fake(3)));
+}
+
+#[test]
+fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    assert_eq!(fx.switches.len(), 2);
+    m.handle(Event::Shutdown, &mut fx);
+    assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
+    assert_eq!(
+        fx.removed_site, 0,
+        "the site was removed under a switch in flight"
+    );
+    m.handle(
+        Event::Switched {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    assert!(m.ended());
+    assert_eq!(fx.removed_site, 1);
+    let mut discarded = fx.discarded.clone();
+    discarded.sort();
+    assert_eq!(discarded, [v1, v2]);
+}
+
+#[test]
+fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    let pid = pid_of(&fx, v2, 0);
+    m.handle(
+        Event::Exited {
+            version: v2,
+            proc: 0,
+            pid,
+            status: exit_code(3),
+        },
+        &mut fx,
+    );
+    // Cancelling is idempotent: once for what the checks last saw, once with the candidate.
+    fx.cancelled.dedup();
+    assert_eq!(fx.cancelled, [v2]);
+    assert_eq!(fx.discarded, [v2]);
+    assert!(matches!(&m.life, Life::Serving(v) if v.id == v1));
+    let last = m.report(0).last_deploy.unwrap();
+    assert_eq!(last.error_kind, Some("not-ready"));
+    assert_eq!(last.retry_at, None);
+    assert!(
+        last.error
+            .unwrap()
+            .contains("exited with exit code 3 before answering"),
+        "{:?}",
+        m.last_error
+    );
+}
+
+#[test]
+fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: v2,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: v2,
+            result: Err(DeployError::Nginx(NginxError::Rejected("bad".into()))),
+        },
+        &mut fx,
+    );
+    assert!(matches!(&m.life, Life::Serving(v) if v.id == v1));
+    assert_eq!(fx.discarded, [v2]);
+    let v3 = serve(&mut m, &mut fx, 3, WEB);
+    assert_eq!(m.report(0).draining, 1);
+    assert!(m.next_deadline(fx.now).is_some(), "draining needs checks");
+    m.tick(&mut fx);
+    assert_eq!(m.retiring.len(), 1, "stopped before it drained");
+    fx.drained = true;
+    m.tick(&mut fx);
+    assert!(m.retiring.is_empty());
+    assert_eq!(fx.discarded, [v2, v1]);
+    assert_eq!(m.report(0).deploy, Some(3));
+    let _ = v3;
+}

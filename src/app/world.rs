@@ -1,0 +1,257 @@
+//! The real [`Effects`] of an app worker: processes started with [`crate::process`], their
+//! exits and the deploy stages' results sent back to the worker's channel, the journal, the
+//! port pool, Nginx and the reports. The state machine (`machine.rs`) decides; this carries it
+//! out.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use super::deploy::{self, Check, PrepareJob, SwitchJob};
+use super::machine::Event;
+use super::version::{FileStamp, Version};
+use super::{Effects, Shared};
+use crate::applog::AppLog;
+use crate::memory::Burst;
+use crate::names::{AppName, Hostname};
+use crate::nginx::NginxError;
+use crate::process::{self, Running, Spec};
+use crate::procfs;
+use crate::report::DeployResult;
+
+/// A worker that is shutting down may still be reading a request it accepted before the
+/// reload and connect to the old version a moment later; its absence of connections counts
+/// only after this long.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// A readiness check in flight: set `cancel` to end it; `last` is what it last saw.
+struct Probe {
+    cancel: Arc<AtomicBool>,
+    last: Arc<Mutex<String>>,
+}
+
+pub(super) struct World {
+    pub name: AppName,
+    pub shared: Arc<Shared>,
+    pub log: AppLog,
+    /// The worker's own channel: process exits and stage results come back on it.
+    pub tx: Sender<Event>,
+    /// Told, with the number of commands received, when the app has stopped (the bundle was
+    /// deleted); the daemon then ends the worker unless it sent a newer command.
+    pub on_stopped: Box<dyn Fn(u64) + Send>,
+    probes: HashMap<u64, Probe>,
+    /// Stage threads, joined before the worker ends.
+    stages: Vec<JoinHandle<()>>,
+    /// Held from the start of a deploy to its end (see [`crate::memory::burst`]).
+    burst: Option<Burst>,
+}
+
+impl World {
+    pub fn new(
+        name: AppName,
+        shared: Arc<Shared>,
+        log: AppLog,
+        tx: Sender<Event>,
+        on_stopped: Box<dyn Fn(u64) + Send>,
+    ) -> World {
+        World {
+            name,
+            shared,
+            log,
+            tx,
+            on_stopped,
+            probes: HashMap::new(),
+            stages: Vec::new(),
+            burst: None,
+        }
+    }
+
+    /// Runs a stage on a thread that ends with it (its stack goes back to the system: on the
+    /// worker's own thread, the pages that unpacking, parsing and rendering touch would stay
+    /// resident for as long as the app runs, 11 MB for 200 idle apps), sending its result back
+    /// as an event. Without a thread to be had it runs here.
+    fn run_stage(&mut self, what: &str, work: impl FnOnce() -> Event + Send + 'static) {
+        self.stages.retain(|t| !t.is_finished());
+        let tx = self.tx.clone();
+        let (slot, taken) = crossbeam_channel::bounded::<Box<dyn FnOnce() -> Event + Send>>(1);
+        let spawned = std::thread::Builder::new()
+            .name(format!("{what}-{}", self.name))
+            .spawn(move || {
+                if let Ok(work) = taken.recv() {
+                    let _ = tx.send(work());
+                }
+            });
+        let work: Box<dyn FnOnce() -> Event + Send> = Box::new(work);
+        match spawned {
+            Ok(t) => {
+                let _ = slot.send(work);
+                self.stages.push(t);
+            }
+            Err(e) => {
+                log::warn!("{}: {what} on the worker's own thread: {e}", self.name);
+                let _ = self.tx.send(work());
+            }
+        }
+    }
+
+    /// Waits for every stage thread (at the worker's end).
+    pub fn join_stages(&mut self) {
+        for t in self.stages.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Effects for World {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn stamp(&self, path: &Path) -> Option<FileStamp> {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| FileStamp::of(&m))
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.shared.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn readiness_timeout(&self) -> Duration {
+        self.shared.config.readiness_timeout
+    }
+
+    fn drain_time(&self) -> Duration {
+        self.shared.config.drain_time
+    }
+
+    fn prepare(&mut self, job: PrepareJob) {
+        if self.burst.is_none() {
+            self.burst = Some(crate::memory::burst());
+        }
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.run_stage("deploy", move || Event::Prepared {
+            id: job.id,
+            result: deploy::prepare(&shared, &name, &job),
+        });
+    }
+
+    fn readiness(&mut self, version: u64, checks: Vec<Check>) {
+        let probe = Probe {
+            cancel: Arc::new(AtomicBool::new(false)),
+            last: Arc::new(Mutex::new(String::new())),
+        };
+        let (cancel, last) = (probe.cancel.clone(), probe.last.clone());
+        self.probes.insert(version, probe);
+        let (shared, name, log) = (self.shared.clone(), self.name.clone(), self.log.clone());
+        self.run_stage("ready", move || Event::Ready {
+            version,
+            result: deploy::readiness(&shared, &name, &log, &checks, &cancel, &last),
+        });
+    }
+
+    fn switch(&mut self, job: SwitchJob) {
+        self.probes.remove(&job.version);
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.run_stage("switch", move || Event::Switched {
+            version: job.version,
+            result: deploy::switch(&shared, &name, &job),
+        });
+    }
+
+    fn cancel(&mut self, version: u64) -> String {
+        match self.probes.remove(&version) {
+            Some(p) => {
+                p.cancel.store(true, Ordering::Relaxed);
+                p.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            }
+            None => String::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        version: u64,
+        proc: usize,
+        spec: &Spec,
+        label: &str,
+    ) -> io::Result<Running> {
+        let tx = self.tx.clone();
+        let running = process::spawn(spec, &self.log, move |pid, status| {
+            let _ = tx.send(Event::Exited {
+                version,
+                proc,
+                pid,
+                status,
+            });
+        })?;
+        self.shared.journal.add(running.pid, self.name.as_str());
+        log::info!(
+            "{}: started {} as pid {} ({label})",
+            self.name,
+            spec.program.display(),
+            running.pid,
+        );
+        Ok(running)
+    }
+
+    fn reap(&mut self, pid: i32) {
+        process::stop_group(pid, Duration::from_millis(500));
+        self.shared.journal.remove(pid);
+    }
+
+    fn discard(&mut self, version: Version) {
+        self.probes.remove(&version.id);
+        deploy::discard(&self.shared, &self.name, version);
+    }
+
+    fn remove_site(&mut self) -> Result<u64, NginxError> {
+        self.shared.nginx.apply(&self.name, None)
+    }
+
+    fn drained(&self, version: &Version, age: Duration) -> bool {
+        // Only Nginx's workers send requests to an old version, and workers started by the
+        // switch know only the new one: once no worker from before it is still finishing its
+        // connections, nothing can reach the old version. A lingering worker (an open
+        // websocket of any app) makes keter count the old version's own connections.
+        let master = self.shared.nginx.master_pid();
+        master.is_none_or(|m| procfs::nginx_workers_shutting_down(m) == 0)
+            || (age >= SETTLE
+                && version
+                    .ports()
+                    .iter()
+                    .all(|p| procfs::connections_to_port(*p) == 0))
+    }
+
+    fn release_hosts(&mut self, used: &[&Hostname]) {
+        let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.retain(|h, owner| owner != &self.name || used.contains(&h));
+    }
+
+    fn restarted(&mut self) {
+        self.shared.reports.restarted(&self.name);
+    }
+
+    fn deploy_finished(&mut self, result: DeployResult, took: Duration) {
+        self.shared.reports.deploy_finished(result, took);
+        self.burst = None;
+    }
+
+    fn note(&mut self, line: &str) {
+        self.log.line(line);
+    }
+
+    fn last_output(&self) -> String {
+        deploy::last_output(&self.log)
+    }
+
+    fn stopped(&mut self, commands: u64) {
+        (self.on_stopped)(commands);
+    }
+}
