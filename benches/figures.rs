@@ -1,6 +1,7 @@
 //! keter's figures, each side by side with its baseline in the same run: deploy latency by
 //! bundle size (and unpack throughput against `tar xzf`), redeploys under load with `wrk`,
-//! the front end's overhead against the app reached directly, and 200 apps at once.
+//! the front end's overhead against the app reached directly, 200 apps at once, and what
+//! isolation costs a deploy (apps as users of their own against `run-apps-as-root`).
 //!
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
 //! be on PATH, `apt-get install wrk`). About six minutes on two cores.
@@ -34,6 +35,9 @@ fn main() {
     }
     if run("many") {
         many_apps();
+    }
+    if run("isolation") {
+        isolation_cost();
     }
 }
 
@@ -801,4 +805,120 @@ fn cpu_ticks(pid: i32) -> u64 {
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A bundle of the example app with a static-files stanza of `files` files in 10 folders:
+/// the app's folder is handed over and its static root opened to Nginx's workers.
+fn static_bundle(path: &Path, version: &str, host: &str, files: usize) {
+    let mut b = BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, {version}]\n    host: {host}\n  - type: static-files\n    root: ../static\n    hosts: [static.{host}]\n"
+    ));
+    for i in 0..files {
+        b = b.file(
+            &format!("static/d{}/f{i}.css", i % 10),
+            format!("/* {i} */\n").into_bytes(),
+            0o644,
+        );
+    }
+    b.write(path);
+}
+
+/// Renames `bundle` in as `name` and waits until `host` answers `version`; the time taken.
+fn deploy_and_wait(k: &Keter, name: &str, bundle: &Path, host: &str, version: &str) -> Duration {
+    let staged = k.incoming().join(format!(".{name}.part"));
+    fs::copy(bundle, &staged).unwrap();
+    let start = Instant::now();
+    fs::rename(&staged, k.incoming().join(format!("{name}.keter"))).unwrap();
+    loop {
+        if let Ok(r) = k.get(host, "/")
+            && r.body.trim() == version
+        {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", k.log());
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// "N ms after the bundle was picked up" of the last switch of `app` in keter's log.
+fn picked_up_to_switch(k: &Keter, app: &str) -> Duration {
+    let needle = format!("{app}: switched to deploy");
+    let line = k.log().lines().rfind(|l| l.contains(&needle)).map(str::to_string);
+    let ms = line
+        .as_deref()
+        .and_then(|l| l.rsplit(" ms after the bundle").nth(1))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no switch of {app} in the log"));
+    Duration::from_millis(ms)
+}
+
+fn isolation_cost() {
+    const RUNS: usize = 15;
+    const FILES: usize = 500;
+    let opts = |extra: &str| Opts {
+        drain_time: 1.0,
+        ports: 80,
+        extra: extra.into(),
+        ..Opts::default()
+    };
+    let isolated = Keter::start_with("bench-isolated", opts(""));
+    let as_root = Keter::start_with("bench-as-root", opts("run-apps-as-root: true\n"));
+    let kinds = [(&isolated, "own users"), (&as_root, "as root")];
+    // Redeploys of one app, interleaved between the two daemons.
+    let mut redeploy = [Vec::new(), Vec::new()];
+    let mut switch = [Vec::new(), Vec::new()];
+    for i in 0..=RUNS {
+        for (n, (k, _)) in kinds.iter().enumerate() {
+            let version = format!("v{i}");
+            let path = k.dir.0.join(format!("r{i}.keter"));
+            static_bundle(&path, &version, "iso.example.com", FILES);
+            let took = deploy_and_wait(k, "iso", &path, "iso.example.com", &version);
+            if i > 0 {
+                redeploy[n].push(took);
+                switch[n].push(picked_up_to_switch(k, "iso"));
+            }
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+    }
+    // First deploys of new apps: the user is created on the way.
+    let mut first = [Vec::new(), Vec::new()];
+    for i in 0..RUNS {
+        for (n, (k, _)) in kinds.iter().enumerate() {
+            let name = format!("new{i}");
+            let host = format!("{name}.example.com");
+            let path = k.dir.0.join(format!("{name}.keter"));
+            static_bundle(&path, &name, &host, FILES);
+            first[n].push(deploy_and_wait(k, &name, &path, &host, &name));
+        }
+    }
+    println!(
+        "\n5. what isolation costs a deploy (medians of {RUNS}, interleaved; the example app with a static root of {FILES} files)"
+    );
+    println!(
+        "   {:>10} {:>22} {:>24} {:>28}",
+        "apps run", "redeploy rename->answer", "redeploy picked up->switch", "first deploy rename->answer"
+    );
+    let mut medians = Vec::new();
+    for (n, (_, label)) in kinds.iter().enumerate() {
+        let (r, s, f) = (
+            median(&mut redeploy[n]),
+            median(&mut switch[n]),
+            median(&mut first[n]),
+        );
+        println!(
+            "   {label:>10} {:>19.1} ms {:>21.1} ms {:>25.1} ms",
+            ms(r),
+            ms(s),
+            ms(f)
+        );
+        medians.push((r, s, f));
+    }
+    let d = |a: Duration, b: Duration| ms(a) - ms(b);
+    println!(
+        "   isolation: {:+.1} ms per redeploy ({:+.1} ms picked up to switch), {:+.1} ms for a first deploy (the user is created)",
+        d(medians[0].0, medians[1].0),
+        d(medians[0].1, medians[1].1),
+        d(medians[0].2, medians[1].2)
+    );
 }
