@@ -843,7 +843,11 @@ fn deploy_and_wait(k: &Keter, name: &str, bundle: &Path, host: &str, version: &s
 /// "N ms after the bundle was picked up" of the last switch of `app` in keter's log.
 fn picked_up_to_switch(k: &Keter, app: &str) -> Duration {
     let needle = format!("{app}: switched to deploy");
-    let line = k.log().lines().rfind(|l| l.contains(&needle)).map(str::to_string);
+    let line = k
+        .log()
+        .lines()
+        .rfind(|l| l.contains(&needle))
+        .map(str::to_string);
     let ms = line
         .as_deref()
         .and_then(|l| l.rsplit(" ms after the bundle").nth(1))
@@ -897,7 +901,10 @@ fn isolation_cost() {
     );
     println!(
         "   {:>10} {:>22} {:>24} {:>28}",
-        "apps run", "redeploy rename->answer", "redeploy picked up->switch", "first deploy rename->answer"
+        "apps run",
+        "redeploy rename->answer",
+        "redeploy picked up->switch",
+        "first deploy rename->answer"
     );
     let mut medians = Vec::new();
     for (n, (_, label)) in kinds.iter().enumerate() {
