@@ -19,6 +19,7 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use access::Ids;
 
@@ -196,10 +197,11 @@ impl Isolation {
 
     /// The user `app` runs as; `None` for keter's own user.
     pub fn user_of(&self, app: &AppName) -> Result<Option<RunAs>, String> {
-        let user = match &self.mode {
+        let started = Instant::now();
+        let (user, created) = match &self.mode {
             Mode::OwnUser { .. } | Mode::Root => return Ok(None),
             Mode::Shared(u) => return Ok(Some(u.clone())),
-            Mode::PerApp(users) => users.user_for(app)?.0,
+            Mode::PerApp(users) => users.user_for(app)?,
         };
         let first_use = self
             .checked
@@ -220,6 +222,13 @@ impl Isolation {
                 ));
             }
         }
+        // The figures bench reads these lines: what isolation costs a deploy.
+        log::debug!(
+            "{app}: isolation: user {} {} in {} us",
+            user.name,
+            if created { "created" } else { "looked up" },
+            started.elapsed().as_micros()
+        );
         Ok(Some(user))
     }
 
@@ -235,6 +244,7 @@ impl Isolation {
     /// that the user can reach it (a root under a folder it cannot search would make every
     /// start fail with a bare "Permission denied").
     pub fn hand_over(&self, dir: &Path, user: Option<&RunAs>) -> Result<(), String> {
+        let started = Instant::now();
         let owner = user.map(|u| (u.uid, u.gid));
         folder::hand_over(dir, owner).map_err(|e| {
             format!(
@@ -254,6 +264,11 @@ impl Isolation {
                     )
                 })?;
         }
+        log::debug!(
+            "isolation: {} handed over in {} us",
+            dir.display(),
+            started.elapsed().as_micros()
+        );
         Ok(())
     }
 
@@ -277,6 +292,8 @@ impl Isolation {
         if roots.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
+        let mut opened = 0;
         let workers = self.nginx_workers(master).ok_or_else(|| {
             "cannot tell which user Nginx's workers run as (no worker process found), so \
              the static roots cannot be opened to them"
@@ -284,7 +301,7 @@ impl Isolation {
         })?;
         let owner = fs::metadata(dir).map(|m| m.uid()).unwrap_or(u32::MAX);
         if !workers.is_root() && workers.uid != owner {
-            folder::open_to_web(dir, &roots, workers.gid).map_err(|e| {
+            opened = folder::open_to_web(dir, &roots, workers.gid).map_err(|e| {
                 format!(
                     "cannot open {}'s static roots to Nginx's workers ({workers}): {e}",
                     dir.display()
@@ -302,6 +319,12 @@ impl Isolation {
                     )
                 })?;
         }
+        log::debug!(
+            "isolation: {opened} entries of {}'s static roots opened to Nginx's workers ({}) and checked in {} us",
+            dir.display(),
+            workers.name,
+            started.elapsed().as_micros()
+        );
         Ok(())
     }
 
