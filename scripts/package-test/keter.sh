@@ -36,8 +36,8 @@ each_app_switched() {
     done
 }
 
-# KillMode=mixed: on stop, SIGTERM goes to keter alone and keter stops its apps; systemd's
-# final SIGKILL to what is left of the unit's cgroup must find nothing.
+# On stop, SIGTERM goes to keter alone and keter stops its apps: nothing is left for systemd to
+# SIGKILL, nor for the unit's ExecStopPost backstop.
 check_no_sigkill() { # check_no_sigkill WHEN CURSOR
     check_not "$1: systemd found nothing to SIGKILL (keter stopped its apps itself)" \
         grep -q 'Killing process .* with signal SIGKILL' < <(journal_since "$2")
@@ -95,3 +95,5 @@ status_get() {
 # fs"), its pid.
 app_uid() { get "$1" /whoami | sed -n 's/.*Uid: \([0-9]*\).*/\1/p'; }
 app_pid() { get "$1" /pid | sed 's/ [0-9]*$//; s/ //g'; }
+# Every app process keter runs (webapps and background stanzas), from `keter status --json`.
+all_app_pids() { in_ct keter status --json | grep -o '"pid":[0-9]*' | sort | tr '\n' ' '; }
