@@ -95,5 +95,8 @@ status_get() {
 # fs"), its pid.
 app_uid() { get "$1" /whoami | sed -n 's/.*Uid: \([0-9]*\).*/\1/p'; }
 app_pid() { get "$1" /pid | sed 's/ [0-9]*$//; s/ //g'; }
-# Every app process keter runs (webapps and background stanzas), from `keter status --json`.
-all_app_pids() { in_ct keter status --json | grep -o '"pid":[0-9]*' | sort | tr '\n' ' '; }
+# Every app process keter runs (webapps and background stanzas), from `keter status --json`:
+# their pids, sorted, on one line.
+all_app_pids() {
+    in_ct keter status --json | grep -oE '"pid": *[0-9]+' | grep -oE '[0-9]+' | sort -n | tr '\n' ' '
+}
