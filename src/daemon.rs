@@ -332,9 +332,15 @@ impl Daemon {
             }
         };
         // Nothing reports exits any more: each worker's record is now final.
-        let written: Vec<_> = self.apps.values().map(|h| h.snapshot()).collect();
-        for w in written {
-            let _ = w.recv_timeout(std::time::Duration::from_secs(10));
+        let written: Vec<_> = self.apps.iter().map(|(a, h)| (a, h.snapshot())).collect();
+        for (app, w) in &written {
+            if w.recv_deadline(deadline).is_err() {
+                let app = (*app).clone();
+                drop(paused);
+                nginx.thaw();
+                thaw(&self.apps);
+                return Err(format!("{app} did not write its record in time"));
+            }
         }
         self.shared.journal.flush();
         crate::applog::flush();
