@@ -442,6 +442,7 @@ fn a_serving_version_whose_folder_is_gone_serves_until_its_replacement_has_switc
     let new = k.pid_of("a.example.com");
     assert_ne!(new, old);
     // The leftover was stopped only after Nginx routed to its replacement.
+    k.wait_log(&format!("a: stopped pid {old}"), WAIT);
     let log = k.log();
     let switched = log.find("a: switched to deploy 2").unwrap();
     let stopped = log.find(&format!("a: stopped pid {old}")).unwrap();
