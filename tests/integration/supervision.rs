@@ -536,3 +536,30 @@ echo \"worker $$ ran\"\nexit 1\n"
             .is_none()
     );
 }
+
+#[test]
+fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
+    let mut k = Keter::start("harness-cleanup");
+    k.deploy_hello("left", "l1", "left.example.com", &["--spawn-child"]);
+    k.wait_for("left.example.com", "l1", WAIT);
+    let (app, nginx) = (k.pid_of("left.example.com"), k.nginx_pid());
+    let users: Vec<String> = fs::read_to_string(k.root.join("etc/app-users"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    // keter dies and leaves its app and Nginx serving, as it means to; the handle cleans up.
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    let root = k.root.clone();
+    drop(k);
+    assert!(wait_gone(app, WAIT), "the app {app} is left");
+    assert!(wait_gone(nginx, WAIT), "the Nginx master {nginx} is left");
+    assert!(processes_under(&root, "sleep").is_empty());
+    for user in users {
+        assert!(
+            nix::unistd::User::from_name(&user).unwrap().is_none(),
+            "the user {user} is left"
+        );
+    }
+}
