@@ -217,6 +217,9 @@ impl AppHandle {
                 log::error!("{name}: cannot read the output left by an ended process: {e}");
             }
         }
+        // Boxed: moved by value into the thread, each would be copied into several of its
+        // frames, which an idle worker keeps resident.
+        let (machine, world) = (Box::new(machine), Box::new(world));
         let thread = std::thread::Builder::new()
             .name(format!("app-{name}"))
             .spawn(move || run(machine, world, rx))?;
@@ -271,7 +274,7 @@ impl AppHandle {
 
 /// The worker's loop: the next event or the next deadline, then the machine's transition,
 /// then the app's report.
-fn run(mut machine: Machine, mut world: world::World, rx: Receiver<Event>) {
+fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Event>) {
     publish(&machine, &mut world);
     // The daemon's answer for a freeze, sent once nothing is in flight.
     let mut quiet = None;
@@ -290,12 +293,15 @@ fn run(mut machine: Machine, mut world: world::World, rx: Receiver<Event>) {
         if let Some(e) = event {
             dispatch(e, &mut machine, &mut world, &rx, &mut quiet);
         }
-        machine.tick(&mut world);
+        machine.tick(&mut *world);
         publish(&machine, &mut world);
         if machine.quiet()
             && let Some(reply) = quiet.take()
         {
             let _ = reply.send(());
+        }
+        if world.stack_unused() {
+            crate::memory::release_stack();
         }
     }
     world.join_stages();
