@@ -89,6 +89,12 @@ impl Machine {
             .flat_map(|v| v.config.hosts())
             .collect();
         fx.release_hosts(&used);
+        // Certificates: only the serving version's stanzas are routed to.
+        let wanted = self
+            .serving()
+            .map(|v| v.config.acme_sets())
+            .unwrap_or_default();
+        fx.release_certificates(&wanted);
     }
 
     /// A process exited. The supervised versions' processes follow their restart policy,
@@ -154,6 +160,9 @@ impl Machine {
 
     /// Timed work: due restarts, drained old versions, a due deploy retry.
     pub fn tick(&mut self, fx: &mut dyn Effects) {
+        if self.refresh_due && !self.frozen && matches!(self.life, Life::Serving(_)) {
+            self.refresh(fx);
+        }
         let now = fx.now();
         let name = self.name.clone();
         for v in self.supervised_mut() {
@@ -237,6 +246,7 @@ impl Machine {
             r.bundle_time = v.modified.map(rfc3339);
             r.deploy = Some(v.deploy);
             r.hosts = v.config.hosts().map(|h| h.to_string()).collect();
+            r.certificate_names = v.config.acme_sets().iter().map(|s| s.file_stem()).collect();
             r.processes = v
                 .procs
                 .iter()

@@ -40,6 +40,8 @@ struct Fake {
     restarted: usize,
     finished: Vec<DeployResult>,
     stopped: Vec<u64>,
+    /// Versions whose site was rendered again (a new certificate).
+    refreshed: Vec<u64>,
 }
 
 impl Fake {
@@ -61,6 +63,7 @@ impl Fake {
             restarted: 0,
             finished: Vec::new(),
             stopped: Vec::new(),
+            refreshed: Vec::new(),
         }
     }
 
@@ -132,6 +135,11 @@ impl Effects for Fake {
         self.drained
     }
     fn release_hosts(&mut self, _: &[&Hostname]) {}
+    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
+        self.refreshed.push(job.version);
+        Ok(10)
+    }
+    fn release_certificates(&mut self, _: &[crate::acme::HostSet]) {}
     fn restarted(&mut self) {
         self.restarted += 1;
     }
