@@ -318,15 +318,10 @@ fn ssl_acme_refusals_are_the_same_in_keter_check_and_a_deploy() {
             .to_string();
         assert!(line.contains(&format!("{name}-v1.keter")), "{line}");
         k.deploy(name, &path);
-        let start = Instant::now();
-        let error = loop {
-            let r = json(k, &format!("/api/apps/{name}"));
-            if r["last_deploy"]["result"] == "failed" {
-                break r["last_deploy"]["error"].as_str().unwrap().to_string();
-            }
-            assert!(start.elapsed() < WAIT, "{r:#?}\n{}", k.log());
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        k.wait_log(&format!("{name}: deploy of {name}.keter failed"), WAIT);
+        let r = json(k, &format!("/api/apps/{name}"));
+        assert_eq!(r["last_deploy"]["result"], "failed", "{r:#?}");
+        let error = r["last_deploy"]["error"].as_str().unwrap().to_string();
         assert!(error.contains(message), "{error}");
         assert!(error.contains(&format!("{name}.keter")), "{error}");
         assert_eq!(
