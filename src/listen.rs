@@ -377,4 +377,22 @@ mod tests {
         let (_, p) = listeners("listeners: [{port: 80, session: true}]\n");
         assert_eq!(p.warnings[0].key, "listeners[0].session");
     }
+
+    #[test]
+    fn a_tls_listener_without_a_certificate_of_its_own() {
+        let (l, p) = listeners(
+            "listeners:\n  - {host: \"*4\", tls: true, session: true}\n  - {host: \"*4\", port: 8080, tls: false}\n",
+        );
+        assert!(
+            p.errors.is_empty() && p.warnings.is_empty(),
+            "{:?}",
+            p.errors
+        );
+        let l = l.unwrap();
+        assert!(l[0].is_tls() && l[0].tls.is_none() && l[0].tls_without_certificate);
+        assert_eq!((l[0].port, l[0].session), (443, true));
+        assert!(!l[1].is_tls());
+        let (_, p) = listeners("listeners: [{tls: false, key: /k, certificate: /c}]\n");
+        assert_eq!(p.errors[0].key, "listeners[0].tls");
+    }
 }

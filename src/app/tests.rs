@@ -662,3 +662,62 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
 }
 
 mod takeover;
+
+#[test]
+fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app() {
+    let mut fx = Fake::new();
+    let mut m = machine();
+    let id = serve(&mut m, &mut fx, 1, WEB);
+    let spawned = fx.spawned.len();
+    let certificate = || Event::Certificate {
+        hosts: "app.example.com".into(),
+    };
+    m.handle(certificate(), &mut fx);
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now), "due at once");
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id]);
+    assert!(!m.refresh_due);
+    assert_eq!(fx.spawned.len(), spawned, "no process was started");
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id));
+
+    // During a deploy it waits until a version serves again (the candidate's switch renders
+    // with what the certificates are by then, and once more after).
+    deploy(&mut m, &mut fx, 2);
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id]);
+    let next = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: next,
+            result: Ok(Prepared::Version(Box::new(version(next, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: next,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: next,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next]);
+
+    // Frozen for an upgrade: nothing changes Nginx until the thaw.
+    m.frozen = true;
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(m.next_deadline(fx.now).filter(|t| *t == fx.now), None);
+    assert_eq!(fx.refreshed, [id, next]);
+    m.frozen = false;
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next, next]);
+}
