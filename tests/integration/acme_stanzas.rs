@@ -110,7 +110,7 @@ fn wait_certificate(k: &Keter, app: &str, what: &str, good: impl Fn(&Value) -> b
 }
 
 #[test]
-fn ssl_acme_serves_http_at_once_then_https_and_reuses_the_certificate() {
+fn ssl_acme_serves_http_at_once_then_https_reuses_the_certificate_and_lets_go_of_old_hosts() {
     let dir = TempDir::new("acme-stanza");
     let (port, tls_port) = (free_port(), free_port());
     let pebble = Pebble::start(
@@ -199,6 +199,37 @@ fn ssl_acme_serves_http_at_once_then_https_and_reuses_the_certificate() {
         "a new order was made:\n{}",
         k.log()
     );
+
+    // The stanza asks for other hosts: a certificate for those, and the old set is no longer
+    // renewed.
+    k.deploy("shop", &bundle(&k, "shop", "v3", &["shop.test"], ""));
+    k.wait_for("shop.test", "v3", WAIT);
+    wait_https(&k, &pebble, tls_port, "shop.test", "v3", &root);
+    k.wait_log("shop: no longer serves shop.test www.shop.test;", WAIT);
+    let cert = wait_certificate(&k, "shop", "became valid", |c| c["state"] == "valid");
+    assert_eq!(cert["hosts"], serde_json::json!(["shop.test"]));
+    assert_ne!(cert["serial"].as_str(), Some(serial.as_str()));
+    assert_eq!(k.log_count(ATTEMPT), 2, "{}", k.log());
+    let metrics = crate::status::page(&k, "/metrics");
+    let name = cert["name"].as_str().unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "keter_certificate_failures{{certificate=\"{name}\"}} 0"
+        )),
+        "{metrics}"
+    );
+    // The app is deleted: its certificate is no longer renewed (the file stays for later).
+    fs::remove_file(k.incoming().join("shop.keter")).unwrap();
+    k.wait_log("shop: no longer serves shop.test;", WAIT);
+    let start = Instant::now();
+    while crate::status::page(&k, "/metrics").contains("certificate=\"shop.test-") {
+        assert!(
+            start.elapsed() < WAIT,
+            "still renewed after the app was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(file.is_file());
 }
 
 #[test]
