@@ -109,6 +109,29 @@ fn wait_certificate(k: &Keter, app: &str, what: &str, good: impl Fn(&Value) -> b
     }
 }
 
+/// The serial number of the certificate Nginx presents for `host`, in lowercase hex.
+fn served_serial(tls_port: u16, host: &str) -> String {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{tls_port} -servername {host} </dev/null 2>/dev/null | openssl x509 -noout -serial"
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("openssl is needed for the ACME tests (apt-get install openssl)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    hex(&Value::from(text.trim().trim_start_matches("serial=")))
+}
+
+/// A serial number in lowercase hex without leading zeros.
+fn hex(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .trim_start_matches('0')
+        .to_string()
+}
+
 #[test]
 fn ssl_acme_serves_http_at_once_then_https_reuses_the_certificate_and_lets_go_of_old_hosts() {
     let dir = TempDir::new("acme-stanza");
@@ -233,14 +256,15 @@ fn ssl_acme_serves_http_at_once_then_https_reuses_the_certificate_and_lets_go_of
 }
 
 #[test]
-fn ssl_acme_with_the_ca_down_serves_plain_http_without_redirect_until_the_certificate_arrives() {
+fn ssl_acme_with_the_ca_down_serves_plain_http_without_redirect_until_the_certificate_arrives_and_renews()
+ {
     let dir = TempDir::new("acme-stanza-down");
     let (port, tls_port) = (free_port(), free_port());
     let mut pebble = Pebble::prepare(
         &dir.0.join("pebble"),
         PebbleOpts {
             http_port: port,
-            validity: Duration::from_secs(3600),
+            validity: Duration::from_secs(15),
             port: None,
         },
     );
@@ -291,6 +315,24 @@ fn ssl_acme_with_the_ca_down_serves_plain_http_without_redirect_until_the_certif
         assert!(start.elapsed() < WAIT, "no redirect: {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(served_serial(tls_port, "down.test"), hex(&cert["serial"]));
+
+    // 15 s certificates: renewal at two thirds of the lifetime, into the same file; Nginx is
+    // reloaded and serves the new one, and the app is neither deployed nor restarted again.
+    let pid_of = || json(&k, "/api/apps/down")["processes"][0]["pid"].clone();
+    let pid = pid_of();
+    assert!(pid.is_number(), "{pid}");
+    let renewed = wait_certificate(&k, "down", "was renewed", |c| c["serial"] != cert["serial"]);
+    let start = Instant::now();
+    while served_serial(tls_port, "down.test") != hex(&renewed["serial"]) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the renewed certificate is not served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_https(&k, &pebble, tls_port, "down.test", "v1", &root);
+    assert_eq!(pid_of(), pid);
     assert_eq!(
         json(&k, "/api/apps/down")["deploy"],
         1,
