@@ -143,8 +143,8 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
             );
             if !acme_stanzas.is_empty() {
                 println!(
-                    "# {} ask for a certificate over ACME: shown as served before it exists (plain\n\
-                     # HTTP, no redirect); once obtained, a TLS server block with it is added.\n",
+                    "# {}: acme. Shown as served before the certificate exists (plain HTTP, no\n\
+                     # redirect); once obtained, TLS server blocks with it are added.\n",
                     acme_stanzas.join(", ")
                 );
             }
