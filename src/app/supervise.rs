@@ -88,13 +88,15 @@ impl Machine {
             .chain(self.retiring.iter().map(|r| &r.version))
             .flat_map(|v| v.config.hosts())
             .collect();
-        fx.release_hosts(&used);
-        // Certificates: only the serving version's stanzas are routed to.
+        // Certificates first (only the serving version's stanzas are routed to): once a host is
+        // given back another app may claim it and want the same set, and a release sent after
+        // that would undo its want.
         let wanted = self
             .serving()
             .map(|v| v.config.acme_sets())
             .unwrap_or_default();
         fx.release_certificates(&wanted);
+        fx.release_hosts(&used);
     }
 
     /// A process exited. The supervised versions' processes follow their restart policy,
