@@ -151,6 +151,9 @@ pub(super) struct Failure {
     pub backoff: Backoff,
 }
 
+/// A site that Nginx did not take with a new certificate is tried again after this long.
+pub(super) const REFRESH_RETRY: Duration = Duration::from_secs(10);
+
 /// How often old versions are checked for remaining connections.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -178,6 +181,8 @@ pub(super) struct Machine {
     /// serving version over): the serving version's site is rendered again and reloaded as
     /// soon as the worker is `Serving` and not frozen (`supervise.rs`, `tick`).
     pub refresh_due: bool,
+    /// A refresh that failed (Nginx did not take it) is tried again at this moment.
+    pub refresh_retry_at: Option<Instant>,
 }
 
 /// How a deploy ended.
@@ -203,6 +208,7 @@ impl Machine {
             frozen: false,
             held: None,
             refresh_due: false,
+            refresh_retry_at: None,
         }
     }
 
@@ -224,7 +230,7 @@ impl Machine {
             _ => None,
         };
         let refresh = (self.refresh_due && !self.frozen && matches!(self.life, Life::Serving(_)))
-            .then_some(now);
+            .then(|| self.refresh_retry_at.unwrap_or(now));
         restarts.chain(drains).chain(retry).chain(refresh).min()
     }
 
@@ -515,6 +521,7 @@ impl Machine {
             return;
         };
         self.refresh_due = false;
+        self.refresh_retry_at = None;
         let job = switch_job(v, fx.now());
         match fx.refresh_site(job) {
             Ok(g) => log::info!(
@@ -522,9 +529,12 @@ impl Machine {
                 self.name
             ),
             Err(e) => {
+                self.refresh_due = true;
+                self.refresh_retry_at = Some(fx.now() + REFRESH_RETRY);
                 log::error!(
-                    "{}: rendering the site again with its certificates failed: {e}; the site stays as it was",
-                    self.name
+                    "{}: rendering the site again with its certificates failed: {e}; the site stays as it was, tried again in {} s",
+                    self.name,
+                    REFRESH_RETRY.as_secs()
                 );
                 fx.note(&format!(
                     "keter: the site with its new certificate failed: {e}"

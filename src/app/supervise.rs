@@ -162,7 +162,11 @@ impl Machine {
 
     /// Timed work: due restarts, drained old versions, a due deploy retry.
     pub fn tick(&mut self, fx: &mut dyn Effects) {
-        if self.refresh_due && !self.frozen && matches!(self.life, Life::Serving(_)) {
+        if self.refresh_due
+            && !self.frozen
+            && matches!(self.life, Life::Serving(_))
+            && self.refresh_retry_at.is_none_or(|at| at <= fx.now())
+        {
             self.refresh(fx);
         }
         let now = fx.now();

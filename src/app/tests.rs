@@ -42,6 +42,8 @@ struct Fake {
     stopped: Vec<u64>,
     /// Versions whose site was rendered again (a new certificate).
     refreshed: Vec<u64>,
+    /// Refreshes that fail from now on, counted down.
+    failing_refreshes: usize,
 }
 
 impl Fake {
@@ -64,6 +66,7 @@ impl Fake {
             finished: Vec::new(),
             stopped: Vec::new(),
             refreshed: Vec::new(),
+            failing_refreshes: 0,
         }
     }
 
@@ -137,6 +140,10 @@ impl Effects for Fake {
     fn release_hosts(&mut self, _: &[&Hostname]) {}
     fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
         self.refreshed.push(job.version);
+        if self.failing_refreshes > 0 {
+            self.failing_refreshes -= 1;
+            return Err(DeployError::Nginx(NginxError::Unconfirmed("test".into())));
+        }
         Ok(10)
     }
     fn release_certificates(&mut self, _: &[crate::acme::HostSet]) {}
@@ -720,4 +727,20 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     m.frozen = false;
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id, next, next]);
+
+    // Nginx does not take it: tried again later, not at every event.
+    fx.failing_refreshes = 1;
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed.len(), 4);
+    assert!(m.refresh_due);
+    let due = m.refresh_retry_at.unwrap();
+    assert_eq!(due, fx.now + super::machine::REFRESH_RETRY);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed.len(), 4);
+    fx.advance(super::machine::REFRESH_RETRY);
+    assert_eq!(m.next_deadline(fx.now), Some(due));
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next, next, next, next]);
+    assert!(!m.refresh_due);
 }
