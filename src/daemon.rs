@@ -20,6 +20,7 @@ use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
 use crate::report::Reports;
+use crate::rootlock::RootLock;
 use crate::status::StatusServer;
 use crate::watcher::{self, Hint};
 
@@ -72,17 +73,21 @@ pub fn channel() -> (Sender<Input>, Receiver<Input>) {
 
 /// Runs the daemon until a `Control::Shutdown` arrives on `rx`. `takeover` is what an earlier
 /// image of this process handed over before it re-executed keter (`src/handover.rs`); without
-/// it keter takes over from the records of a keter that was killed, if there are any.
+/// it keter takes over from the records of a keter that was killed, if there are any. `lock`
+/// is the root's lock as that image kept it (`src/rootlock.rs`).
 pub fn run(
     config: Config,
     tx: Sender<Input>,
     rx: Receiver<Input>,
     takeover: Option<crate::handover::Takeover>,
     stored: std::collections::HashMap<u64, std::fs::File>,
+    lock: Option<std::fs::File>,
 ) -> Result<(), Fatal> {
     crate::memory::limit_arenas();
     let started = std::time::Instant::now();
     make_root(&config.root)?;
+    // Before anything of the root is read or changed; held until keter exits.
+    let lock = RootLock::acquire(&config.root, lock).map_err(Fatal)?;
     // Nginx's workers read it for certbot; nobody but root writes it (an app that could
     // would get certificates for every host keter serves).
     fs::DirBuilder::new()
@@ -204,7 +209,7 @@ pub fn run(
             Input::Control(Control::Rescan) => daemon.rescan(true),
             Input::Control(Control::Shutdown) => break,
             Input::Control(Control::Upgrade) => {
-                queued = daemon.upgrade(&nginx, &rx);
+                queued = daemon.upgrade(&nginx, &rx, &lock);
                 queued.reverse();
             }
             Input::Stopped { app, commands } => daemon.end_stopped(&app, commands),
@@ -228,6 +233,7 @@ pub fn run(
     }
     nginx.shutdown();
     log::info!("keter: stopped");
+    drop(lock);
     Ok(())
 }
 
@@ -291,7 +297,7 @@ impl Daemon {
     /// worker, the Nginx controller and the watch thread to rest, flushes the apps' logs and
     /// re-executes keter (`src/handover.rs`). Returns only if that did not happen, with the
     /// inputs that arrived meanwhile; this keter then carries on as before.
-    fn upgrade(&mut self, nginx: &Nginx, rx: &Receiver<Input>) -> Vec<Input> {
+    fn upgrade(&mut self, nginx: &Nginx, rx: &Receiver<Input>, lock: &RootLock) -> Vec<Input> {
         let since = std::time::Instant::now();
         let program = crate::handover::program();
         log::info!(
@@ -310,7 +316,7 @@ impl Daemon {
         };
         crate::systemd::notify("RELOADING=1");
         let mut later = Vec::new();
-        let result = self.hand_over(nginx, rx, since, &answer, &mut later);
+        let result = self.hand_over(nginx, rx, since, &answer, lock, &mut later);
         if let Err(why) = result {
             log::error!(
                 "keter: cannot hand over to {}: {why}; this keter carries on",
@@ -328,6 +334,7 @@ impl Daemon {
         rx: &Receiver<Input>,
         since: std::time::Instant,
         answer: &crate::handover::Answer,
+        lock: &RootLock,
         later: &mut Vec<Input>,
     ) -> Result<(), String> {
         let config = &self.shared.config;
@@ -382,7 +389,7 @@ impl Daemon {
                 answer.keter,
                 since.elapsed().as_millis()
             );
-            let e = crate::handover::exec(&paused.pipes(), since);
+            let e = crate::handover::exec(&paused.pipes(), since, lock.fd());
             Err(format!("cannot execute it: {e}"))
         };
         drop(paused);

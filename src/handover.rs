@@ -234,8 +234,9 @@ pub fn probe(config: &Config) -> Result<Answer, String> {
 }
 
 /// Re-executes keter with the handover file; returns only if the exec failed (then this image
-/// carries on as it was). `pipes` are the output pipes the watch thread held.
-pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
+/// carries on as it was). `pipes` are the output pipes the watch thread held; `lock` is the
+/// root's lock, kept across the exec (`src/rootlock.rs`).
+pub fn exec(pipes: &[HeldPipe], since: Instant, lock: RawFd) -> io::Error {
     let Some(inv) = INVOCATION.get() else {
         return io::Error::other("the command line is not known");
     };
@@ -263,12 +264,19 @@ pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
     cmd.arg0(&inv.arg0).args(&inv.args).env_clear();
     for (k, v) in std::env::vars_os() {
         // The descriptors systemd passed at the start are no longer there.
-        let stale = [FD_VAR, "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+        let stale = [
+            FD_VAR,
+            crate::rootlock::FD_VAR,
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ];
         if !stale.iter().any(|s| k == *s) {
             cmd.env(k, v);
         }
     }
     cmd.env(FD_VAR, file.as_raw_fd().to_string());
+    cmd.env(crate::rootlock::FD_VAR, lock.to_string());
     // The signals keter handles stay blocked across the exec, so that one sent meanwhile
     // waits for the new image's handlers instead of ending it ([`unblock_signals`]); every
     // other signal is unblocked. (`exec` runs this in this process: on failure the mask is
@@ -280,9 +288,12 @@ pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
         Some(&mut before),
     );
     let held = held_signals();
-    // SAFETY: sigprocmask is async-signal-safe.
+    // SAFETY: sigprocmask and fcntl are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
+            // Here, in this process right before the exec, so that no process another thread
+            // starts meanwhile inherits the lock (it would keep the root locked after keter).
+            crate::rootlock::set_cloexec(lock, false);
             nix::sys::signal::sigprocmask(
                 nix::sys::signal::SigmaskHow::SIG_SETMASK,
                 Some(&held),
@@ -300,6 +311,7 @@ pub fn exec(pipes: &[HeldPipe], since: Instant) -> io::Error {
     for p in pipes {
         set_cloexec(p.fd, true);
     }
+    crate::rootlock::set_cloexec(lock, true);
     drop(file);
     e
 }

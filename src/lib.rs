@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod report;
 pub mod responses;
 pub mod restart;
+pub mod rootlock;
 pub mod sockdiag;
 pub mod status;
 pub mod systemd;

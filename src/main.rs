@@ -14,13 +14,14 @@ fn main() -> ExitCode {
     // earlier image of this process handed over (`src/handover.rs`).
     handover::remember_invocation();
     let takeover = handover::take();
+    let lock = keter::rootlock::inherited();
     let stored = keter::systemd::stored_pipes();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(handover::CHECK) {
         return check_handover(&args[1..]);
     }
     match cli::parse(&args) {
-        Ok(Command::Run(path)) => run_daemon(&path, takeover, stored),
+        Ok(Command::Run(path)) => run_daemon(&path, takeover, stored, lock),
         Ok(command) => cli::run(command),
         Err(usage) => {
             eprintln!("keter: {}\n\n{}", usage.message, usage.help);
@@ -79,6 +80,7 @@ fn run_daemon(
     path: &Path,
     takeover: Option<Result<Takeover, String>>,
     stored: HashMap<u64, std::fs::File>,
+    lock: Option<std::fs::File>,
 ) -> ExitCode {
     init_logging();
     // A panic on any thread ends keter at once: without the thread (an app's worker, say) the
@@ -119,7 +121,7 @@ fn run_daemon(
             return ExitCode::from(1);
         }
     };
-    match daemon::run(config, tx, rx, takeover, stored) {
+    match daemon::run(config, tx, rx, takeover, stored, lock) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("keter cannot run: {e}");

@@ -339,6 +339,7 @@ impl Provisioner {
                 let creds = self.recorded_credentials(app, entry)?;
                 ensure_recorded_role(&mut client, app, &creds)?;
                 ensure_database(&mut client, &creds)?;
+                restrict_database(&mut client, app, &creds)?;
                 Ok(creds)
             }
             None => {
@@ -351,6 +352,7 @@ impl Provisioner {
                 };
                 ensure_new_role(&mut client, app, &creds)?;
                 ensure_database(&mut client, &creds)?;
+                restrict_database(&mut client, app, &creds)?;
                 // Recorded only now that the database exists: a failure above leaves
                 // no record, and the next deploy resets the role's password to its own.
                 let _guard = self.store_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -579,6 +581,59 @@ fn ensure_database(client: &mut Client, creds: &Credentials) -> Result<(), PgErr
             )
         }
     }
+}
+
+/// Only the app's role may connect to its database. PostgreSQL grants CONNECT and TEMPORARY
+/// on every new database to PUBLIC, so any other app's role (or any role of the server) could
+/// connect and read its catalog; both are revoked from PUBLIC and CONNECT is granted to the
+/// role. Run at every deploy, so that a database created by an earlier keter (or opened again
+/// by hand) is closed by the next one. The admin acts as the owner through its membership in
+/// the role, granted first where it is missing (a role Keter's plugin created as the
+/// superuser); where the server refuses that (PostgreSQL 16 and later, for a role the admin
+/// did not create), REVOKE only warns and the database stays open: that is logged with the
+/// statement to run.
+fn restrict_database(
+    client: &mut Client,
+    app: &AppName,
+    creds: &Credentials,
+) -> Result<(), PgError> {
+    let (db, role) = (creds.database.quoted(), creds.role.quoted());
+    // Outside a transaction, a refused GRANT leaves the session usable.
+    if let Err(e) = client.batch_execute(&format!("GRANT {role} TO CURRENT_USER")) {
+        log::debug!(
+            "{app}: GRANT {} TO CURRENT_USER failed: {}",
+            creds.role,
+            describe(&e)
+        );
+    }
+    sql(
+        client,
+        &format!("REVOKE CONNECT ON DATABASE {} FROM PUBLIC", creds.database),
+        &format!(
+            "REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};"
+        ),
+    )?;
+    let open: bool = client
+        .query_one(
+            "SELECT has_database_privilege('public', $1, 'CONNECT')",
+            &[&creds.database.as_str()],
+        )
+        .map_err(|e| PgError::Sql {
+            step: format!(
+                "checking who may connect to the database {}",
+                creds.database
+            ),
+            message: describe(&e),
+        })?
+        .get(0);
+    if open {
+        log::warn!(
+            "{app}: every role of the server may connect to the database {} and keter's admin role cannot change that (it is not a member of the owner {}); run `REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC` as the owner or a superuser",
+            creds.database,
+            creds.role
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

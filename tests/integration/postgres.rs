@@ -681,3 +681,123 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
     remove_app_users(&k.root);
     let _ = std::process::Command::new("umount").arg(&etc).status();
 }
+
+/// A session as `app`'s role with the credentials keter recorded for it (what the app gets in
+/// its environment), over TCP with its password, on the database `dbname`.
+fn connect_as(
+    k: &Keter,
+    pg: &PgCluster,
+    app: &str,
+    dbname: &str,
+) -> Result<Client, postgres::Error> {
+    let text = fs::read_to_string(store(k)).unwrap();
+    let tree = keter::yaml::parse(&text).unwrap();
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(pg.port)
+        .user(tree[app]["user"].as_str().unwrap())
+        .password(tree[app]["pass"].as_str().unwrap())
+        .dbname(dbname)
+        .connect(NoTls)
+}
+
+fn assert_refused(result: Result<Client, postgres::Error>, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: connected"),
+        Err(e) => assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{what}: {e:?}"
+        ),
+    }
+}
+
+#[test]
+fn an_apps_credentials_do_not_connect_to_another_apps_database() {
+    let pg = shared();
+    let k = start_keter("pg-neighbours", pg);
+    deploy_pgapp(&k, "nba", "a1", "nba.example.com");
+    deploy_pgapp(&k, "nbb", "b1", "nbb.example.com");
+    wait_live(&k, "nba", "nba.example.com", "a1", 1);
+    wait_live(&k, "nbb", "nbb.example.com", "b1", 1);
+
+    // Each role reaches its own database, and only that one.
+    connect_as(&k, pg, "nba", "nba").expect("nba's role connects to its own database");
+    connect_as(&k, pg, "nbb", "nbb").expect("nbb's role connects to its own database");
+    assert_refused(
+        connect_as(&k, pg, "nba", "nbb"),
+        "nba's role on nbb's database",
+    );
+    assert_refused(
+        connect_as(&k, pg, "nbb", "nba"),
+        "nbb's role on nba's database",
+    );
+
+    // A database as an earlier keter created it (PUBLIC may connect) is closed on the next
+    // deploy of its app.
+    pg.superuser("postgres")
+        .batch_execute("GRANT CONNECT, TEMPORARY ON DATABASE nbb TO PUBLIC")
+        .unwrap();
+    connect_as(&k, pg, "nba", "nbb").expect("PUBLIC's grant is back");
+    deploy_pgapp(&k, "nbb", "b2", "nbb.example.com");
+    wait_live(&k, "nbb", "nbb.example.com", "b1,b2", 2);
+    assert_refused(connect_as(&k, pg, "nba", "nbb"), "after the redeploy");
+    connect_as(&k, pg, "nbb", "nbb").expect("nbb's role still connects after the redeploy");
+    let public_temp: bool = pg
+        .superuser("postgres")
+        .query_one(
+            "SELECT has_database_privilege('public', 'nbb', 'TEMPORARY')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        !public_temp,
+        "PUBLIC may still create temporary tables in nbb"
+    );
+}
+
+#[test]
+fn a_database_that_keters_plugin_created_as_the_superuser_is_closed_on_its_next_deploy() {
+    let pg = shared();
+    // As Keter's plugin left it: role and database made by the superuser, PUBLIC may connect.
+    let mut su = pg.superuser("postgres");
+    su.batch_execute("CREATE ROLE oldplugin LOGIN PASSWORD 'oldpluginpass'")
+        .unwrap();
+    // CREATE DATABASE cannot share a statement list (an implicit transaction).
+    su.batch_execute("CREATE DATABASE oldplugin OWNER oldplugin")
+        .unwrap();
+    let k = start_keter("pg-old-plugin", pg);
+    fs::write(
+        store(&k),
+        "oldplugin:\n  name: oldplugin\n  user: oldplugin\n  pass: oldpluginpass\n  server: localhost\n  port: 5432\n",
+    )
+    .unwrap();
+    fs::set_permissions(store(&k), fs::Permissions::from_mode(0o600)).unwrap();
+    let host = "oldplugin.example.com";
+    deploy_pgapp(&k, "oldplugin", "kept", host);
+    wait_live(&k, "oldplugin", host, "kept", 1);
+    let open: bool = su
+        .query_one(
+            "SELECT has_database_privilege('public', 'oldplugin', 'CONNECT')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let version: i32 = su
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .unwrap()
+        .get(0);
+    if version < 160000 {
+        // keter's admin (CREATEROLE) makes itself a member of the role, then closes it.
+        assert!(!open, "PUBLIC may still connect:\n{}", k.log());
+    } else {
+        // Since PostgreSQL 16 it cannot join a role it did not create: it says what to run.
+        assert!(open);
+        assert!(
+            k.log()
+                .contains("REVOKE CONNECT, TEMPORARY ON DATABASE \"oldplugin\" FROM PUBLIC")
+        );
+    }
+    connect_as(&k, pg, "oldplugin", "oldplugin").expect("the app's role still connects");
+}

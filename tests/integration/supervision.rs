@@ -448,3 +448,118 @@ fn a_restart_that_cannot_start_the_process_follows_its_restart_count() {
     assert_eq!(worker["restarts"], 0, "{report}");
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "bg");
 }
+
+#[test]
+fn a_stop_during_restart_delays_ends_at_once_and_leaves_nothing() {
+    // Long enough that a stop that waited for it would outlast the harness's wait.
+    let mut k = Keter::start_with(
+        "stop-in-backoff",
+        Opts {
+            stop_timeout: 5.0,
+            readiness_timeout: 120.0,
+            ..Opts::default()
+        },
+    );
+    // A webapp that crashes at every start after its first: it backs off, doubling.
+    k.deploy_hello("web", "w1", "web.example.com", &["--crash-after-first-run"]);
+    // A background stanza that starts a grandchild and exits, restarted every 10 minutes.
+    let worker = b"#!/bin/sh\nsleep 3600 &\necho \"worker $$ ran\"\nexit 1\n".to_vec();
+    let bundle = k.dir.0.join("bg.keter");
+    BundleBuilder::hello(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, bg]\n    host: bg.example.com\n  - type: background\n    exec: ../dist/worker.sh\n    restart-count: unlimited\n    restart-delay-seconds: 600\n",
+    )
+    .file("dist/worker.sh", worker, 0o755)
+    .write(&bundle);
+    k.deploy("bg", &bundle);
+    k.wait_for("web.example.com", "w1", WAIT);
+    k.wait_for("bg.example.com", "bg", WAIT);
+    k.wait_log("bg: pid", WAIT);
+    k.wait_log("restarting in 600000 ms", WAIT);
+    // A first deploy still waiting for its webapp, whose background stanza waits to restart.
+    let slow = k.dir.0.join("slow.keter");
+    BundleBuilder::hello(
+        "stanzas:
+  - type: webapp
+    exec: ../dist/hello
+    args: [--version-string, slow, --delay-ms, '600000']
+    host: slow.example.com
+  - type: background
+    exec: ../dist/worker.sh
+    restart-count: unlimited
+    restart-delay-seconds: 600
+",
+    )
+    .file(
+        "dist/worker.sh",
+        b"#!/bin/sh
+echo \"worker $$ ran\"\nexit 1\n"
+            .to_vec(),
+        0o755,
+    )
+    .write(&slow);
+    k.deploy("slow", &slow);
+    k.wait_log_count("restarting in 600000 ms", 2, WAIT);
+    let _ = k.get("web.example.com", "/exit");
+    k.wait_log("crash-looping (5 failures in a row)", WAIT);
+    let keter_pid = k.pid();
+    let status = k.signal_and_wait(Signal::SIGTERM);
+    assert!(status.success(), "{status}:\n{}", k.log());
+    assert!(k.log().contains("keter: stopped"), "{}", k.log());
+    // No process of either app, nor the grandchild, is left.
+    for comm in ["hello", "sleep", "worker.sh"] {
+        let left = processes_under(&k.root, comm);
+        assert!(
+            left.is_empty(),
+            "{comm} {left:?} left after the stop:\n{}",
+            k.log()
+        );
+    }
+    assert!(!alive(keter_pid));
+    // Nothing is left for a later keter to take over.
+    let records: Vec<_> = fs::read_dir(k.root.join("etc/state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(records.is_empty(), "records left: {records:?}");
+    let groups = fs::read_to_string(k.root.join("etc/processes")).unwrap_or_default();
+    assert!(
+        groups
+            .lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('#')),
+        "process groups left in etc/processes: {groups}"
+    );
+    assert!(
+        fs::read_dir(k.root.join("nginx/apps"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
+    let mut k = Keter::start("harness-cleanup");
+    k.deploy_hello("left", "l1", "left.example.com", &["--spawn-child"]);
+    k.wait_for("left.example.com", "l1", WAIT);
+    let (app, nginx) = (k.pid_of("left.example.com"), k.nginx_pid());
+    let users: Vec<String> = fs::read_to_string(k.root.join("etc/app-users"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    // keter dies and leaves its app and Nginx serving, as it means to; the handle cleans up.
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    let root = k.root.clone();
+    drop(k);
+    assert!(wait_gone(app, WAIT), "the app {app} is left");
+    assert!(wait_gone(nginx, WAIT), "the Nginx master {nginx} is left");
+    assert!(processes_under(&root, "sleep").is_empty());
+    for user in users {
+        assert!(
+            nix::unistd::User::from_name(&user).unwrap().is_none(),
+            "the user {user} is left"
+        );
+    }
+}

@@ -227,7 +227,7 @@ impl Keter {
 
     pub fn start_with(label: &str, opts: Opts) -> Keter {
         require_nginx();
-        sweep_stale_app_users();
+        sweep_stale_tests();
         let dir = TempDir::new(label);
         let root = opts.root.unwrap_or_else(|| dir.0.join("root"));
         let port = opts.port.unwrap_or_else(free_port);
@@ -533,10 +533,14 @@ impl Keter {
         }
     }
 
-    /// Sends `sig` to keter and waits for it to exit.
+    /// Sends `sig` to keter and waits for it to exit (a keter that is already gone is only
+    /// waited for).
     pub fn signal_and_wait(&mut self, sig: nix::sys::signal::Signal) -> ExitStatus {
         let mut child = self.child.take().expect("keter is running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => panic!("cannot send {sig} to keter: {e}"),
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -552,22 +556,82 @@ impl Keter {
 }
 
 impl Drop for Keter {
+    /// Stops keter, then cleans up whatever happened before: what the root still runs (a
+    /// test that failed after killing keter leaves its apps and its Nginx serving, as keter
+    /// means them to), the apps' system users and the tmpfs. Only then is keter's exit
+    /// status checked, so that a failure leaves nothing behind either.
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let status = self.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
-            if !std::thread::panicking() {
-                assert!(
-                    status.success(),
-                    "keter exited with {status}:\n{}",
-                    self.log()
-                );
-            }
-        }
+        let status = self
+            .child
+            .is_some()
+            .then(|| self.signal_and_wait(nix::sys::signal::Signal::SIGTERM));
+        kill_leftovers(&self.root);
         remove_app_users(&self.root);
         if self.tmpfs {
             let _ = Command::new("umount").arg(&self.root).status();
         }
+        if let Some(status) = status
+            && !std::thread::panicking()
+        {
+            assert!(
+                status.success(),
+                "keter exited with {status}:\n{}",
+                self.log()
+            );
+        }
     }
+}
+
+/// Kills, with their process groups, the processes that still run from `root`: those whose
+/// working folder is under it (apps and what they started) and those whose command line names
+/// a path under it (the managed Nginx master, whose group holds its workers).
+pub fn kill_leftovers(root: &Path) {
+    kill_processes_from(|path| path.starts_with(root));
+}
+
+/// Kills, with their process groups, the processes whose working folder or a path on whose
+/// command line is `from`; never this test process or its group.
+fn kill_processes_from(from: impl Fn(&Path) -> bool) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let own = std::process::id() as i32;
+    let own_group = nix::unistd::getpgrp().as_raw();
+    for pid in pids() {
+        if pid == own || !alive(pid) {
+            continue;
+        }
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let args = cmdline
+            .split(['\0', ' '])
+            .filter(|a| a.starts_with('/'))
+            .map(PathBuf::from);
+        if !cwd.into_iter().chain(args).any(|p| from(&p)) {
+            continue;
+        }
+        if let Some(g) = process_group(pid).filter(|g| *g > 1 && *g != own_group) {
+            let _ = kill(Pid::from_raw(-g), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Every pid in `/proc`.
+fn pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The process group of `pid` (`/proc/PID/stat`, the third field after the name).
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(2)?.parse().ok()
 }
 
 /// Removes the system users a test daemon created for its apps (listed in
@@ -603,12 +667,39 @@ fn userdel(user: &str) {
         .status();
 }
 
-/// Once per test binary: removes the app users of test roots that are gone (a test run that
-/// was killed before its daemons' cleanup).
-fn sweep_stale_app_users() {
+/// The test folder (`keter-tests/LABEL-PID-N`) holding `path`, if the test process that made
+/// it is gone: a run that was killed, or a failed test's folder kept for inspection.
+fn stale_test_folder(path: &Path) -> Option<PathBuf> {
+    let tests = std::env::temp_dir().join("keter-tests");
+    let name = path.strip_prefix(&tests).ok()?.components().next()?;
+    let name = name.as_os_str().to_str()?;
+    let mut parts = name.rsplitn(3, '-');
+    let (_n, pid) = (parts.next()?, parts.next()?);
+    let pid: i32 = pid.parse().ok()?;
+    (!alive(pid)).then(|| tests.join(name))
+}
+
+/// Once per test binary: cleans up after test runs that were killed before their daemons'
+/// cleanup or failed: the tmpfs mounts under their folders, the processes still running from
+/// them, and the app users of their roots (or of roots that are gone).
+fn sweep_stale_tests() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let tests = std::env::temp_dir().join("keter-tests");
+        // Processes first: a mount they use cannot be removed.
+        kill_processes_from(|p| stale_test_folder(p).is_some());
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut stale: Vec<PathBuf> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .map(PathBuf::from)
+            .filter(|m| stale_test_folder(m).is_some())
+            .collect();
+        // The deepest first: a tmpfs on ROOT/etc inside a tmpfs on ROOT.
+        stale.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in stale {
+            let _ = Command::new("umount").arg(&m).status();
+        }
         let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
         for line in passwd.lines() {
             let fields: Vec<&str> = line.split(':').collect();
@@ -618,9 +709,10 @@ fn sweep_stale_app_users() {
             let Some((_, root)) = comment.split_once(" in ") else {
                 continue;
             };
+            let root = Path::new(root);
             if comment.starts_with("keter app ")
-                && Path::new(root).starts_with(&tests)
-                && !Path::new(root).exists()
+                && root.starts_with(&tests)
+                && (!root.exists() || stale_test_folder(root).is_some())
             {
                 userdel(user);
             }

@@ -585,3 +585,64 @@ fn a_deploy_under_way_when_keter_is_killed_is_done_again_by_the_next_keter() {
     );
     assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
 }
+
+/// Starts another keter on `k`'s configuration and expects it to refuse at once, naming the
+/// root and the pid of `holder`; one that runs is stopped and the test fails.
+fn assert_second_keter_refused(k: &Keter, holder: i32) {
+    let mut child = std::process::Command::new(&k.bin)
+        .arg(&k.config_path)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+            panic!("a second keter ran on the root of the first:\n{}", k.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    let expected = format!(
+        "keter cannot run: another keter (pid {holder}) runs on the root {}",
+        k.root.display()
+    );
+    assert!(err.contains(&expected), "{err}");
+}
+
+#[test]
+fn a_second_keter_on_the_same_root_refuses_to_start_until_the_first_is_gone() {
+    let mut k = Keter::start("root-lock");
+    k.deploy_hello("a", "a1", "a.example.com", &[]);
+    k.wait_for("a.example.com", "a1", WAIT);
+    let (keter, app, nginx) = (k.pid(), k.pid_of("a.example.com"), k.nginx_pid());
+    assert_second_keter_refused(&k, keter);
+    // The first one did not notice.
+    assert_eq!(k.get("a.example.com", "/").unwrap().body.trim(), "a1");
+    assert_eq!(k.pid_of("a.example.com"), app);
+
+    // The lock is kept across an in-place upgrade.
+    k.signal(Signal::SIGUSR2);
+    k.wait_log("keter: upgraded in place", WAIT);
+    assert_second_keter_refused(&k, keter);
+
+    // A killed keter leaves the root free, although its app and its Nginx live on.
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    assert!(alive(app) && alive(nginx));
+    k.launch();
+    k.wait_log(
+        "keter: took over 1 apps and 1 processes from an earlier run",
+        WAIT,
+    );
+    assert_eq!(k.pid_of("a.example.com"), app);
+    assert_second_keter_refused(&k, k.pid());
+}
