@@ -140,12 +140,17 @@ pub fn run(
         nginx.counters.clone(),
         isolation.clone(),
     );
+    let acme = start_acme(&config);
+    if let Some(a) = &acme {
+        reports.attach_acme(a.clone());
+    }
     let shared = Arc::new(Shared::new(
         config,
         nginx.handle(),
         journal,
         reports,
         isolation,
+        acme.clone(),
     ));
     recovery.claim(&shared);
     let watcher = watcher::watch(&incoming, tx.clone())
@@ -222,11 +227,28 @@ pub fn run(
     daemon.shutdown();
     // Every worker has ended and removed its record: nothing is left to take over.
     journal_owner.journal.flush();
-    // Nothing asks Nginx for changes any more.
+    // Nothing asks for certificates or Nginx changes any more.
+    if let Some(a) = acme {
+        a.stop();
+    }
     nginx.shutdown();
     log::info!("keter: stopped");
     drop(lock);
     Ok(())
+}
+
+/// The ACME thread, when the configuration has an `acme` section. A thread that cannot start
+/// is logged and keter goes on without certificates: `ssl: acme` stanzas are served over plain
+/// HTTP, as while the CA is unreachable.
+fn start_acme(config: &Config) -> Option<Arc<crate::acme::Acme>> {
+    let section = config.acme.clone()?;
+    match crate::acme::Acme::start(section, &config.root.join("etc"), &config.acme_webroot) {
+        Ok(a) => Some(Arc::new(a)),
+        Err(e) => {
+            log::error!("keter: the ACME client cannot start: {e}; no certificate is obtained");
+            None
+        }
+    }
 }
 
 /// Creates the folders of the README's "Folder layout under `root`" with the modes that keep

@@ -22,6 +22,10 @@ pub struct Listener {
     pub bind: Bind,
     pub port: u16,
     pub tls: Option<TlsFiles>,
+    /// `tls: true` without `key` and `certificate`: a TLS listener with no certificate of its
+    /// own. It serves the stanzas that bring one (`ssl: {key, certificate}`, or `ssl: acme`
+    /// once obtained); every other name gets its handshake rejected.
+    pub tls_without_certificate: bool,
     /// Keter's `session: true`: TLS sessions are resumed from a cache shared by Nginx's
     /// workers (Keter's TLS session manager). Without it Nginx's defaults apply.
     pub session: bool,
@@ -41,6 +45,11 @@ pub enum Bind {
 }
 
 impl Listener {
+    /// Nginx speaks TLS on it (with or without a certificate of its own).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some() || self.tls_without_certificate
+    }
+
     /// The address parts of Nginx `listen` directives: `80`, `[::]:80`, `127.0.0.1:80`.
     pub fn nginx_addresses(&self) -> Vec<String> {
         let port = self.port;
@@ -115,6 +124,7 @@ pub fn read_listeners(
                 bind,
                 port: port.unwrap_or(80) as u16,
                 tls: None,
+                tls_without_certificate: false,
                 session: false,
             }),
             (None, _) => ok = false,
@@ -143,6 +153,7 @@ pub fn read_listeners(
             bind: any(problems, "listeners"),
             port: 80,
             tls: None,
+            tls_without_certificate: false,
             session: false,
         });
     }
@@ -218,6 +229,12 @@ fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) ->
         .strings("chain-certificates", problems)
         .unwrap_or_default();
     let session = f.bool("session", problems).unwrap_or(false);
+    // Only in `listeners`: Keter's flat `ssl` is a TLS listener by itself.
+    let tls_flag = if path == "ssl" {
+        None
+    } else {
+        f.bool("tls", problems)
+    };
     let port = f.uint("port", 65535, problems);
     let mut ok = bind.is_some();
     let mut file = |key_name: &'static str, value: String| -> Option<PathBuf> {
@@ -257,7 +274,20 @@ fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) ->
             None
         }
     };
-    if session && tls.is_none() {
+    let tls_without_certificate = match tls_flag {
+        Some(true) => tls.is_none(),
+        Some(false) if tls.is_some() => {
+            problems.error(
+                f.path("tls"),
+                "tls: false beside `key` and `certificate`: a listener with a certificate speaks TLS",
+            );
+            ok = false;
+            false
+        }
+        _ => false,
+    };
+    let is_tls = tls.is_some() || tls_without_certificate;
+    if session && !is_tls {
         problems.warn(
             f.path("session"),
             "session resumption applies to TLS listeners only; this one has no certificate",
@@ -270,15 +300,16 @@ fn read_listener(v: &Value, path: &str, base: &Path, problems: &mut Problems) ->
             0
         }
         Some(p) => p as u16,
-        None if tls.is_some() => 443,
+        None if is_tls => 443,
         None => 80,
     };
     f.finish(problems);
     ok.then(|| Listener {
         bind: bind.expect("checked above"),
         port,
-        session: session && tls.is_some(),
+        session: session && is_tls,
         tls,
+        tls_without_certificate,
     })
 }
 
@@ -345,5 +376,23 @@ mod tests {
         );
         let (_, p) = listeners("listeners: [{port: 80, session: true}]\n");
         assert_eq!(p.warnings[0].key, "listeners[0].session");
+    }
+
+    #[test]
+    fn a_tls_listener_without_a_certificate_of_its_own() {
+        let (l, p) = listeners(
+            "listeners:\n  - {host: \"*4\", tls: true, session: true}\n  - {host: \"*4\", port: 8080, tls: false}\n",
+        );
+        assert!(
+            p.errors.is_empty() && p.warnings.is_empty(),
+            "{:?}",
+            p.errors
+        );
+        let l = l.unwrap();
+        assert!(l[0].is_tls() && l[0].tls.is_none() && l[0].tls_without_certificate);
+        assert_eq!((l[0].port, l[0].session), (443, true));
+        assert!(!l[1].is_tls());
+        let (_, p) = listeners("listeners: [{tls: false, key: /k, certificate: /c}]\n");
+        assert_eq!(p.errors[0].key, "listeners[0].tls");
     }
 }

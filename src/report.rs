@@ -7,12 +7,13 @@
 //! metrics never go backwards when an app is removed.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
 use crate::names::AppName;
 
@@ -141,10 +142,16 @@ pub struct AppReport {
     pub draining: usize,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
+    /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
+    /// has them when the report is read (why there is none yet, the next attempt).
+    pub certificates: Vec<CertStatus>,
     /// When the serving version went live, so that readers compute `uptime_seconds` at the
     /// time they read (an idle worker does not publish again).
     #[serde(skip)]
     pub live_since: Option<SystemTime>,
+    /// The names (file stems) of the host sets whose status goes into `certificates`.
+    #[serde(skip)]
+    pub certificate_names: Vec<String>,
 }
 
 impl AppReport {
@@ -165,15 +172,22 @@ impl AppReport {
             log_lines_dropped: 0,
             draining: 0,
             deploy_stage: None,
+            certificates: Vec::new(),
             live_since: None,
+            certificate_names: Vec::new(),
         }
     }
 
-    /// The same report with `uptime_seconds` as of now.
-    fn refreshed(mut self) -> AppReport {
+    /// The same report with `uptime_seconds` and the certificates as of now.
+    fn refreshed(mut self, certs: &[CertStatus]) -> AppReport {
         if let Some(t) = self.live_since {
             self.uptime_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
         }
+        self.certificates = self
+            .certificate_names
+            .iter()
+            .filter_map(|n| certs.iter().find(|c| &c.name == n).cloned())
+            .collect();
         self
     }
 }
@@ -234,9 +248,35 @@ pub struct Reports {
     /// Each app's log handle, for reading its recent lines (the worker owns the log; this is
     /// a second handle on the same in-memory tail).
     logs: Mutex<BTreeMap<String, AppLog>>,
+    /// The ACME thread, whose certificate statuses go into the reports as they are read.
+    acme: Certificates,
+}
+
+/// The ACME thread's handle, once the daemon started it.
+#[derive(Default)]
+struct Certificates(std::sync::OnceLock<Arc<Acme>>);
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Certificates(acme)"
+        } else {
+            "Certificates(none)"
+        })
+    }
 }
 
 impl Reports {
+    /// Reads certificate statuses from `acme` from now on.
+    pub fn attach_acme(&self, acme: Arc<Acme>) {
+        let _ = self.acme.0.set(acme);
+    }
+
+    /// Every certificate the ACME thread works on.
+    pub fn certificates(&self) -> Vec<CertStatus> {
+        self.acme.0.get().map(|a| a.statuses()).unwrap_or_default()
+    }
+
     /// Replaces an app's entry (by its worker).
     pub fn publish(&self, report: AppReport) {
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,13 +301,18 @@ impl Reports {
 
     /// Every app, by name.
     pub fn apps(&self) -> Vec<AppReport> {
+        let certs = self.certificates();
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.values().cloned().map(AppReport::refreshed).collect()
+        apps.values()
+            .cloned()
+            .map(|r| r.refreshed(&certs))
+            .collect()
     }
 
     pub fn app(&self, name: &str) -> Option<AppReport> {
+        let certs = self.certificates();
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.get(name).cloned().map(AppReport::refreshed)
+        apps.get(name).cloned().map(|r| r.refreshed(&certs))
     }
 
     /// Makes an app's recent output lines readable by the status interface.

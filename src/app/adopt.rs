@@ -209,6 +209,11 @@ fn adopt_app(
     machine.last_deploy = record.last_deploy.map(|d| d.report());
     machine.last_error = record.last_error;
     machine.replace = replace;
+    // Its `ssl: acme` stanzas ask the ACME thread of this keter again (which returns the stored
+    // certificates at once), and the site is rendered with what they have now.
+    machine.refresh_due = machine
+        .serving()
+        .is_some_and(|v| !v.config.acme_sets().is_empty());
     Adopted {
         name: name.clone(),
         machine,

@@ -12,14 +12,17 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
+
 use super::Shared as Context;
 use super::error::{DeployError, NotReady};
+use super::machine::Event;
 use super::site::{SiteSource, site_of};
 use super::version::{self, FileStamp, Proc, Role, Version};
 use crate::applog::AppLog;
 use crate::bundle::{self, BundleConfig, Tls};
 use crate::isolation::Isolation;
-use crate::names::AppName;
+use crate::names::{AppName, Host};
 use crate::nginx::{CertFiles, Site};
 use crate::probe::{self, ProbeError};
 use crate::process::{self, Spec};
@@ -317,9 +320,15 @@ fn ready(
     }
 }
 
-/// Renders the version's site and has Nginx take it; returns once Nginx runs it.
-pub(super) fn switch(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<(), DeployError> {
-    let site = site_for(ctx, name, job)?;
+/// Renders the version's site and has Nginx take it; returns once Nginx runs it. New
+/// certificates of its `ssl: acme` stanzas come back to the worker over `tx`.
+pub(super) fn switch(
+    ctx: &Context,
+    name: &AppName,
+    job: &SwitchJob,
+    tx: &Sender<Event>,
+) -> Result<(), DeployError> {
+    let site = site_for(ctx, name, job, tx)?;
     ctx.isolation
         .open_to_nginx(
             &site,
@@ -340,6 +349,20 @@ pub(super) fn switch(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<(
         job.started.elapsed().as_millis()
     );
     Ok(())
+}
+
+/// Renders the serving version's site again (with the certificates its `ssl: acme` stanzas
+/// have now) and has Nginx take it; the static roots were opened to Nginx at its switch.
+pub(super) fn refresh(
+    ctx: &Context,
+    name: &AppName,
+    job: &SwitchJob,
+    tx: &Sender<Event>,
+) -> Result<u64, DeployError> {
+    let site = site_for(ctx, name, job, tx)?;
+    ctx.nginx
+        .apply(name, Some(site))
+        .map_err(DeployError::Nginx)
 }
 
 /// The plugins' variables for this bundle (none unless it asks for postgres). Runs on a
@@ -366,8 +389,16 @@ fn provision(
 }
 
 /// What Nginx serves for this version: one block per stanza with hosts.
-fn site_for(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<Site, DeployError> {
-    let mut certs = |tls: &Tls, origin: &str| copy_certificate(ctx, name, job, tls, origin);
+fn site_for(
+    ctx: &Context,
+    name: &AppName,
+    job: &SwitchJob,
+    tx: &Sender<Event>,
+) -> Result<Site, DeployError> {
+    let mut certs = |tls: &Tls, hosts: &[Host], origin: &str| match tls {
+        Tls::Acme => Ok(acme_certificate(ctx, hosts, tx)),
+        _ => copy_certificate(ctx, name, job, tls, origin),
+    };
     let site = site_of(
         &ctx.config,
         &SiteSource {
@@ -380,13 +411,32 @@ fn site_for(ctx: &Context, name: &AppName, job: &SwitchJob) -> Result<Site, Depl
         &mut certs,
     )
     .map_err(DeployError::Site)?;
-    let has_tls = ctx.config.listeners.iter().any(|l| l.tls.is_some());
-    if !has_tls && site.blocks.iter().any(|b| b.requires_secure) {
+    let has_tls = ctx.config.listeners.iter().any(|l| l.is_tls());
+    if !has_tls && site.blocks.iter().any(|b| b.requires_secure || b.acme) {
         log::warn!(
-            "{name}: requires-secure is set but keter has no TLS listener; plain HTTP is served"
+            "{name}: requires-secure or ssl: acme is set but keter has no TLS listener; plain HTTP is served"
         );
     }
     Ok(site)
+}
+
+/// The certificate of an `ssl: acme` stanza's hosts if one is stored and usable, asking the
+/// ACME thread to obtain it (or keep it renewed) either way; never waits for the CA. Each new
+/// certificate comes back to the worker as [`Event::Certificate`].
+fn acme_certificate(ctx: &Context, hosts: &[Host], tx: &Sender<Event>) -> Option<CertFiles> {
+    let acme = ctx.acme.as_ref()?;
+    let set = bundle::config::acme_set(hosts)?;
+    let tx = tx.clone();
+    let label = set.to_string();
+    let cert = acme.want(&set, move |_| {
+        let _ = tx.send(Event::Certificate {
+            hosts: label.clone(),
+        });
+    })?;
+    Some(CertFiles {
+        certificate: cert.path.clone(),
+        key: cert.path,
+    })
 }
 
 /// Copies a stanza's own certificate (from the bundle or the host) into

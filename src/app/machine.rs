@@ -47,6 +47,13 @@ pub(super) enum Event {
         version: u64,
         result: Result<(), DeployError>,
     },
+    /// The ACME thread stored a new certificate (first or renewed) for `hosts`, one of the
+    /// app's `ssl: acme` stanzas (`acme::Acme::want`'s callback): the serving version's site
+    /// is rendered again with it and Nginx reloaded, the app's processes untouched. Not a
+    /// [`Command`]: commands are counted against the daemon's and coalesced, this is neither.
+    Certificate {
+        hosts: String,
+    },
     /// Stop everything and end the worker.
     Shutdown,
     /// A step of an in-place upgrade, for the worker's loop (`freeze.rs`).
@@ -144,6 +151,9 @@ pub(super) struct Failure {
     pub backoff: Backoff,
 }
 
+/// A site that Nginx did not take with a new certificate is tried again after this long.
+pub(super) const REFRESH_RETRY: Duration = Duration::from_secs(10);
+
 /// How often old versions are checked for remaining connections.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -167,6 +177,12 @@ pub(super) struct Machine {
     pub frozen: bool,
     /// The command to act on if the upgrade does not happen.
     pub held: Option<Command>,
+    /// A certificate of an `ssl: acme` stanza arrived (or a keter started again took the
+    /// serving version over): the serving version's site is rendered again and reloaded as
+    /// soon as the worker is `Serving` and not frozen (`supervise.rs`, `tick`).
+    pub refresh_due: bool,
+    /// A refresh that failed (Nginx did not take it) is tried again at this moment.
+    pub refresh_retry_at: Option<Instant>,
 }
 
 /// How a deploy ended.
@@ -191,6 +207,8 @@ impl Machine {
             replace: false,
             frozen: false,
             held: None,
+            refresh_due: false,
+            refresh_retry_at: None,
         }
     }
 
@@ -211,7 +229,9 @@ impl Machine {
             }
             _ => None,
         };
-        restarts.chain(drains).chain(retry).min()
+        let refresh = (self.refresh_due && !self.frozen && matches!(self.life, Life::Serving(_)))
+            .then(|| self.refresh_retry_at.unwrap_or(now));
+        restarts.chain(drains).chain(retry).chain(refresh).min()
     }
 
     /// The versions whose processes are restarted by their policy: the serving one, and a
@@ -275,6 +295,13 @@ impl Machine {
             Event::Prepared { id, result } => self.prepared(id, result, fx),
             Event::Ready { version, result } => self.ready(version, result, fx),
             Event::Switched { version, result } => self.switched(version, result, fx),
+            Event::Certificate { hosts } => {
+                log::info!(
+                    "{}: a new certificate for {hosts}; the site is rendered again with it",
+                    self.name
+                );
+                self.refresh_due = true;
+            }
             Event::Shutdown => self.stop(true, fx),
             Event::Handover(_) => {}
         }
@@ -483,14 +510,37 @@ impl Machine {
         let Stage::Switching(c) = &deploy.stage else {
             return;
         };
-        fx.switch(SwitchJob {
-            version: c.id,
-            deploy: c.deploy,
-            sha256: c.sha256.clone(),
-            config: c.config.clone(),
-            ports: web_ports(c),
-            started: deploy.started,
-        });
+        fx.switch(switch_job(c, deploy.started));
+    }
+
+    /// Renders the serving version's site again (its `ssl: acme` certificates as they are
+    /// now) and has Nginx reload it. Runs on the worker's thread, as a stop's removal of the
+    /// site does: nothing else may change the app's Nginx file meanwhile.
+    pub(super) fn refresh(&mut self, fx: &mut dyn Effects) {
+        let Life::Serving(v) = &self.life else {
+            return;
+        };
+        self.refresh_due = false;
+        self.refresh_retry_at = None;
+        let job = switch_job(v, fx.now());
+        match fx.refresh_site(job) {
+            Ok(g) => log::info!(
+                "{}: site rendered again with its certificates at Nginx generation {g}",
+                self.name
+            ),
+            Err(e) => {
+                self.refresh_due = true;
+                self.refresh_retry_at = Some(fx.now() + REFRESH_RETRY);
+                log::error!(
+                    "{}: rendering the site again with its certificates failed: {e}; the site stays as it was, tried again in {} s",
+                    self.name,
+                    REFRESH_RETRY.as_secs()
+                );
+                fx.note(&format!(
+                    "keter: the site with its new certificate failed: {e}"
+                ));
+            }
+        }
     }
 
     fn switched(&mut self, version: u64, result: Result<(), DeployError>, fx: &mut dyn Effects) {
@@ -685,6 +735,18 @@ fn readiness_checks(v: &Version, default_timeout: Duration) -> Vec<Check> {
             Role::Background { .. } => None,
         })
         .collect()
+}
+
+/// What a version's site is rendered from.
+fn switch_job(v: &Version, started: Instant) -> SwitchJob {
+    SwitchJob {
+        version: v.id,
+        deploy: v.deploy,
+        sha256: v.sha256.clone(),
+        config: v.config.clone(),
+        ports: web_ports(v),
+        started,
+    }
 }
 
 /// (webapp index, port) of each webapp.

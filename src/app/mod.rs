@@ -80,6 +80,9 @@ pub struct Shared {
     pub postgres: Option<Provisioner>,
     /// Who apps run as and what they may reach (the status server asks it too).
     pub isolation: Arc<Isolation>,
+    /// The ACME thread, when the global config has an `acme` section: the certificates of
+    /// `ssl: acme` stanzas (`docs/acme.md`).
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 impl Shared {
@@ -89,6 +92,7 @@ impl Shared {
         journal: Journal,
         reports: Arc<Reports>,
         isolation: Arc<Isolation>,
+        acme: Option<Arc<crate::acme::Acme>>,
     ) -> Shared {
         Shared {
             ports: PortPool::new(config.port_range.clone()),
@@ -103,6 +107,7 @@ impl Shared {
             hosts: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
             isolation,
+            acme,
         }
     }
 }
@@ -138,6 +143,10 @@ trait Effects {
     fn drained(&self, version: &Version, age: Duration) -> bool;
     /// Gives back the app's hosts that are not in `used`.
     fn release_hosts(&mut self, used: &[&Hostname]);
+    /// Renders the site of a serving version again and has Nginx take it (a new certificate).
+    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError>;
+    /// No longer wants the certificates of host sets that are not in `used`.
+    fn release_certificates(&mut self, used: &[crate::acme::HostSet]);
     /// A crash restart started a process again.
     fn restarted(&mut self);
     fn deploy_finished(&mut self, result: DeployResult, took: Duration);

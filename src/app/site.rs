@@ -5,13 +5,13 @@ use crate::bundle::middleware::Middlewares;
 use crate::bundle::served::Served;
 use crate::bundle::{BundleConfig, RedirectTo, Tls};
 use crate::config::Config;
-use crate::names::AppName;
+use crate::names::{AppName, Host};
 use crate::nginx::middleware::htpasswd;
 use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
-/// Turns a stanza's `ssl` (and its key path, for messages) into the certificate files Nginx
-/// reads.
-pub type CertSource<'a> = dyn FnMut(&Tls, &str) -> Result<Option<CertFiles>, String> + 'a;
+/// Turns a stanza's `ssl`, the hosts Nginx routes to it, and its key path (for messages) into
+/// the certificate files Nginx reads. For `ssl: acme`, `None` until the certificate exists.
+pub type CertSource<'a> = dyn FnMut(&Tls, &[Host], &str) -> Result<Option<CertFiles>, String> + 'a;
 
 /// What a site is built from: a bundle's configuration, checked against its unpacked folder by
 /// `bundle::check_config` (static roots and certificates are absolute), and where its webapps
@@ -57,7 +57,8 @@ pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Res
                     .connection_time_bound
                     .unwrap_or(global.connection_time_bound),
             },
-            certificate: certs(&w.tls, &w.program.key("ssl"))?,
+            certificate: certs(&w.tls, &w.routed, &w.program.key("ssl"))?,
+            acme: w.tls == Tls::Acme,
             requires_secure: w.requires_secure,
             max_body: max_body(w.max_body),
             middleware: Middlewares::default(),
@@ -128,7 +129,8 @@ fn served(
     Ok(Block {
         hosts: s.routed.clone(),
         content,
-        certificate: certs(&s.tls, &s.key("ssl"))?,
+        certificate: certs(&s.tls, &s.routed, &s.key("ssl"))?,
+        acme: s.tls == Tls::Acme,
         requires_secure: s.requires_secure,
         max_body,
         middleware: Middlewares::default(),

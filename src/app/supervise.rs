@@ -88,6 +88,14 @@ impl Machine {
             .chain(self.retiring.iter().map(|r| &r.version))
             .flat_map(|v| v.config.hosts())
             .collect();
+        // Certificates first (only the serving version's stanzas are routed to): once a host is
+        // given back another app may claim it and want the same set, and a release sent after
+        // that would undo its want.
+        let wanted = self
+            .serving()
+            .map(|v| v.config.acme_sets())
+            .unwrap_or_default();
+        fx.release_certificates(&wanted);
         fx.release_hosts(&used);
     }
 
@@ -154,6 +162,13 @@ impl Machine {
 
     /// Timed work: due restarts, drained old versions, a due deploy retry.
     pub fn tick(&mut self, fx: &mut dyn Effects) {
+        if self.refresh_due
+            && !self.frozen
+            && matches!(self.life, Life::Serving(_))
+            && self.refresh_retry_at.is_none_or(|at| at <= fx.now())
+        {
+            self.refresh(fx);
+        }
         let now = fx.now();
         let name = self.name.clone();
         for v in self.supervised_mut() {
@@ -237,6 +252,7 @@ impl Machine {
             r.bundle_time = v.modified.map(rfc3339);
             r.deploy = Some(v.deploy);
             r.hosts = v.config.hosts().map(|h| h.to_string()).collect();
+            r.certificate_names = v.config.acme_sets().iter().map(|s| s.file_stem()).collect();
             r.processes = v
                 .procs
                 .iter()

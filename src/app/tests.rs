@@ -40,6 +40,10 @@ struct Fake {
     restarted: usize,
     finished: Vec<DeployResult>,
     stopped: Vec<u64>,
+    /// Versions whose site was rendered again (a new certificate).
+    refreshed: Vec<u64>,
+    /// Refreshes that fail from now on, counted down.
+    failing_refreshes: usize,
 }
 
 impl Fake {
@@ -61,6 +65,8 @@ impl Fake {
             restarted: 0,
             finished: Vec::new(),
             stopped: Vec::new(),
+            refreshed: Vec::new(),
+            failing_refreshes: 0,
         }
     }
 
@@ -132,6 +138,15 @@ impl Effects for Fake {
         self.drained
     }
     fn release_hosts(&mut self, _: &[&Hostname]) {}
+    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
+        self.refreshed.push(job.version);
+        if self.failing_refreshes > 0 {
+            self.failing_refreshes -= 1;
+            return Err(DeployError::Nginx(NginxError::Unconfirmed("test".into())));
+        }
+        Ok(10)
+    }
+    fn release_certificates(&mut self, _: &[crate::acme::HostSet]) {}
     fn restarted(&mut self) {
         self.restarted += 1;
     }
@@ -654,3 +669,78 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
 }
 
 mod takeover;
+
+#[test]
+fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app() {
+    let mut fx = Fake::new();
+    let mut m = machine();
+    let id = serve(&mut m, &mut fx, 1, WEB);
+    let spawned = fx.spawned.len();
+    let certificate = || Event::Certificate {
+        hosts: "app.example.com".into(),
+    };
+    m.handle(certificate(), &mut fx);
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now), "due at once");
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id]);
+    assert!(!m.refresh_due);
+    assert_eq!(fx.spawned.len(), spawned, "no process was started");
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id));
+
+    // During a deploy it waits until a version serves again (the candidate's switch renders
+    // with what the certificates are by then, and once more after).
+    deploy(&mut m, &mut fx, 2);
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id]);
+    let next = fx.prepares.last().unwrap().id;
+    m.handle(
+        Event::Prepared {
+            id: next,
+            result: Ok(Prepared::Version(Box::new(version(next, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Ready {
+            version: next,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.handle(
+        Event::Switched {
+            version: next,
+            result: Ok(()),
+        },
+        &mut fx,
+    );
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next]);
+
+    // Frozen for an upgrade: nothing changes Nginx until the thaw.
+    m.frozen = true;
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(m.next_deadline(fx.now).filter(|t| *t == fx.now), None);
+    assert_eq!(fx.refreshed, [id, next]);
+    m.frozen = false;
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next, next]);
+
+    // Nginx does not take it: tried again later, not at every event.
+    fx.failing_refreshes = 1;
+    m.handle(certificate(), &mut fx);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed.len(), 4);
+    assert!(m.refresh_due);
+    let due = m.refresh_retry_at.unwrap();
+    assert_eq!(due, fx.now + super::machine::REFRESH_RETRY);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed.len(), 4);
+    fx.advance(super::machine::REFRESH_RETRY);
+    assert_eq!(m.next_deadline(fx.now), Some(due));
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, next, next, next, next]);
+    assert!(!m.refresh_due);
+}

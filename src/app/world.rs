@@ -3,7 +3,7 @@
 //! port pool, Nginx and the reports. The state machine (`machine.rs`) decides; this carries it
 //! out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,8 @@ use super::deploy::{self, Check, PrepareJob, SwitchJob};
 use super::machine::Event;
 use super::record::AppRecord;
 use super::version::{FileStamp, Version};
-use super::{Effects, Shared};
+use super::{DeployError, Effects, Shared};
+use crate::acme::HostSet;
 use crate::applog::AppLog;
 use crate::memory::Burst;
 use crate::names::{AppName, Hostname};
@@ -64,6 +65,8 @@ pub(super) struct World {
     stack_unused: bool,
     /// The record last written, so that only a change is written.
     saved: Option<AppRecord>,
+    /// The host sets whose certificates this app asked the ACME thread for.
+    certificates: BTreeSet<HostSet>,
 }
 
 impl World {
@@ -88,6 +91,7 @@ impl World {
             burst_over: false,
             stack_unused: false,
             saved: None,
+            certificates: BTreeSet::new(),
         }
     }
 
@@ -240,10 +244,11 @@ impl Effects for World {
 
     fn switch(&mut self, job: SwitchJob) {
         self.probes.remove(&job.version);
-        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.certificates.extend(job.config.acme_sets());
+        let (shared, name, tx) = (self.shared.clone(), self.name.clone(), self.tx.clone());
         self.run_stage("switch", move || Event::Switched {
             version: job.version,
-            result: deploy::switch(&shared, &name, &job),
+            result: deploy::switch(&shared, &name, &job, &tx),
         });
     }
 
@@ -314,6 +319,28 @@ impl Effects for World {
     fn release_hosts(&mut self, used: &[&Hostname]) {
         let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
         hosts.retain(|h, owner| owner != &self.name || used.contains(&h));
+    }
+
+    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
+        self.certificates.extend(job.config.acme_sets());
+        deploy::refresh(&self.shared, &self.name, &job, &self.tx)
+    }
+
+    fn release_certificates(&mut self, used: &[HostSet]) {
+        let Some(acme) = &self.shared.acme else {
+            return;
+        };
+        self.certificates.retain(|set| {
+            let keep = used.contains(set);
+            if !keep {
+                log::info!(
+                    "{}: no longer serves {set}; its certificate is not renewed any more",
+                    self.name
+                );
+                acme.release(set);
+            }
+            keep
+        });
     }
 
     fn restarted(&mut self) {

@@ -133,6 +133,41 @@ impl BundleConfig {
             .map(|h| &h.name)
     }
 
+    /// Every stanza with hosts: its `ssl`, its hosts and the key path of its `ssl`.
+    pub fn tls_stanzas(&self) -> Vec<(&Tls, &[Host], String)> {
+        self.webapps
+            .iter()
+            .map(|w| (&w.tls, w.hosts.as_slice(), w.program.key("ssl")))
+            .chain(
+                self.served()
+                    .map(|s| (&s.tls, s.hosts.as_slice(), s.key("ssl"))),
+            )
+            .collect()
+    }
+
+    /// The host sets of the stanzas with `ssl: acme` that Nginx routes hosts to: what this
+    /// configuration wants certificates for (checked by `bundle::check_config`, so a set that
+    /// cannot be made is left out).
+    pub fn acme_sets(&self) -> Vec<crate::acme::HostSet> {
+        let routed = self
+            .webapps
+            .iter()
+            .map(|w| (&w.tls, w.routed.as_slice()))
+            .chain(self.served().map(|s| (&s.tls, s.routed.as_slice())));
+        let mut out: Vec<crate::acme::HostSet> = Vec::new();
+        for (tls, hosts) in routed {
+            if *tls != Tls::Acme {
+                continue;
+            }
+            if let Some(set) = acme_set(hosts)
+                && !out.contains(&set)
+            {
+                out.push(set);
+            }
+        }
+        out
+    }
+
     /// The shared keys of every stanza Nginx serves by itself.
     fn served(&self) -> impl Iterator<Item = &Served> {
         self.statics
@@ -141,6 +176,13 @@ impl BundleConfig {
             .chain(self.redirects.iter().map(|r| &r.served))
             .chain(self.proxies.iter().map(|p| &p.served))
     }
+}
+
+/// The host set of one certificate for `hosts` (ports dropped: a certificate names hosts);
+/// `None` when there are none or one is a wildcard.
+pub fn acme_set(hosts: &[Host]) -> Option<crate::acme::HostSet> {
+    let names: Vec<Hostname> = hosts.iter().map(|h| h.name.clone()).collect();
+    crate::acme::HostSet::new(&names).ok()
 }
 
 /// Reads a parsed `keter.yaml`. Problems are recorded with `problems`' file name.

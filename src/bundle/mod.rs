@@ -34,6 +34,9 @@ pub struct Context {
     /// Check what lives on the host (absolute `exec`, certificates and static roots outside
     /// the bundle). `keter bundle` packs on a build machine and leaves them to the host.
     pub host: bool,
+    /// The global configuration has an `acme` section, which `ssl: acme` needs (checked only
+    /// with `host`).
+    pub acme: bool,
 }
 
 impl Context {
@@ -42,6 +45,7 @@ impl Context {
         Context {
             allowed_static_roots: config.allowed_static_roots.clone(),
             host: true,
+            acme: config.acme.is_some(),
         }
     }
 }
@@ -122,6 +126,11 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
             Err(e) => problems.error(key, e),
         }
     }
+    for (tls, hosts, key) in config.tls_stanzas() {
+        if *tls == Tls::Acme {
+            check_acme(hosts, ctx, &key, problems);
+        }
+    }
     let served = config
         .webapps
         .iter_mut()
@@ -143,6 +152,21 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
         }));
     for (tls, key) in served {
         resolve_certificate(tls, dir, ctx, &key, problems);
+    }
+}
+
+/// `ssl: acme`: the stanza's hosts must make a host set the CA can issue one certificate for
+/// over HTTP-01 (no wildcard), and keter must know a CA (the global `acme` section).
+fn check_acme(hosts: &[crate::names::Host], ctx: &Context, key: &str, problems: &mut Problems) {
+    let names: Vec<crate::names::Hostname> = hosts.iter().map(|h| h.name.clone()).collect();
+    if let Err(e) = crate::acme::HostSet::new(&names) {
+        problems.error(key, e);
+    }
+    if ctx.host && !ctx.acme {
+        problems.error(
+            key,
+            "ssl: acme needs the `acme` section of keter's global configuration (the CA's directory, a contact e-mail and accept-terms: true), which it does not have",
+        );
     }
 }
 

@@ -30,6 +30,10 @@ pub enum Tls {
         certificate: PathBuf,
         chain: Vec<PathBuf>,
     },
+    /// `ssl: acme`: keter obtains and renews one certificate for the stanza's hosts over ACME
+    /// (`src/acme/`, `docs/acme.md`); until it exists the hosts are served over plain HTTP
+    /// only. Needs the global `acme` section; wildcard hosts are refused.
+    Acme,
 }
 
 /// The keys shared by every stanza that Nginx routes hosts to.
@@ -224,6 +228,7 @@ fn read_tls(f: &mut Fields, problems: &mut Problems) -> Tls {
                 }
             }
         }
+        Some(Value::String(s)) if s == "acme" => Tls::Acme,
         Some(_) => match f.bool("ssl", problems) {
             Some(true) => Tls::Listener,
             _ => Tls::Off,

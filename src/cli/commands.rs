@@ -11,7 +11,7 @@ use crate::app::{SiteSource, site_of};
 use crate::bundle::Tls;
 use crate::bundle::{self, BundleConfig};
 use crate::config::{self, BundleLimits, Config};
-use crate::names::AppName;
+use crate::names::{AppName, Host};
 use crate::nginx::{CertFiles, Renderer};
 use crate::problem::Problem;
 use crate::status::client;
@@ -104,17 +104,24 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
         .clone()
         .unwrap_or_else(|| "none (rendered from a folder, not a bundle file)".into());
     // Certificates are shown where they are (checked already); the daemon copies them out.
-    let mut certs = |tls: &Tls, _origin: &str| -> Result<Option<CertFiles>, String> {
-        match tls {
-            Tls::Own {
-                key, certificate, ..
-            } => Ok(Some(CertFiles {
-                certificate: certificate.clone(),
-                key: key.clone(),
-            })),
-            _ => Ok(None),
-        }
-    };
+    // An `ssl: acme` stanza is shown as it is served before its certificate exists.
+    let mut acme_stanzas: Vec<String> = Vec::new();
+    let mut certs =
+        |tls: &Tls, _hosts: &[Host], origin: &str| -> Result<Option<CertFiles>, String> {
+            match tls {
+                Tls::Acme => {
+                    acme_stanzas.push(origin.to_string());
+                    Ok(None)
+                }
+                Tls::Own {
+                    key, certificate, ..
+                } => Ok(Some(CertFiles {
+                    certificate: certificate.clone(),
+                    key: key.clone(),
+                })),
+                _ => Ok(None),
+            }
+        };
     let source = SiteSource {
         app: &app,
         bundle: bundle_config,
@@ -134,6 +141,13 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
                  # keter picks free ports when it deploys. Deploy and generation numbers are 0.\n\
                  # Configuration: {config_note}.\n"
             );
+            if !acme_stanzas.is_empty() {
+                println!(
+                    "# {}: acme. Shown as served before the certificate exists (plain HTTP, no\n\
+                     # redirect); once obtained, TLS server blocks with it are added.\n",
+                    acme_stanzas.join(", ")
+                );
+            }
             print!("{text}");
             ExitCode::SUCCESS
         }

@@ -11,6 +11,8 @@ use crate::names::{Host, Hostname, RedirectUrl};
 
 const BASE_CONFIG: &str = "root: /srv/keter\nlisteners: [{host: 127.0.0.1, port: 8080}]\n";
 const TLS_CONFIG: &str = "root: /srv/keter\nexternal-https-port: 8443\nlisteners:\n  - {host: 127.0.0.1, port: 8080}\n  - {host: 127.0.0.1, port: 8443, key: /srv/keter/tls/key.pem, certificate: /srv/keter/tls/cert.pem}\n";
+/// A TLS listener without a certificate of its own, for stanzas that bring one (ACME).
+const BARE_TLS_CONFIG: &str = "root: /srv/keter\nexternal-https-port: 8443\nlisteners:\n  - {host: 127.0.0.1, port: 8080}\n  - {host: 127.0.0.1, port: 8443, tls: true}\n";
 
 fn renderer(yaml: &str) -> Renderer {
     let (config, problems) = Config::parse(yaml, Path::new("/"), "golden.yaml");
@@ -41,6 +43,7 @@ fn block(names: &[&str], content: Content) -> Block {
         hosts: hosts(names),
         content,
         certificate: None,
+        acme: false,
         requires_secure: false,
         max_body: 0,
         middleware: Middlewares::default(),
@@ -188,6 +191,21 @@ pub(crate) fn cases() -> Vec<(&'static str, String)> {
         &tls,
         site(vec![secure, own]),
     );
+    // `ssl: acme` with requires-secure: before its certificate plain HTTP only (no redirect,
+    // no TLS server with the listener's certificate); after, the TLS server with the ACME
+    // file as both key and certificate, and the redirect.
+    let mut waiting = app(4008, &["shop.example.com", "www.shop.example.com"]);
+    waiting.acme = true;
+    waiting.requires_secure = true;
+    let mut obtained = waiting.clone();
+    obtained.certificate = Some(CertFiles {
+        certificate: PathBuf::from("/srv/keter/etc/acme/certs/shop.example.com-1a2b3c4d.pem"),
+        key: PathBuf::from("/srv/keter/etc/acme/certs/shop.example.com-1a2b3c4d.pem"),
+    });
+    let bare_tls = renderer(BARE_TLS_CONFIG);
+    add("acme-before-certificate", &bare_tls, site(vec![waiting]));
+    add("acme-with-certificate", &bare_tls, site(vec![obtained]));
+    let bare_main = bare_tls.main_conf(Some(Duration::from_secs(300))).unwrap();
     // Every middleware Nginx does, on a webapp and a static-files stanza, with a body limit.
     let mut with_mw = app(4006, &["mw.example.com"]);
     with_mw.middleware = every_middleware();
@@ -231,6 +249,7 @@ pub(crate) fn cases() -> Vec<(&'static str, String)> {
             ],
         )]),
     );
+    out.push(("main-managed-tls-without-certificate", bare_main));
     out.push((
         "main-managed-tls",
         tls.main_conf(Some(Duration::from_secs(300))).unwrap(),

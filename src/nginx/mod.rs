@@ -112,6 +112,8 @@ struct UpstreamView {
 #[derive(Serialize)]
 struct ListenView {
     listens: Vec<String>,
+    /// A TLS listener (with `certificate`, or rejecting the handshake of names without one).
+    tls: bool,
     certificate: Option<CertFiles>,
     session_cache: bool,
 }
@@ -298,11 +300,15 @@ impl Renderer {
                 (!listens.is_empty()).then(|| ListenView {
                     listens: listens
                         .into_iter()
-                        .map(|a| match cert {
-                            Some(_) => format!("{a} ssl http2"),
-                            None => a,
+                        .map(|a| {
+                            if l.is_tls() {
+                                format!("{a} ssl http2")
+                            } else {
+                                a
+                            }
                         })
                         .collect(),
+                    tls: l.is_tls(),
                     certificate: cert.clone(),
                     session_cache: l.session,
                 })

@@ -63,6 +63,10 @@ pub struct Block {
     /// The stanza's own certificate (copied into keter's folder); otherwise each TLS
     /// listener's.
     pub certificate: Option<CertFiles>,
+    /// The certificate comes over ACME (`ssl: acme`): never the listeners' own. Until it
+    /// exists (`certificate` is `None`) the hosts get no TLS server, and `requires_secure`
+    /// no redirect to an HTTPS that would not work.
+    pub acme: bool,
     /// Plain HTTP requests get a 301 to https.
     pub requires_secure: bool,
     /// `client_max_body_size`; 0 for no limit.
@@ -281,22 +285,22 @@ pub(super) fn servers(
         front
             .listeners
             .iter()
-            .filter(|l| l.tls.is_none())
+            .filter(|l| !l.is_tls())
             .flat_map(|l| l.nginx_addresses()),
     );
-    let has_tls = front.listeners.iter().any(|l| l.tls.is_some());
     // TLS listeners, grouped by the certificate they present for these hosts and whether
     // they resume sessions.
     let mut groups: Vec<(CertFiles, bool, Vec<String>)> = Vec::new();
     for (i, l) in front.listeners.iter().enumerate() {
-        if l.tls.is_none() {
+        if !l.is_tls() {
             continue;
         }
-        let Some(cert) = block
-            .certificate
-            .clone()
-            .or_else(|| front.listener_certs.get(i).cloned().flatten())
-        else {
+        let own = block.certificate.clone();
+        let Some(cert) = (if block.acme {
+            own
+        } else {
+            own.or_else(|| front.listener_certs.get(i).cloned().flatten())
+        }) else {
             continue;
         };
         let listens = l
@@ -327,7 +331,7 @@ pub(super) fn servers(
             host_check: host_check.clone(),
             max_body: block.max_body,
             acme: tls.is_none(),
-            redirect_https: tls.is_none() && block.requires_secure && has_tls,
+            redirect_https: tls.is_none() && block.requires_secure && !groups.is_empty(),
             https_suffix: if front.external_https_port == 443 {
                 String::new()
             } else {

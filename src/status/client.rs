@@ -167,6 +167,14 @@ pub fn table(api: &Value) -> Result<String, String> {
         if let Some(at) = retry_at {
             errors.push(format!("{name}: the failed deploy is tried again at {at}"));
         }
+        for c in app
+            .get("certificates")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            errors.push(certificate_line(&name, c));
+        }
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -189,6 +197,38 @@ pub fn table(api: &Value) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// One certificate over ACME: its hosts and state, until when it is valid, and why there is
+/// none yet with the next attempt.
+fn certificate_line(app: &str, c: &Value) -> String {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("?").to_string();
+    let hosts: Vec<&str> = c
+        .get("hosts")
+        .and_then(Value::as_array)
+        .map(|h| h.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut line = format!(
+        "{app}: certificate for {}: {}",
+        hosts.join(","),
+        text(c.get("state"))
+    );
+    if let Some(until) = c.get("valid_until").and_then(Value::as_str) {
+        line.push_str(&format!(", valid until {until}"));
+    }
+    match c.get("last_error").filter(|e| e.is_object()) {
+        Some(e) => line.push_str(&format!(
+            "; last attempt failed ({}): {}; next attempt at {}",
+            text(e.get("kind")),
+            text(e.get("message")),
+            text(c.get("next_attempt"))
+        )),
+        None => line.push_str(&format!(
+            "; next attempt at {}",
+            text(c.get("next_attempt"))
+        )),
+    }
+    line
 }
 
 #[cfg(test)]

@@ -81,6 +81,42 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
         );
     }
 
+    let certs = reports.certificates();
+    family(
+        &mut out,
+        "keter_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the certificate over ACME of a host set expires (Unix time); absent until one exists.",
+    );
+    for c in &certs {
+        if let Some(t) = c.valid_until {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            sample(
+                &mut out,
+                "keter_certificate_expiry_timestamp_seconds",
+                &[("certificate", &c.name)],
+                secs,
+            );
+        }
+    }
+    family(
+        &mut out,
+        "keter_certificate_failures",
+        "gauge",
+        "Failed ACME attempts of a host set since its last success.",
+    );
+    for c in &certs {
+        sample(
+            &mut out,
+            "keter_certificate_failures",
+            &[("certificate", &c.name)],
+            c.failures,
+        );
+    }
+
     for (name, help, value) in [
         (
             "keter_nginx_reloads_total",

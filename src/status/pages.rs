@@ -10,7 +10,7 @@ use std::fmt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::report::{AppReport, AppState};
+use crate::report::{AppReport, AppState, rfc3339};
 
 const LAYOUT: &str = include_str!("../../templates/status/layout.html");
 const OVERVIEW: &str = include_str!("../../templates/status/overview.html");
@@ -69,6 +69,21 @@ struct AppView {
     log_lines_dropped: u64,
     draining: usize,
     processes: Vec<ProcessView>,
+    /// The `ssl: acme` stanzas' certificates.
+    certificates: Vec<CertView>,
+}
+
+/// One certificate over ACME, formatted for display.
+#[derive(Debug, Serialize)]
+struct CertView {
+    hosts: String,
+    state: &'static str,
+    valid_until: String,
+    renew_at: String,
+    next_attempt: String,
+    failures: u32,
+    /// `kind: message` of the last failed attempt, empty after a success.
+    error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -279,7 +294,33 @@ impl Pages {
                     restarts: p.restarts,
                 })
                 .collect(),
+            certificates: a.certificates.iter().map(cert_view).collect(),
         }
+    }
+}
+
+fn cert_view(c: &crate::acme::CertStatus) -> CertView {
+    let time = |t: Option<std::time::SystemTime>| {
+        t.map(|t| shown_time(&rfc3339(t)))
+            .unwrap_or_else(|| "-".into())
+    };
+    CertView {
+        hosts: c.hosts.join(", "),
+        state: match c.state {
+            crate::acme::CertState::Obtaining => "obtaining",
+            crate::acme::CertState::Valid => "valid",
+            crate::acme::CertState::Renewing => "renewing",
+            crate::acme::CertState::Expired => "expired",
+        },
+        valid_until: time(c.valid_until),
+        renew_at: time(c.renew_at),
+        next_attempt: time(Some(c.next_attempt)),
+        failures: c.failures,
+        error: c
+            .last_error
+            .as_ref()
+            .map(|e| format!("{}: {}", e.kind.as_str(), e.message))
+            .unwrap_or_default(),
     }
 }
 

@@ -96,10 +96,14 @@ impl StatusServer {
         };
         let router = router(state);
         let (stop, stopped) = watch::channel(false);
+        // The first bind happens before `start` returns, so that the interface answers once
+        // the daemon says it is ready (its "watching" line, systemd's READY=1); later
+        // attempts, while the address is taken, run on the server's thread.
+        let first = runtime.block_on(bind(&address));
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || {
-                runtime.block_on(serve(address, router, stopped));
+                runtime.block_on(serve(address, first, router, stopped));
                 // Connections still open after the grace period are dropped with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(500));
             });
@@ -137,15 +141,29 @@ fn router(state: ServerState) -> Router {
         .with_state(state)
 }
 
-/// Binds (retrying while the address is taken) and serves until `stopped` turns true.
-async fn serve(address: StatusAddress, router: Router, mut stopped: watch::Receiver<bool>) {
+async fn bind(address: &StatusAddress) -> io::Result<Listening> {
+    match address {
+        StatusAddress::Tcp(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Listening::Tcp),
+        StatusAddress::Unix(path) => bind_unix(path).await.map(Listening::Unix),
+    }
+}
+
+/// Serves on `first` (the result of the first bind) or, while the address is taken, binds
+/// again every `BIND_RETRY`, until `stopped` turns true.
+async fn serve(
+    address: StatusAddress,
+    first: io::Result<Listening>,
+    router: Router,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut reported = false;
+    let mut next = Some(first);
     loop {
-        let bound = match &address {
-            StatusAddress::Tcp(addr) => tokio::net::TcpListener::bind(addr)
-                .await
-                .map(Listening::Tcp),
-            StatusAddress::Unix(path) => bind_unix(path).await.map(Listening::Unix),
+        let bound = match next.take() {
+            Some(b) => b,
+            None => bind(&address).await,
         };
         match bound {
             Ok(listening) => {

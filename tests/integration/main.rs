@@ -6,6 +6,7 @@ mod pebble;
 mod support;
 
 mod acme;
+mod acme_stanzas;
 mod commands;
 mod craft;
 mod deploy_loop;

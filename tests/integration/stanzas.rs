@@ -109,6 +109,15 @@ fn golden_files_pass_nginx_t() {
     let (cert, key) = self_signed(&own, "own-cert.example.com");
     fs::rename(cert, own.join("certificate.pem")).unwrap();
     fs::rename(key, own.join("key.pem")).unwrap();
+    // An ACME certificate: key and chain in one file, as keter's ACME client stores it.
+    let acme = root.join("etc/acme/certs");
+    let (cert, key) = self_signed(&acme, "shop.example.com");
+    let both = format!(
+        "{}{}",
+        fs::read_to_string(&key).unwrap(),
+        fs::read_to_string(&cert).unwrap()
+    );
+    fs::write(acme.join("shop.example.com-1a2b3c4d.pem"), both).unwrap();
     let prefix = root.join("nginx");
     fs::create_dir_all(prefix.join("temp")).unwrap();
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
@@ -153,7 +162,7 @@ fn golden_files_pass_nginx_t() {
         );
         checked += 1;
     }
-    assert!(checked >= 8, "only {checked} golden files");
+    assert!(checked >= 13, "only {checked} golden files");
 }
 
 #[test]

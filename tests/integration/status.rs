@@ -38,6 +38,13 @@ pub fn json(k: &Keter, path: &str) -> Value {
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body))
 }
 
+/// An HTML page of the status interface.
+pub fn page(k: &Keter, path: &str) -> String {
+    let r = status_get(k, path);
+    assert_eq!(r.status, 200, "{path}: {r:?}");
+    r.body
+}
+
 /// Waits until the API reports `app` in `state`; returns its report.
 pub fn wait_state(k: &Keter, app: &str, state: &str) -> Value {
     let start = Instant::now();
