@@ -359,7 +359,10 @@ mod tests {
     fn idle_work_runs_idle_then_normal_after_the_grace_and_the_caller_never_changes() {
         let before = policy();
         // A grace longer than the work: it runs idle from its first instruction.
-        assert_eq!(when_idle(Duration::from_secs(600), policy), libc::SCHED_IDLE);
+        assert_eq!(
+            when_idle(Duration::from_secs(600), policy),
+            libc::SCHED_IDLE
+        );
         // Work that outlasts its grace gets the normal policy back (waited for, not timed:
         // the caller switches it once the grace has passed, however busy the machine is).
         let after_grace = when_idle(Duration::from_millis(20), || {
