@@ -133,9 +133,11 @@ pub fn when_idle<T: Send>(grace: Duration, work: impl FnOnce() -> T + Send) -> T
         let spawned = std::thread::Builder::new()
             .name("idle-work".into())
             .spawn_scoped(scope, move || {
+                // Idle before the caller learns the thread id, so that the caller's switch
+                // back to the normal policy can never come first and be undone.
+                set_policy(0, libc::SCHED_IDLE);
                 // SAFETY: gettid has no preconditions.
                 let _ = tx.send(unsafe { libc::gettid() });
-                set_policy(0, libc::SCHED_IDLE);
                 (work.take().expect("run once"))()
             })
             .ok()?;
@@ -356,12 +358,20 @@ mod tests {
     #[test]
     fn idle_work_runs_idle_then_normal_after_the_grace_and_the_caller_never_changes() {
         let before = policy();
-        let (at_start, after_grace) = when_idle(Duration::from_millis(20), || {
-            let at_start = policy();
-            std::thread::sleep(Duration::from_millis(300));
-            (at_start, policy())
+        // A grace longer than the work: it runs idle from its first instruction.
+        assert_eq!(
+            when_idle(Duration::from_secs(600), policy),
+            libc::SCHED_IDLE
+        );
+        // Work that outlasts its grace gets the normal policy back (waited for, not timed:
+        // the caller switches it once the grace has passed, however busy the machine is).
+        let after_grace = when_idle(Duration::from_millis(20), || {
+            let give_up = std::time::Instant::now() + Duration::from_secs(60);
+            while policy() != libc::SCHED_OTHER && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            policy()
         });
-        assert_eq!(at_start, libc::SCHED_IDLE);
         assert_eq!(after_grace, libc::SCHED_OTHER);
         assert_eq!(policy(), before);
         assert_eq!(when_idle(Duration::from_secs(5), || 7), 7);
