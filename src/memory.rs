@@ -54,6 +54,9 @@ const STACK_KEPT: usize = 2 * 1024;
 /// state, over a kilobyte, by value); once the deploy is over those pages would stay resident
 /// for as long as the app runs. Call it from the shallowest frame the thread has. Pages
 /// touched again later come back as zeros, which is all a stack below its pointer may hold.
+/// Never inlined: its own small frame must lie below every frame of its caller, so that the
+/// pages it drops hold none of the caller's locals.
+#[inline(never)]
 pub fn release_stack() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
