@@ -5,7 +5,9 @@
 //!
 //! Nothing that reads an app's output waits for the disk: lines are queued for the one writer
 //! thread that all apps share, and a line that does not fit the app's share of the queue is
-//! dropped and counted (a slow or full disk must never block the app on its own stdout).
+//! dropped and counted (a slow or full disk must never block the app on its own stdout). The
+//! reader (`src/childwatch.rs`) reads a pipe no faster than [`AppLog::room`] allows, so that
+//! only lines an app prints while its pipe is about full are ever dropped.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -20,7 +22,7 @@ use crossbeam_channel::{Sender, unbounded};
 /// How many recent lines are kept in memory.
 const TAIL_LINES: usize = 200;
 /// An app's lines waiting for the writer before its new ones are dropped.
-const QUEUE_LINES: usize = 4096;
+pub const QUEUE_LINES: usize = 4096;
 /// Longest line kept; longer ones are cut (a binary blob on stdout has no newlines).
 pub const MAX_LINE: usize = 16 * 1024;
 
@@ -117,6 +119,11 @@ impl AppLog {
             .skip(tail.len().saturating_sub(n))
             .cloned()
             .collect()
+    }
+
+    /// How many more lines fit this app's share of the writer's queue before they are dropped.
+    pub fn room(&self) -> usize {
+        QUEUE_LINES.saturating_sub(self.shared.queued.load(Ordering::Relaxed))
     }
 
     /// Lines dropped because the writer could not keep up.

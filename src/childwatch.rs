@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::applog::{AppLog, MAX_LINE};
+use crate::applog::{AppLog, MAX_LINE, QUEUE_LINES};
 
 /// Called on the watch thread with the pid and exit status once the process has exited (and,
 /// if it is keter's child, been reaped). The status is `None` for a process keter did not
@@ -37,6 +37,14 @@ pub type OnExit = Box<dyn FnOnce(i32, Option<ExitStatus>) + Send>;
 const READ_PER_TURN: usize = 64 * 1024;
 /// The epoll token of the descriptor that wakes the thread to pause it.
 const WAKE: u64 = 0;
+/// A pipe is read only while its app has at least this much room in the log writer's queue,
+/// and then at most one byte per free place (no read can bring more lines than fit): the rest
+/// waits in the pipe, its kernel buffer. Without it, a backlog of up to a whole pipe (after a
+/// handover, or a keter started again) arrives in one burst, far faster than the writer
+/// writes, and its lines past the app's share of the queue would be dropped.
+const MIN_ROOM: usize = QUEUE_LINES / 4;
+/// How often a pipe held back for want of room is looked at again, in milliseconds.
+const HELD_RECHECK_MS: u16 = 10;
 
 enum Watched {
     Output {
@@ -240,8 +248,15 @@ impl Watch {
     fn run(&self) {
         let mut events = vec![EpollEvent::empty(); 64];
         let mut buf = vec![0u8; READ_PER_TURN];
+        // Pipes out of the epoll set until their app's log has room again.
+        let mut held = Vec::new();
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            let timeout = if held.is_empty() {
+                EpollTimeout::NONE
+            } else {
+                EpollTimeout::from(HELD_RECHECK_MS)
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
@@ -257,10 +272,32 @@ impl Watch {
             }
             for ev in &events[..n] {
                 if ev.data() != WAKE {
-                    self.ready(ev.data(), &mut buf);
+                    self.ready(ev.data(), &mut buf, &mut held);
                 }
             }
+            self.release(&mut held);
         }
+    }
+
+    /// Puts back in the epoll set the held pipes whose app has room again.
+    fn release(&self, held: &mut Vec<u64>) {
+        if held.is_empty() {
+            return;
+        }
+        let entries = self.lock();
+        held.retain(|token| {
+            let Some(Watched::Output { pipe, log, .. }) = entries.get(token) else {
+                return false;
+            };
+            if log.room() < QUEUE_LINES / 2 && !nearly_full(pipe) {
+                return true;
+            }
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, *token);
+            if let Err(e) = self.epoll.add(pipe.as_fd(), event) {
+                log::error!("cannot watch an app's output pipe again: {e}");
+            }
+            false
+        });
     }
 
     /// Waits while a pause is asked for.
@@ -281,7 +318,7 @@ impl Watch {
         self.changed.notify_all();
     }
 
-    fn ready(&self, token: u64, buf: &mut [u8]) {
+    fn ready(&self, token: u64, buf: &mut [u8], held: &mut Vec<u64>) {
         if self.pause_lock().requested {
             return; // level-triggered: it comes back after the pause
         }
@@ -290,7 +327,20 @@ impl Watch {
             Some(Watched::Output {
                 pipe, log, partial, ..
             }) => {
-                if read_lines(pipe, log, partial, buf) {
+                // A pipe about to fill is read whatever the room: the app must never block on
+                // its output because the disk is slow (what does not fit is dropped, counted).
+                let room = log.room();
+                let limit = if room >= MIN_ROOM {
+                    room.min(buf.len())
+                } else if nearly_full(pipe) {
+                    buf.len()
+                } else {
+                    if self.epoll.delete(pipe.as_fd()).is_ok() {
+                        held.push(token);
+                    }
+                    return;
+                };
+                if read_lines(pipe, log, partial, &mut buf[..limit]) {
                     return;
                 }
                 if let Some(Watched::Output { pipe, ino, .. }) = entries.remove(&token) {
@@ -403,6 +453,20 @@ fn log_line(log: &AppLog, mut line: &[u8]) {
     log.line(&String::from_utf8_lossy(line));
 }
 
+/// Whether `pipe` is fifteen sixteenths full or more (its writer blocks when it is full).
+fn nearly_full(pipe: &File) -> bool {
+    let fd = pipe.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes an int to a valid pointer; F_GETPIPE_SZ reads nothing.
+    let (r, size) = unsafe {
+        (
+            libc::ioctl(fd, libc::FIONREAD, &mut queued),
+            libc::fcntl(fd, libc::F_GETPIPE_SZ),
+        )
+    };
+    r == 0 && size > 0 && queued >= size - size / 16
+}
+
 fn set_nonblocking(file: &File) -> io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl on a descriptor this function borrows.
@@ -439,6 +503,51 @@ mod tests {
             .into_iter()
             .map(|l| l.split_once(' ').unwrap().1.to_string())
             .collect()
+    }
+
+    /// What an app printed while no keter read it (a handover, a keter started again) waits
+    /// in its pipe, many times its share of the log writer's queue: all of it is written.
+    #[test]
+    fn a_backlog_in_the_pipe_reaches_the_log_without_a_drop() {
+        let dir = std::env::temp_dir().join(format!("keter-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app-b.log");
+        let log = AppLog::open(LogTarget::File {
+            path: path.clone(),
+            max_bytes: 1 << 30,
+            keep: 1,
+        })
+        .unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors that nothing else owns.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both were just opened and are owned here alone.
+        let (read_end, mut write_end) =
+            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor owned here.
+        assert!(unsafe { libc::fcntl(fds[0], libc::F_SETPIPE_SZ, 1 << 20) } >= 1 << 20);
+        let lines = 10 * QUEUE_LINES;
+        let text: String = (0..lines).map(|i| format!("l {i}\n")).collect();
+        assert!(text.len() < (1 << 20) / 2);
+        std::io::Write::write_all(&mut write_end, text.as_bytes()).unwrap();
+        drop(write_end);
+        output(read_end, log.clone()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let written = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() >= lines || log.dropped() > 0 {
+                break text;
+            }
+            assert!(std::time::Instant::now() < deadline, "lines never written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(log.dropped(), 0, "lines were dropped");
+        let numbers: Vec<usize> = written
+            .lines()
+            .map(|l| l.split_once(" l ").unwrap().1.parse().unwrap())
+            .collect();
+        assert_eq!(numbers, (0..lines).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
