@@ -307,6 +307,38 @@ fn in_place_upgrades_hand_every_app_over_to_the_new_binary() {
 }
 
 #[test]
+fn a_slow_upgrade_writes_every_line_the_apps_printed_meanwhile() {
+    let dir = TempDir::new("takeover-slow-bin");
+    let bin = own_binary(&dir.0);
+    let real = build();
+    let k = Keter::start_with(
+        "takeover-slow",
+        Opts {
+            binary: Some(bin.clone()),
+            ..Opts::default()
+        },
+    );
+    deploy_three(&k);
+    let hosts: Vec<&str> = APPS.iter().map(|(_, h)| *h).collect();
+    let traffic = Traffic::start(k.addr(), &hosts, 2, 2, PAUSE);
+    // A new image that takes 15 s to start, as a loaded machine makes it: what the apps print
+    // meanwhile (thousands of lines each, more than fit an app's share of the log writer's
+    // queue) waits in their pipes and reaches the new image at once.
+    script(
+        &bin,
+        &format!(
+            "if [ \"$1\" != --check-handover ]; then sleep 15; fi\nexec {} \"$@\"",
+            real.display()
+        ),
+    );
+    k.signal(Signal::SIGUSR2);
+    k.wait_log("keter: upgraded in place", WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = traffic.stop();
+    assert_nothing_lost(&k, &tally, None);
+}
+
+#[test]
 fn an_upgrade_that_cannot_happen_leaves_the_running_keter_in_charge() {
     let dir = TempDir::new("takeover-refused-bin");
     let bin = own_binary(&dir.0);
