@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,11 +66,16 @@ impl ListenerCa {
     }
 }
 
-/// A child process stopped (and reaped) on drop.
+/// A child process stopped (and reaped) on drop, with its process group when it leads one
+/// (an Nginx master's workers would outlive a master killed alone).
 struct Guarded(Child);
 
 impl Drop for Guarded {
     fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::unistd::getpgid(Some(group)) == Ok(group) {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -285,6 +291,7 @@ impl RateLimitingProxy {
         fs::write(dir.0.join("nginx.conf"), conf).unwrap();
         let log = dir.0.join("nginx.log");
         let child = Command::new("nginx")
+            .process_group(0)
             .args(["-e", "stderr", "-g", "daemon off;", "-p"])
             .arg(&dir.0)
             .arg("-c")
