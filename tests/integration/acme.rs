@@ -142,12 +142,6 @@ fn challenge_files(k: &Keter) -> Vec<String> {
     }
 }
 
-fn write_root(pebble: &Pebble) -> PathBuf {
-    let root = pebble.dir.join("pebble-root.pem");
-    fs::write(&root, pebble.root_pem()).unwrap();
-    root
-}
-
 #[test]
 fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
     init_log();
@@ -207,7 +201,7 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
     assert_eq!(status.valid_until, Some(first.not_after));
     assert_eq!(status.renew_at, Some(first.renew_at()));
     assert_eq!((status.failures, &status.last_error), (0, &None));
-    let root = write_root(&pebble);
+    let root = pebble.write_root();
     verify_chain(&first.path, &fs::read_to_string(&root).unwrap(), &dir.0)
         .unwrap_or_else(|e| panic!("the chain does not verify against pebble's root: {e}"));
 
@@ -324,7 +318,7 @@ fn certbot_webroot_mode_works_for_a_deployed_host_and_a_bundle_serves_the_result
         pebble.log()
     );
     let live = le.join("config/live/blog.test");
-    let root = write_root(&pebble);
+    let root = pebble.write_root();
     deploy(
         &k,
         "blog",

@@ -57,12 +57,6 @@ fn bundle(k: &Keter, name: &str, version: &str, hosts: &[&str], more: &str) -> P
     path
 }
 
-fn write_root(pebble: &Pebble) -> PathBuf {
-    let root = pebble.dir.join("pebble-root.pem");
-    fs::write(&root, pebble.root_pem()).unwrap();
-    root
-}
-
 /// Waits until `host` answers `body` over HTTPS with a certificate that pebble's root
 /// verifies.
 fn wait_https(k: &Keter, pebble: &Pebble, tls_port: u16, host: &str, body: &str, root: &Path) {
@@ -149,7 +143,7 @@ fn ssl_acme_serves_http_at_once_then_https_reuses_the_certificate_and_lets_go_of
     k.deploy("shop", &bundle(&k, "shop", "v1", &hosts, ""));
     // Plain HTTP at once, whatever the CA does.
     k.wait_for("shop.test", "v1", WAIT);
-    let root = write_root(&pebble);
+    let root = pebble.write_root();
     for host in hosts {
         wait_https(&k, &pebble, tls_port, host, "v1", &root);
     }
@@ -298,7 +292,7 @@ fn ssl_acme_with_the_ca_down_serves_plain_http_without_redirect_until_the_certif
     // The CA comes up: the certificate arrives by itself, HTTPS serves and plain HTTP now
     // redirects (the ACME challenge path still answers on plain HTTP).
     pebble.run();
-    let root = write_root(&pebble);
+    let root = pebble.write_root();
     wait_https(&k, &pebble, tls_port, "down.test", "v1", &root);
     let cert = wait_certificate(&k, "down", "became valid", |c| c["state"] == "valid");
     assert_eq!(cert["last_error"], Value::Null);

@@ -215,6 +215,13 @@ impl Pebble {
         self.pebble = None;
     }
 
+    /// Writes pebble's root certificate into its folder, for curl's `--cacert`.
+    pub fn write_root(&self) -> PathBuf {
+        let root = self.dir.join("pebble-root.pem");
+        fs::write(&root, self.root_pem()).unwrap();
+        root
+    }
+
     /// pebble's root certificate (generated at each start), which signs what it issues.
     pub fn root_pem(&self) -> String {
         let out = Command::new("curl")
