@@ -15,6 +15,7 @@ pub mod childwatch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dirfd;
 pub mod fspath;
 pub mod handover;
 pub mod isolation;

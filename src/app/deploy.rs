@@ -88,26 +88,16 @@ pub(super) fn prepare(
     job: &PrepareJob,
 ) -> Result<Prepared, DeployError> {
     let path = &job.path;
-    let meta = fs::symlink_metadata(path)
-        .map_err(|e| DeployError::Bundle(format!("cannot read {}: {e}", path.display())))?;
-    if meta.file_type().is_symlink() {
-        return Err(DeployError::Bundle(format!(
-            "{} is a symlink; copy the bundle itself into incoming/",
-            path.display()
-        )));
-    }
-    if !meta.is_file() {
-        return Err(DeployError::Bundle(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    let stamp = FileStamp::of(&meta);
+    // Opened once, not through a symlink and never blocking on a FIFO: a deployer may swap
+    // the name for a link to a bundle it cannot read, or for a FIFO, at any moment.
+    let (file, st) =
+        bundle::unpack::open_bundle(path).map_err(|e| DeployError::Bundle(e.to_string()))?;
+    let stamp = FileStamp::of_stat(&st);
     let config = &ctx.config;
     let dir = version_dir(ctx, name, job.id);
     let mut progress = bundle::log_progress(name.to_string());
     let unpacked = process::when_idle(UNPACK_IDLE_GRACE, || {
-        bundle::unpack_with_progress(path, &dir, &config.limits, &mut progress)
+        bundle::unpack_with_progress(file, path, &dir, &config.limits, &mut progress)
     })
     .map_err(DeployError::Unpack)?;
     log::info!(
@@ -117,17 +107,26 @@ pub(super) fn prepare(
         dir.display(),
         job.started.elapsed().as_millis()
     );
+    let certs_dir = version_certs_dir(&config.root, name, job.id);
     let cleanup = |e: DeployError| {
         let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(&certs_dir);
         e
     };
     if job.serving_sha256.as_deref() == Some(unpacked.sha256.as_str()) {
         let _ = fs::remove_dir_all(&dir);
         return Ok(Prepared::SameContent);
     }
-    let (bundle_config, warnings) =
-        bundle::read_config(&dir, &format!("{name}.keter"), &bundle::Context::of(config))
-            .map_err(|e| cleanup(DeployError::Config(e)))?;
+    // Files on the host that the bundle names are read with its deployer's rights.
+    // SAFETY: geteuid has no preconditions.
+    let reader = (st.st_uid != unsafe { libc::geteuid() })
+        .then(|| crate::isolation::access::Ids::of_owner(st.st_uid, st.st_gid));
+    let check = bundle::Context {
+        reader,
+        ..bundle::Context::of(config)
+    };
+    let (bundle_config, warnings) = bundle::read_config(&dir, &format!("{name}.keter"), &check)
+        .map_err(|e| cleanup(DeployError::Config(e)))?;
     for w in &warnings.warnings {
         log::warn!("{w}");
     }
@@ -139,10 +138,21 @@ pub(super) fn prepare(
         .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
         .find_map(|p| fs::read_to_string(p).ok())
         .unwrap_or_default();
+    // Read now, while only keter can reach the folder: Nginx serves these copies.
+    copy_certificates(&bundle_config, &certs_dir, check.reader.as_ref())
+        .map_err(|e| cleanup(DeployError::Site(e)))?;
+    // Resolved now, as the checks resolved them: once the folder is the app's, a path in it
+    // means whatever the app makes it mean.
+    let execs = resolve_execs(&dir, &bundle_config);
     let isolation = &ctx.isolation;
+    let roots = static_roots(&bundle_config);
     let user = isolation
         .user_of(name)
-        .and_then(|user| isolation.hand_over(&dir, user.as_ref()).map(|()| user))
+        .and_then(|user| {
+            isolation
+                .hand_over(&dir, user.as_ref(), &roots, ctx.nginx.master_pid())
+                .map(|()| user)
+        })
         .map_err(|e| cleanup(DeployError::Isolation(e)))?;
     claim_hosts(ctx, name, &bundle_config).map_err(cleanup)?;
     let plugin_env = provision(ctx, name, &bundle_config).map_err(cleanup)?;
@@ -157,19 +167,39 @@ pub(super) fn prepare(
         user,
         procs: Vec::new(),
         deploy: 0,
-        modified: meta.modified().ok(),
+        modified: std::time::UNIX_EPOCH.checked_add(Duration::new(
+            st.st_mtime.max(0) as u64,
+            st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+        )),
         live_since: None,
     };
-    if let Err(e) = plan(ctx, &mut version) {
+    if let Err(e) = plan(ctx, &mut version, execs) {
         discard(ctx, name, version);
         return Err(e);
     }
     Ok(Prepared::Version(Box::new(version)))
 }
 
+/// The programs of a version's stanzas in the order `plan` starts them (background stanzas
+/// first, then webapps), resolved inside `dir`.
+fn resolve_execs(dir: &Path, config: &BundleConfig) -> Vec<Result<PathBuf, String>> {
+    config
+        .background
+        .iter()
+        .map(|b| &b.program)
+        .chain(config.webapps.iter().map(|w| &w.program))
+        .map(|p| bundle::resolve_exec(dir, &p.exec))
+        .collect()
+}
+
 /// The processes of a version, not started: background stanzas first, then webapps (Keter's
-/// order), each webapp with a port of its own.
-fn plan(ctx: &Context, version: &mut Version) -> Result<(), DeployError> {
+/// order), each webapp with a port of its own. `execs` are their programs, from
+/// [`resolve_execs`].
+fn plan(
+    ctx: &Context,
+    version: &mut Version,
+    execs: Vec<Result<PathBuf, String>>,
+) -> Result<(), DeployError> {
     let config = &ctx.config;
     let background = version
         .config
@@ -188,7 +218,7 @@ fn plan(ctx: &Context, version: &mut Version) -> Result<(), DeployError> {
         (role, w.program.clone(), Some(w.clone()), Policy::WEBAPP)
     });
     let planned: Vec<_> = background.chain(web).collect();
-    for (role, program, webapp, policy) in planned {
+    for ((role, program, webapp, policy), resolved) in planned.into_iter().zip(execs) {
         let (role, port) = match role {
             Role::Web { index, .. } => {
                 let port = ctx
@@ -199,7 +229,6 @@ fn plan(ctx: &Context, version: &mut Version) -> Result<(), DeployError> {
             }
             role => (role, None),
         };
-        let resolved = bundle::resolve_exec(&version.dir, &program.exec);
         let web = webapp.as_ref().zip(port);
         let spec = Spec {
             program: resolved.clone().unwrap_or_default(),
@@ -329,13 +358,6 @@ pub(super) fn switch(
     tx: &Sender<Event>,
 ) -> Result<(), DeployError> {
     let site = site_for(ctx, name, job, tx)?;
-    ctx.isolation
-        .open_to_nginx(
-            &site,
-            &version_dir(ctx, name, job.version),
-            ctx.nginx.master_pid(),
-        )
-        .map_err(DeployError::Isolation)?;
     let switching = Instant::now();
     let generation = ctx
         .nginx
@@ -352,7 +374,8 @@ pub(super) fn switch(
 }
 
 /// Renders the serving version's site again (with the certificates its `ssl: acme` stanzas
-/// have now) and has Nginx take it; the static roots were opened to Nginx at its switch.
+/// have now) and has Nginx take it; the static roots were opened to Nginx when the folder was
+/// handed over.
 pub(super) fn refresh(
     ctx: &Context,
     name: &AppName,
@@ -439,9 +462,9 @@ fn acme_certificate(ctx: &Context, hosts: &[Host], tx: &Sender<Event>) -> Option
     })
 }
 
-/// Copies a stanza's own certificate (from the bundle or the host) into
-/// `ROOT/etc/certs/NAME-ID/` (mode 0600, chain appended), so that Nginx reads files the app
-/// cannot change.
+/// The copies of a stanza's own certificate that Nginx reads, made when the version was
+/// prepared (`copy_certificates`): never read again from the bundle, which is the app's by
+/// now. `origin` is the stanza's `ssl` key.
 fn copy_certificate(
     ctx: &Context,
     name: &AppName,
@@ -449,14 +472,74 @@ fn copy_certificate(
     tls: &Tls,
     origin: &str,
 ) -> Result<Option<CertFiles>, String> {
-    let Some(bytes) = bundle::certs::read_own(tls).map_err(|e| format!("{origin}: {e}"))? else {
+    if !matches!(tls, Tls::Own { .. }) {
         return Ok(None);
-    };
+    }
     let dir = version_certs_dir(&ctx.config.root, name, job.version);
-    write_private(&dir, "certificate.pem", &bytes.certificate)
-        .and_then(|c| Ok((c, write_private(&dir, "key.pem", &bytes.key)?)))
-        .map(|(certificate, key)| Some(CertFiles { certificate, key }))
-        .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))
+    let (certificate, key) = certificate_copies(&dir, origin);
+    if certificate.exists() && key.exists() {
+        return Ok(Some(CertFiles { certificate, key }));
+    }
+    // A version prepared by a keter before per-stanza copies, taken over: its one pair.
+    let (certificate, key) = (dir.join("certificate.pem"), dir.join("key.pem"));
+    if certificate.exists() && key.exists() {
+        return Ok(Some(CertFiles { certificate, key }));
+    }
+    Err(format!(
+        "{origin}: keter's copy of the certificate is missing from {}",
+        dir.display()
+    ))
+}
+
+/// Copies every stanza's own certificate (from the bundle, or from the host with `reader`'s
+/// rights) into `dir` = `ROOT/etc/certs/NAME-ID/` (mode 0600, chain appended), so that Nginx
+/// reads files that neither the app nor the deployer can change.
+fn copy_certificates(
+    config: &BundleConfig,
+    dir: &Path,
+    reader: bundle::certs::Reader,
+) -> Result<(), String> {
+    for (tls, _, origin) in config.tls_stanzas() {
+        let Some(bytes) =
+            bundle::certs::read_own(tls, reader).map_err(|e| format!("{origin}: {e}"))?
+        else {
+            continue;
+        };
+        let (certificate, key) = certificate_copies(dir, &origin);
+        write_private(&certificate, &bytes.certificate)
+            .and_then(|()| write_private(&key, &bytes.key))
+            .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Where the copies of the certificate of the stanza whose `ssl` key is `origin` are kept:
+/// one pair per stanza (`stanzas[2].ssl` becomes `stanzas_2_.ssl-certificate.pem`).
+fn certificate_copies(dir: &Path, origin: &str) -> (PathBuf, PathBuf) {
+    let stem: String = origin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (
+        dir.join(format!("{stem}-certificate.pem")),
+        dir.join(format!("{stem}-key.pem")),
+    )
+}
+
+/// The static roots Nginx serves for this configuration (absolute, as checked).
+fn static_roots(config: &BundleConfig) -> Vec<PathBuf> {
+    config
+        .statics
+        .iter()
+        .filter(|s| !s.served.routed.is_empty())
+        .map(|s| s.root.clone())
+        .collect()
 }
 
 /// Reserves this bundle's hosts for the app; refused if another app serves one of them.
@@ -512,14 +595,15 @@ fn version_certs_dir(root: &Path, app: &AppName, id: u64) -> PathBuf {
     root.join("etc").join("certs").join(format!("{app}-{id}"))
 }
 
-/// Writes a file only its owner can read, created with that mode (never widened first).
-fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+/// Writes a file only its owner can read, created with that mode (never widened first), in a
+/// folder only its owner can enter.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let path = dir.join(name);
-    crate::atomic_file::replace(&path, bytes, 0o600)?;
-    Ok(path)
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    crate::atomic_file::replace(path, bytes, 0o600)
 }

@@ -36,6 +36,18 @@ impl FileStamp {
         }
     }
 
+    /// The same from `fstat` of an open file.
+    pub(super) fn of_stat(st: &nix::sys::stat::FileStat) -> FileStamp {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileStamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
     /// A stamp that stands for the `n`-th file, for tests of the state machine.
     #[cfg(test)]
     pub(super) fn fake(n: u64) -> FileStamp {

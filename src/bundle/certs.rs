@@ -6,6 +6,10 @@
 //! `keter render` and a deploy all resolve and read them here, so they give one verdict: the
 //! files exist, are PEM, the key is not encrypted, and the key belongs to the certificate
 //! (compared by public key for RSA and EC keys; other kinds are left to `nginx -t`).
+//!
+//! A file on the host is read with the rights of whoever deployed the bundle (the owner of the
+//! bundle file, [`Reader`]): keter runs as root, and a deployer must not get a key it could not
+//! read itself served on its hosts (README "Security").
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,26 +33,45 @@ pub struct CertBytes {
 /// Larger files are refused: a certificate chain is a few KiB.
 const MAX_FILE: u64 = 1 << 20;
 
+/// Whose rights host files (absolute paths) are read with: `None` is keter's own.
+pub type Reader<'a> = Option<&'a crate::isolation::access::Ids>;
+
+/// Runs `work` on a host path with `reader`'s rights.
+fn on_host<T: Send>(
+    path: &Path,
+    reader: Reader,
+    work: impl FnOnce() -> Result<T, String> + Send,
+) -> Result<T, String> {
+    match reader {
+        Some(ids) if path.is_absolute() => crate::isolation::access::as_user(ids, work)
+            .map_err(|e| format!("{}: cannot read it as {ids}: {e}", path.display()))?
+            .map_err(|e| format!("{e}; keter reads files on the host as the bundle's deployer ({ids}), the owner of the bundle file")),
+        _ => work(),
+    }
+}
+
 /// Resolves one file of a stanza's `ssl`: relative to `config/` inside the bundle, or an
 /// absolute path on the host.
-pub fn resolve(dir: &Path, path: &Path) -> Result<PathBuf, String> {
+pub fn resolve(dir: &Path, path: &Path, reader: Reader) -> Result<PathBuf, String> {
     if !path.is_absolute() {
         return super::resolve_file(dir, path);
     }
-    match fs::metadata(path) {
+    on_host(path, reader, || match fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(crate::config::normalize(path)),
         Ok(_) => Err(format!("{} is not a regular file", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
-            "{} cannot be read by this user ({e}); keter reads it as the user it runs as",
-            path.display()
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && reader.is_none() => {
+            Err(format!(
+                "{} cannot be read by this user ({e}); keter reads it as the user it runs as",
+                path.display()
+            ))
+        }
         Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+    })
 }
 
 /// Reads a stanza's own certificate, its paths made absolute by `bundle::check_config`;
 /// `None` for a stanza without one.
-pub fn read_own(tls: &super::Tls) -> Result<Option<CertBytes>, String> {
+pub fn read_own(tls: &super::Tls, reader: Reader) -> Result<Option<CertBytes>, String> {
     let super::Tls::Own {
         key,
         certificate,
@@ -57,16 +80,20 @@ pub fn read_own(tls: &super::Tls) -> Result<Option<CertBytes>, String> {
     else {
         return Ok(None);
     };
-    read(&CertPaths {
-        key: key.clone(),
-        certificate: certificate.clone(),
-        chain: chain.clone(),
-    })
+    read(
+        &CertPaths {
+            key: key.clone(),
+            certificate: certificate.clone(),
+            chain: chain.clone(),
+        },
+        reader,
+    )
     .map(Some)
 }
 
 /// Reads the files and checks that they form a pair Nginx can load.
-pub fn read(paths: &CertPaths) -> Result<CertBytes, String> {
+pub fn read(paths: &CertPaths, reader: Reader) -> Result<CertBytes, String> {
+    let read_file = |p: &Path| on_host(p, reader, || read_file(p));
     let mut certificate = read_file(&paths.certificate)?;
     let cert_der = first_block(&certificate, |label| label == "CERTIFICATE").ok_or_else(|| {
         format!(
@@ -420,24 +447,27 @@ mod tests {
         let ec8 = pair(&dir, "ec8", &ec, false);
         let ecsec1 = pair(&dir, "ecsec1", &ec, true);
         for p in [&rsa8, &rsa1, &ec8, &ecsec1] {
-            read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            read(p, None).unwrap_or_else(|e| panic!("{p:?}: {e}"));
         }
         let swapped = CertPaths {
             key: rsa1.key.clone(),
             ..rsa8.clone()
         };
-        let e = read(&swapped).err().unwrap();
+        let e = read(&swapped, None).err().unwrap();
         assert!(e.contains("is not the key of"), "{e}");
         let mixed = CertPaths {
             key: ec8.key.clone(),
             ..rsa8.clone()
         };
-        let e = read(&mixed).err().unwrap();
+        let e = read(&mixed, None).err().unwrap();
         assert!(e.contains("is a EC key, but"), "{e}");
-        let e = read(&CertPaths {
-            key: rsa8.certificate.clone(),
-            ..rsa8.clone()
-        })
+        let e = read(
+            &CertPaths {
+                key: rsa8.certificate.clone(),
+                ..rsa8.clone()
+            },
+            None,
+        )
         .err()
         .unwrap();
         assert!(e.contains("holds no PEM private key"), "{e}");
@@ -445,7 +475,7 @@ mod tests {
             chain: vec![ec8.certificate.clone()],
             ..rsa8.clone()
         };
-        let bytes = read(&chained).unwrap();
+        let bytes = read(&chained, None).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes.certificate)
                 .matches("BEGIN CERTIFICATE")

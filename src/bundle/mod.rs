@@ -37,6 +37,9 @@ pub struct Context {
     /// The global configuration has an `acme` section, which `ssl: acme` needs (checked only
     /// with `host`).
     pub acme: bool,
+    /// Whose rights certificate files on the host are read with: the deployer's (the owner of
+    /// the bundle file) at a deploy; `None`, keter's own, for the commands a user runs.
+    pub reader: Option<crate::isolation::access::Ids>,
 }
 
 impl Context {
@@ -46,6 +49,7 @@ impl Context {
             allowed_static_roots: config.allowed_static_roots.clone(),
             host: true,
             acme: config.acme.is_some(),
+            reader: None,
         }
     }
 }
@@ -197,7 +201,7 @@ fn resolve_certificate(
         return;
     }
     let mut resolve = |p: &PathBuf, which: &str| {
-        certs::resolve(dir, p)
+        certs::resolve(dir, p, ctx.reader.as_ref())
             .map_err(|e| problems.error(format!("{key}.{which}"), e))
             .ok()
     };
@@ -217,7 +221,7 @@ fn resolve_certificate(
         certificate: rc,
         chain: rchain,
     };
-    match certs::read(&paths) {
+    match certs::read(&paths, ctx.reader.as_ref()) {
         Ok(_) => {
             *k = paths.key;
             *certificate = paths.certificate;

@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 use crate::config::BundleLimits;
+use crate::dirfd::NotAFile;
 
 /// A bundle unpacked into its folder.
 #[derive(Debug, Clone)]
@@ -45,6 +46,9 @@ pub enum UnpackError {
     Refused(String),
     /// Reading the bundle or writing the folder failed (disk full, permissions).
     Io(String),
+    /// The name is not a bundle file keter reads: a symlink, a FIFO, a hard link, a file that
+    /// is gone or cannot be opened.
+    NotABundleFile(String),
 }
 
 impl fmt::Display for UnpackError {
@@ -52,16 +56,52 @@ impl fmt::Display for UnpackError {
         match self {
             UnpackError::Corrupt(m) => write!(f, "not a complete gzip-compressed tar file: {m}"),
             UnpackError::Refused(m) => write!(f, "refused: {m}"),
-            UnpackError::Io(m) => write!(f, "{m}"),
+            UnpackError::Io(m) | UnpackError::NotABundleFile(m) => write!(f, "{m}"),
         }
     }
 }
 
 impl std::error::Error for UnpackError {}
 
-/// Unpacks `bundle` into `dest`, which must not exist yet. On any error `dest` is removed.
+/// Unpacks the bundle file at `bundle` into `dest`, which must not exist yet. On any error
+/// `dest` is removed.
 pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
-    unpack_with_progress(bundle, dest, limits, &mut |_| {})
+    let (file, _) = open_bundle(bundle)?;
+    unpack_with_progress(file, bundle, dest, limits, &mut |_| {})
+}
+
+/// Opens a bundle file for reading, as `src/dirfd.rs` opens what someone else may change: not
+/// through a symlink and never blocking on a FIFO; a file with other names (hard links) only
+/// where the kernel lets nobody link a file they could not read and write themselves
+/// (`fs.protected_hardlinks`, on in Debian). Returns the file and what `fstat` saw.
+pub fn open_bundle(path: &Path) -> Result<(File, nix::sys::stat::FileStat), UnpackError> {
+    let (file, st) = crate::dirfd::open_regular_path(path).map_err(|e| match e {
+        NotAFile::Symlink => UnpackError::NotABundleFile(format!(
+            "{} is a symlink; copy the bundle itself into incoming/",
+            path.display()
+        )),
+        NotAFile::Kind(kind) => {
+            UnpackError::NotABundleFile(format!("{} is {kind}, not a regular file", path.display()))
+        }
+        NotAFile::Io(e) => {
+            UnpackError::NotABundleFile(format!("cannot read {}: {e}", path.display()))
+        }
+    })?;
+    if st.st_nlink > 1 && !hard_links_protected() {
+        return Err(UnpackError::NotABundleFile(format!(
+            "{} has {} names (hard links) and this kernel lets anyone link a file it cannot \
+             read (fs.protected_hardlinks is 0); copy the bundle itself into incoming/",
+            path.display(),
+            st.st_nlink
+        )));
+    }
+    Ok((file, st))
+}
+
+/// Whether the kernel refuses a hard link to a file its linker does not own and could not
+/// both read and write (`fs.protected_hardlinks`).
+fn hard_links_protected() -> bool {
+    fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() == "1")
 }
 
 /// How far an unpack has come, reported every [`PROGRESS_INTERVAL`] or [`PROGRESS_BYTES`].
@@ -89,26 +129,33 @@ pub const PROGRESS_BYTES: u64 = 64 << 20;
 
 /// [`unpack`], calling `progress` while the bundle file is read (never for a bundle read in
 /// under a second and 64 MiB).
+/// `file` is the bundle opened by [`open_bundle`], `label` its path for messages.
 pub fn unpack_with_progress(
-    bundle: &Path,
+    file: File,
+    label: &Path,
     dest: &Path,
     limits: &BundleLimits,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Unpacked, UnpackError> {
-    unpack_reporting(bundle, dest, limits, progress, PROGRESS_BYTES)
+    unpack_reporting(file, label, dest, limits, progress, PROGRESS_BYTES)
 }
 
 /// [`unpack_with_progress`] with the byte step as a parameter (unit tests use small steps).
 fn unpack_reporting(
-    bundle: &Path,
+    file: File,
+    label: &Path,
     dest: &Path,
     limits: &BundleLimits,
     progress: &mut dyn FnMut(&Progress),
     step_bytes: u64,
 ) -> Result<Unpacked, UnpackError> {
-    fs::create_dir(dest)
+    // Private until it is handed over: nobody else may read a bundle's files, nor be inside
+    // the folder while keter works in it as root (`src/isolation/folder.rs`).
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dest)
         .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", dest.display())))?;
-    match unpack_into(bundle, dest, limits, progress, step_bytes) {
+    match unpack_into(file, label, dest, limits, progress, step_bytes) {
         Ok(u) => Ok(u),
         Err(e) => {
             let _ = fs::remove_dir_all(dest);
@@ -173,14 +220,13 @@ fn corrupt(e: io::Error) -> UnpackError {
 }
 
 fn unpack_into(
+    file: File,
     bundle: &Path,
     dest: &Path,
     limits: &BundleLimits,
     progress: &mut dyn FnMut(&Progress),
     step_bytes: u64,
 ) -> Result<Unpacked, UnpackError> {
-    let file = File::open(bundle)
-        .map_err(|e| UnpackError::Io(format!("cannot open {}: {e}", bundle.display())))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let started = Instant::now();
     let reader = HashingReader {
@@ -587,6 +633,7 @@ pub(crate) mod tests_support {
         limits: &BundleLimits,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Unpacked, UnpackError> {
-        unpack_reporting(bundle, dest, limits, progress, 1)
+        let (file, _) = open_bundle(bundle)?;
+        unpack_reporting(file, bundle, dest, limits, progress, 1)
     }
 }

@@ -53,6 +53,25 @@ impl Ids {
         })
     }
 
+    /// The owner of a file: its user with its groups, or (a uid with no user) the bare uid with
+    /// the file's group `gid` and no other.
+    pub fn of_owner(uid: u32, gid: u32) -> Ids {
+        match nix::unistd::User::from_uid(uid.into()) {
+            Ok(Some(user)) => Ids::of_user(&user.name).unwrap_or(Ids {
+                name: user.name,
+                uid,
+                gid: user.gid.as_raw(),
+                groups: vec![user.gid.as_raw()],
+            }),
+            _ => Ids {
+                name: uid.to_string(),
+                uid,
+                gid,
+                groups: vec![gid],
+            },
+        }
+    }
+
     /// The filesystem identity of a running process, from `/proc/PID/status`.
     pub fn of_process(pid: i32) -> Option<Ids> {
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

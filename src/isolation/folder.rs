@@ -1,130 +1,255 @@
-//! The permissions of an unpacked version folder `temp/NAME-N`.
+//! The permissions of an unpacked version folder `temp/NAME-N`, set once, before its app can
+//! reach it.
 //!
 //! [`hand_over`] gives every entry to the app's user and closes it to everyone else: each mode
 //! keeps only its owner's bits (the owner gets the union of the bits the bundle gave anyone, so
-//! a file executable by anyone stays executable by its owner), so the folder is `0700`.
+//! a file executable by anyone stays executable by its owner), so the folder is `0700`. In the
+//! same pass it opens exactly what Nginx serves to Nginx's workers, through their group: the
+//! static roots and everything in them get that group with read (and, for folders, search and
+//! setgid, so files the app adds later get the group too), the folders on the way to a root get
+//! search only. A symlink in a static root that leads elsewhere in the folder opens its target
+//! too (the unpacker has checked that bundle symlinks stay inside the folder).
 //!
-//! [`open_to_web`] then opens exactly what Nginx serves to Nginx's workers, through their
-//! group: the static roots and everything in them get that group with read (and, for
-//! folders, search and setgid, so files the app adds later get the group too), the folders on
-//! the way to a root get search only. Nothing else of the folder is readable by the workers,
-//! nor by anyone but the app's user. A symlink in a static root that leads elsewhere in the
-//! folder opens its target too (Nginx follows it); the unpacker has checked that bundle
-//! symlinks stay inside the folder.
+//! Why it is safe as root: the unpacker made the folder `0700` and root's, so until its top is
+//! handed over nobody but keter can enter it, and the top is handed over last; every change is
+//! made through a descriptor opened relative to its folder's descriptor without following a
+//! symlink (`src/dirfd.rs`). Nothing here runs again once the app can reach the folder: an app
+//! that races the walk (a folder swapped for a symlink to `/etc`) finds nothing to race.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, lchown};
 use std::path::{Path, PathBuf};
 
-/// Gives `dir` and everything in it to `owner` (uid, gid; `None` keeps the owner) and keeps
-/// only the owner's permissions. Symlinks are changed themselves, never followed.
-pub fn hand_over(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        if let Some((uid, gid)) = owner {
-            lchown(&p, Some(uid), Some(gid))?;
-        }
-        let meta = fs::symlink_metadata(&p)?;
-        if meta.file_type().is_symlink() {
-            continue;
-        }
-        let mode = meta.mode() & 0o777;
-        let any = (mode >> 6) | (mode >> 3) | mode;
-        let mut own = (any & 0o7) << 6;
-        if meta.is_dir() {
-            // The owner manages its folders (Yesod writes static/tmp).
-            own |= 0o700;
-            for entry in fs::read_dir(&p)? {
-                todo.push(entry?.path());
-            }
-        }
-        if own != meta.mode() & 0o7777 {
-            fs::set_permissions(&p, fs::Permissions::from_mode(own))?;
-        }
-    }
-    Ok(())
+use crate::dirfd::{Folder, Kind, NotAFile};
+
+/// Who gets the folder and what Nginx's workers get of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Owners {
+    /// The app's user and group; `None` keeps keter's own.
+    pub app: Option<(u32, u32)>,
+    /// The group of Nginx's workers, when the static roots must be opened to it.
+    pub web: Option<u32>,
 }
 
-/// Opens the static roots `roots` (inside `dir`) to the group `gid` of Nginx's workers: read
-/// on everything in them, search on the folders from `dir` down to each root. Returns the
-/// number of entries opened.
-pub fn open_to_web(dir: &Path, roots: &[PathBuf], gid: u32) -> io::Result<usize> {
-    let dir = fs::canonicalize(dir)?;
-    let mut seen = HashSet::new();
-    let mut opened = 0;
-    let mut trees: Vec<PathBuf> = roots.to_vec();
-    while let Some(root) = trees.pop() {
-        let Ok(root) = fs::canonicalize(&root) else {
+/// What [`hand_over`] did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HandedOver {
+    pub entries: usize,
+    /// Entries opened to Nginx's workers.
+    pub opened: usize,
+}
+
+/// Gives `dir` and everything in it to `owners.app`, keeps only the owner's permissions, and
+/// opens the static roots `roots` (absolute paths inside `dir`, as `bundle::check_config`
+/// resolved them) to `owners.web`. `dir` must be keter's own and private (`0700`, as the
+/// unpacker makes it): the walk refuses any other.
+pub fn hand_over(dir: &Path, roots: &[PathBuf], owners: Owners) -> io::Result<HandedOver> {
+    let top = Folder::open(dir)?;
+    let st = top.stat()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if st.st_uid != me || st.st_mode & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "{} is not keter's private folder (owner uid {}, mode {:04o}); it is handed over only once",
+            dir.display(),
+            st.st_uid,
+            st.st_mode & 0o7777
+        )));
+    }
+    let served = match owners.web {
+        Some(_) => served_folders(dir, roots)?,
+        None => BTreeSet::new(),
+    };
+    let mut walk = Walk {
+        owners,
+        served,
+        done: HandedOver::default(),
+    };
+    walk.folder(&top, Path::new(""))?;
+    // The top last: until now nobody but keter could enter the folder.
+    let mode = walk.mode(Path::new(""), Kind::Folder, st.st_mode);
+    top.set_owner_and_mode(owners.app.map(|a| a.0), walk.group(Path::new("")), mode)?;
+    walk.done.entries += 1;
+    Ok(walk.done)
+}
+
+/// The folders Nginx serves, relative to `dir`: the static roots and the targets of symlinks
+/// in them (Nginx follows those). Read while the folder is still keter's alone, so the paths
+/// cannot change before the walk.
+fn served_folders(dir: &Path, roots: &[PathBuf]) -> io::Result<BTreeSet<PathBuf>> {
+    let real_dir = fs::canonicalize(dir)?;
+    let mut served = BTreeSet::new();
+    let mut todo: Vec<PathBuf> = roots.to_vec();
+    while let Some(root) = todo.pop() {
+        let Ok(real) = fs::canonicalize(&root) else {
             continue;
         };
-        let Ok(rel) = root.strip_prefix(&dir) else {
-            // Not the app's (the unpacker and site_of keep roots inside the bundle).
+        let Ok(rel) = real.strip_prefix(&real_dir) else {
+            // Outside the bundle (an operator's allowed-static-roots): not the app's to open.
             continue;
         };
-        // The folders on the way: search only.
-        let mut at = dir.clone();
-        grant(&at, gid, 0o010)?;
-        for c in rel.parent().into_iter().flat_map(Path::components) {
-            at.push(c);
-            grant(&at, gid, 0o010)?;
+        let rel = rel.to_path_buf();
+        if served.iter().any(|s: &PathBuf| rel.starts_with(s)) {
+            continue;
         }
-        let mut todo = vec![root];
-        while let Some(p) = todo.pop() {
+        let mut stack = vec![real.clone()];
+        while let Some(p) = stack.pop() {
             let meta = fs::symlink_metadata(&p)?;
-            if !seen.insert((meta.dev(), meta.ino())) {
-                continue;
-            }
             if meta.file_type().is_symlink() {
-                // Nginx follows it: its target is served too.
-                if let Ok(target) = fs::canonicalize(&p)
-                    && target.starts_with(&dir)
-                {
-                    trees.push(target);
-                }
-                continue;
-            }
-            opened += 1;
-            if meta.is_dir() {
-                grant(&p, gid, 0o2050)?;
+                todo.push(p);
+            } else if meta.is_dir() {
                 for entry in fs::read_dir(&p)? {
-                    todo.push(entry?.path());
+                    stack.push(entry?.path());
                 }
-            } else if meta.is_file() {
-                grant(&p, gid, 0o040)?;
             }
         }
+        served.insert(rel);
     }
-    Ok(opened)
+    Ok(served)
 }
 
-/// Sets the group of `p` to `gid` and adds `bits` (group bits, setgid) to its mode.
-fn grant(p: &Path, gid: u32, bits: u32) -> io::Result<()> {
-    let meta = fs::symlink_metadata(p)?;
-    if meta.gid() != gid {
-        lchown(p, None, Some(gid))?;
+struct Walk {
+    owners: Owners,
+    served: BTreeSet<PathBuf>,
+    done: HandedOver,
+}
+
+impl Walk {
+    /// Inside a served folder (or one itself).
+    fn is_served(&self, rel: &Path) -> bool {
+        self.served.iter().any(|s| rel.starts_with(s))
     }
-    // chown clears the setgid bit; the mode is read again.
-    let mode = fs::symlink_metadata(p)?.mode() & 0o7777;
-    if mode & bits != bits {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode | bits))?;
+
+    /// A folder above a served one: the workers pass through it.
+    fn is_on_the_way(&self, rel: &Path) -> bool {
+        self.served
+            .iter()
+            .any(|s| s.starts_with(rel) && s.as_path() != rel)
     }
-    Ok(())
+
+    fn group(&self, rel: &Path) -> Option<u32> {
+        match self.owners.web {
+            Some(web) if self.is_served(rel) || self.is_on_the_way(rel) => Some(web),
+            _ => self.owners.app.map(|a| a.1),
+        }
+    }
+
+    /// Only the owner's bits (the union of everyone's), plus what the workers need.
+    fn mode(&self, rel: &Path, kind: Kind, now: u32) -> u32 {
+        let bits = now & 0o777;
+        let any = (bits >> 6) | (bits >> 3) | bits;
+        let mut mode = (any & 0o7) << 6;
+        if kind == Kind::Folder {
+            // The owner manages its folders (Yesod writes static/tmp).
+            mode |= 0o700;
+        }
+        if self.owners.web.is_some() {
+            if self.is_served(rel) {
+                mode |= if kind == Kind::Folder { 0o2050 } else { 0o040 };
+            } else if kind == Kind::Folder && self.is_on_the_way(rel) {
+                mode |= 0o010;
+            }
+        }
+        mode
+    }
+
+    /// Everything below `folder` (at `rel`), children before their folder.
+    fn folder(&mut self, folder: &Folder, rel: &Path) -> io::Result<()> {
+        for name in folder.entries()? {
+            let child = rel.join(&name);
+            let st = folder.stat_entry(&name).map_err(|e| at(&child, e))?;
+            match Kind::of(&st) {
+                Kind::Symlink => {
+                    let (uid, gid) = self.owners.app.unzip();
+                    folder
+                        .chown_symlink(&name, uid, gid)
+                        .map_err(|e| at(&child, e))?;
+                }
+                Kind::Folder => {
+                    let sub = folder.open_folder(&name).map_err(|e| at(&child, e))?;
+                    same(&st, &sub.stat()?, &child)?;
+                    self.folder(&sub, &child)?;
+                    let mode = self.mode(&child, Kind::Folder, st.st_mode);
+                    sub.set_owner_and_mode(self.owners.app.map(|a| a.0), self.group(&child), mode)
+                        .map_err(|e| at(&child, e))?;
+                    self.count(&child);
+                }
+                Kind::File => self.file(folder, &name, &child)?,
+                // The unpacker refuses them; nothing to give.
+                Kind::Special => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, folder: &Folder, name: &OsStr, rel: &Path) -> io::Result<()> {
+        let (file, st) = folder.open_file(name).map_err(|e| match e {
+            NotAFile::Io(e) => at(rel, e),
+            other => at(rel, io::Error::other(other.to_string())),
+        })?;
+        let mode = self.mode(rel, Kind::File, st.st_mode);
+        crate::dirfd::set_owner_and_mode(
+            std::os::fd::AsFd::as_fd(&file),
+            self.owners.app.map(|a| a.0),
+            self.group(rel),
+            mode,
+        )
+        .map_err(|e| at(rel, e))?;
+        self.count(rel);
+        Ok(())
+    }
+
+    fn count(&mut self, rel: &Path) {
+        self.done.entries += 1;
+        if self.owners.web.is_some() && self.is_served(rel) {
+            self.done.opened += 1;
+        }
+    }
+}
+
+/// The folder opened is the one listed (nobody can swap it, but a walk that assumes so should
+/// say so when it is wrong).
+fn same(
+    listed: &nix::sys::stat::FileStat,
+    opened: &nix::sys::stat::FileStat,
+    rel: &Path,
+) -> io::Result<()> {
+    if (listed.st_dev, listed.st_ino) == (opened.st_dev, opened.st_ino) {
+        Ok(())
+    } else {
+        Err(at(
+            rel,
+            io::Error::other("it changed while keter handed the folder over"),
+        ))
+    }
+}
+
+fn at(rel: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", rel.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn mode(p: &Path) -> u32 {
         fs::symlink_metadata(p).unwrap().mode() & 0o7777
     }
 
+    fn scratch(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keter-folder-{label}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
     #[test]
     fn only_the_owner_keeps_bits_and_static_roots_open_to_the_group() {
-        let dir = std::env::temp_dir().join(format!("keter-folder-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = scratch("modes");
         fs::create_dir_all(dir.join("public/static/css")).unwrap();
         fs::create_dir_all(dir.join("config")).unwrap();
         fs::write(dir.join("config/keter.yaml"), "x").unwrap();
@@ -138,27 +263,64 @@ mod tests {
         )
         .unwrap();
         std::os::unix::fs::symlink("../../config", dir.join("public/static/conf")).unwrap();
-        hand_over(&dir, None).unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join("run")), 0o700);
-        assert_eq!(mode(&dir.join("config/keter.yaml")), 0o400);
-        assert_eq!(mode(&dir.join("public/static/css/a.css")), 0o600);
-
         let gid = 4242;
-        let n = open_to_web(&dir, &[dir.join("public/static")], gid).unwrap();
+        let done = hand_over(
+            &dir,
+            &[dir.join("public/static")],
+            Owners {
+                app: None,
+                web: Some(gid),
+            },
+        )
+        .unwrap();
         let gid_of = |p: &str| fs::symlink_metadata(dir.join(p)).unwrap().gid();
+        assert_eq!(mode(&dir.join("run")), 0o700);
         assert_eq!(mode(&dir), 0o710);
         assert_eq!(mode(&dir.join("public")), 0o710);
         assert_eq!(mode(&dir.join("public/static")), 0o2750);
         assert_eq!(mode(&dir.join("public/static/css/a.css")), 0o640);
         assert_eq!(gid_of("public/static/css/a.css"), gid);
-        // Not served: untouched.
+        // Not served: only its owner's bits.
         assert_eq!(mode(&dir.join("public/secret")), 0o600);
         assert_ne!(gid_of("public/secret"), gid);
         // Served through the symlink, so opened too.
         assert_eq!(mode(&dir.join("config")), 0o2750);
         assert_eq!(mode(&dir.join("config/keter.yaml")), 0o440);
-        assert_eq!(n, 5);
+        assert_eq!(done.opened, 5);
+        assert_eq!(done.entries, 9);
+        // Once handed over, it is not the private folder the walk starts from.
+        assert!(
+            hand_over(
+                &dir,
+                &[],
+                Owners {
+                    app: None,
+                    web: None
+                }
+            )
+            .is_err()
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_static_roots_everything_is_the_owners_alone() {
+        let dir = scratch("plain");
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::write(dir.join("a/b/f"), "x").unwrap();
+        fs::set_permissions(dir.join("a/b/f"), fs::Permissions::from_mode(0o6777)).unwrap();
+        hand_over(
+            &dir,
+            &[dir.join("a")],
+            Owners {
+                app: None,
+                web: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("a")), 0o700);
+        assert_eq!(mode(&dir.join("a/b/f")), 0o700);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,7 +25,6 @@ use access::Ids;
 
 use crate::config::{Config, NginxMode};
 use crate::names::AppName;
-use crate::nginx::{Content, Site};
 use crate::process::RunAs;
 
 /// How apps are separated from each other and from keter.
@@ -253,13 +252,42 @@ impl Isolation {
         }
     }
 
-    /// Gives the unpacked folder `dir` to `user` and closes it to everyone else, then checks
-    /// that the user can reach it (a root under a folder it cannot search would make every
-    /// start fail with a bare "Permission denied").
-    pub fn hand_over(&self, dir: &Path, user: Option<&RunAs>) -> Result<(), String> {
+    /// Gives the unpacked folder `dir` to `user`, closes it to everyone else and opens its
+    /// static roots `roots` (absolute, as `bundle::check_config` resolved them) to Nginx's
+    /// workers, in one walk made before the app can reach the folder (`folder.rs` says why that
+    /// is safe as root). Then checks that the user can reach its folder (a root under a folder
+    /// it cannot search would make every start fail with a bare "Permission denied") and, as
+    /// Nginx's workers, that they can read every file of every static root: the error names the
+    /// folder, the workers' user and the missing permission. `master` is the running Nginx
+    /// master, whose workers are asked who they are.
+    pub fn hand_over(
+        &self,
+        dir: &Path,
+        user: Option<&RunAs>,
+        roots: &[PathBuf],
+        master: Option<i32>,
+    ) -> Result<(), String> {
         let started = Instant::now();
-        let owner = user.map(|u| (u.uid, u.gid));
-        folder::hand_over(dir, owner).map_err(|e| {
+        let workers = if roots.is_empty() {
+            None
+        } else {
+            Some(self.nginx_workers(master).ok_or_else(|| {
+                "cannot tell which user Nginx's workers run as (no worker process found), so \
+                 the static roots cannot be opened to them"
+                    .to_string()
+            })?)
+        };
+        let owner_uid = user.map_or(self.own_uid, |u| u.uid);
+        // Workers that run as root or as the folder's owner read it without help.
+        let web = workers
+            .as_ref()
+            .filter(|w| !w.is_root() && w.uid != owner_uid)
+            .map(|w| w.gid);
+        let owners = folder::Owners {
+            app: user.map(|u| (u.uid, u.gid)),
+            web,
+        };
+        let done = folder::hand_over(dir, roots, owners).map_err(|e| {
             format!(
                 "cannot give {} to {}: {e}",
                 dir.display(),
@@ -277,65 +305,29 @@ impl Isolation {
                     )
                 })?;
         }
+        if let Some(workers) = &workers {
+            for root in roots {
+                access::as_user(workers, || access::can_read_tree(root))
+                    .map_err(|e| e.to_string())?
+                    .map_err(|d| {
+                        format!(
+                            "the static root {} is not readable by Nginx's workers ({workers}): {}",
+                            root.display(),
+                            d.describe()
+                        )
+                    })?;
+            }
+        }
+        // The figures bench reads these lines: what isolation costs a deploy.
         log::debug!(
-            "isolation: {} handed over in {} us",
+            "isolation: {} handed over ({} entries, {} opened to Nginx's workers{}) and checked in {} us",
             dir.display(),
-            started.elapsed().as_micros()
-        );
-        Ok(())
-    }
-
-    /// Before a switch: opens the static roots of `site` (inside `dir`) to Nginx's workers and
-    /// checks, as them, that they can read every file there. The error names the folder, the
-    /// workers' user and the permission that is missing. `master` is the running Nginx master.
-    pub fn open_to_nginx(
-        &self,
-        site: &Site,
-        dir: &Path,
-        master: Option<i32>,
-    ) -> Result<(), String> {
-        let roots: Vec<PathBuf> = site
-            .blocks
-            .iter()
-            .filter_map(|b| match &b.content {
-                Content::Static { root, .. } => Some(root.clone()),
-                _ => None,
-            })
-            .collect();
-        if roots.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut opened = 0;
-        let workers = self.nginx_workers(master).ok_or_else(|| {
-            "cannot tell which user Nginx's workers run as (no worker process found), so \
-             the static roots cannot be opened to them"
-                .to_string()
-        })?;
-        let owner = fs::metadata(dir).map(|m| m.uid()).unwrap_or(u32::MAX);
-        if !workers.is_root() && workers.uid != owner {
-            opened = folder::open_to_web(dir, &roots, workers.gid).map_err(|e| {
-                format!(
-                    "cannot open {}'s static roots to Nginx's workers ({workers}): {e}",
-                    dir.display()
-                )
-            })?;
-        }
-        for root in &roots {
-            access::as_user(&workers, || access::can_read_tree(root))
-                .map_err(|e| e.to_string())?
-                .map_err(|d| {
-                    format!(
-                        "the static root {} is not readable by Nginx's workers ({workers}): {}",
-                        root.display(),
-                        d.describe()
-                    )
-                })?;
-        }
-        log::debug!(
-            "isolation: {opened} entries of {}'s static roots opened to Nginx's workers ({}) and checked in {} us",
-            dir.display(),
-            workers.name,
+            done.entries,
+            done.opened,
+            workers
+                .as_ref()
+                .map(|w| format!(" {}", w.name))
+                .unwrap_or_default(),
             started.elapsed().as_micros()
         );
         Ok(())

@@ -13,13 +13,14 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::ops::RangeInclusive;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
+use crate::dirfd::{self, Folder, Kind};
 use crate::names::AppName;
 use crate::process::RunAs;
 
@@ -413,17 +414,42 @@ fn make_home(home: &Path, uid: u32, gid: u32) -> io::Result<()> {
         return Err(io::Error::other("it exists and is not a folder"));
     }
     if meta.uid() != uid || meta.gid() != gid {
-        chown_tree(home, uid, gid)?;
+        return chown_tree(home, uid, gid);
     }
-    fs::set_permissions(home, fs::Permissions::from_mode(0o700))
+    Folder::open(home)?.set_owner_and_mode(None, None, 0o700)
 }
 
+/// Gives the folder `p` and everything in it to `uid`:`gid`. The earlier uid may still run
+/// something that changes the tree meanwhile, so every entry is opened relative to its
+/// folder without following a symlink and changed through that descriptor
+/// (`src/dirfd.rs`), and a file with other names is left alone (it may be a hard link to a
+/// file outside, which the earlier user could write).
 fn chown_tree(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
-    if fs::symlink_metadata(p)?.is_dir() {
-        for e in fs::read_dir(p)? {
-            chown_tree(&e?.path(), uid, gid)?;
+    let top = Folder::open(p)?;
+    chown_below(&top, uid, gid)?;
+    top.set_owner_and_mode(Some(uid), Some(gid), 0o700)
+}
+
+fn chown_below(folder: &Folder, uid: u32, gid: u32) -> io::Result<()> {
+    for name in folder.entries()? {
+        let (fd, st) = match folder.open_path(&name) {
+            Ok(x) => x,
+            // Gone meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        match Kind::of(&st) {
+            Kind::Folder => {
+                let sub = folder.open_folder(&name)?;
+                let now = sub.stat()?;
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) {
+                    chown_below(&sub, uid, gid)?;
+                }
+            }
+            _ if st.st_nlink > 1 => continue,
+            _ => {}
         }
+        dirfd::chown_path(std::os::fd::AsFd::as_fd(&fd), Some(uid), Some(gid))?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod support;
 
 mod acme;
 mod acme_stanzas;
+mod attacks;
 mod commands;
 mod craft;
 mod deploy_loop;

@@ -430,7 +430,8 @@ fn tls_listener_http2_requires_secure_and_a_bundle_certificate() {
     let (_, subject, body) = curl_tls(tls_port, "own.example.com", "/");
     assert_eq!(body.trim(), "own");
     assert!(subject.contains("CN=own.example.com"), "{subject}");
-    // The bundle's key was copied out of the bundle, readable by keter's user only.
+    // The bundle's key was copied out of the bundle (one pair per stanza), readable by
+    // keter's user only.
     let certs = fs::read_dir(k.root.join("etc/certs"))
         .unwrap()
         .next()
@@ -438,11 +439,16 @@ fn tls_listener_http2_requires_secure_and_a_bundle_certificate() {
         .unwrap()
         .path();
     use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(certs.join("key.pem"))
+    let keys: Vec<_> = fs::read_dir(&certs)
         .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-key.pem"))
+        .collect();
+    assert!(!keys.is_empty(), "no key copied into {}", certs.display());
+    for key in keys {
+        let mode = fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
     // ACME challenges are answered on plain HTTP even for a requires-secure host.
     let challenge = k.root.join("acme/.well-known/acme-challenge");
     fs::create_dir_all(&challenge).unwrap();
