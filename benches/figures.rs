@@ -1,10 +1,13 @@
 //! keter's figures, each side by side with its baseline in the same run: deploy latency by
 //! bundle size (and unpack throughput against `tar xzf`), redeploys under load with `wrk`,
 //! the front end's overhead against the app reached directly, 200 apps at once, and what
-//! isolation costs a deploy (apps as users of their own against `run-apps-as-root`).
+//! isolation costs a deploy (apps as users of their own against `run-apps-as-root`, and against
+//! another build of keter named by `KETER_BEFORE`, to measure a change).
 //!
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
-//! be on PATH, `apt-get install wrk`). About six minutes on two cores.
+//! be on PATH, `apt-get install wrk`). About six minutes on two cores. One figure alone:
+//! `cargo bench --bench figures isolation`; with `KETER_BEFORE=/path/to/keter` its table has a
+//! row for that build too, deployed in turn with this one.
 
 #[path = "../tests/integration/support.rs"]
 mod support;
@@ -912,12 +915,25 @@ fn isolation_cost() {
     };
     let isolated = Keter::start_with("bench-isolated", opts(""));
     let as_root = Keter::start_with("bench-as-root", opts("run-apps-as-root: true\n"));
-    let kinds = [(&isolated, "own users"), (&as_root, "as root")];
-    // Redeploys of one app, interleaved between the two daemons.
-    let mut redeploy = [Vec::new(), Vec::new()];
-    let mut switch = [Vec::new(), Vec::new()];
-    let mut own_steps = [Vec::new(), Vec::new()];
-    let mut seen = [0, 0];
+    let before = std::env::var_os("KETER_BEFORE").map(|bin| {
+        Keter::start_with(
+            "bench-before",
+            Opts {
+                binary: Some(bin.into()),
+                ..opts("")
+            },
+        )
+    });
+    let mut kinds = vec![(&isolated, "own users"), (&as_root, "as root")];
+    if let Some(b) = &before {
+        kinds.push((b, "own users, KETER_BEFORE"));
+    }
+    let n = kinds.len();
+    // Redeploys of one app, interleaved between the daemons.
+    let mut redeploy = vec![Vec::new(); n];
+    let mut switch = vec![Vec::new(); n];
+    let mut own_steps = vec![Vec::new(); n];
+    let mut seen = vec![0; n];
     for i in 0..=RUNS {
         for (n, (k, _)) in kinds.iter().enumerate() {
             let version = format!("v{i}");
@@ -935,8 +951,8 @@ fn isolation_cost() {
         }
     }
     // First deploys of new apps: the user is created on the way.
-    let mut first = [Vec::new(), Vec::new()];
-    let mut first_steps = [Vec::new(), Vec::new()];
+    let mut first = vec![Vec::new(); n];
+    let mut first_steps = vec![Vec::new(); n];
     for i in 0..RUNS {
         for (n, (k, _)) in kinds.iter().enumerate() {
             let name = format!("new{i}");
@@ -954,11 +970,11 @@ fn isolation_cost() {
         "\n5. what isolation costs a deploy (medians of {RUNS}, interleaved; the example app with a static root of {FILES} files)"
     );
     println!(
-        "   {:>10} {:>16} {:>16} {:>18} {:>16} {:>18}",
+        "   {:>24} {:>16} {:>16} {:>18} {:>16} {:>18}",
         "apps run", "redeploy", "picked up->", "isolation steps", "first deploy", "isolation steps"
     );
     println!(
-        "   {:>10} {:>16} {:>16} {:>18} {:>16} {:>18}",
+        "   {:>24} {:>16} {:>16} {:>18} {:>16} {:>18}",
         "", "rename->answer", "switch", "per redeploy", "rename->answer", "first deploy"
     );
     let mut medians = Vec::new();
@@ -971,7 +987,7 @@ fn isolation_cost() {
             median(&mut first_steps[n]),
         );
         println!(
-            "   {label:>10} {:>13.1} ms {:>13.1} ms {:>15.2} ms {:>13.1} ms {:>15.2} ms",
+            "   {label:>24} {:>13.1} ms {:>13.1} ms {:>15.2} ms {:>13.1} ms {:>15.2} ms",
             ms(row.0),
             ms(row.1),
             ms(row.2),
@@ -987,6 +1003,15 @@ fn isolation_cost() {
         d(medians[0].1, medians[1].1),
         d(medians[0].3, medians[1].3)
     );
+    if n > 2 {
+        println!(
+            "   this build against KETER_BEFORE: {:+.1} ms per redeploy end to end ({:+.2} ms of isolation steps), {:+.1} ms per first deploy ({:+.2} ms of isolation steps)",
+            d(medians[0].0, medians[2].0),
+            d(medians[0].2, medians[2].2),
+            d(medians[0].3, medians[2].3),
+            d(medians[0].4, medians[2].4)
+        );
+    }
     println!(
         "   (isolation steps: keter's own timing of the app's user, the hand-over of its folder and the opening and check of its static roots, from its debug log)"
     );

@@ -187,7 +187,7 @@ pub fn open_pipe_of_group(pgid: i32, ino: u64) -> Option<fs::File> {
             if fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str())
                 && let Ok(file) = fs::OpenOptions::new()
                     .read(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
                     .open(fd.path())
                 && file.metadata().is_ok_and(|m| m.ino() == ino)
             {
