@@ -4,7 +4,8 @@
 //! (`scripts/test-package`) run it and then look, as root, at what it reached.
 //!
 //! ```text
-//! attacker [--version-string V] [--race-static FOLDER=DECOY]   (as an app: listens on $PORT)
+//! attacker [--version-string V] [--race-static FOLDER=DECOY] [--link NAME=TARGET]...
+//!                                                               (as an app: listens on $PORT)
 //! attacker exchange NAME OTHER SECONDS                          (as a deployer)
 //! ```
 //!
@@ -19,6 +20,12 @@
 //!   folder of its static root) with 2000 files `f0` ... `f1999` and watches it; the moment its
 //!   group changes (keter opening the static root to Nginx's workers), it swaps it for a symlink
 //!   to `DECOY`, which holds root's files of the same names.
+//! * `--link NAME=TARGET`: at start, replaces its own file `NAME` with a symlink to `TARGET`
+//!   (a stanza's certificate, say, pointed at another app's key that keter copied), so that a
+//!   keter that reads the bundle's file again, as root, reads `TARGET`.
+//! * `GET /snoop?app=NAME&file=REL&secs=N`: for N seconds tries to read `REL` in every folder
+//!   `temp/NAME-M` it can find, as a neighbour's new version is unpacked; each success is
+//!   reported as `snoop: read temp/NAME-M/REL`.
 //! * `GET /report`: one line per race, `handover: swapped N folders of temp/X-M` and
 //!   `static: swapped FOLDER` (or why not), for the log of a failed test. The same lines are
 //!   appended to `$HOME/attacker.report`, which outlives the version that wrote them.
@@ -76,6 +83,12 @@ fn main() {
                 version = args[i + 1].clone();
                 i += 1;
             }
+            "--link" => {
+                let (name, target) = args[i + 1].split_once('=').expect("NAME=TARGET");
+                let _ = std::fs::remove_file(name);
+                std::os::unix::fs::symlink(target, name).expect("symlink");
+                i += 1;
+            }
             "--race-static" => {
                 let (folder, decoy) = args[i + 1].split_once('=').expect("FOLDER=DECOY");
                 let (folder, decoy) = (PathBuf::from(folder), PathBuf::from(decoy));
@@ -131,6 +144,23 @@ fn serve(stream: TcpStream, version: &str, report: &Arc<Report>) {
                 }
                 None => "needs ?decoy=PATH\n".to_string(),
             },
+            "/snoop" => {
+                let get = |k: &str| {
+                    query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix(&format!("{k}=")[..]))
+                        .map(str::to_string)
+                };
+                match (get("app"), get("file"), get("secs")) {
+                    (Some(app), Some(file), Some(secs)) => {
+                        let report = report.clone();
+                        let secs: u64 = secs.parse().unwrap_or(10);
+                        std::thread::spawn(move || snoop(&app, &file, secs, &report));
+                        "snooping\n".to_string()
+                    }
+                    _ => "needs ?app=NAME&file=REL&secs=N\n".to_string(),
+                }
+            }
             "/report" => {
                 let lines = report.0.lock().unwrap().join("\n");
                 format!("{lines}\n")
@@ -200,6 +230,31 @@ fn race_handover(decoy: &Path, report: &Report) {
         }
     }
     report.push("handover: no next version folder became the app's".into());
+}
+
+/// Tries to read `file` in every `temp/APP-M` for `secs` seconds.
+fn snoop(app: &str, file: &str, secs: u64, report: &Report) {
+    let cwd = std::env::current_dir().expect("cwd");
+    let temp = cwd.parent().unwrap().to_path_buf();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut read = 0;
+    while Instant::now() < deadline {
+        for m in 1..1000 {
+            let path = temp.join(format!("{app}-{m}")).join(file);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                report.push(format!(
+                    "snoop: read {}: {}",
+                    path.display(),
+                    text.lines().next().unwrap_or("")
+                ));
+                read += 1;
+                if read > 5 {
+                    return;
+                }
+            }
+        }
+    }
+    report.push(format!("snoop: read nothing of {app}'s folders"));
 }
 
 /// Renames `folder` away and puts a symlink to `decoy` in its place.

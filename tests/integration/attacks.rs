@@ -412,3 +412,139 @@ fn a_deployer_cannot_have_keter_serve_a_key_it_cannot_read() {
     k.deploy("keyed", &bundle);
     k.wait_for("keyed.example.com", "keyed", WAIT);
 }
+
+/// Incompressible bytes, so that a bundle takes a while to unpack.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_neighbour_reads_nothing_of_a_bundle_while_keter_unpacks_it() {
+    let k = Keter::start_with(
+        "attack-snoop",
+        Opts {
+            readiness_timeout: 20.0,
+            ..Opts::default()
+        },
+    );
+    let snooper = k.dir.0.join("snoop.keter");
+    attacker_bundle(&snooper, "snoop", "snoop.example.com", &[], "", vec![]);
+    k.deploy("snoop", &snooper);
+    k.wait_for("snoop.example.com", "snoop", WAIT);
+    let r = k
+        .get(
+            "snoop.example.com",
+            "/snoop?app=victim&file=secret.txt&secs=30",
+        )
+        .unwrap();
+    assert_eq!(r.body.trim(), "snooping", "{r:?}");
+    // The secret comes first in the archive, then 64 MiB that take a while to unpack.
+    let victim = k.dir.0.join("victim.keter");
+    BundleBuilder::new()
+        .file("secret.txt", b"the victim's secret\n".to_vec(), 0o644)
+        .file("blob", noise(64 << 20), 0o644)
+        .file("dist/hello", fs::read(hello_binary()).unwrap(), 0o755)
+        .file(
+            "config/keter.yaml",
+            hello_yaml("victim", "victim.example.com", &[]).into_bytes(),
+            0o644,
+        )
+        .write(&victim);
+    k.deploy("victim", &victim);
+    k.wait_for("victim.example.com", "victim", WAIT);
+    let report = attacker_report(&k, "snoop");
+    assert!(
+        !report.contains("snoop: read"),
+        "a neighbour read the bundle while keter unpacked it:\n{report}"
+    );
+}
+
+#[test]
+fn an_app_cannot_have_keter_copy_another_apps_key_for_its_own_hosts() {
+    let k = Keter::start_with(
+        "attack-certs",
+        Opts {
+            readiness_timeout: 20.0,
+            ..Opts::default()
+        },
+    );
+    let tls = |dir: &str, cn: &str| {
+        let (cert, key) = crate::stanzas::self_signed(&k.dir.0.join(dir), cn);
+        vec![
+            ("tls/cert.pem".to_string(), fs::read(cert).unwrap()),
+            ("tls/key.pem".to_string(), fs::read(key).unwrap()),
+        ]
+    };
+    let ssl = "    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\n";
+    let victim = k.dir.0.join("victim.keter");
+    let victim_tls = tls("victim-tls", "victim.example.com");
+    let victim_key = victim_tls[1].1.clone();
+    attacker_bundle(
+        &victim,
+        "victim",
+        "victim.example.com",
+        &[],
+        ssl,
+        victim_tls,
+    );
+    k.deploy("victim", &victim);
+    k.wait_for("victim.example.com", "victim", WAIT);
+    // The copies keter made of the victim's certificate and key (root's, in etc/certs/).
+    let copies: Vec<PathBuf> = fs::read_dir(k.root.join("etc/certs"))
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    let find = |end: &str| {
+        copies
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(end))
+            .unwrap_or_else(|| panic!("no *{end} in {copies:?}"))
+            .clone()
+    };
+    let (key_copy, cert_copy) = (find("key.pem"), find("certificate.pem"));
+    // The attacker's new version points its own certificate files at those copies as it
+    // starts, before keter switches to it.
+    let attacker = k.dir.0.join("attacker.keter");
+    let link_key = format!("tls/key.pem={}", key_copy.display());
+    let link_cert = format!("tls/cert.pem={}", cert_copy.display());
+    attacker_bundle(
+        &attacker,
+        "attacker",
+        "attacker.example.com",
+        &["--link", &link_key, "--link", &link_cert],
+        ssl,
+        tls("attacker-tls", "attacker.example.com"),
+    );
+    k.deploy("attacker", &attacker);
+    wait_deploys_ended(&k, "attacker", 1);
+    for dir in fs::read_dir(k.root.join("etc/certs")).unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("attacker-")
+        {
+            continue;
+        }
+        for f in fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap().path();
+            assert_ne!(
+                fs::read(&f).unwrap(),
+                victim_key,
+                "keter copied the victim's key as {} for the attacker's hosts:\n{}",
+                f.display(),
+                k.log()
+            );
+        }
+    }
+}
