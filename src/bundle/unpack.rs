@@ -64,9 +64,19 @@ impl fmt::Display for UnpackError {
 impl std::error::Error for UnpackError {}
 
 /// Unpacks the bundle file at `bundle` into `dest`, which must not exist yet. On any error
-/// `dest` is removed.
+/// `dest` is removed. For the commands a user runs on their own files (`keter check`, `keter
+/// render`): a symlink to a bundle is followed, with the user's own rights; the daemon opens
+/// what deployers put in `incoming/` with [`open_bundle`] instead.
 pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
-    let (file, _) = open_bundle(bundle)?;
+    let file = File::open(bundle).map_err(|e| {
+        UnpackError::NotABundleFile(format!("cannot read {}: {e}", bundle.display()))
+    })?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(UnpackError::NotABundleFile(format!(
+            "{} is not a regular file",
+            bundle.display()
+        )));
+    }
     unpack_with_progress(file, bundle, dest, limits, &mut |_| {})
 }
 
