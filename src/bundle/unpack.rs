@@ -68,9 +68,15 @@ impl std::error::Error for UnpackError {}
 /// render`): a symlink to a bundle is followed, with the user's own rights; the daemon opens
 /// what deployers put in `incoming/` with [`open_bundle`] instead.
 pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpacked, UnpackError> {
-    let file = File::open(bundle).map_err(|e| {
-        UnpackError::NotABundleFile(format!("cannot read {}: {e}", bundle.display()))
-    })?;
+    // O_NONBLOCK: a FIFO is refused below instead of waiting for a writer (a regular file
+    // ignores the flag).
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(bundle)
+        .map_err(|e| {
+            UnpackError::NotABundleFile(format!("cannot read {}: {e}", bundle.display()))
+        })?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Err(UnpackError::NotABundleFile(format!(
             "{} is not a regular file",
