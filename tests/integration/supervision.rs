@@ -563,3 +563,153 @@ fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
         );
     }
 }
+
+/// Raw control characters in `bytes`, named: what must never reach a terminal or the journal.
+fn raw_controls(bytes: &[u8]) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for (needle, name) in [
+        (&b"\x1b"[..], "ESC"),
+        (b"\x07", "BEL"),
+        (b"\x00", "NUL"),
+        (b"\x7f", "DEL"),
+        (b"\xc2\x9b", "C1 CSI"),
+    ] {
+        if bytes.windows(needle.len()).any(|w| w == needle) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// A bundle whose program prints escape sequences (window title, clear screen, hidden text,
+/// an OSC 52 clipboard write, BEL), a NUL followed by a journal priority, and a C1 CSI, then
+/// exits before it listens.
+fn printing_bundle(k: &Keter) -> std::path::PathBuf {
+    let path = k.dir.0.join("esc.keter");
+    let payload = b"title \x1b]0;owned\x07 clear \x1b[2J hidden \x1b[8m gone\n\
+        clip \x1b]52;c;ZXZpbA==\x07 bell \x07\n\
+        nul \x00<3>forged entry\n\
+        c1 \xc2\x9b2J csi\n";
+    BundleBuilder::new()
+        .file(
+            "config/keter.yaml",
+            b"exec: ../run.sh\nhost: esc.example.com\n".to_vec(),
+            0o644,
+        )
+        .file(
+            "run.sh",
+            b"#!/bin/sh\ncat \"$(dirname \"$0\")/payload\"\nsleep 0.3\nexit 3\n".to_vec(),
+            0o755,
+        )
+        .file("payload", payload.to_vec(), 0o644)
+        .write(&path);
+    path
+}
+
+/// Waits until `file` contains `needle`; returns its bytes.
+fn wait_contains(k: &Keter, file: &std::path::Path, needle: &str) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        let bytes = fs::read(file).unwrap_or_default();
+        if String::from_utf8_lossy(&bytes).contains(needle) {
+            return bytes;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{} never had {needle:?}:\n{}",
+            file.display(),
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Nothing an app prints reaches a terminal or the journal raw: not `keter status` (its last
+/// error quotes the app's last lines), not keter's own log (a readiness failure quotes them),
+/// not the app's log file; with `rotate-logs: false`, no NUL or ESC reaches keter's stderr
+/// and every app line carries its `app-NAME>` prefix, even as journald splits records at NUL.
+#[test]
+fn escape_sequences_an_app_prints_reach_no_terminal_and_no_journal_raw() {
+    let k = Keter::start("escapes");
+    k.deploy("esc", &printing_bundle(&k));
+    let report = crate::status::wait_state(&k, "esc", "failed");
+    let log_file = k.root.join("log/app-esc.log");
+    let written = wait_contains(&k, &log_file, "forged entry");
+    assert_eq!(
+        raw_controls(&written),
+        Vec::<&str>::new(),
+        "log/app-esc.log"
+    );
+    assert!(
+        String::from_utf8_lossy(&written).contains("clip \\x1b]52;c;ZXZpbA==\\x07 bell \\x07"),
+        "{}",
+        String::from_utf8_lossy(&written)
+    );
+    let status = std::process::Command::new(&k.bin)
+        .args(["status", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    assert_eq!(
+        raw_controls(&status.stdout),
+        Vec::<&str>::new(),
+        "keter status"
+    );
+    assert_eq!(
+        raw_controls(&status.stderr),
+        Vec::<&str>::new(),
+        "keter status"
+    );
+    let json = std::process::Command::new(&k.bin)
+        .args(["status", "--json", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        raw_controls(&json.stdout),
+        Vec::<&str>::new(),
+        "keter status --json"
+    );
+    assert_eq!(
+        raw_controls(&fs::read(&k.log_path).unwrap()),
+        Vec::<&str>::new(),
+        "keter's stderr"
+    );
+    // The lines the app printed are there, written out, wherever they were quoted.
+    let table = String::from_utf8_lossy(&status.stdout);
+    let quoted = report["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("forged");
+    assert!(
+        !quoted || table.contains("\\x1b]52;c;ZXZpbA=="),
+        "{table}\n{report}"
+    );
+
+    // rotate-logs: false: the app's lines go to keter's stderr, that is the journal.
+    let k = Keter::start_with(
+        "escapes-stderr",
+        Opts {
+            extra: "rotate-logs: false\n".into(),
+            ..Opts::default()
+        },
+    );
+    k.deploy("esc", &printing_bundle(&k));
+    crate::status::wait_state(&k, "esc", "failed");
+    let stderr = wait_contains(&k, &k.log_path, "c1 ");
+    assert_eq!(raw_controls(&stderr), Vec::<&str>::new(), "keter's stderr");
+    // journald ends a record at a newline or a NUL: every record with the app's text must be
+    // one of keter's own lines (`[... LEVEL]`) or carry the app's prefix.
+    let text = String::from_utf8_lossy(&stderr);
+    for record in text.split(['\n', '\0']) {
+        if record.contains("forged entry") || record.contains("ZXZpbA==") {
+            assert!(
+                record.starts_with("app-esc> ") || record.starts_with('['),
+                "a record without the app's prefix: {record:?}\n{text}"
+            );
+        }
+    }
+    assert!(text.contains("app-esc> "), "{text}");
+    assert!(text.contains("nul \\x00<3>forged entry"), "{text}");
+}
