@@ -66,7 +66,12 @@ fn run_daemon(
     stored: HashMap<u64, std::fs::File>,
     lock: Option<std::fs::File>,
 ) -> ExitCode {
+    // Before any thread starts (it reads and removes a variable of the environment).
+    let open_files = keter::process::raise_open_files();
     keter::logging::init();
+    if let Some((from, to)) = open_files {
+        log::info!("keter: limit of open files raised from {from} to {to}");
+    }
     // A panic on any thread ends keter at once: without the thread (an app's worker, say) the
     // rest would go on half-working. Started again (by systemd's Restart=), keter takes every
     // app over from its records, so a panic costs no request and restarts no app.

@@ -564,6 +564,37 @@ fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
     }
 }
 
+/// keter raises its own soft limit of open files to the hard one (systemd gives services
+/// 1024), and gives its apps the one it was started with, also after an in-place upgrade
+/// (whose new image finds the limit raised already).
+#[test]
+fn apps_start_with_the_open_files_limit_keter_was_started_with() {
+    let k = Keter::start_with(
+        "open-files",
+        Opts {
+            open_files: Some((1024, 4096)),
+            ..Opts::default()
+        },
+    );
+    let started = (String::from("1024"), String::from("4096"));
+    let raised = (String::from("4096"), String::from("4096"));
+    assert_eq!(open_files(k.pid()), raised);
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    assert_eq!(open_files(k.pid_of(HOST)), started);
+    assert_eq!(
+        open_files(k.nginx_pid()),
+        raised,
+        "Nginx wants many descriptors"
+    );
+    k.signal(Signal::SIGUSR2);
+    k.wait_log_count("keter: upgraded in place", 1, WAIT);
+    assert_eq!(open_files(k.pid()), raised);
+    k.deploy_hello("hello", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    assert_eq!(open_files(k.pid_of(HOST)), started);
+}
+
 /// Raw control characters in `bytes`, named: what must never reach a terminal or the journal.
 fn raw_controls(bytes: &[u8]) -> Vec<&'static str> {
     let mut found = Vec::new();
