@@ -564,6 +564,57 @@ fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
     }
 }
 
+/// Sets the soft limit of open files of process `pid`; returns the limits it had.
+fn set_open_files(pid: i32, soft: u64) -> (u64, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads and writes the structs it is given; reading first, then setting.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) },
+        0
+    );
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    (old.rlim_cur, old.rlim_max)
+}
+
+/// The lowest descriptor number process `pid` does not use: the next one it would open.
+fn lowest_free_fd(pid: i32) -> u64 {
+    let used: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// keter cannot start an app's worker for a moment (out of descriptors: it cannot open the
+/// app's log): it says so, tries again with a backoff, and the bundle deploys once it can,
+/// without a SIGHUP.
+#[test]
+fn a_worker_that_cannot_start_is_tried_again_without_a_sighup() {
+    let k = Keter::start("worker-retry");
+    let pid = k.pid();
+    // Not one more descriptor: the next file keter opens fails with EMFILE.
+    let (soft, _) = set_open_files(pid, lowest_free_fd(pid));
+    k.deploy_hello("late", "v1", "late.example.com", &[]);
+    k.wait_log("late: cannot start its worker", WAIT);
+    set_open_files(pid, soft);
+    k.wait_for("late.example.com", "v1", WAIT);
+    assert!(k.log().contains("keter tries again in 1 s"), "{}", k.log());
+}
+
 /// keter raises its own soft limit of open files to the hard one (systemd gives services
 /// 1024), and gives its apps the one it was started with, also after an in-place upgrade
 /// (whose new image finds the limit raised already).
