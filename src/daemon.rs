@@ -139,6 +139,7 @@ pub fn run(
         &config,
         reports.clone(),
         nginx.counters.clone(),
+        nginx.handle(),
         isolation.clone(),
     );
     let acme = start_acme(&config);
