@@ -35,6 +35,11 @@
 //! interface listens, `HOST:PORT` or `unix:PATH` (default `127.0.0.1:4080`). Nothing is
 //! changed: files written to test access are removed at once, and signals are signal 0, which
 //! only checks the permission.
+//!
+//! `GET /hold?addr=HOST:PORT&n=N` attacks a listener instead: it opens N TCP connections to
+//! `addr`, sends nothing on them and keeps them open as long as the probe runs (raising its own
+//! soft limit of open files to the hard one first), then answers `held N connections to
+//! HOST:PORT` or the error that stopped it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -128,6 +133,13 @@ fn serve(stream: TcpStream, version: &str) {
                 Some(neighbour) => (200, report(&neighbour, query)),
                 None => (400, "the report needs ?neighbour=NAME\n".to_string()),
             },
+            "/hold" => match (param(query, "addr"), param(query, "n")) {
+                (Some(addr), Some(n)) => match n.parse() {
+                    Ok(n) => hold(&addr, n),
+                    Err(_) => (400, "n must be a number\n".to_string()),
+                },
+                _ => (400, "hold needs ?addr=HOST:PORT&n=N\n".to_string()),
+            },
             _ => (200, format!("{version}\n")),
         };
         let response = format!(
@@ -139,6 +151,38 @@ fn serve(stream: TcpStream, version: &str) {
             return;
         }
     }
+}
+
+/// Opens `n` connections to `addr` that never send anything, and keeps them.
+fn hold(addr: &str, n: usize) -> (u16, String) {
+    static HELD: std::sync::Mutex<Vec<TcpStream>> = std::sync::Mutex::new(Vec::new());
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let Ok(target) = addr.parse() else {
+        return (400, format!("{addr} is not HOST:PORT\n"));
+    };
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 0..n {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                return (
+                    500,
+                    format!("opened {i} connections to {addr}, then: {e}\n"),
+                );
+            }
+        }
+    }
+    (200, format!("held {n} connections to {addr}\n"))
 }
 
 /// The value of `name` in a query string, percent-decoded.

@@ -3,12 +3,18 @@
 //! false`), and the last lines stay in memory so that a failed deploy can say what the app
 //! printed last.
 //!
+//! A line is made printable once, here, when it enters the log ([`printable`]): an app's
+//! bytes reach a terminal (`keter status`, `tail -f` on its log file), the journal (through
+//! keter's stderr) and keter's own messages (a readiness failure quotes the last lines), and
+//! none of them may be handed an escape sequence or a NUL (README, "Supervision").
+//!
 //! Nothing that reads an app's output waits for the disk: lines are queued for the one writer
 //! thread that all apps share, and a line that does not fit the app's share of the queue is
 //! dropped and counted (a slow or full disk must never block the app on its own stdout). The
 //! reader (`src/childwatch.rs`) reads a pipe no faster than [`AppLog::room`] allows, so that
 //! only lines an app prints while its pipe is about full are ever dropped.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -90,9 +96,9 @@ impl AppLog {
         Ok(AppLog { shared, writer })
     }
 
-    /// Records one line (without its newline).
+    /// Records one line (without its newline), made [`printable`] first.
     pub fn line(&self, text: &str) {
-        let stamped = format!("{} {}", timestamp(SystemTime::now()), text);
+        let stamped = format!("{} {}", timestamp(SystemTime::now()), printable(text));
         {
             let mut tail = self.shared.tail.lock().unwrap_or_else(|e| e.into_inner());
             if tail.len() == TAIL_LINES {
@@ -253,6 +259,36 @@ impl Sink {
     }
 }
 
+/// `text` with every control character written out as `\xHH` (its code point in hex): the C0
+/// controls but tab (so NUL, ESC, BEL, CR, newline), DEL and the C1 controls U+0080-U+009F
+/// (U+009B is CSI, an escape sequence on its own for terminals that read C1). An app's output
+/// is not to be trusted with any of them: ESC starts terminal escape sequences (window title,
+/// clear screen, hidden text, OSC 52 clipboard writes), and journald ends a record at NUL, so
+/// that what follows would become an entry of keter's own. A backslash stays as it is, so that
+/// the function can be applied again without changing anything (keter's own messages quote
+/// lines that are printable already). Borrows when there is nothing to escape.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    // Bytes alone find every candidate: a C1 control is 0xC2 0x80-0x9F in UTF-8.
+    let suspect = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f || *b == 0xc2;
+    if !text.as_bytes().iter().any(suspect) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_escaped(c) {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether [`printable`] writes `c` out.
+fn is_escaped(c: char) -> bool {
+    (c.is_ascii_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c)
+}
+
 /// `PATH` becomes `PATH.1`, `PATH.1` becomes `PATH.2`, ... up to `PATH.KEEP`.
 fn rotate(path: &std::path::Path, keep: u32) {
     let numbered = |i: u32| {
@@ -318,6 +354,20 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_are_written_out() {
+        assert!(matches!(printable("plain\ttext é ✓"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("\x1b]0;title\x07\x1b[2J\x1b]52;c;aGk=\x07\0<3>x\r\n\x7f"),
+            "\\x1b]0;title\\x07\\x1b[2J\\x1b]52;c;aGk=\\x07\\x00<3>x\\x0d\\x0a\\x7f"
+        );
+        // C1 controls are characters of their own in UTF-8; the letters around them stay.
+        assert_eq!(printable("a\u{9b}2Jb\u{85}\u{a0}"), "a\\x9b2Jb\\x85\u{a0}");
+        // Applied again it changes nothing: keter's messages quote printable lines.
+        let once = printable("\x1b[31mred\\x1b").into_owned();
+        assert_eq!(printable(&once), once);
+    }
+
+    #[test]
     fn lines_reach_file_and_tail() {
         let dir = std::env::temp_dir().join(format!("keter-applog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -329,14 +379,15 @@ mod tests {
         })
         .unwrap();
         log.line("hello");
-        log.line("world");
-        assert!(log.tail(1)[0].ends_with(" world"));
+        log.line("world\x1b[2J\0");
+        assert!(log.tail(1)[0].ends_with(" world\\x1b[2J\\x00"));
         drop(log);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             if text.lines().count() == 2 {
                 assert!(text.lines().next().unwrap().ends_with(" hello"));
+                assert!(text.ends_with(" world\\x1b[2J\\x00\n"), "{text:?}");
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "lines never written");

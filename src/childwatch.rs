@@ -446,6 +446,10 @@ fn split_lines(log: &AppLog, partial: &mut Vec<u8>, mut data: &[u8]) {
     }
 }
 
+/// Where an app's bytes become a line: invalid UTF-8 becomes U+FFFD here, and
+/// [`AppLog::line`] writes out the control characters (NUL, ESC, C1...), so that whatever
+/// reads the log (its file, keter's stderr and the journal, the status interface, a readiness
+/// failure's message) gets printable text.
 fn log_line(log: &AppLog, mut line: &[u8]) {
     while let [rest @ .., b'\r' | b'\n'] = line {
         line = rest;
@@ -548,6 +552,23 @@ mod tests {
             .collect();
         assert_eq!(numbers, (0..lines).collect::<Vec<_>>());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// An app's bytes as it may print them, NUL and escape sequences included, become
+    /// printable lines.
+    #[test]
+    fn escape_sequences_and_nul_never_reach_a_line() {
+        let got = lines(&[
+            b"\x1b]52;c;ZXZpbA==\x07\x1b[2J\0<3>forged\n",
+            b"a\xc2\x9b2J\xff\n",
+        ]);
+        assert_eq!(
+            got,
+            [
+                "\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J\\x00<3>forged",
+                "a\\x9b2J\u{fffd}"
+            ]
+        );
     }
 
     #[test]

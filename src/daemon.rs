@@ -10,6 +10,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -138,6 +139,7 @@ pub fn run(
         &config,
         reports.clone(),
         nginx.counters.clone(),
+        nginx.handle(),
         isolation.clone(),
     );
     let acme = start_acme(&config);
@@ -159,6 +161,7 @@ pub fn run(
         shared,
         apps: BTreeMap::new(),
         refused: BTreeSet::new(),
+        unstarted: BTreeMap::new(),
         tx,
     };
     let (apps, processes) = (recovery.apps.len(), recovery.processes());
@@ -191,9 +194,19 @@ pub fn run(
     loop {
         let input = match queued.pop() {
             Some(i) => i,
-            None => match rx.recv() {
-                Ok(i) => i,
-                Err(_) => break,
+            None => match daemon.next_worker_start() {
+                Some(at) => match rx.recv_deadline(at) {
+                    Ok(i) => i,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        daemon.start_workers_due();
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(i) => i,
+                    Err(_) => break,
+                },
             },
         };
         match input {
@@ -288,8 +301,22 @@ struct Daemon {
     apps: BTreeMap<AppName, AppHandle>,
     /// Names in `incoming/` already reported as unusable (reported once, not at every event).
     refused: BTreeSet<String>,
+    /// Apps whose worker could not start, tried again on their own: a bundle is never left
+    /// waiting for a SIGHUP because keter was out of threads or descriptors for a moment.
+    unstarted: BTreeMap<AppName, Unstarted>,
     /// The daemon's own channel, for the workers' [`Input::Stopped`].
     tx: Sender<Input>,
+}
+
+/// A bundle whose app's worker could not start.
+struct Unstarted {
+    /// Its name in `incoming/`.
+    file_name: String,
+    /// The command that failed was a rescan's retry (SIGHUP).
+    retry: bool,
+    /// When it is tried again.
+    at: Instant,
+    backoff: crate::restart::Backoff,
 }
 
 impl Daemon {
@@ -441,6 +468,28 @@ impl Daemon {
         }
     }
 
+    /// When the next worker that could not start is due to be tried again.
+    fn next_worker_start(&self) -> Option<Instant> {
+        self.unstarted.values().map(|u| u.at).min()
+    }
+
+    /// Tries again the workers that could not start and whose time has come.
+    fn start_workers_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<AppName> = self
+            .unstarted
+            .iter()
+            .filter(|(_, u)| u.at <= now)
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in due {
+            if let Some(u) = self.unstarted.get(&app) {
+                let (file_name, retry) = (u.file_name.clone(), u.retry);
+                self.reconcile(&file_name, retry);
+            }
+        }
+    }
+
     /// Brings the app behind one file name in line with the folder: deploy if the bundle is
     /// there, stop if it is gone.
     fn reconcile(&mut self, file_name: &str, retry: bool) {
@@ -463,15 +512,33 @@ impl Daemon {
         };
         let path = self.shared.config.root.join("incoming").join(file_name);
         let present = fs::symlink_metadata(&path).is_ok();
+        if !present {
+            self.unstarted.remove(&app);
+        }
         if present {
             if !self.apps.contains_key(&app) {
                 let on_stopped = self.on_stopped(&app);
                 match AppHandle::spawn(app.clone(), self.shared.clone(), on_stopped) {
                     Ok(h) => {
                         self.apps.insert(app.clone(), h);
+                        self.unstarted.remove(&app);
                     }
                     Err(e) => {
-                        log::error!("{app}: cannot start its worker: {e}");
+                        let u = self.unstarted.entry(app.clone()).or_insert(Unstarted {
+                            file_name: String::new(),
+                            retry: false,
+                            at: Instant::now(),
+                            backoff: crate::restart::WORKER_START,
+                        });
+                        let delay = u.backoff.failed(std::time::Duration::ZERO);
+                        u.file_name = file_name.to_string();
+                        // A SIGHUP's retry of a failed deploy is kept until the worker runs.
+                        u.retry |= retry;
+                        u.at = Instant::now() + delay;
+                        log::error!(
+                            "{app}: cannot start its worker: {e}; keter tries again in {} s",
+                            delay.as_secs_f64()
+                        );
                         return;
                     }
                 }

@@ -276,6 +276,11 @@ pub fn exec(pipes: &[HeldPipe], since: Instant, lock: RawFd) -> io::Error {
         }
     }
     cmd.env(FD_VAR, file.as_raw_fd().to_string());
+    // The new image raises the limit of open files again and needs to know the one keter was
+    // started with, for the processes it starts.
+    if let Some(soft) = crate::process::started_open_files() {
+        cmd.env(crate::process::OPEN_FILES_VAR, soft.to_string());
+    }
     cmd.env(crate::rootlock::FD_VAR, lock.to_string());
     // The signals keter handles stay blocked across the exec, so that one sent meanwhile
     // waits for the new image's handlers instead of ending it ([`unblock_signals`]); every

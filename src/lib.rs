@@ -21,6 +21,7 @@ pub mod handover;
 pub mod isolation;
 pub mod journal;
 pub mod listen;
+pub mod logging;
 pub mod memory;
 pub mod names;
 pub mod nginx;

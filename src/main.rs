@@ -30,22 +30,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    builder.format_target(false);
-    // At debug level the PostgreSQL client logs every statement it sends, and CREATE ROLE
-    // carries the role's SCRAM verifier (no credential material in logs).
-    builder.filter_module("tokio_postgres", log::LevelFilter::Info);
-    // journald adds its own timestamps.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format_timestamp(None);
-    } else {
-        builder.format_timestamp_millis();
-    }
-    builder.init();
-}
-
 /// `keter --check-handover ARGS...`: asked by a running keter before it re-executes this
 /// binary, whether it can take over with the command line ARGS (`src/handover.rs`). Prints
 /// what it reads and where it would run, as JSON.
@@ -82,7 +66,12 @@ fn run_daemon(
     stored: HashMap<u64, std::fs::File>,
     lock: Option<std::fs::File>,
 ) -> ExitCode {
-    init_logging();
+    // Before any thread starts (it reads and removes a variable of the environment).
+    let open_files = keter::process::raise_open_files();
+    keter::logging::init();
+    if let Some((from, to)) = open_files {
+        log::info!("keter: limit of open files raised from {from} to {to}");
+    }
     // A panic on any thread ends keter at once: without the thread (an app's worker, say) the
     // rest would go on half-working. Started again (by systemd's Restart=), keter takes every
     // app over from its records, so a panic costs no request and restarts no app.

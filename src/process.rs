@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
@@ -80,6 +81,55 @@ pub struct Running {
     pub ticks: u64,
     /// Inode of its output pipe (0 for none), by which a later keter finds the pipe again.
     pub output: u64,
+}
+
+/// The soft limit of open files keter was started with, which every app gets back; 0 while
+/// keter has not raised its own.
+static STARTED_OPEN_FILES: AtomicU64 = AtomicU64::new(0);
+
+/// The environment variable that carries [`STARTED_OPEN_FILES`] across an in-place upgrade
+/// (`src/handover.rs`), whose new image finds the soft limit raised already.
+pub const OPEN_FILES_VAR: &str = "KETER_STARTED_NOFILE";
+
+/// Raises keter's soft limit of open files (RLIMIT_NOFILE) to its hard limit, as Go and
+/// systemd recommend for a program that holds many descriptors: under systemd the soft limit
+/// is 1024 (for the sake of `select()`), and every app's pipe, the status interface's
+/// connections and the Nginx files count against it. Apps get the soft limit keter was
+/// started with back, so that an app that uses `select()` keeps working.
+/// Returns the limits before and after, when it changed anything. Must run before other
+/// threads start (it removes [`OPEN_FILES_VAR`] from the environment).
+pub fn raise_open_files() -> Option<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let handed = std::env::var(OPEN_FILES_VAR)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    // SAFETY: called before keter starts any thread (see above).
+    unsafe { std::env::remove_var(OPEN_FILES_VAR) };
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let started = handed.unwrap_or(soft).min(hard);
+    STARTED_OPEN_FILES.store(started, Ordering::Relaxed);
+    if soft >= hard {
+        return None;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    Some((soft, hard))
+}
+
+/// The soft limit of open files keter was started with, if it raised its own.
+pub fn started_open_files() -> Option<u64> {
+    Some(STARTED_OPEN_FILES.load(Ordering::Relaxed)).filter(|n| *n > 0)
+}
+
+/// The limit of open files an app starts with: keter's soft limit at its start, under the
+/// hard limit it has now.
+fn started_open_files_limit() -> Option<libc::rlimit> {
+    let soft = started_open_files()?;
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    Some(libc::rlimit {
+        rlim_cur: soft.min(hard),
+        rlim_max: hard,
+    })
 }
 
 /// A command that will run as the leader of a new process group (so that stopping it reaches
@@ -193,6 +243,18 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::from(app_end))
         .stderr(Stdio::from(app_err));
+    // An app gets the soft limit of open files keter was started with, not the one keter
+    // raised for itself ([`raise_open_files`]): a program that uses `select()` breaks on
+    // descriptors above 1023. (Nginx, started without this, keeps the raised one.)
+    if let Some(limit) = started_open_files_limit() {
+        // SAFETY: setrlimit is an async-signal-safe system call on a prepared struct.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                Ok(())
+            });
+        }
+    }
     if let Some(user) = spec.user.clone() {
         // `CommandExt::uid/gid` would clear the supplementary groups; set all three here, in
         // the order that keeps the permission to change them (groups, group, then user).

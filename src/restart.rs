@@ -1,6 +1,7 @@
 //! When something that failed is tried again. One [`Backoff`] type (short at first, doubling,
 //! capped, reset after a healthy run) serves the webapps' crash restarts, the managed Nginx
-//! master and the retries of deploys that failed for a passing reason; [`Restarts`] adds
+//! master, the retries of deploys that failed for a passing reason and of app workers that
+//! could not start; [`Restarts`] adds
 //! Keter's `restart-count` / `restart-delay-seconds` for background stanzas. A crash loop
 //! becomes a visible state instead of a hot loop (README, "Supervision").
 //!
@@ -77,6 +78,15 @@ pub const NGINX_MASTER: Backoff = Backoff::new(
 pub const DEPLOY_RETRY: Backoff = Backoff::new(
     Duration::from_secs(5),
     Duration::from_secs(300),
+    Duration::MAX,
+);
+
+/// An app's worker that could not start (no thread, or no descriptor for its log, say while
+/// keter is out of descriptors): its bundle is tried again after 1 s, doubling up to a
+/// minute, until the worker starts or the bundle is gone.
+pub const WORKER_START: Backoff = Backoff::new(
+    Duration::from_secs(1),
+    Duration::from_secs(60),
     Duration::MAX,
 );
 

@@ -16,6 +16,8 @@ pub mod rate_limit;
 pub mod served;
 pub mod unpack;
 
+use std::net::{IpAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 pub use config::{Background, BundleConfig, Program, WebApp};
@@ -40,6 +42,10 @@ pub struct Context {
     /// Whose rights certificate files on the host are read with: the deployer's (the owner of
     /// the bundle file) at a deploy; `None`, keter's own, for the commands a user runs.
     pub reader: Option<crate::isolation::access::Ids>,
+    /// The TCP port of keter's status interface, which no reverse proxy may reach.
+    pub status_port: Option<u16>,
+    /// The global `port-range`: the apps' ports, which no reverse proxy may reach either.
+    pub app_ports: Option<RangeInclusive<u16>>,
 }
 
 impl Context {
@@ -50,6 +56,11 @@ impl Context {
             host: true,
             acme: config.acme.is_some(),
             reader: None,
+            status_port: match &config.status {
+                Some(crate::status::StatusAddress::Tcp(a)) => Some(a.port()),
+                _ => None,
+            },
+            app_ports: Some(config.port_range.clone()),
         }
     }
 }
@@ -130,6 +141,9 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
             Err(e) => problems.error(key, e),
         }
     }
+    for p in &config.proxies {
+        check_reversed(p, ctx, problems);
+    }
     for (tls, hosts, key) in config.tls_stanzas() {
         if *tls == Tls::Acme {
             check_acme(hosts, ctx, &key, problems);
@@ -157,6 +171,84 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
     for (tls, key) in served {
         resolve_certificate(tls, dir, ctx, &key, problems);
     }
+}
+
+/// A reverse proxy must not reach keter's own listeners, nor the apps' ports, on this host
+/// (README, "Security: who can reach what"): Nginx would publish keter's status interface,
+/// every app's state, log lines and Nginx file, to whoever asks for the stanza's host, and a
+/// proxy to a port of `port-range` would reach another app past its own Nginx settings
+/// (basic-auth, rate limits, local-only). Refused when `reversed-host` is, or resolves now to,
+/// a loopback or unspecified address or one of this host's own; a name can still resolve
+/// elsewhere when Nginx reloads later, which the status interface itself guards against (it
+/// refuses Nginx's workers). A name that does not resolve is left to `nginx -t`.
+fn check_reversed(p: &ReverseProxy, ctx: &Context, problems: &mut Problems) {
+    let port = p.reversed_port;
+    let status = ctx.status_port == Some(port);
+    let apps = ctx.app_ports.as_ref().filter(|r| r.contains(&port));
+    if !status && apps.is_none() {
+        return;
+    }
+    let host = &p.reversed_host;
+    let ours = host_addresses();
+    let (local, how) = match host.parse::<IpAddr>() {
+        Ok(ip) => (is_local(ip, &ours), String::new()),
+        // Only the deployment host can say where a name leads.
+        Err(_) if !ctx.host => return,
+        Err(_) => {
+            let found = (host.as_str(), port)
+                .to_socket_addrs()
+                .map(|addrs| addrs.filter_map(|a| is_local(a.ip(), &ours)).next())
+                .unwrap_or(None);
+            let how = found
+                .map(|ip| format!(" ({host} resolves to {ip}, an address of this host)"))
+                .unwrap_or_default();
+            (found, how)
+        }
+    };
+    if local.is_none() {
+        return;
+    }
+    let why = if status {
+        format!(
+            "{host}:{port}{how} is keter's own status interface (the global `status`): Nginx \
+             would publish every app's state, log lines and configuration to whoever asks for \
+             this stanza's host"
+        )
+    } else {
+        let range = apps.map(|r| format!("{}-{}", r.start(), r.end()));
+        format!(
+            "{host}:{port}{how} is in port-range {}, the ports keter gives its apps: a reverse \
+             proxy to it would reach another app past that app's own Nginx settings \
+             (basic-auth, rate limits, local-only); proxy to one of that app's host names instead",
+            range.unwrap_or_default()
+        )
+    };
+    problems.error(p.served.key("reversed-port"), why);
+}
+
+/// `ip`, with an IPv4 address written as IPv6 (`::ffff:127.0.0.1`) as the IPv4 one, when it is
+/// an address of this host: loopback, unspecified (which reaches this host) or in `ours`.
+fn is_local(ip: IpAddr, ours: &[IpAddr]) -> Option<IpAddr> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    (ip.is_loopback() || ip.is_unspecified() || ours.contains(&ip)).then_some(ip)
+}
+
+/// The addresses of this host's interfaces (none if they cannot be listed).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
 }
 
 /// `ssl: acme`: the stanza's hosts must make a host set the CA can issue one certificate for
@@ -366,4 +458,79 @@ fn resolve_inside(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
         return Err(format!("{} resolves outside the bundle", rel.display()));
     }
     Ok(real)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(host: &str, port: u16) -> ReverseProxy {
+        let text = format!(
+            "stanzas:\n  - type: reverse-proxy\n    reversing-host: p.example.com\n    reversed-host: \"{host}\"\n    reversed-port: {port}\n"
+        );
+        let mut problems = Problems::new("p.keter: config/keter.yaml");
+        let tree = yaml::parse(&text).unwrap();
+        let config = config::from_tree(&tree, &mut problems).unwrap();
+        assert!(!problems.has_errors(), "{:?}", problems.errors);
+        config.proxies[0].clone()
+    }
+
+    fn refusal(host: &str, port: u16, ctx: &Context) -> Option<String> {
+        let mut problems = Problems::new("p.keter: config/keter.yaml");
+        check_reversed(&proxy(host, port), ctx, &mut problems);
+        problems.errors.first().map(|e| {
+            assert_eq!(e.key, "stanzas[0].reversed-port");
+            e.message.clone()
+        })
+    }
+
+    #[test]
+    fn reverse_proxies_to_keters_listeners_and_the_apps_ports_are_refused() {
+        let ctx = Context {
+            host: true,
+            status_port: Some(4080),
+            app_ports: Some(4000..=4999),
+            ..Context::default()
+        };
+        let ours = host_addresses()
+            .into_iter()
+            .find(|ip| !ip.is_loopback())
+            .map(|ip| ip.to_string());
+        let mut local = vec![
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.1",
+            "localhost",
+        ];
+        local.extend(ours.as_deref());
+        for host in local {
+            let why = refusal(host, 4080, &ctx)
+                .unwrap_or_else(|| panic!("{host}:4080 is keter's status interface"));
+            assert!(why.contains("keter's own status interface"), "{why}");
+            let why =
+                refusal(host, 4003, &ctx).unwrap_or_else(|| panic!("{host}:4003 is an app's port"));
+            assert!(why.contains("in port-range 4000-4999"), "{why}");
+        }
+        let why = refusal("localhost", 4080, &ctx).unwrap();
+        assert!(
+            why.contains("localhost resolves to 127.0.0.1") || why.contains("resolves to ::1"),
+            "{why}"
+        );
+        // Other ports of this host, other hosts, names that do not resolve: left alone.
+        assert_eq!(refusal("127.0.0.1", 9000, &ctx), None);
+        assert_eq!(refusal("192.0.2.1", 4080, &ctx), None);
+        assert_eq!(refusal("no-such-host.invalid", 4080, &ctx), None);
+        // `keter bundle` on a build machine knows neither the status address nor port-range.
+        assert_eq!(refusal("127.0.0.1", 4080, &Context::default()), None);
+        // A status interface on a unix socket has no port to protect.
+        let socket = Context {
+            status_port: None,
+            app_ports: Some(5000..=5999),
+            ..ctx.clone()
+        };
+        assert_eq!(refusal("127.0.0.1", 4080, &socket), None);
+    }
 }

@@ -231,6 +231,8 @@ pub fn status(config_path: &Path, json: bool) -> ExitCode {
             config_path.display()
         ));
     };
+    // What the daemon answered reaches the terminal only as printable text, errors included.
+    let fail = |message: &str| fail(&crate::applog::printable(message));
     let body = match client::get(&address, "/api/apps", Duration::from_secs(10)) {
         Ok(b) => b,
         Err(e) => return fail(&e.to_string()),
@@ -244,7 +246,7 @@ pub fn status(config_path: &Path, json: bool) -> ExitCode {
         }
     };
     if json {
-        match serde_json::to_string_pretty(&value) {
+        match client::json_text(&value) {
             Ok(text) => println!("{text}"),
             Err(e) => return fail(&e.to_string()),
         }

@@ -14,7 +14,7 @@ pub mod access;
 pub mod folder;
 pub mod users;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -51,6 +51,8 @@ pub struct Isolation {
     checked: Mutex<BTreeSet<String>>,
     /// Uids refused by the status interface and logged already (logged once each).
     refused_logged: Mutex<BTreeSet<u32>>,
+    /// The users Nginx's workers were seen to run as in this run, by uid.
+    workers_seen: Mutex<BTreeMap<u32, String>>,
 }
 
 /// The folders under `root`, with the mode each is given (README "Folder layout"). What must
@@ -168,6 +170,7 @@ impl Isolation {
             nginx_mode: config.nginx.mode,
             checked: Mutex::new(BTreeSet::new()),
             refused_logged: Mutex::new(BTreeSet::new()),
+            workers_seen: Mutex::new(BTreeMap::new()),
         };
         if let Mode::Shared(user) = &isolation.mode {
             let breaches = isolation.breaches(&ids_of(user))?;
@@ -399,6 +402,34 @@ impl Isolation {
                         .then(|| "in app-uid-range, the apps' users".to_string())
                 }),
         }
+    }
+
+    /// The status interface asks: is a TCP connection from `uid` one of Nginx's workers?
+    /// `Some(name)` of their user, unless it is root or keter's own user (operators share
+    /// those; with workers running as keter's user, only the bundle check keeps Nginx away
+    /// from the status interface). `master` is the running Nginx master. A user the workers
+    /// were once seen to run as stays one, so that a refusal does not depend on finding
+    /// workers at that moment (Nginx restarting).
+    pub fn nginx_workers_user(&self, uid: u32, master: Option<i32>) -> Option<String> {
+        if uid == 0 || uid == self.own_uid {
+            return None;
+        }
+        if let Some(ids) = &self.managed_workers
+            && ids.uid == uid
+        {
+            return Some(ids.name.clone());
+        }
+        let mut seen = self.workers_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(name) = seen.get(&uid) {
+            return Some(name.clone());
+        }
+        // Looked up only for a uid that is not known yet (a scan of /proc).
+        let workers = self.nginx_workers(master)?;
+        if workers.uid == 0 || workers.uid == self.own_uid {
+            return None;
+        }
+        seen.insert(workers.uid, workers.name.clone());
+        (workers.uid == uid).then_some(workers.name)
     }
 
     /// True the first time `uid` is refused (so that a refusal is logged once, not at every

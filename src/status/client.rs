@@ -1,6 +1,11 @@
 //! The client side of the status interface, for `keter status`: one GET to the running
 //! daemon's API (over TCP or its unix socket) and a table for people.
 //!
+//! Whatever comes from the daemon is printed with its control characters written out
+//! ([`crate::applog::printable`]), the table and `--json` alike: the daemon escapes what apps
+//! print already, but the answer may come from an older keter, and it ends up on an
+//! operator's terminal.
+//!
 //! The peer is keter itself on this machine, so a small blocking HTTP/1.1 exchange is all it
 //! takes: no proxy, no TLS, no redirects.
 
@@ -36,6 +41,31 @@ impl fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {}
+
+/// A text of the daemon's answer, as it may be printed.
+fn shown(text: &str) -> String {
+    crate::applog::printable(text).into_owned()
+}
+
+/// The API's answer as `keter status --json` prints it: pretty JSON in which DEL and the C1
+/// controls are `\u` escapes as well (serde_json escapes only C0 controls), so that the text
+/// stays the same JSON and holds no control character for the terminal.
+pub fn json_text(api: &Value) -> Result<String, serde_json::Error> {
+    let text = serde_json::to_string_pretty(api)?;
+    if !text.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)) {
+        return Ok(text);
+    }
+    Ok(text
+        .chars()
+        .map(|c| {
+            if ('\u{7f}'..='\u{9f}').contains(&c) {
+                format!("\\u{:04x}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect())
+}
 
 /// `GET path` from the status interface at `address`; the body of a 200 answer.
 pub fn get(address: &StatusAddress, path: &str, timeout: Duration) -> Result<String, ClientError> {
@@ -90,12 +120,7 @@ pub fn table(api: &Value) -> Result<String, String> {
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut errors = Vec::new();
     for app in apps {
-        let text = |key: &str| {
-            app.get(key)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
+        let text = |key: &str| shown(app.get(key).and_then(Value::as_str).unwrap_or(""));
         let name = text("name");
         let processes = app
             .get("processes")
@@ -117,10 +142,10 @@ pub fn table(api: &Value) -> Result<String, String> {
         let last_deploy = match app.get("last_deploy") {
             Some(d) if d.is_object() => format!(
                 "{}{} {}ms",
-                d.get("result").and_then(Value::as_str).unwrap_or("?"),
+                shown(d.get("result").and_then(Value::as_str).unwrap_or("?")),
                 d.get("error_kind")
                     .and_then(Value::as_str)
-                    .map(|k| format!(" ({k})"))
+                    .map(|k| format!(" ({})", shown(k)))
                     .unwrap_or_default(),
                 d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0)
             ),
@@ -130,10 +155,10 @@ pub fn table(api: &Value) -> Result<String, String> {
             .get("last_deploy")
             .and_then(|d| d.get("retry_at"))
             .and_then(Value::as_str);
-        let hosts: Vec<&str> = app
+        let hosts: Vec<String> = app
             .get("hosts")
             .and_then(Value::as_array)
-            .map(|h| h.iter().filter_map(Value::as_str).collect())
+            .map(|h| h.iter().filter_map(Value::as_str).map(shown).collect())
             .unwrap_or_default();
         let sha = text("sha256");
         rows.push(vec![
@@ -162,10 +187,13 @@ pub fn table(api: &Value) -> Result<String, String> {
             },
         ]);
         if let Some(e) = app.get("last_error").and_then(Value::as_str) {
-            errors.push(format!("{name}: last error: {e}"));
+            errors.push(format!("{name}: last error: {}", shown(e)));
         }
         if let Some(at) = retry_at {
-            errors.push(format!("{name}: the failed deploy is tried again at {at}"));
+            errors.push(format!(
+                "{name}: the failed deploy is tried again at {}",
+                shown(at)
+            ));
         }
         for c in app
             .get("certificates")
@@ -202,11 +230,11 @@ pub fn table(api: &Value) -> Result<String, String> {
 /// One certificate over ACME: its hosts and state, until when it is valid, and why there is
 /// none yet with the next attempt.
 fn certificate_line(app: &str, c: &Value) -> String {
-    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("?").to_string();
-    let hosts: Vec<&str> = c
+    let text = |v: Option<&Value>| shown(v.and_then(Value::as_str).unwrap_or("?"));
+    let hosts: Vec<String> = c
         .get("hosts")
         .and_then(Value::as_array)
-        .map(|h| h.iter().filter_map(Value::as_str).collect())
+        .map(|h| h.iter().filter_map(Value::as_str).map(shown).collect())
         .unwrap_or_default();
     let mut line = format!(
         "{app}: certificate for {}: {}",
@@ -214,7 +242,7 @@ fn certificate_line(app: &str, c: &Value) -> String {
         text(c.get("state"))
     );
     if let Some(until) = c.get("valid_until").and_then(Value::as_str) {
-        line.push_str(&format!(", valid until {until}"));
+        line.push_str(&format!(", valid until {}", shown(until)));
     }
     match c.get("last_error").filter(|e| e.is_object()) {
         Some(e) => line.push_str(&format!(
@@ -261,5 +289,28 @@ mod tests {
         assert!(t.contains("broken: last error: exec is missing"));
         assert!(lines[3].starts_with("db") && lines[3].contains("failed (postgres) 7ms"));
         assert!(t.contains("db: the failed deploy is tried again at 2026-11-27T14:09:53.123Z"));
+    }
+
+    /// An answer of an older keter, which passed on what an app printed as it was.
+    #[test]
+    fn nothing_from_the_daemon_reaches_the_terminal_raw() {
+        let raw = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07\0\u{9b}8m\x7f";
+        let api = serde_json::json!({"apps": [
+            {"name": raw, "state": raw, "sha256": raw, "hosts": [raw], "processes": [],
+             "restarts": 0, "last_deploy": {"result": raw, "error_kind": raw, "duration_ms": 1,
+             "retry_at": raw}, "last_error": raw,
+             "certificates": [{"hosts": [raw], "state": raw, "valid_until": raw,
+              "next_attempt": raw, "last_error": {"kind": raw, "message": raw}}]}
+        ]});
+        let clean = |out: &str| {
+            !out.chars()
+                .any(|c| (c.is_control() && c != '\n') || ('\u{80}'..='\u{9f}').contains(&c))
+        };
+        let t = table(&api).unwrap();
+        assert!(clean(&t), "{t:?}");
+        assert!(t.contains("last error: \\x1b]0;owned\\x07\\x1b[2J"), "{t}");
+        let j = json_text(&api).unwrap();
+        assert!(clean(&j), "{j:?}");
+        assert_eq!(serde_json::from_str::<Value>(&j).unwrap(), api);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod client;
+pub mod conn;
 pub mod metrics;
 pub mod pages;
 pub mod peer;

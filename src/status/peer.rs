@@ -1,13 +1,12 @@
 //! Who is at the other end of a status connection: the uid of the local process that
 //! connected (`SO_PEERCRED` on the unix socket; on TCP, the owner of the connecting socket,
-//! from the kernel's sock_diag), so that the status interface can refuse apps (README
-//! "Status interface": it never shows one app's output to another).
+//! from the kernel's sock_diag), so that the status interface can refuse apps and Nginx's
+//! workers as soon as it accepts the connection (README "Status interface": it never shows one
+//! app's output to another, nor to the internet through Nginx).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpStream, UnixStream};
 
 /// The other end of one connection.
 #[derive(Debug, Clone)]
@@ -20,10 +19,19 @@ pub enum Peer {
     Unknown(String),
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
-        let io = stream.io();
-        let (local, remote) = match (io.local_addr(), io.peer_addr()) {
+/// What the limit of connections per peer counts by: the uid of a local peer, the address of
+/// another machine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerKey {
+    Uid(u32),
+    Ip(IpAddr),
+    Unknown,
+}
+
+impl Peer {
+    /// The peer of a TCP connection just accepted.
+    pub fn of_tcp(stream: &TcpStream) -> Peer {
+        let (local, remote) = match (stream.local_addr(), stream.peer_addr()) {
             (Ok(l), Ok(r)) => (l, r),
             (Err(e), _) | (_, Err(e)) => return Peer::Unknown(e.to_string()),
         };
@@ -39,13 +47,20 @@ impl Connected<IncomingStream<'_, TcpListener>> for Peer {
             Err(e) => Peer::Unknown(format!("cannot look up {remote}: {e}")),
         }
     }
-}
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Peer {
-        match stream.io().peer_cred() {
+    /// The peer of a connection to the unix socket just accepted.
+    pub fn of_unix(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(cred) => Peer::Uid(cred.uid()),
             Err(e) => Peer::Unknown(e.to_string()),
+        }
+    }
+
+    pub fn key(&self) -> PeerKey {
+        match self {
+            Peer::Uid(uid) => PeerKey::Uid(*uid),
+            Peer::Remote(a) => PeerKey::Ip(a.ip()),
+            Peer::Unknown(_) => PeerKey::Unknown,
         }
     }
 }

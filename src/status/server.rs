@@ -1,7 +1,9 @@
 //! The status web server: axum on a small tokio runtime of its own thread (tokio runs the
 //! control plane's own I/O and never blocking work; README, "Status interface"). It holds
 //! only what it reads, the workers' [`crate::report::Reports`] and the Nginx counters; no
-//! request changes anything, and every method but GET and HEAD is refused.
+//! request changes anything, and every method but GET and HEAD is refused. Who may connect,
+//! how many connections there may be and how long they may idle is `conn.rs`'s business;
+//! this file decides whom to refuse: apps, and on TCP Nginx's workers.
 //!
 //! A status address that cannot be bound is logged as an error and retried every ten seconds
 //! while keter goes on deploying apps: the status interface is not worth stopping the
@@ -14,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
@@ -24,13 +25,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::StatusAddress;
+use super::conn::{self, Limits, Listening, Refuse, Via};
 use super::metrics;
 use super::pages::{LOG_LINES, PageError, Pages};
 use super::peer::Peer;
 use crate::config::Config;
 use crate::isolation::Isolation;
 use crate::names::AppName;
-use crate::nginx::{NginxCounters, Paths};
+use crate::nginx::{NginxCounters, NginxHandle, Paths};
 use crate::report::{AppReport, AppState, Reports};
 
 /// How often a status address that could not be bound is tried again.
@@ -51,18 +53,18 @@ struct ServerState {
     nginx: Arc<NginxCounters>,
     pages: Arc<Pages>,
     paths: Arc<Paths>,
-    /// Tells connections of apps from those of operators.
-    isolation: Arc<Isolation>,
 }
 
 impl StatusServer {
     /// Starts serving `reports` and the Nginx counters on the configured `status` address, to
-    /// every peer that `isolation` does not call an app. Returns `None` (after logging why)
-    /// when the interface is disabled or cannot run at all.
+    /// every peer that `isolation` does not call an app (nor, on TCP, Nginx's workers, whom
+    /// `handle` finds). Returns `None` (after logging why) when the interface is disabled or
+    /// cannot run at all.
     pub fn start(
         config: &Config,
         reports: Arc<Reports>,
         nginx: Arc<NginxCounters>,
+        handle: NginxHandle,
         isolation: Arc<Isolation>,
     ) -> Option<StatusServer> {
         let Some(address) = config.status.clone() else {
@@ -92,9 +94,9 @@ impl StatusServer {
             reports,
             nginx,
             pages: Arc::new(pages),
-            isolation,
         };
         let router = router(state);
+        let refuse = refusal(isolation, handle);
         let (stop, stopped) = watch::channel(false);
         // The first bind happens before `start` returns, so that the interface answers once
         // the daemon says it is ready (its "watching" line, systemd's READY=1); later
@@ -103,7 +105,7 @@ impl StatusServer {
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || {
-                runtime.block_on(serve(address, first, router, stopped));
+                runtime.block_on(serve(address, first, router, refuse, stopped));
                 // Connections still open after the grace period are dropped with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(500));
             });
@@ -156,6 +158,7 @@ async fn serve(
     address: StatusAddress,
     first: io::Result<Listening>,
     router: Router,
+    refuse: Arc<Refuse>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut reported = false;
@@ -168,14 +171,20 @@ async fn serve(
         match bound {
             Ok(listening) => {
                 log::info!("keter: status interface on {address}");
-                match listening {
-                    Listening::Tcp(l) => run(l, router, stopped).await,
-                    Listening::Unix(l) => {
-                        run(l, router, stopped).await;
-                        if let StatusAddress::Unix(path) = &address {
-                            let _ = tokio::fs::remove_file(path).await;
-                        }
-                    }
+                let ended = conn::serve(
+                    listening,
+                    router,
+                    refuse,
+                    Limits::DEFAULT,
+                    stopped,
+                    SHUTDOWN_GRACE,
+                )
+                .await;
+                if !ended {
+                    log::warn!("keter: status connections still open at shutdown were closed");
+                }
+                if let StatusAddress::Unix(path) = &address {
+                    let _ = tokio::fs::remove_file(path).await;
                 }
                 return;
             }
@@ -193,36 +202,6 @@ async fn serve(
             _ = stopped.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(BIND_RETRY) => {}
         }
-    }
-}
-
-enum Listening {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-async fn run<L>(listener: L, router: Router, stopped: watch::Receiver<bool>)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-    for<'a> Peer: Connected<axum::serve::IncomingStream<'a, L>>,
-{
-    let mut graceful_stop = stopped.clone();
-    let mut hard_stop = stopped;
-    let service = router.into_make_service_with_connect_info::<Peer>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
-        let _ = graceful_stop.wait_for(|s| *s).await;
-    });
-    tokio::select! {
-        result = server => {
-            if let Err(e) = result {
-                log::error!("keter: the status interface stopped: {e}");
-            }
-        }
-        _ = async {
-            let _ = hard_stop.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => log::warn!("keter: status connections still open at shutdown were closed"),
     }
 }
 
@@ -258,31 +237,52 @@ async fn bind_unix(path: &FsPath) -> io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Refuses apps (and connections nobody can tell the origin of), refuses every method but
-/// GET and HEAD, and adds the security headers to every response.
-async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<Peer>>()
-        .map(|c| c.0.clone());
-    let refusal = match peer {
-        Some(Peer::Uid(uid)) => s.isolation.app_of_uid(uid).map(|what| {
-            if s.isolation.first_refusal(uid) {
-                log::warn!("keter: the status interface refused uid {uid} ({what})");
+/// Who is refused, from the peer alone (README "Status interface"): apps' users, peers whose
+/// origin cannot be told, and on TCP Nginx's workers: a request that Nginx passes on comes
+/// from whoever reaches Nginx (a `reverse-proxy` stanza is refused at the bundle check, but a
+/// name may resolve to this host only when Nginx reloads). On the unix socket, its mode and
+/// folder decide: an operator who lets Nginx's workers reach it means it. The first refusal
+/// of each uid is logged.
+fn refusal(isolation: Arc<Isolation>, nginx: NginxHandle) -> Arc<Refuse> {
+    Arc::new(move |peer: &Peer, via: Via| match peer {
+        Peer::Uid(uid) => {
+            let uid = *uid;
+            if let Some(what) = isolation.app_of_uid(uid) {
+                if isolation.first_refusal(uid) {
+                    log::warn!("keter: the status interface refused uid {uid} ({what})");
+                }
+                return Some(format!(
+                    "keter's status interface answers operators, not apps: uid {uid} is {what}"
+                ));
             }
-            format!("uid {uid} is {what}")
-        }),
-        Some(Peer::Remote(_)) => None,
-        Some(Peer::Unknown(why)) => Some(format!("keter cannot tell who connected: {why}")),
-        None => Some("keter cannot tell who connected".into()),
-    };
-    let mut response = if let Some(why) = refusal {
-        (
-            StatusCode::FORBIDDEN,
-            format!("keter's status interface answers operators, not apps: {why}\n"),
-        )
-            .into_response()
-    } else if request.method() == Method::GET || request.method() == Method::HEAD {
+            if via != Via::Tcp {
+                return None;
+            }
+            let workers = isolation.nginx_workers_user(uid, nginx.master_pid())?;
+            if isolation.first_refusal(uid) {
+                log::warn!(
+                    "keter: the status interface refused uid {uid} ({workers}, the user of \
+                     Nginx's workers): what Nginx passes on comes from anyone who reaches Nginx"
+                );
+            }
+            Some(format!(
+                "keter's status interface does not answer Nginx's workers (uid {uid}, \
+                 {workers}): what Nginx passes on comes from anyone who reaches Nginx; read it \
+                 directly, or over its unix socket (README, \"Status interface\")"
+            ))
+        }
+        Peer::Remote(_) => None,
+        Peer::Unknown(why) => Some(format!(
+            "keter's status interface answers operators, not apps: keter cannot tell who \
+             connected: {why}"
+        )),
+    })
+}
+
+/// Refuses every method but GET and HEAD, and adds the security headers to every response.
+/// (Refused peers never get here: `conn.rs` answers them when it accepts their connection.)
+async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::GET || request.method() == Method::HEAD {
         next.run(request).await
     } else {
         let mut r = (

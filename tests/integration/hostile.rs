@@ -795,3 +795,122 @@ fn a_full_disk_fails_cleanly_and_never_blocks_the_app() {
     k.deploy_hello("app", "v2", APP, &[]);
     k.wait_for(APP, "v2", WAIT);
 }
+
+/// `keter check -c CONFIG BUNDLE` with the binary the daemon runs: exit code and all output.
+fn check_with(k: &Keter, bundle: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(&k.bin)
+        .arg("check")
+        .arg(bundle)
+        .arg("-c")
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A reverse proxy to keter's status interface would publish every app's state, log lines and
+/// configuration through Nginx; one to another app's port would reach it past its Nginx
+/// settings (basic-auth). `keter check` and the deploy refuse both, naming the key, and Nginx
+/// never serves the status interface.
+#[test]
+fn a_reverse_proxy_to_keters_status_interface_or_an_apps_port_is_refused() {
+    let k = Keter::start_with(
+        "proxy-to-status",
+        Opts {
+            status: StatusAt::Tcp,
+            ..Opts::default()
+        },
+    );
+    let Some(keter::status::StatusAddress::Tcp(status)) = k.status else {
+        unreachable!("a TCP status address was asked for")
+    };
+    // An app whose port the last bundle aims at, past its basic-auth.
+    let guarded = k.dir.0.join("guarded.keter");
+    BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, g1]\n    hosts: [{APP}]\n    middleware:\n      - basic-auth: {{realm: staff, creds: {{jon: rocks}}}}\n"
+    ))
+    .write(&guarded);
+    k.deploy("guarded", &guarded);
+    let deadline = Instant::now() + WAIT;
+    while !k.get(APP, "/").is_ok_and(|r| r.status == 401) {
+        assert!(Instant::now() < deadline, "never deployed:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conf = k.root.join("nginx/apps/guarded.conf");
+    let app_port: u16 = fs::read_to_string(&conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
+        .and_then(|p| p.trim_end_matches(';').parse().ok())
+        .expect("an upstream port in the app's Nginx file");
+
+    for (name, host, port, reason) in [
+        (
+            "leak",
+            "127.0.0.1",
+            status.port(),
+            "keter's own status interface",
+        ),
+        (
+            "leakname",
+            "localhost",
+            status.port(),
+            "keter's own status interface",
+        ),
+        ("bypass", "127.0.0.1", app_port, "in port-range"),
+    ] {
+        let yaml = format!(
+            "stanzas:\n  - type: reverse-proxy\n    reversing-host: {name}.example.com\n    reversed-host: {host}\n    reversed-port: {port}\n"
+        );
+        let bundle = k.dir.0.join(format!("{name}.keter"));
+        BundleBuilder::new()
+            .file("config/keter.yaml", yaml.into_bytes(), 0o644)
+            .write(&bundle);
+        let (code, out) = check_with(&k, &bundle);
+        assert_eq!(
+            code, 1,
+            "keter check accepted a reverse proxy to {host}:{port}:\n{out}"
+        );
+        assert!(
+            out.contains("stanzas[0].reversed-port") && out.contains(reason),
+            "{out}"
+        );
+        k.deploy(name, &bundle);
+        let marker = format!("{name}: deploy of {name}.keter failed");
+        let deadline = Instant::now() + WAIT;
+        while !k.log().contains(&marker) {
+            assert!(
+                Instant::now() < deadline,
+                "a reverse proxy to {host}:{port} was not refused:\n{}",
+                k.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let line = k
+            .log()
+            .lines()
+            .rfind(|l| l.contains(&marker))
+            .unwrap()
+            .to_string();
+        assert!(line.contains("stanzas[0].reversed-port"), "{line}");
+        // Nginx has nothing for that host: its 404, never what the status interface knows.
+        for path in ["/", "/api/apps", "/apps/guarded"] {
+            let r = k.get(&format!("{name}.example.com"), path).unwrap();
+            assert_eq!(r.status, 404, "{path}: {r:?}");
+            assert!(
+                !r.body.contains("keter_version") && !r.body.contains("guarded"),
+                "{r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        k.get(APP, "/").unwrap().status,
+        401,
+        "the app lost its basic-auth"
+    );
+}

@@ -564,3 +564,117 @@ fn a_deleted_app_whose_last_deploy_failed_is_stopped() {
     let report = wait_state(&k, "broken", "stopped");
     assert_eq!(report["processes"], serde_json::json!([]));
 }
+
+/// The TCP status interface refuses Nginx's workers: what Nginx passes on comes from anyone
+/// who reaches Nginx, and a bundle's reverse-proxy host may resolve to this host only when
+/// Nginx reloads later (the bundle check cannot see that). A process running as the workers'
+/// user (www-data) gets a 403 that says why; operators are still answered.
+#[test]
+fn the_tcp_status_interface_refuses_nginxs_workers() {
+    let k = Keter::start_with(
+        "status-workers",
+        Opts {
+            status: StatusAt::Tcp,
+            ..Opts::default()
+        },
+    );
+    let Some(StatusAddress::Tcp(addr)) = k.status else {
+        unreachable!("a TCP status address was asked for")
+    };
+    let workers = nix::unistd::User::from_name("www-data")
+        .unwrap()
+        .expect("the user www-data (Debian's Nginx package creates it)");
+    let uid = workers.uid.as_raw();
+    // The managed Nginx's workers do run as that user.
+    let nginx_workers = Command::new("ps")
+        .args(["-o", "uid=", "--ppid", &k.nginx_pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nginx_workers.stdout)
+            .split_whitespace()
+            .all(|u| u == uid.to_string()),
+        "{nginx_workers:?}"
+    );
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "10"])
+            .arg(format!("http://{addr}/api/apps"))
+            .uid(uid)
+            .gid(workers.gid.as_raw())
+            .output()
+            .expect("curl (apt-get install curl)")
+    };
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.starts_with("HTTP/1.1 403"),
+        "uid {uid} (Nginx's workers) was answered:\n{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        answer.contains("does not answer Nginx's workers"),
+        "{answer}"
+    );
+    assert!(!answer.contains("keter_version"), "{answer}");
+    k.wait_log(&format!("the status interface refused uid {uid}"), WAIT);
+    // An operator still reads it.
+    assert_eq!(json(&k, "/api/apps")["apps"], serde_json::json!([]));
+}
+
+/// An app opens 1,100 connections to the TCP status interface and sends nothing: keter, started
+/// with systemd's limit of 1024 open files, keeps its descriptors (apps are refused as soon as
+/// their connection is accepted), `keter status` answers, and a bundle copied in meanwhile
+/// deploys without a SIGHUP.
+#[test]
+fn an_apps_idle_connections_do_not_exhaust_keters_descriptors() {
+    let k = Keter::start_with(
+        "status-idle",
+        Opts {
+            status: StatusAt::Tcp,
+            readiness_timeout: 20.0,
+            open_files: Some((1024, 4096)),
+            ..Opts::default()
+        },
+    );
+    let Some(StatusAddress::Tcp(addr)) = k.status else {
+        unreachable!("a TCP status address was asked for")
+    };
+    crate::isolation::deploy_probe(&k, "tenant", "tenant.example.com");
+    let r = keter::probe::get_tcp(
+        k.addr(),
+        "tenant.example.com",
+        &format!("/hold?addr={addr}&n=1100"),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("held 1100 connections"), "{r:?}");
+
+    // `keter status` (with its own 10 s timeout) as the operator runs it.
+    let out = Command::new(&k.bin)
+        .args(["status", "-c"])
+        .arg(&k.config_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keter status failed while an app held 1100 connections: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        k.log()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tenant"));
+    k.deploy_hello("late", "l1", "late.example.com", &[]);
+    k.wait_for("late.example.com", "l1", WAIT);
+    assert!(
+        k.log().contains("the status interface refused uid"),
+        "{}",
+        k.log()
+    );
+    // keter raised its own soft limit to the hard one; apps get the one it was started with.
+    assert_eq!(open_files(k.pid()), ("4096".into(), "4096".into()));
+    let app = k.pid_of("late.example.com");
+    assert_eq!(open_files(app), ("1024".into(), "4096".into()));
+}

@@ -563,3 +563,235 @@ fn a_test_daemon_killed_by_its_test_leaves_no_process_or_user_behind() {
         );
     }
 }
+
+/// Sets the soft limit of open files of process `pid`; returns the limits it had.
+fn set_open_files(pid: i32, soft: u64) -> (u64, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads and writes the structs it is given; reading first, then setting.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) },
+        0
+    );
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    (old.rlim_cur, old.rlim_max)
+}
+
+/// The lowest descriptor number process `pid` does not use: the next one it would open.
+fn lowest_free_fd(pid: i32) -> u64 {
+    let used: std::collections::BTreeSet<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// keter cannot start an app's worker for a moment (out of descriptors: it cannot open the
+/// app's log): it says so, tries again with a backoff, and the bundle deploys once it can,
+/// without a SIGHUP.
+#[test]
+fn a_worker_that_cannot_start_is_tried_again_without_a_sighup() {
+    let k = Keter::start("worker-retry");
+    let pid = k.pid();
+    // Not one more descriptor: the next file keter opens fails with EMFILE.
+    let (soft, _) = set_open_files(pid, lowest_free_fd(pid));
+    k.deploy_hello("late", "v1", "late.example.com", &[]);
+    k.wait_log("late: cannot start its worker", WAIT);
+    set_open_files(pid, soft);
+    k.wait_for("late.example.com", "v1", WAIT);
+    assert!(k.log().contains("keter tries again in 1 s"), "{}", k.log());
+}
+
+/// keter raises its own soft limit of open files to the hard one (systemd gives services
+/// 1024), and gives its apps the one it was started with, also after an in-place upgrade
+/// (whose new image finds the limit raised already).
+#[test]
+fn apps_start_with_the_open_files_limit_keter_was_started_with() {
+    let k = Keter::start_with(
+        "open-files",
+        Opts {
+            open_files: Some((1024, 4096)),
+            ..Opts::default()
+        },
+    );
+    let started = (String::from("1024"), String::from("4096"));
+    let raised = (String::from("4096"), String::from("4096"));
+    assert_eq!(open_files(k.pid()), raised);
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    assert_eq!(open_files(k.pid_of(HOST)), started);
+    assert_eq!(
+        open_files(k.nginx_pid()),
+        raised,
+        "Nginx wants many descriptors"
+    );
+    k.signal(Signal::SIGUSR2);
+    k.wait_log_count("keter: upgraded in place", 1, WAIT);
+    assert_eq!(open_files(k.pid()), raised);
+    k.deploy_hello("hello", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    assert_eq!(open_files(k.pid_of(HOST)), started);
+}
+
+/// Raw control characters in `bytes`, named: what must never reach a terminal or the journal.
+fn raw_controls(bytes: &[u8]) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for (needle, name) in [
+        (&b"\x1b"[..], "ESC"),
+        (b"\x07", "BEL"),
+        (b"\x00", "NUL"),
+        (b"\x7f", "DEL"),
+        (b"\xc2\x9b", "C1 CSI"),
+    ] {
+        if bytes.windows(needle.len()).any(|w| w == needle) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// A bundle whose program prints escape sequences (window title, clear screen, hidden text,
+/// an OSC 52 clipboard write, BEL), a NUL followed by a journal priority, and a C1 CSI, then
+/// exits before it listens.
+fn printing_bundle(k: &Keter) -> std::path::PathBuf {
+    let path = k.dir.0.join("esc.keter");
+    let payload = b"title \x1b]0;owned\x07 clear \x1b[2J hidden \x1b[8m gone\n\
+        clip \x1b]52;c;ZXZpbA==\x07 bell \x07\n\
+        nul \x00<3>forged entry\n\
+        c1 \xc2\x9b2J csi\n";
+    BundleBuilder::new()
+        .file(
+            "config/keter.yaml",
+            b"exec: ../run.sh\nhost: esc.example.com\n".to_vec(),
+            0o644,
+        )
+        .file(
+            "run.sh",
+            b"#!/bin/sh\ncat \"$(dirname \"$0\")/payload\"\nsleep 0.3\nexit 3\n".to_vec(),
+            0o755,
+        )
+        .file("payload", payload.to_vec(), 0o644)
+        .write(&path);
+    path
+}
+
+/// Waits until `file` contains `needle`; returns its bytes.
+fn wait_contains(k: &Keter, file: &std::path::Path, needle: &str) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        let bytes = fs::read(file).unwrap_or_default();
+        if String::from_utf8_lossy(&bytes).contains(needle) {
+            return bytes;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{} never had {needle:?}:\n{}",
+            file.display(),
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Nothing an app prints reaches a terminal or the journal raw: not `keter status` (its last
+/// error quotes the app's last lines), not keter's own log (a readiness failure quotes them),
+/// not the app's log file; with `rotate-logs: false`, no NUL or ESC reaches keter's stderr
+/// and every app line carries its `app-NAME>` prefix, even as journald splits records at NUL.
+#[test]
+fn escape_sequences_an_app_prints_reach_no_terminal_and_no_journal_raw() {
+    let k = Keter::start("escapes");
+    k.deploy("esc", &printing_bundle(&k));
+    let report = crate::status::wait_state(&k, "esc", "failed");
+    let log_file = k.root.join("log/app-esc.log");
+    let written = wait_contains(&k, &log_file, "forged entry");
+    assert_eq!(
+        raw_controls(&written),
+        Vec::<&str>::new(),
+        "log/app-esc.log"
+    );
+    assert!(
+        String::from_utf8_lossy(&written).contains("clip \\x1b]52;c;ZXZpbA==\\x07 bell \\x07"),
+        "{}",
+        String::from_utf8_lossy(&written)
+    );
+    let status = std::process::Command::new(&k.bin)
+        .args(["status", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    assert_eq!(
+        raw_controls(&status.stdout),
+        Vec::<&str>::new(),
+        "keter status"
+    );
+    assert_eq!(
+        raw_controls(&status.stderr),
+        Vec::<&str>::new(),
+        "keter status"
+    );
+    let json = std::process::Command::new(&k.bin)
+        .args(["status", "--json", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        raw_controls(&json.stdout),
+        Vec::<&str>::new(),
+        "keter status --json"
+    );
+    assert_eq!(
+        raw_controls(&fs::read(&k.log_path).unwrap()),
+        Vec::<&str>::new(),
+        "keter's stderr"
+    );
+    // The lines the app printed are there, written out, wherever they were quoted.
+    let table = String::from_utf8_lossy(&status.stdout);
+    let quoted = report["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("forged");
+    assert!(
+        !quoted || table.contains("\\x1b]52;c;ZXZpbA=="),
+        "{table}\n{report}"
+    );
+
+    // rotate-logs: false: the app's lines go to keter's stderr, that is the journal.
+    let k = Keter::start_with(
+        "escapes-stderr",
+        Opts {
+            extra: "rotate-logs: false\n".into(),
+            ..Opts::default()
+        },
+    );
+    k.deploy("esc", &printing_bundle(&k));
+    crate::status::wait_state(&k, "esc", "failed");
+    let stderr = wait_contains(&k, &k.log_path, "c1 ");
+    assert_eq!(raw_controls(&stderr), Vec::<&str>::new(), "keter's stderr");
+    // journald ends a record at a newline or a NUL: every record with the app's text must be
+    // one of keter's own lines (`[... LEVEL]`) or carry the app's prefix.
+    let text = String::from_utf8_lossy(&stderr);
+    for record in text.split(['\n', '\0']) {
+        if record.contains("forged entry") || record.contains("ZXZpbA==") {
+            assert!(
+                record.starts_with("app-esc> ") || record.starts_with('['),
+                "a record without the app's prefix: {record:?}\n{text}"
+            );
+        }
+    }
+    assert!(text.contains("app-esc> "), "{text}");
+    assert!(text.contains("nul \\x00<3>forged entry"), "{text}");
+}

@@ -132,6 +132,9 @@ pub struct Opts {
     pub reload_timeout: f64,
     /// The front-end port; a free one when `None`.
     pub port: Option<u16>,
+    /// keter's limit of open files (soft, hard) when it starts, as systemd gives its services
+    /// (1024, 524288); the test's own when `None`.
+    pub open_files: Option<(u64, u64)>,
     /// The `nginx` key as a YAML flow mapping; a managed Nginx when `None`.
     pub nginx: Option<String>,
     /// keter's root; `root/` in the test's folder when `None`.
@@ -182,6 +185,7 @@ impl Default for Opts {
             binary: None,
             env: Vec::new(),
             listeners: None,
+            open_files: None,
         }
     }
 }
@@ -201,6 +205,21 @@ pub struct Keter {
     /// The binary `launch` starts.
     pub bin: PathBuf,
     env: Vec<(String, String)>,
+    open_files: Option<(u64, u64)>,
+}
+
+/// The soft and hard limits of open files of process `pid`, as `/proc` writes them.
+pub fn open_files(pid: i32) -> (String, String) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_string(),
+        fields.next().unwrap().to_string(),
+    )
 }
 
 /// A free loopback port (bind to 0, then release it).
@@ -298,6 +317,7 @@ impl Keter {
         });
         let mut k = Keter {
             env: opts.env,
+            open_files: opts.open_files,
             bin,
             root,
             config_path,
@@ -365,6 +385,21 @@ impl Keter {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some((soft, hard)) = self.open_files {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads the struct it is given.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         prepare(&mut cmd);
         self.child = Some(cmd.spawn().unwrap());
     }
