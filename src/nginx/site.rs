@@ -216,15 +216,6 @@ pub(super) fn nginx_time(d: Option<Duration>) -> String {
     }
 }
 
-/// The upstream name of the app's `index`-th webapp block.
-pub(super) fn upstream_name(app: &AppName, index: usize, webapps: usize) -> String {
-    if webapps == 1 {
-        format!("keter-{app}")
-    } else {
-        format!("keter-{app}-{}", index + 1)
-    }
-}
-
 /// Each address once, in order: two listeners may share one (`*` and `*4`), and Nginx refuses
 /// a server that listens twice on the same address.
 fn unique(addrs: impl Iterator<Item = String>) -> Vec<String> {
