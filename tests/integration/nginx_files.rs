@@ -1,13 +1,15 @@
-//! What the Nginx files keter writes let through (README, "Generated Nginx files"): Nginx
-//! object names of apps whose names are alike, with an app file written by an earlier keter
-//! beside new ones.
+//! What the Nginx files keter writes let through (README, "Generated Nginx files"): the
+//! symlinks an app plants in its static root after its deploy, and Nginx object names of apps
+//! whose names are alike, with an app file written by an earlier keter beside new ones.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid, User, chown};
 
 use crate::craft::{self, Entry};
 use crate::support::*;
@@ -58,6 +60,280 @@ fn deploy_entries(k: &Keter, name: &str, entries: &[Entry]) {
 
 fn hello_entry() -> Entry {
     Entry::file("dist/hello", &fs::read(hello_binary()).unwrap(), 0o755)
+}
+
+/// The folder `temp/NAME-N` of the version of `app` that serves.
+fn version_folder(k: &Keter, app: &str) -> PathBuf {
+    let folders: Vec<String> = k
+        .temp_folders()
+        .into_iter()
+        .filter(|f| {
+            f.strip_prefix(app)
+                .and_then(|n| n.strip_prefix('-'))
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    k.root.join("temp").join(&folders[0])
+}
+
+/// The uid the example app serving `host` runs as.
+fn uid_of(k: &Keter, host: &str) -> u32 {
+    let who = k.get(host, "/whoami").unwrap().body;
+    who.lines()
+        .find_map(|l| l.strip_prefix("Uid: "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("/whoami on {host} answered {who:?}"))
+}
+
+/// Has the example app serving `host` make `link` (relative to its folder, or absolute) a
+/// symlink to `target`, as the app's own user.
+fn plant(k: &Keter, host: &str, target: &Path, link: &str) {
+    let r = k
+        .get(
+            host,
+            &format!("/symlink?target={}&link={link}", target.display()),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body.trim()),
+        (200, "ok"),
+        "the app could not link {link} to {}",
+        target.display()
+    );
+}
+
+/// Which of `paths` (with what each leads to) `host` serves: each must answer 403 or 404,
+/// and no answer may hold any of `secrets`.
+fn leaks_of(k: &Keter, host: &str, paths: &[(&str, &str)], secrets: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, what) in paths {
+        let (status, body) = get_with(k, host, path, &[]);
+        let leaked: Vec<&&str> = secrets.iter().filter(|s| body.contains(**s)).collect();
+        if !matches!(status, 403 | 404) || !leaked.is_empty() {
+            let start: String = body.chars().take(120).collect();
+            out.push(format!(
+                "{host}{path} ({what}) answered {status}, {leaked:?} in {start:?}"
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn nginx_never_follows_a_symlink_an_app_plants_out_of_what_it_owns() {
+    // An operator's folder outside bundles, with a link of the operator's own and a folder the
+    // operator gives the app (an upload folder, say).
+    let shared = TempDir::new("links-shared");
+    let site = shared.0.join("site");
+    fs::create_dir_all(site.join("uploads")).unwrap();
+    fs::create_dir_all(shared.0.join("releases")).unwrap();
+    fs::write(
+        shared.0.join("releases/current.txt"),
+        "the current release\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../releases/current.txt", site.join("current.txt")).unwrap();
+    for p in [
+        &shared.0,
+        &site,
+        &site.join("uploads"),
+        &shared.0.join("releases"),
+    ] {
+        set_mode(p, 0o755);
+    }
+    set_mode(&shared.0.join("releases/current.txt"), 0o644);
+    let k = Keter::start_with(
+        "links",
+        Opts {
+            extra: format!("allowed-static-roots: [{}]\n", shared.0.display()),
+            ..Opts::default()
+        },
+    );
+    // Nginx's log files belong to its workers' user (Debian's /var/log/nginx/error.log is
+    // www-data's, mode 0640): a file of theirs that no one else may read.
+    let workers = User::from_name("www-data")
+        .unwrap()
+        .expect("the user www-data (Debian's nginx package creates it)");
+    let log_dir = k.dir.0.join("nginx-log");
+    fs::create_dir_all(&log_dir).unwrap();
+    set_mode(&log_dir, 0o755);
+    let error_log = log_dir.join("error.log");
+    fs::write(&error_log, "an error log line of Nginx's workers\n").unwrap();
+    chown(&error_log, Some(workers.uid), Some(workers.gid)).unwrap();
+    set_mode(&error_log, 0o640);
+
+    // The neighbour: static files behind basic authentication, whose password file Nginx's
+    // workers read from worker-files/.
+    deploy_entries(
+        &k,
+        "other",
+        &[
+            Entry::file(
+                "config/keter.yaml",
+                b"stanzas:\n  - type: static-files\n    root: ../public\n    hosts: [other.example.com]\n    middleware: [{basic-auth: {realm: Staff, creds: {jon: rocks}}}]\n",
+                0o644,
+            ),
+            Entry::file("public/private.txt", b"the neighbour's private page\n", 0o644),
+        ],
+    );
+    wait_status(&k, "other.example.com", "/private.txt", 401);
+    let passwords = k.root.join("nginx/worker-files/apps/other");
+    let password_file = fs::read_dir(&passwords)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "htpasswd"))
+        .expect("the neighbour's password file");
+    let password_name = password_file
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let password_line = fs::read_to_string(&password_file).unwrap();
+    assert!(password_line.starts_with("jon:{SSHA}"), "{password_line}");
+    let neighbour_public = version_folder(&k, "other").join("public");
+
+    // The app: a webapp that plants links as its own user, and two static-files stanzas, one
+    // in its bundle (with links of its own that stay inside the bundle) and one in the
+    // operator's folder.
+    let yaml = format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, site]\n    hosts: [site.example.com]\n  - type: static-files\n    root: ../static\n    hosts: [files.example.com]\n    directory-listing: true\n  - type: static-files\n    root: {}\n    hosts: [shared.example.com]\n    directory-listing: true\n",
+        site.display()
+    );
+    deploy_entries(
+        &k,
+        "site",
+        &[
+            hello_entry(),
+            Entry::file("config/keter.yaml", yaml.as_bytes(), 0o644),
+            Entry::file("static/hello.txt", b"a file of the app\n", 0o644),
+            Entry::file("assets/inside.txt", b"inside the bundle\n", 0o644),
+            Entry::symlink("static/inside.txt", "../assets/inside.txt"),
+            Entry::file("manual/page.txt", b"a page of the manual\n", 0o644),
+            Entry::symlink("static/manual", "../manual"),
+        ],
+    );
+    k.wait_for("site.example.com", "site", WAIT);
+    let app_uid = uid_of(&k, "site.example.com");
+    chown(
+        &site.join("uploads"),
+        Some(Uid::from_raw(app_uid)),
+        Some(Gid::from_raw(app_uid)),
+    )
+    .unwrap();
+
+    // The bundle's own links, and the operator's, are followed.
+    let served = [
+        ("files.example.com", "/hello.txt", "a file of the app"),
+        ("files.example.com", "/inside.txt", "inside the bundle"),
+        (
+            "files.example.com",
+            "/manual/page.txt",
+            "a page of the manual",
+        ),
+        ("shared.example.com", "/current.txt", "the current release"),
+    ];
+    let check_served = || {
+        for (host, path, body) in served {
+            let (status, text) = get_with(&k, host, path, &[]);
+            assert_eq!((status, text.trim()), (200, body), "{host}{path}");
+        }
+    };
+    check_served();
+
+    // The app links its static root, and the operator's folder it may write, to what it does
+    // not own: keter's worker files with the neighbour's password file, the neighbour's
+    // static root (behind authentication), Nginx's log, /etc.
+    let worker_files = k.root.join("nginx/worker-files");
+    let links: [(&Path, &str); 7] = [
+        (&worker_files, "worker-files"),
+        (&password_file, "password"),
+        (&neighbour_public, "neighbour"),
+        (&neighbour_public.join("private.txt"), "neighbour-page"),
+        (&error_log, "nginx-log"),
+        (Path::new("/etc"), "etc"),
+        (Path::new("/etc/passwd"), "passwd"),
+    ];
+    for (target, name) in links {
+        plant(&k, "site.example.com", target, &format!("static/{name}"));
+        let upload = site.join("uploads").join(name);
+        plant(
+            &k,
+            "site.example.com",
+            target,
+            &upload.display().to_string(),
+        );
+    }
+    let secrets = [
+        password_line.trim(),
+        "jon:",
+        "the neighbour's private page",
+        "an error log line",
+        "root:x:0:0",
+        &password_name,
+    ];
+    let through_folder = format!("/worker-files/apps/other/{password_name}");
+    let wanted = [
+        ("/worker-files/", "keter's worker files, listed"),
+        (
+            through_folder.as_str(),
+            "the neighbour's password file, through a linked folder",
+        ),
+        ("/password", "the neighbour's password file"),
+        ("/neighbour/private.txt", "the neighbour's static root"),
+        ("/neighbour/", "the neighbour's static root, listed"),
+        ("/neighbour-page", "the neighbour's page"),
+        ("/nginx-log", "Nginx's error log"),
+        ("/etc/passwd", "/etc, linked"),
+        ("/etc/", "/etc, listed"),
+        ("/passwd", "/etc/passwd"),
+    ];
+    let mut leaks = leaks_of(&k, "files.example.com", &wanted, &secrets);
+    let in_uploads: Vec<(String, &str)> = wanted
+        .iter()
+        .map(|(path, what)| (format!("/uploads{path}"), *what))
+        .collect();
+    let in_uploads: Vec<(&str, &str)> = in_uploads.iter().map(|(p, w)| (p.as_str(), *w)).collect();
+    leaks.extend(leaks_of(&k, "shared.example.com", &in_uploads, &secrets));
+    check_served();
+
+    // The app replaces its static root itself with a link: to the neighbour's password files,
+    // then to the neighbour's static root.
+    plant(&k, "site.example.com", &passwords, "static");
+    leaks.extend(leaks_of(
+        &k,
+        "files.example.com",
+        &[
+            ("/", "the neighbour's password folder as the root, listed"),
+            (
+                &format!("/{password_name}"),
+                "the neighbour's password file, in the folder as the root",
+            ),
+        ],
+        &secrets,
+    ));
+    plant(&k, "site.example.com", &neighbour_public, "static");
+    leaks.extend(leaks_of(
+        &k,
+        "files.example.com",
+        &[
+            ("/private.txt", "the neighbour's page, its root as the root"),
+            ("/", "the neighbour's static root as the root, listed"),
+        ],
+        &secrets,
+    ));
+    assert!(
+        leaks.is_empty(),
+        "Nginx followed the app's links:\n{}",
+        leaks.join("\n")
+    );
+    // The neighbour's own page still asks for its password.
+    assert_eq!(
+        get_with(&k, "other.example.com", "/private.txt", &[]).0,
+        401
+    );
 }
 
 /// A bundle of the example app with one webapp stanza per (version, host).
