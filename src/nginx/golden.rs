@@ -83,6 +83,15 @@ fn every_middleware() -> Middlewares {
                 identifier: Identifier::Ip,
                 zone: Zone::Default,
             },
+            // One request per period: no burst, which Nginx writes without `burst=`.
+            Throttle {
+                name: "one".into(),
+                limit: 1,
+                period: 60,
+                rate: Rate::PerMinute(1),
+                identifier: Identifier::Ip,
+                zone: Zone::Default,
+            },
             Throttle {
                 name: "api/key".into(),
                 limit: 1000,

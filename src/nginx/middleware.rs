@@ -46,6 +46,7 @@ pub(super) struct LocationView {
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct LimitView {
     pub zone: String,
+    /// 0 is left out of the directive: Nginx refuses `burst=0` (a throttle of `limit: 1`).
     pub burst: u32,
 }
 
