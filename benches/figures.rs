@@ -1,11 +1,12 @@
 //! keter's figures, each side by side with its baseline in the same run: deploy latency by
 //! bundle size (and unpack throughput against `tar xzf`), redeploys under load with `wrk`,
-//! the front end's overhead against the app reached directly, 200 apps at once, and what
+//! the front end's overhead against the app reached directly, 200 apps at once, what
 //! isolation costs a deploy (apps as users of their own against `run-apps-as-root`, and against
-//! another build of keter named by `KETER_BEFORE`, to measure a change).
+//! another build of keter named by `KETER_BEFORE`, to measure a change), and what checking
+//! static files' symlinks costs Nginx (with and without `disable_symlinks`).
 //!
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
-//! be on PATH, `apt-get install wrk`). About six minutes on two cores. One figure alone:
+//! be on PATH, `apt-get install wrk`). About seven minutes on two cores. One figure alone:
 //! `cargo bench --bench figures isolation`; with `KETER_BEFORE=/path/to/keter` its table has a
 //! row for that build too, deployed in turn with this one.
 
@@ -41,6 +42,9 @@ fn main() {
     }
     if run("isolation") {
         isolation_cost();
+    }
+    if run("symlinks") {
+        symlink_check_cost();
     }
 }
 
@@ -506,9 +510,18 @@ struct OwnNginx {
 }
 
 impl OwnNginx {
-    /// `nginx` with `worker_processes auto` (as keter's) and `http` as its http block's
-    /// servers; returns once `port` answers `GET /` for `host` with `expect`.
-    fn start(label: &str, http: &str, port: u16, host: &str, expect: &str) -> OwnNginx {
+    /// `nginx` with `worker_processes auto` (as keter's), `main` in its main context and
+    /// `http` as its http block's servers; returns once `port` answers `GET path` for `host`
+    /// with `expect`.
+    fn start(
+        label: &str,
+        main: &str,
+        http: &str,
+        port: u16,
+        host: &str,
+        path: &str,
+        expect: &str,
+    ) -> OwnNginx {
         let dir = TempDir::new(label);
         let d = dir.0.display();
         fs::create_dir_all(dir.0.join("t")).unwrap();
@@ -516,7 +529,7 @@ impl OwnNginx {
         fs::write(
             &conf,
             format!(
-                "worker_processes auto;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/t; proxy_temp_path {d}/t; fastcgi_temp_path {d}/t; uwsgi_temp_path {d}/t; scgi_temp_path {d}/t;\n{http}}}\n"
+                "{main}worker_processes auto;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/t; proxy_temp_path {d}/t; fastcgi_temp_path {d}/t; uwsgi_temp_path {d}/t; scgi_temp_path {d}/t;\n{http}}}\n"
             ),
         )
         .unwrap();
@@ -534,7 +547,7 @@ impl OwnNginx {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let start = Instant::now();
         loop {
-            if let Ok(r) = keter::probe::get_tcp(addr, host, "/", Duration::from_secs(1))
+            if let Ok(r) = keter::probe::get_tcp(addr, host, path, Duration::from_secs(1))
                 && r.body.trim() == expect
             {
                 return nginx;
@@ -583,7 +596,7 @@ fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool) -> O
     let http = format!(
         "    upstream app {{ server 127.0.0.1:{app_port}; {pool}}}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; {connection}}}\n    }}\n"
     );
-    OwnNginx::start(label, &http, port, "fast.example.com", "fast")
+    OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
 }
 
 fn front_end_overhead() {
@@ -1014,5 +1027,166 @@ fn isolation_cost() {
     }
     println!(
         "   (isolation steps: keter's own timing of the app's user, the hand-over of its folder and the opening and check of its static roots, from its debug log)"
+    );
+}
+
+/// What Nginx's check of symlinks in static roots costs (README, "How Nginx reads static
+/// files"): a small static file of an app's bundle, served by keter's Nginx as keter writes
+/// it, and beside it by one Nginx (workers as www-data, as keter's) from the same folder in
+/// three ways that differ only in `disable_symlinks`: not at all, `if_not_owner` from the
+/// app's folder on (what keter writes), and `if_not_owner` on every component of the path;
+/// and the check from the app's folder with Nginx's cache of open files, which keter does not
+/// write. `wrk -t1 -c32` keep-alive against the five in turn, rounds of 2 s, medians.
+fn symlink_check_cost() {
+    const ROUNDS: usize = 9;
+    const SECONDS: u64 = 2;
+    let k = Keter::start_with("bench-symlinks", Opts::default());
+    let host = "files.example.com";
+    let path = k.dir.0.join("files.keter");
+    BundleBuilder::new()
+        .file(
+            "config/keter.yaml",
+            format!("stanzas:\n  - type: static-files\n    root: ../static\n    hosts: [{host}]\n")
+                .into_bytes(),
+            0o644,
+        )
+        .file("static/small.txt", b"a small file\n".to_vec(), 0o644)
+        .write(&path);
+    k.deploy("files", &path);
+    let start = Instant::now();
+    while k.get(host, "/small.txt").map(|r| r.status).ok() != Some(200) {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conf = fs::read_to_string(k.root.join("nginx/apps/files.conf")).unwrap();
+    // The static root, not the ACME webroot's location.
+    let root = conf
+        .lines()
+        .filter_map(|l| l.strip_prefix("    root "))
+        .map(|r| r.trim_end_matches(';').to_string())
+        .find(|r| r.contains("/temp/files-"))
+        .unwrap();
+    let from = Path::new(&root).parent().unwrap().display().to_string();
+    assert!(
+        conf.contains(&format!("disable_symlinks if_not_owner from={from};")),
+        "{conf}"
+    );
+    let components = Path::new(&root).join("small.txt").components().count() - 1;
+    let variants = [
+        ("no check", String::new()),
+        (
+            "if_not_owner from the app's folder",
+            format!("disable_symlinks if_not_owner from={from}; "),
+        ),
+        (
+            "if_not_owner, every component",
+            "disable_symlinks if_not_owner; ".to_string(),
+        ),
+        // Tried, not written by keter: a file an app replaces would be served as it was for
+        // up to a second.
+        (
+            "from the app's folder, open_file_cache",
+            format!(
+                "disable_symlinks if_not_owner from={from}; open_file_cache max=1000 inactive=20s; open_file_cache_valid 1s; "
+            ),
+        ),
+    ];
+    let ports: Vec<u16> = variants.iter().map(|_| free_port()).collect();
+    let mut http = String::new();
+    for ((_, directive), port) in variants.iter().zip(&ports) {
+        http.push_str(&format!(
+            "    server {{\n        listen 127.0.0.1:{port};\n        sendfile on; tcp_nopush on; keepalive_timeout 65;\n        root {root};\n        location / {{ {directive}try_files $uri $uri/ =404; autoindex off; expires 1h; }}\n    }}\n"
+        ));
+    }
+    let own = OwnNginx::start(
+        "bench-symlinks-nginx",
+        "user www-data;\n",
+        &http,
+        ports[0],
+        host,
+        "/small.txt",
+        "a small file",
+    );
+    // (label, port, master).
+    let mut targets = vec![("keter's Nginx, as keter writes it", k.port, k.nginx_pid())];
+    for ((label, _), port) in variants.iter().zip(&ports) {
+        targets.push((label, *port, own.child.id() as i32));
+    }
+    for (label, port, _) in &targets {
+        let r = keter::probe::get_tcp(
+            std::net::SocketAddr::from(([127, 0, 0, 1], *port)),
+            host,
+            "/small.txt",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{label}");
+    }
+    // Round-robin, each round starting one target further (as the overhead bench does).
+    let mut runs: Vec<Vec<(Wrk, f64)>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..ROUNDS {
+        for i in 0..targets.len() {
+            let t = (round + i) % targets.len();
+            let (_, port, master) = targets[t];
+            let before = workers_cpu_us(master);
+            let w = wrk_result(wrk(
+                &format!("http://127.0.0.1:{port}/small.txt"),
+                host,
+                SECONDS,
+                32,
+                false,
+            ));
+            // The front Nginx serves every variant; its CPU per request is read per run.
+            let per_request = (workers_cpu_us(master) - before) / w.requests.max(1) as f64;
+            runs[t].push((w, per_request));
+        }
+    }
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let rows: Vec<(f64, f64, f64, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                median_of(r.iter().map(|(w, _)| w.rps).collect()),
+                median_of(r.iter().map(|(w, _)| w.p99_ms).collect()),
+                median_of(r.iter().map(|(_, c)| *c).collect()),
+                r.iter().map(|(w, _)| w.errors).sum(),
+            )
+        })
+        .collect();
+    println!(
+        "\n6. symlink check of static files ({} bytes, {components} path components; keep-alive, 32 connections; {ROUNDS} rounds of {SECONDS} s over the {} targets in turn, medians)",
+        b"a small file\n".len(),
+        targets.len()
+    );
+    println!(
+        "   {:<40} {:>10} {:>10} {:>11} {:>11} {:>8}",
+        "", "req/s", "p99 ms", "of no check", "µs CPU/req", "errors"
+    );
+    for ((label, _, _), (rps, p99, cpu, errors)) in targets.iter().zip(&rows) {
+        println!(
+            "   {:<40} {:>10.0} {:>10.2} {:>11.2} {:>11.1} {:>8}",
+            label,
+            rps,
+            p99,
+            rps / rows[1].0,
+            cpu,
+            errors
+        );
+    }
+    // Per round, the check from the app's folder against no check: measured seconds apart.
+    let mut paired: Vec<f64> = runs[2]
+        .iter()
+        .zip(&runs[1])
+        .map(|((with, _), (without, _))| with.rps / without.rps)
+        .collect();
+    paired.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "   if_not_owner from the app's folder / no check, per round: median {:.3}, from {:.3} to {:.3}",
+        paired[paired.len() / 2],
+        paired[0],
+        paired[paired.len() - 1]
     );
 }

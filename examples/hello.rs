@@ -19,7 +19,10 @@
 //! groups, `/slow?ms=N` answers after N milliseconds, `/exit` exits with code 7,
 //! `/print?n=N` prints N lines of 100 bytes, `/write?path=P` tries to create file P and
 //! answers `ok` or the error, `/read?path=P` tries to read file P and answers `ok` or the
-//! error, `/upload` the number of body bytes it received, `/method` the request's method (also in every answer's `X-Request-Method`),
+//! error, `/symlink?target=T&link=L` makes L a symlink to T (a folder at L is renamed to
+//! `L.replaced` first, anything else there removed) and answers `ok` or the error, as an app
+//! that plants links in its static root does, `/upload` the number of body bytes it
+//! received, `/method` the request's method (also in every answer's `X-Request-Method`),
 //! `/host` the `Host` header it got. A request with `Upgrade:
 //! websocket` gets `101 Switching Protocols`, then every chunk it sends is echoed back
 //! prefixed with the version (enough to test that Nginx keeps such a tunnel open).
@@ -287,6 +290,11 @@ fn serve(
                 println!("{i:06} {}", "x".repeat(93));
             }
             format!("printed {n}\n")
+        } else if let Some(query) = target.strip_prefix("/symlink?") {
+            match symlink(query) {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => format!("error: {e}\n"),
+            }
         } else if let Some(path) = target.strip_prefix("/write?path=") {
             match std::fs::write(path, "written by hello\n") {
                 Ok(()) => "ok\n".to_string(),
@@ -307,4 +315,22 @@ fn serve(
             return;
         }
     }
+}
+
+/// `/symlink?target=T&link=L`: makes `L` a symlink to `T`, replacing what is at `L` (a folder
+/// is moved aside to `L.replaced`, so that the app can swap a whole folder for a link).
+fn symlink(query: &str) -> std::io::Result<()> {
+    let field = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .ok_or_else(|| std::io::Error::other(format!("{name}= is missing")))
+    };
+    let (to, link) = (field("target")?, field("link")?);
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if m.is_dir() => std::fs::rename(link, format!("{link}.replaced"))?,
+        Ok(_) => std::fs::remove_file(link)?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(to, link)
 }

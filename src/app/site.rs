@@ -69,6 +69,7 @@ pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Res
     for st in &config.statics {
         let content = Content::Static {
             root: st.root.clone(),
+            symlinks_from: st.base.clone(),
             listing: st.directory_listing,
             send_timeout: st.time_bound,
         };

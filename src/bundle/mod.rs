@@ -130,7 +130,10 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
     for st in &mut config.statics {
         let key = st.served.key("root");
         match resolve_static_root(dir, &st.root, ctx) {
-            Ok(Some(real)) => st.root = real,
+            Ok(Some((real, base))) => {
+                st.root = real;
+                st.base = Some(base);
+            }
             Ok(None) => problems.warn(
                 key,
                 format!(
@@ -375,12 +378,14 @@ pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
 /// Resolves a static-files root (relative to `config/`, or absolute) to a folder, symlinks
 /// followed: inside the unpacked bundle, or inside one of `allowed-static-roots`. Keter served
 /// `../../` or `/home` if asked; keter serves a folder outside the bundle only where the
-/// operator allows it. `Ok(None)` when the root is outside the bundle and host checks are off.
+/// operator allows it. Returns the root and the folder it is in (the bundle, or the allowed
+/// folder), both resolved; `Ok(None)` when the root is outside the bundle and host checks are
+/// off.
 pub fn resolve_static_root(
     dir: &Path,
     root: &Path,
     ctx: &Context,
-) -> Result<Option<PathBuf>, String> {
+) -> Result<Option<(PathBuf, PathBuf)>, String> {
     let joined = crate::config::normalize(&dir.join("config").join(root));
     let bundle = dir
         .canonicalize()
@@ -397,12 +402,16 @@ pub fn resolve_static_root(
         }
         Err(e) => return Err(format!("{}: {e}", root.display())),
     };
+    let mut base = bundle.clone();
     if !real.starts_with(&bundle) {
         if !ctx.host {
             return Ok(None);
         }
-        let allowed = ctx.allowed_static_roots.iter().any(|a| real.starts_with(a));
-        if !allowed {
+        let allowed = ctx
+            .allowed_static_roots
+            .iter()
+            .find(|a| real.starts_with(a));
+        let Some(allowed) = allowed else {
             let listed = if ctx.allowed_static_roots.is_empty() {
                 "lists no folder".to_string()
             } else {
@@ -420,13 +429,14 @@ pub fn resolve_static_root(
                 root.display(),
                 real.display()
             ));
-        }
+        };
+        base = allowed.clone();
     }
     if !real.is_dir() {
         return Err(format!("{} is not a folder", root.display()));
     }
     crate::names::check_conf_path(&real)?;
-    Ok(Some(real))
+    Ok(Some((real, base)))
 }
 
 /// Resolves a file of the bundle (relative to `config/`) inside the unpacked folder.

@@ -76,6 +76,11 @@ pub struct StaticFiles {
     /// As written, relative to `config/`; `bundle::check_config` makes it the absolute folder
     /// it resolves to, inside the bundle or under an `allowed-static-roots` folder.
     pub root: PathBuf,
+    /// The folder that holds `root` and that the app cannot replace: the unpacked bundle (in
+    /// keter's `temp/`), or the `allowed-static-roots` folder the root is in. Set with `root`
+    /// by `bundle::check_config`; Nginx checks every symlink below it (README, "Generated
+    /// Nginx files").
+    pub base: Option<PathBuf>,
     pub directory_listing: bool,
     pub middleware: Middlewares,
     /// Keter's `connection-time-bound` (ms) of this stanza; `Some(None)` for none.
@@ -259,6 +264,7 @@ pub fn read_static(f: &mut Fields, listing: bool, problems: &mut Problems) -> Op
     Some(StaticFiles {
         served: served?,
         root: PathBuf::from(root?),
+        base: None,
         directory_listing,
         middleware: middleware?,
         time_bound,

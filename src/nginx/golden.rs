@@ -83,6 +83,15 @@ fn every_middleware() -> Middlewares {
                 identifier: Identifier::Ip,
                 zone: Zone::Default,
             },
+            // One request per period: no burst, which Nginx writes without `burst=`.
+            Throttle {
+                name: "one".into(),
+                limit: 1,
+                period: 60,
+                rate: Rate::PerMinute(1),
+                identifier: Identifier::Ip,
+                zone: Zone::Default,
+            },
             Throttle {
                 name: "api/key".into(),
                 limit: 1000,
@@ -127,17 +136,30 @@ pub(crate) fn cases() -> Vec<(&'static str, String)> {
             app(4003, &["b.example.com"]),
         ]),
     );
+    // A root in the bundle, and one under an `allowed-static-roots` folder (`/srv/www`).
     add(
         "static-files",
         &plain,
-        site(vec![block(
-            &["static.example.com"],
-            Content::Static {
-                root: PathBuf::from("/srv/keter/temp/demo-3/static"),
-                listing: true,
-                send_timeout: Some(Some(Duration::from_secs(30))),
-            },
-        )]),
+        site(vec![
+            block(
+                &["static.example.com"],
+                Content::Static {
+                    root: PathBuf::from("/srv/keter/temp/demo-3/static"),
+                    symlinks_from: Some(PathBuf::from("/srv/keter/temp/demo-3")),
+                    listing: true,
+                    send_timeout: Some(Some(Duration::from_secs(30))),
+                },
+            ),
+            block(
+                &["docs.example.com"],
+                Content::Static {
+                    root: PathBuf::from("/srv/www/docs"),
+                    symlinks_from: Some(PathBuf::from("/srv/www")),
+                    listing: false,
+                    send_timeout: None,
+                },
+            ),
+        ]),
     );
     add(
         "redirect",
@@ -215,6 +237,7 @@ pub(crate) fn cases() -> Vec<(&'static str, String)> {
         &["files.example.com"],
         Content::Static {
             root: PathBuf::from("/srv/keter/temp/demo-3/static"),
+            symlinks_from: Some(PathBuf::from("/srv/keter/temp/demo-3")),
             listing: false,
             send_timeout: None,
         },

@@ -11,6 +11,7 @@
 use base64::Engine;
 use serde::Serialize;
 
+use super::objects::{Object, object_name};
 use crate::bundle::middleware::{Identifier, Middlewares, Throttle, Zone};
 use crate::names::AppName;
 
@@ -45,6 +46,7 @@ pub(super) struct LocationView {
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct LimitView {
     pub zone: String,
+    /// 0 is left out of the directive: Nginx refuses `burst=0` (a throttle of `limit: 1`).
     pub burst: u32,
 }
 
@@ -73,28 +75,13 @@ pub(super) struct Declarations {
     pub maps: Vec<MapView>,
 }
 
-/// A part of a name built from an app name: letters and digits kept, `_` doubled, `-` and `.`
-/// spelled out, so that different app names never give the same zone or variable.
-fn escaped(app: &AppName) -> String {
-    let mut out = String::new();
-    for c in app.as_str().chars() {
-        match c {
-            '_' => out.push_str("__"),
-            '-' => out.push_str("_h"),
-            '.' => out.push_str("_d"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 impl Declarations {
     /// Declares `throttles` and returns what the location applies.
     fn declare(&mut self, app: &AppName, throttles: &[Throttle]) -> Vec<LimitView> {
         let mut out = Vec::new();
         for t in throttles {
             let n = self.zones.len() + 1;
-            let name = format!("keter_{}_{n}", escaped(app));
+            let name = object_name(app, Object::Zone(n));
             let (presence, ident) = match &t.identifier {
                 Identifier::Ip => (None, "$binary_remote_addr".to_string()),
                 Identifier::IpAndPath => (None, "$binary_remote_addr$uri".to_string()),
@@ -122,7 +109,7 @@ impl Declarations {
                 // The key alone is empty when its header or cookie is missing.
                 Some(p) if p == ident && zone.is_none() => ident,
                 Some(p) => {
-                    let variable = format!("$keter_rl_{}_{n}", escaped(app));
+                    let variable = format!("${}", object_name(app, Object::Variable(n)));
                     self.maps.push(MapView {
                         source: p,
                         variable: variable.clone(),
@@ -237,7 +224,7 @@ mod tests {
                 throttle(Identifier::IpAndUserAgent, Zone::Default),
             ],
         );
-        assert_eq!(limits[0].zone, "keter_my_happ_dv2_1");
+        assert_eq!(limits[0].zone, "keter_my_happ_dv2_rl1");
         assert_eq!(limits[0].burst, 9);
         let keys: Vec<&str> = d.zones.iter().map(|z| z.key.as_str()).collect();
         assert_eq!(
@@ -245,8 +232,8 @@ mod tests {
             [
                 "$binary_remote_addr",
                 "$http_x_api_key",
-                "$keter_rl_my_happ_dv2_3",
-                "$keter_rl_my_happ_dv2_4"
+                "$keter_my_happ_dv2_rl3",
+                "$keter_my_happ_dv2_rl4"
             ]
         );
         assert_eq!(d.maps[0].source, "$http_x_api_key");

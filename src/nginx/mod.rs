@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod middleware;
+mod objects;
 pub mod site;
 pub mod system;
 mod worker_files;
@@ -19,6 +20,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::config::Listener;
 use crate::names::{AppName, UrlPath};
+use objects::{Object, object_name};
 use site::{Front, ServerView};
 
 pub use controller::{Nginx, NginxCounters, NginxError, NginxHandle, live_sites};
@@ -230,7 +232,12 @@ impl Renderer {
         for block in &site.blocks {
             let upstream = match block.content {
                 Content::App { port, .. } => {
-                    let name = site::upstream_name(&site.app, upstreams.len(), webapps);
+                    let object = if webapps == 1 {
+                        Object::Upstream
+                    } else {
+                        Object::NthUpstream(upstreams.len() + 1)
+                    };
+                    let name = object_name(&site.app, object);
                     upstreams.push(UpstreamView {
                         name: name.clone(),
                         port,

@@ -96,6 +96,10 @@ pub enum Content {
     /// Files under `root` (inside the unpacked bundle, or an allowed folder).
     Static {
         root: PathBuf,
+        /// The folder holding `root` that the app cannot replace (the unpacked bundle, or
+        /// the `allowed-static-roots` folder): below it Nginx follows a symlink only to what
+        /// the symlink's owner owns. `None`: every component of a path is checked.
+        symlinks_from: Option<PathBuf>,
         listing: bool,
         /// Keter's `connection-time-bound` of the stanza, as Nginx's `send_timeout`;
         /// `Some(None)` for none, `None` for Nginx's default.
@@ -176,6 +180,8 @@ pub(super) enum ContentView {
     },
     Static {
         root: String,
+        /// `disable_symlinks if_not_owner`, with `from=` this when given.
+        symlinks_from: Option<String>,
         listing: bool,
         send_timeout: Option<String>,
     },
@@ -213,15 +219,6 @@ pub(super) fn nginx_time(d: Option<Duration>) -> String {
     match d {
         Some(d) => format!("{}ms", d.as_millis().max(1)),
         None => "365d".to_string(),
-    }
-}
-
-/// The upstream name of the app's `index`-th webapp block.
-pub(super) fn upstream_name(app: &AppName, index: usize, webapps: usize) -> String {
-    if webapps == 1 {
-        format!("keter-{app}")
-    } else {
-        format!("keter-{app}-{}", index + 1)
     }
 }
 
@@ -360,10 +357,12 @@ fn content_view(content: &Content, upstream: Option<&str>) -> ContentView {
         },
         Content::Static {
             root,
+            symlinks_from,
             listing,
             send_timeout,
         } => ContentView::Static {
             root: root.display().to_string(),
+            symlinks_from: symlinks_from.as_ref().map(|p| p.display().to_string()),
             listing: *listing,
             send_timeout: send_timeout.map(nginx_time),
         },

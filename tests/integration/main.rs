@@ -18,6 +18,7 @@ mod keter_configs;
 mod keter_front;
 mod matrix;
 mod neighbours;
+mod nginx_files;
 mod postgres;
 mod stanzas;
 mod status;

@@ -290,7 +290,7 @@ fn status_interface_reports_apps_in_every_state() {
     // App pages: log lines and errors are text; the only script is keter's own.
     let doc = Html::parse_document(&status_get(&k, "/apps/xss").body);
     assert!(text(&select(&doc, "pre#log")[0]).contains(XSS));
-    assert!(text(&select(&doc, "pre#nginx-conf")[0]).contains("upstream keter-xss"));
+    assert!(text(&select(&doc, "pre#nginx-conf")[0]).contains("upstream keter_xss"));
     assert_eq!(text(&select(&doc, "#state")[0]), "running");
     let scripts = select(&doc, "script");
     assert_eq!(scripts.len(), 1);

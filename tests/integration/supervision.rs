@@ -247,7 +247,7 @@ fn background_stanzas_are_supervised_with_restart_count() {
     assert_eq!(runs, 3, "one run and two restarts");
     // No port and no Nginx file of its own; the webapp still serves.
     let conf = fs::read_to_string(k.root.join("nginx/apps/hello.conf")).unwrap();
-    assert_eq!(conf.matches("upstream keter-").count(), 1, "{conf}");
+    assert_eq!(conf.matches("upstream keter_").count(), 1, "{conf}");
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "bg");
     let app_log = fs::read_to_string(k.root.join("log/app-hello.log")).unwrap();
     assert_eq!(app_log.matches("worker ").count(), 3, "{app_log}");
