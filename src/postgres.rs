@@ -14,12 +14,14 @@
 //!
 //! keter sends a credential only to a listener it has checked ([`listener`]: for a server on
 //! this machine, the listener must belong to root or the server's user), and answers only
-//! SCRAM-SHA-256 ([`session`]).
+//! SCRAM-SHA-256 ([`session`]). Apps are given the server's socket folder where their role can
+//! log in there, so that their own drivers, which check nothing, do not go through a TCP port
+//! that any local process may take while the server restarts.
 //!
 //! The session runs its own tokio runtime: call [`Provisioner::provision`] from a plain thread
 //! (an app worker), never from an async task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::names::AppName;
 
+mod for_apps;
 pub mod listener;
 mod session;
 mod store;
@@ -103,15 +106,23 @@ impl Server {
         self.host.starts_with('/')
     }
 
-    /// The host part of a `postgresql://` URL: socket folders percent-encoded (libpq reads
-    /// them back), IPv6 addresses in brackets.
-    fn url_host(&self) -> String {
+    /// The server part of a `postgresql://` URL and what follows the database: `@HOST:PORT`
+    /// (IPv6 addresses in brackets) and nothing; or, for a socket folder, `@` and
+    /// `?host=FOLDER&port=PORT` (README, "PostgreSQL plugin": every driver keter knows reads
+    /// this form, where a percent-encoded folder as the host is lost on some).
+    fn url_parts(&self) -> (String, String) {
         if self.is_socket() {
-            percent_encode(&self.host)
+            let folder: String = self
+                .host
+                .split('/')
+                .map(percent_encode)
+                .collect::<Vec<_>>()
+                .join("/");
+            ("@".into(), format!("?host={folder}&port={}", self.port))
         } else if self.host.contains(':') {
-            format!("[{}]", self.host)
+            (format!("@[{}]:{}", self.host, self.port), String::new())
         } else {
-            self.host.clone()
+            (format!("@{}:{}", self.host, self.port), String::new())
         }
     }
 }
@@ -233,12 +244,11 @@ impl Credentials {
     /// The plugin's variables (README, "PostgreSQL plugin"): libpq's names, Keter's `PGPASS`, and a URL
     /// with the user and password percent-encoded.
     pub fn env(&self) -> BTreeMap<String, String> {
+        let (server, query) = self.server.url_parts();
         let url = format!(
-            "postgresql://{}:{}@{}:{}/{}",
+            "postgresql://{}:{}{server}/{}{query}",
             percent_encode(self.role.as_str()),
             percent_encode(self.password.expose()),
-            self.server.url_host(),
-            self.server.port,
             percent_encode(self.database.as_str())
         );
         BTreeMap::from([
@@ -330,6 +340,8 @@ pub struct Provisioner {
     /// Held while the credentials file is read and rewritten, so that two apps provisioned at
     /// once do not lose each other's record. Not held while talking to the server.
     store_lock: Mutex<()>,
+    /// The apps already warned, in this run, that they get TCP rather than the socket folder.
+    warned: Mutex<HashSet<AppName>>,
 }
 
 impl Provisioner {
@@ -338,6 +350,7 @@ impl Provisioner {
             admin,
             store: root.join("etc").join("postgres.yaml"),
             store_lock: Mutex::new(()),
+            warned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -354,8 +367,8 @@ impl Provisioner {
             let _guard = self.store_lock.lock().unwrap_or_else(|e| e.into_inner());
             store::read(&self.store)?.remove(app.as_str())
         };
-        let (mut client, _route) = self.connect()?;
-        let creds = match recorded {
+        let (mut client, route) = self.connect()?;
+        let mut creds = match recorded {
             Some(entry) => {
                 let creds = self.recorded_credentials(app, entry)?;
                 ensure_recorded_role(&mut client, app, &creds)?;
@@ -401,6 +414,8 @@ impl Provisioner {
                 creds
             }
         };
+        // The record keeps the server as configured; the app gets the way to it keter checked.
+        creds.server = self.server_for_app(app, &mut client, &route, &creds);
         Ok(creds)
     }
 
@@ -793,7 +808,24 @@ mod tests {
         let env = creds.env();
         assert_eq!(
             env["DATABASE_URL"],
-            "postgresql://shop:p%40ss%3Aw%2Frd@%2Fvar%2Frun%2Fpostgresql:5432/shop"
+            "postgresql://shop:p%40ss%3Aw%2Frd@/shop?host=/var/run/postgresql&port=5432"
+        );
+        let odd = Credentials {
+            server: Server::new("/run/pg&x#y", 5433).unwrap(),
+            ..creds.clone()
+        };
+        assert!(
+            odd.env()["DATABASE_URL"].ends_with("@/shop?host=/run/pg%26x%23y&port=5433"),
+            "{}",
+            odd.env()["DATABASE_URL"]
+        );
+        let v4 = Credentials {
+            server: Server::new("127.0.0.1", 5432).unwrap(),
+            ..creds.clone()
+        };
+        assert_eq!(
+            v4.env()["DATABASE_URL"],
+            "postgresql://shop:p%40ss%3Aw%2Frd@127.0.0.1:5432/shop"
         );
         assert_eq!(env["PGHOST"], "/var/run/postgresql");
         assert_eq!(env["PGPASS"], "p@ss:w/rd");
