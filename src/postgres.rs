@@ -131,6 +131,8 @@ impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_socket() {
             write!(f, "socket folder {} port {}", self.host, self.port)
+        } else if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
         } else {
             write!(f, "{}:{}", self.host, self.port)
         }
@@ -853,6 +855,11 @@ mod tests {
             assert!(Server::new(bad, 5432).is_err(), "{bad:?} accepted");
         }
         assert!(Server::new("localhost", 0).is_err());
+        assert_eq!(Server::new("::1", 5432).unwrap().to_string(), "[::1]:5432");
+        assert_eq!(
+            Server::new("127.0.0.1", 5432).unwrap().to_string(),
+            "127.0.0.1:5432"
+        );
     }
 
     #[test]
