@@ -9,8 +9,9 @@
 //! `DATABASE_URL` and `PGPASS` name the same role, database and password, creates the table
 //! `notes` if needed and inserts the note. It exits with an error otherwise, which fails the
 //! deploy. Over HTTP on `127.0.0.1:$PORT`: `/` answers the notes in insertion order, joined by
-//! `,`; `/whoami` answers `ROLE DATABASE`. One connection at a time, each closed after its
-//! answer: enough for tests.
+//! `,`; `/whoami` answers `ROLE DATABASE`; `/via` how the server sees the session of the PG*
+//! variables: `socket` over a unix socket, else `tcp` and the server's address. One connection
+//! at a time, each closed after its answer: enough for tests.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -108,6 +109,15 @@ fn serve(stream: TcpStream, client: &mut Client, me: &str) {
     let target = request_line.split_whitespace().nth(1).unwrap_or("/");
     let (status, body) = if target == "/whoami" {
         (200, format!("{me}\n"))
+    } else if target == "/via" {
+        // The server's own view: no server address for a unix socket.
+        match client.query_one("SELECT host(inet_server_addr())", &[]) {
+            Ok(row) => match row.get::<_, Option<String>>(0) {
+                None => (200, "socket\n".to_string()),
+                Some(addr) => (200, format!("tcp {addr}\n")),
+            },
+            Err(e) => (500, format!("query failed: {e}\n")),
+        }
     } else {
         match client.query("SELECT body FROM notes ORDER BY id", &[]) {
             Ok(rows) => {

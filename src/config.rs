@@ -505,8 +505,10 @@ fn read_nginx(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<Ng
 
 /// The `postgres` section: `host` (a host name, an IP address or a socket folder; default
 /// `localhost`), `port` (5432), `user` (required), `password-file` (optional, for trust or peer
-/// authentication), `database` (`postgres`). The password is read now, so that a missing file
-/// stops keter at start rather than failing a deploy later; it is never logged.
+/// authentication), `database` (`postgres`), `server-user` (`postgres`: who may hold a local
+/// server's listener). The password is read now, so that a missing file stops keter at start
+/// rather than failing a deploy later; it is never logged. The server's user is looked up at
+/// each connection, not now: a host whose server is elsewhere needs no such user.
 fn read_postgres(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option<PostgresAdmin> {
     let v = f.raw("postgres")?;
     let mut p = Fields::new(v, "postgres", problems)?;
@@ -538,6 +540,20 @@ fn read_postgres(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option
     if database.is_empty() || database.contains('\0') {
         problems.error("postgres.database", "expected a database name");
     }
+    // A number (a uid) is read as its digits.
+    let server_user = match p.string("server-user", problems) {
+        None => "postgres".to_string(),
+        Some(u) if is_user_name(&u) => u,
+        Some(u) => {
+            problems.error(
+                "postgres.server-user",
+                format!(
+                    "{u:?} is not a user name or a uid (the user the PostgreSQL server runs as)"
+                ),
+            );
+            String::new()
+        }
+    };
     let password = match p.string("password-file", problems) {
         None => Some(None),
         Some(file) => read_password_file(&normalize(&base.join(file)), problems).map(Some),
@@ -553,7 +569,19 @@ fn read_postgres(f: &mut Fields, base: &Path, problems: &mut Problems) -> Option
         user,
         password,
         database,
+        server_user,
     })
+}
+
+/// A name `useradd` would take: letters, digits, `_`, `-`, `.`, not starting with `-`, at most
+/// 32 bytes.
+fn is_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The first line of a password file (a trailing newline is not part of the password).
@@ -872,6 +900,7 @@ mod tests {
         assert_eq!(pg.server.port, 5433);
         assert_eq!(pg.user, "keter");
         assert_eq!(pg.database, "postgres");
+        assert_eq!(pg.server_user, "postgres");
         assert_eq!(pg.password.as_ref().unwrap().expose(), "s3cret-admin");
         assert!(!format!("{pg:?}").contains("s3cret"));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -892,6 +921,28 @@ mod tests {
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let pg = c.unwrap().postgres.unwrap();
         assert!(pg.server.is_socket() && pg.password.is_none());
+        for (given, read) in [
+            ("pgsql", "pgsql"),
+            ("101", "101"),
+            ("\"_pg-1.x\"", "_pg-1.x"),
+        ] {
+            let (c, p) = check(&format!(
+                "root: /r\npostgres: {{user: keter, server-user: {given}}}\n"
+            ));
+            assert!(p.errors.is_empty(), "{given}: {:?}", p.errors);
+            assert_eq!(c.unwrap().postgres.unwrap().server_user, read);
+        }
+        for bad in ["\"a b\"", "\"\"", "-1", "[x]", "\"-x\""] {
+            let (c, p) = check(&format!(
+                "root: /r\npostgres: {{user: keter, server-user: {bad}}}\n"
+            ));
+            assert!(c.is_none_or(|c| c.postgres.is_none()), "{bad}");
+            assert_eq!(
+                p.errors[0].key, "postgres.server-user",
+                "{bad}: {:?}",
+                p.errors
+            );
+        }
     }
 
     #[test]

@@ -10,24 +10,35 @@
 //! only once the database they name exists.
 //!
 //! Every step is idempotent so that the next deploy finishes whatever a failed or interrupted
-//! one left behind (a role without its database, a database without its record). The sync
-//! `postgres` client runs its own tokio runtime: call [`Provisioner::provision`] from a plain
-//! thread (an app worker), never from an async task.
+//! one left behind (a role without its database, a database without its record).
+//!
+//! keter sends a credential only to a listener it has checked ([`listener`]: for a server on
+//! this machine, the listener must belong to root or the server's user), and answers only
+//! SCRAM-SHA-256 ([`session`]). Apps are given the server's socket folder where their role can
+//! log in there, so that their own drivers, which check nothing, do not go through a TCP port
+//! that any local process may take while the server restarts.
+//!
+//! The session runs its own tokio runtime: call [`Provisioner::provision`] from a plain thread
+//! (an app worker), never from an async task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
 use sha2::{Digest, Sha256};
 
 use crate::names::AppName;
 
+mod for_apps;
+pub mod listener;
+mod session;
 mod store;
 
+use listener::{OpenError, Route, Trust};
+use session::{Login, Session, StartError};
 pub use store::{StoreError, StoredEntry};
 
 /// How long keter waits for the server to accept a connection before the deploy fails.
@@ -95,15 +106,23 @@ impl Server {
         self.host.starts_with('/')
     }
 
-    /// The host part of a `postgresql://` URL: socket folders percent-encoded (libpq reads
-    /// them back), IPv6 addresses in brackets.
-    fn url_host(&self) -> String {
+    /// The server part of a `postgresql://` URL and what follows the database: `@HOST:PORT`
+    /// (IPv6 addresses in brackets) and nothing; or, for a socket folder, `@` and
+    /// `?host=FOLDER&port=PORT` (README, "PostgreSQL plugin": every driver keter knows reads
+    /// this form, where a percent-encoded folder as the host is lost on some).
+    fn url_parts(&self) -> (String, String) {
         if self.is_socket() {
-            percent_encode(&self.host)
+            let folder: String = self
+                .host
+                .split('/')
+                .map(percent_encode)
+                .collect::<Vec<_>>()
+                .join("/");
+            ("@".into(), format!("?host={folder}&port={}", self.port))
         } else if self.host.contains(':') {
-            format!("[{}]", self.host)
+            (format!("@[{}]:{}", self.host, self.port), String::new())
         } else {
-            self.host.clone()
+            (format!("@{}:{}", self.host, self.port), String::new())
         }
     }
 }
@@ -112,6 +131,8 @@ impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_socket() {
             write!(f, "socket folder {} port {}", self.host, self.port)
+        } else if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
         } else {
             write!(f, "{}:{}", self.host, self.port)
         }
@@ -128,6 +149,9 @@ pub struct PostgresAdmin {
     pub password: Option<Secret>,
     /// The database the admin connects to (it creates the others from there).
     pub database: String,
+    /// The user the server runs as (a name or a uid): a local listener of anyone else but
+    /// root is refused (`postgres.server-user`, default `postgres`).
+    pub server_user: String,
 }
 
 /// A role or database name keter may put into SQL: `[a-z_][a-z0-9_]*`, at most 63 bytes
@@ -222,12 +246,11 @@ impl Credentials {
     /// The plugin's variables (README, "PostgreSQL plugin"): libpq's names, Keter's `PGPASS`, and a URL
     /// with the user and password percent-encoded.
     pub fn env(&self) -> BTreeMap<String, String> {
+        let (server, query) = self.server.url_parts();
         let url = format!(
-            "postgresql://{}:{}@{}:{}/{}",
+            "postgresql://{}:{}{server}/{}{query}",
             percent_encode(self.role.as_str()),
             percent_encode(self.password.expose()),
-            self.server.url_host(),
-            self.server.port,
             percent_encode(self.database.as_str())
         );
         BTreeMap::from([
@@ -260,6 +283,10 @@ pub fn percent_encode(text: &str) -> String {
 pub enum PgError {
     /// The server could not be reached or refused the admin's login.
     Connect { server: String, message: String },
+    /// What answers at the server's address is not trusted with a credential (a listener of
+    /// another user, a socket folder others may write, a request for the password in clear
+    /// text): nothing was sent. `message` says who holds the listener.
+    Untrusted { server: String, message: String },
     /// A statement failed; `step` says which.
     Sql { step: String, message: String },
     /// A name is taken by something keter did not create for this app.
@@ -275,6 +302,12 @@ impl fmt::Display for PgError {
         match self {
             PgError::Connect { server, message } => {
                 write!(f, "cannot connect to PostgreSQL at {server}: {message}")
+            }
+            PgError::Untrusted { server, message } => {
+                write!(
+                    f,
+                    "keter does not log in to PostgreSQL at {server}: {message}"
+                )
             }
             PgError::Sql { step, message } => write!(f, "{step} failed: {message}"),
             PgError::Conflict(m) => f.write_str(m),
@@ -294,7 +327,7 @@ impl From<StoreError> for PgError {
 
 /// The server's own words for a failed statement (the client's `Display` says only
 /// "db error" for some).
-fn describe(e: &postgres::Error) -> String {
+fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
         None => e.to_string(),
@@ -309,6 +342,8 @@ pub struct Provisioner {
     /// Held while the credentials file is read and rewritten, so that two apps provisioned at
     /// once do not lose each other's record. Not held while talking to the server.
     store_lock: Mutex<()>,
+    /// The apps already warned, in this run, that they get TCP rather than the socket folder.
+    warned: Mutex<HashSet<AppName>>,
 }
 
 impl Provisioner {
@@ -317,6 +352,7 @@ impl Provisioner {
             admin,
             store: root.join("etc").join("postgres.yaml"),
             store_lock: Mutex::new(()),
+            warned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -333,14 +369,14 @@ impl Provisioner {
             let _guard = self.store_lock.lock().unwrap_or_else(|e| e.into_inner());
             store::read(&self.store)?.remove(app.as_str())
         };
-        let mut client = self.connect()?;
-        match recorded {
+        let (mut client, route) = self.connect()?;
+        let mut creds = match recorded {
             Some(entry) => {
                 let creds = self.recorded_credentials(app, entry)?;
                 ensure_recorded_role(&mut client, app, &creds)?;
                 ensure_database(&mut client, &creds)?;
                 restrict_database(&mut client, app, &creds)?;
-                Ok(creds)
+                creds
             }
             None => {
                 let name = Identifier::for_app(app);
@@ -377,9 +413,12 @@ impl Provisioner {
                     },
                 );
                 store::write(&self.store, &entries)?;
-                Ok(creds)
+                creds
             }
-        }
+        };
+        // The record keeps the server as configured; the app gets the way to it keter checked.
+        creds.server = self.server_for_app(app, &mut client, &route, &creds);
+        Ok(creds)
     }
 
     /// Validates a recorded entry. The app is given the server keter provisions on now; a
@@ -414,28 +453,57 @@ impl Provisioner {
         })
     }
 
-    fn connect(&self) -> Result<Client, PgError> {
-        let mut config = postgres::Config::new();
-        config
-            .host(&self.admin.server.host)
-            .port(self.admin.server.port)
-            .user(&self.admin.user)
-            .dbname(&self.admin.database)
-            .application_name("keter")
-            .connect_timeout(CONNECT_TIMEOUT)
-            // The client logs notices at info level, unprefixed; the only ones keter causes
-            // ("is already a member of role") say nothing an operator needs.
-            .notice_callback(|notice| {
-                log::debug!("postgres: {}: {}", notice.severity(), notice.message())
-            });
-        if let Some(p) = &self.admin.password {
-            config.password(p.expose());
-        }
-        config.connect(NoTls).map_err(|e| PgError::Connect {
-            server: self.admin.server.to_string(),
-            message: describe(&e),
-        })
+    /// The admin's session, over a connection checked as [`listener`] says, and where it goes.
+    fn connect(&self) -> Result<(Session, Route), PgError> {
+        let login = Login {
+            user: &self.admin.user,
+            password: self.admin.password.as_ref(),
+            database: &self.admin.database,
+        };
+        open_session(&self.admin.server, &self.trust(), &login)
     }
+
+    /// Who may be the server, looked up now (a user created since keter started counts).
+    fn trust(&self) -> Trust {
+        Trust::resolve(&self.admin.server_user)
+    }
+}
+
+/// A session on `server` for `login`, over a connection keter checked.
+fn open_session(
+    server: &Server,
+    trust: &Trust,
+    login: &Login,
+) -> Result<(Session, Route), PgError> {
+    let (stream, route) = listener::open(server, trust, CONNECT_TIMEOUT).map_err(|e| match e {
+        OpenError::Unreachable(message) => PgError::Connect {
+            server: server.to_string(),
+            message,
+        },
+        OpenError::Untrusted(message) => PgError::Untrusted {
+            server: server.to_string(),
+            message,
+        },
+    })?;
+    let session = Session::start(stream, login, CONNECT_TIMEOUT).map_err(|e| match e {
+        StartError::Refused(r) => PgError::Untrusted {
+            server: server.to_string(),
+            message: r.to_string(),
+        },
+        StartError::Timeout(t) => PgError::Connect {
+            server: server.to_string(),
+            message: format!("no answer within {} s", t.as_secs()),
+        },
+        StartError::Postgres(e) => PgError::Connect {
+            server: server.to_string(),
+            message: describe(&e),
+        },
+        StartError::Io(e) => PgError::Connect {
+            server: server.to_string(),
+            message: e.to_string(),
+        },
+    })?;
+    Ok((session, route))
 }
 
 /// 160 random bits from the OS generator, as 40 hex digits (safe in any shell or URL).
@@ -456,7 +524,7 @@ fn role_comment(app: &AppName) -> String {
     format!("keter: role of the app {app}")
 }
 
-fn sql(client: &mut Client, step: &str, statement: &str) -> Result<(), PgError> {
+fn sql(client: &mut Session, step: &str, statement: &str) -> Result<(), PgError> {
     client.batch_execute(statement).map_err(|e| PgError::Sql {
         step: step.to_string(),
         message: describe(&e),
@@ -464,7 +532,7 @@ fn sql(client: &mut Client, step: &str, statement: &str) -> Result<(), PgError> 
 }
 
 /// The comment of a role, `Ok(None)` if there is no such role.
-fn role_comment_of(client: &mut Client, role: &Identifier) -> Result<Option<String>, PgError> {
+fn role_comment_of(client: &mut Session, role: &Identifier) -> Result<Option<String>, PgError> {
     let row = client
         .query_opt(
             "SELECT coalesce(shobj_description(oid, 'pg_authid'), '') FROM pg_roles WHERE rolname = $1",
@@ -479,7 +547,7 @@ fn role_comment_of(client: &mut Client, role: &Identifier) -> Result<Option<Stri
 
 /// Creates the role with its password (sent as a SCRAM hash), keter's comment and the admin's
 /// membership (needed to create a database owned by it), all or nothing.
-fn create_role(client: &mut Client, app: &AppName, creds: &Credentials) -> Result<(), PgError> {
+fn create_role(client: &mut Session, app: &AppName, creds: &Credentials) -> Result<(), PgError> {
     let role = creds.role.quoted();
     let hash = postgres_protocol::password::scram_sha_256(creds.password.expose().as_bytes());
     let statement = format!(
@@ -497,7 +565,11 @@ fn create_role(client: &mut Client, app: &AppName, creds: &Credentials) -> Resul
 
 /// First deploy: creates the role, or takes over the one a half-finished run of this app left
 /// (recognised by keter's comment) and gives it the password about to be recorded.
-fn ensure_new_role(client: &mut Client, app: &AppName, creds: &Credentials) -> Result<(), PgError> {
+fn ensure_new_role(
+    client: &mut Session,
+    app: &AppName,
+    creds: &Credentials,
+) -> Result<(), PgError> {
     match role_comment_of(client, &creds.role)? {
         None => create_role(client, app, creds),
         Some(comment) if comment == role_comment(app) => {
@@ -527,7 +599,7 @@ fn ensure_new_role(client: &mut Client, app: &AppName, creds: &Credentials) -> R
 /// Later deploys: a recorded role is used as it is; one dropped by hand is created again with
 /// the recorded password.
 fn ensure_recorded_role(
-    client: &mut Client,
+    client: &mut Session,
     app: &AppName,
     creds: &Credentials,
 ) -> Result<(), PgError> {
@@ -543,7 +615,7 @@ fn ensure_recorded_role(
 
 /// Creates the database owned by the role unless it exists; an existing database must belong
 /// to the role.
-fn ensure_database(client: &mut Client, creds: &Credentials) -> Result<(), PgError> {
+fn ensure_database(client: &mut Session, creds: &Credentials) -> Result<(), PgError> {
     let db = &creds.database;
     let owner: Option<String> = client
         .query_opt(
@@ -593,7 +665,7 @@ fn ensure_database(client: &mut Client, creds: &Credentials) -> Result<(), PgErr
 /// did not create), REVOKE only warns and the database stays open: that is logged with the
 /// statement to run.
 fn restrict_database(
-    client: &mut Client,
+    client: &mut Session,
     app: &AppName,
     creds: &Credentials,
 ) -> Result<(), PgError> {
@@ -738,7 +810,24 @@ mod tests {
         let env = creds.env();
         assert_eq!(
             env["DATABASE_URL"],
-            "postgresql://shop:p%40ss%3Aw%2Frd@%2Fvar%2Frun%2Fpostgresql:5432/shop"
+            "postgresql://shop:p%40ss%3Aw%2Frd@/shop?host=/var/run/postgresql&port=5432"
+        );
+        let odd = Credentials {
+            server: Server::new("/run/pg&x#y", 5433).unwrap(),
+            ..creds.clone()
+        };
+        assert!(
+            odd.env()["DATABASE_URL"].ends_with("@/shop?host=/run/pg%26x%23y&port=5433"),
+            "{}",
+            odd.env()["DATABASE_URL"]
+        );
+        let v4 = Credentials {
+            server: Server::new("127.0.0.1", 5432).unwrap(),
+            ..creds.clone()
+        };
+        assert_eq!(
+            v4.env()["DATABASE_URL"],
+            "postgresql://shop:p%40ss%3Aw%2Frd@127.0.0.1:5432/shop"
         );
         assert_eq!(env["PGHOST"], "/var/run/postgresql");
         assert_eq!(env["PGPASS"], "p@ss:w/rd");
@@ -766,6 +855,11 @@ mod tests {
             assert!(Server::new(bad, 5432).is_err(), "{bad:?} accepted");
         }
         assert!(Server::new("localhost", 0).is_err());
+        assert_eq!(Server::new("::1", 5432).unwrap().to_string(), "[::1]:5432");
+        assert_eq!(
+            Server::new("127.0.0.1", 5432).unwrap().to_string(),
+            "127.0.0.1:5432"
+        );
     }
 
     #[test]

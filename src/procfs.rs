@@ -1,6 +1,7 @@
 //! Facts about processes and sockets read from `/proc`: the live members of a process group,
 //! the TCP connections to a local port (to know when an old version has drained), how long a
-//! process has run, and the output pipe of a process that an earlier keter started.
+//! process has run, the output pipe of a process that an earlier keter started, and which
+//! processes hold a socket (to name who holds a listener that keter refuses to talk to).
 
 use std::fs;
 
@@ -141,6 +142,84 @@ pub fn port_listener_in_group(port: u16, pgid: i32) -> bool {
     })
 }
 
+/// The live processes holding the socket with sockfs inode `inode` (as `sock_diag` and
+/// `/proc/net/unix` number sockets), found through their descriptors in `/proc/PID/fd`; only
+/// processes keter may look into (all of them, as root) are seen.
+pub fn socket_holders(inode: u64) -> Vec<i32> {
+    let wanted = format!("socket:[{inode}]");
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str())
+                })
+            })
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// A process's command line with its arguments joined by spaces (its name in brackets when it
+/// has none, as `ps` shows kernel threads), cut to `max` characters. What a process says here
+/// is its own choice: print it escaped.
+pub fn command_of(pid: i32, max: usize) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let line: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let text = if line.is_empty() {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        format!("[{}]", comm.trim_end())
+    } else {
+        line.join(" ")
+    };
+    Some(text.chars().take(max).collect())
+}
+
+/// The sockfs inodes of the unix sockets listening at `path` (from `/proc/net/unix`, which
+/// names each bound socket's path). Paths with a newline cannot be read back from that table
+/// and are never found.
+pub fn unix_listeners_at(path: &std::path::Path) -> Vec<u64> {
+    // __SO_ACCEPTCON in the Flags column: the socket listens.
+    const LISTENING: u32 = 1 << 16;
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(unix_row)
+        .filter(|(flags, _, listed)| flags & LISTENING != 0 && std::path::Path::new(listed) == path)
+        .map(|(_, inode, _)| inode)
+        .collect()
+}
+
+/// Flags, inode and path of one row of `/proc/net/unix` (`Num RefCount Protocol Flags Type St
+/// Inode Path`: columns padded with spaces, the path, which may contain spaces, after one
+/// space); `None` for a socket without a path.
+fn unix_row(line: &str) -> Option<(u32, u64, &str)> {
+    let mut rest = line;
+    let mut cols = [""; 7];
+    for col in cols.iter_mut() {
+        rest = rest.trim_start_matches(' ');
+        let end = rest.find(' ').unwrap_or(rest.len());
+        *col = &rest[..end];
+        rest = &rest[end..];
+    }
+    let path = rest.strip_prefix(' ').filter(|p| !p.is_empty())?;
+    let flags = u32::from_str_radix(cols[3], 16).ok()?;
+    let inode = cols[6].parse().ok()?;
+    Some((flags, inode, path))
+}
+
 /// True while a process exists and has not exited (zombies count as exited).
 pub fn is_alive(pid: i32) -> bool {
     stat_state_pgrp(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
@@ -221,5 +300,52 @@ mod tests {
         let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_s, _) = listener.accept().unwrap();
         assert_eq!(connections_to_port(port), 1);
+    }
+
+    #[test]
+    fn reads_unix_rows_with_padded_columns_and_spaces_in_paths() {
+        let listening =
+            "00000000d19e4cea: 00000002 00000000 00010000 0001 01 17348 /run/pg dir/.s.PGSQL.5432";
+        assert_eq!(
+            unix_row(listening),
+            Some((0x10000, 17348, "/run/pg dir/.s.PGSQL.5432"))
+        );
+        let padded = "0000000056306523: 00000003 00000000 00000000 0001 03  1099 /x";
+        assert_eq!(unix_row(padded), Some((0, 1099, "/x")));
+        let unnamed = "000000002a00ad13: 00000003 00000000 00000000 0001 03 21681";
+        assert_eq!(unix_row(unnamed), None);
+    }
+
+    #[test]
+    fn names_the_holder_of_a_tcp_and_a_unix_listener() {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::process::id() as i32;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let inode = sockdiag::tcp_sockets(&[sockdiag::LISTEN])
+            .unwrap()
+            .into_iter()
+            .find(|s| s.local_port == port)
+            .unwrap()
+            .inode;
+        assert_eq!(socket_holders(u64::from(inode)), [me]);
+        let command = command_of(me, 4096).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert!(command.starts_with(exe.to_str().unwrap()), "{command}");
+        assert_eq!(command_of(me, 3).unwrap().chars().count(), 3);
+
+        let dir = std::env::temp_dir().join(format!("keter-unit-unix-{me}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a socket");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let found = unix_listeners_at(&path);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(socket_holders(found[0]), [me]);
+        assert!(unix_listeners_at(&dir.join("other")).is_empty());
+        // The file's own inode is not the socket's.
+        assert_ne!(fs::metadata(&path).unwrap().ino(), found[0]);
+        drop(unix);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

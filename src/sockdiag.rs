@@ -14,10 +14,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub const ESTABLISHED: u8 = 1;
 pub const LISTEN: u8 = 10;
 
-/// One socket: its state, local and remote ports, inode and owner.
+/// One socket: its state, local address and port, remote port, inode and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Socket {
     pub state: u8,
+    /// The address it is bound to (`0.0.0.0` or `::` for every address).
+    pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_port: u16,
     pub inode: u32,
@@ -127,18 +129,30 @@ fn parse(buf: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
                 return Err(io::Error::from_raw_os_error(-code));
             }
             SOCK_DIAG_BY_FAMILY if len >= payload + DIAG_MSG_LEN => {
+                let family = msg[payload];
                 let state = msg[payload + 1];
                 let id = payload + 4;
-                // Ports are in network byte order.
+                // Ports and addresses are in network byte order; an IPv4 address takes the
+                // first 4 of the 16 bytes.
                 let local_port = bytes(msg, id).map(u16::from_be_bytes);
                 let remote_port = bytes(msg, id + 2).map(u16::from_be_bytes);
+                let local_addr = match i32::from(family) {
+                    libc::AF_INET => bytes::<4>(msg, id + 4).map(IpAddr::from),
+                    _ => bytes::<16>(msg, id + 4).map(IpAddr::from),
+                };
                 let uid = u32_at(msg, payload + 4 + SOCK_ID_LEN + 12);
                 let inode = u32_at(msg, payload + 4 + SOCK_ID_LEN + 16);
-                if let (Some(local_port), Some(remote_port), Some(inode), Some(uid)) =
-                    (local_port, remote_port, inode, uid)
+                if let (
+                    Some(local_addr),
+                    Some(local_port),
+                    Some(remote_port),
+                    Some(inode),
+                    Some(uid),
+                ) = (local_addr, local_port, remote_port, inode, uid)
                 {
                     out.push(Socket {
                         state,
+                        local_addr,
                         local_port,
                         remote_port,
                         inode,
@@ -265,8 +279,10 @@ mod tests {
     #[test]
     fn messages_are_read_field_by_field_and_short_ones_are_refused() {
         let mut diag = vec![0u8; DIAG_MSG_LEN];
+        diag[0] = libc::AF_INET as u8;
         diag[1] = LISTEN;
         diag[4..6].copy_from_slice(&8080u16.to_be_bytes());
+        diag[8..12].copy_from_slice(&[127, 0, 0, 1]);
         diag[4 + SOCK_ID_LEN + 16..4 + SOCK_ID_LEN + 20].copy_from_slice(&77u32.to_ne_bytes());
         let mut buf = message(SOCK_DIAG_BY_FAMILY, &diag);
         buf.extend(message(NLMSG_DONE, &[0; 4]));
@@ -276,6 +292,7 @@ mod tests {
             out,
             [Socket {
                 state: LISTEN,
+                local_addr: IpAddr::from([127, 0, 0, 1]),
                 local_port: 8080,
                 remote_port: 0,
                 inode: 77,
@@ -297,11 +314,14 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let listening = tcp_sockets(&[LISTEN]).unwrap();
-        assert!(
-            listening
-                .iter()
-                .any(|s| s.local_port == port && s.state == LISTEN)
-        );
+        assert!(listening.iter().any(|s| s.local_port == port
+            && s.state == LISTEN
+            && s.local_addr == IpAddr::from([127, 0, 0, 1])));
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let v6_port = v6.local_addr().unwrap().port();
+        let listening = tcp_sockets(&[LISTEN]).unwrap();
+        assert!(listening.iter().any(|s| s.local_port == v6_port
+            && s.local_addr == IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1u16])));
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server, _) = listener.accept().unwrap();
         let established = tcp_sockets(&[ESTABLISHED]).unwrap();

@@ -109,7 +109,12 @@ impl DeployError {
         match self {
             DeployError::Unpack(UnpackError::Io(_)) => true,
             DeployError::Postgres(e) => match e {
-                PgError::Connect { .. } | PgError::Sql { .. } | PgError::Random(_) => true,
+                // A listener keter does not trust may be gone at the next try (the server
+                // back on its port); an operator's fix of the server is picked up too.
+                PgError::Connect { .. }
+                | PgError::Untrusted { .. }
+                | PgError::Sql { .. }
+                | PgError::Random(_) => true,
                 PgError::Store(StoreError::Read { .. } | StoreError::Write { .. }) => true,
                 PgError::Store(StoreError::Invalid { .. }) | PgError::Conflict(_) => false,
             },

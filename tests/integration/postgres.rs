@@ -3,8 +3,13 @@
 //! failure leaves the old version serving and the next deploy finishing the job.
 //!
 //! One cluster is shared by the tests of this binary (role names are cluster-wide, so every
-//! test uses its own app names); tests that stop the server or block CREATE DATABASE start
-//! their own.
+//! test uses its own app names); tests that stop the server, block CREATE DATABASE or need
+//! another `pg_hba.conf` start their own. Apps of the shared cluster log in over its socket
+//! folder with their passwords, as keter gives it to them.
+//!
+//! The attacks: a process of an app takes the server's port, or plants a socket in a socket
+//! folder it may write, while no server listens there (`examples/pgsquat.rs`, deployed as an
+//! app); keter must send it nothing.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -22,8 +27,9 @@ const WAIT: Duration = Duration::from_secs(30);
 const ADMIN: &str = "keter_admin";
 
 /// A PostgreSQL cluster in a temp folder, listening on 127.0.0.1 and a socket in its folder.
-/// Local socket connections are trusted (the tests' superuser); TCP needs a SCRAM password,
-/// so the passwords keter sets are really checked.
+/// Socket connections of the tests' superuser are trusted; every other login needs its SCRAM
+/// password, over TCP and over the socket, so the passwords keter sets are really checked.
+/// keter's admin role may read the server's settings (its socket folder).
 pub struct PgCluster {
     dir: PathBuf,
     bin: PathBuf,
@@ -54,8 +60,16 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The shared cluster's `pg_hba.conf`: apps log in over the socket with their passwords.
+const HBA: &str = "local all postgres trust\nlocal all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n";
+
 impl PgCluster {
     pub fn start(label: &str) -> PgCluster {
+        PgCluster::start_with_hba(label, HBA)
+    }
+
+    /// A cluster with this `pg_hba.conf`, which must trust the socket for `postgres`.
+    pub fn start_with_hba(label: &str, hba: &str) -> PgCluster {
         let bin = pg_bin();
         let dir = std::env::temp_dir()
             .join("keter-tests")
@@ -91,17 +105,13 @@ impl PgCluster {
                 "--locale=C.UTF-8",
             ],
         );
-        fs::write(
-            cluster.dir.join("data/pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        )
-        .unwrap();
+        fs::write(cluster.dir.join("data/pg_hba.conf"), hba).unwrap();
         cluster.up();
         let hash = postgres_protocol::password::scram_sha_256(cluster.admin_password.as_bytes());
         cluster
             .superuser("postgres")
             .batch_execute(&format!(
-                "CREATE ROLE {ADMIN} LOGIN CREATEROLE CREATEDB PASSWORD '{hash}'"
+                "CREATE ROLE {ADMIN} LOGIN CREATEROLE CREATEDB PASSWORD '{hash}'; GRANT pg_read_all_settings TO {ADMIN}"
             ))
             .unwrap();
         fs::write(
@@ -115,6 +125,11 @@ impl PgCluster {
 
     fn data(&self) -> String {
         self.dir.join("data").display().to_string()
+    }
+
+    /// The socket folder (`unix_socket_directories`).
+    pub fn socket_folder(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// A server binary, run as the postgres user when the tests run as root.
@@ -184,10 +199,16 @@ impl PgCluster {
             .unwrap()
     }
 
-    /// The global config lines that point keter at this cluster.
+    /// The global config lines that point keter at this cluster. As root the server runs as
+    /// `postgres`, keter's default `server-user`; otherwise as the tests' own user.
     pub fn keter_config(&self) -> String {
+        let server_user = if is_root() {
+            String::new()
+        } else {
+            format!("  server-user: {}\n", nix::unistd::geteuid())
+        };
         format!(
-            "postgres:\n  host: 127.0.0.1\n  port: {}\n  user: {ADMIN}\n  password-file: {}\n",
+            "postgres:\n  host: 127.0.0.1\n  port: {}\n  user: {ADMIN}\n  password-file: {}\n{server_user}",
             self.port,
             self.password_file.display()
         )
@@ -800,4 +821,265 @@ fn a_database_that_keters_plugin_created_as_the_superuser_is_closed_on_its_next_
         );
     }
     connect_as(&k, pg, "oldplugin", "oldplugin").expect("the app's role still connects");
+}
+
+/// The fake server built by `cargo test` (`examples/pgsquat.rs`).
+fn pgsquat_binary() -> PathBuf {
+    let path = pgapp_binary().with_file_name("pgsquat");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test`",
+        path.display()
+    );
+    path
+}
+
+/// Deploys `pgsquat ARGS` as the app `squat` (a process with that app's own user, as any
+/// hostile bundle gets) and waits until it answers.
+fn deploy_squatter(k: &Keter, args: &[&str]) {
+    let yaml = format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/pgsquat\n    args: {args:?}\n    host: squat.example.com\n"
+    );
+    let path = k.dir.0.join("squat.keter");
+    BundleBuilder::new()
+        .file("dist/pgsquat", fs::read(pgsquat_binary()).unwrap(), 0o755)
+        .file("config/keter.yaml", yaml.into_bytes(), 0o644)
+        .write(&path);
+    k.deploy("squat", &path);
+    k.wait_for("squat.example.com", "connections 0", WAIT);
+}
+
+/// The pid and uid of the first process of `app`, from the status API and `/proc`.
+fn process_of(k: &Keter, app: &str) -> (i32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let report = crate::status::json(k, &format!("/api/apps/{app}"));
+    let pid = report["processes"][0]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{report}")) as i32;
+    (pid, fs::metadata(format!("/proc/{pid}")).unwrap().uid())
+}
+
+/// A keter whose postgres section points at `host` and `port` where no PostgreSQL runs, with
+/// an admin password of its own; returns it with that password.
+fn start_keter_on_squatted_server(label: &str, host: &str, port: u16) -> (Keter, String) {
+    let secret = TempDir::new(&format!("{label}-secret"));
+    let password = format!("admin-{}", random_hex());
+    let file = secret.0.join("admin-password");
+    fs::write(&file, format!("{password}\n")).unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let k = Keter::start_with(
+        label,
+        Opts {
+            readiness_timeout: 20.0,
+            extra: format!(
+                "postgres:\n  host: {host}\n  port: {port}\n  user: {ADMIN}\n  password-file: {}\n",
+                file.display()
+            ),
+            ..Opts::default()
+        },
+    );
+    // keter read the password at start; the file may go.
+    drop(secret);
+    (k, password)
+}
+
+/// Deploys a bystander and a postgres app `victim`, and waits for the victim's deploy and its
+/// automatic retry to fail. Returns the last failure's log line.
+fn deploy_victim_and_wait_for_its_retry(k: &Keter) -> String {
+    k.deploy_hello("bystander", "v1", "bystander.example.com", &[]);
+    k.wait_for("bystander.example.com", "v1", WAIT);
+    deploy_pgapp(k, "victim", "one", "victim.example.com");
+    let failed = "victim: deploy of victim.keter failed";
+    k.wait_log_count(failed, 2, Duration::from_secs(60));
+    assert!(
+        k.log()
+            .contains("victim: trying the deploy of victim.keter again"),
+        "{}",
+        k.log()
+    );
+    k.log()
+        .lines()
+        .rfind(|l| l.contains(failed))
+        .unwrap()
+        .to_string()
+}
+
+/// What the squatter saw, checked: no password (above all not keter's), no connection.
+fn assert_squatter_got_nothing(k: &Keter, admin_password: &str) {
+    let seen = k.get("squat.example.com", "/").unwrap().body;
+    assert!(
+        !seen.contains(admin_password),
+        "the squatter received keter's admin password:\n{seen}"
+    );
+    assert!(
+        !seen.contains("received"),
+        "the squatter received a password:\n{seen}"
+    );
+    assert_eq!(
+        seen.trim(),
+        "connections 0",
+        "keter connected to the squatter"
+    );
+}
+
+#[test]
+fn an_app_holding_the_servers_port_while_it_is_down_gets_no_password() {
+    // No PostgreSQL on this port: an app takes it, as it could while the server restarts.
+    let port = free_port();
+    let (k, admin_password) = start_keter_on_squatted_server("pg-squat-tcp", "127.0.0.1", port);
+    deploy_squatter(&k, &["--tcp", &format!("127.0.0.1:{port}")]);
+    let (squatter_pid, squatter_uid) = process_of(&k, "squat");
+    assert!((65536..=99999).contains(&squatter_uid), "{squatter_uid}");
+
+    let line = deploy_victim_and_wait_for_its_retry(&k);
+    assert_squatter_got_nothing(&k, &admin_password);
+
+    // The log says who holds the port: the app's user, its pid and its command.
+    let user = nix::unistd::User::from_uid(squatter_uid.into())
+        .unwrap()
+        .unwrap();
+    for needle in [
+        "postgres plugin: keter does not log in to PostgreSQL at 127.0.0.1",
+        &format!("uid {squatter_uid} ({})", user.name),
+        &format!("pid {squatter_pid} ("),
+        "pgsquat --tcp",
+        "only root and the server's user postgres",
+        "keter tries again in",
+    ] {
+        assert!(line.contains(needle), "{needle:?} is not in: {line}");
+    }
+    let report = crate::status::json(&k, "/api/apps/victim");
+    assert_eq!(report["last_deploy"]["error_kind"], "postgres", "{report}");
+    assert!(report["last_deploy"]["retry_at"].is_string(), "{report}");
+    assert_eq!(k.get("victim.example.com", "/").unwrap().status, 404);
+    assert_eq!(
+        k.get("bystander.example.com", "/").unwrap().body.trim(),
+        "v1"
+    );
+    assert_secret_absent(&k, &admin_password);
+}
+
+#[test]
+fn a_socket_planted_in_a_socket_folder_apps_may_write_gets_no_password() {
+    // keter's postgres section names a socket folder every user may write: an app plants
+    // the server's socket in it.
+    let folder = TempDir::new("pg-squat-unix-folder");
+    fs::set_permissions(&folder.0, fs::Permissions::from_mode(0o777)).unwrap();
+    let port = 5432;
+    let (k, admin_password) =
+        start_keter_on_squatted_server("pg-squat-unix", &folder.0.display().to_string(), port);
+    let socket = folder.0.join(format!(".s.PGSQL.{port}"));
+    deploy_squatter(&k, &["--unix", &socket.display().to_string()]);
+    let (squatter_pid, squatter_uid) = process_of(&k, "squat");
+    assert!((65536..=99999).contains(&squatter_uid), "{squatter_uid}");
+
+    let line = deploy_victim_and_wait_for_its_retry(&k);
+    assert_squatter_got_nothing(&k, &admin_password);
+    for needle in [
+        "postgres plugin: keter does not log in to PostgreSQL at socket folder",
+        "(mode 0777, owner uid 0 (root)",
+        "may be written by users other than root and the server's user postgres",
+        &format!(
+            "the socket {} belongs to uid {squatter_uid}",
+            socket.display()
+        ),
+        &format!("pid {squatter_pid} ("),
+        "keter tries again in",
+    ] {
+        assert!(line.contains(needle), "{needle:?} is not in: {line}");
+    }
+    assert_eq!(
+        k.get("bystander.example.com", "/").unwrap().body.trim(),
+        "v1"
+    );
+    assert_secret_absent(&k, &admin_password);
+}
+
+/// The environment of `app`'s first process.
+fn environment_of(k: &Keter, app: &str) -> std::collections::BTreeMap<String, String> {
+    let (pid, _) = process_of(k, app);
+    fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn an_app_is_given_the_servers_socket_folder_and_connects_through_it() {
+    let pg = shared();
+    let k = start_keter("pg-socket", pg);
+    let host = "sockapp.example.com";
+    deploy_pgapp(&k, "sockapp", "one", host);
+    wait_live(&k, "sockapp", host, "one", 1);
+    // pgapp connected with the PG* variables and with DATABASE_URL (it checks both name the
+    // same session); the server sees the first over its socket.
+    assert_eq!(k.get(host, "/via").unwrap().body.trim(), "socket");
+    let env = environment_of(&k, "sockapp");
+    let folder = pg.socket_folder().display().to_string();
+    assert_eq!(env["PGHOST"], folder);
+    assert_eq!(env["PGPORT"], pg.port.to_string());
+    let password = recorded_password(&k, "sockapp");
+    assert_eq!(
+        env["DATABASE_URL"],
+        format!(
+            "postgresql://sockapp:{password}@/sockapp?host={folder}&port={}",
+            pg.port
+        )
+    );
+    assert!(!k.log().contains("sockapp: the app"), "{}", k.log());
+    // keter still records the server as configured.
+    let tree = keter::yaml::parse(&fs::read_to_string(store(&k)).unwrap()).unwrap();
+    assert_eq!(tree["sockapp"]["server"], "127.0.0.1");
+}
+
+#[test]
+fn an_app_whose_role_cannot_log_in_over_the_socket_gets_tcp_and_one_warning() {
+    // Debian's default: peer authentication on the socket, passwords over TCP.
+    let pg = PgCluster::start_with_hba(
+        "peer",
+        "local all postgres trust\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    );
+    let k = start_keter("pg-peer", &pg);
+    let host = "peerapp.example.com";
+    deploy_pgapp(&k, "peerapp", "one", host);
+    wait_live(&k, "peerapp", host, "one", 1);
+    assert_eq!(k.get(host, "/via").unwrap().body.trim(), "tcp 127.0.0.1");
+    let env = environment_of(&k, "peerapp");
+    assert_eq!(env["PGHOST"], "127.0.0.1");
+    let warning =
+        "peerapp: the app's role peerapp cannot log in with its password over the socket in";
+    let line = k
+        .log()
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_else(|| panic!("no warning:\n{}", k.log()))
+        .to_string();
+    for needle in [
+        "Peer authentication failed",
+        "the app is given TCP (127.0.0.1:",
+        "add the line `local peerapp peerapp scram-sha-256` to",
+        "data/pg_hba.conf above the line `local all all peer`",
+    ] {
+        assert!(line.contains(needle), "{needle:?} is not in: {line}");
+    }
+    // Once per app and run: a redeploy says nothing more.
+    deploy_pgapp(&k, "peerapp", "two", host);
+    wait_live(&k, "peerapp", host, "one,two", 2);
+    assert_eq!(k.log_count(warning), 1, "{}", k.log());
+
+    // An admin role that may not read the server's settings cannot learn its socket folder.
+    pg.superuser("postgres")
+        .batch_execute(&format!("REVOKE pg_read_all_settings FROM {ADMIN}"))
+        .unwrap();
+    deploy_pgapp(&k, "nosettings", "one", "nosettings.example.com");
+    wait_live(&k, "nosettings", "nosettings.example.com", "one", 1);
+    k.wait_log(
+        &format!("run `GRANT pg_read_all_settings TO {ADMIN}` as a superuser"),
+        WAIT,
+    );
 }
