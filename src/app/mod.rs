@@ -135,6 +135,13 @@ trait Effects {
     -> io::Result<Running>;
     /// After a leader's exit: stops what is left of its group and forgets it.
     fn reap(&mut self, pid: i32);
+    /// Who uses `port`, for a webapp whose process group is led by `own` (`None` while it
+    /// does not run).
+    fn port_use(&self, port: u16, own: Option<i32>) -> crate::ports::PortUse;
+    /// A port of the pool for a webapp that moves (`None` when none is free).
+    fn acquire_port(&mut self) -> Option<u16>;
+    /// Gives a port back to the pool, which hands it out again only once nobody holds it.
+    fn release_port(&mut self, port: u16);
     /// Stops a version's processes, frees its ports, deletes its folder.
     fn discard(&mut self, version: Version);
     /// Takes the app out of Nginx.
