@@ -723,6 +723,41 @@ fn a_port_taken_while_a_webapp_is_down_gets_none_of_its_users() {
     for _ in 0..20 {
         assert_eq!(k.get(SHOP, "/").unwrap().body.trim(), "shop-v1");
     }
+
+    // A keter killed after writing the record of a move but before Nginx took it: Nginx
+    // still routes to the squatted port. The next keter sees that the app's Nginx file and
+    // its record disagree, and routes to the record's port before anything else.
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    let conf = k.root.join("nginx/apps/shop.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let upstream = format!("server 127.0.0.1:{port};");
+    assert!(text.contains(&upstream), "{text}");
+    fs::write(
+        &conf,
+        text.replace(&upstream, &format!("server 127.0.0.1:{};", taken[0])),
+    )
+    .unwrap();
+    kill(Pid::from_raw(k.nginx_pid()), Signal::SIGHUP).unwrap();
+    let start = Instant::now();
+    while k.get(SHOP, "/").unwrap().body.trim() != SQUATTED {
+        assert!(start.elapsed() < WAIT, "Nginx never took the stale file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let routed = format!("shop: Nginx routes to ports [{port}]");
+    let routed_before = k.log_count(&routed);
+    k.launch();
+    k.wait_log(
+        &format!(
+            "shop: its Nginx file routes to ports {{{}}} but its webapps use {{{port}}}",
+            taken[0]
+        ),
+        WAIT,
+    );
+    k.wait_log_count(&routed, routed_before + 1, WAIT);
+    for _ in 0..20 {
+        assert_eq!(k.get(SHOP, "/").unwrap().body.trim(), "shop-v1");
+    }
+    assert_eq!(k.pid_of(SHOP), pid);
     for mut s in squatters {
         let _ = s.kill();
         let _ = s.wait();
