@@ -149,12 +149,30 @@ impl fmt::Display for Holder {
     }
 }
 
+/// How closely [`port_use`] looks at a port nobody's process of the webapp runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Every listener of the machine on that port, on any address (a listener on
+    /// `127.0.0.2` gets no request of Nginx's, but keeps a webapp that binds every address
+    /// from starting), then a test bind: before a webapp starts there.
+    Full,
+    /// A test bind alone, as the webapp binds (any listener on `127.0.0.1`, `0.0.0.0` or a
+    /// dual-stack `[::]`, where Nginx's requests would reach it, makes it fail): the watch
+    /// while the webapp waits for its restart, which costs a few microseconds where listing
+    /// every listener costs tens.
+    Quick,
+}
+
 /// Who uses TCP `port`, for a webapp whose process group is led by `own` (`None` while the
 /// webapp does not run). Any listener on the port, on any address, that is not the group's is
 /// someone else's; with no process running, a port that cannot be bound (as the webapp binds
 /// it, with `SO_REUSEADDR`, on `127.0.0.1` where Nginx connects) is held too. A webapp that
 /// runs is never raced by a test bind: it may be binding the port at that moment.
-pub fn port_use(port: u16, own: Option<i32>) -> PortUse {
+pub fn port_use(port: u16, own: Option<i32>, look: Look) -> PortUse {
+    let bound = || own.is_none() && !bindable(port);
+    if own.is_none() && look == Look::Quick && !bound() {
+        return PortUse::Free;
+    }
     let listeners = listeners_on(port);
     if !listeners.is_empty() {
         let inodes: Vec<u64> = listeners.iter().map(|(_, inode)| *inode).collect();
@@ -166,7 +184,7 @@ pub fn port_use(port: u16, own: Option<i32>) -> PortUse {
         let (uid, inode) = listeners[0];
         return PortUse::Other(Holder::of(uid, inode));
     }
-    if own.is_none() && !bindable(port) {
+    if bound() {
         return PortUse::Other(Holder::default());
     }
     PortUse::Free
@@ -275,17 +293,30 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let me = nix::unistd::getpgrp().as_raw();
-        assert_eq!(port_use(port, Some(me)), PortUse::Own);
+        assert_eq!(port_use(port, Some(me), Look::Full), PortUse::Own);
         // For another group (pid 1's), this process's listener is someone else's, named.
-        let PortUse::Other(holder) = port_use(port, Some(1)) else {
+        let PortUse::Other(holder) = port_use(port, Some(1), Look::Full) else {
             panic!("a listener of another group was not seen");
         };
         assert_eq!(holder.uid, Some(nix::unistd::geteuid().as_raw()));
         assert_eq!(holder.pid, Some(std::process::id() as i32));
         assert!(holder.command.is_some(), "{holder}");
-        assert!(matches!(port_use(port, None), PortUse::Other(_)));
+        for look in [Look::Full, Look::Quick] {
+            assert!(matches!(port_use(port, None, look), PortUse::Other(_)));
+        }
         drop(listener);
-        assert_eq!(port_use(port, None), PortUse::Free);
+        for look in [Look::Full, Look::Quick] {
+            assert_eq!(port_use(port, None, look), PortUse::Free);
+        }
+        // A listener on another loopback address gets none of Nginx's requests, but keeps a
+        // webapp that binds every address from starting: only the full look sees it.
+        let aside = TcpListener::bind(("127.0.0.2", port)).unwrap();
+        assert_eq!(port_use(port, None, Look::Quick), PortUse::Free);
+        assert!(matches!(
+            port_use(port, None, Look::Full),
+            PortUse::Other(_)
+        ));
+        drop(aside);
         // Bound without listening and without SO_REUSEADDR: nobody else can bind it.
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
         let fd = socket(
@@ -300,13 +331,13 @@ mod tests {
             &SockaddrIn::new(127, 0, 0, 1, port),
         )
         .unwrap();
-        let PortUse::Other(holder) = port_use(port, None) else {
+        let PortUse::Other(holder) = port_use(port, None, Look::Quick) else {
             panic!("a bound socket was not seen");
         };
         assert_eq!(holder.uid, None);
         assert!(holder.to_string().contains("without listening"), "{holder}");
         // A webapp that runs is not raced by a test bind.
-        assert_eq!(port_use(port, Some(me)), PortUse::Free);
+        assert_eq!(port_use(port, Some(me), Look::Full), PortUse::Free);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::error::{DeployError, NotReady};
 use super::machine::{End, Life, Machine, PORT_WATCH, Stage, Why};
 use super::version::{ProcState, Role, Version};
 use crate::names::Hostname;
-use crate::ports::PortUse;
+use crate::ports::{Look, PortUse};
 use crate::report::{AppReport, AppState, ProcessReport, rfc3339};
 use std::time::Instant;
 
@@ -168,12 +168,16 @@ impl Machine {
     }
 
     /// Timed work: the ports of webapps without a listener of their own, a site to render
-    /// again, due restarts, drained old versions, a due deploy retry.
-    pub fn tick(&mut self, fx: &mut dyn Effects) {
+    /// again, due restarts, drained old versions, a due deploy retry. False when it only
+    /// looked (at ports, at old versions' connections) and changed nothing that the app's
+    /// report or record shows: a webapp waiting for its restart is looked at every
+    /// `PORT_WATCH`, and the worker need not publish after each look.
+    pub fn tick(&mut self, fx: &mut dyn Effects) -> bool {
         let now = fx.now();
-        let lost = self.watch_ports(now, fx);
+        let (lost, mut changed) = self.watch_ports(now, fx);
         if self.site_wanted() && self.refresh_retry_at.is_none_or(|at| at <= now) {
             self.refresh(fx);
+            changed = true;
         }
         // Only now, with Nginx routed elsewhere: stopping may take a while.
         for pid in lost {
@@ -186,6 +190,7 @@ impl Machine {
                 if p.restart_due().is_none_or(|at| at > now) {
                     continue;
                 }
+                changed = true;
                 if p.stranded {
                     p.restart_postponed(&name, now);
                     continue;
@@ -210,6 +215,7 @@ impl Machine {
             let drained = fx.drained(&r.version, age);
             if drained || age >= fx.drain_time() {
                 let r = self.retiring.remove(i);
+                changed = true;
                 log::info!(
                     "{}: previous version {} after {} ms; stopping it",
                     self.name,
@@ -237,7 +243,9 @@ impl Machine {
                 self.name
             );
             self.begin(path, stamp, Some(backoff), fx);
+            changed = true;
         }
+        changed
     }
 
     /// Looks at the port of every supervised webapp that is due to restart or is watched (from
@@ -246,11 +254,13 @@ impl Machine {
     /// the pool, the old one goes back to the pool (which does not hand it out while it is
     /// held), and the serving site is rendered again (`reroute_due`). A restarted process
     /// that someone else beat to its port is stopped and started again on the new one: the
-    /// pids returned, to stop once Nginx routes elsewhere.
-    fn watch_ports(&mut self, now: Instant, fx: &mut dyn Effects) -> Vec<i32> {
+    /// pids returned, to stop once Nginx routes elsewhere; and whether anything changed
+    /// beyond the moments of the next looks.
+    fn watch_ports(&mut self, now: Instant, fx: &mut dyn Effects) -> (Vec<i32>, bool) {
         let name = self.name.clone();
         let frozen = self.frozen;
         let mut reroute = false;
+        let mut changed = false;
         let mut lost = Vec::new();
         for v in self.supervised_mut() {
             let Version { procs, config, .. } = v;
@@ -263,7 +273,8 @@ impl Machine {
                     continue;
                 }
                 let own = p.running().map(|r| r.pid);
-                let holder = match fx.port_use(port, own) {
+                let look = if restart { Look::Full } else { Look::Quick };
+                let holder = match fx.port_use(port, own, look) {
                     PortUse::Own => {
                         p.port_check_at = None;
                         continue;
@@ -288,6 +299,7 @@ impl Machine {
                         p.state = ProcState::Backoff {
                             until: now + PORT_WATCH,
                         };
+                        changed = true;
                     }
                     log::debug!(
                         "{name}: port {port} is held by {holder}; moved after the handover"
@@ -330,7 +342,8 @@ impl Machine {
             }
         }
         self.reroute_due |= reroute;
-        lost
+        let changed = changed || reroute || !lost.is_empty();
+        (lost, changed)
     }
 
     /// This app's entry of the status report.

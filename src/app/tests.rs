@@ -16,7 +16,7 @@ use super::version::{FileStamp, Proc, ProcState, Role, Version};
 use super::{Command, Effects};
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
-use crate::ports::{Holder, PortUse};
+use crate::ports::{Holder, Look, PortUse};
 use crate::postgres::PgError;
 use crate::process::{Running, Spec};
 use crate::report::{AppState, DeployResult};
@@ -60,8 +60,8 @@ struct Fake {
     released: Vec<u16>,
     /// The pool has no free port.
     pool_empty: bool,
-    /// Looks at who uses a port.
-    port_checks: std::cell::Cell<usize>,
+    /// Every look at who uses a port.
+    port_checks: std::cell::RefCell<Vec<(u16, Look)>>,
 }
 
 impl Fake {
@@ -93,7 +93,7 @@ impl Fake {
             acquired: Vec::new(),
             released: Vec::new(),
             pool_empty: false,
-            port_checks: std::cell::Cell::new(0),
+            port_checks: std::cell::RefCell::new(Vec::new()),
         }
     }
 
@@ -162,8 +162,8 @@ impl Effects for Fake {
     fn reap(&mut self, pid: i32) {
         self.reaped.push(pid);
     }
-    fn port_use(&self, port: u16, own: Option<i32>) -> PortUse {
-        self.port_checks.set(self.port_checks.get() + 1);
+    fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
+        self.port_checks.borrow_mut().push((port, look));
         match self.held.get(&port) {
             Some(h) => PortUse::Other(h.clone()),
             None if own.is_some_and(|pid| self.listening.contains(&pid)) => PortUse::Own,

@@ -23,7 +23,7 @@ use crate::applog::AppLog;
 use crate::memory::Burst;
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
-use crate::ports::PortUse;
+use crate::ports::{Look, PortUse};
 use crate::process::{self, Running, Spec};
 use crate::procfs;
 use crate::report::DeployResult;
@@ -294,8 +294,8 @@ impl Effects for World {
         self.shared.journal.remove(pid);
     }
 
-    fn port_use(&self, port: u16, own: Option<i32>) -> PortUse {
-        crate::ports::port_use(port, own)
+    fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
+        crate::ports::port_use(port, own, look)
     }
 
     fn acquire_port(&mut self) -> Option<u16> {

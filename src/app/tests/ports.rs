@@ -47,13 +47,17 @@ fn a_port_held_at_restart_moves_the_webapp_refreshes_the_site_and_is_not_handed_
     let old = port_of(&m, 0);
     crash(&mut m, &mut fx, v, 0);
     assert!(fx.refreshed.is_empty(), "a free port moved nothing");
-    // Someone binds the port just before the restart is due (after keter last looked).
+    // Someone binds the port just before the restart is due (after keter last looked). A
+    // look while the webapp waits is a quick one, and changes nothing to publish.
     fx.advance(Duration::from_millis(90));
-    m.tick(&mut fx);
+    assert!(!m.tick(&mut fx), "a look at a free port changed something");
+    assert_eq!(fx.port_checks.borrow().last(), Some(&(old, Look::Quick)));
     fx.held.insert(old, squatter());
     let spawned = fx.spawned.len();
     fx.advance(Duration::from_millis(10));
-    m.tick(&mut fx);
+    assert!(m.tick(&mut fx));
+    // The look just before the start is a full one.
+    assert_eq!(fx.port_checks.borrow().last(), Some(&(old, Look::Full)));
     let new = port_of(&m, 0);
     assert_ne!(new, old, "restarted on a port someone else holds");
     assert_eq!(fx.released, [old], "the old port is given back to the pool");
