@@ -1,8 +1,10 @@
 //! The supervising half of the worker's state machine (the deploying half is `machine.rs`):
-//! process exits and restarts, draining old versions, deploy retries that are due, stopping,
+//! process exits and restarts, the ports of webapps that are down (watched, and moved when
+//! someone else takes them), draining old versions, deploy retries that are due, stopping,
 //! and the app's report.
 
 use std::process::ExitStatus;
+use std::time::Instant;
 
 use super::Effects;
 use super::error::{DeployError, NotReady};
@@ -11,7 +13,6 @@ use super::version::{ProcState, Role, Version};
 use crate::names::Hostname;
 use crate::ports::{Look, PortUse};
 use crate::report::{AppReport, AppState, ProcessReport, rfc3339};
-use std::time::Instant;
 
 impl Machine {
     /// Stop (the bundle was deleted) or shutdown (`exit`): the app leaves Nginx, then every
