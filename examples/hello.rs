@@ -4,13 +4,17 @@
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
 //!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
-//!       [--keep-open] [--log-requests]
+//!       [--keep-open] [--log-requests] [--wait-for-port]
 //! ```
 //!
 //! `--home-kb N` makes `/` a home page of N KiB sent in chunks, as Warp streams a Yesod page;
 //! `--keep-open` keeps every connection open after an answer, even when the client asked to
 //! close it. `--log-requests` prints a line `request TARGET` for every request before
 //! answering it, as a chatty framework logs.
+//!
+//! `--wait-for-port` tries to bind its port again and again, without pausing, until it gets it:
+//! a program that takes a neighbour's port the moment the neighbour lets go of it (the tests
+//! run it with another app's uid against a webapp they kill).
 //!
 //! `--crash-after-first-run` serves on its first start and exits at once on every later one
 //! (it leaves a marker file in its working folder): a crash loop after a good deploy.
@@ -44,6 +48,7 @@ struct Options {
     home_kb: usize,
     keep_open: bool,
     log_requests: bool,
+    wait_for_port: bool,
 }
 
 fn options() -> Options {
@@ -59,6 +64,7 @@ fn options() -> Options {
         home_kb: 0,
         keep_open: false,
         log_requests: false,
+        wait_for_port: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -89,6 +95,7 @@ fn options() -> Options {
             }
             "--keep-open" => o.keep_open = true,
             "--log-requests" => o.log_requests = true,
+            "--wait-for-port" => o.wait_for_port = true,
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -129,7 +136,13 @@ fn main() {
         .ok()
         .and_then(|p| p.parse().ok())
         .expect("PORT must be set");
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let listener = loop {
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => break l,
+            Err(e) if o.wait_for_port && e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => panic!("bind: {e}"),
+        }
+    };
     println!("hello {}: listening on port {port}", o.version);
     let version = o.version.clone();
     let status = o.status;

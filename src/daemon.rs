@@ -106,7 +106,9 @@ pub fn run(
     // What an earlier keter ran is taken over from its records before anything starts: the
     // apps that still run go on serving (README, "A keter that dies and comes back").
     let journal = Journal::new(&config.root.join("etc"));
-    let live = crate::nginx::live_sites(&crate::nginx::Paths::new(&config.root));
+    let nginx_paths = crate::nginx::Paths::new(&config.root);
+    let live = crate::nginx::live_sites(&nginx_paths);
+    let routes = crate::nginx::live_ports(&nginx_paths);
     let upgrade = takeover.is_some();
     let since = takeover.as_ref().and_then(|t| t.since);
     let mut inherited = takeover.map(|t| t.pipes).unwrap_or_default();
@@ -114,7 +116,7 @@ pub fn run(
     for (ino, pipe) in stored {
         inherited.entry(ino).or_insert((pipe, Vec::new()));
     }
-    let recovery = crate::app::recover(&journal, &live, &mut inherited);
+    let recovery = crate::app::recover(&journal, &live, &routes, &mut inherited);
     // Pipes that no process taken over holds are of no use any more.
     for ino in inherited.keys() {
         crate::systemd::forget_pipe(*ino);

@@ -1,14 +1,22 @@
-//! The port pool: the one owner of which local ports apps get.
+//! The port pool: the one owner of which local ports apps get; and who else holds a port.
 //!
 //! A port is handed out only if keter does not hold it already and nothing else is listening
 //! on it (Piku #125 picked ports by bind-then-close and raced other processes; Keter #324 never
 //! returned ports). Every exit path of an app returns its port with [`PortPool::release`].
+//!
+//! Ports are no secret (`/proc/net/tcp` lists them to everyone), so a port that keter gave a
+//! webapp may be bound by another program while that webapp is down between a crash and its
+//! restart. [`port_use`] tells the app's worker who holds it, so that the webapp is started
+//! again elsewhere instead of Nginx sending its users to that program (README "Supervision").
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::{procfs, sockdiag};
 
 /// Hands out ports from a range, round robin, so a just-freed port is not reused at once.
 #[derive(Debug)]
@@ -88,6 +96,174 @@ fn nobody_listens(port: u16) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
 }
 
+/// Who uses a webapp's port, as its worker asks before starting the webapp on it again and
+/// while the webapp has no listener of its own there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortUse {
+    /// Nobody listens on it, and it can be bound.
+    Free,
+    /// A process of the webapp's own process group listens on it.
+    Own,
+    /// Someone else holds it: a listener outside the webapp's group, or a socket bound to it
+    /// that keeps the webapp from binding it.
+    Other(Holder),
+}
+
+/// Whoever holds a port that is not theirs to hold, as far as the kernel says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Holder {
+    /// The uid that made the socket; `None` for a socket bound without listening, which the
+    /// kernel's listing of listeners does not show.
+    pub uid: Option<u32>,
+    /// The user of that uid, when it has one.
+    pub user: Option<String>,
+    /// A process holding the socket, when one is found.
+    pub pid: Option<i32>,
+    /// Its command line, cut to [`COMMAND_SHOWN`] characters.
+    pub command: Option<String>,
+}
+
+/// How much of a holder's command line the log shows.
+const COMMAND_SHOWN: usize = 200;
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.uid {
+            Some(uid) => {
+                write!(f, "uid {uid}")?;
+                if let Some(user) = &self.user {
+                    write!(f, " ({user})")?;
+                }
+            }
+            None => f.write_str("a socket bound to it without listening, of an unknown owner")?,
+        }
+        if let Some(pid) = self.pid {
+            write!(f, ", pid {pid}")?;
+        }
+        if let Some(command) = &self.command {
+            // The command line is the holder's to choose: escaped, so that it cannot forge
+            // lines of keter's log.
+            write!(f, " ({})", command.escape_debug())?;
+        }
+        Ok(())
+    }
+}
+
+/// How closely [`port_use`] looks at a port nobody's process of the webapp runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Every listener of the machine on that port, on any address (a listener on
+    /// `127.0.0.2` gets no request of Nginx's, but keeps a webapp that binds every address
+    /// from starting), then a test bind: before a webapp starts there.
+    Full,
+    /// A test bind alone, as the webapp binds (any listener on `127.0.0.1`, `0.0.0.0` or a
+    /// dual-stack `[::]`, where Nginx's requests would reach it, makes it fail): the watch
+    /// while the webapp waits for its restart, which costs a few microseconds where listing
+    /// every listener costs tens.
+    Quick,
+}
+
+/// Who uses TCP `port`, for a webapp whose process group is led by `own` (`None` while the
+/// webapp does not run). Any listener on the port, on any address, that is not the group's is
+/// someone else's; with no process running, a port that cannot be bound (as the webapp binds
+/// it, with `SO_REUSEADDR`, on `127.0.0.1` where Nginx connects) is held too. A webapp that
+/// runs is never raced by a test bind: it may be binding the port at that moment.
+pub fn port_use(port: u16, own: Option<i32>, look: Look) -> PortUse {
+    let bound = || own.is_none() && !bindable(port);
+    if own.is_none() && look == Look::Quick && !bound() {
+        return PortUse::Free;
+    }
+    let listeners = listeners_on(port);
+    if !listeners.is_empty() {
+        let inodes: Vec<u64> = listeners.iter().map(|(_, inode)| *inode).collect();
+        if let Some(group) = own
+            && procfs::group_holds_socket(group, &inodes)
+        {
+            return PortUse::Own;
+        }
+        let (uid, inode) = listeners[0];
+        return PortUse::Other(Holder::of(uid, inode));
+    }
+    if bound() {
+        return PortUse::Other(Holder::default());
+    }
+    PortUse::Free
+}
+
+impl Holder {
+    /// The holder of the socket with this inode, made by `uid`.
+    fn of(uid: u32, inode: u64) -> Holder {
+        let pid = procfs::socket_holder(inode);
+        Holder {
+            uid: Some(uid),
+            user: nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name),
+            pid,
+            command: pid
+                .and_then(procfs::command_line)
+                .map(|c| c.chars().take(COMMAND_SHOWN).collect()),
+        }
+    }
+}
+
+/// (uid, inode) of every TCP socket listening on `port`, IPv4 and IPv6: from the kernel's
+/// sock_diag interface, or from `/proc/net/tcp*` where that is not available.
+fn listeners_on(port: u16) -> Vec<(u32, u64)> {
+    match sockdiag::tcp_sockets(&[sockdiag::LISTEN]) {
+        Ok(sockets) => sockets
+            .iter()
+            .filter(|s| s.local_port == port)
+            .map(|s| (s.uid, u64::from(s.inode)))
+            .collect(),
+        Err(_) => ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|table| listeners_in_table(&table, port))
+            .collect(),
+    }
+}
+
+/// The listeners on `port` in a `/proc/net/tcp` table: (uid, inode).
+fn listeners_in_table(table: &str, port: u16) -> Vec<(u32, u64)> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != LISTEN {
+                return None;
+            }
+            let local = cols[1].rsplit_once(':')?.1;
+            (u16::from_str_radix(local, 16).ok()? == port)
+                .then(|| Some((cols[7].parse().ok()?, cols[9].parse().ok()?)))?
+        })
+        .collect()
+}
+
+/// True when `127.0.0.1:port` can be bound as a webapp binds it (`SO_REUSEADDR`, so that the
+/// TIME_WAIT connections its last process left do not count). The socket never listens, so no
+/// connection of Nginx's can land on it meanwhile.
+fn bindable(port: u16) -> bool {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let Ok(fd) = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        // Cannot tell: the check after the start (the webapp's own listener) has to do.
+        return true;
+    };
+    let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
+    let addr = SockaddrIn::new(127, 0, 0, 1, port);
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +286,74 @@ mod tests {
         pool.release(port);
         assert_eq!(pool.taken(), 0);
         assert_eq!(pool.acquire(), Some(port));
+    }
+
+    #[test]
+    fn tells_the_own_listener_from_someone_elses_and_from_a_bound_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = nix::unistd::getpgrp().as_raw();
+        assert_eq!(port_use(port, Some(me), Look::Full), PortUse::Own);
+        // For another group (pid 1's), this process's listener is someone else's, named.
+        let PortUse::Other(holder) = port_use(port, Some(1), Look::Full) else {
+            panic!("a listener of another group was not seen");
+        };
+        assert_eq!(holder.uid, Some(nix::unistd::geteuid().as_raw()));
+        assert_eq!(holder.pid, Some(std::process::id() as i32));
+        assert!(holder.command.is_some(), "{holder}");
+        for look in [Look::Full, Look::Quick] {
+            assert!(matches!(port_use(port, None, look), PortUse::Other(_)));
+        }
+        drop(listener);
+        for look in [Look::Full, Look::Quick] {
+            assert_eq!(port_use(port, None, look), PortUse::Free);
+        }
+        // A listener on another loopback address gets none of Nginx's requests, but keeps a
+        // webapp that binds every address from starting: only the full look sees it.
+        let aside = TcpListener::bind(("127.0.0.2", port)).unwrap();
+        assert_eq!(port_use(port, None, Look::Quick), PortUse::Free);
+        assert!(matches!(
+            port_use(port, None, Look::Full),
+            PortUse::Other(_)
+        ));
+        drop(aside);
+        // Bound without listening and without SO_REUSEADDR: nobody else can bind it.
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::new(127, 0, 0, 1, port),
+        )
+        .unwrap();
+        let PortUse::Other(holder) = port_use(port, None, Look::Quick) else {
+            panic!("a bound socket was not seen");
+        };
+        assert_eq!(holder.uid, None);
+        assert!(holder.to_string().contains("without listening"), "{holder}");
+        // A webapp that runs is not raced by a test bind.
+        assert_eq!(port_use(port, Some(me), Look::Full), PortUse::Free);
+    }
+
+    #[test]
+    fn reads_listeners_from_proc_net_tcp_and_escapes_the_command() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:0FA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65537        0 4242 1 0\n   1: 0100007F:0FA0 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n";
+        assert_eq!(listeners_in_table(table, 4000), [(65537, 4242)]);
+        assert!(listeners_in_table(table, 4001).is_empty());
+        let h = Holder {
+            uid: Some(65537),
+            user: Some("keter-b".into()),
+            pid: Some(7),
+            command: Some("evil\nketer: forged".into()),
+        };
+        assert_eq!(
+            h.to_string(),
+            "uid 65537 (keter-b), pid 7 (evil\\nketer: forged)"
+        );
     }
 }

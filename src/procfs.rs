@@ -1,7 +1,8 @@
 //! Facts about processes and sockets read from `/proc`: the live members of a process group,
-//! the TCP connections to a local port (to know when an old version has drained), how long a
-//! process has run, the output pipe of a process that an earlier keter started, and which
-//! processes hold a socket (to name who holds a listener that keter refuses to talk to).
+//! the TCP connections to a local port (to know when an old version has drained), who holds a
+//! listening socket, how long a process has run, the output pipe of a process that an earlier
+//! keter started, and which processes hold a socket (to name who holds a listener that keter
+//! refuses to talk to).
 
 use std::fs;
 
@@ -118,28 +119,83 @@ pub fn parent_of(pid: i32) -> Option<i32> {
 
 /// True when a socket listening on TCP `port` belongs to a live process of group `pgid`.
 pub fn port_listener_in_group(port: u16, pgid: i32) -> bool {
-    let inodes: Vec<String> = match sockdiag::tcp_sockets(&[sockdiag::LISTEN]) {
+    let inodes: Vec<u64> = match sockdiag::tcp_sockets(&[sockdiag::LISTEN]) {
         Ok(sockets) => sockets
             .iter()
             .filter(|s| s.local_port == port)
-            .map(|s| format!("socket:[{}]", s.inode))
+            .map(|s| u64::from(s.inode))
             .collect(),
         Err(_) => return true, // cannot tell: the readiness answer itself has to do
     };
+    !inodes.is_empty() && group_holds_socket(pgid, &inodes)
+}
+
+/// True when a live process of group `pgid` holds one of the sockets with these inodes. The
+/// leader is looked at first: it is the one that normally listens, and finding it there spares
+/// reading every process of the machine to list the group.
+pub fn group_holds_socket(pgid: i32, inodes: &[u64]) -> bool {
     if inodes.is_empty() {
         return false;
     }
-    group_members(pgid).into_iter().any(|pid| {
-        fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|fds| {
-                fds.flatten().any(|fd| {
-                    fs::read_link(fd.path())
-                        .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
-                        .unwrap_or(false)
-                })
+    let leader = stat_state_pgrp(pgid)
+        .is_some_and(|(state, pgrp)| pgrp == pgid && state != 'Z' && state != 'X');
+    if leader && holds_socket(pgid, inodes) {
+        return true;
+    }
+    group_members(pgid)
+        .into_iter()
+        .filter(|pid| *pid != pgid)
+        .any(|pid| holds_socket(pid, inodes))
+}
+
+/// The inode of the socket that the descriptor link `target` (`socket:[N]`) names.
+fn socket_inode(target: &std::path::Path) -> Option<u64> {
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// True when process `pid` has a descriptor of one of the sockets with these inodes.
+fn holds_socket(pid: i32, inodes: &[u64]) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten().any(|fd| {
+                fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|t| socket_inode(&t))
+                    .is_some_and(|i| inodes.contains(&i))
             })
-            .unwrap_or(false)
-    })
+        })
+        .unwrap_or(false)
+}
+
+/// A live process that has a descriptor of the socket with this inode (the lowest pid, when
+/// several share it). Reads the descriptors of every process: for the rare moment a port is
+/// found held by someone else, not for polling.
+pub fn socket_holder(inode: u64) -> Option<i32> {
+    let mut pids: Vec<i32> = fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter()
+        .find(|pid| is_alive(*pid) && holds_socket(*pid, &[inode]))
+}
+
+/// The command line of a process, its arguments joined by spaces (`None` when it has none: a
+/// kernel thread, or a process gone).
+pub fn command_line(pid: i32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
 }
 
 /// The live processes holding the socket with sockfs inode `inode` (as `sock_diag` and

@@ -92,17 +92,23 @@ impl Recovery {
 }
 
 /// Reads every app's record and takes over what still runs. `live` is the sha256 of the
-/// bundle that each app's Nginx file serves (from its header).
+/// bundle that each app's Nginx file serves (from its header), `routes` the ports it sends
+/// requests to.
 pub fn recover(
     journal: &Journal,
     live: &BTreeMap<AppName, String>,
+    routes: &BTreeMap<AppName, BTreeSet<u16>>,
     inherited: &mut Inherited,
 ) -> Recovery {
     let mut out = Recovery::default();
     for (name, record) in journal.records::<AppRecord>() {
         match record {
             Ok(r) if r.format == FORMAT => {
-                let adopted = adopt_app(&name, r, live.get(&name), inherited, &mut out);
+                let nginx = Routed {
+                    sha256: live.get(&name),
+                    ports: routes.get(&name),
+                };
+                let adopted = adopt_app(&name, r, nginx, inherited, &mut out);
                 out.apps.push(adopted);
             }
             Ok(r) => log::warn!(
@@ -117,13 +123,21 @@ pub fn recover(
     out
 }
 
+/// What an app's Nginx file routes to: the sha256 of the bundle it serves and the ports it
+/// sends requests to.
+struct Routed<'a> {
+    sha256: Option<&'a String>,
+    ports: Option<&'a BTreeSet<u16>>,
+}
+
 fn adopt_app(
     name: &AppName,
     record: AppRecord,
-    live: Option<&String>,
+    nginx: Routed,
     inherited: &mut Inherited,
     out: &mut Recovery,
 ) -> Adopted {
+    let live = nginx.sha256;
     let now = Instant::now();
     let mut serving = None;
     let mut candidate = None;
@@ -214,6 +228,21 @@ fn adopt_app(
     machine.refresh_due = machine
         .serving()
         .is_some_and(|v| !v.config.acme_sets().is_empty());
+    // A webapp that moved to another port just before the earlier keter ended, Nginx not told
+    // yet (or told, and the record not written yet): the site is rendered again at once, so
+    // that Nginx routes to no port the app does not hold (README "Supervision").
+    if let Some(v) = machine.serving()
+        && !machine.replace
+        && let Some(routed) = nginx.ports
+    {
+        let ports: BTreeSet<u16> = v.ports().into_iter().collect();
+        if &ports != routed {
+            log::warn!(
+                "{name}: its Nginx file routes to ports {routed:?} but its webapps use {ports:?}; the site is rendered again"
+            );
+            machine.reroute_due = true;
+        }
+    }
     Adopted {
         name: name.clone(),
         machine,
@@ -297,6 +326,11 @@ fn version(
             ProcRecordState::GaveUp if supervised => ProcState::GaveUp,
             _ => ProcState::Ended,
         };
+        // Whether its own process still listens on its port (or, ended, whether someone else
+        // took the port while no keter watched) is looked at once it is taken over.
+        if supervised && matches!(proc.role, super::version::Role::Web { .. }) {
+            proc.port_check_at = Some(now);
+        }
         procs.push(proc);
     }
     // Every process of a version runs as the version's user.

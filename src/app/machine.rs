@@ -157,6 +157,17 @@ pub(super) const REFRESH_RETRY: Duration = Duration::from_secs(10);
 /// How often old versions are checked for remaining connections.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(50);
 
+/// How often keter looks at who listens on the port of a webapp that has no listener of its
+/// own there (from its exit until its restarted process listens): with an Nginx reload, how
+/// long another program that binds the port meanwhile may get requests before keter moves
+/// the webapp (README "Supervision"). Each look wakes the worker: at 20 ms a crash-looping
+/// webapp cost its keter 0.4 % of a core (`cargo bench --bench supervision`), at 50 ms 0.2 %.
+pub(super) const PORT_WATCH: Duration = Duration::from_millis(50);
+
+/// A site that Nginx did not take with a webapp's new port is tried again after this long:
+/// until then Nginx may still route to the old port.
+pub(super) const REROUTE_RETRY: Duration = Duration::from_secs(1);
+
 /// One app's worker state.
 pub(super) struct Machine {
     pub name: AppName,
@@ -183,6 +194,11 @@ pub(super) struct Machine {
     pub refresh_due: bool,
     /// A refresh that failed (Nginx did not take it) is tried again at this moment.
     pub refresh_retry_at: Option<Instant>,
+    /// A webapp of the serving version (or of a candidate being switched) moved to another
+    /// port, or has none it may use: the serving version's site is rendered again (or taken
+    /// out of Nginx) as soon as no switch is in flight, a deploy under way or not
+    /// (`supervise.rs`, `watch_ports`).
+    pub reroute_due: bool,
 }
 
 /// How a deploy ended.
@@ -209,6 +225,7 @@ impl Machine {
             held: None,
             refresh_due: false,
             refresh_retry_at: None,
+            reroute_due: false,
         }
     }
 
@@ -219,9 +236,11 @@ impl Machine {
     /// The earliest moment something is due: a restart, a drain check, a deploy retry. `None`
     /// when nothing is, so an idle app costs no wake-ups at all.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let restarts = self
-            .supervised()
-            .flat_map(|v| v.procs.iter().filter_map(|p| p.restart_due()));
+        let restarts = self.supervised().flat_map(|v| {
+            v.procs
+                .iter()
+                .flat_map(|p| p.restart_due().into_iter().chain(p.port_check_at))
+        });
         let drains = self.retiring.iter().map(|_| now + DRAIN_POLL);
         let retry = match &self.life {
             Life::Idle(_) | Life::Serving(_) if !self.frozen => {
@@ -229,9 +248,29 @@ impl Machine {
             }
             _ => None,
         };
-        let refresh = (self.refresh_due && !self.frozen && matches!(self.life, Life::Serving(_)))
+        let refresh = self
+            .site_wanted()
             .then(|| self.refresh_retry_at.unwrap_or(now));
         restarts.chain(drains).chain(retry).chain(refresh).min()
+    }
+
+    /// True when the serving version's site is to be rendered again: for a new certificate
+    /// once `Serving`; for a moved port as soon as no switch is in flight (a deploy under way
+    /// takes long, and Nginx would route to the old port meanwhile; a switch in flight writes
+    /// the same file, so it is waited for). Never while frozen: Nginx's controller may be
+    /// frozen too, and the next keter sees the difference (`adopt.rs`).
+    pub(super) fn site_wanted(&self) -> bool {
+        if self.frozen {
+            return false;
+        }
+        match &self.life {
+            Life::Serving(_) => self.refresh_due || self.reroute_due,
+            Life::Deploying {
+                serving: Some(_),
+                deploy,
+            } => self.reroute_due && !matches!(deploy.stage, Stage::Switching(_)),
+            _ => false,
+        }
     }
 
     /// The versions whose processes are restarted by their policy: the serving one, and a
@@ -513,32 +552,67 @@ impl Machine {
         fx.switch(switch_job(c, deploy.started));
     }
 
-    /// Renders the serving version's site again (its `ssl: acme` certificates as they are
-    /// now) and has Nginx reload it. Runs on the worker's thread, as a stop's removal of the
-    /// site does: nothing else may change the app's Nginx file meanwhile.
+    /// Renders the serving version's site again (its `ssl: acme` certificates and its
+    /// webapps' ports as they are now) and has Nginx reload it; or, when a webapp of it has no
+    /// port it may use, takes the site out of Nginx. Runs on the worker's thread, as a stop's
+    /// removal of the site does: nothing else may change the app's Nginx file meanwhile.
     pub(super) fn refresh(&mut self, fx: &mut dyn Effects) {
-        let Life::Serving(v) = &self.life else {
+        let Some(v) = self.serving() else {
+            self.reroute_due = false;
             return;
         };
-        self.refresh_due = false;
-        self.refresh_retry_at = None;
-        let job = switch_job(v, fx.now());
-        match fx.refresh_site(job) {
-            Ok(g) => log::info!(
-                "{}: site rendered again with its certificates at Nginx generation {g}",
-                self.name
-            ),
+        // A certificate's refresh waits for a version to serve; one made for a moved port
+        // during a deploy leaves it pending.
+        let certificate = self.refresh_due && matches!(self.life, Life::Serving(_));
+        let reroute = self.reroute_due;
+        let stranded = v.procs.iter().any(|p| p.stranded);
+        let ports = web_ports(v);
+        let result = if stranded {
+            fx.remove_site().map_err(DeployError::Nginx)
+        } else {
+            fx.refresh_site(switch_job(v, fx.now()))
+        };
+        match result {
+            Ok(g) => {
+                self.reroute_due = false;
+                self.refresh_due &= !certificate;
+                self.refresh_retry_at = None;
+                if stranded {
+                    log::error!(
+                        "{}: removed from Nginx at generation {g}: a webapp's port is held by someone else and no other port is free; it comes back once one is",
+                        self.name
+                    );
+                } else if reroute {
+                    let ports: Vec<u16> = ports.iter().map(|(_, p)| *p).collect();
+                    log::info!(
+                        "{}: Nginx routes to ports {ports:?} from generation {g}",
+                        self.name
+                    );
+                } else {
+                    log::info!(
+                        "{}: site rendered again with its certificates at Nginx generation {g}",
+                        self.name
+                    );
+                }
+            }
             Err(e) => {
-                self.refresh_due = true;
-                self.refresh_retry_at = Some(fx.now() + REFRESH_RETRY);
+                let retry = if reroute {
+                    REROUTE_RETRY
+                } else {
+                    REFRESH_RETRY
+                };
+                self.refresh_retry_at = Some(fx.now() + retry);
+                let why = if reroute {
+                    "for its webapps' new ports"
+                } else {
+                    "with its certificates"
+                };
                 log::error!(
-                    "{}: rendering the site again with its certificates failed: {e}; the site stays as it was, tried again in {} s",
+                    "{}: rendering the site again {why} failed: {e}; the site stays as it was, tried again in {} s",
                     self.name,
-                    REFRESH_RETRY.as_secs()
+                    retry.as_secs()
                 );
-                fx.note(&format!(
-                    "keter: the site with its new certificate failed: {e}"
-                ));
+                fx.note(&format!("keter: the site {why} failed: {e}"));
             }
         }
     }
@@ -614,6 +688,8 @@ impl Machine {
         fx: &mut dyn Effects,
     ) {
         let failed = matches!(end, End::Failed(_));
+        // Nothing serves: no site is left to route to a moved port.
+        self.reroute_due &= serving.is_some();
         self.life = match serving {
             Some(v) => Life::Serving(v),
             None if failed => Life::Idle(Why::Failed),

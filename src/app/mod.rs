@@ -135,6 +135,18 @@ trait Effects {
     -> io::Result<Running>;
     /// After a leader's exit: stops what is left of its group and forgets it.
     fn reap(&mut self, pid: i32);
+    /// Who uses `port`, for a webapp whose process group is led by `own` (`None` while it
+    /// does not run), looking as closely as `look` says.
+    fn port_use(
+        &self,
+        port: u16,
+        own: Option<i32>,
+        look: crate::ports::Look,
+    ) -> crate::ports::PortUse;
+    /// A port of the pool for a webapp that moves (`None` when none is free).
+    fn acquire_port(&mut self) -> Option<u16>;
+    /// Gives a port back to the pool, which hands it out again only once nobody holds it.
+    fn release_port(&mut self, port: u16);
     /// Stops a version's processes, frees its ports, deletes its folder.
     fn discard(&mut self, version: Version);
     /// Takes the app out of Nginx.
@@ -299,11 +311,16 @@ fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Eve
                 Err(_) => break,
             },
         };
+        let handled = event.is_some();
         if let Some(e) = event {
             dispatch(e, &mut machine, &mut world, &rx, &mut quiet);
         }
-        machine.tick(&mut *world);
-        publish(&machine, &mut world);
+        // A tick that only looked changed nothing to publish (the looks at a port every
+        // PORT_WATCH while a webapp waits for its restart would otherwise rebuild the report
+        // and the record each time).
+        if machine.tick(&mut *world) || handled {
+            publish(&machine, &mut world);
+        }
         if machine.quiet()
             && let Some(reply) = quiet.take()
         {

@@ -1,14 +1,17 @@
 //! The supervising half of the worker's state machine (the deploying half is `machine.rs`):
-//! process exits and restarts, draining old versions, deploy retries that are due, stopping,
+//! process exits and restarts, the ports of webapps that are down (watched, and moved when
+//! someone else takes them), draining old versions, deploy retries that are due, stopping,
 //! and the app's report.
 
 use std::process::ExitStatus;
+use std::time::Instant;
 
 use super::Effects;
 use super::error::{DeployError, NotReady};
-use super::machine::{End, Life, Machine, Stage, Why};
+use super::machine::{End, Life, Machine, PORT_WATCH, Stage, Why};
 use super::version::{ProcState, Role, Version};
 use crate::names::Hostname;
+use crate::ports::{Look, PortUse};
 use crate::report::{AppReport, AppState, ProcessReport, rfc3339};
 
 impl Machine {
@@ -138,6 +141,11 @@ impl Machine {
                 && p.running().is_some_and(|r| r.pid == pid)
             {
                 p.exited(&name, pid, status, now);
+                // Its port is free for anyone to bind until it runs again: watched from now
+                // on, starting at once (the tick after this event).
+                if matches!(p.role, Role::Web { .. }) {
+                    p.port_check_at = Some(now);
+                }
                 note = Some(format!(
                     "pid {pid} ({}) exited with {}",
                     p.label(),
@@ -160,16 +168,22 @@ impl Machine {
         }
     }
 
-    /// Timed work: due restarts, drained old versions, a due deploy retry.
-    pub fn tick(&mut self, fx: &mut dyn Effects) {
-        if self.refresh_due
-            && !self.frozen
-            && matches!(self.life, Life::Serving(_))
-            && self.refresh_retry_at.is_none_or(|at| at <= fx.now())
-        {
-            self.refresh(fx);
-        }
+    /// Timed work: the ports of webapps without a listener of their own, a site to render
+    /// again, due restarts, drained old versions, a due deploy retry. False when it only
+    /// looked (at ports, at old versions' connections) and changed nothing that the app's
+    /// report or record shows: a webapp waiting for its restart is looked at every
+    /// `PORT_WATCH`, and the worker need not publish after each look.
+    pub fn tick(&mut self, fx: &mut dyn Effects) -> bool {
         let now = fx.now();
+        let (lost, mut changed) = self.watch_ports(now, fx);
+        if self.site_wanted() && self.refresh_retry_at.is_none_or(|at| at <= now) {
+            self.refresh(fx);
+            changed = true;
+        }
+        // Only now, with Nginx routed elsewhere: stopping may take a while.
+        for pid in lost {
+            fx.reap(pid);
+        }
         let name = self.name.clone();
         for v in self.supervised_mut() {
             let id = v.id;
@@ -177,11 +191,19 @@ impl Machine {
                 if p.restart_due().is_none_or(|at| at > now) {
                     continue;
                 }
+                changed = true;
+                if p.stranded {
+                    p.restart_postponed(&name, now);
+                    continue;
+                }
                 match fx.spawn(id, i, &p.spec, &p.label()) {
                     Ok(r) => {
                         p.state = ProcState::Running(r);
                         p.restarts.restarted();
                         fx.restarted();
+                        if matches!(p.role, Role::Web { .. }) {
+                            p.port_check_at = Some(now + PORT_WATCH);
+                        }
                     }
                     Err(e) => p.restart_failed(&name, &e, now),
                 }
@@ -194,6 +216,7 @@ impl Machine {
             let drained = fx.drained(&r.version, age);
             if drained || age >= fx.drain_time() {
                 let r = self.retiring.remove(i);
+                changed = true;
                 log::info!(
                     "{}: previous version {} after {} ms; stopping it",
                     self.name,
@@ -221,7 +244,107 @@ impl Machine {
                 self.name
             );
             self.begin(path, stamp, Some(backoff), fx);
+            changed = true;
         }
+        changed
+    }
+
+    /// Looks at the port of every supervised webapp that is due to restart or is watched (from
+    /// its exit until its own process group listens there again; README "Supervision"). A
+    /// port held by someone else is not started on again: the webapp moves to a fresh port of
+    /// the pool, the old one goes back to the pool (which does not hand it out while it is
+    /// held), and the serving site is rendered again (`reroute_due`). A restarted process
+    /// that someone else beat to its port is stopped and started again on the new one: the
+    /// pids returned, to stop once Nginx routes elsewhere; and whether anything changed
+    /// beyond the moments of the next looks.
+    fn watch_ports(&mut self, now: Instant, fx: &mut dyn Effects) -> (Vec<i32>, bool) {
+        let name = self.name.clone();
+        let frozen = self.frozen;
+        let mut reroute = false;
+        let mut changed = false;
+        let mut lost = Vec::new();
+        for v in self.supervised_mut() {
+            let Version { procs, config, .. } = v;
+            for p in procs.iter_mut() {
+                let Role::Web { index, port } = p.role else {
+                    continue;
+                };
+                let restart = p.restart_due().is_some_and(|at| at <= now);
+                if !restart && p.port_check_at.is_none_or(|at| at > now) {
+                    continue;
+                }
+                let own = p.running().map(|r| r.pid);
+                let look = if restart { Look::Full } else { Look::Quick };
+                let holder = match fx.port_use(port, own, look) {
+                    PortUse::Own => {
+                        p.port_check_at = None;
+                        continue;
+                    }
+                    PortUse::Free => {
+                        p.port_check_at = Some(now + PORT_WATCH);
+                        if std::mem::take(&mut p.stranded) {
+                            log::info!(
+                                "{name}: port {port} is free again; the webapp starts there"
+                            );
+                            reroute = true;
+                        }
+                        continue;
+                    }
+                    PortUse::Other(holder) => holder,
+                };
+                p.port_check_at = Some(now + PORT_WATCH);
+                if frozen {
+                    // Nginx cannot be changed during a handover: not started on a port that
+                    // is not its own, and moved after the thaw or by the next keter.
+                    if restart {
+                        p.state = ProcState::Backoff {
+                            until: now + PORT_WATCH,
+                        };
+                        changed = true;
+                    }
+                    log::debug!(
+                        "{name}: port {port} is held by {holder}; moved after the handover"
+                    );
+                    continue;
+                }
+                // A stranded webapp asks the pool again only when its restart is due, not at
+                // every look: a search of the whole range is not free.
+                if p.stranded && !restart {
+                    continue;
+                }
+                let Some(to) = fx.acquire_port() else {
+                    if !std::mem::replace(&mut p.stranded, true) {
+                        log::error!(
+                            "{name}: port {port} of webapp {index} is held by another program ({holder}) and no other port of port-range is free; the webapp is not started and the site is taken out of Nginx until a port is free"
+                        );
+                        reroute = true;
+                    }
+                    if let Some(pid) = own {
+                        p.lost_port(now);
+                        lost.push(pid);
+                    }
+                    continue;
+                };
+                log::warn!(
+                    "{name}: port {port} of webapp {index} is held by another program ({holder}); the webapp moves to port {to}"
+                );
+                fx.release_port(port);
+                p.move_port(to, &config.webapps[index]);
+                p.stranded = false;
+                reroute = true;
+                if let Some(pid) = own {
+                    let delay = p.lost_port(now);
+                    log::warn!(
+                        "{name}: pid {pid} did not get port {port} before that program did; it is stopped and started again on port {to} in {} ms",
+                        delay.as_millis()
+                    );
+                    lost.push(pid);
+                }
+            }
+        }
+        self.reroute_due |= reroute;
+        let changed = changed || reroute || !lost.is_empty();
+        (lost, changed)
     }
 
     /// This app's entry of the status report.

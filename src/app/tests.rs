@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::DeployError;
-use super::machine::{Event, Life, Machine, Stage};
+use super::machine::{Event, Life, Machine, PORT_WATCH, Stage};
 use super::version::{FileStamp, Proc, ProcState, Role, Version};
 use super::{Command, Effects};
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
+use crate::ports::{Holder, Look, PortUse};
 use crate::postgres::PgError;
 use crate::process::{Running, Spec};
 use crate::report::{AppState, DeployResult};
@@ -44,6 +45,23 @@ struct Fake {
     refreshed: Vec<u64>,
     /// Refreshes that fail from now on, counted down.
     failing_refreshes: usize,
+    /// Groups stopped after their leader exited, or because it lost its port.
+    reaped: Vec<i32>,
+    /// The `PORT` each spawn was given.
+    spawned_port: Vec<Option<String>>,
+    /// The webapps' ports of each site rendered again.
+    refreshed_ports: Vec<Vec<(usize, u16)>>,
+    /// Ports someone else holds, and by whom.
+    held: HashMap<u16, Holder>,
+    /// Process groups (by leader) that listen on their own port.
+    listening: Vec<i32>,
+    /// Ports the pool handed out, and took back.
+    acquired: Vec<u16>,
+    released: Vec<u16>,
+    /// The pool has no free port.
+    pool_empty: bool,
+    /// Every look at who uses a port.
+    port_checks: std::cell::RefCell<Vec<(u16, Look)>>,
 }
 
 impl Fake {
@@ -67,6 +85,15 @@ impl Fake {
             stopped: Vec::new(),
             refreshed: Vec::new(),
             failing_refreshes: 0,
+            reaped: Vec::new(),
+            spawned_port: Vec::new(),
+            refreshed_ports: Vec::new(),
+            held: HashMap::new(),
+            listening: Vec::new(),
+            acquired: Vec::new(),
+            released: Vec::new(),
+            pool_empty: false,
+            port_checks: std::cell::RefCell::new(Vec::new()),
         }
     }
 
@@ -112,13 +139,19 @@ impl Effects for Fake {
         self.cancelled.push(version);
         "never listened on port 4000".into()
     }
-    fn spawn(&mut self, version: u64, proc: usize, _: &Spec, _: &str) -> io::Result<Running> {
+    fn spawn(&mut self, version: u64, proc: usize, spec: &Spec, _: &str) -> io::Result<Running> {
         if self.failing_spawns > 0 {
             self.failing_spawns -= 1;
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
         self.pid += 1;
         self.spawned.push((version, proc, self.pid));
+        self.spawned_port.push(
+            spec.env
+                .iter()
+                .find(|(k, _)| k == "PORT")
+                .map(|(_, v)| v.clone()),
+        );
         Ok(Running {
             pid: self.pid,
             started: self.now,
@@ -126,7 +159,30 @@ impl Effects for Fake {
             output: 0,
         })
     }
-    fn reap(&mut self, _: i32) {}
+    fn reap(&mut self, pid: i32) {
+        self.reaped.push(pid);
+    }
+    fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
+        self.port_checks.borrow_mut().push((port, look));
+        match self.held.get(&port) {
+            Some(h) => PortUse::Other(h.clone()),
+            None if own.is_some_and(|pid| self.listening.contains(&pid)) => PortUse::Own,
+            None => PortUse::Free,
+        }
+    }
+    fn acquire_port(&mut self) -> Option<u16> {
+        if self.pool_empty {
+            return None;
+        }
+        // As the real pool: round robin from 5000, skipping a port that someone holds.
+        let after = self.acquired.last().map_or(5000, |p| p + 1);
+        let port = (after..).find(|p| !self.held.contains_key(p)).unwrap();
+        self.acquired.push(port);
+        Some(port)
+    }
+    fn release_port(&mut self, port: u16) {
+        self.released.push(port);
+    }
     fn discard(&mut self, version: Version) {
         self.discarded.push(version.id);
     }
@@ -140,6 +196,7 @@ impl Effects for Fake {
     fn release_hosts(&mut self, _: &[&Hostname]) {}
     fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
         self.refreshed.push(job.version);
+        self.refreshed_ports.push(job.ports.clone());
         if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
             return Err(DeployError::Nginx(NginxError::Unconfirmed("test".into())));
@@ -186,11 +243,15 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         procs.push(Proc::new(Role::Background { index }, spec.clone(), policy));
     }
     for index in 0..config.webapps.len() {
-        let role = Role::Web {
-            index,
-            port: 4000 + id as u16,
-        };
-        procs.push(Proc::new(role, spec.clone(), Policy::WEBAPP));
+        let port = 4000 + id as u16;
+        let role = Role::Web { index, port };
+        let mut spec = spec.clone();
+        spec.env = vec![
+            ("PORT".into(), port.to_string()),
+            ("YESOD_PORT".into(), port.to_string()),
+            ("SECRET".into(), port.to_string()),
+        ];
+        procs.push(Proc::new(role, spec, Policy::WEBAPP));
     }
     Version {
         id,
@@ -260,6 +321,14 @@ fn pid_of(fx: &Fake, id: u64, proc: usize) -> i32 {
         .2
 }
 
+/// When process `i` of the serving version is due to restart.
+fn restart_at(m: &Machine, i: usize) -> Instant {
+    match serving_proc(m, i) {
+        ProcState::Backoff { until } => until,
+        other => panic!("process {i} is not waiting for a restart: {other:?}"),
+    }
+}
+
 fn serving_proc(m: &Machine, i: usize) -> ProcState {
     match &m.life {
         Life::Serving(v) => v.procs[i].state,
@@ -299,7 +368,10 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     );
     let due = fx.now + Duration::from_millis(100);
     assert_eq!(serving_proc(&m, 0), ProcState::Backoff { until: due });
-    assert_eq!(m.next_deadline(fx.now), Some(due));
+    // Its port is free for anyone meanwhile: looked at once, then every PORT_WATCH.
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now));
+    m.tick(&mut fx);
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now + PORT_WATCH));
     fx.advance(Duration::from_millis(100));
     m.tick(&mut fx);
     let restarted = pid_of(&fx, v1, 0);
@@ -362,16 +434,18 @@ fn a_restart_that_cannot_start_the_process_follows_the_restart_policy() {
         },
         &mut fx,
     );
+    // (The webapp's port is looked at meanwhile, every PORT_WATCH: the restart is read from
+    // its state.)
     let mut delays = Vec::new();
     for _ in 0..3 {
-        let at = m.next_deadline(fx.now).unwrap();
+        let at = restart_at(&m, 1);
         delays.push((at - fx.now).as_millis());
         fx.now = at;
         m.tick(&mut fx);
     }
     assert_eq!(delays, [100, 200, 400]);
     fx.failing_spawns = 0;
-    let at = m.next_deadline(fx.now).unwrap();
+    let at = restart_at(&m, 1);
     assert_eq!((at - fx.now).as_millis(), 800);
     fx.now = at;
     m.tick(&mut fx);
@@ -668,6 +742,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let _ = v3;
 }
 
+mod ports;
 mod takeover;
 
 #[test]

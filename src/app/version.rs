@@ -126,6 +126,13 @@ pub(super) struct Proc {
     pub spec: Spec,
     pub state: ProcState,
     pub restarts: Restarts,
+    /// A webapp's port is watched from its exit until its own process group listens there
+    /// again: this is when keter next looks at who listens on it (`supervise.rs`). `None`
+    /// while it is not watched.
+    pub port_check_at: Option<Instant>,
+    /// Its port is held by someone else and no other port was free: it is not started, and
+    /// the version's site is out of Nginx until it has a port again.
+    pub stranded: bool,
 }
 
 impl Proc {
@@ -135,6 +142,48 @@ impl Proc {
             spec,
             state: ProcState::NotStarted,
             restarts: Restarts::new(policy),
+            port_check_at: None,
+            stranded: false,
+        }
+    }
+
+    /// Gives a webapp the port `to` instead of the one it had: in its role (which the record
+    /// keeps) and in the variables that carry the port to it (`PORT`, `YESOD_PORT` and the
+    /// stanza's `port-env-vars`, README "Environment of an app"), so that its next start
+    /// binds `to`. Everything else of its environment stays as it was planned.
+    pub fn move_port(&mut self, to: u16, webapp: &WebApp) {
+        let Role::Web { index, port } = self.role else {
+            return;
+        };
+        self.role = Role::Web { index, port: to };
+        let (old, new) = (port.to_string(), to.to_string());
+        let carries_port = |name: &str| {
+            name == "PORT" || name == "YESOD_PORT" || webapp.port_env_vars.iter().any(|v| v == name)
+        };
+        for (name, value) in &mut self.spec.env {
+            if carries_port(name) && *value == old {
+                value.clone_from(&new);
+            }
+        }
+    }
+
+    /// A restarted webapp found its port held by someone else before it listened there (it
+    /// lost the race to bind it): the caller stops it, and the restart policy starts it again,
+    /// as after an exit. The delay until then.
+    pub fn lost_port(&mut self, now: Instant) -> Duration {
+        let ran = self
+            .running()
+            .map(|r| now.saturating_duration_since(r.started))
+            .unwrap_or_default();
+        match self.restarts.exited(now, ran) {
+            Decision::RestartAt(at) => {
+                self.state = ProcState::Backoff { until: at };
+                at.saturating_duration_since(now)
+            }
+            Decision::GiveUp => {
+                self.state = ProcState::GaveUp;
+                Duration::ZERO
+            }
         }
     }
 
@@ -219,6 +268,23 @@ impl Proc {
                 );
                 ProcState::GaveUp
             }
+        };
+    }
+
+    /// A restart is due but the webapp has no port it may use (`stranded`): the restart
+    /// policy decides when to look for one again, as for a restart that could not start.
+    pub fn restart_postponed(&mut self, app: &AppName, now: Instant) {
+        self.state = match self.restarts.exited(now, Duration::ZERO) {
+            Decision::RestartAt(at) => {
+                log::warn!(
+                    "{app}: restart of webapp on {} postponed: that port is held by another program and no other is free; trying again in {} ms{}",
+                    self.label(),
+                    at.saturating_duration_since(now).as_millis(),
+                    self.looping()
+                );
+                ProcState::Backoff { until: at }
+            }
+            Decision::GiveUp => ProcState::GaveUp,
         };
     }
 

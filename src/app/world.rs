@@ -23,6 +23,7 @@ use crate::applog::AppLog;
 use crate::memory::Burst;
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
+use crate::ports::{Look, PortUse};
 use crate::process::{self, Running, Spec};
 use crate::procfs;
 use crate::report::DeployResult;
@@ -291,6 +292,18 @@ impl Effects for World {
     fn reap(&mut self, pid: i32) {
         process::stop_group(pid, Duration::from_millis(500));
         self.shared.journal.remove(pid);
+    }
+
+    fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
+        crate::ports::port_use(port, own, look)
+    }
+
+    fn acquire_port(&mut self) -> Option<u16> {
+        self.shared.ports.acquire()
+    }
+
+    fn release_port(&mut self, port: u16) {
+        self.shared.ports.release(port);
     }
 
     fn discard(&mut self, version: Version) {

@@ -1,7 +1,8 @@
 //! What keter's Nginx files on disk say, for a controller that starts where an earlier keter
-//! left off: which bundle each app's file serves, the generation written, the apps' bounds.
+//! left off: which bundle each app's file serves and to which ports, the generation written,
+//! the apps' bounds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::Path;
@@ -77,6 +78,37 @@ pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
         .collect()
 }
 
+/// The local ports each app's file in `apps/` sends requests to (its upstreams' `server
+/// 127.0.0.1:PORT;` lines): a keter taking over compares them with the ports the app's record
+/// says, which differ when a webapp moved to another port and the keter before it was killed
+/// before Nginx took the move.
+pub fn live_ports(paths: &Paths) -> BTreeMap<AppName, BTreeSet<u16>> {
+    let Ok(dir) = fs::read_dir(&paths.apps) else {
+        return BTreeMap::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
+            let app = AppName::new(&name).ok()?;
+            let text = fs::read_to_string(e.path()).ok()?;
+            Some((app, upstream_ports(&text)))
+        })
+        .collect()
+}
+
+/// The ports of the `server 127.0.0.1:PORT;` lines of an app's file.
+fn upstream_ports(text: &str) -> BTreeSet<u16> {
+    text.lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("server 127.0.0.1:")?
+                .strip_suffix(';')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +132,11 @@ mod tests {
         assert_eq!(longest_bound([&long, &none].into_iter(), default), None);
         assert_eq!(longest_bound([].into_iter(), None), None);
         assert_eq!(written_generation(&Renderer::generation_conf(42)), Some(42));
+    }
+
+    #[test]
+    fn the_ports_an_app_file_routes_to() {
+        let text = "upstream keter-a-0 {\n    server 127.0.0.1:4001;\n    keepalive 32;\n}\nupstream keter-a-1 {\n    server 127.0.0.1:4007;\n}\nserver {\n    server_name a.example.com;\n}\n";
+        assert_eq!(upstream_ports(text), BTreeSet::from([4001, 4007]));
     }
 }
