@@ -193,7 +193,7 @@ pub fn port_use(port: u16, own: Option<i32>, look: Look) -> PortUse {
 impl Holder {
     /// The holder of the socket with this inode, made by `uid`.
     fn of(uid: u32, inode: u64) -> Holder {
-        let pid = procfs::socket_holder(inode);
+        let pid = procfs::socket_holders(inode).first().copied();
         Holder {
             uid: Some(uid),
             user: nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
@@ -201,9 +201,7 @@ impl Holder {
                 .flatten()
                 .map(|u| u.name),
             pid,
-            command: pid
-                .and_then(procfs::command_line)
-                .map(|c| c.chars().take(COMMAND_SHOWN).collect()),
+            command: pid.and_then(|p| procfs::command_of(p, COMMAND_SHOWN)),
         }
     }
 }

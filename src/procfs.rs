@@ -172,32 +172,6 @@ fn holds_socket(pid: i32, inodes: &[u64]) -> bool {
         .unwrap_or(false)
 }
 
-/// A live process that has a descriptor of the socket with this inode (the lowest pid, when
-/// several share it). Reads the descriptors of every process: for the rare moment a port is
-/// found held by someone else, not for polling.
-pub fn socket_holder(inode: u64) -> Option<i32> {
-    let mut pids: Vec<i32> = fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    pids.into_iter()
-        .find(|pid| is_alive(*pid) && holds_socket(*pid, &[inode]))
-}
-
-/// The command line of a process, its arguments joined by spaces (`None` when it has none: a
-/// kernel thread, or a process gone).
-pub fn command_line(pid: i32) -> Option<String> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    (!args.is_empty()).then(|| args.join(" "))
-}
-
 /// The live processes holding the socket with sockfs inode `inode` (as `sock_diag` and
 /// `/proc/net/unix` number sockets), found through their descriptors in `/proc/PID/fd`; only
 /// processes keter may look into (all of them, as root) are seen.
