@@ -228,6 +228,10 @@ fn adopt_app(
     machine.refresh_due = machine
         .serving()
         .is_some_and(|v| !v.config.acme_sets().is_empty());
+    // Any other site is rendered again too, as this keter writes it: the earlier keter may
+    // have written it otherwise (one that did not protect static roots as well, say). Nginx
+    // is reloaded only if the file comes out different, its generation aside.
+    machine.rewrite_due = machine.serving().is_some() && !machine.replace;
     // A webapp that moved to another port just before the earlier keter ended, Nginx not told
     // yet (or told, and the record not written yet): the site is rendered again at once, so
     // that Nginx routes to no port the app does not hold (README "Supervision").
@@ -264,7 +268,10 @@ fn version(
     now: Instant,
 ) -> Option<Version> {
     let config = match parse_config(name, &v.config) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            place_static_roots(&mut c, &v.dir);
+            c
+        }
         Err(e) => {
             log::error!(
                 "{name}: deploy {} cannot be taken over: its configuration does not read any more: {e}",
@@ -375,6 +382,21 @@ fn take_over(
 }
 
 /// A recorded `keter.yaml` read again, as the deploy read it.
+/// Makes the recorded configuration's static roots absolute, as `bundle::check_config` did at
+/// the deploy, but by their text alone: the folder is the app's now, and keter does not
+/// resolve paths as root in it. A root inside the bundle is checked for symlinks from the
+/// version's folder on (`disable_symlinks ... from=`), as at the deploy; a root outside it (in
+/// `allowed-static-roots`) on every component, which is stricter and asks nothing of the
+/// folder's paths.
+fn place_static_roots(config: &mut crate::bundle::BundleConfig, dir: &std::path::Path) {
+    for st in &mut config.statics {
+        if st.root.is_relative() {
+            st.root = crate::config::normalize(&dir.join("config").join(&st.root));
+        }
+        st.base = st.root.starts_with(dir).then(|| dir.to_path_buf());
+    }
+}
+
 fn parse_config(name: &AppName, text: &str) -> Result<crate::bundle::BundleConfig, String> {
     let tree = crate::yaml::parse(text)?;
     let mut problems =

@@ -381,11 +381,15 @@ pub(super) fn refresh(
     name: &AppName,
     job: &SwitchJob,
     tx: &Sender<Event>,
+    unless_same: bool,
 ) -> Result<u64, DeployError> {
     let site = site_for(ctx, name, job, tx)?;
-    ctx.nginx
-        .apply(name, Some(site))
-        .map_err(DeployError::Nginx)
+    if unless_same {
+        ctx.nginx.rewrite(name, site)
+    } else {
+        ctx.nginx.apply(name, Some(site))
+    }
+    .map_err(DeployError::Nginx)
 }
 
 /// The plugins' variables for this bundle (none unless it asks for postgres). Runs on a

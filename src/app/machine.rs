@@ -192,6 +192,10 @@ pub(super) struct Machine {
     /// serving version over): the serving version's site is rendered again and reloaded as
     /// soon as the worker is `Serving` and not frozen (`supervise.rs`, `tick`).
     pub refresh_due: bool,
+    /// A keter that took the serving version over renders its site again, as this keter
+    /// writes it, once `Serving` and not frozen; Nginx reloads only if the file comes out
+    /// otherwise than the one the earlier keter wrote (`adopt.rs`).
+    pub rewrite_due: bool,
     /// A refresh that failed (Nginx did not take it) is tried again at this moment.
     pub refresh_retry_at: Option<Instant>,
     /// A webapp of the serving version (or of a candidate being switched) moved to another
@@ -224,6 +228,7 @@ impl Machine {
             frozen: false,
             held: None,
             refresh_due: false,
+            rewrite_due: false,
             refresh_retry_at: None,
             reroute_due: false,
         }
@@ -264,7 +269,7 @@ impl Machine {
             return false;
         }
         match &self.life {
-            Life::Serving(_) => self.refresh_due || self.reroute_due,
+            Life::Serving(_) => self.refresh_due || self.reroute_due || self.rewrite_due,
             Life::Deploying {
                 serving: Some(_),
                 deploy,
@@ -565,17 +570,19 @@ impl Machine {
         // during a deploy leaves it pending.
         let certificate = self.refresh_due && matches!(self.life, Life::Serving(_));
         let reroute = self.reroute_due;
+        let rewrite_only = !certificate && !reroute;
         let stranded = v.procs.iter().any(|p| p.stranded);
         let ports = web_ports(v);
         let result = if stranded {
             fx.remove_site().map_err(DeployError::Nginx)
         } else {
-            fx.refresh_site(switch_job(v, fx.now()))
+            fx.refresh_site(switch_job(v, fx.now()), rewrite_only)
         };
         match result {
             Ok(g) => {
                 self.reroute_due = false;
                 self.refresh_due &= !certificate;
+                self.rewrite_due &= !matches!(self.life, Life::Serving(_));
                 self.refresh_retry_at = None;
                 if stranded {
                     log::error!(
@@ -586,6 +593,11 @@ impl Machine {
                     let ports: Vec<u16> = ports.iter().map(|(_, p)| *p).collect();
                     log::info!(
                         "{}: Nginx routes to ports {ports:?} from generation {g}",
+                        self.name
+                    );
+                } else if rewrite_only {
+                    log::info!(
+                        "{}: site rendered again by this keter: Nginx runs it at generation {g}",
                         self.name
                     );
                 } else {
@@ -720,7 +732,7 @@ impl Machine {
             result,
             finished: rfc3339(SystemTime::now()),
             duration_ms: took.as_millis() as u64,
-            error: error.map(|e| e.to_string()),
+            error: error.map(|e| crate::applog::printable(&e.to_string()).into_owned()),
             error_kind: error.map(|e| e.kind()),
             retry_at: None,
         };
@@ -763,7 +775,7 @@ impl Machine {
                 );
                 fx.note(&format!("keter: deploy failed: {e}"));
                 report.retry_at = retry_at.map(|at| rfc3339(SystemTime::now() + (at - now)));
-                self.last_error = Some(e.to_string());
+                self.last_error = Some(crate::applog::printable(&e.to_string()).into_owned());
                 self.failed = Some(Failure {
                     path: deploy.path.clone(),
                     stamp: deploy.stamp,

@@ -94,8 +94,16 @@ impl Shared {
         isolation: Arc<Isolation>,
         acme: Option<Arc<crate::acme::Acme>>,
     ) -> Shared {
+        let ports = PortPool::new(config.port_range.clone());
+        // keter's own status port is never an app's, even while the interface is not bound
+        // yet (it is tried again every 10 s): Nginx would route an app's users to it.
+        if let Some(crate::status::StatusAddress::Tcp(a)) = &config.status
+            && config.port_range.contains(&a.port())
+        {
+            ports.claim(a.port());
+        }
         Shared {
-            ports: PortPool::new(config.port_range.clone()),
+            ports,
             postgres: config
                 .postgres
                 .clone()
@@ -155,8 +163,10 @@ trait Effects {
     fn drained(&self, version: &Version, age: Duration) -> bool;
     /// Gives back the app's hosts that are not in `used`.
     fn release_hosts(&mut self, used: &[&Hostname]);
-    /// Renders the site of a serving version again and has Nginx take it (a new certificate).
-    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError>;
+    /// Renders the site of a serving version again and has Nginx take it (a new certificate, a
+    /// moved port); with `unless_same`, only if the file comes out otherwise than the live one
+    /// (a keter that took the app over).
+    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError>;
     /// No longer wants the certificates of host sets that are not in `used`.
     fn release_certificates(&mut self, used: &[crate::acme::HostSet]);
     /// A crash restart started a process again.

@@ -43,6 +43,8 @@ struct Fake {
     stopped: Vec<u64>,
     /// Versions whose site was rendered again (a new certificate).
     refreshed: Vec<u64>,
+    /// Of those, the ones rendered only to be taken if they differ (`rewrite_due`).
+    rewritten: usize,
     /// Refreshes that fail from now on, counted down.
     failing_refreshes: usize,
     /// Groups stopped after their leader exited, or because it lost its port.
@@ -84,6 +86,7 @@ impl Fake {
             finished: Vec::new(),
             stopped: Vec::new(),
             refreshed: Vec::new(),
+            rewritten: 0,
             failing_refreshes: 0,
             reaped: Vec::new(),
             spawned_port: Vec::new(),
@@ -194,8 +197,9 @@ impl Effects for Fake {
         self.drained
     }
     fn release_hosts(&mut self, _: &[&Hostname]) {}
-    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
+    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
         self.refreshed.push(job.version);
+        self.rewritten += usize::from(unless_same);
         self.refreshed_ports.push(job.ports.clone());
         if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
@@ -818,4 +822,33 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id, next, next, next, next]);
     assert!(!m.refresh_due);
+}
+
+#[test]
+fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_differs() {
+    let mut fx = Fake::new();
+    let mut m = machine();
+    let id = serve(&mut m, &mut fx, 1, WEB);
+    // As `adopt.rs` leaves a machine that took a serving version over.
+    m.rewrite_due = true;
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now), "due at once");
+    m.tick(&mut fx);
+    assert_eq!(
+        (fx.refreshed.as_slice(), fx.rewritten),
+        ([id].as_slice(), 1)
+    );
+    assert!(!m.rewrite_due);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed.len(), 1, "once");
+    // A certificate's refresh is always taken, and does the rewrite's work too.
+    m.rewrite_due = true;
+    m.handle(
+        Event::Certificate {
+            hosts: "app.example.com".into(),
+        },
+        &mut fx,
+    );
+    m.tick(&mut fx);
+    assert_eq!((fx.refreshed.len(), fx.rewritten), (2, 1));
+    assert!(!m.rewrite_due && !m.refresh_due);
 }

@@ -334,9 +334,9 @@ impl Effects for World {
         hosts.retain(|h, owner| owner != &self.name || used.contains(&h));
     }
 
-    fn refresh_site(&mut self, job: SwitchJob) -> Result<u64, DeployError> {
+    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
         self.certificates.extend(job.config.acme_sets());
-        deploy::refresh(&self.shared, &self.name, &job, &self.tx)
+        deploy::refresh(&self.shared, &self.name, &job, &self.tx, unless_same)
     }
 
     fn release_certificates(&mut self, used: &[HostSet]) {

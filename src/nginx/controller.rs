@@ -101,11 +101,7 @@ pub struct NginxHandle {
 }
 
 enum Msg {
-    Apply {
-        app: AppName,
-        site: Option<Site>,
-        reply: Sender<Result<u64, NginxError>>,
-    },
+    Apply(Change),
     Exited {
         pid: i32,
         status: Option<ExitStatus>,
@@ -206,12 +202,29 @@ impl NginxHandle {
     /// Makes `site` the live configuration of `app` (or removes the app's file with `None`).
     /// Blocks until Nginx runs it and returns the generation that confirmed it.
     pub fn apply(&self, app: &AppName, site: Option<Site>) -> Result<u64, NginxError> {
+        self.send(app, site, false)
+    }
+
+    /// [`NginxHandle::apply`], except that a site whose file would come out as the live one
+    /// (its generation aside) changes nothing and reloads nothing: for a keter that took an
+    /// app over and renders its site again, in case the earlier keter wrote it otherwise.
+    pub fn rewrite(&self, app: &AppName, site: Site) -> Result<u64, NginxError> {
+        self.send(app, Some(site), true)
+    }
+
+    fn send(
+        &self,
+        app: &AppName,
+        site: Option<Site>,
+        unless_same: bool,
+    ) -> Result<u64, NginxError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        let msg = Msg::Apply {
+        let msg = Msg::Apply(Change {
             app: app.clone(),
             site,
             reply,
-        };
+            unless_same,
+        });
         if self.tx.send(msg).is_err() {
             return Err(NginxError::Unconfirmed(
                 "the nginx controller has stopped".into(),
@@ -256,6 +269,8 @@ struct Change {
     app: AppName,
     site: Option<Site>,
     reply: Sender<Result<u64, NginxError>>,
+    /// Nothing to do if the file comes out as the live one (`NginxHandle::rewrite`).
+    unless_same: bool,
 }
 
 impl Controller {
@@ -391,16 +406,14 @@ impl Controller {
                 },
             };
             match msg {
-                Msg::Apply { app, site, reply } => {
-                    let mut batch = vec![Change { app, site, reply }];
+                Msg::Apply(change) => {
+                    let mut batch = vec![change];
                     let mut shutdown = false;
                     // Everything already waiting shares this reload.
                     let mut freeze = None;
                     while let Ok(m) = rx.try_recv() {
                         match m {
-                            Msg::Apply { app, site, reply } => {
-                                batch.push(Change { app, site, reply })
-                            }
+                            Msg::Apply(change) => batch.push(change),
                             Msg::Exited { pid, status } => self.exited(pid, status),
                             Msg::Freeze(reply) => freeze = Some(reply),
                             Msg::Thaw => {}
@@ -436,9 +449,7 @@ impl Controller {
         }
         for m in later {
             match m {
-                Msg::Apply { app, site, reply } => {
-                    self.apply_batch(vec![Change { app, site, reply }])
-                }
+                Msg::Apply(change) => self.apply_batch(vec![change]),
                 Msg::Exited { pid, status } => self.exited(pid, status),
                 Msg::Freeze(reply) => self.frozen(reply, rx),
                 Msg::Thaw | Msg::Shutdown => {}
@@ -455,6 +466,17 @@ impl Controller {
         for change in batch {
             match &change.site {
                 Some(site) => match self.renderer.app_conf(site, generation) {
+                    // A site a keter that took over rendered again as it is live: nothing to
+                    // reload. (Not for any other change: a certificate renewed into the same
+                    // file gives the same text, and Nginx must load it.)
+                    Ok(text)
+                        if change.unless_same
+                            && before
+                                .get(&change.app)
+                                .is_some_and(|live| same_but_generation(live, &text)) =>
+                    {
+                        let _ = change.reply.send(Ok(self.generation));
+                    }
                     Ok(text) => {
                         wanted.insert(change.app.clone(), text);
                         ready.push(change);
@@ -840,4 +862,13 @@ fn write_certificate_bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result
 /// Writes one of keter's Nginx files so that Nginx never reads half of it.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     atomic_file::replace(path, text.as_bytes(), 0o644)
+}
+
+/// Whether two app files say the same but for their header's `# deploy N of this app, Nginx
+/// configuration generation G` line.
+fn same_but_generation(a: &str, b: &str) -> bool {
+    fn body(t: &str) -> impl Iterator<Item = &str> {
+        t.lines().filter(|l| !l.starts_with("# deploy "))
+    }
+    body(a).eq(body(b))
 }

@@ -521,13 +521,72 @@ fn an_app_file_of_the_earlier_naming_loads_beside_new_ones() {
     ] {
         assert_eq!(k.get(host, "/").unwrap().body.trim(), version, "{host}");
     }
-    // The earlier files were loaded with the new ones by the last reload, and still serve.
+    // The keter that took them over wrote them again as it writes files now.
     for (path, text) in written {
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            text,
-            "{} was rewritten",
-            path.display()
-        );
+        let now = fs::read_to_string(&path).unwrap();
+        assert_ne!(now, text, "{} was not written again", path.display());
+        assert!(!now.contains("upstream keter-"), "{now}");
     }
+}
+
+/// The Nginx generation keter's controller last wrote.
+fn generation(k: &Keter) -> String {
+    fs::read_to_string(k.root.join("nginx/generation.conf")).unwrap()
+}
+
+#[test]
+fn a_keter_that_takes_over_writes_the_files_of_an_earlier_keter_again() {
+    let mut k = Keter::start("files-upgrade");
+    let yaml = "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, v1]\n    host: app.example.com\n  - type: static-files\n    root: ../static\n    hosts: [files.example.com]\n";
+    let bundle = k.dir.0.join("app.keter");
+    BundleBuilder::hello(yaml)
+        .file("static/index.html", b"index\n".to_vec(), 0o644)
+        .write(&bundle);
+    k.deploy("app", &bundle);
+    k.wait_for("app.example.com", "v1", WAIT);
+    let conf = k.root.join("nginx/apps/app.conf");
+    let written = fs::read_to_string(&conf).unwrap();
+    assert!(
+        written.contains("disable_symlinks if_not_owner"),
+        "{written}"
+    );
+
+    // Taken over as it is: rendered again, the same file, and Nginx is not reloaded.
+    let before = generation(&k);
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    k.launch();
+    k.wait_log("app: site rendered again by this keter", WAIT);
+    assert_eq!(generation(&k), before, "{}", k.log());
+    assert_eq!(fs::read_to_string(&conf).unwrap(), written);
+
+    // Taken over from a keter that wrote no symlink check (as keter did before it had one):
+    // the file is written again with it, and a link the app plants then leads nowhere.
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    let earlier: String = written
+        .lines()
+        .filter(|l| !l.contains("disable_symlinks"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&conf, &earlier).unwrap();
+    k.launch();
+    let start = Instant::now();
+    while !fs::read_to_string(&conf)
+        .unwrap()
+        .contains("disable_symlinks if_not_owner")
+    {
+        assert!(start.elapsed() < WAIT, "never written again:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_ne!(generation(&k), before);
+    plant(
+        &k,
+        "app.example.com",
+        Path::new("/etc/passwd"),
+        "static/passwd",
+    );
+    wait_status(&k, "files.example.com", "/passwd", 404);
+    assert_eq!(
+        get_with(&k, "files.example.com", "/index.html", &[]).1,
+        "index\n"
+    );
 }
