@@ -139,7 +139,12 @@ pub(super) fn prepare(
         .find_map(|p| fs::read_to_string(p).ok())
         .unwrap_or_default();
     // Read now, while only keter can reach the folder: Nginx serves these copies.
-    copy_certificates(&bundle_config, &certs_dir, check.reader.as_ref())
+    let real_dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    let reader = check.reader.as_ref().map(|ids| bundle::certs::Deployer {
+        ids,
+        bundle: &real_dir,
+    });
+    copy_certificates(&bundle_config, &certs_dir, reader)
         .map_err(|e| cleanup(DeployError::Site(e)))?;
     // Resolved now, as the checks resolved them: once the folder is the app's, a path in it
     // means whatever the app makes it mean.

@@ -33,17 +33,26 @@ pub struct CertBytes {
 /// Larger files are refused: a certificate chain is a few KiB.
 const MAX_FILE: u64 = 1 << 20;
 
-/// Whose rights host files (absolute paths) are read with: `None` is keter's own.
-pub type Reader<'a> = Option<&'a crate::isolation::access::Ids>;
+/// Whose rights files on the host are read with: `None` is keter's own.
+pub type Reader<'a> = Option<Deployer<'a>>;
 
-/// Runs `work` on a host path with `reader`'s rights.
+/// A deployer's identity, for the files outside its bundle's folder.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployer<'a> {
+    pub ids: &'a crate::isolation::access::Ids,
+    /// The unpacked bundle, symlinks resolved: its own files (made absolute by
+    /// `bundle::check_config`) are read by keter, while the folder is still keter's alone.
+    pub bundle: &'a Path,
+}
+
+/// Runs `work` on `path` with `reader`'s rights if it is a file on the host.
 fn on_host<T: Send>(
     path: &Path,
     reader: Reader,
     work: impl FnOnce() -> Result<T, String> + Send,
 ) -> Result<T, String> {
     match reader {
-        Some(ids) if path.is_absolute() => crate::isolation::access::as_user(ids, work)
+        Some(Deployer { ids, bundle }) if !path.starts_with(bundle) => crate::isolation::access::as_user(ids, work)
             .map_err(|e| format!("{}: cannot read it as {ids}: {e}", path.display()))?
             .map_err(|e| format!("{e}; keter reads files on the host as the bundle's deployer ({ids}), the owner of the bundle file")),
         _ => work(),

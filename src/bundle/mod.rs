@@ -295,8 +295,13 @@ fn resolve_certificate(
         );
         return;
     }
+    let real_dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let reader = ctx.reader.as_ref().map(|ids| certs::Deployer {
+        ids,
+        bundle: &real_dir,
+    });
     let mut resolve = |p: &PathBuf, which: &str| {
-        certs::resolve(dir, p, ctx.reader.as_ref())
+        certs::resolve(dir, p, reader)
             .map_err(|e| problems.error(format!("{key}.{which}"), e))
             .ok()
     };
@@ -316,7 +321,7 @@ fn resolve_certificate(
         certificate: rc,
         chain: rchain,
     };
-    match certs::read(&paths, ctx.reader.as_ref()) {
+    match certs::read(&paths, reader) {
         Ok(_) => {
             *k = paths.key;
             *certificate = paths.certificate;

@@ -411,6 +411,18 @@ fn a_deployer_cannot_have_keter_serve_a_key_it_cannot_read() {
     fs::remove_file(k.incoming().join("keyed.keter")).unwrap();
     k.deploy("keyed", &bundle);
     k.wait_for("keyed.example.com", "keyed", WAIT);
+    // A deployer's bundle that brings its own certificate is read by keter as it unpacks it.
+    let (cert, key) = crate::stanzas::self_signed(&k.dir.0.join("own"), "own.example.com");
+    let own = k.dir.0.join("own.deployer");
+    BundleBuilder::hello(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, own]\n    host: own.example.com\n    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\n",
+    )
+    .file("tls/key.pem", fs::read(key).unwrap(), 0o600)
+    .file("tls/cert.pem", fs::read(cert).unwrap(), 0o644)
+    .write(&own);
+    give(&own, who);
+    fs::rename(&own, k.incoming().join("own.keter")).unwrap();
+    k.wait_for("own.example.com", "own", WAIT);
 }
 
 /// Incompressible bytes, so that a bundle takes a while to unpack.
