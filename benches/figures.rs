@@ -57,19 +57,6 @@ fn median(v: &mut [Duration]) -> Duration {
     v[v.len() / 2]
 }
 
-/// Incompressible bytes (xorshift), so that a bundle's compressed size is what we ask for.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A bundle of about `size` bytes whose app is a two-line script starting the example app
 /// (so the app's own start time is the same for every size).
 fn sized_bundle(path: &Path, version: &str, host: &str, size: usize) {

@@ -425,19 +425,6 @@ fn a_deployer_cannot_have_keter_serve_a_key_it_cannot_read() {
     k.wait_for("own.example.com", "own", WAIT);
 }
 
-/// Incompressible bytes, so that a bundle takes a while to unpack.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_neighbour_reads_nothing_of_a_bundle_while_keter_unpacks_it() {
     let k = Keter::start_with(
@@ -462,7 +449,7 @@ fn a_neighbour_reads_nothing_of_a_bundle_while_keter_unpacks_it() {
     let victim = k.dir.0.join("victim.keter");
     BundleBuilder::new()
         .file("secret.txt", b"the victim's secret\n".to_vec(), 0o644)
-        .file("blob", noise(64 << 20), 0o644)
+        .file("blob", noise(64 << 20, 1), 0o644)
         .file("dist/hello", fs::read(hello_binary()).unwrap(), 0o755)
         .file(
             "config/keter.yaml",

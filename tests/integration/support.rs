@@ -107,6 +107,20 @@ impl BundleBuilder {
     }
 }
 
+/// Incompressible bytes (xorshift): a bundle of them is as large compressed as `len`, and
+/// takes its time to unpack.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// The flat-format `keter.yaml` of the example app answering `version` on `host`.
 pub fn hello_yaml(version: &str, host: &str, extra_args: &[&str]) -> String {
     let mut args = vec!["--version-string".to_string(), version.to_string()];
