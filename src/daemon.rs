@@ -107,8 +107,15 @@ pub fn run(
     // apps that still run go on serving (README, "A keter that dies and comes back").
     let journal = Journal::new(&config.root.join("etc"));
     let nginx_paths = crate::nginx::Paths::new(&config.root);
-    let live = crate::nginx::live_sites(&nginx_paths);
-    let routes = crate::nginx::live_ports(&nginx_paths);
+    let files = crate::nginx::live_files(&nginx_paths);
+    let live: BTreeMap<_, _> = files
+        .iter()
+        .filter_map(|(app, text)| Some((app.clone(), crate::nginx::live_sha256(text)?)))
+        .collect();
+    let routes: BTreeMap<_, _> = files
+        .iter()
+        .map(|(app, text)| (app.clone(), crate::nginx::upstream_ports(text)))
+        .collect();
     let upgrade = takeover.is_some();
     let since = takeover.as_ref().and_then(|t| t.since);
     let mut inherited = takeover.map(|t| t.pipes).unwrap_or_default();

@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 mod disk;
 mod master;
 
-pub use disk::{live_ports, live_sites};
+pub use disk::{live_files, live_sha256, upstream_ports};
 use disk::{longest_bound, write_if_changed, written_generation};
 use master::Master;
 

@@ -23,7 +23,9 @@ use crate::names::{AppName, UrlPath};
 use objects::{Object, object_name};
 use site::{Front, ServerView};
 
-pub use controller::{Nginx, NginxCounters, NginxError, NginxHandle, live_ports, live_sites};
+pub use controller::{
+    Nginx, NginxCounters, NginxError, NginxHandle, live_files, live_sha256, upstream_ports,
+};
 pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");

@@ -56,9 +56,9 @@ pub(super) fn written_generation(text: &str) -> Option<u64> {
         .ok()
 }
 
-/// The sha256 of the bundle that each app's file in `apps/` serves, from its header: what
-/// Nginx routes to, for a keter taking over from an earlier one.
-pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
+/// The text of each app's file in `apps/`, read once for a keter taking over from an earlier
+/// one: what Nginx routes to ([`live_sha256`], [`upstream_ports`]).
+pub fn live_files(paths: &Paths) -> BTreeMap<AppName, String> {
     let Ok(dir) = fs::read_dir(&paths.apps) else {
         return BTreeMap::new();
     };
@@ -66,38 +66,23 @@ pub fn live_sites(paths: &Paths) -> BTreeMap<AppName, String> {
         .filter_map(|e| {
             let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
             let app = AppName::new(&name).ok()?;
-            let text = fs::read_to_string(e.path()).ok()?;
-            let sha = text
-                .lines()
-                .take(5)
-                .find_map(|l| l.strip_prefix("# sha256 "))?
-                .trim()
-                .to_string();
-            Some((app, sha))
+            Some((app, fs::read_to_string(e.path()).ok()?))
         })
         .collect()
 }
 
-/// The local ports each app's file in `apps/` sends requests to (its upstreams' `server
-/// 127.0.0.1:PORT;` lines): a keter taking over compares them with the ports the app's record
-/// says, which differ when a webapp moved to another port and the keter before it was killed
-/// before Nginx took the move.
-pub fn live_ports(paths: &Paths) -> BTreeMap<AppName, BTreeSet<u16>> {
-    let Ok(dir) = fs::read_dir(&paths.apps) else {
-        return BTreeMap::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.strip_suffix(".conf")?.to_string();
-            let app = AppName::new(&name).ok()?;
-            let text = fs::read_to_string(e.path()).ok()?;
-            Some((app, upstream_ports(&text)))
-        })
-        .collect()
+/// The sha256 of the bundle an app's file serves, from its header.
+pub fn live_sha256(text: &str) -> Option<String> {
+    text.lines()
+        .take(5)
+        .find_map(|l| l.strip_prefix("# sha256 "))
+        .map(|s| s.trim().to_string())
 }
 
-/// The ports of the `server 127.0.0.1:PORT;` lines of an app's file.
-fn upstream_ports(text: &str) -> BTreeSet<u16> {
+/// The local ports an app's file sends requests to: a keter taking over compares them with the
+/// ports the app's record says, which differ when a webapp moved to another port and the keter
+/// before it was killed before Nginx took the move.
+pub fn upstream_ports(text: &str) -> BTreeSet<u16> {
     text.lines()
         .filter_map(|l| {
             l.trim()
