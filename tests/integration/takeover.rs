@@ -678,3 +678,57 @@ fn a_second_keter_on_the_same_root_refuses_to_start_until_the_first_is_gone() {
     assert_eq!(k.pid_of("a.example.com"), app);
     assert_second_keter_refused(&k, k.pid());
 }
+
+/// A version whose certificate an earlier keter copied as `etc/certs/NAME-N/certificate.pem`
+/// and `key.pem` (one pair per version, before keter kept one pair per stanza) is taken over,
+/// and its site rendered again with that pair.
+#[test]
+fn a_version_with_certificate_copies_of_the_earlier_layout_is_taken_over() {
+    let tls_port = free_port();
+    let mut k = Keter::start_with(
+        "certs-layout",
+        Opts {
+            listeners: Some(format!(
+                "[{{host: 127.0.0.1, port: {{port}}}}, {{host: 127.0.0.1, port: {tls_port}, tls: true}}]"
+            )),
+            ..Opts::default()
+        },
+    );
+    let (cert, key) = crate::stanzas::self_signed(&k.dir.0.join("tls"), "tls.example.com");
+    let bundle = k.dir.0.join("tls.keter");
+    BundleBuilder::hello(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, v1]\n    host: tls.example.com\n    ssl: {key: ../tls/key.pem, certificate: ../tls/cert.pem}\n",
+    )
+    .file("tls/key.pem", fs::read(key).unwrap(), 0o600)
+    .file("tls/cert.pem", fs::read(cert).unwrap(), 0o644)
+    .write(&bundle);
+    k.deploy("tls", &bundle);
+    k.wait_for("tls.example.com", "v1", WAIT);
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    // The copies as the earlier keter named them.
+    let certs = fs::read_dir(k.root.join("etc/certs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for entry in fs::read_dir(&certs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let earlier = if name.ends_with("-key.pem") {
+            "key.pem"
+        } else {
+            "certificate.pem"
+        };
+        fs::rename(&path, certs.join(earlier)).unwrap();
+    }
+    k.launch();
+    k.wait_log("tls: site rendered again by this keter", WAIT);
+    assert!(!k.log().contains("rendering the site again"), "{}", k.log());
+    let conf = fs::read_to_string(k.root.join("nginx/apps/tls.conf")).unwrap();
+    assert!(
+        conf.contains(&format!("{}", certs.join("certificate.pem").display())),
+        "{conf}"
+    );
+    k.wait_for("tls.example.com", "v1", WAIT);
+}
