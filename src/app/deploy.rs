@@ -90,8 +90,7 @@ pub(super) fn prepare(
     let path = &job.path;
     // Opened once, not through a symlink and never blocking on a FIFO: a deployer may swap
     // the name for a link to a bundle it cannot read, or for a FIFO, at any moment.
-    let (file, st) =
-        bundle::unpack::open_bundle(path).map_err(|e| DeployError::Bundle(e.to_string()))?;
+    let (file, st) = bundle::unpack::open_bundle(path).map_err(DeployError::Bundle)?;
     let stamp = FileStamp::of_stat(&st);
     let config = &ctx.config;
     let dir = version_dir(ctx, name, job.id);

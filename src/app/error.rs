@@ -21,8 +21,9 @@ use crate::problem::Invalid;
 /// of the new one is left (processes, ports, folder).
 #[derive(Debug)]
 pub enum DeployError {
-    /// The file in `incoming/` cannot be used as it is (gone, a symlink, not a regular file).
-    Bundle(String),
+    /// The file in `incoming/` cannot be used as it is (gone, a symlink, not a regular file):
+    /// an [`UnpackError::NotABundleFile`].
+    Bundle(UnpackError),
     /// The archive is not a complete bundle, was refused, or could not be written out.
     Unpack(UnpackError),
     /// `config/keter.yaml` is invalid.
@@ -72,11 +73,12 @@ pub enum NotReady {
 
 impl DeployError {
     /// Every value of [`DeployError::kind`].
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "bundle",
         "unpack",
         "config",
         "host-taken",
+        "isolation",
         "postgres",
         "ports",
         "spawn",
@@ -102,12 +104,14 @@ impl DeployError {
     }
 
     /// True for a failure that can pass without a new bundle: a database or Nginx that is
-    /// unreachable, a full disk, no free port, a version that did not answer in time (it may
-    /// next time, once what it waits for is back). A bad configuration, a hostile archive or a
-    /// program that exits before it answers waits for a new bundle.
+    /// unreachable, no free port, a version that did not answer in time (it may next time,
+    /// once what it waits for is back), and an I/O error that [`io_passes`] says may pass (a
+    /// full disk, too many open files). A bad configuration, a hostile archive, a bundle that
+    /// is gone or that keter may not read, or a program that exits before it answers waits
+    /// for a new bundle.
     pub fn transient(&self) -> bool {
         match self {
-            DeployError::Unpack(UnpackError::Io(_)) => true,
+            DeployError::Bundle(e) | DeployError::Unpack(e) => e.io_error().is_some_and(io_passes),
             DeployError::Postgres(e) => match e {
                 // A listener keter does not trust may be gone at the next try (the server
                 // back on its port); an operator's fix of the server is picked up too.
@@ -119,15 +123,10 @@ impl DeployError {
                 PgError::Store(StoreError::Invalid { .. }) | PgError::Conflict(_) => false,
             },
             DeployError::NoFreePort(_) => true,
-            DeployError::Spawn { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::EAGAIN | libc::ENOMEM | libc::ENFILE | libc::EMFILE)
-            ),
+            DeployError::Spawn { source, .. } => io_passes(source),
             DeployError::NotReady(NotReady::Timeout { .. }) => true,
             DeployError::Nginx(e) => !matches!(e, NginxError::Rejected(_)),
-            DeployError::Bundle(_)
-            | DeployError::Unpack(_)
-            | DeployError::Config(_)
+            DeployError::Config(_)
             | DeployError::Stanza { .. }
             | DeployError::Site(_)
             | DeployError::HostTaken { .. }
@@ -138,13 +137,38 @@ impl DeployError {
     }
 }
 
+/// Whether an I/O error may pass by itself, so that the same operation can succeed later:
+///
+/// * a lack of some resource of the machine: a full disk or quota (`ENOSPC`, `EDQUOT`), no
+///   memory (`ENOMEM`), too many open files or processes (`EMFILE`, `ENFILE`, `EAGAIN`), a
+///   busy file (`EBUSY`, `ETXTBSY`);
+/// * an interrupted or timed-out call (`EINTR`, `ETIMEDOUT`).
+///
+/// Everything else does not: a file that is gone (`ENOENT`) or that keter may not read
+/// (`EACCES`, `EPERM`), a path through a file (`ENOTDIR`), a read-only file system, a
+/// hardware error (`EIO`): trying the same bundle again would fail the same way until someone
+/// acts, and that someone brings a new bundle or restarts keter.
+pub fn io_passes(e: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::StorageFull
+        | K::QuotaExceeded
+        | K::OutOfMemory
+        | K::WouldBlock
+        | K::ResourceBusy
+        | K::ExecutableFileBusy
+        | K::Interrupted
+        | K::TimedOut => true,
+        // The standard library has no kind of its own for these two.
+        _ => matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)),
+    }
+}
+
 impl fmt::Display for DeployError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeployError::Bundle(m) | DeployError::Site(m) | DeployError::Isolation(m) => {
-                f.write_str(m)
-            }
-            DeployError::Unpack(e) => write!(f, "{e}"),
+            DeployError::Site(m) | DeployError::Isolation(m) => f.write_str(m),
+            DeployError::Bundle(e) | DeployError::Unpack(e) => write!(f, "{e}"),
             DeployError::Config(e) => write!(f, "{e}"),
             DeployError::Stanza { key, message } => write!(f, "{key}: {message}"),
             DeployError::HostTaken { host, owner } => {
@@ -186,7 +210,7 @@ impl fmt::Display for DeployError {
 impl std::error::Error for DeployError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            DeployError::Unpack(e) => Some(e),
+            DeployError::Bundle(e) | DeployError::Unpack(e) => Some(e),
             DeployError::Spawn { source, .. } => Some(source),
             DeployError::Postgres(e) => Some(e),
             DeployError::Nginx(e) => Some(e),
@@ -207,7 +231,12 @@ mod tests {
         });
         assert!(pg_down.transient());
         assert_eq!(pg_down.kind(), "postgres");
-        assert!(DeployError::Unpack(UnpackError::Io("No space left on device".into())).transient());
+        let full = UnpackError::Io {
+            op: crate::bundle::Op::Write,
+            path: "/var/lib/keter/temp/app-1/big".into(),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(DeployError::Unpack(full).transient());
         assert!(!DeployError::Unpack(UnpackError::Refused("..".into())).transient());
         assert!(DeployError::NoFreePort(4000..=4001).transient());
         assert!(DeployError::Nginx(NginxError::Unconfirmed("down".into())).transient());
@@ -231,6 +260,150 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "not ready: the process exited with exit code 3 before answering (never listened on port 4000); the app printed nothing"
+        );
+    }
+
+    /// A bundle that is gone or that keter may not read fails the same way at every try: it
+    /// waits for a new bundle instead of being retried forever. Made by the real unpack, on
+    /// the real file system.
+    #[test]
+    fn a_bundle_that_is_gone_or_unreadable_is_not_retried() {
+        let dir = std::env::temp_dir().join(format!("keter-unit-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = crate::config::BundleLimits::default();
+
+        let gone = dir.join("gone.keter");
+        let e = crate::bundle::unpack::open_bundle(&gone).unwrap_err();
+        assert_eq!(
+            e.io_error().map(io::Error::kind),
+            Some(io::ErrorKind::NotFound)
+        );
+        let e = DeployError::Bundle(e);
+        assert_eq!(e.kind(), "bundle");
+        assert!(!e.transient(), "{e}");
+
+        // The folder it unpacks into cannot be made (its parent vanished).
+        let bundle = dir.join("app.keter");
+        std::fs::write(&bundle, b"not even gzip").unwrap();
+        let dest = dir.join("temp-gone").join("app-1");
+        let e = crate::bundle::unpack(&bundle, &dest, &limits).unwrap_err();
+        assert!(e.to_string().starts_with("cannot create "), "{e}");
+        assert_eq!(
+            e.io_error().map(io::Error::kind),
+            Some(io::ErrorKind::NotFound)
+        );
+        let e = DeployError::Unpack(e);
+        assert_eq!(e.kind(), "unpack");
+        assert!(!e.transient(), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let denied = DeployError::Bundle(UnpackError::NotABundleFile {
+            path: gone.clone(),
+            why: crate::bundle::NotABundle::Open(io::Error::from_raw_os_error(libc::EACCES)),
+        });
+        assert!(!denied.transient(), "{denied}");
+        assert!(
+            std::error::Error::source(&denied)
+                .and_then(std::error::Error::source)
+                .is_some(),
+            "the io::Error is kept two levels down"
+        );
+        // The same open failing for lack of descriptors may pass.
+        let emfile = DeployError::Bundle(UnpackError::NotABundleFile {
+            path: gone,
+            why: crate::bundle::NotABundle::Open(io::Error::from_raw_os_error(libc::EMFILE)),
+        });
+        assert!(emfile.transient(), "{emfile}");
+    }
+
+    #[test]
+    fn io_errors_are_classified_by_kind() {
+        for (errno, passes) in [
+            (libc::ENOSPC, true),
+            (libc::EDQUOT, true),
+            (libc::ENOMEM, true),
+            (libc::EMFILE, true),
+            (libc::ENFILE, true),
+            (libc::EAGAIN, true),
+            (libc::EBUSY, true),
+            (libc::EINTR, true),
+            (libc::ETIMEDOUT, true),
+            (libc::ENOENT, false),
+            (libc::EACCES, false),
+            (libc::EPERM, false),
+            (libc::ENOTDIR, false),
+            (libc::EROFS, false),
+            (libc::EIO, false),
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(io_passes(&e), passes, "{e}");
+        }
+        // Not by its text: an error that only says "No space left" is no full disk.
+        assert!(!io_passes(&io::Error::other("No space left on device")));
+    }
+
+    /// One value of every variant: the `match` fails to compile when a variant is added, so
+    /// that it is added here and its kind to `KINDS`.
+    fn one_of_each() -> Vec<DeployError> {
+        let all = vec![
+            DeployError::Bundle(UnpackError::Refused("x".into())),
+            DeployError::Unpack(UnpackError::Refused("x".into())),
+            DeployError::Config(Invalid(Vec::new())),
+            DeployError::Stanza {
+                key: "exec".into(),
+                message: "x".into(),
+            },
+            DeployError::Site("x".into()),
+            DeployError::HostTaken {
+                host: Hostname::new("a.example").unwrap(),
+                owner: AppName::new("other").unwrap(),
+            },
+            DeployError::Isolation("x".into()),
+            DeployError::NoPostgresServer,
+            DeployError::Postgres(PgError::Conflict("x".into())),
+            DeployError::NoFreePort(4000..=4001),
+            DeployError::Spawn {
+                program: "/bin/x".into(),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            },
+            DeployError::NotReady(NotReady::Timeout {
+                timeout: Duration::from_secs(1),
+                last: String::new(),
+                output: String::new(),
+            }),
+            DeployError::Nginx(NginxError::Rejected("x".into())),
+        ];
+        for e in &all {
+            match e {
+                DeployError::Bundle(_)
+                | DeployError::Unpack(_)
+                | DeployError::Config(_)
+                | DeployError::Stanza { .. }
+                | DeployError::Site(_)
+                | DeployError::HostTaken { .. }
+                | DeployError::Isolation(_)
+                | DeployError::NoPostgresServer
+                | DeployError::Postgres(_)
+                | DeployError::NoFreePort(_)
+                | DeployError::Spawn { .. }
+                | DeployError::NotReady(_)
+                | DeployError::Nginx(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn kinds_lists_every_kind_and_nothing_else() {
+        let seen: std::collections::BTreeSet<&str> =
+            one_of_each().iter().map(DeployError::kind).collect();
+        let listed: std::collections::BTreeSet<&str> = DeployError::KINDS.into_iter().collect();
+        assert_eq!(seen, listed);
+        assert_eq!(
+            listed.len(),
+            DeployError::KINDS.len(),
+            "a kind listed twice"
         );
     }
 }

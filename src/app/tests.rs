@@ -465,7 +465,9 @@ fn an_app_whose_last_deploy_failed_is_stopped_when_its_bundle_is_deleted() {
     m.handle(
         Event::Prepared {
             id,
-            result: Err(DeployError::Bundle("broken".into())),
+            result: Err(DeployError::Bundle(crate::bundle::UnpackError::Refused(
+                "broken".into(),
+            ))),
         },
         &mut fx,
     );

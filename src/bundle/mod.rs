@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Background, BundleConfig, Program, WebApp};
 pub use served::{Redirect, RedirectAction, RedirectTo, ReverseProxy, StaticFiles, Tls};
-pub use unpack::{Progress, UnpackError, Unpacked, log_progress, unpack, unpack_with_progress};
+pub use unpack::{
+    NotABundle, Op, Progress, UnpackError, Unpacked, log_progress, unpack, unpack_with_progress,
+};
 
 use crate::problem::{Invalid, Problems};
 use crate::yaml;

@@ -40,28 +40,121 @@ pub struct Unpacked {
 /// Why a bundle could not be unpacked. The folder has been removed.
 #[derive(Debug)]
 pub enum UnpackError {
-    /// The file is not a complete gzip-compressed tar archive.
-    Corrupt(String),
-    /// An entry was refused (path, link, type) or a cap was reached.
+    /// The file is not a complete gzip-compressed tar archive: what the decoder or the tar
+    /// reader said.
+    Corrupt(io::Error),
+    /// An entry was refused (path, link, type) or a cap was reached; the message names the
+    /// entry and the reason.
     Refused(String),
-    /// Reading the bundle or writing the folder failed (disk full, permissions).
-    Io(String),
+    /// Reading the bundle or writing the folder failed (disk full, permissions): `op` was
+    /// done on `path`.
+    Io {
+        op: Op,
+        path: PathBuf,
+        source: io::Error,
+    },
     /// The name is not a bundle file keter reads: a symlink, a FIFO, a hard link, a file that
     /// is gone or cannot be opened.
-    NotABundleFile(String),
+    NotABundleFile { path: PathBuf, why: NotABundle },
+}
+
+/// What was being done to a file when an I/O error happened, for [`UnpackError::Io`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Create,
+    Write,
+    /// Looking at what is there (`lstat`, `readlink`, `chmod`).
+    Inspect,
+}
+
+/// Why a path is not a bundle file keter reads, for [`UnpackError::NotABundleFile`].
+#[derive(Debug)]
+pub enum NotABundle {
+    /// It cannot be opened (gone, unreadable, too many open files).
+    Open(io::Error),
+    /// It is a symlink (the daemon does not follow one in `incoming/`).
+    Symlink,
+    /// It is something else than a regular file: "a FIFO", "a directory", ...
+    Kind(&'static str),
+    /// It is not a regular file (`keter check` and `keter render`).
+    NotRegular,
+    /// It has this many names while the kernel lets anyone link a file it cannot read.
+    HardLinks(u64),
+}
+
+impl UnpackError {
+    /// The I/O error underneath, if the failure is one: what decides whether trying again may
+    /// succeed (`src/app/error.rs`). A corrupt archive is not one, even when the decoder
+    /// reports it as an `io::Error`.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            UnpackError::Io { source, .. }
+            | UnpackError::NotABundleFile {
+                why: NotABundle::Open(source),
+                ..
+            } => Some(source),
+            _ => None,
+        }
+    }
+
+    fn io(op: Op, path: &Path) -> impl FnOnce(io::Error) -> UnpackError + '_ {
+        move |source| UnpackError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn corrupt(what: &str) -> UnpackError {
+        UnpackError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what))
+    }
 }
 
 impl fmt::Display for UnpackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UnpackError::Corrupt(m) => write!(f, "not a complete gzip-compressed tar file: {m}"),
+            UnpackError::Corrupt(e) => write!(f, "not a complete gzip-compressed tar file: {e}"),
             UnpackError::Refused(m) => write!(f, "refused: {m}"),
-            UnpackError::Io(m) | UnpackError::NotABundleFile(m) => write!(f, "{m}"),
+            UnpackError::Io { op, path, source } => {
+                let path = path.display();
+                match op {
+                    Op::Read => write!(f, "cannot read {path}: {source}"),
+                    Op::Create => write!(f, "cannot create {path}: {source}"),
+                    Op::Write => write!(f, "cannot write {path}: {source}"),
+                    Op::Inspect => write!(f, "{path}: {source}"),
+                }
+            }
+            UnpackError::NotABundleFile { path, why } => {
+                let path = path.display();
+                match why {
+                    NotABundle::Open(e) => write!(f, "cannot read {path}: {e}"),
+                    NotABundle::Symlink => write!(
+                        f,
+                        "{path} is a symlink; copy the bundle itself into incoming/"
+                    ),
+                    NotABundle::Kind(kind) => write!(f, "{path} is {kind}, not a regular file"),
+                    NotABundle::NotRegular => write!(f, "{path} is not a regular file"),
+                    NotABundle::HardLinks(n) => write!(
+                        f,
+                        "{path} has {n} names (hard links) and this kernel lets anyone link a \
+                         file it cannot read (fs.protected_hardlinks is 0); copy the bundle \
+                         itself into incoming/"
+                    ),
+                }
+            }
         }
     }
 }
 
-impl std::error::Error for UnpackError {}
+impl std::error::Error for UnpackError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UnpackError::Corrupt(e) => Some(e),
+            _ => self.io_error().map(|e| e as _),
+        }
+    }
+}
 
 /// Unpacks the bundle file at `bundle` into `dest`, which must not exist yet. On any error
 /// `dest` is removed. For the commands a user runs on their own files (`keter check`, `keter
@@ -74,14 +167,15 @@ pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpac
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(bundle)
-        .map_err(|e| {
-            UnpackError::NotABundleFile(format!("cannot read {}: {e}", bundle.display()))
+        .map_err(|e| UnpackError::NotABundleFile {
+            path: bundle.to_path_buf(),
+            why: NotABundle::Open(e),
         })?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Err(UnpackError::NotABundleFile(format!(
-            "{} is not a regular file",
-            bundle.display()
-        )));
+        return Err(UnpackError::NotABundleFile {
+            path: bundle.to_path_buf(),
+            why: NotABundle::NotRegular,
+        });
     }
     unpack_with_progress(file, bundle, dest, limits, &mut |_| {})
 }
@@ -91,25 +185,19 @@ pub fn unpack(bundle: &Path, dest: &Path, limits: &BundleLimits) -> Result<Unpac
 /// where the kernel lets nobody link a file they could not read and write themselves
 /// (`fs.protected_hardlinks`, on in Debian). Returns the file and what `fstat` saw.
 pub fn open_bundle(path: &Path) -> Result<(File, nix::sys::stat::FileStat), UnpackError> {
-    let (file, st) = crate::dirfd::open_regular_path(path).map_err(|e| match e {
-        NotAFile::Symlink => UnpackError::NotABundleFile(format!(
-            "{} is a symlink; copy the bundle itself into incoming/",
-            path.display()
-        )),
-        NotAFile::Kind(kind) => {
-            UnpackError::NotABundleFile(format!("{} is {kind}, not a regular file", path.display()))
-        }
-        NotAFile::Io(e) => {
-            UnpackError::NotABundleFile(format!("cannot read {}: {e}", path.display()))
-        }
+    let not_a_bundle = |why| UnpackError::NotABundleFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let (file, st) = crate::dirfd::open_regular_path(path).map_err(|e| {
+        not_a_bundle(match e {
+            NotAFile::Symlink => NotABundle::Symlink,
+            NotAFile::Kind(kind) => NotABundle::Kind(kind),
+            NotAFile::Io(e) => NotABundle::Open(e),
+        })
     })?;
     if st.st_nlink > 1 && !hard_links_protected() {
-        return Err(UnpackError::NotABundleFile(format!(
-            "{} has {} names (hard links) and this kernel lets anyone link a file it cannot \
-             read (fs.protected_hardlinks is 0); copy the bundle itself into incoming/",
-            path.display(),
-            st.st_nlink
-        )));
+        return Err(not_a_bundle(NotABundle::HardLinks(st.st_nlink)));
     }
     Ok((file, st))
 }
@@ -170,7 +258,7 @@ fn unpack_reporting(
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dest)
-        .map_err(|e| UnpackError::Io(format!("cannot create {}: {e}", dest.display())))?;
+        .map_err(UnpackError::io(Op::Create, dest))?;
     match unpack_into(file, label, dest, limits, progress, step_bytes) {
         Ok(u) => Ok(u),
         Err(e) => {
@@ -232,7 +320,7 @@ impl<R: Read> Read for HashingReader<'_, R> {
 }
 
 fn corrupt(e: io::Error) -> UnpackError {
-    UnpackError::Corrupt(e.to_string())
+    UnpackError::Corrupt(e)
 }
 
 fn unpack_into(
@@ -272,15 +360,14 @@ fn unpack_into(
         saw_end = true;
     }
     if !saw_end {
-        return Err(UnpackError::Corrupt("the archive has no entries".into()));
+        return Err(UnpackError::corrupt("the archive has no entries"));
     }
     // tar stops at the end-of-archive blocks, before the gzip trailer: read the rest of the
     // stream so that the CRC and length are checked and a truncated file is an error.
     let mut gz = archive.into_inner();
     io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
     let mut raw = gz.into_inner();
-    io::copy(&mut raw, &mut io::sink())
-        .map_err(|e| UnpackError::Io(format!("cannot read {}: {e}", bundle.display())))?;
+    io::copy(&mut raw, &mut io::sink()).map_err(UnpackError::io(Op::Read, bundle))?;
     for link in &writer.symlinks {
         resolves_inside(dest, link)?;
     }
@@ -357,7 +444,7 @@ impl Writer<'_> {
                 let target = entry
                     .link_name()
                     .map_err(corrupt)?
-                    .ok_or_else(|| UnpackError::Corrupt("a symlink without a target".into()))?
+                    .ok_or_else(|| UnpackError::corrupt("a symlink without a target"))?
                     .into_owned();
                 check_link_target(&rel, &target, &raw_path)?;
                 let path = self.dest.join(&rel);
@@ -368,7 +455,7 @@ impl Writer<'_> {
                             raw_path.display()
                         ))
                     } else {
-                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
+                        UnpackError::io(Op::Create, &path)(e)
                     }
                 })?;
                 self.symlinks.push(rel);
@@ -419,13 +506,9 @@ impl Writer<'_> {
                     )));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&path).map_err(|e| {
-                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
-                    })?;
+                    fs::create_dir(&path).map_err(UnpackError::io(Op::Create, &path))?;
                 }
-                Err(e) => {
-                    return Err(UnpackError::Io(format!("{}: {e}", path.display())));
-                }
+                Err(e) => return Err(UnpackError::io(Op::Inspect, &path)(e)),
             }
             self.dirs.insert(prefix.clone());
         }
@@ -461,8 +544,7 @@ impl Writer<'_> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // A later entry of the same name replaces a regular file, as tar does; never a
                 // symlink (writing through it is the classic escape).
-                let m = fs::symlink_metadata(&path)
-                    .map_err(|e| UnpackError::Io(format!("{}: {e}", path.display())))?;
+                let m = fs::symlink_metadata(&path).map_err(UnpackError::io(Op::Inspect, &path))?;
                 if !m.file_type().is_file() {
                     return Err(UnpackError::Refused(format!(
                         "{} would replace a symlink or folder of the same name",
@@ -471,21 +553,14 @@ impl Writer<'_> {
                 }
                 fs::remove_file(&path)
                     .and_then(|()| open(&path))
-                    .map_err(|e| {
-                        UnpackError::Io(format!("cannot create {}: {e}", path.display()))
-                    })?
+                    .map_err(UnpackError::io(Op::Create, &path))?
             }
-            Err(e) => {
-                return Err(UnpackError::Io(format!(
-                    "cannot create {}: {e}",
-                    path.display()
-                )));
-            }
+            Err(e) => return Err(UnpackError::io(Op::Create, &path)(e)),
         };
         let room = self.limits.max_bytes - self.bytes;
         let written = copy_limited(data, &mut file, room).map_err(|e| match e {
             CopyError::Read(e) => corrupt(e),
-            CopyError::Write(e) => UnpackError::Io(format!("cannot write {}: {e}", path.display())),
+            CopyError::Write(e) => UnpackError::io(Op::Write, &path)(e),
             CopyError::TooLarge => UnpackError::Refused(format!(
                 "the bundle unpacks to more than {} bytes (max-bundle-bytes)",
                 self.limits.max_bytes
@@ -494,7 +569,7 @@ impl Writer<'_> {
         self.bytes += written;
         // The umask may have narrowed the mode at creation.
         file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|e| UnpackError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(UnpackError::io(Op::Inspect, &path))?;
         Ok(())
     }
 }
@@ -588,8 +663,7 @@ fn resolves_inside(root: &Path, link: &Path) -> Result<(), UnpackError> {
         .parent()
         .map(|p| p.iter().map(|c| c.to_os_string()).collect())
         .unwrap_or_default();
-    let target = fs::read_link(root.join(link))
-        .map_err(|e| UnpackError::Io(format!("{}: {e}", link.display())))?;
+    let target = fs::read_link(root.join(link)).map_err(UnpackError::io(Op::Inspect, link))?;
     let mut queue: VecDeque<OsString> = VecDeque::new();
     push_front(&mut queue, &target).ok_or_else(escape)?;
     let mut hops = 0;
@@ -610,8 +684,7 @@ fn resolves_inside(root: &Path, link: &Path) -> Result<(), UnpackError> {
                         link.display()
                     )));
                 }
-                let next = fs::read_link(&here)
-                    .map_err(|e| UnpackError::Io(format!("{}: {e}", here.display())))?;
+                let next = fs::read_link(&here).map_err(UnpackError::io(Op::Inspect, &here))?;
                 push_front(&mut queue, &next).ok_or_else(escape)?;
             }
             // A missing component ends physical resolution: nothing below it exists.
