@@ -565,6 +565,20 @@ fn a_deleted_app_whose_last_deploy_failed_is_stopped() {
     assert_eq!(report["processes"], serde_json::json!([]));
 }
 
+/// A deploy that fails on a file that is gone waits for a new bundle instead of being tried
+/// again and again: here `temp/`, where bundles unpack, was removed under keter (ENOENT).
+#[test]
+fn an_unpack_into_a_folder_that_is_gone_is_not_retried() {
+    let k = Keter::start("status-unpack-gone");
+    fs::remove_dir_all(k.root.join("temp")).unwrap();
+    k.deploy_hello("gone", "v1", "gone.example.com", &[]);
+    let report = wait_state(&k, "gone", "failed");
+    assert_eq!(report["last_deploy"]["error_kind"], "unpack", "{report}");
+    let error = report["last_deploy"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot create"), "{report}");
+    assert_eq!(report["last_deploy"]["retry_at"], Value::Null, "{report}");
+}
+
 /// The TCP status interface refuses Nginx's workers: what Nginx passes on comes from anyone
 /// who reaches Nginx, and a bundle's reverse-proxy host may resolve to this host only when
 /// Nginx reloads later (the bundle check cannot see that). A process running as the workers'
