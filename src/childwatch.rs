@@ -24,6 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::applog::{AppLog, MAX_LINE, QUEUE_LINES};
 
@@ -75,7 +76,7 @@ struct Watch {
     epoll: Epoll,
     entries: Mutex<HashMap<u64, Watched>>,
     next_token: AtomicU64,
-    wake: OwnedFd,
+    wake: EventFd,
     pause: Mutex<PauseState>,
     changed: Condvar,
 }
@@ -141,9 +142,8 @@ pub fn pause() -> io::Result<Paused> {
     let watch = watch()?;
     let mut st = watch.pause_lock();
     st.requested = true;
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to an eventfd this module owns.
-    unsafe { libc::write(watch.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    // Cannot fail but by overflowing the counter, which the watch thread resets.
+    let _ = watch.wake.write(1);
     while !st.parked {
         st = watch.changed.wait(st).unwrap_or_else(|e| e.into_inner());
     }
@@ -186,20 +186,12 @@ impl Drop for Paused {
 }
 
 fn watch() -> io::Result<&'static Arc<Watch>> {
-    static WATCH: OnceLock<Result<Arc<Watch>, String>> = OnceLock::new();
+    static WATCH: OnceLock<io::Result<Arc<Watch>>> = OnceLock::new();
     WATCH
         .get_or_init(|| {
-            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
-            // SAFETY: a plain system call; on success it returns a new descriptor we own.
-            let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if wake < 0 {
-                return Err(io::Error::last_os_error().to_string());
-            }
-            // SAFETY: `wake` was just returned by eventfd and nothing else owns it.
-            let wake = unsafe { OwnedFd::from_raw_fd(wake) };
-            epoll
-                .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
-                .map_err(|e| e.to_string())?;
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+            epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
             let w = Arc::new(Watch {
                 epoll,
                 entries: Mutex::new(HashMap::new()),
@@ -211,12 +203,16 @@ fn watch() -> io::Result<&'static Arc<Watch>> {
             let thread_side = w.clone();
             std::thread::Builder::new()
                 .name("child-watch".into())
-                .spawn(move || thread_side.run())
-                .map_err(|e| e.to_string())?;
+                .spawn(move || thread_side.run())?;
             Ok(w)
         })
         .as_ref()
-        .map_err(|e| io::Error::other(format!("the process watch thread did not start: {e}")))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the process watch thread did not start: {e}"),
+            )
+        })
 }
 
 impl Watch {
@@ -302,9 +298,8 @@ impl Watch {
 
     /// Waits while a pause is asked for.
     fn park(&self) {
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a valid u64 from the eventfd this module owns.
-        unsafe { libc::read(self.wake.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
+        // Resets the counter; nothing to read (EAGAIN) is as good.
+        let _ = self.wake.read();
         let mut st = self.pause_lock();
         if !st.requested {
             return;
@@ -371,17 +366,17 @@ impl Watch {
 
 /// Reaps child `pid`, which has exited; `None` if it cannot be reaped (no longer a child).
 pub fn reap(pid: i32) -> Option<ExitStatus> {
-    let mut status = 0;
+    use nix::sys::wait::{WaitStatus, waitpid};
     loop {
-        // SAFETY: waitpid on a pid of ours with a valid status pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return Some(ExitStatus::from_raw(status));
-        }
-        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return None;
+        // Without WNOHANG or WUNTRACED, only an exit or a death by a signal is reported.
+        return match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
+            Ok(WaitStatus::Signaled(_, signal, core)) => Some(ExitStatus::from_raw(
+                signal as i32 | if core { 0x80 } else { 0 },
+            )),
+            Err(Errno::EINTR) => continue,
+            _ => None,
+        };
     }
 }
 
@@ -459,25 +454,18 @@ fn log_line(log: &AppLog, mut line: &[u8]) {
 
 /// Whether `pipe` is fifteen sixteenths full or more (its writer blocks when it is full).
 fn nearly_full(pipe: &File) -> bool {
-    let fd = pipe.as_raw_fd();
     let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes an int to a valid pointer; F_GETPIPE_SZ reads nothing.
-    let (r, size) = unsafe {
-        (
-            libc::ioctl(fd, libc::FIONREAD, &mut queued),
-            libc::fcntl(fd, libc::F_GETPIPE_SZ),
-        )
-    };
+    // SAFETY: FIONREAD writes one int through the pointer, which points to a live c_int; the
+    // descriptor is borrowed from `pipe` for the call. nix has no safe wrapper for it.
+    let r = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    let size = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
     r == 0 && size > 0 && queued >= size - size / 16
 }
 
 fn set_nonblocking(file: &File) -> io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this function borrows.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    fcntl(file, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
@@ -522,14 +510,10 @@ mod tests {
             keep: 1,
         })
         .unwrap();
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two descriptors that nothing else owns.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both were just opened and are owned here alone.
-        let (read_end, mut write_end) =
-            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a descriptor owned here.
-        assert!(unsafe { libc::fcntl(fds[0], libc::F_SETPIPE_SZ, 1 << 20) } >= 1 << 20);
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let set = nix::fcntl::fcntl(&read_end, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        assert!(set.unwrap() >= 1 << 20);
+        let (read_end, mut write_end) = (File::from(read_end), File::from(write_end));
         let lines = 10 * QUEUE_LINES;
         let text: String = (0..lines).map(|i| format!("l {i}\n")).collect();
         assert!(text.len() < (1 << 20) / 2);

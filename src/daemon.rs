@@ -6,8 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
+use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -21,7 +22,7 @@ use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
 use crate::report::Reports;
-use crate::rootlock::RootLock;
+use crate::rootlock::{LockError, RootLock};
 use crate::status::StatusServer;
 use crate::watcher::{self, Hint};
 
@@ -57,15 +58,63 @@ impl From<Hint> for Input {
 
 /// A reason the daemon cannot run at all (as opposed to one app failing).
 #[derive(Debug)]
-pub struct Fatal(pub String);
+pub enum Fatal {
+    /// A folder of the root cannot be made, emptied or watched: `what` was done to `path`.
+    Folder {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// `incoming/` cannot be watched.
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+    /// Another keter holds the root, or its lock cannot be taken.
+    Lock(LockError),
+    /// The root or the apps' users are not as isolation needs them (README "Security").
+    Isolation(String),
+    /// Nginx cannot be configured or started.
+    Nginx(Box<dyn std::error::Error + Send + Sync>),
+}
 
-impl fmt::Display for Fatal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl Fatal {
+    fn folder<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Fatal + 'a {
+        move |source| Fatal::Folder {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
-impl std::error::Error for Fatal {}
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fatal::Folder { what, path, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
+            Fatal::Watch { path, source } => {
+                write!(f, "cannot watch {}: {source}", path.display())
+            }
+            Fatal::Lock(e) => write!(f, "{e}"),
+            Fatal::Isolation(m) => f.write_str(m),
+            Fatal::Nginx(e) => write!(f, "nginx: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Fatal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Fatal::Folder { source, .. } => Some(source),
+            Fatal::Watch { source, .. } => Some(source),
+            Fatal::Lock(e) => Some(e),
+            Fatal::Isolation(_) => None,
+            Fatal::Nginx(e) => Some(e.as_ref()),
+        }
+    }
+}
 
 /// The channel the daemon listens on; `main` sends signals into it.
 pub fn channel() -> (Sender<Input>, Receiver<Input>) {
@@ -88,20 +137,15 @@ pub fn run(
     let started = std::time::Instant::now();
     make_root(&config.root)?;
     // Before anything of the root is read or changed; held until keter exits.
-    let lock = RootLock::acquire(&config.root, lock).map_err(Fatal)?;
+    let lock = RootLock::acquire(&config.root, lock).map_err(Fatal::Lock)?;
     // Nginx's workers read it for certbot; nobody but root writes it (an app that could
     // would get certificates for every host keter serves).
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&config.acme_webroot)
-        .map_err(|e| {
-            Fatal(format!(
-                "cannot create {}: {e}",
-                config.acme_webroot.display()
-            ))
-        })?;
-    let isolation = Isolation::new(&config).map_err(Fatal)?;
+        .map_err(Fatal::folder("cannot create", &config.acme_webroot))?;
+    let isolation = Isolation::new(&config).map_err(Fatal::Isolation)?;
     log::info!("keter: {}", isolation.describe());
     // What an earlier keter ran is taken over from its records before anything starts: the
     // apps that still run go on serving (README, "A keter that dies and comes back").
@@ -136,10 +180,10 @@ pub fn run(
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
     empty_temp(&config.root, &recovery.dirs)?;
-    let mut renderer = Renderer::new(&config).map_err(Fatal)?;
+    let mut renderer = Renderer::new(&config).map_err(|e| Fatal::Nginx(e.into()))?;
     renderer.worker_user = isolation.managed_worker_user();
     let nginx = Nginx::start(&config, Arc::new(renderer), &recovery.sites)
-        .map_err(|e| Fatal(format!("nginx: {e}")))?;
+        .map_err(|e| Fatal::Nginx(e.into()))?;
     isolation.check_acme_webroot(&config.acme_webroot, nginx.handle().master_pid());
     let incoming = config.root.join("incoming");
     let reports = Arc::new(Reports::default());
@@ -164,8 +208,10 @@ pub fn run(
         acme.clone(),
     ));
     recovery.claim(&shared);
-    let watcher = watcher::watch(&incoming, tx.clone())
-        .map_err(|e| Fatal(format!("cannot watch {}: {e}", incoming.display())))?;
+    let watcher = watcher::watch(&incoming, tx.clone()).map_err(|source| Fatal::Watch {
+        path: incoming.clone(),
+        source,
+    })?;
     let mut daemon = Daemon {
         shared,
         apps: BTreeMap::new(),
@@ -276,9 +322,8 @@ fn start_acme(config: &Config) -> Option<Arc<crate::acme::Acme>> {
 /// Creates the folders of the README's "Folder layout under `root`" with the modes that keep
 /// apps out of them.
 fn make_root(root: &Path) -> Result<(), Fatal> {
-    fs::create_dir_all(root)
-        .map_err(|e| Fatal(format!("cannot create {}: {e}", root.display())))?;
-    for changed in crate::isolation::prepare_root(root).map_err(Fatal)? {
+    fs::create_dir_all(root).map_err(Fatal::folder("cannot create", root))?;
+    for changed in crate::isolation::prepare_root(root).map_err(Fatal::Isolation)? {
         log::warn!("keter: {changed}");
     }
     Ok(())
@@ -288,7 +333,7 @@ fn make_root(root: &Path) -> Result<(), Fatal> {
 /// over.
 fn empty_temp(root: &Path, keep: &BTreeSet<std::path::PathBuf>) -> Result<(), Fatal> {
     let temp = root.join("temp");
-    let entries = fs::read_dir(&temp).map_err(|e| Fatal(format!("{}: {e}", temp.display())))?;
+    let entries = fs::read_dir(&temp).map_err(Fatal::folder("cannot read", &temp))?;
     for entry in entries.flatten() {
         let path = entry.path();
         if keep.contains(&path) {
@@ -298,9 +343,7 @@ fn empty_temp(root: &Path, keep: &BTreeSet<std::path::PathBuf>) -> Result<(), Fa
             Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
             _ => fs::remove_file(&path),
         };
-        if let Err(e) = removed {
-            return Err(Fatal(format!("cannot empty {}: {e}", path.display())));
-        }
+        removed.map_err(Fatal::folder("cannot empty", &path))?;
     }
     Ok(())
 }

@@ -186,8 +186,7 @@ pub fn when_idle<T: Send>(grace: Duration, work: impl FnOnce() -> T + Send) -> T
                 // Idle before the caller learns the thread id, so that the caller's switch
                 // back to the normal policy can never come first and be undone.
                 set_policy(0, libc::SCHED_IDLE);
-                // SAFETY: gettid has no preconditions.
-                let _ = tx.send(unsafe { libc::gettid() });
+                let _ = tx.send(nix::unistd::gettid().as_raw());
                 (work.take().expect("run once"))()
             })
             .ok()?;
@@ -325,8 +324,10 @@ fn output_pipe() -> io::Result<(File, File)> {
         .open(format!("/proc/self/fd/{}", write_end.as_raw_fd()))?;
     drop(write_end);
     // Best effort: room for what an app prints while no keter reads (the default is 64 KiB).
-    // SAFETY: fcntl on a descriptor owned here.
-    unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETPIPE_SZ, OUTPUT_PIPE_BYTES) };
+    let _ = nix::fcntl::fcntl(
+        &read_end,
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_BYTES),
+    );
     Ok((File::from(read_end), app_end))
 }
 

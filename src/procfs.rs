@@ -269,9 +269,12 @@ pub fn age(pid: i32) -> Option<std::time::Duration> {
         .next()?
         .parse()
         .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let started = ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|hz| *hz > 0)
+        .unwrap_or(100);
+    let started = ticks as f64 / hz as f64;
     Some(std::time::Duration::from_secs_f64(
         (uptime - started).max(0.0),
     ))

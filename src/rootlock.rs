@@ -13,11 +13,15 @@
 //! the two images; the new image takes it back ([`inherited`], then [`RootLock::acquire`],
 //! where `flock` on the same open file succeeds).
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 /// The environment variable that names the lock's descriptor in the new image of an upgrade.
 pub const FD_VAR: &str = "KETER_ROOT_LOCK_FD";
@@ -27,14 +31,69 @@ pub const FILE: &str = "etc/keter.lock";
 
 /// The held lock; released when dropped (or when the process ends).
 pub struct RootLock {
-    file: File,
+    file: Flock<File>,
+}
+
+/// Why the lock of a root was not taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// The lock file cannot be opened or created.
+    Open { path: PathBuf, source: io::Error },
+    /// `flock` failed for another reason than a holder.
+    Lock { path: PathBuf, source: Errno },
+    /// Another process holds it: `holder` is the pid written in the file, when it names one.
+    Busy {
+        root: PathBuf,
+        path: PathBuf,
+        holder: Option<u32>,
+    },
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockError::Open { path, source } => {
+                write!(f, "cannot open {}: {source}", path.display())
+            }
+            LockError::Lock { path, source } => {
+                write!(
+                    f,
+                    "cannot lock {}: {}",
+                    path.display(),
+                    io::Error::from(*source)
+                )
+            }
+            LockError::Busy { root, path, holder } => {
+                match holder {
+                    Some(pid) => write!(f, "another keter (pid {pid})")?,
+                    None => f.write_str("another keter")?,
+                }
+                write!(
+                    f,
+                    " runs on the root {}: it holds the lock {}; two keters on one root would stop each other's apps (stop that one first, or give this one another root)",
+                    root.display(),
+                    path.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Open { source, .. } => Some(source),
+            LockError::Lock { source, .. } => Some(source),
+            LockError::Busy { .. } => None,
+        }
+    }
 }
 
 impl RootLock {
     /// Takes the lock of `root`, whose `etc/` exists. `inherited` is what [`inherited`]
     /// returned: used when it is this root's lock file, closed otherwise. Fails at once,
     /// without waiting, when another process holds it.
-    pub fn acquire(root: &Path, inherited: Option<File>) -> Result<RootLock, String> {
+    pub fn acquire(root: &Path, inherited: Option<File>) -> Result<RootLock, LockError> {
         let path = root.join(FILE);
         let opened = OpenOptions::new()
             .read(true)
@@ -44,7 +103,10 @@ impl RootLock {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            .map_err(|source| LockError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let same = |f: &File| match (f.metadata(), opened.metadata()) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
@@ -55,14 +117,17 @@ impl RootLock {
             Some(f) if same(&f) => f,
             _ => opened,
         };
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(format!("cannot lock {}: {e}", path.display()));
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(file) => file,
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(LockError::Busy {
+                    root: root.to_path_buf(),
+                    holder: holder(&path),
+                    path,
+                });
             }
-            return Err(busy(root, &path, holder(&path)));
-        }
+            Err((_, source)) => return Err(LockError::Lock { path, source }),
+        };
         let mut lock = RootLock { file };
         if let Err(e) = lock.write_pid() {
             log::warn!("keter: cannot write its pid into {}: {e}", path.display());
@@ -83,19 +148,6 @@ impl RootLock {
     }
 }
 
-/// The error of a second keter: the root, the holder's pid when the file names one.
-fn busy(root: &Path, path: &Path, pid: Option<u32>) -> String {
-    let who = match pid {
-        Some(pid) => format!("another keter (pid {pid})"),
-        None => "another keter".to_string(),
-    };
-    format!(
-        "{who} runs on the root {}: it holds the lock {}; two keters on one root would stop each other's apps (stop that one first, or give this one another root)",
-        root.display(),
-        path.display()
-    )
-}
-
 /// The pid written in the lock file, if it reads as one.
 fn holder(path: &Path) -> Option<u32> {
     let mut text = String::new();
@@ -110,12 +162,10 @@ pub fn inherited() -> Option<File> {
     let fd: RawFd = std::env::var(FD_VAR).ok()?.parse().ok()?;
     // SAFETY: called at the start of `main`, before any other thread exists.
     unsafe { std::env::remove_var(FD_VAR) };
-    // Only an open regular file is taken: a number alone proves nothing.
-    // SAFETY: fstat on a descriptor number, which fails harmlessly if it is not open.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // Only an open regular file is taken: a number alone proves nothing. (`stat` of its name
+    // in /proc, since a descriptor not known to be open cannot be borrowed.)
     if fd < 3
-        || unsafe { libc::fstat(fd, &mut st) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFREG
+        || !std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok_and(|m| m.file_type().is_file())
     {
         return None;
     }
@@ -140,7 +190,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("etc")).unwrap();
         let first = RootLock::acquire(&root, None).unwrap();
-        let e = RootLock::acquire(&root, None).err().unwrap();
+        let e = RootLock::acquire(&root, None).err().unwrap().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         assert!(e.contains(&root.display().to_string()), "{e}");
         // The holder's own descriptor, as an upgrade passes it on, takes it again.

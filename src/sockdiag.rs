@@ -6,9 +6,8 @@
 //! port P" stays cheap whatever the traffic.
 
 use std::io;
-use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub const ESTABLISHED: u8 = 1;
@@ -27,7 +26,6 @@ pub struct Socket {
     pub uid: u32,
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -210,50 +208,28 @@ pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<Optio
 /// Sends one request and reads its answer into `out`: until the end of a dump, or the one
 /// socket a `single` lookup answers.
 fn exchange(request: &[u8], single: bool, out: &mut Vec<Socket>) -> io::Result<()> {
-    // SAFETY: plain socket(2) call; the descriptor is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
     let raw = fd.as_raw_fd();
-    // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: the buffer is valid for reads of its length; addr is a valid sockaddr_nl.
-    let sent = unsafe {
-        libc::sendto(
-            raw,
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-            (&addr as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Addressed to the kernel (pid 0).
+    sendto(raw, request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: buf is valid for writes of its length.
-        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = match recv(raw, &mut buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         // A lookup is answered by one message and no NLMSG_DONE.
-        if parse(&buf[..n as usize], out)? || single {
+        if parse(&buf[..n], out)? || single {
             return Ok(());
         }
     }
@@ -341,8 +317,7 @@ mod tests {
         let (server, peer) = listener.accept().unwrap();
         let local = server.local_addr().unwrap();
         assert_eq!(client.local_addr().unwrap(), peer);
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = nix::unistd::geteuid().as_raw();
         assert_eq!(tcp_socket_uid(peer, local).unwrap(), Some(me));
         let nobody = SocketAddr::from(([127, 0, 0, 1], 1));
         assert_eq!(tcp_socket_uid(nobody, local).unwrap(), None);

@@ -131,8 +131,10 @@ pub fn stored_pipes() -> HashMap<u64, File> {
         let fd = LISTEN_FDS_START + i;
         // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this process alone.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: fcntl on a descriptor owned here.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        let _ = nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
         let named = names
             .get(i as usize)
             .and_then(|n| n.strip_prefix("keter-output."))

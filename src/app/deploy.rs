@@ -117,8 +117,7 @@ pub(super) fn prepare(
         return Ok(Prepared::SameContent);
     }
     // Files on the host that the bundle names are read with its deployer's rights.
-    // SAFETY: geteuid has no preconditions.
-    let reader = (st.st_uid != unsafe { libc::geteuid() })
+    let reader = (st.st_uid != nix::unistd::geteuid().as_raw())
         .then(|| crate::isolation::access::Ids::of_owner(st.st_uid, st.st_gid));
     let check = bundle::Context {
         reader,

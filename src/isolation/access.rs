@@ -11,9 +11,12 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, AtFlags};
+use nix::unistd::AccessFlags;
 
 /// A user's filesystem identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +123,7 @@ pub struct Denied {
     pub path: PathBuf,
     pub wanted: Wanted,
     /// The error the kernel gave.
-    pub error: String,
+    pub error: Errno,
 }
 
 /// The kind of access that was refused.
@@ -147,7 +150,7 @@ impl Denied {
             "{} {} does not let them {what}: {}",
             self.path.display(),
             describe_inode(&self.path),
-            self.error
+            io::Error::from(self.error)
         )
     }
 }
@@ -184,8 +187,10 @@ pub fn describe_inode(path: &Path) -> String {
 /// Runs `work` with the filesystem identity `ids`, on a thread of its own that ends with it.
 /// keter must be root for any identity but its own; a non-root keter gets an error instead.
 pub fn as_user<T: Send>(ids: &Ids, work: impl FnOnce() -> T + Send) -> io::Result<T> {
-    // SAFETY: geteuid and getegid have no preconditions.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (euid, egid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     if euid != 0 {
         if ids.uid == euid && ids.gid == egid {
             return Ok(work());
@@ -231,14 +236,8 @@ pub fn as_user<T: Send>(ids: &Ids, work: impl FnOnce() -> T + Send) -> io::Resul
 
 /// `faccessat` with the calling thread's filesystem identity (AT_EACCESS; without it the
 /// kernel would check the real uid, root's).
-fn access(path: &Path, mode: libc::c_int) -> Result<(), String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error().to_string())
-    }
+fn access(path: &Path, mode: AccessFlags) -> Result<(), Errno> {
+    nix::unistd::faccessat(AT_FDCWD, path, mode, AtFlags::AT_EACCESS)
 }
 
 /// Checks, as the calling thread's identity, that every folder on the way to `path` can be
@@ -254,7 +253,7 @@ fn reach(path: &Path) -> Result<(), Denied> {
         if matches!(c, Component::Prefix(_)) {
             continue;
         }
-        access(&at, libc::X_OK).map_err(|error| Denied {
+        access(&at, AccessFlags::X_OK).map_err(|error| Denied {
             path: at.clone(),
             wanted: Wanted::Search,
             error,
@@ -266,7 +265,7 @@ fn reach(path: &Path) -> Result<(), Denied> {
 /// As the calling thread's identity: can `dir` be reached and searched?
 pub fn can_enter(dir: &Path) -> Result<(), Denied> {
     reach(dir)?;
-    access(dir, libc::X_OK).map_err(|error| Denied {
+    access(dir, AccessFlags::X_OK).map_err(|error| Denied {
         path: dir.to_path_buf(),
         wanted: Wanted::Search,
         error,
@@ -275,7 +274,7 @@ pub fn can_enter(dir: &Path) -> Result<(), Denied> {
 
 /// As the calling thread's identity: may something be created in `dir`?
 pub fn can_write_into(dir: &Path) -> bool {
-    reach(dir).is_ok() && access(dir, libc::W_OK | libc::X_OK).is_ok()
+    reach(dir).is_ok() && access(dir, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
 }
 
 /// As the calling thread's identity: can `path` (a file, or a folder's listing) be read?
@@ -313,10 +312,10 @@ pub fn can_read_tree(root: &Path) -> Result<(), Denied> {
         let denied = |error: io::Error, wanted| Denied {
             path: path.clone(),
             wanted,
-            error: error.to_string(),
+            error: Errno::from_raw(error.raw_os_error().unwrap_or(libc::EIO)),
         };
         if meta.is_dir() {
-            access(&path, libc::X_OK).map_err(|error| Denied {
+            access(&path, AccessFlags::X_OK).map_err(|error| Denied {
                 path: path.clone(),
                 wanted: Wanted::Search,
                 error,

@@ -48,8 +48,7 @@ pub struct HandedOver {
 pub fn hand_over(dir: &Path, roots: &[PathBuf], owners: Owners) -> io::Result<HandedOver> {
     let top = Folder::open(dir)?;
     let st = top.stat()?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if st.st_uid != me || st.st_mode & 0o077 != 0 {
         return Err(io::Error::other(format!(
             "{} is not keter's private folder (owner uid {}, mode {:04o}); it is handed over only once",

@@ -131,8 +131,7 @@ impl Isolation {
     /// Decides how apps run, for the daemon about to start. Errors are fatal: a configuration
     /// that would let apps reach keter's state is refused, not run.
     pub fn new(config: &Config) -> Result<Isolation, String> {
-        // SAFETY: geteuid has no preconditions.
-        let own_uid = unsafe { libc::geteuid() };
+        let own_uid = nix::unistd::geteuid().as_raw();
         let mode = if own_uid != 0 {
             if config.run_apps_as_root {
                 return Err(format!(
