@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::app::{AppHandle, Command, Shared};
 use crate::config::Config;
-use crate::isolation::Isolation;
+use crate::isolation::{Isolation, IsolationError};
 use crate::journal::Journal;
 use crate::names::AppName;
 use crate::nginx::{Nginx, Renderer};
@@ -73,7 +73,7 @@ pub enum Fatal {
     /// Another keter holds the root, or its lock cannot be taken.
     Lock(LockError),
     /// The root or the apps' users are not as isolation needs them (README "Security").
-    Isolation(String),
+    Isolation(IsolationError),
     /// Nginx cannot be configured or started.
     Nginx(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -98,7 +98,7 @@ impl fmt::Display for Fatal {
                 write!(f, "cannot watch {}: {source}", path.display())
             }
             Fatal::Lock(e) => write!(f, "{e}"),
-            Fatal::Isolation(m) => f.write_str(m),
+            Fatal::Isolation(e) => write!(f, "{e}"),
             Fatal::Nginx(e) => write!(f, "nginx: {e}"),
         }
     }
@@ -110,7 +110,7 @@ impl std::error::Error for Fatal {
             Fatal::Folder { source, .. } => Some(source),
             Fatal::Watch { source, .. } => Some(source),
             Fatal::Lock(e) => Some(e),
-            Fatal::Isolation(_) => None,
+            Fatal::Isolation(e) => Some(e),
             Fatal::Nginx(e) => Some(e.as_ref()),
         }
     }

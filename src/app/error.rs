@@ -11,6 +11,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use crate::bundle::UnpackError;
+use crate::isolation::IsolationError;
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
 use crate::postgres::PgError;
@@ -38,7 +39,7 @@ pub enum DeployError {
     /// (README "Security"): the user cannot be made or cannot reach its folder, the folder
     /// cannot be given to it, or Nginx's workers cannot read a static root. The message names
     /// the folder, the user and the permission.
-    Isolation(String),
+    Isolation(IsolationError),
     /// The bundle asks for the postgres plugin and keter has no `postgres` section.
     NoPostgresServer,
     /// The postgres plugin could not provide the database.
@@ -124,13 +125,14 @@ impl DeployError {
             },
             DeployError::NoFreePort(_) => true,
             DeployError::Spawn { source, .. } => io_passes(source),
+            // A full disk while the folder is handed over, or no descriptor left to check it.
+            DeployError::Isolation(e) => e.io_error().is_some_and(io_passes),
             DeployError::NotReady(NotReady::Timeout { .. }) => true,
             DeployError::Nginx(e) => !matches!(e, NginxError::Rejected(_)),
             DeployError::Config(_)
             | DeployError::Stanza { .. }
             | DeployError::Site(_)
             | DeployError::HostTaken { .. }
-            | DeployError::Isolation(_)
             | DeployError::NoPostgresServer
             | DeployError::NotReady(NotReady::Exited { .. }) => false,
         }
@@ -167,7 +169,8 @@ pub fn io_passes(e: &io::Error) -> bool {
 impl fmt::Display for DeployError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeployError::Site(m) | DeployError::Isolation(m) => f.write_str(m),
+            DeployError::Site(m) => f.write_str(m),
+            DeployError::Isolation(e) => write!(f, "{e}"),
             DeployError::Bundle(e) | DeployError::Unpack(e) => write!(f, "{e}"),
             DeployError::Config(e) => write!(f, "{e}"),
             DeployError::Stanza { key, message } => write!(f, "{key}: {message}"),
@@ -211,6 +214,7 @@ impl std::error::Error for DeployError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             DeployError::Bundle(e) | DeployError::Unpack(e) => Some(e),
+            DeployError::Isolation(e) => Some(e),
             DeployError::Spawn { source, .. } => Some(source),
             DeployError::Postgres(e) => Some(e),
             DeployError::Nginx(e) => Some(e),
@@ -359,7 +363,7 @@ mod tests {
                 host: Hostname::new("a.example").unwrap(),
                 owner: AppName::new("other").unwrap(),
             },
-            DeployError::Isolation("x".into()),
+            DeployError::Isolation(IsolationError::NoWorkers),
             DeployError::NoPostgresServer,
             DeployError::Postgres(PgError::Conflict("x".into())),
             DeployError::NoFreePort(4000..=4001),

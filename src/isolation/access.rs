@@ -18,6 +18,8 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, AtFlags};
 use nix::unistd::AccessFlags;
 
+use super::IsolationError;
+
 /// A user's filesystem identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ids {
@@ -37,14 +39,20 @@ impl fmt::Display for Ids {
 impl Ids {
     /// The user `name` with its primary group and the groups it is a member of (what a process
     /// started by `initgroups`, like an Nginx worker, has).
-    pub fn of_user(name: &str) -> Result<Ids, String> {
+    pub fn of_user(name: &str) -> Result<Ids, IsolationError> {
         let user = nix::unistd::User::from_name(name)
-            .map_err(|e| format!("cannot look up the user {name:?}: {e}"))?
-            .ok_or_else(|| format!("no user {name:?} on this system"))?;
+            .map_err(|source| IsolationError::Lookup {
+                user: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| IsolationError::NoSuchUser(name.to_string()))?;
         let cname = std::ffi::CString::new(name)
-            .map_err(|_| format!("the user name {name:?} contains a NUL byte"))?;
+            .map_err(|_| IsolationError::NulInName(name.to_string()))?;
         let groups = nix::unistd::getgrouplist(&cname, user.gid)
-            .map_err(|e| format!("cannot list the groups of {name:?}: {e}"))?
+            .map_err(|source| IsolationError::Groups {
+                user: name.to_string(),
+                source,
+            })?
             .into_iter()
             .map(|g| g.as_raw())
             .collect();

@@ -11,8 +11,11 @@
 //! | another user | | that user, every app: it can become no one else |
 
 pub mod access;
+mod error;
 pub mod folder;
 pub mod users;
+
+pub use error::IsolationError;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -74,16 +77,16 @@ const LAYOUT: &[(&str, u32)] = &[
 /// elsewhere. Group bits that an operator gave (the package's deployers' group on
 /// `incoming/`, `adm` on `log/`) are kept where the layout allows them. Returns a line per
 /// folder changed.
-pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
+pub fn prepare_root(root: &Path) -> Result<Vec<String>, IsolationError> {
     let mut changed = Vec::new();
     // The root itself: nobody but its owner writes it (a tmpfs or a hand-made folder may be
     // 1777).
-    let meta = fs::metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let meta = fs::metadata(root).map_err(IsolationError::file("", root))?;
     let now = meta.mode() & 0o7777;
     if now & 0o022 != 0 {
         let wanted = now & !0o1022;
         fs::set_permissions(root, fs::Permissions::from_mode(wanted))
-            .map_err(|e| format!("cannot set the mode of {}: {e}", root.display()))?;
+            .map_err(IsolationError::file("cannot set the mode of", root))?;
         changed.push(format!(
             "{} was mode {now:04o}, now {wanted:04o}: apps must not write it",
             root.display()
@@ -95,15 +98,15 @@ pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
             Ok(()) => {
                 // The umask may have narrowed the mode.
                 fs::set_permissions(&dir, fs::Permissions::from_mode(*mode))
-                    .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
+                    .map_err(IsolationError::file("cannot set the mode of", &dir))?;
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+            Err(e) => return Err(IsolationError::file("cannot create", &dir)(e)),
         }
-        let meta = fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let meta = fs::metadata(&dir).map_err(IsolationError::file("", &dir))?;
         if !meta.is_dir() {
-            return Err(format!("{} is not a folder", dir.display()));
+            return Err(IsolationError::NotAFolder(dir));
         }
         let now = meta.mode() & 0o7777;
         // The owner keeps its bits (at least the layout's) and setgid stays; the group keeps
@@ -117,7 +120,7 @@ pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
         let wanted = (now & 0o2000) | ((now | mode) & 0o700) | group | (mode & 0o007);
         if wanted != now {
             fs::set_permissions(&dir, fs::Permissions::from_mode(wanted))
-                .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
+                .map_err(IsolationError::file("cannot set the mode of", &dir))?;
             changed.push(format!(
                 "{} was mode {now:04o}, now {wanted:04o}: apps must not reach it",
                 dir.display()
@@ -130,21 +133,20 @@ pub fn prepare_root(root: &Path) -> Result<Vec<String>, String> {
 impl Isolation {
     /// Decides how apps run, for the daemon about to start. Errors are fatal: a configuration
     /// that would let apps reach keter's state is refused, not run.
-    pub fn new(config: &Config) -> Result<Isolation, String> {
+    pub fn new(config: &Config) -> Result<Isolation, IsolationError> {
         let own_uid = nix::unistd::geteuid().as_raw();
         let mode = if own_uid != 0 {
             if config.run_apps_as_root {
-                return Err(format!(
-                    "run-apps-as-root: keter runs as uid {own_uid}, not as root, and cannot run apps as root"
-                ));
+                return Err(IsolationError::NotRootForRoot { uid: own_uid });
             }
             if let Some(user) = &config.run_as
                 && user.uid != own_uid
             {
-                return Err(format!(
-                    "setuid: keter runs as uid {own_uid}, not as root, and cannot run apps as {} (uid {})",
-                    user.name, user.uid
-                ));
+                return Err(IsolationError::NotRootForUser {
+                    uid: own_uid,
+                    user: user.name.clone(),
+                    user_uid: user.uid,
+                });
             }
             Mode::OwnUser { uid: own_uid }
         } else if config.run_apps_as_root {
@@ -174,12 +176,10 @@ impl Isolation {
         if let Mode::Shared(user) = &isolation.mode {
             let breaches = isolation.breaches(&ids_of(user))?;
             if !breaches.is_empty() {
-                return Err(format!(
-                    "setuid: apps would run as {}, who {}; choose a user that is not a deployer \
-                     or operator (README \"Security\")",
-                    user.name,
-                    breaches.join(", ")
-                ));
+                return Err(IsolationError::SharedUserBreaches {
+                    user: user.name.clone(),
+                    breaches,
+                });
             }
         }
         Ok(isolation)
@@ -210,7 +210,7 @@ impl Isolation {
     }
 
     /// The user `app` runs as; `None` for keter's own user.
-    pub fn user_of(&self, app: &AppName) -> Result<Option<RunAs>, String> {
+    pub fn user_of(&self, app: &AppName) -> Result<Option<RunAs>, IsolationError> {
         let started = Instant::now();
         let (user, created) = match &self.mode {
             Mode::OwnUser { .. } | Mode::Root => return Ok(None),
@@ -229,11 +229,10 @@ impl Isolation {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(app.as_str());
-                return Err(format!(
-                    "the app's user {} {}; fix the modes of those folders",
-                    user.name,
-                    breaches.join(", ")
-                ));
+                return Err(IsolationError::AppUserBreaches {
+                    user: user.name.clone(),
+                    breaches,
+                });
             }
         }
         // The figures bench reads these lines: what isolation costs a deploy.
@@ -268,16 +267,15 @@ impl Isolation {
         user: Option<&RunAs>,
         roots: &[PathBuf],
         master: Option<i32>,
-    ) -> Result<(), String> {
+    ) -> Result<(), IsolationError> {
         let started = Instant::now();
         let workers = if roots.is_empty() {
             None
         } else {
-            Some(self.nginx_workers(master).ok_or_else(|| {
-                "cannot tell which user Nginx's workers run as (no worker process found), so \
-                 the static roots cannot be opened to them"
-                    .to_string()
-            })?)
+            Some(
+                self.nginx_workers(master)
+                    .ok_or(IsolationError::NoWorkers)?,
+            )
         };
         let owner_uid = user.map_or(self.own_uid, |u| u.uid);
         // Workers that run as root or as the folder's owner read it without help.
@@ -289,34 +287,35 @@ impl Isolation {
             app: user.map(|u| (u.uid, u.gid)),
             web,
         };
-        let done = folder::hand_over(dir, roots, owners).map_err(|e| {
-            format!(
-                "cannot give {} to {}: {e}",
-                dir.display(),
-                user.map_or("keter", |u| u.name.as_str())
-            )
-        })?;
+        let done =
+            folder::hand_over(dir, roots, owners).map_err(|source| IsolationError::HandOver {
+                dir: dir.to_path_buf(),
+                user: user.map_or("keter", |u| u.name.as_str()).to_string(),
+                source,
+            })?;
         if let Some(user) = user {
             let ids = ids_of(user);
             access::as_user(&ids, || access::can_enter(dir))
-                .map_err(|e| e.to_string())?
-                .map_err(|d| {
-                    format!(
-                        "the app's user ({ids}) cannot reach its folder: {}",
-                        d.describe()
-                    )
+                .map_err(|source| IsolationError::Check {
+                    user: ids.name.clone(),
+                    source,
+                })?
+                .map_err(|denied| IsolationError::Unreachable {
+                    ids: ids.to_string(),
+                    denied,
                 })?;
         }
         if let Some(workers) = &workers {
             for root in roots {
                 access::as_user(workers, || access::can_read_tree(root))
-                    .map_err(|e| e.to_string())?
-                    .map_err(|d| {
-                        format!(
-                            "the static root {} is not readable by Nginx's workers ({workers}): {}",
-                            root.display(),
-                            d.describe()
-                        )
+                    .map_err(|source| IsolationError::Check {
+                        user: workers.name.clone(),
+                        source,
+                    })?
+                    .map_err(|denied| IsolationError::UnreadableRoot {
+                        root: root.clone(),
+                        workers: workers.to_string(),
+                        denied,
                     })?;
             }
         }
@@ -442,7 +441,7 @@ impl Isolation {
 
     /// What a user could do to keter's state that an app must not: write the root,
     /// `incoming/`, `temp/`, `nginx/`, `log/`, `etc/`, `home/`, or read `etc/`.
-    fn breaches(&self, ids: &Ids) -> Result<Vec<String>, String> {
+    fn breaches(&self, ids: &Ids) -> Result<Vec<String>, IsolationError> {
         let root = self.root.clone();
         access::as_user(ids, move || {
             let mut out = Vec::new();
@@ -467,7 +466,10 @@ impl Isolation {
             }
             out
         })
-        .map_err(|e| format!("cannot check what {} may reach: {e}", ids.name))
+        .map_err(|source| IsolationError::Check {
+            user: ids.name.clone(),
+            source,
+        })
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
+use super::IsolationError;
 use crate::dirfd::{self, Folder, Kind};
 use crate::names::AppName;
 use crate::process::RunAs;
@@ -61,12 +62,16 @@ pub fn is_plain_name(name: &str) -> bool {
 
 impl AppUsers {
     /// Reads the records of `root` (none yet is fine).
-    pub fn load(root: &Path, range: RangeInclusive<u32>) -> Result<AppUsers, String> {
+    pub fn load(root: &Path, range: RangeInclusive<u32>) -> Result<AppUsers, IsolationError> {
         let records = root.join("etc").join(RECORDS);
         let known = match fs::read_to_string(&records) {
-            Ok(text) => parse(&text).map_err(|e| format!("{}: {e}", records.display()))?,
+            Ok(text) => parse(&text).map_err(|(line, text)| IsolationError::Records {
+                path: records.clone(),
+                line,
+                text,
+            })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("cannot read {}: {e}", records.display())),
+            Err(e) => return Err(IsolationError::file("cannot read", &records)(e)),
         };
         Ok(AppUsers {
             root: root.to_path_buf(),
@@ -95,7 +100,7 @@ impl AppUsers {
 
     /// The user `app` runs as, created (with its home) on first use. The second value is true
     /// when the user was created just now.
-    pub fn user_for(&self, app: &AppName) -> Result<(RunAs, bool), String> {
+    pub fn user_for(&self, app: &AppName) -> Result<(RunAs, bool), IsolationError> {
         let recorded = self.lock().get(app.as_str()).cloned();
         let mut created = false;
         let record = match &recorded {
@@ -124,7 +129,7 @@ impl AppUsers {
         }
         let home = self.root.join("home").join(app.as_str());
         make_home(&home, record.uid, record.gid)
-            .map_err(|e| format!("cannot make the home folder {}: {e}", home.display()))?;
+            .map_err(IsolationError::file("cannot make the home folder", &home))?;
         Ok((
             RunAs {
                 name: record.user,
@@ -140,7 +145,7 @@ impl AppUsers {
     /// A recorded user as the system knows it now: the same user; the same user made again
     /// with its uid when it was removed by hand; or, when its name now belongs to a user keter
     /// did not make for this app, another user.
-    fn still_there(&self, app: &AppName, r: &Record) -> Result<Record, String> {
+    fn still_there(&self, app: &AppName, r: &Record) -> Result<Record, IsolationError> {
         match nix::unistd::User::from_name(&r.user) {
             Ok(Some(u)) if u.uid.as_raw() == r.uid => Ok(Record {
                 gid: u.gid.as_raw(),
@@ -185,13 +190,16 @@ impl AppUsers {
                     }
                 }
             }
-            Err(e) => Err(format!("cannot look up the user {}: {e}", r.user)),
+            Err(source) => Err(IsolationError::Lookup {
+                user: r.user.clone(),
+                source,
+            }),
         }
     }
 
     /// A user for an app that has no record yet: one of keter's own users of the expected
     /// name (records lost), or a new one.
-    fn find_or_create(&self, app: &AppName) -> Result<(Record, bool), String> {
+    fn find_or_create(&self, app: &AppName) -> Result<(Record, bool), IsolationError> {
         let tag = self.tag(app);
         for name in self.names(app) {
             match nix::unistd::User::from_name(&name) {
@@ -213,15 +221,14 @@ impl AppUsers {
                     Err(Created::Taken) => continue,
                     Err(Created::Failed(e)) => return Err(e),
                 },
-                Err(e) => return Err(format!("cannot look up the user {name}: {e}")),
+                Err(source) => return Err(IsolationError::Lookup { user: name, source }),
             }
         }
-        Err(format!(
-            "no user name is free for the app {app}: {} are all taken by users keter did not \
-             create for {}",
-            self.names(app).join(" and "),
-            self.root.display()
-        ))
+        Err(IsolationError::NoFreeName {
+            app: app.clone(),
+            names: self.names(app),
+            root: self.root.clone(),
+        })
     }
 
     /// `keter-APP`, then a name made unique to this root.
@@ -302,28 +309,28 @@ impl AppUsers {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| {
-                Created::Failed(format!("cannot run useradd to create the user {name}: {e}"))
+            .map_err(|source| {
+                Created::Failed(IsolationError::UseraddSpawn {
+                    user: name.to_string(),
+                    source,
+                })
             })?;
         // useradd(8): 4, the uid is in use; 9, the name is.
         match out.status.code() {
             Some(0) => {}
             Some(4 | 9) => return Err(Created::Taken),
             _ => {
-                return Err(Created::Failed(format!(
-                    "useradd could not create the user {name} for the app {app}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+                return Err(Created::Failed(IsolationError::Useradd {
+                    user: name.to_string(),
+                    app: app.clone(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                }));
             }
         }
         let u = nix::unistd::User::from_name(name)
             .ok()
             .flatten()
-            .ok_or_else(|| {
-                Created::Failed(format!(
-                    "useradd created {name}, but the system does not know it"
-                ))
-            })?;
+            .ok_or_else(|| Created::Failed(IsolationError::UserVanished(name.to_string())))?;
         log::info!(
             "{app}: created the system user {name} (uid {}, gid {}) for it",
             u.uid,
@@ -336,7 +343,7 @@ impl AppUsers {
         })
     }
 
-    fn write(&self, known: &BTreeMap<String, Record>) -> Result<(), String> {
+    fn write(&self, known: &BTreeMap<String, Record>) -> Result<(), IsolationError> {
         let mut text = String::from(
             "# keter: the system user of each app: APP USER UID GID. Written by keter; the same\n\
              # user serves the app at every deploy. Purging the Debian package removes these users.\n",
@@ -345,7 +352,7 @@ impl AppUsers {
             text += &format!("{app} {} {} {}\n", r.user, r.uid, r.gid);
         }
         crate::atomic_file::replace(&self.records, text.as_bytes(), 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", self.records.display()))
+            .map_err(IsolationError::file("cannot write", &self.records))
     }
 }
 
@@ -353,7 +360,7 @@ impl AppUsers {
 enum Created {
     /// The name or the uid is in use (by another process, a moment ago).
     Taken,
-    Failed(String),
+    Failed(IsolationError),
 }
 
 /// `keter-` + the name cut and cleaned + `-` + 8 hex digits of SHA-256 of `seed`.
@@ -372,7 +379,9 @@ fn hashed(name: &str, seed: &[u8]) -> String {
     format!("{PREFIX}{clean}-{hex}")
 }
 
-fn parse(text: &str) -> Result<BTreeMap<String, Record>, String> {
+/// The records of `text`; a line that is not `APP USER UID GID` is an error with its number
+/// and its text.
+fn parse(text: &str) -> Result<BTreeMap<String, Record>, (usize, String)> {
     let mut out = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -380,7 +389,7 @@ fn parse(text: &str) -> Result<BTreeMap<String, Record>, String> {
             continue;
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let bad = || format!("line {}: expected APP USER UID GID, found {line:?}", i + 1);
+        let bad = || (i + 1, line.to_string());
         let [app, user, uid, gid] = fields[..] else {
             return Err(bad());
         };
@@ -492,10 +501,9 @@ mod tests {
         let text = "# comment\nblog keter-blog 65600 65600\n";
         let parsed = parse(text).unwrap();
         assert_eq!(parsed["blog"].uid, 65600);
-        assert!(
-            parse("blog keter-blog x 1\n")
-                .unwrap_err()
-                .starts_with("line 1")
+        assert_eq!(
+            parse("blog keter-blog x 1\n").unwrap_err(),
+            (1, "blog keter-blog x 1".to_string())
         );
     }
 }
