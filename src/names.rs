@@ -368,24 +368,57 @@ impl RedirectUrl {
 /// Checks that a file path may be written into an Nginx file: absolute, valid UTF-8, and free
 /// of anything Nginx's parser would read as syntax or a variable (quotes, `\\`, `;`, `{`, `}`,
 /// `$`, `#`, white space, control characters).
-pub fn check_conf_path(p: &std::path::Path) -> Result<(), String> {
+pub fn check_conf_path(p: &std::path::Path) -> Result<(), ConfPathError> {
+    let error = |why| ConfPathError {
+        path: p.to_path_buf(),
+        why,
+    };
     let Some(s) = p.to_str() else {
-        return Err(format!("the path {p:?} is not valid UTF-8"));
+        return Err(error(ConfPathWhy::NotUtf8));
     };
     if !p.is_absolute() {
-        return Err(format!("the path {s:?} is not absolute"));
+        return Err(error(ConfPathWhy::NotAbsolute));
     }
     if let Some(c) = s.chars().find(|c| {
         c.is_whitespace()
             || c.is_control()
             || matches!(c, '"' | '\'' | '\\' | ';' | '{' | '}' | '$' | '#')
     }) {
-        return Err(format!(
-            "the path {s:?} contains {c:?}, which cannot be written into an Nginx file"
-        ));
+        return Err(error(ConfPathWhy::Char(c)));
     }
     Ok(())
 }
+
+/// A path that [`check_conf_path`] refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfPathError {
+    pub path: std::path::PathBuf,
+    pub why: ConfPathWhy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfPathWhy {
+    NotUtf8,
+    NotAbsolute,
+    /// A character Nginx's parser reads as syntax or a variable.
+    Char(char),
+}
+
+impl fmt::Display for ConfPathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.path;
+        match self.why {
+            ConfPathWhy::NotUtf8 => write!(f, "the path {p:?} is not valid UTF-8"),
+            ConfPathWhy::NotAbsolute => write!(f, "the path {p:?} is not absolute"),
+            ConfPathWhy::Char(c) => write!(
+                f,
+                "the path {p:?} contains {c:?}, which cannot be written into an Nginx file"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfPathError {}
 
 /// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn check_env_name(name: &str) -> Result<(), String> {

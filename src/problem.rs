@@ -43,19 +43,21 @@ impl Problems {
         }
     }
 
-    pub fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    /// Records an error at `key`; `message` is a text or an error value, shown as it
+    /// displays.
+    pub fn error(&mut self, key: impl Into<String>, message: impl fmt::Display) {
         self.errors.push(Problem {
             file: self.file.clone(),
             key: key.into(),
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 
-    pub fn warn(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub fn warn(&mut self, key: impl Into<String>, message: impl fmt::Display) {
         self.warnings.push(Problem {
             file: self.file.clone(),
             key: key.into(),
-            message: message.into(),
+            message: message.to_string(),
         });
     }
 

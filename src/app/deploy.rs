@@ -17,10 +17,10 @@ use crossbeam_channel::Sender;
 use super::Shared as Context;
 use super::error::{DeployError, NotReady};
 use super::machine::Event;
-use super::site::{SiteSource, site_of};
+use super::site::{SiteError, SiteSource, site_of};
 use super::version::{self, FileStamp, Proc, Role, Version};
 use crate::applog::AppLog;
-use crate::bundle::{self, BundleConfig, Tls};
+use crate::bundle::{self, BundleConfig, PathError, Tls};
 use crate::isolation::Isolation;
 use crate::names::{AppName, Host};
 use crate::nginx::{CertFiles, Site};
@@ -185,7 +185,7 @@ pub(super) fn prepare(
 
 /// The programs of a version's stanzas in the order `plan` starts them (background stanzas
 /// first, then webapps), resolved inside `dir`.
-fn resolve_execs(dir: &Path, config: &BundleConfig) -> Vec<Result<PathBuf, String>> {
+fn resolve_execs(dir: &Path, config: &BundleConfig) -> Vec<Result<PathBuf, PathError>> {
     config
         .background
         .iter()
@@ -201,7 +201,7 @@ fn resolve_execs(dir: &Path, config: &BundleConfig) -> Vec<Result<PathBuf, Strin
 fn plan(
     ctx: &Context,
     version: &mut Version,
-    execs: Vec<Result<PathBuf, String>>,
+    execs: Vec<Result<PathBuf, PathError>>,
 ) -> Result<(), DeployError> {
     let config = &ctx.config;
     let background = version
@@ -234,7 +234,7 @@ fn plan(
         };
         let web = webapp.as_ref().zip(port);
         let spec = Spec {
-            program: resolved.clone().unwrap_or_default(),
+            program: resolved.as_ref().cloned().unwrap_or_default(),
             args: program.args.clone(),
             cwd: version.dir.clone(),
             env: version::environment(
@@ -248,10 +248,10 @@ fn plan(
         };
         // Recorded before anything can fail, so that `discard` frees the port.
         version.procs.push(Proc::new(role, spec, policy));
-        if let Err(message) = resolved {
+        if let Err(source) = resolved {
             return Err(DeployError::Stanza {
                 key: program.key("exec"),
-                message,
+                source,
             });
         }
     }
@@ -478,7 +478,7 @@ fn copy_certificate(
     job: &SwitchJob,
     tls: &Tls,
     origin: &str,
-) -> Result<Option<CertFiles>, String> {
+) -> Result<Option<CertFiles>, SiteError> {
     if !matches!(tls, Tls::Own { .. }) {
         return Ok(None);
     }
@@ -492,10 +492,10 @@ fn copy_certificate(
     if certificate.exists() && key.exists() {
         return Ok(Some(CertFiles { certificate, key }));
     }
-    Err(format!(
-        "{origin}: keter's copy of the certificate is missing from {}",
-        dir.display()
-    ))
+    Err(SiteError::CopyMissing {
+        origin: origin.to_string(),
+        dir,
+    })
 }
 
 /// Copies every stanza's own certificate (from the bundle, or from the host with `reader`'s
@@ -505,17 +505,23 @@ fn copy_certificates(
     config: &BundleConfig,
     dir: &Path,
     reader: bundle::certs::Reader,
-) -> Result<(), String> {
+) -> Result<(), SiteError> {
     for (tls, _, origin) in config.tls_stanzas() {
-        let Some(bytes) =
-            bundle::certs::read_own(tls, reader).map_err(|e| format!("{origin}: {e}"))?
+        let read = bundle::certs::read_own(tls, reader);
+        let Some(bytes) = read.map_err(|source| SiteError::Certificate {
+            origin: origin.clone(),
+            source,
+        })?
         else {
             continue;
         };
         let (certificate, key) = certificate_copies(dir, &origin);
         write_private(&certificate, &bytes.certificate)
             .and_then(|()| write_private(&key, &bytes.key))
-            .map_err(|e| format!("{origin}: cannot copy the certificate: {e}"))?;
+            .map_err(|source| SiteError::Copy {
+                origin: origin.clone(),
+                source,
+            })?;
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::bundle::UnpackError;
+use super::site::SiteError;
+use crate::bundle::{PathError, UnpackError};
 use crate::isolation::IsolationError;
 use crate::names::{AppName, Hostname};
 use crate::nginx::NginxError;
@@ -29,10 +30,10 @@ pub enum DeployError {
     Unpack(UnpackError),
     /// `config/keter.yaml` is invalid.
     Config(Invalid),
-    /// A stanza's `exec`, static root or certificate is unusable: `key` names it.
-    Stanza { key: String, message: String },
-    /// The site cannot be built: a static root or a certificate (the message names the key).
-    Site(String),
+    /// A stanza's `exec` is unusable: `key` names it.
+    Stanza { key: String, source: PathError },
+    /// The site cannot be built: a stanza's own certificate (the error names its key).
+    Site(SiteError),
     /// Another app serves one of the bundle's hosts.
     HostTaken { host: Hostname, owner: AppName },
     /// The app's user, its folder or its static roots are not as isolation needs them
@@ -125,13 +126,14 @@ impl DeployError {
             },
             DeployError::NoFreePort(_) => true,
             DeployError::Spawn { source, .. } => io_passes(source),
-            // A full disk while the folder is handed over, or no descriptor left to check it.
+            // A full disk while the folder is handed over or a certificate copied, or no
+            // descriptor left to check or read them.
             DeployError::Isolation(e) => e.io_error().is_some_and(io_passes),
+            DeployError::Site(e) => e.io_error().is_some_and(io_passes),
+            DeployError::Stanza { source, .. } => source.io_error().is_some_and(io_passes),
             DeployError::NotReady(NotReady::Timeout { .. }) => true,
             DeployError::Nginx(e) => !matches!(e, NginxError::Rejected(_)),
             DeployError::Config(_)
-            | DeployError::Stanza { .. }
-            | DeployError::Site(_)
             | DeployError::HostTaken { .. }
             | DeployError::NoPostgresServer
             | DeployError::NotReady(NotReady::Exited { .. }) => false,
@@ -169,11 +171,11 @@ pub fn io_passes(e: &io::Error) -> bool {
 impl fmt::Display for DeployError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeployError::Site(m) => f.write_str(m),
+            DeployError::Site(e) => write!(f, "{e}"),
             DeployError::Isolation(e) => write!(f, "{e}"),
             DeployError::Bundle(e) | DeployError::Unpack(e) => write!(f, "{e}"),
             DeployError::Config(e) => write!(f, "{e}"),
-            DeployError::Stanza { key, message } => write!(f, "{key}: {message}"),
+            DeployError::Stanza { key, source } => write!(f, "{key}: {source}"),
             DeployError::HostTaken { host, owner } => {
                 write!(f, "the host {host} is already served by the app {owner}")
             }
@@ -215,6 +217,8 @@ impl std::error::Error for DeployError {
         match self {
             DeployError::Bundle(e) | DeployError::Unpack(e) => Some(e),
             DeployError::Isolation(e) => Some(e),
+            DeployError::Stanza { source, .. } => Some(source),
+            DeployError::Site(e) => Some(e),
             DeployError::Spawn { source, .. } => Some(source),
             DeployError::Postgres(e) => Some(e),
             DeployError::Nginx(e) => Some(e),
@@ -356,9 +360,15 @@ mod tests {
             DeployError::Config(Invalid(Vec::new())),
             DeployError::Stanza {
                 key: "exec".into(),
-                message: "x".into(),
+                source: crate::bundle::PathError {
+                    path: "x".into(),
+                    why: crate::bundle::PathWhy::NotInBundle,
+                },
             },
-            DeployError::Site("x".into()),
+            DeployError::Site(SiteError::CopyMissing {
+                origin: "ssl".into(),
+                dir: "/x".into(),
+            }),
             DeployError::HostTaken {
                 host: Hostname::new("a.example").unwrap(),
                 owner: AppName::new("other").unwrap(),

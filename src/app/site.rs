@@ -1,6 +1,11 @@
 //! What Nginx serves for a bundle ([`site_of`]): one block per stanza with hosts, built from
 //! the bundle's checked configuration. The daemon's deploys and `keter render` share it.
 
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::bundle::certs::CertError;
 use crate::bundle::middleware::Middlewares;
 use crate::bundle::served::Served;
 use crate::bundle::{BundleConfig, RedirectTo, Tls};
@@ -11,7 +16,56 @@ use crate::nginx::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site
 
 /// Turns a stanza's `ssl`, the hosts Nginx routes to it, and its key path (for messages) into
 /// the certificate files Nginx reads. For `ssl: acme`, `None` until the certificate exists.
-pub type CertSource<'a> = dyn FnMut(&Tls, &[Host], &str) -> Result<Option<CertFiles>, String> + 'a;
+pub type CertSource<'a> =
+    dyn FnMut(&Tls, &[Host], &str) -> Result<Option<CertFiles>, SiteError> + 'a;
+
+/// Why a site cannot be built: a stanza's own certificate (`origin` is its `ssl` key).
+#[derive(Debug)]
+pub enum SiteError {
+    /// The certificate files cannot be read or are not a pair.
+    Certificate { origin: String, source: CertError },
+    /// keter's copy of them cannot be written.
+    Copy { origin: String, source: io::Error },
+    /// keter's copy of them is not in `dir`.
+    CopyMissing { origin: String, dir: PathBuf },
+}
+
+impl SiteError {
+    /// The I/O error underneath, if the failure is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            SiteError::Certificate { source, .. } => source.io_error(),
+            SiteError::Copy { source, .. } => Some(source),
+            SiteError::CopyMissing { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for SiteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteError::Certificate { origin, source } => write!(f, "{origin}: {source}"),
+            SiteError::Copy { origin, source } => {
+                write!(f, "{origin}: cannot copy the certificate: {source}")
+            }
+            SiteError::CopyMissing { origin, dir } => write!(
+                f,
+                "{origin}: keter's copy of the certificate is missing from {}",
+                dir.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SiteError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SiteError::Certificate { source, .. } => Some(source),
+            SiteError::Copy { source, .. } => Some(source),
+            SiteError::CopyMissing { .. } => None,
+        }
+    }
+}
 
 /// What a site is built from: a bundle's configuration, checked against its unpacked folder by
 /// `bundle::check_config` (static roots and certificates are absolute), and where its webapps
@@ -28,7 +82,11 @@ pub struct SiteSource<'a> {
 /// What Nginx serves for a bundle: one block per stanza with hosts. `certs` turns a stanza's
 /// `ssl` into certificate files (the daemon copies them into its own folder; `keter render`
 /// shows them where they are).
-pub fn site_of(global: &Config, src: &SiteSource, certs: &mut CertSource) -> Result<Site, String> {
+pub fn site_of(
+    global: &Config,
+    src: &SiteSource,
+    certs: &mut CertSource,
+) -> Result<Site, SiteError> {
     let config = src.bundle;
     let mut blocks = Vec::new();
     let mut files = Vec::new();
@@ -126,7 +184,7 @@ fn served(
     content: Content,
     max_body: u64,
     certs: &mut CertSource,
-) -> Result<Block, String> {
+) -> Result<Block, SiteError> {
     Ok(Block {
         hosts: s.routed.clone(),
         content,

@@ -11,7 +11,9 @@
 //! bundle file, [`Reader`]): keter runs as root, and a deployer must not get a key it could not
 //! read itself served on its hosts (README "Security").
 
+use std::fmt;
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -45,42 +47,189 @@ pub struct Deployer<'a> {
     pub bundle: &'a Path,
 }
 
+/// Why a stanza's own certificate cannot be used. Every value names the file.
+#[derive(Debug)]
+pub enum CertError {
+    /// A file of the bundle that cannot be resolved.
+    Path(super::PathError),
+    /// `path` cannot be read, or is not a file that can be.
+    File { path: PathBuf, why: FileWhy },
+    /// A file on the host could not be read as the deployer (the thread that takes their
+    /// identity failed).
+    AsDeployer {
+        path: PathBuf,
+        ids: String,
+        source: io::Error,
+    },
+    /// What went wrong reading a file on the host as the deployer `ids`.
+    Deployer { ids: String, inner: Box<CertError> },
+    /// `path` holds no PEM certificate; `first` for the `certificate` file, whose message
+    /// shows the header looked for.
+    NoCertificate { path: PathBuf, first: bool },
+    /// The key has a passphrase.
+    Encrypted(PathBuf),
+    /// `path` holds no PEM private key.
+    NoKey(PathBuf),
+    /// The certificate cannot be parsed.
+    Unreadable(PathBuf),
+    /// The key and the certificate are of different kinds.
+    KindMismatch {
+        key: PathBuf,
+        key_kind: &'static str,
+        certificate: PathBuf,
+        cert_kind: &'static str,
+    },
+    /// The key is not the certificate's.
+    NotPair { key: PathBuf, certificate: PathBuf },
+}
+
+/// Why a certificate file cannot be read.
+#[derive(Debug)]
+pub enum FileWhy {
+    NotRegular,
+    /// keter's own user may not read it (no deployer to read it as).
+    Denied(io::Error),
+    TooLarge,
+    Io(io::Error),
+}
+
+impl CertError {
+    /// The I/O error underneath, if the failure is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            CertError::Path(e) => e.io_error(),
+            CertError::File {
+                why: FileWhy::Denied(e) | FileWhy::Io(e),
+                ..
+            }
+            | CertError::AsDeployer { source: e, .. } => Some(e),
+            CertError::Deployer { inner, .. } => inner.io_error(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertError::Path(e) => write!(f, "{e}"),
+            CertError::File { path, why } => {
+                let p = path.display();
+                match why {
+                    FileWhy::NotRegular => write!(f, "{p} is not a regular file"),
+                    FileWhy::Denied(e) => write!(
+                        f,
+                        "{p} cannot be read by this user ({e}); keter reads it as the user it runs as"
+                    ),
+                    FileWhy::TooLarge => write!(f, "{p} is larger than 1 MiB"),
+                    FileWhy::Io(e) => write!(f, "{p}: {e}"),
+                }
+            }
+            CertError::AsDeployer { path, ids, source } => {
+                write!(f, "{}: cannot read it as {ids}: {source}", path.display())
+            }
+            CertError::Deployer { ids, inner } => write!(
+                f,
+                "{inner}; keter reads files on the host as the bundle's deployer ({ids}), the owner of the bundle file"
+            ),
+            CertError::NoCertificate { path, first: true } => write!(
+                f,
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+            CertError::NoCertificate { path, first: false } => {
+                write!(f, "{} holds no PEM certificate", path.display())
+            }
+            CertError::Encrypted(path) => write!(
+                f,
+                "{} is an encrypted key; Nginx needs it without a passphrase",
+                path.display()
+            ),
+            CertError::NoKey(path) => write!(
+                f,
+                "{} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+                path.display()
+            ),
+            CertError::Unreadable(path) => {
+                write!(f, "{} is not a certificate keter can read", path.display())
+            }
+            CertError::KindMismatch {
+                key,
+                key_kind,
+                certificate,
+                cert_kind,
+            } => write!(
+                f,
+                "{} is a {key_kind} key, but {} holds a {cert_kind} certificate: they are not a pair",
+                key.display(),
+                certificate.display()
+            ),
+            CertError::NotPair { key, certificate } => write!(
+                f,
+                "{} is not the key of {}: they are not a pair",
+                key.display(),
+                certificate.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CertError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CertError::Path(e) => Some(e),
+            CertError::Deployer { inner, .. } => Some(inner.as_ref()),
+            _ => self.io_error().map(|e| e as _),
+        }
+    }
+}
+
 /// Runs `work` on `path` with `reader`'s rights if it is a file on the host.
 fn on_host<T: Send>(
     path: &Path,
     reader: Reader,
-    work: impl FnOnce() -> Result<T, String> + Send,
-) -> Result<T, String> {
+    work: impl FnOnce() -> Result<T, CertError> + Send,
+) -> Result<T, CertError> {
     match reader {
-        Some(Deployer { ids, bundle }) if !path.starts_with(bundle) => crate::isolation::access::as_user(ids, work)
-            .map_err(|e| format!("{}: cannot read it as {ids}: {e}", path.display()))?
-            .map_err(|e| format!("{e}; keter reads files on the host as the bundle's deployer ({ids}), the owner of the bundle file")),
+        Some(Deployer { ids, bundle }) if !path.starts_with(bundle) => {
+            crate::isolation::access::as_user(ids, work)
+                .map_err(|source| CertError::AsDeployer {
+                    path: path.to_path_buf(),
+                    ids: ids.to_string(),
+                    source,
+                })?
+                .map_err(|inner| CertError::Deployer {
+                    ids: ids.to_string(),
+                    inner: Box::new(inner),
+                })
+        }
         _ => work(),
     }
 }
 
 /// Resolves one file of a stanza's `ssl`: relative to `config/` inside the bundle, or an
 /// absolute path on the host.
-pub fn resolve(dir: &Path, path: &Path, reader: Reader) -> Result<PathBuf, String> {
+pub fn resolve(dir: &Path, path: &Path, reader: Reader) -> Result<PathBuf, CertError> {
     if !path.is_absolute() {
-        return super::resolve_file(dir, path);
+        return super::resolve_file(dir, path).map_err(CertError::Path);
     }
+    let file = |why| CertError::File {
+        path: path.to_path_buf(),
+        why,
+    };
     on_host(path, reader, || match fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(crate::config::normalize(path)),
-        Ok(_) => Err(format!("{} is not a regular file", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && reader.is_none() => {
-            Err(format!(
-                "{} cannot be read by this user ({e}); keter reads it as the user it runs as",
-                path.display()
-            ))
+        Ok(_) => Err(file(FileWhy::NotRegular)),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && reader.is_none() => {
+            Err(file(FileWhy::Denied(e)))
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(file(FileWhy::Io(e))),
     })
 }
 
 /// Reads a stanza's own certificate, its paths made absolute by `bundle::check_config`;
 /// `None` for a stanza without one.
-pub fn read_own(tls: &super::Tls, reader: Reader) -> Result<Option<CertBytes>, String> {
+pub fn read_own(tls: &super::Tls, reader: Reader) -> Result<Option<CertBytes>, CertError> {
     let super::Tls::Own {
         key,
         certificate,
@@ -101,19 +250,22 @@ pub fn read_own(tls: &super::Tls, reader: Reader) -> Result<Option<CertBytes>, S
 }
 
 /// Reads the files and checks that they form a pair Nginx can load.
-pub fn read(paths: &CertPaths, reader: Reader) -> Result<CertBytes, String> {
+pub fn read(paths: &CertPaths, reader: Reader) -> Result<CertBytes, CertError> {
     let read_file = |p: &Path| on_host(p, reader, || read_file(p));
     let mut certificate = read_file(&paths.certificate)?;
     let cert_der = first_block(&certificate, |label| label == "CERTIFICATE").ok_or_else(|| {
-        format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            paths.certificate.display()
-        )
+        CertError::NoCertificate {
+            path: paths.certificate.clone(),
+            first: true,
+        }
     })?;
     for c in &paths.chain {
         let bytes = read_file(c)?;
         if first_block(&bytes, |label| label == "CERTIFICATE").is_none() {
-            return Err(format!("{} holds no PEM certificate", c.display()));
+            return Err(CertError::NoCertificate {
+                path: c.clone(),
+                first: false,
+            });
         }
         if !certificate.ends_with(b"\n") {
             certificate.push(b'\n');
@@ -123,50 +275,40 @@ pub fn read(paths: &CertPaths, reader: Reader) -> Result<CertBytes, String> {
     let key = read_file(&paths.key)?;
     let text = String::from_utf8_lossy(&key);
     if text.contains("ENCRYPTED") {
-        return Err(format!(
-            "{} is an encrypted key; Nginx needs it without a passphrase",
-            paths.key.display()
-        ));
+        return Err(CertError::Encrypted(paths.key.clone()));
     }
     let (label, key_der) = first_labelled(&key, |label| label.ends_with("PRIVATE KEY"))
-        .ok_or_else(|| {
-            format!(
-                "{} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)",
-                paths.key.display()
-            )
-        })?;
-    let cert_key = certificate_key(&cert_der).ok_or_else(|| {
-        format!(
-            "{} is not a certificate keter can read",
-            paths.certificate.display()
-        )
-    })?;
+        .ok_or_else(|| CertError::NoKey(paths.key.clone()))?;
+    let cert_key = certificate_key(&cert_der)
+        .ok_or_else(|| CertError::Unreadable(paths.certificate.clone()))?;
     match private_key_public_part(&label, &key_der) {
         Some(k) if k == cert_key => Ok(CertBytes { certificate, key }),
-        Some(k) if k.kind != cert_key.kind => Err(format!(
-            "{} is a {} key, but {} holds a {} certificate: they are not a pair",
-            paths.key.display(),
-            k.kind.name(),
-            paths.certificate.display(),
-            cert_key.kind.name()
-        )),
-        Some(_) => Err(format!(
-            "{} is not the key of {}: they are not a pair",
-            paths.key.display(),
-            paths.certificate.display()
-        )),
+        Some(k) if k.kind != cert_key.kind => Err(CertError::KindMismatch {
+            key: paths.key.clone(),
+            key_kind: k.kind.name(),
+            certificate: paths.certificate.clone(),
+            cert_kind: cert_key.kind.name(),
+        }),
+        Some(_) => Err(CertError::NotPair {
+            key: paths.key.clone(),
+            certificate: paths.certificate.clone(),
+        }),
         // A kind of key whose public half keter cannot read (Ed25519 without it): Nginx's own
         // test at the switch still checks the pair.
         None => Ok(CertBytes { certificate, key }),
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn read_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    let file = |why| CertError::File {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = fs::metadata(path).map_err(|e| file(FileWhy::Io(e)))?;
     if meta.len() > MAX_FILE {
-        return Err(format!("{} is larger than 1 MiB", path.display()));
+        return Err(file(FileWhy::TooLarge));
     }
-    fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    fs::read(path).map_err(|e| file(FileWhy::Io(e)))
 }
 
 /// The DER bytes of the first PEM block whose label passes `want`.
@@ -462,13 +604,13 @@ mod tests {
             key: rsa1.key.clone(),
             ..rsa8.clone()
         };
-        let e = read(&swapped, None).err().unwrap();
+        let e = read(&swapped, None).err().unwrap().to_string();
         assert!(e.contains("is not the key of"), "{e}");
         let mixed = CertPaths {
             key: ec8.key.clone(),
             ..rsa8.clone()
         };
-        let e = read(&mixed, None).err().unwrap();
+        let e = read(&mixed, None).err().unwrap().to_string();
         assert!(e.contains("is a EC key, but"), "{e}");
         let e = read(
             &CertPaths {
@@ -478,7 +620,8 @@ mod tests {
             None,
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("holds no PEM private key"), "{e}");
         let chained = CertPaths {
             chain: vec![ec8.certificate.clone()],

@@ -333,51 +333,148 @@ fn resolve_certificate(
     }
 }
 
+/// Why a path a bundle names (`exec`, a static root, a certificate file) cannot be used:
+/// `path` as the bundle wrote it (or as resolved, where that says more) and the reason.
+#[derive(Debug)]
+pub struct PathError {
+    pub path: PathBuf,
+    pub why: PathWhy,
+}
+
+#[derive(Debug)]
+pub enum PathWhy {
+    /// Relative to `config/`, nothing is there.
+    NotInBundle,
+    /// An absolute path (or a static root outside the bundle) that does not exist.
+    NotOnHost,
+    /// A bundle-relative path given as an absolute one.
+    Absolute,
+    /// It leaves the bundle by its `..`.
+    PointsOutside,
+    /// It leaves the bundle through a symlink.
+    ResolvesOutside,
+    /// A static root outside the bundle and outside every `allowed-static-roots` folder
+    /// (`allowed`): `real` is where it resolves.
+    NotAllowed {
+        real: PathBuf,
+        allowed: Vec<PathBuf>,
+    },
+    NotRegular,
+    NotExecutable,
+    NotAFolder,
+    /// It cannot be written into an Nginx file.
+    NotForNginx(crate::names::ConfPathError),
+    /// The unpacked folder itself cannot be resolved.
+    BundleFolder(std::io::Error),
+    /// Another error of the system.
+    Io(std::io::Error),
+}
+
+impl PathError {
+    fn new(path: &Path, why: PathWhy) -> PathError {
+        PathError {
+            path: path.to_path_buf(),
+            why,
+        }
+    }
+
+    /// The I/O error underneath, if any.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match &self.why {
+            PathWhy::BundleFolder(e) | PathWhy::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self.path.display();
+        match &self.why {
+            PathWhy::NotInBundle => write!(f, "{p} is not in the bundle"),
+            PathWhy::NotOnHost => write!(f, "{p} does not exist on this host"),
+            PathWhy::Absolute => write!(
+                f,
+                "{p} is an absolute path; paths are relative to config/ and stay inside the bundle"
+            ),
+            PathWhy::PointsOutside => write!(f, "{p} points outside the bundle"),
+            PathWhy::ResolvesOutside => write!(f, "{p} resolves outside the bundle"),
+            PathWhy::NotAllowed { real, allowed } => {
+                write!(
+                    f,
+                    "{p} resolves to {}, outside the bundle; the global allowed-static-roots ",
+                    real.display()
+                )?;
+                if allowed.is_empty() {
+                    f.write_str("lists no folder")
+                } else {
+                    let listed: Vec<String> =
+                        allowed.iter().map(|a| a.display().to_string()).collect();
+                    write!(f, "lists only {}", listed.join(", "))
+                }
+            }
+            PathWhy::NotRegular => write!(f, "{p} is not a regular file"),
+            PathWhy::NotExecutable => write!(f, "{p} is not executable"),
+            PathWhy::NotAFolder => write!(f, "{p} is not a folder"),
+            PathWhy::NotForNginx(e) => write!(f, "{e}"),
+            PathWhy::BundleFolder(e) => write!(f, "cannot resolve the bundle folder: {e}"),
+            PathWhy::Io(e) => write!(f, "{p}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PathError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.why {
+            PathWhy::NotForNginx(e) => Some(e),
+            _ => self.io_error().map(|e| e as _),
+        }
+    }
+}
+
+/// The unpacked folder, symlinks resolved.
+fn real_bundle(dir: &Path) -> Result<PathBuf, PathError> {
+    dir.canonicalize()
+        .map_err(|e| PathError::new(dir, PathWhy::BundleFolder(e)))
+}
+
 /// Resolves a stanza's `exec` to a regular executable file: relative to `config/`, it must
 /// stay inside the unpacked folder (symlinks are followed only while they stay inside); an
 /// absolute path names a program on the host, as in Keter (NixOS's module points `exec` into
 /// `/nix/store`). Either way the app runs as the `setuid` user, so the host path gives a bundle
 /// nothing it could not bring itself.
-pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, String> {
+pub fn resolve_exec(dir: &Path, exec: &Path) -> Result<PathBuf, PathError> {
     use std::os::unix::fs::PermissionsExt;
+    let error = |why| PathError::new(exec, why);
     let real = if exec.is_absolute() {
         exec.canonicalize().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("{} does not exist on this host", exec.display())
-            }
-            _ => format!("{}: {e}", exec.display()),
+            std::io::ErrorKind::NotFound => error(PathWhy::NotOnHost),
+            _ => error(PathWhy::Io(e)),
         })?
     } else {
         let lexical = crate::config::normalize(&dir.join("config").join(exec));
-        let root = dir
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+        let root = real_bundle(dir)?;
         if !lexical.starts_with(dir) {
-            return Err(format!("{} points outside the bundle", exec.display()));
+            return Err(error(PathWhy::PointsOutside));
         }
         let real = match lexical.canonicalize() {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(format!("{} is not in the bundle", exec.display()));
+                return Err(error(PathWhy::NotInBundle));
             }
-            Err(e) => return Err(format!("{}: {e}", exec.display())),
+            Err(e) => return Err(error(PathWhy::Io(e))),
         };
         if !real.starts_with(&root) {
-            return Err(format!(
-                "{} resolves outside the bundle (through a symlink)",
-                exec.display()
-            ));
+            return Err(error(PathWhy::ResolvesOutside));
         }
         real
     };
-    let meta = real
-        .metadata()
-        .map_err(|e| format!("{}: {e}", exec.display()))?;
+    let meta = real.metadata().map_err(|e| error(PathWhy::Io(e)))?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", exec.display()));
+        return Err(error(PathWhy::NotRegular));
     }
     if meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!("{} is not executable", exec.display()));
+        return Err(error(PathWhy::NotExecutable));
     }
     Ok(real)
 }
@@ -392,22 +489,21 @@ pub fn resolve_static_root(
     dir: &Path,
     root: &Path,
     ctx: &Context,
-) -> Result<Option<(PathBuf, PathBuf)>, String> {
+) -> Result<Option<(PathBuf, PathBuf)>, PathError> {
+    let error = |why| PathError::new(root, why);
     let joined = crate::config::normalize(&dir.join("config").join(root));
-    let bundle = dir
-        .canonicalize()
-        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+    let bundle = real_bundle(dir)?;
     let real = match joined.canonicalize() {
         Ok(r) => r,
         Err(_) if !ctx.host && !joined.starts_with(dir) => return Ok(None),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(if joined.starts_with(dir) {
-                format!("{} is not in the bundle", root.display())
+                error(PathWhy::NotInBundle)
             } else {
-                format!("{} does not exist on this host", joined.display())
+                PathError::new(&joined, PathWhy::NotOnHost)
             });
         }
-        Err(e) => return Err(format!("{}: {e}", root.display())),
+        Err(e) => return Err(error(PathWhy::Io(e))),
     };
     let mut base = bundle.clone();
     if !real.starts_with(&bundle) {
@@ -419,60 +515,42 @@ pub fn resolve_static_root(
             .iter()
             .find(|a| real.starts_with(a));
         let Some(allowed) = allowed else {
-            let listed = if ctx.allowed_static_roots.is_empty() {
-                "lists no folder".to_string()
-            } else {
-                format!(
-                    "lists only {}",
-                    ctx.allowed_static_roots
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            };
-            return Err(format!(
-                "{} resolves to {}, outside the bundle; the global allowed-static-roots {listed}",
-                root.display(),
-                real.display()
-            ));
+            return Err(error(PathWhy::NotAllowed {
+                real,
+                allowed: ctx.allowed_static_roots.clone(),
+            }));
         };
         base = allowed.clone();
     }
     if !real.is_dir() {
-        return Err(format!("{} is not a folder", root.display()));
+        return Err(error(PathWhy::NotAFolder));
     }
-    crate::names::check_conf_path(&real)?;
+    crate::names::check_conf_path(&real).map_err(|e| error(PathWhy::NotForNginx(e)))?;
     Ok(Some((real, base)))
 }
 
 /// Resolves a file of the bundle (relative to `config/`) inside the unpacked folder.
-pub fn resolve_file(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
+pub fn resolve_file(dir: &Path, rel: &Path) -> Result<PathBuf, PathError> {
     let real = resolve_inside(dir, rel)?;
     if !real.is_file() {
-        return Err(format!("{} is not a regular file", rel.display()));
+        return Err(PathError::new(rel, PathWhy::NotRegular));
     }
     Ok(real)
 }
 
-fn resolve_inside(dir: &Path, rel: &Path) -> Result<PathBuf, String> {
-    let joined = if rel.is_absolute() {
-        return Err(format!(
-            "{} is an absolute path; paths are relative to config/ and stay inside the bundle",
-            rel.display()
-        ));
-    } else {
-        dir.join("config").join(rel)
-    };
-    let root = dir
-        .canonicalize()
-        .map_err(|e| format!("cannot resolve the bundle folder: {e}"))?;
+fn resolve_inside(dir: &Path, rel: &Path) -> Result<PathBuf, PathError> {
+    let error = |why| PathError::new(rel, why);
+    if rel.is_absolute() {
+        return Err(error(PathWhy::Absolute));
+    }
+    let joined = dir.join("config").join(rel);
+    let root = real_bundle(dir)?;
     let real = joined.canonicalize().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("{} is not in the bundle", rel.display()),
-        _ => format!("{}: {e}", rel.display()),
+        std::io::ErrorKind::NotFound => error(PathWhy::NotInBundle),
+        _ => error(PathWhy::Io(e)),
     })?;
     if !real.starts_with(&root) {
-        return Err(format!("{} resolves outside the bundle", rel.display()));
+        return Err(error(PathWhy::ResolvesOutside));
     }
     Ok(real)
 }

@@ -106,22 +106,21 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
     // Certificates are shown where they are (checked already); the daemon copies them out.
     // An `ssl: acme` stanza is shown as it is served before its certificate exists.
     let mut acme_stanzas: Vec<String> = Vec::new();
-    let mut certs =
-        |tls: &Tls, _hosts: &[Host], origin: &str| -> Result<Option<CertFiles>, String> {
-            match tls {
-                Tls::Acme => {
-                    acme_stanzas.push(origin.to_string());
-                    Ok(None)
-                }
-                Tls::Own {
-                    key, certificate, ..
-                } => Ok(Some(CertFiles {
-                    certificate: certificate.clone(),
-                    key: key.clone(),
-                })),
-                _ => Ok(None),
+    let mut certs = |tls: &Tls, _hosts: &[Host], origin: &str| -> Result<Option<CertFiles>, _> {
+        match tls {
+            Tls::Acme => {
+                acme_stanzas.push(origin.to_string());
+                Ok(None)
             }
-        };
+            Tls::Own {
+                key, certificate, ..
+            } => Ok(Some(CertFiles {
+                certificate: certificate.clone(),
+                key: key.clone(),
+            })),
+            _ => Ok(None),
+        }
+    };
     let source = SiteSource {
         app: &app,
         bundle: bundle_config,
@@ -391,7 +390,7 @@ fn print_problems(errors: &[String], warnings: &[String]) {
     }
 }
 
-fn fail(message: &str) -> ExitCode {
+fn fail(message: &(impl std::fmt::Display + ?Sized)) -> ExitCode {
     eprintln!("keter: {message}");
     ExitCode::from(1)
 }
