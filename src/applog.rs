@@ -151,18 +151,20 @@ pub fn flush() {
 
 /// The queue of the one writer thread, started at the first use.
 fn writer() -> std::io::Result<Sender<Queued>> {
-    static WRITER: OnceLock<Result<Sender<Queued>, String>> = OnceLock::new();
-    WRITER
-        .get_or_init(|| {
-            let (tx, rx) = unbounded::<Queued>();
-            std::thread::Builder::new()
-                .name("app-log".into())
-                .spawn(move || write_lines(rx))
-                .map_err(|e| e.to_string())?;
-            Ok(tx)
-        })
-        .clone()
-        .map_err(|e| std::io::Error::other(format!("the log writer thread did not start: {e}")))
+    static WRITER: OnceLock<std::io::Result<Sender<Queued>>> = OnceLock::new();
+    match WRITER.get_or_init(|| {
+        let (tx, rx) = unbounded::<Queued>();
+        std::thread::Builder::new()
+            .name("app-log".into())
+            .spawn(move || write_lines(rx))?;
+        Ok(tx)
+    }) {
+        Ok(tx) => Ok(tx.clone()),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("the log writer thread did not start: {e}"),
+        )),
+    }
 }
 
 fn write_lines(rx: crossbeam_channel::Receiver<Queued>) {

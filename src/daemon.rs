@@ -116,6 +116,46 @@ impl std::error::Error for Fatal {
     }
 }
 
+/// Why an in-place upgrade did not happen; the running keter carries on.
+#[derive(Debug)]
+enum HandOverError {
+    /// The app's worker did not finish what it was doing in time (a switch in flight).
+    NotAtRest(AppName),
+    /// The watch of the apps' output and exits could not be paused.
+    Pause(io::Error),
+    /// The app's worker did not write its record in time.
+    NotRecorded(AppName),
+    /// A stop was asked for meanwhile.
+    Stopping,
+    /// The new program could not be executed.
+    Exec(io::Error),
+}
+
+impl fmt::Display for HandOverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandOverError::NotAtRest(app) => {
+                write!(f, "{app} did not come to rest in time (a switch in flight)")
+            }
+            HandOverError::Pause(e) => write!(f, "{e}"),
+            HandOverError::NotRecorded(app) => {
+                write!(f, "{app} did not write its record in time")
+            }
+            HandOverError::Stopping => f.write_str("keter is asked to stop"),
+            HandOverError::Exec(e) => write!(f, "cannot execute it: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HandOverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HandOverError::Pause(e) | HandOverError::Exec(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// The channel the daemon listens on; `main` sends signals into it.
 pub fn channel() -> (Sender<Input>, Receiver<Input>) {
     bounded(4096)
@@ -415,7 +455,7 @@ impl Daemon {
         answer: &crate::handover::Answer,
         lock: &RootLock,
         later: &mut Vec<Input>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HandOverError> {
         let config = &self.shared.config;
         // A switch in flight is waited for: up to a test and a reload that times out.
         let deadline = since + config.nginx.reload_timeout * 3 + std::time::Duration::from_secs(5);
@@ -425,9 +465,7 @@ impl Daemon {
             if answer.recv_deadline(deadline).is_err() {
                 let app = (*app).clone();
                 thaw(&self.apps);
-                return Err(format!(
-                    "{app} did not come to rest in time (a switch in flight)"
-                ));
+                return Err(HandOverError::NotAtRest(app));
             }
         }
         nginx.freeze();
@@ -436,7 +474,7 @@ impl Daemon {
             Err(e) => {
                 nginx.thaw();
                 thaw(&self.apps);
-                return Err(e.to_string());
+                return Err(HandOverError::Pause(e));
             }
         };
         // Nothing reports exits any more: each worker's record is now final.
@@ -447,7 +485,7 @@ impl Daemon {
                 drop(paused);
                 nginx.thaw();
                 thaw(&self.apps);
-                return Err(format!("{app} did not write its record in time"));
+                return Err(HandOverError::NotRecorded(app));
             }
         }
         self.shared.journal.flush();
@@ -460,7 +498,7 @@ impl Daemon {
             .iter()
             .any(|i| matches!(i, Input::Control(Control::Shutdown)))
         {
-            Err("keter is asked to stop".to_string())
+            Err(HandOverError::Stopping)
         } else {
             log::info!(
                 "keter: handing {} apps over to keter {} after {} ms",
@@ -469,7 +507,7 @@ impl Daemon {
                 since.elapsed().as_millis()
             );
             let e = crate::handover::exec(&paused.pipes(), since, lock.fd());
-            Err(format!("cannot execute it: {e}"))
+            Err(HandOverError::Exec(e))
         };
         drop(paused);
         nginx.thaw();

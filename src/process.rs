@@ -43,18 +43,24 @@ pub struct RunAs {
 
 impl RunAs {
     /// Looks up a user by name or numeric uid, with its supplementary groups.
-    pub fn lookup(user: &str) -> Result<RunAs, String> {
+    pub fn lookup(user: &str) -> Result<RunAs, UserError> {
         use nix::unistd::{Uid, User, getgrouplist};
         let found = match user.parse::<u32>() {
             Ok(uid) => User::from_uid(Uid::from_raw(uid)),
             Err(_) => User::from_name(user),
         }
-        .map_err(|e| format!("cannot look up the user {user:?}: {e}"))?
-        .ok_or_else(|| format!("no user {user:?} on this system"))?;
+        .map_err(|source| UserError::Lookup {
+            user: user.to_string(),
+            source,
+        })?
+        .ok_or_else(|| UserError::NoSuchUser(user.to_string()))?;
         let name = std::ffi::CString::new(found.name.clone())
-            .map_err(|_| format!("the user name {:?} contains a NUL byte", found.name))?;
+            .map_err(|_| UserError::NulInName(found.name.clone()))?;
         let groups = getgrouplist(&name, found.gid)
-            .map_err(|e| format!("cannot list the groups of {user:?}: {e}"))?
+            .map_err(|source| UserError::Groups {
+                user: user.to_string(),
+                source,
+            })?
             .into_iter()
             .map(|g| g.as_raw())
             .collect();
@@ -65,6 +71,47 @@ impl RunAs {
             groups,
             home: found.dir,
         })
+    }
+}
+
+/// Why a user cannot be looked up in the system's user database; `user` as it was asked for.
+#[derive(Debug)]
+pub enum UserError {
+    Lookup {
+        user: String,
+        source: nix::errno::Errno,
+    },
+    NoSuchUser(String),
+    /// A user name with a NUL byte.
+    NulInName(String),
+    /// Its supplementary groups cannot be listed.
+    Groups {
+        user: String,
+        source: nix::errno::Errno,
+    },
+}
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserError::Lookup { user, source } => {
+                write!(f, "cannot look up the user {user:?}: {source}")
+            }
+            UserError::NoSuchUser(user) => write!(f, "no user {user:?} on this system"),
+            UserError::NulInName(user) => write!(f, "the user name {user:?} contains a NUL byte"),
+            UserError::Groups { user, source } => {
+                write!(f, "cannot list the groups of {user:?}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for UserError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UserError::Lookup { source, .. } | UserError::Groups { source, .. } => Some(source),
+            UserError::NoSuchUser(_) | UserError::NulInName(_) => None,
+        }
     }
 }
 

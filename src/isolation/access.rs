@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, AtFlags};
 use nix::unistd::AccessFlags;
 
-use super::IsolationError;
+use crate::process::UserError;
 
 /// A user's filesystem identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,17 +39,17 @@ impl fmt::Display for Ids {
 impl Ids {
     /// The user `name` with its primary group and the groups it is a member of (what a process
     /// started by `initgroups`, like an Nginx worker, has).
-    pub fn of_user(name: &str) -> Result<Ids, IsolationError> {
+    pub fn of_user(name: &str) -> Result<Ids, UserError> {
         let user = nix::unistd::User::from_name(name)
-            .map_err(|source| IsolationError::Lookup {
+            .map_err(|source| UserError::Lookup {
                 user: name.to_string(),
                 source,
             })?
-            .ok_or_else(|| IsolationError::NoSuchUser(name.to_string()))?;
-        let cname = std::ffi::CString::new(name)
-            .map_err(|_| IsolationError::NulInName(name.to_string()))?;
+            .ok_or_else(|| UserError::NoSuchUser(name.to_string()))?;
+        let cname =
+            std::ffi::CString::new(name).map_err(|_| UserError::NulInName(name.to_string()))?;
         let groups = nix::unistd::getgrouplist(&cname, user.gid)
-            .map_err(|source| IsolationError::Groups {
+            .map_err(|source| UserError::Groups {
                 user: name.to_string(),
                 source,
             })?

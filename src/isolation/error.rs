@@ -6,10 +6,9 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use nix::errno::Errno;
-
 use super::access::Denied;
 use crate::names::AppName;
+use crate::process::UserError;
 
 #[derive(Debug)]
 pub enum IsolationError {
@@ -28,14 +27,8 @@ pub enum IsolationError {
         line: usize,
         text: String,
     },
-    /// The system's user or group database cannot be asked about `user`.
-    Lookup { user: String, source: Errno },
-    /// The configured user does not exist.
-    NoSuchUser(String),
-    /// A user name with a NUL byte.
-    NulInName(String),
-    /// The groups of `user` cannot be listed.
-    Groups { user: String, source: Errno },
+    /// A user cannot be looked up (Nginx's workers' user, an app's user).
+    User(UserError),
     /// `useradd` could not be run.
     UseraddSpawn { user: String, source: io::Error },
     /// `useradd` ran and failed; `stderr` is what it said.
@@ -126,16 +119,7 @@ impl fmt::Display for IsolationError {
                 "{}: line {line}: expected APP USER UID GID, found {text:?}",
                 path.display()
             ),
-            IsolationError::Lookup { user, source } => {
-                write!(f, "cannot look up the user {user:?}: {source}")
-            }
-            IsolationError::NoSuchUser(user) => write!(f, "no user {user:?} on this system"),
-            IsolationError::NulInName(user) => {
-                write!(f, "the user name {user:?} contains a NUL byte")
-            }
-            IsolationError::Groups { user, source } => {
-                write!(f, "cannot list the groups of {user:?}: {source}")
-            }
+            IsolationError::User(e) => write!(f, "{e}"),
             IsolationError::UseraddSpawn { user, source } => {
                 write!(f, "cannot run useradd to create the user {user}: {source}")
             }
@@ -208,9 +192,7 @@ impl fmt::Display for IsolationError {
 impl std::error::Error for IsolationError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            IsolationError::Lookup { source, .. } | IsolationError::Groups { source, .. } => {
-                Some(source)
-            }
+            IsolationError::User(e) => Some(e),
             IsolationError::Unreachable { denied, .. }
             | IsolationError::UnreadableRoot { denied, .. } => Some(&denied.error),
             _ => self.io_error().map(|e| e as _),

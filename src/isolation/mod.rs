@@ -160,7 +160,9 @@ impl Isolation {
             )?)
         };
         let managed_workers = match (config.nginx.mode, own_uid) {
-            (NginxMode::Managed, 0) => Some(Ids::of_user(&managed_nginx_user(config))?),
+            (NginxMode::Managed, 0) => {
+                Some(Ids::of_user(&managed_nginx_user(config)).map_err(IsolationError::User)?)
+            }
             _ => None,
         };
         let isolation = Isolation {

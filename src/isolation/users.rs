@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::IsolationError;
 use crate::dirfd::{self, Folder, Kind};
 use crate::names::AppName;
-use crate::process::RunAs;
+use crate::process::{RunAs, UserError};
 
 /// The records file under `ROOT/etc`.
 pub const RECORDS: &str = "app-users";
@@ -190,10 +190,10 @@ impl AppUsers {
                     }
                 }
             }
-            Err(source) => Err(IsolationError::Lookup {
+            Err(source) => Err(IsolationError::User(UserError::Lookup {
                 user: r.user.clone(),
                 source,
-            }),
+            })),
         }
     }
 
@@ -221,7 +221,12 @@ impl AppUsers {
                     Err(Created::Taken) => continue,
                     Err(Created::Failed(e)) => return Err(e),
                 },
-                Err(source) => return Err(IsolationError::Lookup { user: name, source }),
+                Err(source) => {
+                    return Err(IsolationError::User(UserError::Lookup {
+                        user: name,
+                        source,
+                    }));
+                }
             }
         }
         Err(IsolationError::NoFreeName {
