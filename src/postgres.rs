@@ -431,7 +431,10 @@ impl Provisioner {
         let bad = |what: &str, e: String| {
             PgError::Store(StoreError::Invalid {
                 path: self.store.clone(),
-                message: format!("{app}.{what}: {e}"),
+                why: store::Invalid::Entry {
+                    key: format!("{app}.{what}"),
+                    why: e,
+                },
             })
         };
         let database = Identifier::new(&entry.name).map_err(|e| bad("name", e))?;

@@ -5,23 +5,42 @@
 //! with its path, instead of stopping at the first error the way derived deserialisers do.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
 use crate::problem::Problems;
 
-/// Parses YAML text into a generic tree. The error is the parser's message, first line only
-/// (the rest is a source excerpt that the caller's own file name replaces).
-pub fn parse(text: &str) -> Result<Value, String> {
-    match serde_saphyr::from_str::<Value>(text) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid YAML").trim();
-            Err(first.strip_prefix("error: ").unwrap_or(first).to_string())
-        }
+/// Text that is not YAML: the parser's error, shown by its message's first line only (the
+/// rest is a source excerpt that the caller's own file name replaces).
+#[derive(Debug)]
+pub struct YamlError(Box<serde_saphyr::Error>);
+
+impl fmt::Display for YamlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let msg = self.0.to_string();
+        let first = msg.lines().next().unwrap_or("invalid YAML").trim();
+        f.write_str(first.strip_prefix("error: ").unwrap_or(first))
     }
+}
+
+impl std::error::Error for YamlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// For the readers that still report a text (`src/app/adopt.rs`): the message as shown.
+impl From<YamlError> for String {
+    fn from(e: YamlError) -> String {
+        e.to_string()
+    }
+}
+
+/// Parses YAML text into a generic tree.
+pub fn parse(text: &str) -> Result<Value, YamlError> {
+    serde_saphyr::from_str::<Value>(text).map_err(|e| YamlError(Box::new(e)))
 }
 
 /// Reads and parses a YAML file; problems are recorded in `problems` (file-level key).
@@ -43,8 +62,8 @@ pub fn read_file(path: &Path, problems: &mut Problems) -> Option<Value> {
 }
 
 /// Serialises a value as YAML (keter's own state files).
-pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
-    serde_saphyr::to_string(value).map_err(|e| e.to_string())
+pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, serde_saphyr::SerializeError> {
+    serde_saphyr::to_string(value)
 }
 
 /// Names a value's YAML type for error messages.
@@ -421,7 +440,7 @@ mod tests {
 
     #[test]
     fn parse_error_is_one_line() {
-        let e = parse("a: [\n").unwrap_err();
+        let e = parse("a: [\n").unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
         assert!(!e.contains('\n'));
     }

@@ -121,8 +121,11 @@ impl DeployError {
                 | PgError::Untrusted { .. }
                 | PgError::Sql { .. }
                 | PgError::Random(_) => true,
-                PgError::Store(StoreError::Read { .. } | StoreError::Write { .. }) => true,
-                PgError::Store(StoreError::Invalid { .. }) | PgError::Conflict(_) => false,
+                PgError::Store(
+                    StoreError::Read { source, .. } | StoreError::Write { source, .. },
+                ) => io_passes(source),
+                PgError::Store(StoreError::Invalid { .. } | StoreError::Render { .. })
+                | PgError::Conflict(_) => false,
             },
             DeployError::NoFreePort(_) => true,
             DeployError::Spawn { source, .. } => io_passes(source),

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ use serde_json::Value;
 
 use super::Secret;
 use crate::problem::Problems;
-use crate::yaml::{self, Fields};
+use crate::yaml::{self, Fields, YamlError};
 
 /// Keter's defaults for records without a server.
 const DEFAULT_SERVER: &str = "localhost";
@@ -37,44 +38,98 @@ pub struct StoredEntry {
 }
 
 /// Why the credentials file cannot be used. Never contains a password.
+/// Why the credentials file cannot be used; `path` is the file.
 #[derive(Debug)]
 pub enum StoreError {
-    Read { path: PathBuf, message: String },
-    Invalid { path: PathBuf, message: String },
-    Write { path: PathBuf, message: String },
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Invalid {
+        path: PathBuf,
+        why: Invalid,
+    },
+    Write {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The entries cannot be written as YAML.
+    Render {
+        path: PathBuf,
+        source: Box<serde_saphyr::SerializeError>,
+    },
+}
+
+/// What is wrong in the credentials file.
+#[derive(Debug)]
+pub enum Invalid {
+    Yaml(YamlError),
+    /// The top level is not a mapping but this (a YAML type's name).
+    NotAMapping(&'static str),
+    /// Entries with wrong or missing keys: `KEY: MESSAGE` each.
+    Entries(Vec<String>),
+    /// A recorded name keter would not have made: `APP.KEY` and why.
+    Entry {
+        key: String,
+        why: String,
+    },
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Invalid::Yaml(e) => write!(f, "invalid YAML: {e}"),
+            Invalid::NotAMapping(found) => {
+                write!(f, "expected a mapping of app names, found {found}")
+            }
+            Invalid::Entries(all) => f.write_str(&all.join("; ")),
+            Invalid::Entry { key, why } => write!(f, "{key}: {why}"),
+        }
+    }
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Read { path, message } => {
-                write!(f, "cannot read {}: {message}", path.display())
+            StoreError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
             }
-            StoreError::Invalid { path, message } => {
-                write!(
-                    f,
-                    "{}: {message}; the file is left as it is",
-                    path.display()
-                )
+            StoreError::Invalid { path, why } => {
+                write!(f, "{}: {why}; the file is left as it is", path.display())
             }
-            StoreError::Write { path, message } => {
-                write!(f, "cannot write {}: {message}", path.display())
+            StoreError::Write { path, source } => {
+                write!(f, "cannot write {}: {source}", path.display())
+            }
+            StoreError::Render { path, source } => {
+                write!(f, "cannot write {}: {source}", path.display())
             }
         }
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Read { source, .. } | StoreError::Write { source, .. } => Some(source),
+            StoreError::Render { source, .. } => Some(source.as_ref()),
+            StoreError::Invalid {
+                why: Invalid::Yaml(e),
+                ..
+            } => Some(e),
+            StoreError::Invalid { .. } => None,
+        }
+    }
+}
 
 /// Reads every record; a missing file has none.
 pub fn read(path: &Path) -> Result<BTreeMap<String, StoredEntry>, StoreError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => {
+        Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                source,
             });
         }
     };
@@ -87,25 +142,20 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, StoredEntry>, StoreError> {
             meta.permissions().mode() & 0o777
         );
     }
-    parse(&text).map_err(|message| StoreError::Invalid {
+    parse(&text).map_err(|why| StoreError::Invalid {
         path: path.to_path_buf(),
-        message,
+        why,
     })
 }
 
 /// Parses the file's text; the error lists every problem with its key.
-fn parse(text: &str) -> Result<BTreeMap<String, StoredEntry>, String> {
-    let tree = yaml::parse(text).map_err(|e| format!("invalid YAML: {e}"))?;
+fn parse(text: &str) -> Result<BTreeMap<String, StoredEntry>, Invalid> {
+    let tree = yaml::parse(text).map_err(Invalid::Yaml)?;
     let mut out = BTreeMap::new();
     let map = match tree {
         Value::Null => return Ok(out),
         Value::Object(map) => map,
-        other => {
-            return Err(format!(
-                "expected a mapping of app names, found {}",
-                yaml::type_name(&other)
-            ));
-        }
+        other => return Err(Invalid::NotAMapping(yaml::type_name(&other))),
     };
     let mut problems = Problems::new("");
     for (app, value) in &map {
@@ -151,7 +201,7 @@ fn parse(text: &str) -> Result<BTreeMap<String, StoredEntry>, String> {
             .iter()
             .map(|e| format!("{}: {}", e.key, e.message))
             .collect();
-        return Err(all.join("; "));
+        return Err(Invalid::Entries(all));
     }
     Ok(out)
 }
@@ -166,7 +216,7 @@ struct Record<'a> {
     port: u16,
 }
 
-fn render(entries: &BTreeMap<String, StoredEntry>) -> Result<String, String> {
+fn render(entries: &BTreeMap<String, StoredEntry>) -> Result<String, serde_saphyr::SerializeError> {
     let records: BTreeMap<&str, Record> = entries
         .iter()
         .map(|(app, e)| {
@@ -188,12 +238,14 @@ fn render(entries: &BTreeMap<String, StoredEntry>) -> Result<String, String> {
 /// Replaces the file with `entries`: a fresh temp file created 0600, fsync, rename over the
 /// old file, fsync of the folder.
 pub fn write(path: &Path, entries: &BTreeMap<String, StoredEntry>) -> Result<(), StoreError> {
-    let fail = |message: String| StoreError::Write {
+    let text = render(entries).map_err(|source| StoreError::Render {
         path: path.to_path_buf(),
-        message,
-    };
-    let text = render(entries).map_err(fail)?;
-    crate::atomic_file::replace(path, text.as_bytes(), 0o600).map_err(|e| fail(e.to_string()))
+        source: Box::new(source),
+    })?;
+    crate::atomic_file::replace(path, text.as_bytes(), 0o600).map_err(|source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -239,7 +291,9 @@ shop:
     #[test]
     fn empty_and_invalid_files() {
         assert!(parse("").unwrap().is_empty());
-        let e = parse("blog: {name: b, pass: p}\nshop: [1]\n").unwrap_err();
+        let e = parse("blog: {name: b, pass: p}\nshop: [1]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("blog.user: required"), "{e}");
         assert!(e.contains("shop: expected a mapping"), "{e}");
         assert!(!e.contains(": p"), "the password leaked into {e}");
