@@ -3,6 +3,7 @@
 //! daemon that could not be reached.
 
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -302,7 +303,7 @@ impl Opened {
         let (dir, sha256, scratch) = if is_bundle_dir(path) {
             (path.to_path_buf(), None, None)
         } else {
-            let scratch = Scratch::new("bundle").map_err(|e| vec![e])?;
+            let scratch = Scratch::new("bundle").map_err(|e| vec![e.to_string()])?;
             let dest = scratch.0.join("bundle");
             match bundle::unpack(path, &dest, limits) {
                 Ok(u) => (u.dir, Some(u.sha256), Some(scratch)),
@@ -356,7 +357,7 @@ fn load_config(path: Option<&Path>, scratch: &Path) -> Result<(Config, String), 
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(what: &str) -> Result<Scratch, String> {
+    fn new(what: &str) -> Result<Scratch, ScratchError> {
         use std::os::unix::fs::DirBuilderExt;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -366,8 +367,30 @@ impl Scratch {
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|source| ScratchError {
+                dir: dir.clone(),
+                source,
+            })?;
         Ok(Scratch(dir))
+    }
+}
+
+/// The temporary folder `dir` cannot be made.
+#[derive(Debug)]
+struct ScratchError {
+    dir: PathBuf,
+    source: io::Error,
+}
+
+impl std::fmt::Display for ScratchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot create {}: {}", self.dir.display(), self.source)
+    }
+}
+
+impl std::error::Error for ScratchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 

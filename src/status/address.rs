@@ -42,7 +42,7 @@ pub fn read(value: Option<&Value>, base: &Path, problems: &mut Problems) -> Opti
         None | Some(Value::Bool(true)) => Ok(DEFAULT),
         Some(Value::Bool(false)) => return None,
         Some(Value::String(s)) => parse(s, base),
-        Some(_) => Err(EXPECTED.to_string()),
+        Some(_) => Err(AddressError::NotAString),
     };
     match parsed {
         Ok(StatusAddress::Tcp(a)) if !a.ip().is_loopback() => {
@@ -63,16 +63,50 @@ pub fn read(value: Option<&Value>, base: &Path, problems: &mut Problems) -> Opti
     }
 }
 
-fn parse(text: &str, base: &Path) -> Result<StatusAddress, String> {
+/// Why a `status` value is not an address.
+#[derive(Debug)]
+enum AddressError {
+    /// Neither a string nor a boolean.
+    NotAString,
+    /// A socket path longer than `sun_path` holds.
+    TooLong(PathBuf),
+    /// Not `HOST:PORT` with an IP address.
+    NotAnAddress {
+        text: String,
+        source: std::net::AddrParseError,
+    },
+}
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddressError::NotAString => f.write_str(EXPECTED),
+            AddressError::TooLong(path) => write!(
+                f,
+                "{} is too long a path for a unix socket (at most 107 bytes)",
+                path.display()
+            ),
+            AddressError::NotAnAddress { text, .. } => write!(f, "{text:?}: {EXPECTED}"),
+        }
+    }
+}
+
+impl std::error::Error for AddressError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AddressError::NotAnAddress { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn parse(text: &str, base: &Path) -> Result<StatusAddress, AddressError> {
     let text = text.trim();
     if text.contains('/') {
         let path = crate::fspath::normalize(&base.join(text));
         // sun_path holds 108 bytes including the terminating NUL.
         if path.as_os_str().len() > 107 {
-            return Err(format!(
-                "{} is too long a path for a unix socket (at most 107 bytes)",
-                path.display()
-            ));
+            return Err(AddressError::TooLong(path));
         }
         return Ok(StatusAddress::Unix(path));
     }
@@ -82,7 +116,10 @@ fn parse(text: &str, base: &Path) -> Result<StatusAddress, String> {
     };
     addr.parse::<SocketAddr>()
         .map(StatusAddress::Tcp)
-        .map_err(|_| format!("{text:?}: {EXPECTED}"))
+        .map_err(|source| AddressError::NotAnAddress {
+            text: text.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]
