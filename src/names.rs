@@ -18,33 +18,27 @@ pub struct AppName(String);
 impl AppName {
     pub const MAX_LEN: usize = 100;
 
-    pub fn new(name: &str) -> Result<AppName, String> {
+    pub fn new(name: &str) -> Result<AppName, NameError> {
         if name.is_empty() {
-            return Err("the app name is empty".into());
+            return Err(NameError::AppEmpty);
         }
         if name.len() > Self::MAX_LEN {
-            return Err(format!(
-                "the app name is {} bytes long (at most {})",
-                name.len(),
-                Self::MAX_LEN
-            ));
+            return Err(NameError::AppTooLong(name.len()));
         }
         if name.starts_with('.') || name.starts_with('-') {
-            return Err(format!("the app name {name:?} starts with '.' or '-'"));
+            return Err(NameError::AppStart(name.to_string()));
         }
         if let Some(c) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
-            return Err(format!(
-                "the app name {name:?} contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
-            ));
+            return Err(NameError::AppChar(name.to_string(), c));
         }
         Ok(AppName(name.to_string()))
     }
 
     /// The app name of a bundle file name (`hello.keter` -> `hello`), if it is one.
-    pub fn from_bundle_file_name(file_name: &str) -> Option<Result<AppName, String>> {
+    pub fn from_bundle_file_name(file_name: &str) -> Option<Result<AppName, NameError>> {
         let stem = file_name.strip_suffix(".keter")?;
         Some(AppName::new(stem))
     }
@@ -110,22 +104,16 @@ impl Serialize for Hostname {
 }
 
 impl Hostname {
-    pub fn new(host: &str) -> Result<Hostname, String> {
+    pub fn new(host: &str) -> Result<Hostname, NameError> {
         let lower = host.to_ascii_lowercase();
         if lower.is_empty() {
-            return Err("the host name is empty".into());
+            return Err(NameError::HostEmpty);
         }
         if lower.len() > 253 {
-            return Err(format!(
-                "the host name is {} bytes long (at most 253)",
-                lower.len()
-            ));
+            return Err(NameError::HostTooLong(lower.len()));
         }
         if lower == "_" {
-            return Err(
-                "the host name \"_\" is Nginx's catch-all name, not a host; list the names to serve"
-                    .into(),
-            );
+            return Err(NameError::CatchAll);
         }
         let labels: Vec<&str> = lower.split('.').collect();
         for label in &labels {
@@ -133,14 +121,12 @@ impl Hostname {
                 continue;
             }
             if let Err(why) = check_label(label) {
-                return Err(format!("the host name {host:?} is not valid: {why}"));
+                return Err(NameError::Label(host.to_string(), why));
             }
         }
         let concrete = labels.iter().filter(|l| **l != "*").count();
         if lower.contains('*') && concrete < 2 {
-            return Err(format!(
-                "the host name {host:?} is not valid: a wildcard needs at least two other labels"
-            ));
+            return Err(NameError::Label(host.to_string(), Label::LoneWildcard));
         }
         Ok(Hostname {
             lower,
@@ -183,23 +169,21 @@ impl Hostname {
     }
 }
 
-fn check_label(label: &str) -> Result<(), String> {
+fn check_label(label: &str) -> Result<(), Label> {
     if label.is_empty() {
-        return Err("it has an empty label".into());
+        return Err(Label::Empty);
     }
     if label.len() > 63 {
-        return Err(format!("the label {label:?} is longer than 63 bytes"));
+        return Err(Label::TooLong(label.to_string()));
     }
     if let Some(c) = label
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
-        return Err(format!(
-            "it contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
-        ));
+        return Err(Label::Char(c));
     }
     if label.starts_with('-') || label.ends_with('-') {
-        return Err(format!("the label {label:?} starts or ends with '-'"));
+        return Err(Label::Hyphen(label.to_string()));
     }
     Ok(())
 }
@@ -223,15 +207,13 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(text: &str) -> Result<Host, String> {
+    pub fn new(text: &str) -> Result<Host, NameError> {
         let (name, port) = match text.rsplit_once(':') {
             Some((name, port)) => {
                 let port = match port.parse::<u16>() {
                     Ok(p) if p > 0 && !port.starts_with('+') => p,
                     _ => {
-                        return Err(format!(
-                            "the host {text:?} is not valid: {port:?} is not a port from 1 to 65535"
-                        ));
+                        return Err(NameError::Port(text.to_string(), port.to_string()));
                     }
                 };
                 (name, Some(port))
@@ -291,12 +273,12 @@ impl Serialize for Host {
 pub struct UrlPath(String);
 
 impl UrlPath {
-    pub fn new(path: &str) -> Result<UrlPath, String> {
+    pub fn new(path: &str) -> Result<UrlPath, NameError> {
         if !path.starts_with('/') {
-            return Err(format!("the path {path:?} does not start with '/'"));
+            return Err(NameError::PathStart(path.to_string()));
         }
         if path.len() > 1024 {
-            return Err("the path is longer than 1024 bytes".into());
+            return Err(NameError::PathTooLong);
         }
         if let Some(c) = path.chars().find(|c| {
             !(c.is_ascii_alphanumeric()
@@ -317,7 +299,7 @@ impl UrlPath {
                         | '?'
                 ))
         }) {
-            return Err(format!("the path {path:?} contains {c:?}"));
+            return Err(NameError::PathChar(path.to_string(), c));
         }
         Ok(UrlPath(path.to_string()))
     }
@@ -341,21 +323,21 @@ impl fmt::Display for UrlPath {
 pub struct RedirectUrl(String);
 
 impl RedirectUrl {
-    pub fn new(url: &str) -> Result<RedirectUrl, String> {
+    pub fn new(url: &str) -> Result<RedirectUrl, NameError> {
         let rest = url
             .strip_prefix("https://")
             .or_else(|| url.strip_prefix("http://"))
-            .ok_or_else(|| format!("the URL {url:?} does not start with http:// or https://"))?;
+            .ok_or_else(|| NameError::UrlScheme(url.to_string()))?;
         if rest.is_empty() || rest.starts_with('/') {
-            return Err(format!("the URL {url:?} has no host"));
+            return Err(NameError::UrlNoHost(url.to_string()));
         }
         if url.len() > 2048 {
-            return Err("the URL is longer than 2048 bytes".into());
+            return Err(NameError::UrlTooLong);
         }
         if let Some(c) = url.chars().find(|c| {
             !c.is_ascii_graphic() || matches!(c, '"' | '\'' | '\\' | '$' | ';' | '{' | '}' | '#')
         }) {
-            return Err(format!("the URL {url:?} contains {c:?}"));
+            return Err(NameError::UrlChar(url.to_string(), c));
         }
         Ok(RedirectUrl(url.to_string()))
     }
@@ -421,27 +403,135 @@ impl fmt::Display for ConfPathError {
 impl std::error::Error for ConfPathError {}
 
 /// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
-pub fn check_env_name(name: &str) -> Result<(), String> {
+pub fn check_env_name(name: &str) -> Result<(), NameError> {
     let mut chars = name.chars();
     match chars.next() {
         Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
-        _ => return Err(format!("{name:?} is not a valid environment variable name")),
+        _ => return Err(NameError::EnvName(name.to_string())),
     }
     if chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a valid environment variable name"))
+        Err(NameError::EnvName(name.to_string()))
     }
 }
 
 /// Checks an environment value: no NUL byte (it cannot be passed to exec).
-pub fn check_env_value(value: &str) -> Result<(), String> {
+pub fn check_env_value(value: &str) -> Result<(), NameError> {
     if value.contains('\0') {
-        Err("the value contains a NUL byte".into())
+        Err(NameError::EnvNul)
     } else {
         Ok(())
     }
 }
+
+/// Why a text is not a valid value of one of this module's types; each variant keeps the
+/// text refused (and the character, where one is to blame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameError {
+    AppEmpty,
+    /// Its length in bytes.
+    AppTooLong(usize),
+    AppStart(String),
+    AppChar(String, char),
+    /// A bundle file whose name does not end in `.keter`.
+    NotABundleName,
+    HostEmpty,
+    HostTooLong(usize),
+    /// `_`, Nginx's catch-all name.
+    CatchAll,
+    /// A label of the host name is not valid.
+    Label(String, Label),
+    /// `HOST:PORT` whose port (the second text) is not one.
+    Port(String, String),
+    PathStart(String),
+    PathTooLong,
+    PathChar(String, char),
+    UrlScheme(String),
+    UrlNoHost(String),
+    UrlTooLong,
+    UrlChar(String, char),
+    EnvName(String),
+    EnvNul,
+}
+
+/// What is wrong with a label of a host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Label {
+    Empty,
+    TooLong(String),
+    Char(char),
+    Hyphen(String),
+    /// A wildcard host with fewer than two other labels.
+    LoneWildcard,
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Label::Empty => f.write_str("it has an empty label"),
+            Label::TooLong(l) => write!(f, "the label {l:?} is longer than 63 bytes"),
+            Label::Char(c) => write!(
+                f,
+                "it contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
+            ),
+            Label::Hyphen(l) => write!(f, "the label {l:?} starts or ends with '-'"),
+            Label::LoneWildcard => f.write_str("a wildcard needs at least two other labels"),
+        }
+    }
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameError::AppEmpty => f.write_str("the app name is empty"),
+            NameError::AppTooLong(len) => write!(
+                f,
+                "the app name is {len} bytes long (at most {})",
+                AppName::MAX_LEN
+            ),
+            NameError::AppStart(name) => {
+                write!(f, "the app name {name:?} starts with '.' or '-'")
+            }
+            NameError::AppChar(name, c) => write!(
+                f,
+                "the app name {name:?} contains {c:?}; only letters, digits, '-', '_' and '.' are allowed"
+            ),
+            NameError::NotABundleName => f.write_str("a bundle file must be named NAME.keter"),
+            NameError::HostEmpty => f.write_str("the host name is empty"),
+            NameError::HostTooLong(len) => {
+                write!(f, "the host name is {len} bytes long (at most 253)")
+            }
+            NameError::CatchAll => f.write_str(
+                "the host name \"_\" is Nginx's catch-all name, not a host; list the names to serve",
+            ),
+            NameError::Label(host, why) => {
+                write!(f, "the host name {host:?} is not valid: {why}")
+            }
+            NameError::Port(text, port) => write!(
+                f,
+                "the host {text:?} is not valid: {port:?} is not a port from 1 to 65535"
+            ),
+            NameError::PathStart(path) => {
+                write!(f, "the path {path:?} does not start with '/'")
+            }
+            NameError::PathTooLong => f.write_str("the path is longer than 1024 bytes"),
+            NameError::PathChar(path, c) => write!(f, "the path {path:?} contains {c:?}"),
+            NameError::UrlScheme(url) => {
+                write!(f, "the URL {url:?} does not start with http:// or https://")
+            }
+            NameError::UrlNoHost(url) => write!(f, "the URL {url:?} has no host"),
+            NameError::UrlTooLong => f.write_str("the URL is longer than 2048 bytes"),
+            NameError::UrlChar(url, c) => write!(f, "the URL {url:?} contains {c:?}"),
+            NameError::EnvName(name) => {
+                write!(f, "{name:?} is not a valid environment variable name")
+            }
+            NameError::EnvNul => f.write_str("the value contains a NUL byte"),
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
 
 #[cfg(test)]
 mod tests {

@@ -84,7 +84,7 @@ impl Server {
                 return Err(format!("the socket folder {host:?} contains {c:?}"));
             }
         } else if host.parse::<IpAddr>().is_err() {
-            let name = crate::names::Hostname::new(host)?;
+            let name = crate::names::Hostname::new(host).map_err(|e| e.to_string())?;
             if name.is_wildcard() {
                 return Err(format!("{host:?} is a wildcard, not a server"));
             }

@@ -295,7 +295,7 @@ impl Opened {
             AppName::new(&label)
         } else {
             AppName::from_bundle_file_name(&label)
-                .unwrap_or_else(|| Err("a bundle file must be named NAME.keter".into()))
+                .unwrap_or(Err(crate::names::NameError::NotABundleName))
         };
         let app = name
             .map_err(|why| errors.push(format!("{label}: {why}")))
