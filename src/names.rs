@@ -453,6 +453,15 @@ pub enum NameError {
     UrlChar(String, char),
     EnvName(String),
     EnvNul,
+    /// A header name that is empty or longer than 100 bytes.
+    HeaderLength(String),
+    HeaderChar(String, char),
+    /// Text for an Nginx file longer than 4096 bytes: its length.
+    TextTooLong(usize),
+    /// Text for an Nginx file with a character Nginx would read as syntax.
+    TextChar(String, char),
+    /// A cookie name Nginx cannot read.
+    Cookie(String),
 }
 
 /// What is wrong with a label of a host name.
@@ -527,6 +536,22 @@ impl fmt::Display for NameError {
                 write!(f, "{name:?} is not a valid environment variable name")
             }
             NameError::EnvNul => f.write_str("the value contains a NUL byte"),
+            NameError::HeaderLength(name) => {
+                write!(f, "the header name {name:?} must be 1 to 100 characters")
+            }
+            NameError::HeaderChar(name, c) => write!(
+                f,
+                "the header name {name:?} contains {c:?}; only letters, digits, '-' and '_' are allowed"
+            ),
+            NameError::TextTooLong(len) => write!(f, "{len} bytes long (at most 4096)"),
+            NameError::TextChar(text, c) => write!(
+                f,
+                "{text:?} contains {c:?}, which cannot be written into an Nginx file (quotes, '\\', '$' and control characters are refused)"
+            ),
+            NameError::Cookie(name) => write!(
+                f,
+                "the cookie name {name:?} cannot be read by Nginx: it must be 1 to 100 letters, digits and '_'"
+            ),
         }
     }
 }

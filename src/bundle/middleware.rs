@@ -12,6 +12,7 @@
 use serde_json::Value;
 
 pub use super::rate_limit::{CookieName, Identifier, Rate, Throttle, Zone};
+use crate::names::NameError;
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
 
@@ -62,19 +63,15 @@ pub struct LocalOnly {
 pub struct HeaderName(String);
 
 impl HeaderName {
-    pub fn new(name: &str) -> Result<HeaderName, String> {
+    pub fn new(name: &str) -> Result<HeaderName, NameError> {
         if name.is_empty() || name.len() > 100 {
-            return Err(format!(
-                "the header name {name:?} must be 1 to 100 characters"
-            ));
+            return Err(NameError::HeaderLength(name.to_string()));
         }
         if let Some(c) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
         {
-            return Err(format!(
-                "the header name {name:?} contains {c:?}; only letters, digits, '-' and '_' are allowed"
-            ));
+            return Err(NameError::HeaderChar(name.to_string(), c));
         }
         Ok(HeaderName(name.to_string()))
     }
@@ -97,17 +94,15 @@ impl HeaderName {
 pub struct NginxString(String);
 
 impl NginxString {
-    pub fn new(text: &str) -> Result<NginxString, String> {
+    pub fn new(text: &str) -> Result<NginxString, NameError> {
         if text.len() > 4096 {
-            return Err(format!("{} bytes long (at most 4096)", text.len()));
+            return Err(NameError::TextTooLong(text.len()));
         }
         if let Some(c) = text
             .chars()
             .find(|c| c.is_control() || matches!(c, '"' | '\\' | '$'))
         {
-            return Err(format!(
-                "{text:?} contains {c:?}, which cannot be written into an Nginx file (quotes, '\\', '$' and control characters are refused)"
-            ));
+            return Err(NameError::TextChar(text.to_string(), c));
         }
         Ok(NginxString(text.to_string()))
     }

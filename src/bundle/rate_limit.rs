@@ -6,6 +6,7 @@
 use serde_json::Value;
 
 use super::middleware::{HeaderName, header_in};
+use crate::names::NameError;
 use crate::problem::Problems;
 use crate::yaml::{self, Fields};
 
@@ -96,14 +97,12 @@ pub enum Zone {
 pub struct CookieName(String);
 
 impl CookieName {
-    pub fn new(name: &str) -> Result<CookieName, String> {
+    pub fn new(name: &str) -> Result<CookieName, NameError> {
         if name.is_empty()
             || name.len() > 100
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
-            return Err(format!(
-                "the cookie name {name:?} cannot be read by Nginx: it must be 1 to 100 letters, digits and '_'"
-            ));
+            return Err(NameError::Cookie(name.to_string()));
         }
         Ok(CookieName(name.to_string()))
     }
