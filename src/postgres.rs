@@ -78,19 +78,19 @@ pub struct Server {
 impl Server {
     /// Validates `host`: an absolute socket folder (no control characters or white space), an
     /// IP address, or a host name by RFC 1123 label rules.
-    pub fn new(host: &str, port: u16) -> Result<Server, String> {
+    pub fn new(host: &str, port: u16) -> Result<Server, PgNameError> {
         if host.starts_with('/') {
             if let Some(c) = host.chars().find(|c| c.is_control() || c.is_whitespace()) {
-                return Err(format!("the socket folder {host:?} contains {c:?}"));
+                return Err(PgNameError::SocketFolder(host.to_string(), c));
             }
         } else if host.parse::<IpAddr>().is_err() {
-            let name = crate::names::Hostname::new(host).map_err(|e| e.to_string())?;
+            let name = crate::names::Hostname::new(host).map_err(PgNameError::Host)?;
             if name.is_wildcard() {
-                return Err(format!("{host:?} is a wildcard, not a server"));
+                return Err(PgNameError::Wildcard(host.to_string()));
             }
         }
         if port == 0 {
-            return Err("port 0 cannot be connected to".into());
+            return Err(PgNameError::PortZero);
         }
         Ok(Server {
             host: host.to_string(),
@@ -159,25 +159,73 @@ pub struct PostgresAdmin {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Identifier(String);
 
+/// Why a server address or a PostgreSQL name is refused; each variant keeps the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgNameError {
+    /// A socket folder with a control or white space character.
+    SocketFolder(String, char),
+    /// A host that is not a host name.
+    Host(crate::names::NameError),
+    /// A wildcard host name.
+    Wildcard(String),
+    PortZero,
+    /// Not `[a-z_][a-z0-9_]*`.
+    Identifier(String),
+    /// Longer than [`Identifier::MAX_LEN`].
+    TooLong(String),
+    /// Starts with `pg_`.
+    Reserved(String),
+}
+
+impl fmt::Display for PgNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PgNameError::SocketFolder(host, c) => {
+                write!(f, "the socket folder {host:?} contains {c:?}")
+            }
+            PgNameError::Host(e) => write!(f, "{e}"),
+            PgNameError::Wildcard(host) => write!(f, "{host:?} is a wildcard, not a server"),
+            PgNameError::PortZero => f.write_str("port 0 cannot be connected to"),
+            PgNameError::Identifier(name) => write!(
+                f,
+                "{name:?} is not a PostgreSQL name keter uses ([a-z_][a-z0-9_]*)"
+            ),
+            PgNameError::TooLong(name) => {
+                write!(f, "{name:?} is longer than {} bytes", Identifier::MAX_LEN)
+            }
+            PgNameError::Reserved(name) => {
+                write!(f, "{name:?} starts with the reserved prefix pg_")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PgNameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PgNameError::Host(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl Identifier {
     pub const MAX_LEN: usize = 63;
 
-    pub fn new(name: &str) -> Result<Identifier, String> {
+    pub fn new(name: &str) -> Result<Identifier, PgNameError> {
         let mut chars = name.chars();
         let first_ok = chars
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
         let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !first_ok || !rest_ok {
-            return Err(format!(
-                "{name:?} is not a PostgreSQL name keter uses ([a-z_][a-z0-9_]*)"
-            ));
+            return Err(PgNameError::Identifier(name.to_string()));
         }
         if name.len() > Self::MAX_LEN {
-            return Err(format!("{name:?} is longer than {} bytes", Self::MAX_LEN));
+            return Err(PgNameError::TooLong(name.to_string()));
         }
         if name.starts_with("pg_") {
-            return Err(format!("{name:?} starts with the reserved prefix pg_"));
+            return Err(PgNameError::Reserved(name.to_string()));
         }
         Ok(Identifier(name.to_string()))
     }
@@ -428,7 +476,7 @@ impl Provisioner {
         app: &AppName,
         entry: StoredEntry,
     ) -> Result<Credentials, PgError> {
-        let bad = |what: &str, e: String| {
+        let bad = |what: &str, e: PgNameError| {
             PgError::Store(StoreError::Invalid {
                 path: self.store.clone(),
                 why: store::Invalid::Entry {

@@ -94,7 +94,7 @@ impl Provisioner {
             return Err(NoSocket::NoFolder(refused));
         };
         let server = Server::new(&folder.display().to_string(), port)
-            .map_err(|e| NoSocket::NoFolder(vec![e]))?;
+            .map_err(|e| NoSocket::NoFolder(vec![e.to_string()]))?;
         // What the app will do: log in as its role, with its password, to its database.
         let login = Login {
             user: creds.role.as_str(),

@@ -71,7 +71,7 @@ pub enum Invalid {
     /// A recorded name keter would not have made: `APP.KEY` and why.
     Entry {
         key: String,
-        why: String,
+        why: super::PgNameError,
     },
 }
 
@@ -116,6 +116,10 @@ impl std::error::Error for StoreError {
                 why: Invalid::Yaml(e),
                 ..
             } => Some(e),
+            StoreError::Invalid {
+                why: Invalid::Entry { why, .. },
+                ..
+            } => Some(why),
             StoreError::Invalid { .. } => None,
         }
     }
