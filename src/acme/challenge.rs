@@ -4,7 +4,9 @@
 //! writes to). Files are readable by everyone (Nginx's workers run as another user) and
 //! removed when the attempt ends, whether it succeeded or not.
 
+use std::fmt;
 use std::fs;
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -19,13 +21,16 @@ pub struct Challenges {
 
 impl Challenges {
     /// Prepares `WEBROOT/.well-known/acme-challenge/` (0755).
-    pub fn new(webroot: &Path) -> Result<Challenges, String> {
+    pub fn new(webroot: &Path) -> Result<Challenges, ChallengeError> {
         let dir = webroot.join(".well-known").join("acme-challenge");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|source| ChallengeError::Create {
+                path: dir.clone(),
+                source,
+            })?;
         // Nginx's workers must be able to enter every folder down to the token, whatever the
         // umask of whoever created them.
         for d in [webroot.join(".well-known"), dir.clone()] {
@@ -39,11 +44,15 @@ impl Challenges {
 
     /// Writes the answer for `token`. The token comes from the CA: it must be base64url
     /// (RFC 8555 8.1), so it cannot name another path.
-    pub fn write(&mut self, token: &str, key_authorization: &str) -> Result<(), String> {
+    pub fn write(&mut self, token: &str, key_authorization: &str) -> Result<(), ChallengeError> {
         check_token(token)?;
         let path = self.dir.join(token);
-        atomic_file::replace(&path, key_authorization.as_bytes(), 0o644)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        atomic_file::replace(&path, key_authorization.as_bytes(), 0o644).map_err(|source| {
+            ChallengeError::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
         self.written.push(path);
         Ok(())
     }
@@ -61,7 +70,7 @@ impl Drop for Challenges {
     }
 }
 
-fn check_token(token: &str) -> Result<(), String> {
+fn check_token(token: &str) -> Result<(), ChallengeError> {
     let ok = !token.is_empty()
         && token.len() <= 256
         && token
@@ -70,10 +79,46 @@ fn check_token(token: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "the CA sent a challenge token that is not base64url: {:?}",
-            token.chars().take(80).collect::<String>()
-        ))
+        Err(ChallengeError::Token(token.chars().take(80).collect()))
+    }
+}
+
+/// Why a challenge answer cannot be given.
+#[derive(Debug)]
+pub enum ChallengeError {
+    /// The challenge folder cannot be made.
+    Create { path: PathBuf, source: io::Error },
+    /// The answer cannot be written.
+    Write { path: PathBuf, source: io::Error },
+    /// The CA's token is not base64url (its first 80 characters).
+    Token(String),
+}
+
+impl fmt::Display for ChallengeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChallengeError::Create { path, source } => {
+                write!(f, "cannot create {}: {source}", path.display())
+            }
+            ChallengeError::Write { path, source } => {
+                write!(f, "cannot write {}: {source}", path.display())
+            }
+            ChallengeError::Token(token) => write!(
+                f,
+                "the CA sent a challenge token that is not base64url: {token:?}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ChallengeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ChallengeError::Create { source, .. } | ChallengeError::Write { source, .. } => {
+                Some(source)
+            }
+            ChallengeError::Token(_) => None,
+        }
     }
 }
 

@@ -257,8 +257,9 @@ fn is_unknown_account(e: &instant_acme::Error) -> bool {
         if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"))
 }
 
-fn other(message: String) -> AcmeError {
-    AcmeError::new(ErrorKind::Other, message)
+/// A failure of keter's own (a file, a certificate it cannot use), as it reads.
+fn other(e: impl std::fmt::Display) -> AcmeError {
+    AcmeError::new(ErrorKind::Other, e.to_string())
 }
 
 /// The HTTP client for the CA: rustls (ring) with the system's roots or the `ca-file`'s,

@@ -85,7 +85,7 @@ impl Acme {
         clock: Arc<dyn Clock>,
     ) -> Result<Acme, String> {
         let store = Store::new(etc);
-        store.prepare()?;
+        store.prepare().map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -52,12 +52,13 @@ impl Store {
     }
 
     /// Creates `acme/` and `acme/certs/` (0700) when they are missing.
-    pub fn prepare(&self) -> Result<(), String> {
+    pub fn prepare(&self) -> Result<(), FileError> {
+        let certs = self.dir.join("certs");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(self.dir.join("certs"))
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.join("certs").display()))
+            .create(&certs)
+            .map_err(FileError::io("cannot create", &certs))
     }
 
     /// Where the certificate for `hosts` is kept.
@@ -74,15 +75,18 @@ impl Store {
         &self,
         hosts: &HostSet,
         now: SystemTime,
-    ) -> Result<Option<Certificate>, String> {
+    ) -> Result<Option<Certificate>, FileError> {
         let path = self.certificate_path(hosts);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(e) => return Err(FileError::io("cannot read", &path)(e)),
         };
-        let parsed = certificate::check(&bytes, hosts, now)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed =
+            certificate::check(&bytes, hosts, now).map_err(|why| FileError::Certificate {
+                path: path.clone(),
+                why,
+            })?;
         Ok(Some(stored(path, parsed)))
     }
 
@@ -93,16 +97,16 @@ impl Store {
         key_pem: &str,
         chain_pem: &str,
         now: SystemTime,
-    ) -> Result<Certificate, String> {
+    ) -> Result<Certificate, FileError> {
         let mut content = key_pem.trim_end().to_string();
         content.push('\n');
         content.push_str(chain_pem.trim_end());
         content.push('\n');
-        let parsed = certificate::check(content.as_bytes(), hosts, now)
-            .map_err(|e| format!("the CA sent a certificate keter cannot use: {e}"))?;
+        let parsed =
+            certificate::check(content.as_bytes(), hosts, now).map_err(FileError::FromCa)?;
         let path = self.certificate_path(hosts);
         atomic_file::replace(&path, content.as_bytes(), 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(FileError::io("cannot write", &path))?;
         Ok(stored(path, parsed))
     }
 
@@ -131,43 +135,120 @@ impl Store {
         self.dir.join(format!("account-{readable}-{hex}.json"))
     }
 
-    pub fn load_account(&self, directory: &str) -> Result<Option<StoredAccount>, String> {
+    pub fn load_account(&self, directory: &str) -> Result<Option<StoredAccount>, FileError> {
         let path = self.account_path(directory);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(e) => return Err(FileError::io("cannot read", &path)(e)),
         };
-        let account: StoredAccount = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not an account file keter wrote: {e}", path.display()))?;
+        let account: StoredAccount =
+            serde_json::from_str(&text).map_err(|source| FileError::Account {
+                path: path.clone(),
+                source,
+            })?;
         if account.directory != directory {
-            return Err(format!(
-                "{} is the account at {}, not at {directory}",
-                path.display(),
-                account.directory
-            ));
+            return Err(FileError::OtherCa {
+                path,
+                at: account.directory,
+                wanted: directory.to_string(),
+            });
         }
         Ok(Some(account))
     }
 
     /// Renames the account file of `directory` out of the way (`.json.unknown-UNIXTIME`) so
     /// that the next attempt opens a new account; it is kept for the operator.
-    pub fn set_account_aside(&self, directory: &str) -> Result<PathBuf, String> {
+    pub fn set_account_aside(&self, directory: &str) -> Result<PathBuf, FileError> {
         let path = self.account_path(directory);
         let secs = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let aside = path.with_extension(format!("json.unknown-{secs}"));
-        fs::rename(&path, &aside).map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
+        fs::rename(&path, &aside).map_err(FileError::io("cannot rename", &path))?;
         Ok(aside)
     }
 
-    pub fn save_account(&self, account: &StoredAccount) -> Result<(), String> {
+    pub fn save_account(&self, account: &StoredAccount) -> Result<(), FileError> {
         let path = self.account_path(&account.directory);
-        let text = serde_json::to_string_pretty(account)
-            .map_err(|e| format!("cannot encode the account: {e}"))?;
+        let text = serde_json::to_string_pretty(account).map_err(FileError::Encode)?;
         atomic_file::replace(&path, text.as_bytes(), 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            .map_err(FileError::io("cannot write", &path))
+    }
+}
+
+/// Why one of keter's ACME files cannot be used.
+#[derive(Debug)]
+pub enum FileError {
+    /// `what` ("cannot read", "cannot write", ...) failed on `path`.
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The stored certificate at `path` is not usable (`certificate::check` says why).
+    Certificate { path: PathBuf, why: String },
+    /// The certificate the CA sent is not usable.
+    FromCa(String),
+    /// `path` is not an account file keter wrote.
+    Account {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// `path` holds the account at the CA `at`, not at `wanted`.
+    OtherCa {
+        path: PathBuf,
+        at: String,
+        wanted: String,
+    },
+    /// The account cannot be encoded.
+    Encode(serde_json::Error),
+}
+
+impl FileError {
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FileError + 'a {
+        move |source| FileError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileError::Io { what, path, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
+            FileError::Certificate { path, why } => write!(f, "{}: {why}", path.display()),
+            FileError::FromCa(why) => {
+                write!(f, "the CA sent a certificate keter cannot use: {why}")
+            }
+            FileError::Account { path, source } => write!(
+                f,
+                "{}: not an account file keter wrote: {source}",
+                path.display()
+            ),
+            FileError::OtherCa { path, at, wanted } => write!(
+                f,
+                "{} is the account at {at}, not at {wanted}",
+                path.display()
+            ),
+            FileError::Encode(e) => write!(f, "cannot encode the account: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FileError::Io { source, .. } => Some(source),
+            FileError::Account { source, .. } | FileError::Encode(source) => Some(source),
+            FileError::Certificate { .. } | FileError::FromCa(_) | FileError::OtherCa { .. } => {
+                None
+            }
+        }
     }
 }
 
@@ -236,11 +317,12 @@ mod tests {
         let (key, chain) = pem_for(&["other.test"], now, 90);
         let e = store
             .save_certificate(&hosts, &key, &chain, now)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not for shop.test"), "{e}");
         assert!(!store.certificate_path(&hosts).exists());
         fs::write(store.certificate_path(&hosts), "damaged").unwrap();
-        let e = store.load_certificate(&hosts, now).unwrap_err();
+        let e = store.load_certificate(&hosts, now).unwrap_err().to_string();
         assert!(
             e.contains(&store.certificate_path(&hosts).display().to_string()),
             "{e}"
