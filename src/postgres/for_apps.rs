@@ -80,7 +80,7 @@ impl Provisioner {
             match listener::check_app_socket(&f, port, &trust) {
                 Ok(_) => Some(f),
                 Err(why) => {
-                    refused.push(why);
+                    refused.push(why.to_string());
                     None
                 }
             }

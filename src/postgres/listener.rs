@@ -336,7 +336,7 @@ fn open_unix(folder: &Path, port: u16, trust: &Trust) -> Result<UnixStream, Open
             .and_then(|m| socket_file_ok(&socket, &m, trust).err());
         OpenError::Untrusted(match holder {
             Some(h) => format!("{why}; {h}"),
-            None => why,
+            None => why.to_string(),
         })
     })?;
     let socket = resolved.join(&name);
@@ -355,7 +355,7 @@ fn open_unix(folder: &Path, port: u16, trust: &Trust) -> Result<UnixStream, Open
             )));
         }
     };
-    socket_file_ok(&socket, &meta, trust).map_err(OpenError::Untrusted)?;
+    socket_file_ok(&socket, &meta, trust).map_err(|e| OpenError::Untrusted(e.to_string()))?;
     let stream = UnixStream::connect(&socket)
         .map_err(|e| OpenError::Unreachable(format!("{}: {e}", socket.display())))?;
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
@@ -380,31 +380,162 @@ fn open_unix(folder: &Path, port: u16, trust: &Trust) -> Result<UnixStream, Open
 }
 
 /// The socket file must be a socket of root or the server's user.
-fn socket_file_ok(socket: &Path, meta: &Metadata, trust: &Trust) -> Result<(), String> {
+fn socket_file_ok(socket: &Path, meta: &Metadata, trust: &Trust) -> Result<(), SocketError> {
     if !meta.file_type().is_socket() {
-        return Err(format!(
-            "{} is not a socket (it belongs to {})",
-            socket.display(),
-            user_of(meta.uid())
-        ));
+        return Err(SocketError::NotASocket {
+            path: socket.to_path_buf(),
+            owner: user_of(meta.uid()),
+        });
     }
     if !trust.uid_ok(meta.uid()) {
         let held: Vec<String> = procfs::unix_listeners_at(socket)
             .into_iter()
             .map(holders)
             .collect();
-        return Err(format!(
-            "the socket {} belongs to {}{}; only {trust} may be the server",
-            socket.display(),
-            user_of(meta.uid()),
-            if held.is_empty() {
-                String::new()
-            } else {
-                format!(", {}", held.join("; "))
-            }
-        ));
+        return Err(SocketError::SocketOwner {
+            path: socket.to_path_buf(),
+            owner: user_of(meta.uid()),
+            held,
+            trust: trust.to_string(),
+        });
     }
     Ok(())
+}
+
+/// Why a socket folder or a socket is not trusted, or cannot be looked at. Folders are shown
+/// with their mode and owners ("/run/postgresql (mode 2775, owner ..., group 104)").
+#[derive(Debug)]
+pub enum SocketError {
+    NotAbsolute(PathBuf),
+    Look {
+        path: PathBuf,
+        source: io::Error,
+    },
+    ReadLink {
+        path: PathBuf,
+        source: io::Error,
+    },
+    TooManySymlinks(PathBuf),
+    NotAFolder(PathBuf),
+    /// A folder on the way may be written by others, who could replace `name` in it.
+    OpenOnTheWay {
+        folder: String,
+        trust: String,
+        name: PathBuf,
+    },
+    /// The socket folder itself may be written by others.
+    OpenFolder {
+        folder: String,
+        trust: String,
+        usage: FolderUse,
+    },
+    /// A folder on the way belongs to `owner`.
+    FolderOwner {
+        folder: String,
+        owner: String,
+        trust: String,
+    },
+    /// A folder on the way does not let apps search it.
+    NotSearchable(String),
+    NotASocket {
+        path: PathBuf,
+        owner: String,
+    },
+    /// The socket belongs to `owner`; `held` says which processes hold it.
+    SocketOwner {
+        path: PathBuf,
+        owner: String,
+        held: Vec<String>,
+        trust: String,
+    },
+    /// The socket does not let apps connect (its mode).
+    Closed {
+        path: PathBuf,
+        mode: u32,
+    },
+}
+
+impl fmt::Display for SocketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SocketError::NotAbsolute(p) => write!(f, "{} is not an absolute path", p.display()),
+            SocketError::Look { path, source } => {
+                write!(f, "cannot look at {}: {source}", path.display())
+            }
+            SocketError::ReadLink { path, source } => {
+                write!(f, "cannot read the symlink {}: {source}", path.display())
+            }
+            SocketError::TooManySymlinks(p) => write!(
+                f,
+                "more than {MAX_SYMLINKS} symlinks on the way to {}",
+                p.display()
+            ),
+            SocketError::NotAFolder(p) => write!(f, "{} is not a folder", p.display()),
+            SocketError::OpenOnTheWay {
+                folder,
+                trust,
+                name,
+            } => write!(
+                f,
+                "{folder} may be written by users other than {trust}, who could replace {} in it",
+                name.display()
+            ),
+            SocketError::OpenFolder {
+                folder,
+                trust,
+                usage,
+            } => write!(
+                f,
+                "the socket folder {folder} may be written by users other than {trust}: {}",
+                match usage {
+                    FolderUse::Keter => "they could put a socket of their own there",
+                    FolderUse::Apps => {
+                        "they could put a socket of their own there while the server is down, and apps would send it their passwords"
+                    }
+                }
+            ),
+            SocketError::FolderOwner {
+                folder,
+                owner,
+                trust,
+            } => write!(f, "{folder} belongs to {owner}, not to {trust}"),
+            SocketError::NotSearchable(folder) => write!(
+                f,
+                "{folder} does not let apps search it (x for others), so they cannot reach the socket"
+            ),
+            SocketError::NotASocket { path, owner } => write!(
+                f,
+                "{} is not a socket (it belongs to {owner})",
+                path.display()
+            ),
+            SocketError::SocketOwner {
+                path,
+                owner,
+                held,
+                trust,
+            } => {
+                write!(f, "the socket {} belongs to {owner}", path.display())?;
+                if !held.is_empty() {
+                    write!(f, ", {}", held.join("; "))?;
+                }
+                write!(f, "; only {trust} may be the server")
+            }
+            SocketError::Closed { path, mode } => write!(
+                f,
+                "the socket {} (mode {mode:04o}) does not let apps connect (w for others; unix_socket_permissions)",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SocketError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SocketError::Look { source, .. } | SocketError::ReadLink { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// Who connects through a socket folder, and so how safe it must be.
@@ -422,12 +553,15 @@ pub enum FolderUse {
 
 /// Checks the way to the socket folder `path` (module doc) and returns the folder it leads
 /// to, symlinks resolved. The message names the folder, its owner and mode, and what is wrong.
-pub fn check_folder(path: &Path, trust: &Trust, usage: FolderUse) -> Result<PathBuf, String> {
+pub fn check_folder(path: &Path, trust: &Trust, usage: FolderUse) -> Result<PathBuf, SocketError> {
     if !path.is_absolute() {
-        return Err(format!("{} is not an absolute path", path.display()));
+        return Err(SocketError::NotAbsolute(path.to_path_buf()));
     }
     let lstat = |p: &Path| {
-        fs::symlink_metadata(p).map_err(|e| format!("cannot look at {}: {e}", p.display()))
+        fs::symlink_metadata(p).map_err(|source| SocketError::Look {
+            path: p.to_path_buf(),
+            source,
+        })
     };
     // What is left to walk, last component first.
     let mut todo: Vec<PathBuf> = components_reversed(path);
@@ -445,22 +579,21 @@ pub fn check_folder(path: &Path, trust: &Trust, usage: FolderUse) -> Result<Path
         let next = at.join(&name);
         let meta = lstat(&next)?;
         if open_to_others(&at_meta, trust) && !(sticky(&at_meta) && trust.uid_ok(meta.uid())) {
-            return Err(format!(
-                "{} may be written by users other than {trust}, who could replace {} in it",
-                describe(&at, &at_meta),
-                name.display()
-            ));
+            return Err(SocketError::OpenOnTheWay {
+                folder: describe(&at, &at_meta),
+                trust: trust.to_string(),
+                name,
+            });
         }
         if meta.file_type().is_symlink() {
             hops += 1;
             if hops > MAX_SYMLINKS {
-                return Err(format!(
-                    "more than {MAX_SYMLINKS} symlinks on the way to {}",
-                    path.display()
-                ));
+                return Err(SocketError::TooManySymlinks(path.to_path_buf()));
             }
-            let target = fs::read_link(&next)
-                .map_err(|e| format!("cannot read the symlink {}: {e}", next.display()))?;
+            let target = fs::read_link(&next).map_err(|source| SocketError::ReadLink {
+                path: next.clone(),
+                source,
+            })?;
             if target.is_absolute() {
                 at = PathBuf::from("/");
                 at_meta = lstat(&at)?;
@@ -469,23 +602,18 @@ pub fn check_folder(path: &Path, trust: &Trust, usage: FolderUse) -> Result<Path
             continue;
         }
         if !meta.is_dir() {
-            return Err(format!("{} is not a folder", next.display()));
+            return Err(SocketError::NotAFolder(next));
         }
         folder_owned(&next, &meta, trust, usage)?;
         at = next;
         at_meta = meta;
     }
     if open_to_others(&at_meta, trust) && !(usage == FolderUse::Keter && sticky(&at_meta)) {
-        return Err(format!(
-            "the socket folder {} may be written by users other than {trust}: {}",
-            describe(&at, &at_meta),
-            match usage {
-                FolderUse::Keter => "they could put a socket of their own there",
-                FolderUse::Apps => {
-                    "they could put a socket of their own there while the server is down, and apps would send it their passwords"
-                }
-            }
-        ));
+        return Err(SocketError::OpenFolder {
+            folder: describe(&at, &at_meta),
+            trust: trust.to_string(),
+            usage,
+        });
     }
     Ok(at)
 }
@@ -511,19 +639,16 @@ fn folder_owned(
     meta: &Metadata,
     trust: &Trust,
     usage: FolderUse,
-) -> Result<(), String> {
+) -> Result<(), SocketError> {
     if !trust.uid_ok(meta.uid()) {
-        return Err(format!(
-            "{} belongs to {}, not to {trust}",
-            describe(path, meta),
-            user_of(meta.uid())
-        ));
+        return Err(SocketError::FolderOwner {
+            folder: describe(path, meta),
+            owner: user_of(meta.uid()),
+            trust: trust.to_string(),
+        });
     }
     if usage == FolderUse::Apps && meta.mode() & 0o001 == 0 {
-        return Err(format!(
-            "{} does not let apps search it (x for others), so they cannot reach the socket",
-            describe(path, meta)
-        ));
+        return Err(SocketError::NotSearchable(describe(path, meta)));
     }
     Ok(())
 }
@@ -552,18 +677,19 @@ fn describe(path: &Path, meta: &Metadata) -> String {
 /// Checks that apps may be given the socket folder `folder` for a server on `port`: the
 /// folder is safe for them ([`FolderUse::Apps`]) and holds the server's socket, which they may
 /// connect to. Returns the folder with its symlinks resolved.
-pub fn check_app_socket(folder: &Path, port: u16, trust: &Trust) -> Result<PathBuf, String> {
+pub fn check_app_socket(folder: &Path, port: u16, trust: &Trust) -> Result<PathBuf, SocketError> {
     let resolved = check_folder(folder, trust, FolderUse::Apps)?;
     let socket = resolved.join(format!(".s.PGSQL.{port}"));
-    let meta = fs::symlink_metadata(&socket)
-        .map_err(|e| format!("cannot look at {}: {e}", socket.display()))?;
+    let meta = fs::symlink_metadata(&socket).map_err(|source| SocketError::Look {
+        path: socket.clone(),
+        source,
+    })?;
     socket_file_ok(&socket, &meta, trust)?;
     if meta.mode() & 0o002 == 0 {
-        return Err(format!(
-            "the socket {} (mode {:04o}) does not let apps connect (w for others; unix_socket_permissions)",
-            socket.display(),
-            meta.mode() & 0o7777
-        ));
+        return Err(SocketError::Closed {
+            path: socket,
+            mode: meta.mode() & 0o7777,
+        });
     }
     Ok(resolved)
 }
@@ -675,7 +801,7 @@ mod tests {
         );
         let world = folder(&base, "world", 0o777);
         for usage in [FolderUse::Keter, FolderUse::Apps] {
-            let e = check_folder(&world, &t, usage).unwrap_err();
+            let e = check_folder(&world, &t, usage).unwrap_err().to_string();
             assert!(
                 e.contains("mode 0777") && e.contains("may be written by users other than"),
                 "{e}"
@@ -696,6 +822,7 @@ mod tests {
         assert!(
             check_folder(&inside, &t, FolderUse::Keter)
                 .unwrap_err()
+                .to_string()
                 .contains("could replace inside")
         );
         let in_sticky = folder(&sticky, "inside", 0o755);
@@ -709,6 +836,7 @@ mod tests {
         assert!(
             check_folder(&closed, &t, FolderUse::Apps)
                 .unwrap_err()
+                .to_string()
                 .contains("search")
         );
         // Symlinks are followed, and where they point is checked too.
@@ -726,7 +854,9 @@ mod tests {
         // Someone else's folder (a stranger as the server's user): refused, naming the owner.
         let stranger = Trust::with_ids("postgres", 4_000_000_000, 4_000_000_000);
         if me() != 0 {
-            let e = check_folder(&private, &stranger, FolderUse::Keter).unwrap_err();
+            let e = check_folder(&private, &stranger, FolderUse::Keter)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(&format!("belongs to uid {}", me())), "{e}");
         }
         fs::remove_dir_all(&base).unwrap();
