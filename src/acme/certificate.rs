@@ -54,35 +54,38 @@ pub struct Parsed {
 
 /// Parses a file of PEM blocks: one `PRIVATE KEY` (PKCS#8) and the certificates, the first of
 /// which must belong to that key.
-pub fn parse(pem: &[u8]) -> Result<Parsed, String> {
+pub fn parse(pem: &[u8]) -> Result<Parsed, CertificateError> {
     let mut key: Option<rcgen::KeyPair> = None;
     let mut certs: Vec<Pem> = Vec::new();
     for block in Pem::iter_from_buffer(pem) {
-        let block = block.map_err(|e| format!("not a PEM file: {e}"))?;
+        let block = block.map_err(CertificateError::NotPem)?;
         match block.label.as_str() {
             "PRIVATE KEY" => {
                 if key.is_some() {
-                    return Err("more than one private key".into());
+                    return Err(CertificateError::TwoKeys);
                 }
                 let k = rcgen::KeyPair::try_from(block.contents.as_slice())
-                    .map_err(|e| format!("the private key cannot be read: {e}"))?;
+                    .map_err(CertificateError::Key)?;
                 key = Some(k);
             }
             "CERTIFICATE" => certs.push(block),
-            other => return Err(format!("an unexpected PEM block {other:?}")),
+            other => return Err(CertificateError::UnexpectedBlock(other.to_string())),
         }
     }
-    let key = key.ok_or("no private key")?;
-    let leaf_pem = certs.first().ok_or("no certificate")?;
+    let key = key.ok_or(CertificateError::NoKey)?;
+    let leaf_pem = certs.first().ok_or(CertificateError::NoCertificate)?;
     let leaf = leaf_pem
         .parse_x509()
-        .map_err(|e| format!("the certificate cannot be read: {e}"))?;
+        .map_err(|source| CertificateError::Unreadable { index: 1, source })?;
     for (i, c) in certs.iter().enumerate().skip(1) {
         c.parse_x509()
-            .map_err(|e| format!("certificate {} of the chain cannot be read: {e}", i + 1))?;
+            .map_err(|source| CertificateError::Unreadable {
+                index: i + 1,
+                source,
+            })?;
     }
     if leaf.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
-        return Err("the private key does not belong to the certificate".into());
+        return Err(CertificateError::NotThePair);
     }
     let time = |t: &x509_parser::time::ASN1Time| -> SystemTime {
         let secs = t.timestamp();
@@ -116,25 +119,94 @@ pub fn parse(pem: &[u8]) -> Result<Parsed, String> {
 }
 
 /// Parses and checks a file's content for `hosts` at `now`: usable as it is.
-pub fn check(pem: &[u8], hosts: &HostSet, now: SystemTime) -> Result<Parsed, String> {
+pub fn check(pem: &[u8], hosts: &HostSet, now: SystemTime) -> Result<Parsed, CertificateError> {
     let parsed = parse(pem)?;
     if !hosts.matches(&parsed.names) {
-        return Err(format!(
-            "the certificate is for {}, not for {hosts}",
-            if parsed.names.is_empty() {
-                "no host name".to_string()
-            } else {
-                parsed.names.join(" ")
-            }
-        ));
+        return Err(CertificateError::OtherHosts {
+            names: parsed.names,
+            hosts: hosts.to_string(),
+        });
     }
     if parsed.not_after <= now {
-        return Err(format!(
-            "the certificate expired at {}",
-            crate::report::rfc3339(parsed.not_after)
-        ));
+        return Err(CertificateError::Expired(parsed.not_after));
     }
     Ok(parsed)
+}
+
+/// Why a certificate file is not usable.
+#[derive(Debug)]
+pub enum CertificateError {
+    NotPem(x509_parser::error::PEMError),
+    TwoKeys,
+    Key(rcgen::Error),
+    /// A PEM block of this label.
+    UnexpectedBlock(String),
+    NoKey,
+    NoCertificate,
+    /// Certificate `index` (1: the leaf) cannot be parsed.
+    Unreadable {
+        index: usize,
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// The key is not the leaf's.
+    NotThePair,
+    /// It is for these names, not for `hosts`.
+    OtherHosts {
+        names: Vec<String>,
+        hosts: String,
+    },
+    Expired(SystemTime),
+}
+
+impl std::fmt::Display for CertificateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateError::NotPem(e) => write!(f, "not a PEM file: {e}"),
+            CertificateError::TwoKeys => f.write_str("more than one private key"),
+            CertificateError::Key(e) => write!(f, "the private key cannot be read: {e}"),
+            CertificateError::UnexpectedBlock(label) => {
+                write!(f, "an unexpected PEM block {label:?}")
+            }
+            CertificateError::NoKey => f.write_str("no private key"),
+            CertificateError::NoCertificate => f.write_str("no certificate"),
+            CertificateError::Unreadable { index: 1, source } => {
+                write!(f, "the certificate cannot be read: {source}")
+            }
+            CertificateError::Unreadable { index, source } => {
+                write!(
+                    f,
+                    "certificate {index} of the chain cannot be read: {source}"
+                )
+            }
+            CertificateError::NotThePair => {
+                f.write_str("the private key does not belong to the certificate")
+            }
+            CertificateError::OtherHosts { names, hosts } if names.is_empty() => {
+                write!(f, "the certificate is for no host name, not for {hosts}")
+            }
+            CertificateError::OtherHosts { names, hosts } => write!(
+                f,
+                "the certificate is for {}, not for {hosts}",
+                names.join(" ")
+            ),
+            CertificateError::Expired(at) => write!(
+                f,
+                "the certificate expired at {}",
+                crate::report::rfc3339(*at)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CertificateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CertificateError::NotPem(e) => Some(e),
+            CertificateError::Key(e) => Some(e),
+            CertificateError::Unreadable { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,24 +267,29 @@ pub(crate) mod tests {
         let (other_key, _) = pem_for(&["shop.test"], start, 90);
         let hosts = set(&["shop.test"]);
         let now = at(1_800_000_100);
-        let e = check(format!("{other_key}{cert}").as_bytes(), &hosts, now).unwrap_err();
+        let e = check(format!("{other_key}{cert}").as_bytes(), &hosts, now)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "the private key does not belong to the certificate");
         let e = check(
             format!("{key}{cert}").as_bytes(),
             &set(&["other.test"]),
             now,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(e, "the certificate is for shop.test, not for other.test");
         let later = start + Duration::from_secs(91 * 86_400);
-        let e = check(format!("{key}{cert}").as_bytes(), &hosts, later).unwrap_err();
+        let e = check(format!("{key}{cert}").as_bytes(), &hosts, later)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("the certificate expired at "), "{e}");
         assert_eq!(
-            check(cert.as_bytes(), &hosts, now).unwrap_err(),
+            check(cert.as_bytes(), &hosts, now).unwrap_err().to_string(),
             "no private key"
         );
         assert_eq!(
-            check(key.as_bytes(), &hosts, now).unwrap_err(),
+            check(key.as_bytes(), &hosts, now).unwrap_err().to_string(),
             "no certificate"
         );
         assert!(check(b"", &hosts, now).is_err());

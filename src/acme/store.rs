@@ -187,9 +187,12 @@ pub enum FileError {
         source: io::Error,
     },
     /// The stored certificate at `path` is not usable (`certificate::check` says why).
-    Certificate { path: PathBuf, why: String },
+    Certificate {
+        path: PathBuf,
+        why: certificate::CertificateError,
+    },
     /// The certificate the CA sent is not usable.
-    FromCa(String),
+    FromCa(certificate::CertificateError),
     /// `path` is not an account file keter wrote.
     Account {
         path: PathBuf,
@@ -245,9 +248,8 @@ impl std::error::Error for FileError {
         match self {
             FileError::Io { source, .. } => Some(source),
             FileError::Account { source, .. } | FileError::Encode(source) => Some(source),
-            FileError::Certificate { .. } | FileError::FromCa(_) | FileError::OtherCa { .. } => {
-                None
-            }
+            FileError::Certificate { why, .. } | FileError::FromCa(why) => Some(why),
+            FileError::OtherCa { .. } => None,
         }
     }
 }
