@@ -12,11 +12,13 @@
 //!   retry-max-delay: 21600          # ...up to this
 //! ```
 
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use serde_json::Value;
 
 use crate::names::Hostname;
@@ -128,57 +130,116 @@ pub fn read(value: Option<&Value>, base: &Path, problems: &mut Problems) -> Opti
 }
 
 /// An `https://` URL with a host and nothing an HTTP client would refuse.
-fn check_directory(url: &str) -> Result<(), String> {
+fn check_directory(url: &str) -> Result<(), ValueError> {
     let Some(rest) = url.strip_prefix("https://") else {
-        return Err(format!(
-            "{url:?} is not an https:// URL (ACME directories are served over HTTPS only)"
-        ));
+        return Err(ValueError::NotHttps(url.to_string()));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.is_empty() {
-        return Err(format!("{url:?} names no host"));
+        return Err(ValueError::NoHost(url.to_string()));
     }
     match url.parse::<http::Uri>() {
         Ok(u) if u.host().is_some() => Ok(()),
-        _ => Err(format!("{url:?} is not a valid URL")),
+        _ => Err(ValueError::NotAUrl(url.to_string())),
+    }
+}
+
+/// Why a value of the `acme` section is refused; each variant keeps the value.
+#[derive(Debug)]
+enum ValueError {
+    NotHttps(String),
+    NoHost(String),
+    NotAUrl(String),
+    NoAt(String),
+    NotPlain(String),
+    NotADomain { email: String, domain: String },
+    ReadRoots { path: PathBuf, source: io::Error },
+    NoRoots(PathBuf),
+    NotPem { path: PathBuf, source: PemError },
+}
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueError::NotHttps(url) => write!(
+                f,
+                "{url:?} is not an https:// URL (ACME directories are served over HTTPS only)"
+            ),
+            ValueError::NoHost(url) => write!(f, "{url:?} names no host"),
+            ValueError::NotAUrl(url) => write!(f, "{url:?} is not a valid URL"),
+            ValueError::NoAt(email) => {
+                write!(f, "{email:?} is not an e-mail address (no '@')")
+            }
+            ValueError::NotPlain(email) => write!(f, "{email:?} is not a plain e-mail address"),
+            ValueError::NotADomain { email, domain } => write!(
+                f,
+                "{email:?} is not an e-mail address: {domain:?} is not a domain name"
+            ),
+            ValueError::ReadRoots { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            ValueError::NoRoots(path) => write!(
+                f,
+                "{} holds no PEM certificate (BEGIN CERTIFICATE)",
+                path.display()
+            ),
+            ValueError::NotPem { path, source } => {
+                write!(
+                    f,
+                    "{}: not a PEM certificate file: {source}",
+                    path.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ValueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ValueError::ReadRoots { source, .. } => Some(source),
+            ValueError::NotPem { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 
 /// A plain `local@domain` address: the CA turns it into a `mailto:` URL and rejects anything
 /// fancier anyway.
-fn check_email(email: &str) -> Result<(), String> {
+fn check_email(email: &str) -> Result<(), ValueError> {
     let Some((local, domain)) = email.split_once('@') else {
-        return Err(format!("{email:?} is not an e-mail address (no '@')"));
+        return Err(ValueError::NoAt(email.to_string()));
     };
     let bad_local = local.is_empty()
         || local
             .chars()
             .any(|c| !c.is_ascii_graphic() || "\"(),:;<>@[\\]".contains(c));
     if bad_local {
-        return Err(format!("{email:?} is not a plain e-mail address"));
+        return Err(ValueError::NotPlain(email.to_string()));
     }
     match Hostname::new(domain) {
         Ok(h) if !h.is_wildcard() && domain.contains('.') => Ok(()),
-        _ => Err(format!(
-            "{email:?} is not an e-mail address: {domain:?} is not a domain name"
-        )),
+        _ => Err(ValueError::NotADomain {
+            email: email.to_string(),
+            domain: domain.to_string(),
+        }),
     }
 }
 
 /// The certificates of a PEM file, at least one.
-fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, ValueError> {
+    let bytes = std::fs::read(path).map_err(|source| ValueError::ReadRoots {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let roots: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
     match roots {
         Ok(r) if !r.is_empty() => Ok(r),
-        Ok(_) => Err(format!(
-            "{} holds no PEM certificate (BEGIN CERTIFICATE)",
-            path.display()
-        )),
-        Err(e) => Err(format!(
-            "{}: not a PEM certificate file: {e}",
-            path.display()
-        )),
+        Ok(_) => Err(ValueError::NoRoots(path.to_path_buf())),
+        Err(source) => Err(ValueError::NotPem {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
