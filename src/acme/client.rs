@@ -48,7 +48,7 @@ pub struct Ca {
 
 impl Ca {
     /// Checks that an HTTP client for the CA can be made (the roots load).
-    pub fn new(config: AcmeConfig, store: Store, webroot: PathBuf) -> Result<Ca, String> {
+    pub fn new(config: AcmeConfig, store: Store, webroot: PathBuf) -> Result<Ca, TlsSetupError> {
         CaHttp::new(&config)?;
         Ok(Ca {
             config,
@@ -266,6 +266,48 @@ fn other(e: impl std::fmt::Display) -> AcmeError {
 /// timeouts on connecting and on each answer, and the CA's `Retry-After` remembered. A 5xx
 /// answer that is not an ACME problem document (a proxy's error page) and any transport
 /// failure become [`Unreachable`].
+/// Why no HTTPS client for the CA can be made.
+#[derive(Debug)]
+pub enum TlsSetupError {
+    /// The system's trusted certificates cannot be loaded.
+    SystemRoots(std::io::Error),
+    /// A certificate of `ca-file` cannot be a root.
+    Root {
+        ca_file: Option<PathBuf>,
+        source: rustls::Error,
+    },
+    /// No protocol version is left to use.
+    Protocols(rustls::Error),
+}
+
+impl std::fmt::Display for TlsSetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsSetupError::SystemRoots(e) => {
+                write!(f, "cannot load the system's trusted certificates: {e}")
+            }
+            TlsSetupError::Root { ca_file, source } => write!(
+                f,
+                "{}: a certificate cannot be used as a root: {source}",
+                ca_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            TlsSetupError::Protocols(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsSetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TlsSetupError::SystemRoots(e) => Some(e),
+            TlsSetupError::Root { source: e, .. } | TlsSetupError::Protocols(e) => Some(e),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct CaHttp {
     client: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
@@ -273,30 +315,26 @@ struct CaHttp {
 }
 
 impl CaHttp {
-    fn new(config: &AcmeConfig) -> Result<CaHttp, String> {
+    fn new(config: &AcmeConfig) -> Result<CaHttp, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = if config.ca_roots.is_empty() {
             builder
                 .with_provider_and_platform_verifier(provider)
-                .map_err(|e| format!("cannot load the system's trusted certificates: {e}"))?
+                .map_err(TlsSetupError::SystemRoots)?
         } else {
             let mut roots = rustls::RootCertStore::empty();
             for cert in &config.ca_roots {
-                roots.add(cert.clone()).map_err(|e| {
-                    format!(
-                        "{}: a certificate cannot be used as a root: {e}",
-                        config
-                            .ca_file
-                            .as_ref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default()
-                    )
-                })?;
+                roots
+                    .add(cert.clone())
+                    .map_err(|source| TlsSetupError::Root {
+                        ca_file: config.ca_file.clone(),
+                        source,
+                    })?;
             }
             let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+                .map_err(TlsSetupError::Protocols)?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
             builder.with_tls_config(tls)

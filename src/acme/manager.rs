@@ -18,12 +18,46 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 
 use super::certificate::Certificate;
-use super::client::Ca;
+use super::client::{Ca, TlsSetupError};
 use super::config::AcmeConfig;
 use super::hosts::HostSet;
 use super::schedule::{CertStatus, Scheduler};
-use super::store::Store;
+use super::store::{FileError, Store};
 use crate::report::rfc3339;
+
+/// Why the ACME thread cannot start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Its folder cannot be made.
+    Store(FileError),
+    /// Its runtime cannot be made.
+    Runtime(std::io::Error),
+    /// No HTTPS client for the CA can be made.
+    Tls(TlsSetupError),
+    /// Its thread cannot be started.
+    Thread(std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Store(e) => write!(f, "{e}"),
+            StartError::Runtime(e) => write!(f, "cannot start the ACME client's runtime: {e}"),
+            StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Thread(e) => write!(f, "cannot start the ACME thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Store(e) => Some(e),
+            StartError::Runtime(e) | StartError::Thread(e) => Some(e),
+            StartError::Tls(e) => Some(e),
+        }
+    }
+}
 
 /// The longest the thread sleeps before looking at the wall clock again (a suspended machine
 /// or a clock set forward is noticed within this).
@@ -74,7 +108,7 @@ struct Stop {
 impl Acme {
     /// Starts the thread for keter's root whose `etc/` folder is `etc`; challenge answers go
     /// into `webroot` (the `acme-webroot` that Nginx serves).
-    pub fn start(config: AcmeConfig, etc: &Path, webroot: &Path) -> Result<Acme, String> {
+    pub fn start(config: AcmeConfig, etc: &Path, webroot: &Path) -> Result<Acme, StartError> {
         Acme::start_with_clock(config, etc, webroot, Arc::new(SystemClock))
     }
 
@@ -83,16 +117,16 @@ impl Acme {
         etc: &Path,
         webroot: &Path,
         clock: Arc<dyn Clock>,
-    ) -> Result<Acme, String> {
+    ) -> Result<Acme, StartError> {
         let store = Store::new(etc);
-        store.prepare().map_err(|e| e.to_string())?;
+        store.prepare().map_err(StartError::Store)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the ACME client's runtime: {e}"))?;
+            .map_err(StartError::Runtime)?;
         let directory = config.directory.clone();
         let retry = config.retry;
-        let ca = Ca::new(config, store.clone(), webroot.to_path_buf())?;
+        let ca = Ca::new(config, store.clone(), webroot.to_path_buf()).map_err(StartError::Tls)?;
         let (tx, rx) = unbounded();
         let stopping = Arc::new(Stop {
             flag: AtomicBool::new(false),
@@ -113,7 +147,7 @@ impl Acme {
         let thread = std::thread::Builder::new()
             .name("acme".into())
             .spawn(move || worker.run())
-            .map_err(|e| format!("cannot start the ACME thread: {e}"))?;
+            .map_err(StartError::Thread)?;
         Ok(Acme {
             tx: Mutex::new(Some(tx)),
             stopping,
