@@ -31,17 +31,20 @@ pub enum AppState {
     CrashLooping,
     /// The last deploy failed and no version serves.
     Failed,
+    /// The bundle was deleted: the app is out of Nginx and its processes are being stopped.
+    Stopping,
     /// No version runs (the bundle was deleted).
     Stopped,
 }
 
 impl AppState {
-    pub const ALL: [AppState; 6] = [
+    pub const ALL: [AppState; 7] = [
         AppState::Starting,
         AppState::Running,
         AppState::Deploying,
         AppState::CrashLooping,
         AppState::Failed,
+        AppState::Stopping,
         AppState::Stopped,
     ];
 
@@ -52,6 +55,7 @@ impl AppState {
             AppState::Deploying => "deploying",
             AppState::CrashLooping => "crash-looping",
             AppState::Failed => "failed",
+            AppState::Stopping => "stopping",
             AppState::Stopped => "stopped",
         }
     }
@@ -65,14 +69,17 @@ pub enum DeployResult {
     Failed,
     Superseded,
     Unchanged,
+    /// A stop (the bundle deleted, keter stopping or being upgraded) interrupted it.
+    Stopped,
 }
 
 impl DeployResult {
-    pub const ALL: [DeployResult; 4] = [
+    pub const ALL: [DeployResult; 5] = [
         DeployResult::Succeeded,
         DeployResult::Failed,
         DeployResult::Superseded,
         DeployResult::Unchanged,
+        DeployResult::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +88,7 @@ impl DeployResult {
             DeployResult::Failed => "failed",
             DeployResult::Superseded => "superseded",
             DeployResult::Unchanged => "unchanged",
+            DeployResult::Stopped => "stopped",
         }
     }
 }
@@ -238,7 +246,7 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct Reports {
     apps: Mutex<BTreeMap<String, AppReport>>,
-    deploys: [AtomicU64; 4],
+    deploys: [AtomicU64; DeployResult::ALL.len()],
     /// Rename-to-switch time of successful deploys.
     pub deploy_duration: Histogram,
     /// Start-to-ready time of webapp processes.

@@ -190,11 +190,11 @@ fn adopt_app(
         .into_iter()
         .filter_map(|v| version(name, v, false, inherited, &mut watches, &mut drains, now))
         .map(|version| Retiring {
-            version,
+            version: Box::new(version),
             since: now,
         })
         .collect();
-    for v in serving.iter().chain(retiring.iter().map(|r| &r.version)) {
+    for v in serving.iter().chain(retiring.iter().map(|r| &*r.version)) {
         out.dirs.insert(v.dir.clone());
         out.ports.extend(v.ports());
         out.next_id = out.next_id.max(v.id + 1);
@@ -213,7 +213,7 @@ fn adopt_app(
     });
     let mut machine = Machine::new(name.clone());
     machine.life = match serving {
-        Some(v) => Life::Serving(v),
+        Some(v) => Life::Serving(Box::new(v)),
         None if failed.is_some() => Life::Idle(Why::Failed),
         None => Life::Idle(Why::New),
     };
