@@ -73,6 +73,8 @@ struct Fake {
     answers: usize,
     /// The wall clock, as far from `now` as it was at the start unless jumped.
     wall: std::time::SystemTime,
+    /// The hosts the app kept at its last release of the others.
+    hosts_used: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Fake {
@@ -110,6 +112,7 @@ impl Fake {
             published: None,
             answers: 0,
             wall: std::time::SystemTime::now(),
+            hosts_used: None,
         }
     }
 
@@ -214,7 +217,9 @@ impl Effects for Fake {
     fn drained(&self, _: &Version, _: Duration) -> bool {
         self.drained
     }
-    fn release_hosts(&mut self, _: &[&Hostname]) {}
+    fn release_hosts(&mut self, used: &[&Hostname]) {
+        self.hosts_used = Some(used.iter().map(|h| h.to_string()).collect());
+    }
     fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
         self.refreshed.push(job.version);
         self.rewritten += usize::from(unless_same);
@@ -791,6 +796,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
 }
 
 mod ports;
+mod random;
 mod takeover;
 
 #[test]
