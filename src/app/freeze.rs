@@ -45,8 +45,12 @@ impl Machine {
                     None
                 }
             },
+            // A stop waiting for an unpack: the stop is held (a shutdown goes on: the worker
+            // ends once the unpack is back).
             Life::Stopping {
-                serving, deploy, ..
+                serving,
+                deploy,
+                exit: false,
             } if matches!(deploy.stage, Stage::Unpacking) => {
                 self.life = back_to(serving);
                 Some(Command::Stop)

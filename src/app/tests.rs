@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::DeployError;
-use super::machine::{Event, Life, Machine, PORT_WATCH, Stage};
+use super::machine::{Event, Handover, Life, Machine, PORT_WATCH, Stage};
 use super::version::{FileStamp, Proc, ProcState, Role, Version};
 use super::{Command, Effects};
 use crate::names::{AppName, Hostname};
@@ -901,4 +901,82 @@ fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_di
     m.tick(&mut fx);
     assert_eq!((fx.refreshed.len(), fx.rewritten), (2, 1));
     assert!(!m.rewrite_due && !m.refresh_due);
+}
+
+#[test]
+fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_versions_are() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.on(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.step(vec![Event::Command(Command::Stop)], &mut fx);
+    let last = m.report(0, fx.wall).last_deploy.unwrap();
+    assert_eq!(last.result, DeployResult::Stopped);
+    assert_eq!(fx.finished.last(), Some(&DeployResult::Stopped));
+    // Out of Nginx at once; stopped only once both versions are.
+    assert_eq!(fx.removed_site, 1);
+    assert!(fx.discarded.contains(&v1) && fx.discarded.contains(&v2));
+    assert_eq!(m.report(0, fx.wall).state, AppState::Stopping);
+    assert!(fx.stopped.is_empty());
+    // A deploy meanwhile waits for the stop, and then goes ahead.
+    let path = fx.bundle(3);
+    m.step(
+        vec![Event::Command(Command::Deploy { path, retry: false })],
+        &mut fx,
+    );
+    let prepares = fx.prepares.len();
+    settle(&mut m, &mut fx);
+    assert_eq!(fx.stopped, [4]);
+    assert_eq!(
+        fx.prepares.len(),
+        prepares + 1,
+        "the deploy received meanwhile was dropped"
+    );
+}
+
+#[test]
+fn commands_queued_together_are_merged_and_a_shutdown_among_them_wins() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let (a, b) = (fx.bundle(1), fx.bundle(2));
+    m.step(
+        vec![
+            Event::Command(Command::Deploy {
+                path: a,
+                retry: false,
+            }),
+            Event::Command(Command::Stop),
+            Event::Command(Command::Deploy {
+                path: b,
+                retry: false,
+            }),
+        ],
+        &mut fx,
+    );
+    // Only the newest was acted on; every command is counted.
+    assert_eq!(fx.prepares.len(), 1);
+    assert_eq!(m.commands, 3);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let path = fx.bundle(3);
+    m.step(
+        vec![
+            Event::Command(Command::Deploy { path, retry: false }),
+            Event::Shutdown,
+            Event::Handover(Handover::Freeze(tx)),
+        ],
+        &mut fx,
+    );
+    assert_eq!(
+        fx.prepares.len(),
+        1,
+        "a command before a shutdown was acted on"
+    );
+    assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
+    drop(rx);
 }
