@@ -43,6 +43,8 @@ impl fmt::Display for NotRunning {
     }
 }
 
+impl std::error::Error for NotRunning {}
+
 /// The pid of the running Nginx master named by `pid_file`, checked against `/proc`.
 pub fn master_pid(pid_file: &Path) -> Result<i32, NotRunning> {
     let text = fs::read_to_string(pid_file)
