@@ -51,7 +51,7 @@ pub enum Unconfirmed {
     Timeout {
         generation: u64,
         timeout: Duration,
-        last: String,
+        last: Answered,
         unincluded: Option<PathBuf>,
     },
     /// System mode: no master to signal.
@@ -67,6 +67,22 @@ pub enum Unconfirmed {
     Watch(Arc<io::Error>),
     /// The controller has stopped: the daemon is shutting down.
     Stopped,
+}
+
+/// What Nginx's control socket answered instead of the generation awaited.
+#[derive(Debug, Clone)]
+pub enum Answered {
+    /// An earlier generation.
+    Older(u64),
+    /// A worker that is not the current master's (workers of a master that died answer until
+    /// they are stopped).
+    Stranger(i32),
+    /// An HTTP status other than 200.
+    Status(u16),
+    /// A body that is not `GENERATION PID`.
+    Garbled(String),
+    /// No answer: nothing listens, or it did not answer in time.
+    Nothing(Arc<io::Error>),
 }
 
 /// Why a configuration file could not be rendered.
@@ -209,7 +225,34 @@ impl Error for Unconfirmed {
             Unconfirmed::Start { source, .. } => Some(&**source),
             Unconfirmed::Watch(source) => Some(&**source),
             Unconfirmed::NotRunning(e) => Some(e),
-            Unconfirmed::Timeout { .. } | Unconfirmed::Stopped => None,
+            Unconfirmed::Timeout { last, .. } => Some(last),
+            Unconfirmed::Stopped => None,
+        }
+    }
+}
+
+impl fmt::Display for Answered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Answered::Older(g) => write!(f, "still generation {g}"),
+            Answered::Stranger(w) => {
+                write!(
+                    f,
+                    "answered by worker {w}, which is not the current master's"
+                )
+            }
+            Answered::Status(s) => write!(f, "status {s}"),
+            Answered::Garbled(body) => write!(f, "unexpected answer {body:?}"),
+            Answered::Nothing(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Error for Answered {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            Answered::Nothing(e) => Some(&**e),
+            _ => None,
         }
     }
 }

@@ -26,7 +26,7 @@ use objects::{Object, object_name};
 use site::{Front, ServerView};
 
 pub use controller::{Nginx, NginxCounters, NginxHandle, live_files, live_sha256, upstream_ports};
-pub use error::{NginxError, RenderError, Unconfirmed};
+pub use error::{Answered, NginxError, RenderError, Unconfirmed};
 pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");

@@ -45,7 +45,7 @@ pub use disk::{live_files, live_sha256, upstream_ports};
 use plan::{Plan, Request};
 use world::World;
 
-use super::error::{NginxError, RenderError, Unconfirmed};
+use super::error::{Answered, NginxError, RenderError, Unconfirmed};
 use super::system::{self, NotRunning};
 use super::{Renderer, Site, SiteFile};
 use crate::atomic_file;
@@ -138,8 +138,9 @@ trait Effects {
     fn stop_group(&mut self, pid: i32, timeout: Duration);
     /// Managed mode at exit: the control socket's file.
     fn remove_control_socket(&mut self);
-    /// Asks the control socket once which generation runs.
-    fn ask_generation(&self) -> Heard;
+    /// Asks the control socket once which generation runs: the generation and the pid of the
+    /// worker that answered.
+    fn ask_generation(&self) -> Result<(u64, i32), Answered>;
     fn parent_of(&self, pid: i32) -> Option<i32>;
     /// Whether the control socket's file exists (system mode: is `http.conf` included?).
     fn control_socket_exists(&self) -> bool;
@@ -151,19 +152,6 @@ trait Effects {
     fn wait_retired(&mut self, old: &[i32]);
     /// Gives `worker-files/` to the group of `master`'s workers, if that changed.
     fn share_with_workers(&mut self, master: i32);
-}
-
-/// What the control socket answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Heard {
-    /// Generation `generation`, from worker `worker`.
-    Runs { generation: u64, worker: i32 },
-    /// An HTTP status other than 200.
-    Status(u16),
-    /// A body that is not "GENERATION PID".
-    Garbled(String),
-    /// No answer (connection refused, timeout).
-    Nothing(String),
 }
 
 impl Nginx {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Effects, Heard, NginxCounters, NginxError, Unconfirmed};
+use super::{Answered, Effects, NginxCounters, NginxError, Unconfirmed};
 use crate::config::{NginxConfig, NginxMode};
 use crate::names::AppName;
 use crate::nginx::Site;
@@ -395,25 +395,17 @@ impl Plan {
 
     /// Whether the current master runs the current generation (or a later one); what the
     /// control socket answered otherwise.
-    fn answers(&self, fx: &impl Effects) -> Result<(), String> {
-        match fx.ask_generation() {
-            Heard::Runs { generation, worker } => {
-                let master = self.current_master(fx);
-                // Workers of a master that died keep answering until stopped: only the
-                // current master's workers count.
-                if master.is_some() && fx.parent_of(worker) != master {
-                    Err(format!(
-                        "answered by worker {worker}, which is not the current master's"
-                    ))
-                } else if generation >= self.generation {
-                    Ok(())
-                } else {
-                    Err(format!("still generation {generation}"))
-                }
-            }
-            Heard::Status(status) => Err(format!("status {status}")),
-            Heard::Garbled(body) => Err(format!("unexpected answer {body:?}")),
-            Heard::Nothing(why) => Err(why),
+    fn answers(&self, fx: &impl Effects) -> Result<(), Answered> {
+        let (generation, worker) = fx.ask_generation()?;
+        let master = self.current_master(fx);
+        // Workers of a master that died keep answering until stopped: only the current
+        // master's workers count.
+        if master.is_some() && fx.parent_of(worker) != master {
+            Err(Answered::Stranger(worker))
+        } else if generation >= self.generation {
+            Ok(())
+        } else {
+            Err(Answered::Older(generation))
         }
     }
 

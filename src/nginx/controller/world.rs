@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 
 use super::disk::{longest_bound, write_if_changed, written_generation};
 use super::plan::Found;
-use super::{Effects, Heard, Msg, NginxError, RenderError, Unconfirmed, write_atomic};
+use super::{Answered, Effects, Msg, NginxError, RenderError, Unconfirmed, write_atomic};
 use crate::config::{Config, NginxConfig, NginxMode};
 use crate::names::AppName;
 use crate::nginx::system::{self, Blame, NotRunning};
@@ -236,25 +236,20 @@ impl Effects for World {
         let _ = fs::remove_file(&self.paths.control_socket);
     }
 
-    fn ask_generation(&self) -> Heard {
-        let r = match probe::get_unix(
+    fn ask_generation(&self) -> Result<(u64, i32), Answered> {
+        let r = probe::get_unix(
             &self.paths.control_socket,
             "/keter-generation",
             Duration::from_secs(1),
-        ) {
-            Ok(r) => r,
-            Err(e) => return Heard::Nothing(e.to_string()),
-        };
+        )
+        .map_err(|e| Answered::Nothing(Arc::new(e)))?;
         if r.status != 200 {
-            return Heard::Status(r.status);
+            return Err(Answered::Status(r.status));
         }
         let mut words = r.body.split_whitespace();
         let generation = words.next().and_then(|g| g.parse::<u64>().ok());
         let worker = words.next().and_then(|p| p.parse::<i32>().ok());
-        match (generation, worker) {
-            (Some(generation), Some(worker)) => Heard::Runs { generation, worker },
-            _ => Heard::Garbled(r.body),
-        }
+        generation.zip(worker).ok_or(Answered::Garbled(r.body))
     }
 
     fn parent_of(&self, pid: i32) -> Option<i32> {
