@@ -9,20 +9,23 @@
 //! generation it runs and reports success only once the new one answers. In managed mode the
 //! controller also runs the Nginx master and restarts it if it dies.
 //!
-//! The parts, as in the app worker (`src/app/machine.rs`):
+//! The parts, as in the app worker (`src/app/machine.rs`, `docs/lifecycle.md`):
 //!
-//! * [`plan`] decides, and touches the world only through [`Effects`], so `tests.rs` drives it
-//!   with a fake Nginx and a fake clock. Its state: the generation written (only grows), the
-//!   text of every live app file, the worker files each names, the apps whose removal Nginx
-//!   did not take, and the managed master (running since, or due to be restarted at, with
-//!   its backoff). Its events: [`Plan::start`] (once, with what an earlier run left on disk),
-//!   [`Plan::apply`] (a batch of requests; returns each requester's answer, in order),
-//!   [`Plan::exited`] (the master died), [`Plan::restart_master`] (its restart is due,
-//!   [`Plan::restart_at`]) and [`Plan::stop`].
-//! * `world.rs` is the real world: files, `nginx -t`, SIGHUP, the control socket, `/proc`,
-//!   the master's process (`master.rs`), the clock.
-//! * This file is the thread: it receives the requests, batches what is already waiting,
-//!   feeds the planner, sends the answers, and holds still for an in-place upgrade.
+//! * `plan.rs` decides, and touches the world only through the `Effects` trait below, so
+//!   `tests.rs` drives it with a fake Nginx and a fake clock. Its state: the generation
+//!   written to `generation.conf` (only grows), the text of every live app file, the worker
+//!   files each names, the apps whose removal Nginx did not take, and the managed master (its
+//!   pid and start, or when it is due to be started again, with its backoff). Its events:
+//!   `Plan::start` (once, with what an earlier run left on disk), `Plan::apply` (a batch of
+//!   requests; returns each requester's answer, in the order decided), `Plan::exited` (a
+//!   watched process ended), `Plan::restart_master` (at `Plan::restart_at`) and `Plan::stop`.
+//! * `world.rs` is the real world: the files under `ROOT/nginx`, `nginx -t`, SIGHUP, the
+//!   control socket, `/proc`, the clock; `master.rs` starts, takes over and watches the
+//!   managed master's process.
+//! * This file is the thread: it receives the requests, puts everything already waiting into
+//!   one batch, feeds the planner, sends the answers, and holds still for an in-place upgrade.
+//!
+//! Errors are typed in `src/nginx/error.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
