@@ -272,13 +272,13 @@ impl NginxHandle {
     }
 }
 
-/// The controller thread: the planner and the real world it acts on.
-struct Actor {
+/// The controller thread: the planner and the world it acts on (the real one but in tests).
+struct Actor<E: Effects> {
     plan: Plan,
-    world: World,
+    world: E,
 }
 
-impl Actor {
+impl<E: Effects> Actor<E> {
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
             let msg = match self.plan.restart_at() {

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::plan::{Answer, Found, Plan, Request};
-use super::{Answered, Effects, NginxCounters, NginxError, RenderError, Unconfirmed};
+use super::{
+    Actor, Answered, Change, Effects, Msg, NginxCounters, NginxError, NginxHandle, RenderError,
+    Unconfirmed,
+};
 use crate::config::{NginxConfig, NginxMode};
 use crate::names::AppName;
 use crate::nginx::system::NotRunning;
@@ -639,4 +642,60 @@ fn system_mode_names_the_missing_include_when_the_control_socket_is_absent() {
     s.fx.take_log();
     s.plan.stop(&mut s.fx);
     assert_eq!(s.fx.log, ["remove all", "test", "hup 7"]);
+}
+
+#[test]
+fn the_thread_puts_every_waiting_request_into_one_reload_and_answers_each() {
+    let s = started();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut answers = Vec::new();
+    for request in [set("a", "a1"), set("b", "BROKEN"), remove("c")] {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        tx.send(Msg::Apply(Change { request, reply })).unwrap();
+        answers.push(answer);
+    }
+    // The master's exit, queued behind the requests, is seen before the batch is applied:
+    // the batch starts a new master rather than signalling the dead one.
+    tx.send(Msg::Exited {
+        pid: 100,
+        status: None,
+    })
+    .unwrap();
+    tx.send(Msg::Shutdown).unwrap();
+    let mut actor = Actor {
+        plan: s.plan,
+        world: s.fx,
+    };
+    actor.world.alive.remove(&100);
+    actor.run(rx);
+    let got: Vec<Option<u64>> = answers.iter().map(|a| a.try_recv().unwrap().ok()).collect();
+    assert_eq!(got, [Some(4), None, Some(7)]);
+    // One batch refused, then each change alone; the exit stopped the group; the shutdown
+    // stopped the master started meanwhile.
+    assert_eq!(actor.world.count("test"), 4);
+    assert_eq!(
+        actor.world.log.first().map(String::as_str),
+        Some("stop 100")
+    );
+    assert_eq!(actor.world.log.last().map(String::as_str), Some("stop 110"));
+    assert_eq!(actor.world.count("start"), 1);
+}
+
+#[test]
+fn a_request_after_the_controller_stopped_is_answered_so() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    drop(rx);
+    let handle = NginxHandle {
+        tx,
+        master_pid: Arc::new(AtomicI32::new(0)),
+        mode: NginxMode::Managed,
+        pid_file: "/run/nginx.pid".into(),
+    };
+    let e = handle.apply(&name("a"), None).unwrap_err();
+    assert!(matches!(e, NginxError::Unconfirmed(Unconfirmed::Stopped)));
+    assert_eq!(
+        e.to_string(),
+        "Nginx did not take the new configuration: the nginx controller has stopped"
+    );
+    assert_eq!(handle.master_pid(), None);
 }
