@@ -136,7 +136,7 @@ pub fn run(
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
     empty_temp(&config.root, &recovery.dirs)?;
-    let mut renderer = Renderer::new(&config).map_err(Fatal)?;
+    let mut renderer = Renderer::new(&config).map_err(|e| Fatal(e.to_string()))?;
     renderer.worker_user = isolation.managed_worker_user();
     let nginx = Nginx::start(&config, Arc::new(renderer), &recovery.sites)
         .map_err(|e| Fatal(format!("nginx: {e}")))?;

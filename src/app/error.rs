@@ -124,7 +124,7 @@ impl DeployError {
                 Some(libc::EAGAIN | libc::ENOMEM | libc::ENFILE | libc::EMFILE)
             ),
             DeployError::NotReady(NotReady::Timeout { .. }) => true,
-            DeployError::Nginx(e) => !matches!(e, NginxError::Rejected(_)),
+            DeployError::Nginx(e) => e.transient(),
             DeployError::Bundle(_)
             | DeployError::Unpack(_)
             | DeployError::Config(_)
@@ -210,7 +210,10 @@ mod tests {
         assert!(DeployError::Unpack(UnpackError::Io("No space left on device".into())).transient());
         assert!(!DeployError::Unpack(UnpackError::Refused("..".into())).transient());
         assert!(DeployError::NoFreePort(4000..=4001).transient());
-        assert!(DeployError::Nginx(NginxError::Unconfirmed("down".into())).transient());
+        assert!(
+            DeployError::Nginx(NginxError::Unconfirmed(crate::nginx::Unconfirmed::Stopped))
+                .transient()
+        );
         assert!(!DeployError::Nginx(NginxError::Rejected("bad".into())).transient());
         assert!(!DeployError::Config(Invalid(Vec::new())).transient());
         assert!(!DeployError::NoPostgresServer.transient());

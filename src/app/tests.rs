@@ -226,7 +226,9 @@ impl Effects for Fake {
         self.refreshed_ports.push(job.ports.clone());
         if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
-            return Err(DeployError::Nginx(NginxError::Unconfirmed("test".into())));
+            return Err(DeployError::Nginx(NginxError::Unconfirmed(
+                crate::nginx::Unconfirmed::Stopped,
+            )));
         }
         Ok(10)
     }

@@ -92,7 +92,7 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
     }
     let renderer = match Renderer::new(&config) {
         Ok(r) => r,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let first = *config.port_range.start();
     let last = *config.port_range.end();
@@ -151,7 +151,7 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }
 
