@@ -479,3 +479,88 @@ pub fn take() -> Option<Result<Takeover, TakeError>> {
         from: handed.from,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::Reads;
+    use crate::formats::handover::{self as format, RANGELESS};
+
+    fn ours() -> Answer {
+        format::answer("/var/lib/keter".into(), "managed")
+    }
+
+    fn rangeless(handover: u32, records: u32) -> Answer {
+        Answer {
+            keter: "0.1.0".into(),
+            handover,
+            records,
+            reads_handover: None,
+            reads_records: None,
+            ..ours()
+        }
+    }
+
+    #[test]
+    fn a_binary_that_reads_these_formats_takes_over_whatever_it_writes() {
+        assert!(decide(ours(), &ours()).is_ok());
+        // A newer one that reads from format 1 on.
+        let newer = Answer {
+            handover: FORMAT + 1,
+            records: records::FORMAT + 1,
+            reads_handover: Some(Reads {
+                oldest: 1,
+                newest: FORMAT + 1,
+            }),
+            reads_records: Some(Reads {
+                oldest: 1,
+                newest: records::FORMAT + 1,
+            }),
+            ..ours()
+        };
+        assert!(decide(newer, &ours()).is_ok());
+        // One before the ranges reads its own formats: these, as long as they are format 1.
+        assert_eq!(
+            decide(rangeless(RANGELESS, RANGELESS), &ours()).is_ok(),
+            FORMAT == RANGELESS && records::FORMAT == RANGELESS
+        );
+    }
+
+    #[test]
+    fn a_binary_that_cannot_read_these_formats_is_refused_saying_which_it_reads() {
+        let older = Answer {
+            reads_records: Some(Reads {
+                oldest: records::FORMAT + 1,
+                newest: records::FORMAT + 2,
+            }),
+            ..ours()
+        };
+        let e = decide(older, &ours()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "records of format {} to {}",
+                records::FORMAT + 1,
+                records::FORMAT + 2
+            )) && e.contains(&format!("this keter writes handover format {FORMAT}")),
+            "{e}"
+        );
+        let e = decide(rangeless(99, 1), &ours()).unwrap_err().to_string();
+        assert!(e.contains("reads handover format 99"), "{e}");
+    }
+
+    #[test]
+    fn another_root_or_nginx_mode_is_refused() {
+        let moved = Answer {
+            root: "/srv/keter".into(),
+            ..ours()
+        };
+        let e = decide(moved, &ours()).unwrap_err().to_string();
+        assert!(e.contains("restart keter to move it"), "{e}");
+        let system = Answer {
+            nginx_mode: "system".into(),
+            ..ours()
+        };
+        let e = decide(system, &ours()).unwrap_err().to_string();
+        assert!(e.contains("restart keter to change it"), "{e}");
+    }
+}

@@ -13,8 +13,8 @@ use super::records::{self, *};
 use super::{Mono, Reads};
 
 /// What to do when the current format's files and this build disagree.
-const CHANGED: &str = "the persisted types changed (src/formats/): a keter of the format before \
-would misread what this build writes. Raise FORMAT in src/formats/records.rs or \
+const CHANGED: &str = "the persisted types changed (src/formats/), so this build no longer \
+writes the format it names, and another keter would misread it. Raise FORMAT in src/formats/records.rs or \
 src/formats/handover.rs, add the row to the history in src/formats/mod.rs, read the previous \
 format in read(), capture the new format's files (KETER_BIN=target/debug/keter \
 KETER_CAPTURE=tests/fixtures/formats cargo test --test integration capture_format_fixtures -- \

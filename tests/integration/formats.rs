@@ -96,14 +96,13 @@ fn the_new_binary_answers_with_the_formats_it_reads() {
     );
 }
 
-#[test]
-#[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
-fn an_in_place_upgrade_from_the_build_before_keeps_every_app() {
-    let old = before();
-    let dir = TempDir::new("formats-upgrade-bin");
-    let bin = binary_at(&dir.0, &old);
+/// Starts `from` at a path of its own with three apps under traffic, puts `to` at that path
+/// and sends SIGUSR2: every app keeps its processes and no request fails.
+fn upgrade_in_place(label: &str, from: &Path, to: &Path) {
+    let dir = TempDir::new(&format!("{label}-bin"));
+    let bin = binary_at(&dir.0, from);
     let k = Keter::start_with(
-        "formats-upgrade",
+        label,
         Opts {
             binary: Some(bin.clone()),
             ..Opts::default()
@@ -115,7 +114,7 @@ fn an_in_place_upgrade_from_the_build_before_keeps_every_app() {
     let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
     std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();
-    replace_binary(&bin, &this_build());
+    replace_binary(&bin, to);
     k.signal(Signal::SIGUSR2);
     k.wait_log("keter: upgraded in place", WAIT);
     let took = start.elapsed();
@@ -123,19 +122,29 @@ fn an_in_place_upgrade_from_the_build_before_keeps_every_app() {
     let tally = traffic.stop();
     assert_nothing_lost(&k, &tally, None);
     assert_eq!(pids(&k), pids_before, "an app was restarted:\n{}", k.log());
-    let line = format!(
-        "keter: upgraded in place to keter {}",
-        keter::build::VERSION
-    );
+    let version = version_of(to);
+    let line = format!("keter: upgraded in place to {version}");
     assert!(k.log().contains(&line), "no {line:?} in:\n{}", k.log());
     eprintln!(
-        "upgrade from {:?} to {:?}: {} requests, 0 failed, {} processes kept, {} ms from the signal to the new image watching",
-        version_of(&old),
-        keter::build::VERSION,
+        "SIGUSR2 from {:?} to {version:?}: {} requests, 0 failed, {} processes kept, {} ms from the signal to the new image watching",
+        version_of(from),
         tally.ok,
         pids_before.iter().map(|(_, p)| p.len()).sum::<usize>(),
         took.as_millis()
     );
+}
+
+#[test]
+#[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
+fn an_in_place_upgrade_from_the_build_before_keeps_every_app() {
+    upgrade_in_place("formats-upgrade", &before(), &this_build());
+}
+
+/// Back to the build before, while both write the same formats.
+#[test]
+#[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
+fn an_in_place_downgrade_to_the_build_before_keeps_every_app() {
+    upgrade_in_place("formats-downgrade", &this_build(), &before());
 }
 
 #[test]
