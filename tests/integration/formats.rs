@@ -4,7 +4,7 @@
 //! `tests/fixtures/formats/` are written by a real run of a build (`KETER_CAPTURE`).
 //!
 //! The tests that need another build are ignored by default and fail without it:
-//! `KETER_BEFORE=/path/to/keter cargo test --test integration formats:: -- --ignored`.
+//! `KETER_BEFORE=/path/to/keter cargo test --test integration build_before -- --include-ignored`.
 //! The fixtures' own tests (`src/formats/tests.rs`) always run.
 
 use std::fs;
@@ -136,14 +136,14 @@ fn upgrade_in_place(label: &str, from: &Path, to: &Path) {
 
 #[test]
 #[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
-fn an_in_place_upgrade_from_the_build_before_keeps_every_app() {
+fn the_build_before_upgrades_in_place_to_this_one_keeping_every_app() {
     upgrade_in_place("formats-upgrade", &before(), &this_build());
 }
 
 /// Back to the build before, while both write the same formats.
 #[test]
 #[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
-fn an_in_place_downgrade_to_the_build_before_keeps_every_app() {
+fn this_build_downgrades_in_place_to_the_build_before_keeping_every_app() {
     upgrade_in_place("formats-downgrade", &this_build(), &before());
 }
 
@@ -185,7 +185,7 @@ fn this_build_takes_over_from_the_build_before_after_a_crash() {
     eprintln!(
         "SIGKILL of {:?}, then {:?} started: {} requests, 0 failed, {} processes kept, {} ms from the start to taking over",
         version_of(&old),
-        keter::build::VERSION,
+        version_of(&this_build()),
         tally.ok,
         pids_before.iter().map(|(_, p)| p.len()).sum::<usize>(),
         took.as_millis()
