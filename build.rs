@@ -40,22 +40,35 @@ fn from_git() -> Option<String> {
         return None;
     }
     let hash = git(&dir, &["rev-parse", "--short=10", "HEAD"])?;
-    // A commit, a checkout or a change staged moves these.
-    for (kind, name) in [
-        ("--git-dir", "HEAD"),
-        ("--git-dir", "index"),
-        ("--git-common-dir", "refs"),
-        ("--git-common-dir", "packed-refs"),
-    ] {
-        if let Some(d) = git(&dir, &["rev-parse", kind]) {
-            let path = dir.join(d).join(name);
-            if path.exists() {
-                println!("cargo:rerun-if-changed={}", path.display());
-            }
+    // A commit, a checkout or a change staged moves these: this tree's HEAD and index, and the
+    // branch HEAD names (not every ref: other worktrees of one repository share them).
+    let git_dir = git(&dir, &["rev-parse", "--git-dir"]).map(|d| dir.join(d));
+    let common = git(&dir, &["rev-parse", "--git-common-dir"]).map(|d| dir.join(d));
+    let branch = git(&dir, &["symbolic-ref", "-q", "HEAD"]);
+    let mut watched = Vec::new();
+    if let Some(g) = &git_dir {
+        watched.extend([g.join("HEAD"), g.join("index")]);
+    }
+    if let Some(c) = &common {
+        watched.push(c.join("packed-refs"));
+        if let Some(b) = &branch {
+            watched.push(c.join(b));
         }
     }
-    let modified = git(&dir, &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    for path in watched.iter().filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    // Without optional locks: a status that refreshed the index would change a file watched above.
+    let modified = git(
+        &dir,
+        &[
+            "--no-optional-locks",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty());
     Some(if modified {
         format!("git {hash}, modified")
     } else {
