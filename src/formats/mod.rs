@@ -18,7 +18,7 @@
 //!
 //! | records | handover | first written by | what changed |
 //! |---|---|---|---|
-//! | 1 | 1 | keter 0.1.0 | the first formats |
+//! | 1 | 1 | keter 0.1.0 | the first formats (their files: a run of the build of commit `cd230ab`) |
 //!
 //! A change to a type here that an older keter could not read, or that writes something
 //! different, is a new format: raise [`records::FORMAT`] or [`handover::FORMAT`], add a row
