@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::formats::records::DeployResultRecord;
+
 use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
 use crate::names::AppName;
@@ -62,7 +64,7 @@ impl AppState {
 }
 
 /// How a deploy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeployResult {
     Succeeded,
@@ -89,6 +91,29 @@ impl DeployResult {
             DeployResult::Superseded => "superseded",
             DeployResult::Unchanged => "unchanged",
             DeployResult::Stopped => "stopped",
+        }
+    }
+}
+
+/// The record of a [`DeployResult`] (`src/formats/records.rs`).
+impl From<DeployResult> for DeployResultRecord {
+    fn from(r: DeployResult) -> DeployResultRecord {
+        match r {
+            DeployResult::Succeeded => DeployResultRecord::Succeeded,
+            DeployResult::Failed => DeployResultRecord::Failed,
+            DeployResult::Superseded => DeployResultRecord::Superseded,
+            DeployResult::Unchanged => DeployResultRecord::Unchanged,
+        }
+    }
+}
+
+impl From<DeployResultRecord> for DeployResult {
+    fn from(r: DeployResultRecord) -> DeployResult {
+        match r {
+            DeployResultRecord::Succeeded => DeployResult::Succeeded,
+            DeployResultRecord::Failed => DeployResult::Failed,
+            DeployResultRecord::Superseded => DeployResult::Superseded,
+            DeployResultRecord::Unchanged => DeployResult::Unchanged,
         }
     }
 }

@@ -150,7 +150,7 @@ pub fn run(command: Command) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Version => {
-            println!("keter {}", env!("CARGO_PKG_VERSION"));
+            println!("keter {}", crate::build::VERSION);
             ExitCode::SUCCESS
         }
         Command::Run(_) => {

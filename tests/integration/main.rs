@@ -12,6 +12,7 @@ mod commands;
 mod craft;
 mod deploy_loop;
 mod fd_store;
+mod formats;
 mod hostile;
 mod isolation;
 mod keter_configs;

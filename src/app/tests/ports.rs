@@ -116,6 +116,7 @@ fn a_port_held_at_restart_moves_the_webapp_refreshes_the_site_and_is_not_handed_
             index: 0,
             port: third
         }
+        .into()
     );
     let json = serde_json::to_value(&record.versions[0].procs[0]).unwrap();
     assert_eq!(json["role"]["web"]["port"], third, "{json}");
