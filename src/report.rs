@@ -103,6 +103,7 @@ impl From<DeployResult> for DeployResultRecord {
             DeployResult::Failed => DeployResultRecord::Failed,
             DeployResult::Superseded => DeployResultRecord::Superseded,
             DeployResult::Unchanged => DeployResultRecord::Unchanged,
+            DeployResult::Stopped => DeployResultRecord::Stopped,
         }
     }
 }
@@ -114,6 +115,7 @@ impl From<DeployResultRecord> for DeployResult {
             DeployResultRecord::Failed => DeployResult::Failed,
             DeployResultRecord::Superseded => DeployResult::Superseded,
             DeployResultRecord::Unchanged => DeployResult::Unchanged,
+            DeployResultRecord::Stopped => DeployResult::Stopped,
         }
     }
 }

@@ -19,6 +19,7 @@
 //! | records | handover | first written by | what changed |
 //! |---|---|---|---|
 //! | 1 | 1 | keter 0.1.0 | the first formats (their files: a run of the build of commit `cd230ab`) |
+//! | 2 | 1 | keter 0.1.0 | a deploy's result may be `stopped` (a stop, keter's shutdown or an upgrade interrupted it); format 1 reads as it is |
 //!
 //! A change to a type here that an older keter could not read, or that writes something
 //! different, is a new format: raise [`records::FORMAT`] or [`handover::FORMAT`], add a row

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{Mono, ReadError, Reads};
 
 /// The format this build writes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The formats this build reads.
 pub const READS: Reads = Reads {
     oldest: 1,
@@ -20,9 +20,12 @@ pub const READS: Reads = Reads {
 
 /// Reads a record of any format in [`READS`], as the current format.
 pub fn read(value: serde_json::Value) -> Result<AppRecord, ReadError> {
-    super::format_of(&value, READS)?;
-    // Once FORMAT is raised, an older format is read here into its own types and converted.
-    Ok(serde_json::from_value(value)?)
+    let format = super::format_of(&value, READS)?;
+    // Format 1 is format 2 without `stopped` among the deploy results: it reads as it is.
+    let mut record: AppRecord = serde_json::from_value(value)?;
+    debug_assert!(format <= FORMAT);
+    record.format = FORMAT;
+    Ok(record)
 }
 
 /// One app, as its worker last wrote it.
@@ -183,4 +186,6 @@ pub enum DeployResultRecord {
     Failed,
     Superseded,
     Unchanged,
+    /// Since format 2.
+    Stopped,
 }

@@ -217,7 +217,7 @@ fn sample_record() -> AppRecord {
             backoff,
         }),
         last_deploy: Some(DeployRecord {
-            result: DeployResultRecord::Superseded,
+            result: DeployResultRecord::Stopped,
             finished: "2026-12-07T09:26:29.094Z".into(),
             duration_ms: 49,
             error: None,
