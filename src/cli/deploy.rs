@@ -562,8 +562,7 @@ enum Verdict {
 
 /// Reads the app's entry of `keter status --json` (`None`: not there yet) against the entry
 /// before the copy: the bundle serves once its sha256 is the serving one and the app is not
-/// crash-looping; a deploy that ended other than by succeeding after the copy is this bundle's
-/// failure.
+/// crash-looping; a deploy that failed after the copy is this bundle's failure.
 fn verdict(now: Option<&Value>, before: Option<&Value>, sha256: &str) -> Verdict {
     let Some(app) = now else {
         return Verdict::Waiting("the app is not there yet".into());
@@ -580,30 +579,19 @@ fn verdict(now: Option<&Value>, before: Option<&Value>, sha256: &str) -> Verdict
             )),
         };
     }
+    // A failure reported after the copy is this bundle's. (A deploy superseded after the copy
+    // may be one that was under way before it, superseded by this bundle: no verdict.)
     let last = app.get("last_deploy").filter(|d| d.is_object());
     let last_before = before.and_then(|b| b.get("last_deploy"));
     if let Some(last) = last
         && Some(last) != last_before
+        && text(last, "result").as_deref() == Some("failed")
     {
-        let result = text(last, "result").unwrap_or_default();
         let error = text(last, "error").unwrap_or_else(|| "no error reported".into());
-        match result.as_str() {
-            "failed" => {
-                let kind = text(last, "error_kind")
-                    .map(|k| format!(" ({k})"))
-                    .unwrap_or_default();
-                return Verdict::Failed(format!(
-                    "the host's keter failed the deploy{kind}: {error}"
-                ));
-            }
-            "superseded" => {
-                return Verdict::Failed(
-                    "the deploy was superseded: another bundle of this app arrived on the host"
-                        .into(),
-                );
-            }
-            _ => {}
-        }
+        let kind = text(last, "error_kind")
+            .map(|k| format!(" ({k})"))
+            .unwrap_or_default();
+        return Verdict::Failed(format!("the host's keter failed the deploy{kind}: {error}"));
     }
     let stage = text(app, "deploy_stage")
         .map(|s| format!(", deploy stage {s}"))
@@ -732,7 +720,11 @@ fn deploy_script(rollout: &Rollout, incoming: &Path) -> String {
          fi\n\
          mv -f -- \"$D/$T\" \"$D/$N\" || {{ rm -f -- \"$D/$T\"; exit 6; }}\n\
          echo '{MARK} copied'\n\
-         while :; do keter status --json -c \"$C\"; echo \"{MARK} status $?\"; sleep 0.2; done",
+         i=0; while [ $i -lt {polls} ]; do i=$((i+1))\n\
+         keter status --json -c \"$C\"; echo \"{MARK} status $?\" || exit 0; sleep 0.2; done",
+        // Bounded, and ended by the first write after this side hung up: nothing is left
+        // polling on the host.
+        polls = rollout.timeout.as_secs() * 5 + 50,
         c = quote(&rollout.config.to_string_lossy()),
         d = quote(&incoming),
         n = quote(name),

@@ -57,8 +57,9 @@ impl Drop for SshHost {
 
 /// Hosts, their SSH client configuration and key.
 pub struct Hosts {
-    pub dir: TempDir,
+    /// Dropped first: sshd stopped and namespaces deleted before the folder goes.
     pub hosts: Vec<SshHost>,
+    pub dir: TempDir,
     ssh_config: PathBuf,
 }
 
