@@ -351,10 +351,9 @@ fn deploy_host(rollout: &Rollout, host: &str) -> HostReport {
             rollout,
             host,
             &format!(
-                "{} ({}s on this host): {}",
-                other.name(),
-                secs(took),
-                error_of(other).unwrap_or_default()
+                "{} ({}s on this host)",
+                error_of(other).unwrap_or_default(),
+                secs(took)
             ),
         ),
     }
