@@ -78,7 +78,7 @@ fn main() {
         size / 1024
     );
     let row = |what: &str, v: &[Duration]| {
-        println!("  {what:<52} {:>8.0} ms", median(v).as_secs_f64() * 1000.0);
+        println!("  {what:<58} {:>8.0} ms", median(v).as_secs_f64() * 1000.0);
     };
     row("keter deploy --hosts h1,h2,h3", &rollout);
     row("keter deploy --hosts h1,h2,h3 --parallel 3", &parallel);
