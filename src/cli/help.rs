@@ -13,7 +13,7 @@ Usage:
   keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
   keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
   keter status [-c CONFIG] [--json]  show the apps of the running daemon
-  keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--timeout S] [-c CONFIG] [--json]
+  keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
                                      roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
   keter --version                    print the version
