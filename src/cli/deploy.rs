@@ -431,7 +431,7 @@ fn host_steps(rollout: &Rollout, host: &str, steps: &mut Vec<(Step, Duration)>) 
         Followed::Done(o) => o,
         Followed::Ended(step) => {
             let code = status.and_then(|s| s.code());
-            let stderr = session.stderr();
+            let stderr = session.finish();
             if code == Some(255) && step == Step::Copy {
                 Outcome::Unreachable(ssh_error(&stderr, code))
             } else {
@@ -613,6 +613,8 @@ fn app_of<'v>(status: &'v Value, app: &str) -> Option<&'v Value> {
 struct Session {
     lines: mpsc::Receiver<Option<String>>,
     stderr: std::sync::Arc<Mutex<String>>,
+    /// Closed when stderr is read to its end.
+    stderr_done: mpsc::Receiver<()>,
 }
 
 impl Session {
@@ -640,9 +642,11 @@ impl Session {
             });
         }
         let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let (done, stderr_done) = mpsc::channel::<()>();
         if let Some(mut err) = child.stderr.take() {
             let sink = stderr.clone();
             std::thread::spawn(move || {
+                let _done = done;
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = err.read(&mut buf) {
                     if n == 0 {
@@ -659,13 +663,24 @@ impl Session {
                 }
             });
         }
-        Session { lines: rx, stderr }
+        Session {
+            lines: rx,
+            stderr,
+            stderr_done,
+        }
     }
 
+    /// What SSH printed on stderr so far.
     fn stderr(&self) -> String {
-        // The reader may still be taking the last bytes of a session that just ended.
-        std::thread::sleep(Duration::from_millis(20));
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// What SSH printed on stderr, to its end, once the session is over (waiting at most a
+    /// second: a connection master that an operator's `ControlPersist` leaves behind may hold
+    /// the pipe).
+    fn finish(&self) -> String {
+        let _ = self.stderr_done.recv_timeout(Duration::from_secs(1));
+        self.stderr()
     }
 }
 
