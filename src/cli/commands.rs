@@ -261,6 +261,26 @@ pub fn status(config_path: &Path, json: bool) -> ExitCode {
     }
 }
 
+/// A bundle file checked before `keter deploy` copies it anywhere: `keter check`'s reading
+/// (unpacked with keter's limits, its config validated), with what only the deployment host
+/// has (absolute executables, certificate files, static roots outside the bundle) left to the
+/// hosts, as `keter bundle` leaves it. Returns the app's name, the file's sha256 and the
+/// warnings, or every error.
+pub(super) fn check_for_hosts(path: &Path) -> Result<(AppName, String, Vec<String>), Vec<String>> {
+    if is_bundle_dir(path) {
+        return Err(vec![format!(
+            "{} is a bundle folder: pack it with `keter bundle` first and deploy the NAME.keter file",
+            path.display()
+        )]);
+    }
+    let opened = Opened::bundle(path, &bundle::Context::default(), &BundleLimits::default())?;
+    let (errors, warnings) = opened.check_result();
+    match (opened.app, opened.sha256, errors.is_empty()) {
+        (Some(app), Some(sha256), true) => Ok((app, sha256, warnings)),
+        _ => Err(errors),
+    }
+}
+
 fn is_bundle_dir(path: &Path) -> bool {
     path.is_dir() && path.join("config").is_dir()
 }
