@@ -377,11 +377,11 @@ fn an_upgrade_that_cannot_happen_leaves_the_running_keter_in_charge() {
         ),
         (
             // A binary that names the formats it reads, and not this keter's.
-            "records of format 2 to 3; this keter writes handover format 1 and records of format 1",
+            "records of format 3 to 4; this keter writes handover format 1 and records of format 2",
             Box::new(|| {
                 script(
                     &bin,
-                    r#"echo '{"keter":"9.9.9","handover":1,"records":1,"root":"/","nginx_mode":"managed","reads_handover":{"oldest":1,"newest":3},"reads_records":{"oldest":2,"newest":3}}'"#,
+                    r#"echo '{"keter":"9.9.9","handover":1,"records":1,"root":"/","nginx_mode":"managed","reads_handover":{"oldest":1,"newest":3},"reads_records":{"oldest":3,"newest":4}}'"#,
                 )
             }),
         ),
