@@ -70,6 +70,11 @@ pub(super) enum Event {
     Reaped {
         pid: i32,
     },
+    /// The app's site is out of Nginx (or Nginx did not take its removal), after
+    /// [`Effects::leave_nginx`].
+    SiteRemoved {
+        result: Result<u64, crate::nginx::NginxError>,
+    },
     /// Stop everything and end the worker.
     Shutdown,
     /// A step of an in-place upgrade (`freeze.rs`).
@@ -108,12 +113,16 @@ pub(super) enum Life {
         deploy: Deploy,
         exit: bool,
     },
-    /// Out of Nginx, its versions being stopped ([`Machine::discarding`]); once the last is,
-    /// the stop is complete (`Idle(Stopped)`, or `Ended` with `exit`), and then `pending`, a
-    /// deploy received meanwhile, is acted on.
+    /// Leaving Nginx (`removing`: the versions that wait for the site's removal to come
+    /// back, [`Event::SiteRemoved`]), then its versions being stopped
+    /// ([`Machine::discarding`]); once the last is, the stop is complete (`Idle(Stopped)`, or
+    /// `Ended` with `exit`), and then `pending`, a deploy received meanwhile, is acted on.
     Leaving {
         exit: bool,
         pending: Option<Command>,
+        // Boxed as they were in the life, and as `Effects::discard` takes them.
+        #[allow(clippy::vec_box)]
+        removing: Option<Vec<Box<Version>>>,
     },
     /// The worker has stopped everything and ends.
     Ended,
@@ -473,6 +482,7 @@ impl Machine {
     /// | Deploying/Stopping{Switching} of the same version | `Switched` | [`Machine::switched`] |
     /// | Deploying{Readiness} | `Exited` of a candidate's webapp | fail the candidate |
     /// | any | `Exited` | [`Machine::exited`]: restart policy, or accounted for |
+    /// | Leaving | `SiteRemoved` | [`Machine::left_nginx`]: its versions handed to be stopped |
     /// | any | `Discarded`, `Reaped` | in flight no more; a stop may be complete |
     /// | any | `Certificate` | `refresh_due` |
     /// | any | `Tick` | none here: [`Machine::tick`] runs after every step |
@@ -555,6 +565,8 @@ impl Machine {
                 self.leave_if_done(fx);
             }
             (_, Event::Reaped { pid }) => self.reaping.retain(|p| *p != pid),
+            (At::Leaving, Event::SiteRemoved { result }) => self.left_nginx(result, fx),
+            (_, Event::SiteRemoved { .. }) => {}
             (_, Event::Certificate { hosts }) => {
                 log::info!(
                     "{}: a new certificate for {hosts}; the site is rendered again with it",
@@ -635,7 +647,7 @@ impl Machine {
                 }
                 return;
             }
-            Life::Leaving { exit, pending } => {
+            Life::Leaving { exit, pending, .. } => {
                 if !*exit {
                     *pending = Some(Command::Deploy { path, retry });
                 }

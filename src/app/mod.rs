@@ -161,8 +161,11 @@ trait Effects {
     /// Starts the stage that stops a version's processes, frees its ports and deletes its
     /// folder; [`Event::Discarded`] comes back.
     fn discard(&mut self, version: Box<Version>);
-    /// Takes the app out of Nginx.
+    /// Takes the app out of Nginx at once (a webapp without a port).
     fn remove_site(&mut self) -> Result<u64, NginxError>;
+    /// Starts the stage that takes the app out of Nginx for a stop;
+    /// [`Event::SiteRemoved`] comes back.
+    fn leave_nginx(&mut self);
     /// True once nothing can reach an old version any more.
     fn drained(&self, version: &Version, age: Duration) -> bool;
     /// Gives back the app's hosts that are not in `used`.

@@ -54,10 +54,15 @@ impl Machine {
                     exit: exit || was,
                 };
             }
-            Life::Leaving { exit: was, .. } => {
+            Life::Leaving {
+                exit: was,
+                removing,
+                ..
+            } => {
                 self.life = Life::Leaving {
                     exit: exit || was,
                     pending: None,
+                    removing,
                 };
             }
             Life::Ended => self.life = Life::Ended,
@@ -66,27 +71,45 @@ impl Machine {
         }
     }
 
-    /// Removes the app from Nginx, hands every version to be stopped, and waits for them.
+    /// Has the app's site taken out of Nginx (a stage), then every version stopped; waits
+    /// for both.
     fn leave(&mut self, serving: Option<Box<Version>>, exit: bool, fx: &mut dyn Effects) {
+        let mut removing = None;
         if serving.is_some() || !self.retiring.is_empty() {
-            match fx.remove_site() {
-                Ok(g) => log::info!("{}: removed from Nginx at generation {g}", self.name),
-                Err(e) => log::error!(
-                    "{}: removing from Nginx failed: {e}; stopping anyway",
-                    self.name
-                ),
-            }
             let retiring: Vec<Box<Version>> = self.retiring.drain(..).map(|r| r.version).collect();
-            for v in serving.into_iter().chain(retiring) {
-                self.discard(v, fx);
-            }
+            removing = Some(serving.into_iter().chain(retiring).collect());
+            fx.leave_nginx();
         }
         self.failed = None;
-        self.release_unused_hosts(fx);
         self.life = Life::Leaving {
             exit,
             pending: None,
+            removing,
         };
+        self.release_unused_hosts(fx);
+        self.leave_if_done(fx);
+    }
+
+    /// The site's removal came back: the versions that waited for it are stopped.
+    pub(super) fn left_nginx(
+        &mut self,
+        result: Result<u64, crate::nginx::NginxError>,
+        fx: &mut dyn Effects,
+    ) {
+        match result {
+            Ok(g) => log::info!("{}: removed from Nginx at generation {g}", self.name),
+            Err(e) => log::error!(
+                "{}: removing from Nginx failed: {e}; stopping anyway",
+                self.name
+            ),
+        }
+        let waiting = match &mut self.life {
+            Life::Leaving { removing, .. } => removing.take().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for v in waiting {
+            self.discard(v, fx);
+        }
         self.leave_if_done(fx);
     }
 
@@ -94,10 +117,11 @@ impl Machine {
     /// the daemon told, with the commands received), or ends. A deploy received meanwhile is
     /// acted on then.
     pub(super) fn leave_if_done(&mut self, fx: &mut dyn Effects) {
-        if !self.discarding.is_empty() || !matches!(self.life, Life::Leaving { .. }) {
+        if !self.discarding.is_empty() || !matches!(self.life, Life::Leaving { removing: None, .. })
+        {
             return;
         }
-        let Life::Leaving { exit, pending } =
+        let Life::Leaving { exit, pending, .. } =
             std::mem::replace(&mut self.life, Life::Idle(Why::Stopped))
         else {
             unreachable!("matched above");

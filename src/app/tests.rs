@@ -214,6 +214,10 @@ impl Effects for Fake {
         self.removed_site += 1;
         Ok(9)
     }
+    fn leave_nginx(&mut self) {
+        self.removed_site += 1;
+        self.completions.push(Event::SiteRemoved { result: Ok(9) });
+    }
     fn drained(&self, _: &Version, _: Duration) -> bool {
         self.drained
     }
@@ -924,7 +928,11 @@ fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_version
     assert_eq!(fx.finished.last(), Some(&DeployResult::Stopped));
     // Out of Nginx at once; stopped only once both versions are.
     assert_eq!(fx.removed_site, 1);
-    assert!(fx.discarded.contains(&v1) && fx.discarded.contains(&v2));
+    assert!(fx.discarded.contains(&v2));
+    assert!(
+        !fx.discarded.contains(&v1),
+        "the serving version was stopped before it was out of Nginx"
+    );
     assert_eq!(m.report(0, fx.wall).state, AppState::Stopping);
     assert!(fx.stopped.is_empty());
     // A deploy meanwhile waits for the stop, and then goes ahead.
@@ -935,6 +943,7 @@ fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_version
     );
     let prepares = fx.prepares.len();
     settle(&mut m, &mut fx);
+    assert!(fx.discarded.contains(&v1));
     assert_eq!(fx.stopped, [4]);
     assert_eq!(
         fx.prepares.len(),

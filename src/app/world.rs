@@ -316,6 +316,13 @@ impl Effects for World {
         self.shared.nginx.apply(&self.name, None)
     }
 
+    fn leave_nginx(&mut self) {
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.run_stage("leave", move || Event::SiteRemoved {
+            result: shared.nginx.apply(&name, None),
+        });
+    }
+
     fn drained(&self, version: &Version, age: Duration) -> bool {
         // Only Nginx's workers send requests to an old version, and workers started by the
         // switch know only the new one: once no worker from before it is still finishing its

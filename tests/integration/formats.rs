@@ -166,7 +166,9 @@ fn this_build_does_not_hand_over_to_the_build_before_which_cannot_read_its_recor
     let tally = traffic.stop();
     assert_nothing_lost(&k, &tally, None);
     assert!(
-        k.log().contains("records of format 1; this keter writes handover format 1 and records of format 2"),
+        k.log().contains(
+            "records of format 1; this keter writes handover format 1 and records of format 2"
+        ),
         "{}",
         k.log()
     );

@@ -265,6 +265,14 @@ impl Harness {
     fn held(&self) -> Vec<u64> {
         let mut held: Vec<u64> = self.m.supervised().map(|v| v.id).collect();
         held.extend(self.m.retiring.iter().map(|r| r.version.id));
+        // Leaving, the versions wait for the site's removal before they are stopped.
+        if let Life::Leaving {
+            removing: Some(waiting),
+            ..
+        } = &self.m.life
+        {
+            held.extend(waiting.iter().map(|v| v.id));
+        }
         // Resting after a snapshot, an unpack's result waits with the other events.
         for e in self.m.resting.iter().flatten() {
             if let Event::Prepared {
@@ -417,6 +425,7 @@ fn describe(e: &Event) -> String {
         Event::Switched { version, result } => format!("switched {version} {}", result.is_ok()),
         Event::Discarded { version } => format!("discarded {version}"),
         Event::Reaped { pid } => format!("reaped {pid}"),
+        Event::SiteRemoved { .. } => "site removed".into(),
         Event::Certificate { .. } => "certificate".into(),
         Event::Shutdown => "shutdown".into(),
         Event::Handover(Handover::Freeze(_)) => "freeze".into(),
