@@ -175,6 +175,11 @@ pub fn run(
 ) -> Result<(), Fatal> {
     crate::memory::limit_arenas();
     let started = std::time::Instant::now();
+    log::info!(
+        "keter: keter {} starting on {}",
+        crate::build::VERSION,
+        config.root.display()
+    );
     make_root(&config.root)?;
     // Before anything of the root is read or changed; held until keter exits.
     let lock = RootLock::acquire(&config.root, lock).map_err(Fatal::Lock)?;
@@ -278,7 +283,7 @@ pub fn run(
     if let Some(since) = since {
         log::info!(
             "keter: upgraded in place to keter {} in {} ms (from the signal to watching again)",
-            env!("CARGO_PKG_VERSION"),
+            crate::build::VERSION,
             since.elapsed().as_millis()
         );
     }

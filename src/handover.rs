@@ -6,32 +6,37 @@
 //! handover file passed on as a memfd: the output pipes, each with the line it was reading.
 //!
 //! Before anything is stopped, the new binary is asked (`keter --check-handover ARGS`) whether
-//! it reads this configuration, this root and these formats; if it is missing, broken or says
-//! no, this keter logs why and carries on. If the new image fails after the exec, the state is
+//! it reads this configuration, this root and these formats: it answers with the formats it
+//! reads (`src/formats/handover.rs`, `Answer`), which must include the ones this keter writes,
+//! so a newer binary takes over from any older keter. If it is missing, broken or cannot read
+//! them, this keter logs why and carries on. If the new image fails after the exec, the state is
 //! still in the records: a keter started again (by systemd's `Restart=`, or by hand) takes the
 //! apps over from there, as after a crash.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::app::Inherited;
 use crate::childwatch::HeldPipe;
 use crate::config::{Config, NginxMode};
+pub use crate::formats::handover::Answer;
+use crate::formats::handover::{FORMAT, Handed, HandedPipe};
+use crate::formats::{Mono, ReadError, records};
 
-/// The format of the handover file. A keter hands over only to a binary that reads it.
-pub const FORMAT: u32 = 1;
 /// The environment variable that names the handover file's descriptor in the new image.
 const FD_VAR: &str = "KETER_HANDOVER_FD";
 /// The hidden command that asks a binary whether it can take over.
@@ -50,31 +55,96 @@ pub struct Takeover {
     pub from: String,
 }
 
-/// The handover file.
-#[derive(Serialize, Deserialize)]
-struct Handed {
-    format: u32,
-    from: String,
-    since: crate::app::Mono,
-    pipes: Vec<HandedPipe>,
+/// Why the binary at the start path does not take over.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// `main` did not remember the command line.
+    NoCommandLine,
+    Spawn(PathBuf, io::Error),
+    Wait(PathBuf, io::Error),
+    Timeout(PathBuf),
+    /// It ended with `status`, saying `said` last on its standard error.
+    Failed(PathBuf, ExitStatus, String),
+    /// What it printed is not an [`Answer`].
+    NotAnAnswer(PathBuf, serde_json::Error),
+    /// It cannot read the formats this keter writes.
+    Formats(Answer),
+    /// The configuration on disk now has another root.
+    Root {
+        now: PathBuf,
+        running: PathBuf,
+    },
+    /// The configuration on disk now has another Nginx mode.
+    NginxMode {
+        now: String,
+        running: String,
+    },
 }
 
-#[derive(Serialize, Deserialize)]
-struct HandedPipe {
-    ino: u64,
-    fd: RawFd,
-    partial: Vec<u8>,
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::NoCommandLine => write!(f, "the command line is not known"),
+            ProbeError::Spawn(p, e) => write!(f, "cannot run {}: {e}", p.display()),
+            ProbeError::Wait(p, e) => write!(f, "waiting for {}: {e}", p.display()),
+            ProbeError::Timeout(p) => write!(
+                f,
+                "{} {CHECK} did not answer within {CHECK_TIMEOUT:?}",
+                p.display()
+            ),
+            ProbeError::Failed(p, status, said) => {
+                write!(f, "{} {CHECK} failed ({status})", p.display())?;
+                if !said.is_empty() {
+                    write!(f, ": {said}")?;
+                }
+                Ok(())
+            }
+            ProbeError::NotAnAnswer(p, e) => write!(
+                f,
+                "{} does not answer {CHECK} as a keter that can take over does ({e})",
+                p.display()
+            ),
+            ProbeError::Formats(a) => write!(
+                f,
+                "keter {} reads handover format {} and records of format {}; this keter writes handover format {FORMAT} and records of format {}",
+                a.keter,
+                a.reads_handover(),
+                a.reads_records(),
+                records::FORMAT
+            ),
+            ProbeError::Root { now, running } => write!(
+                f,
+                "the configuration now has the root {}, not {}; restart keter to move it",
+                now.display(),
+                running.display()
+            ),
+            ProbeError::NginxMode { now, running } => write!(
+                f,
+                "the configuration now has nginx.mode {now}, not {running}; restart keter to change it"
+            ),
+        }
+    }
 }
 
-/// What [`CHECK`] prints: what the binary reads and where it would run.
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
-pub struct Answer {
-    pub keter: String,
-    pub handover: u32,
-    pub records: u32,
-    pub root: PathBuf,
-    pub nginx_mode: String,
+impl std::error::Error for ProbeError {}
+
+/// Why the handover file of an earlier image does not read.
+#[derive(Debug)]
+pub enum TakeError {
+    Read(io::Error),
+    Format(ReadError),
 }
+
+impl fmt::Display for TakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TakeError::Read(e) => write!(f, "cannot read the handover file: {e}"),
+            TakeError::Format(e) => write!(f, "the handover file does not read: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TakeError {}
 
 /// How keter was started: what an upgrade executes again.
 struct Invocation {
@@ -138,13 +208,7 @@ pub fn program() -> PathBuf {
 
 /// The answer to [`CHECK`] for `config`.
 pub fn answer(config: &Config) -> Answer {
-    Answer {
-        keter: env!("CARGO_PKG_VERSION").to_string(),
-        handover: FORMAT,
-        records: crate::app::RECORD_FORMAT,
-        root: config.root.clone(),
-        nginx_mode: mode_name(config.nginx.mode).to_string(),
-    }
+    crate::formats::handover::answer(config.root.clone(), mode_name(config.nginx.mode))
 }
 
 fn mode_name(mode: NginxMode) -> &'static str {
@@ -155,11 +219,13 @@ fn mode_name(mode: NginxMode) -> &'static str {
 }
 
 /// Asks the binary at the start path whether it takes over from this keter running `config`:
-/// it must answer [`CHECK`] in time, read the same formats and, with the configuration as it
-/// is now on disk, keep the same root and Nginx mode. The reason when it does not.
-pub fn probe(config: &Config) -> Result<Answer, String> {
+/// it must answer [`CHECK`] in time, read the formats this keter writes and, with the
+/// configuration as it is now on disk, keep the same root and Nginx mode. The reason when it
+/// does not.
+pub fn probe(config: &Config) -> Result<Answer, ProbeError> {
     remember_invocation();
-    let inv = INVOCATION.get().ok_or("the command line is not known")?;
+    let inv = INVOCATION.get().ok_or(ProbeError::NoCommandLine)?;
+    let program = || inv.program.clone();
     let mut child = Command::new(&inv.program)
         .arg(CHECK)
         .args(&inv.args)
@@ -167,7 +233,7 @@ pub fn probe(config: &Config) -> Result<Answer, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", inv.program.display()))?;
+        .map_err(|e| ProbeError::Spawn(program(), e))?;
     let deadline = Instant::now() + CHECK_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -176,12 +242,9 @@ pub fn probe(config: &Config) -> Result<Answer, String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{} {CHECK} did not answer within {CHECK_TIMEOUT:?}",
-                    inv.program.display()
-                ));
+                return Err(ProbeError::Timeout(program()));
             }
-            Err(e) => return Err(format!("waiting for {}: {e}", inv.program.display())),
+            Err(e) => return Err(ProbeError::Wait(program(), e)),
         }
     };
     let mut out = String::new();
@@ -194,41 +257,32 @@ pub fn probe(config: &Config) -> Result<Answer, String> {
     }
     if !status.success() {
         let said = err.trim().lines().last().unwrap_or("").to_string();
-        return Err(format!(
-            "{} {CHECK} failed ({status}){}",
-            inv.program.display(),
-            if said.is_empty() {
-                String::new()
-            } else {
-                format!(": {said}")
-            }
-        ));
+        return Err(ProbeError::Failed(program(), status, said));
     }
-    let answer: Answer = serde_json::from_str(out.trim()).map_err(|e| {
-        format!(
-            "{} does not answer {CHECK} as a keter that can take over does ({e})",
-            inv.program.display()
-        )
-    })?;
-    let ours = self::answer(config);
-    if answer.handover != ours.handover || answer.records != ours.records {
-        return Err(format!(
-            "keter {} reads handover format {} and records of format {}; this keter writes {} and {}",
-            answer.keter, answer.handover, answer.records, ours.handover, ours.records
-        ));
+    let answer: Answer =
+        serde_json::from_str(out.trim()).map_err(|e| ProbeError::NotAnAnswer(program(), e))?;
+    decide(answer, &self::answer(config))
+}
+
+/// Whether the binary that gave `answer` takes over from this keter, whose own answer is
+/// `ours`: it reads the formats this keter writes, and runs on the same root and Nginx mode.
+fn decide(answer: Answer, ours: &Answer) -> Result<Answer, ProbeError> {
+    if !answer.reads_handover().contains(FORMAT)
+        || !answer.reads_records().contains(records::FORMAT)
+    {
+        return Err(ProbeError::Formats(answer));
     }
     if answer.root != ours.root {
-        return Err(format!(
-            "the configuration now has the root {}, not {}; restart keter to move it",
-            answer.root.display(),
-            ours.root.display()
-        ));
+        return Err(ProbeError::Root {
+            now: answer.root,
+            running: ours.root.clone(),
+        });
     }
     if answer.nginx_mode != ours.nginx_mode {
-        return Err(format!(
-            "the configuration now has nginx.mode {}, not {}; restart keter to change it",
-            answer.nginx_mode, ours.nginx_mode
-        ));
+        return Err(ProbeError::NginxMode {
+            now: answer.nginx_mode,
+            running: ours.nginx_mode.clone(),
+        });
     }
     Ok(answer)
 }
@@ -242,8 +296,8 @@ pub fn exec(pipes: &[HeldPipe], since: Instant, lock: RawFd) -> io::Error {
     };
     let handed = Handed {
         format: FORMAT,
-        from: env!("CARGO_PKG_VERSION").to_string(),
-        since: crate::app::Mono::of(since),
+        from: crate::build::VERSION.to_string(),
+        since: Mono::of(since),
         pipes: pipes
             .iter()
             .map(|p| HandedPipe {
@@ -258,7 +312,7 @@ pub fn exec(pipes: &[HeldPipe], since: Instant, lock: RawFd) -> io::Error {
         Err(e) => return e,
     };
     for p in pipes {
-        set_cloexec(p.fd, false);
+        set_cloexec(held_pipe(p), false);
     }
     let mut cmd = Command::new(&inv.program);
     cmd.arg0(&inv.arg0).args(&inv.args).env_clear();
@@ -314,7 +368,7 @@ pub fn exec(pipes: &[HeldPipe], since: Instant, lock: RawFd) -> io::Error {
         None,
     );
     for p in pipes {
-        set_cloexec(p.fd, true);
+        set_cloexec(held_pipe(p), true);
     }
     crate::rootlock::set_cloexec(lock, true);
     drop(file);
@@ -348,27 +402,47 @@ pub fn unblock_signals() {
 
 /// The handover file: a memfd (no file on disk to leave behind), inherited by the new image.
 fn handover_file(handed: &Handed) -> io::Result<File> {
-    let name = c"keter-handover";
-    // SAFETY: a plain system call with a valid name; returns a new descriptor we own.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut file = File::from(memfd_create(c"keter-handover", MFdFlags::empty())?);
     file.write_all(&serde_json::to_vec(handed).map_err(io::Error::other)?)?;
     file.rewind()?;
     Ok(file)
 }
 
-fn set_cloexec(fd: RawFd, on: bool) {
-    // SAFETY: fcntl on a descriptor the caller owns.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+/// A pipe the watch thread holds.
+fn held_pipe(p: &HeldPipe) -> BorrowedFd<'_> {
+    // SAFETY: the watch thread keeps the pipe open while it is paused, which it is for as long
+    // as an upgrade holds the `HeldPipe`s.
+    unsafe { BorrowedFd::borrow_raw(p.fd) }
+}
+
+fn set_cloexec(fd: BorrowedFd<'_>, on: bool) {
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    if let Err(e) = fcntl(fd, FcntlArg::F_SETFD(flags)) {
+        log::warn!(
+            "keter: descriptor {}: cannot set close-on-exec: {e}",
+            fd.as_raw_fd()
+        );
+    }
+}
+
+/// The inode of the pipe open as descriptor `fd` of this process, if it is one.
+fn pipe_inode(fd: RawFd) -> Option<u64> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("pipe:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// In the new image: reads what the earlier one handed over, if this image was started by an
 /// upgrade. Must run before other threads start (it removes a variable from the environment).
-pub fn take() -> Option<Result<Takeover, String>> {
+pub fn take() -> Option<Result<Takeover, TakeError>> {
     let fd: RawFd = std::env::var(FD_VAR).ok()?.parse().ok()?;
     // SAFETY: called at the start of `main`, before any other thread exists.
     unsafe { std::env::remove_var(FD_VAR) };
@@ -376,37 +450,27 @@ pub fn take() -> Option<Result<Takeover, String>> {
     let mut file = unsafe { File::from_raw_fd(fd) };
     let mut bytes = Vec::new();
     if let Err(e) = file.read_to_end(&mut bytes) {
-        return Some(Err(format!("cannot read the handover file: {e}")));
+        return Some(Err(TakeError::Read(e)));
     }
     drop(file);
-    let handed: Handed = match serde_json::from_slice(&bytes) {
+    let handed = match crate::formats::handover::read(&bytes) {
         Ok(h) => h,
-        Err(e) => return Some(Err(format!("the handover file does not read: {e}"))),
+        Err(e) => return Some(Err(TakeError::Format(e))),
     };
-    if handed.format != FORMAT {
-        return Some(Err(format!(
-            "the handover file has format {}, not {FORMAT}",
-            handed.format
-        )));
-    }
     let mut pipes = HashMap::new();
     for p in handed.pipes {
         // Only a descriptor that is the pipe named is taken: a number alone proves nothing.
-        // SAFETY: fstat on a descriptor number, which fails harmlessly if it is not open.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(p.fd, &mut st) } != 0 {
+        if pipe_inode(p.fd) != Some(p.ino) {
             continue;
         }
-        // SAFETY: the descriptor is open and was handed over for us alone.
+        // SAFETY: the descriptor is open, is the pipe named, and was handed over for us alone.
         let file = unsafe { File::from_raw_fd(p.fd) };
-        let ok = file
+        if file
             .metadata()
-            .is_ok_and(|m| m.file_type().is_fifo() && m.ino() == p.ino);
-        if ok {
-            set_cloexec(p.fd, true);
+            .is_ok_and(|m| m.file_type().is_fifo() && m.ino() == p.ino)
+        {
+            set_cloexec(file.as_fd(), true);
             pipes.insert(p.ino, (file, p.partial));
-        } else {
-            std::mem::forget(file);
         }
     }
     Some(Ok(Takeover {
@@ -414,4 +478,89 @@ pub fn take() -> Option<Result<Takeover, String>> {
         since: Some(handed.since.instant()),
         from: handed.from,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::Reads;
+    use crate::formats::handover::{self as format, RANGELESS};
+
+    fn ours() -> Answer {
+        format::answer("/var/lib/keter".into(), "managed")
+    }
+
+    fn rangeless(handover: u32, records: u32) -> Answer {
+        Answer {
+            keter: "0.1.0".into(),
+            handover,
+            records,
+            reads_handover: None,
+            reads_records: None,
+            ..ours()
+        }
+    }
+
+    #[test]
+    fn a_binary_that_reads_these_formats_takes_over_whatever_it_writes() {
+        assert!(decide(ours(), &ours()).is_ok());
+        // A newer one that reads from format 1 on.
+        let newer = Answer {
+            handover: FORMAT + 1,
+            records: records::FORMAT + 1,
+            reads_handover: Some(Reads {
+                oldest: 1,
+                newest: FORMAT + 1,
+            }),
+            reads_records: Some(Reads {
+                oldest: 1,
+                newest: records::FORMAT + 1,
+            }),
+            ..ours()
+        };
+        assert!(decide(newer, &ours()).is_ok());
+        // One before the ranges reads its own formats: these, as long as they are format 1.
+        assert_eq!(
+            decide(rangeless(RANGELESS, RANGELESS), &ours()).is_ok(),
+            FORMAT == RANGELESS && records::FORMAT == RANGELESS
+        );
+    }
+
+    #[test]
+    fn a_binary_that_cannot_read_these_formats_is_refused_saying_which_it_reads() {
+        let older = Answer {
+            reads_records: Some(Reads {
+                oldest: records::FORMAT + 1,
+                newest: records::FORMAT + 2,
+            }),
+            ..ours()
+        };
+        let e = decide(older, &ours()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "records of format {} to {}",
+                records::FORMAT + 1,
+                records::FORMAT + 2
+            )) && e.contains(&format!("this keter writes handover format {FORMAT}")),
+            "{e}"
+        );
+        let e = decide(rangeless(99, 1), &ours()).unwrap_err().to_string();
+        assert!(e.contains("reads handover format 99"), "{e}");
+    }
+
+    #[test]
+    fn another_root_or_nginx_mode_is_refused() {
+        let moved = Answer {
+            root: "/srv/keter".into(),
+            ..ours()
+        };
+        let e = decide(moved, &ours()).unwrap_err().to_string();
+        assert!(e.contains("restart keter to move it"), "{e}");
+        let system = Answer {
+            nginx_mode: "system".into(),
+            ..ours()
+        };
+        let e = decide(system, &ours()).unwrap_err().to_string();
+        assert!(e.contains("restart keter to change it"), "{e}");
+    }
 }

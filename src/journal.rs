@@ -38,31 +38,6 @@ pub struct Entry {
 /// A write of the journal's thread.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Why an app's record cannot be read.
-#[derive(Debug)]
-pub enum RecordError {
-    Read(std::io::Error),
-    Parse(serde_json::Error),
-}
-
-impl std::fmt::Display for RecordError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RecordError::Read(e) => write!(f, "{e}"),
-            RecordError::Parse(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for RecordError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RecordError::Read(e) => Some(e),
-            RecordError::Parse(e) => Some(e),
-        }
-    }
-}
-
 /// The journal: one owner, shared by the app workers.
 pub struct Journal {
     path: PathBuf,
@@ -196,7 +171,7 @@ impl Journal {
     }
 
     /// Every app's record, or why it cannot be read.
-    pub fn records<T: DeserializeOwned>(&self) -> Vec<(AppName, Result<T, RecordError>)> {
+    pub fn records<T: DeserializeOwned>(&self) -> Vec<(AppName, Result<T, String>)> {
         let Ok(dir) = fs::read_dir(&self.records) else {
             return Vec::new();
         };
@@ -210,8 +185,8 @@ impl Journal {
                 continue; // a temp file, or not keter's
             };
             let read = fs::read(entry.path())
-                .map_err(RecordError::Read)
-                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(RecordError::Parse));
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
             out.push((app, read));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));

@@ -62,7 +62,7 @@ fn check_handover(args: &[String]) -> ExitCode {
 
 fn run_daemon(
     path: &Path,
-    takeover: Option<Result<Takeover, String>>,
+    takeover: Option<Result<Takeover, handover::TakeError>>,
     stored: HashMap<u64, std::fs::File>,
     lock: Option<std::fs::File>,
 ) -> ExitCode {

@@ -16,10 +16,11 @@ use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
 use crate::applog::AppLog;
+use crate::formats::records::{RunAsRecord, SpecRecord};
 use crate::procfs;
 
 /// What to run.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<String>,
@@ -31,7 +32,7 @@ pub struct Spec {
 }
 
 /// A user to run apps as, resolved once from the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
     pub name: String,
     pub uid: u32,
@@ -71,6 +72,43 @@ impl RunAs {
             groups,
             home: found.dir,
         })
+    }
+}
+
+/// The record of a [`Spec`] (`src/formats/records.rs`).
+impl From<&Spec> for SpecRecord {
+    fn from(s: &Spec) -> SpecRecord {
+        SpecRecord {
+            program: s.program.clone(),
+            args: s.args.clone(),
+            cwd: s.cwd.clone(),
+            env: s.env.clone(),
+            user: s.user.as_ref().map(|u| RunAsRecord {
+                name: u.name.clone(),
+                uid: u.uid,
+                gid: u.gid,
+                groups: u.groups.clone(),
+                home: u.home.clone(),
+            }),
+        }
+    }
+}
+
+impl From<SpecRecord> for Spec {
+    fn from(s: SpecRecord) -> Spec {
+        Spec {
+            program: s.program,
+            args: s.args,
+            cwd: s.cwd,
+            env: s.env,
+            user: s.user.map(|u| RunAs {
+                name: u.name,
+                uid: u.uid,
+                gid: u.gid,
+                groups: u.groups,
+                home: u.home,
+            }),
+        }
     }
 }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::formats::records::DeployResultRecord;
+
 use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
 use crate::names::AppName;
@@ -31,17 +33,20 @@ pub enum AppState {
     CrashLooping,
     /// The last deploy failed and no version serves.
     Failed,
+    /// The bundle was deleted: the app is out of Nginx and its processes are being stopped.
+    Stopping,
     /// No version runs (the bundle was deleted).
     Stopped,
 }
 
 impl AppState {
-    pub const ALL: [AppState; 6] = [
+    pub const ALL: [AppState; 7] = [
         AppState::Starting,
         AppState::Running,
         AppState::Deploying,
         AppState::CrashLooping,
         AppState::Failed,
+        AppState::Stopping,
         AppState::Stopped,
     ];
 
@@ -52,27 +57,31 @@ impl AppState {
             AppState::Deploying => "deploying",
             AppState::CrashLooping => "crash-looping",
             AppState::Failed => "failed",
+            AppState::Stopping => "stopping",
             AppState::Stopped => "stopped",
         }
     }
 }
 
 /// How a deploy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeployResult {
     Succeeded,
     Failed,
     Superseded,
     Unchanged,
+    /// A stop (the bundle deleted, keter stopping or being upgraded) interrupted it.
+    Stopped,
 }
 
 impl DeployResult {
-    pub const ALL: [DeployResult; 4] = [
+    pub const ALL: [DeployResult; 5] = [
         DeployResult::Succeeded,
         DeployResult::Failed,
         DeployResult::Superseded,
         DeployResult::Unchanged,
+        DeployResult::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +90,32 @@ impl DeployResult {
             DeployResult::Failed => "failed",
             DeployResult::Superseded => "superseded",
             DeployResult::Unchanged => "unchanged",
+            DeployResult::Stopped => "stopped",
+        }
+    }
+}
+
+/// The record of a [`DeployResult`] (`src/formats/records.rs`).
+impl From<DeployResult> for DeployResultRecord {
+    fn from(r: DeployResult) -> DeployResultRecord {
+        match r {
+            DeployResult::Succeeded => DeployResultRecord::Succeeded,
+            DeployResult::Failed => DeployResultRecord::Failed,
+            DeployResult::Superseded => DeployResultRecord::Superseded,
+            DeployResult::Unchanged => DeployResultRecord::Unchanged,
+            DeployResult::Stopped => DeployResultRecord::Stopped,
+        }
+    }
+}
+
+impl From<DeployResultRecord> for DeployResult {
+    fn from(r: DeployResultRecord) -> DeployResult {
+        match r {
+            DeployResultRecord::Succeeded => DeployResult::Succeeded,
+            DeployResultRecord::Failed => DeployResult::Failed,
+            DeployResultRecord::Superseded => DeployResult::Superseded,
+            DeployResultRecord::Unchanged => DeployResult::Unchanged,
+            DeployResultRecord::Stopped => DeployResult::Stopped,
         }
     }
 }
@@ -238,7 +273,7 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct Reports {
     apps: Mutex<BTreeMap<String, AppReport>>,
-    deploys: [AtomicU64; 4],
+    deploys: [AtomicU64; DeployResult::ALL.len()],
     /// Rename-to-switch time of successful deploys.
     pub deploy_duration: Histogram,
     /// Start-to-ready time of webapp processes.

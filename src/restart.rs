@@ -10,9 +10,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::formats::records::{BackoffRecord, PolicyRecord, RestartsRecord};
+
 /// Exponential backoff: `first`, doubling up to `max`; a run of at least `healthy` brings the
 /// delay back to `first` and clears the failures in a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     first: Duration,
     max: Duration,
@@ -91,8 +93,7 @@ pub const WORKER_START: Backoff = Backoff::new(
 );
 
 /// How a stanza's process is restarted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// Webapps: always restarted, with backoff.
     Backoff(Backoff),
@@ -122,7 +123,7 @@ pub enum Decision {
 }
 
 /// The restart state of one supervised process.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restarts {
     policy: Policy,
     /// Failures in a row of the fixed policy (the backoff counts its own).
@@ -175,6 +176,69 @@ impl Restarts {
         match &self.policy {
             Policy::Backoff(b) => b.failures(),
             Policy::Fixed { .. } => self.fixed_failures,
+        }
+    }
+}
+
+/// The records of these types (`src/formats/records.rs`).
+impl From<Backoff> for BackoffRecord {
+    fn from(b: Backoff) -> BackoffRecord {
+        BackoffRecord {
+            first: b.first,
+            max: b.max,
+            healthy: b.healthy,
+            next: b.next,
+            failures: b.failures,
+        }
+    }
+}
+
+impl From<BackoffRecord> for Backoff {
+    fn from(b: BackoffRecord) -> Backoff {
+        Backoff {
+            first: b.first,
+            max: b.max,
+            healthy: b.healthy,
+            next: b.next,
+            failures: b.failures,
+        }
+    }
+}
+
+impl From<Policy> for PolicyRecord {
+    fn from(p: Policy) -> PolicyRecord {
+        match p {
+            Policy::Backoff(b) => PolicyRecord::Backoff(b.into()),
+            Policy::Fixed { delay, count } => PolicyRecord::Fixed { delay, count },
+        }
+    }
+}
+
+impl From<PolicyRecord> for Policy {
+    fn from(p: PolicyRecord) -> Policy {
+        match p {
+            PolicyRecord::Backoff(b) => Policy::Backoff(b.into()),
+            PolicyRecord::Fixed { delay, count } => Policy::Fixed { delay, count },
+        }
+    }
+}
+
+impl From<&Restarts> for RestartsRecord {
+    fn from(r: &Restarts) -> RestartsRecord {
+        RestartsRecord {
+            policy: r.policy.into(),
+            fixed_failures: r.fixed_failures,
+            total: r.total,
+        }
+    }
+}
+
+impl From<RestartsRecord> for Restarts {
+    fn from(r: RestartsRecord) -> Restarts {
+        Restarts {
+            policy: r.policy.into(),
+            fixed_failures: r.fixed_failures,
+            total: r.total,
         }
     }
 }

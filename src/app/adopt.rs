@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use super::Shared;
 use super::machine::{Failure, Life, Machine, Retiring, Why};
-use super::record::{AppRecord, FORMAT, ProcRecordState, Standing, VersionRecord};
+use super::record::{AppRecord, ProcRecordState, Standing, VersionRecord};
 use super::version::{Proc, ProcState, Version};
 use crate::journal::Journal;
 use crate::names::{AppName, Hostname};
@@ -101,9 +101,9 @@ pub fn recover(
     inherited: &mut Inherited,
 ) -> Recovery {
     let mut out = Recovery::default();
-    for (name, record) in journal.records::<AppRecord>() {
-        match record {
-            Ok(r) if r.format == FORMAT => {
+    for (name, record) in journal.records::<serde_json::Value>() {
+        match record.and_then(|v| crate::formats::records::read(v).map_err(|e| e.to_string())) {
+            Ok(r) => {
                 let nginx = Routed {
                     sha256: live.get(&name),
                     ports: routes.get(&name),
@@ -111,10 +111,6 @@ pub fn recover(
                 let adopted = adopt_app(&name, r, nginx, inherited, &mut out);
                 out.apps.push(adopted);
             }
-            Ok(r) => log::warn!(
-                "{name}: its record has format {}, not {FORMAT}; its processes are stopped and it is deployed again",
-                r.format
-            ),
             Err(e) => log::warn!(
                 "{name}: its record cannot be read ({e}); its processes are stopped and it is deployed again"
             ),
@@ -190,11 +186,11 @@ fn adopt_app(
         .into_iter()
         .filter_map(|v| version(name, v, false, inherited, &mut watches, &mut drains, now))
         .map(|version| Retiring {
-            version,
+            version: Box::new(version),
             since: now,
         })
         .collect();
-    for v in serving.iter().chain(retiring.iter().map(|r| &r.version)) {
+    for v in serving.iter().chain(retiring.iter().map(|r| &*r.version)) {
         out.dirs.insert(v.dir.clone());
         out.ports.extend(v.ports());
         out.next_id = out.next_id.max(v.id + 1);
@@ -207,13 +203,13 @@ fn adopt_app(
     out.groups.extend(watches.iter().map(|w| w.pid));
     let failed = record.failed.map(|f| Failure {
         path: f.path,
-        stamp: f.stamp,
+        stamp: f.stamp.map(Into::into),
         retry_at: f.retry_at.map(|m| m.instant()),
-        backoff: f.backoff,
+        backoff: f.backoff.into(),
     });
     let mut machine = Machine::new(name.clone());
     machine.life = match serving {
-        Some(v) => Life::Serving(v),
+        Some(v) => Life::Serving(Box::new(v)),
         None if failed.is_some() => Life::Idle(Why::Failed),
         None => Life::Idle(Why::New),
     };
@@ -282,8 +278,8 @@ fn version(
     };
     let mut procs = Vec::new();
     for (i, p) in v.procs.into_iter().enumerate() {
-        let mut proc = Proc::new(p.role, p.spec, crate::restart::Policy::WEBAPP);
-        proc.restarts = p.restarts;
+        let mut proc = Proc::new(p.role.into(), p.spec.into(), crate::restart::Policy::WEBAPP);
+        proc.restarts = p.restarts.into();
         proc.state = match p.state {
             ProcRecordState::Running { pid, ticks, output } => {
                 match take_over(pid, ticks, output, inherited) {
@@ -347,7 +343,7 @@ fn version(
         id: v.id,
         dir: v.dir,
         sha256: v.sha256,
-        stamp: v.stamp,
+        stamp: v.stamp.into(),
         config,
         config_text: v.config,
         plugin_env: BTreeMap::new(),

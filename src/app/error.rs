@@ -135,7 +135,7 @@ impl DeployError {
             DeployError::Site(e) => e.io_error().is_some_and(io_passes),
             DeployError::Stanza { source, .. } => source.io_error().is_some_and(io_passes),
             DeployError::NotReady(NotReady::Timeout { .. }) => true,
-            DeployError::Nginx(e) => !matches!(e, NginxError::Rejected(_)),
+            DeployError::Nginx(e) => e.transient(),
             DeployError::Config(_)
             | DeployError::HostTaken { .. }
             | DeployError::NoPostgresServer
@@ -250,7 +250,10 @@ mod tests {
         assert!(DeployError::Unpack(full).transient());
         assert!(!DeployError::Unpack(UnpackError::Refused("..".into())).transient());
         assert!(DeployError::NoFreePort(4000..=4001).transient());
-        assert!(DeployError::Nginx(NginxError::Unconfirmed("down".into())).transient());
+        assert!(
+            DeployError::Nginx(NginxError::Unconfirmed(crate::nginx::Unconfirmed::Stopped))
+                .transient()
+        );
         assert!(!DeployError::Nginx(NginxError::Rejected("bad".into())).transient());
         assert!(!DeployError::Config(Invalid(Vec::new())).transient());
         assert!(!DeployError::NoPostgresServer.transient());

@@ -32,7 +32,12 @@ impl Machine {
                         retry: true,
                     });
                     self.life = Life::Deploying { serving, deploy };
-                    self.fail_candidate(End::Superseded, fx);
+                    self.fail_candidate(
+                        End::Stopped(
+                            "keter is being upgraded; the bundle is deployed again after it",
+                        ),
+                        fx,
+                    );
                     Some(command)
                 }
                 Stage::Switching(_) => {
@@ -40,8 +45,12 @@ impl Machine {
                     None
                 }
             },
+            // A stop waiting for an unpack: the stop is held (a shutdown goes on: the worker
+            // ends once the unpack is back).
             Life::Stopping {
-                serving, deploy, ..
+                serving,
+                deploy,
+                exit: false,
             } if matches!(deploy.stage, Stage::Unpacking) => {
                 self.life = back_to(serving);
                 Some(Command::Stop)
@@ -56,30 +65,40 @@ impl Machine {
         }
     }
 
-    /// True once nothing is in flight that the record could not say (after [`freeze`], only
-    /// a switch can be).
+    /// True once nothing is in flight that the record could not say: after [`freeze`], a
+    /// switch, a stop, and the stages that stop versions and exited processes' groups (their
+    /// threads would not survive the upgrade's exec).
     ///
     /// [`freeze`]: Machine::freeze
     pub fn quiet(&self) -> bool {
-        !matches!(self.life, Life::Deploying { .. } | Life::Stopping { .. })
+        !matches!(
+            self.life,
+            Life::Deploying { .. } | Life::Stopping { .. } | Life::Leaving { .. }
+        ) && self.discarding.is_empty()
+            && self.reaping.is_empty()
     }
 
     /// A command while frozen: the newest is held.
-    pub fn hold(&mut self, command: Command) {
+    pub(super) fn hold(&mut self, command: Command) {
         self.commands += 1;
         self.held = Some(command);
     }
 
-    /// The upgrade did not happen: carries on, with the command held.
+    /// The upgrade did not happen: carries on, with the command held, then the events that
+    /// arrived while resting after a snapshot, in order.
     pub fn thaw(&mut self, fx: &mut dyn Effects) {
         self.frozen = false;
+        let later = self.resting.take().unwrap_or_default();
         if let Some(c) = self.held.take() {
             self.command(c, fx);
+        }
+        if !later.is_empty() {
+            self.step(later, fx);
         }
     }
 }
 
-fn back_to(serving: Option<super::version::Version>) -> Life {
+fn back_to(serving: Option<Box<super::version::Version>>) -> Life {
     match serving {
         Some(v) => Life::Serving(v),
         None => Life::Idle(super::machine::Why::New),

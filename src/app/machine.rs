@@ -1,20 +1,27 @@
 //! The app worker's state machine: what the worker is doing ([`Life`]), what each process is
-//! doing ([`ProcState`]), and every transition, driven by [`Event`]s and the clock. It touches
-//! the world only through [`Effects`], so it is unit-tested with a fake spawner and a fake
-//! clock (`tests.rs` beside this file); `world.rs` is the real thing. Exits, restarts, drains
-//! and stops are in `supervise.rs`. `docs/lifecycle.md` draws
-//! the states and says who owns what.
+//! doing ([`ProcState`]), and every transition, driven by [`Event`]s. It touches the world,
+//! the clock included, only through [`Effects`], so it is unit-tested with a fake spawner and
+//! a fake clock (`tests.rs` beside this file); `world.rs` is the real thing.
 //!
-//! The deploy's slow stages (unpack, readiness, switch) run elsewhere and come back as events,
-//! so the one loop keeps restarting the serving version's processes and draining old versions
-//! while a deploy runs.
+//! [`Machine::step`] takes what the worker's loop received (or a [`Event::Tick`] when a
+//! deadline came): it merges commands queued together, holds commands while frozen for an
+//! upgrade, defers everything while resting after a snapshot, and hands each event to
+//! [`Machine::on`], the table: one `match` over (where the worker is, the event) whose arms
+//! name the transition. The transitions themselves are below it (deploys), in `supervise.rs`
+//! (exits, restarts, ports, drains, retries, stops) and `freeze.rs` (upgrades).
+//! `docs/lifecycle.md` draws the states and says who owns what.
+//!
+//! The slow work runs elsewhere and comes back as events: the deploy's stages (unpack,
+//! readiness, switch), and stopping a version or the rest of an exited process's group. So the
+//! one loop keeps restarting the serving version's processes while an old version takes its
+//! `stop-timeout` to stop.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
-use super::error::DeployError;
+use super::error::{DeployError, NotReady};
 use super::version::{FileStamp, ProcState, Role, Version};
 use super::{Command, Effects};
 use crate::names::AppName;
@@ -54,10 +61,26 @@ pub(super) enum Event {
     Certificate {
         hosts: String,
     },
+    /// A version handed to [`Effects::discard`] is stopped: its processes ended, its ports
+    /// given back, its folder deleted.
+    Discarded {
+        version: u64,
+    },
+    /// What was left of the group of an exited leader is stopped ([`Effects::reap`]).
+    Reaped {
+        pid: i32,
+    },
+    /// The app's site is out of Nginx (or Nginx did not take its removal), after
+    /// [`Effects::leave_nginx`].
+    SiteRemoved {
+        result: Result<u64, crate::nginx::NginxError>,
+    },
     /// Stop everything and end the worker.
     Shutdown,
-    /// A step of an in-place upgrade, for the worker's loop (`freeze.rs`).
+    /// A step of an in-place upgrade (`freeze.rs`).
     Handover(Handover),
+    /// The moment [`Machine::next_deadline`] named has come.
+    Tick,
 }
 
 /// The steps of an in-place upgrade, as the daemon drives each worker through them.
@@ -72,20 +95,34 @@ pub enum Handover {
 
 /// What the worker is doing. Each state holds exactly what exists in it: a version serves in
 /// `Serving`, and may serve in `Deploying` while a candidate is on its way.
+///
+/// Versions are boxed: a transition moves the life by value, and a `Version` inline made each
+/// of those moves copy kilobytes through the worker's stack.
 pub(super) enum Life {
     /// No version serves and nothing is under way.
     Idle(Why),
-    Serving(Version),
+    Serving(Box<Version>),
     Deploying {
-        serving: Option<Version>,
+        serving: Option<Box<Version>>,
         deploy: Deploy,
     },
     /// Stopping, but a stage of `deploy` is still in flight (an unpack or a switch cannot be
     /// interrupted); once it is back, everything is stopped. `exit`: then end the worker.
     Stopping {
-        serving: Option<Version>,
+        serving: Option<Box<Version>>,
         deploy: Deploy,
         exit: bool,
+    },
+    /// Leaving Nginx (`removing`: the versions that wait for the site's removal to come
+    /// back, [`Event::SiteRemoved`]), then its versions being stopped
+    /// ([`Machine::discarding`]); once the last is, the stop is complete (`Idle(Stopped)`, or
+    /// `Ended` with `exit`), and then `pending`, a deploy received meanwhile, is acted on.
+    Leaving {
+        exit: bool,
+        pending: Option<Command>,
+        // Boxed as they were in the life, and as `Effects::discard` takes them.
+        #[allow(clippy::vec_box)]
+        removing: Option<Vec<Box<Version>>>,
     },
     /// The worker has stopped everything and ends.
     Ended,
@@ -121,9 +158,9 @@ pub(super) enum Stage {
     /// Unpacking, validating, claiming hosts, provisioning, planning processes.
     Unpacking,
     /// The candidate's processes run; its webapps' health checks are polled.
-    Readiness(Version),
+    Readiness(Box<Version>),
     /// Nginx is taking the candidate's site.
-    Switching(Version),
+    Switching(Box<Version>),
 }
 
 impl Stage {
@@ -138,7 +175,7 @@ impl Stage {
 
 /// An old version after the switch, waiting for its last requests before it is stopped.
 pub(super) struct Retiring {
-    pub version: Version,
+    pub version: Box<Version>,
     pub since: Instant,
 }
 
@@ -196,6 +233,16 @@ pub(super) struct Machine {
     /// writes it, once `Serving` and not frozen; Nginx reloads only if the file comes out
     /// otherwise than the one the earlier keter wrote (`adopt.rs`).
     pub rewrite_due: bool,
+    /// Versions handed to [`Effects::discard`] whose stop has not come back yet
+    /// ([`Event::Discarded`]): their processes may still run.
+    pub discarding: Vec<u64>,
+    /// Exited leaders whose group is being stopped ([`Event::Reaped`]).
+    pub reaping: Vec<i32>,
+    /// Resting after a snapshot for an upgrade (`freeze.rs`): the events that arrive are kept
+    /// here, in order, and handled only if the upgrade does not happen.
+    pub resting: Option<Vec<Event>>,
+    /// The daemon's answer for a freeze, sent once nothing is in flight ([`Machine::quiet`]).
+    pub quiet_reply: Option<crossbeam_channel::Sender<()>>,
     /// A refresh that failed (Nginx did not take it) is tried again at this moment.
     pub refresh_retry_at: Option<Instant>,
     /// A webapp of the serving version (or of a candidate being switched) moved to another
@@ -205,11 +252,31 @@ pub(super) struct Machine {
     pub reroute_due: bool,
 }
 
+/// Where the worker is, as the table ([`Machine::on`]) tells states apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// Idle or Serving: nothing under way.
+    Settled,
+    /// A deploy (id) is under way (`Deploying`, or `Stopping` until its stage is back).
+    Deploy(u64, StageAt),
+    Leaving,
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageAt {
+    Unpacking,
+    Readiness(u64),
+    Switching(u64),
+}
+
 /// How a deploy ended.
 pub(super) enum End {
     Deployed,
     SameContent(Option<FileStamp>),
     Superseded,
+    /// A stop, keter's shutdown or an upgrade's freeze interrupted it.
+    Stopped(&'static str),
     Failed(DeployError),
 }
 
@@ -231,6 +298,10 @@ impl Machine {
             rewrite_due: false,
             refresh_retry_at: None,
             reroute_due: false,
+            discarding: Vec::new(),
+            reaping: Vec::new(),
+            resting: None,
+            quiet_reply: None,
         }
     }
 
@@ -241,6 +312,9 @@ impl Machine {
     /// The earliest moment something is due: a restart, a drain check, a deploy retry. `None`
     /// when nothing is, so an idle app costs no wake-ups at all.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if self.resting.is_some() {
+            return None;
+        }
         let restarts = self.supervised().flat_map(|v| {
             v.procs
                 .iter()
@@ -282,7 +356,7 @@ impl Machine {
     /// candidate once it runs.
     pub(super) fn supervised(&self) -> impl Iterator<Item = &Version> {
         let (serving, candidate) = match &self.life {
-            Life::Serving(v) => (Some(v), None),
+            Life::Serving(v) => (Some(&**v), None),
             Life::Deploying { serving, deploy }
             | Life::Stopping {
                 serving, deploy, ..
@@ -291,9 +365,9 @@ impl Machine {
                     Stage::Readiness(c) | Stage::Switching(c) => Some(c),
                     Stage::Unpacking => None,
                 };
-                (serving.as_ref(), c)
+                (serving.as_deref(), c.map(|c| &**c))
             }
-            Life::Idle(_) | Life::Ended => (None, None),
+            Life::Idle(_) | Life::Leaving { .. } | Life::Ended => (None, None),
         };
         serving.into_iter().chain(candidate)
     }
@@ -305,52 +379,236 @@ impl Machine {
             | Life::Stopping {
                 serving, deploy, ..
             } => {
-                let mut out: Vec<&mut Version> = serving.iter_mut().collect();
+                let mut out: Vec<&mut Version> = serving.iter_mut().map(|v| &mut **v).collect();
                 if let Stage::Readiness(c) | Stage::Switching(c) = &mut deploy.stage {
                     out.push(c);
                 }
                 out
             }
-            Life::Idle(_) | Life::Ended => Vec::new(),
+            Life::Idle(_) | Life::Leaving { .. } | Life::Ended => Vec::new(),
         }
     }
 
     pub(super) fn serving(&self) -> Option<&Version> {
         match &self.life {
             Life::Serving(v) => Some(v),
-            Life::Deploying { serving, .. } | Life::Stopping { serving, .. } => serving.as_ref(),
-            Life::Idle(_) | Life::Ended => None,
+            Life::Deploying { serving, .. } | Life::Stopping { serving, .. } => serving.as_deref(),
+            Life::Idle(_) | Life::Leaving { .. } | Life::Ended => None,
         }
     }
 
-    /// Handles one event.
-    pub fn handle(&mut self, event: Event, fx: &mut dyn Effects) {
-        match event {
-            Event::Command(c) => {
+    /// Takes what the worker's loop received together, in order (or a lone [`Event::Tick`]),
+    /// then does the timed work that is due and publishes the app's report and record if
+    /// anything changed; answers a freeze once nothing is in flight.
+    ///
+    /// Commands queued together are merged: only the newest is acted on (the older ones are
+    /// moot), after the other events queued with them; a `Shutdown` among them drops them,
+    /// and a `Handover` step is taken after the newest.
+    pub fn step(&mut self, events: Vec<Event>, fx: &mut dyn Effects) {
+        let mut handled = false;
+        let mut events = events.into_iter();
+        while let Some(e) = events.next() {
+            handled |= !matches!(e, Event::Tick);
+            match e {
+                Event::Command(first) if self.resting.is_none() && !self.frozen => {
+                    self.commands += 1;
+                    let mut newest = first;
+                    let mut after = None;
+                    for e in events.by_ref() {
+                        match e {
+                            Event::Command(c) => {
+                                self.commands += 1;
+                                newest = c;
+                            }
+                            Event::Shutdown | Event::Handover(_) => {
+                                after = Some(e);
+                                break;
+                            }
+                            other => self.on(other, fx),
+                        }
+                    }
+                    match after {
+                        Some(Event::Shutdown) => self.on(Event::Shutdown, fx),
+                        Some(h) => {
+                            self.command(newest, fx);
+                            self.on(h, fx);
+                        }
+                        None => self.command(newest, fx),
+                    }
+                }
+                other => self.on(other, fx),
+            }
+        }
+        if self.resting.is_some() {
+            return;
+        }
+        // A tick that only looked changed nothing to publish (the looks at a port every
+        // PORT_WATCH while a webapp waits for its restart would otherwise rebuild the report
+        // and the record each time).
+        if self.tick(fx) || handled {
+            self.publish(fx);
+        }
+        if self.quiet()
+            && let Some(reply) = self.quiet_reply.take()
+        {
+            fx.answer(reply);
+        }
+    }
+
+    /// Publishes the app's report (for the status interface) and its record (for a later
+    /// keter).
+    pub(super) fn publish(&self, fx: &mut dyn Effects) {
+        let report = self.report(fx.log_lines_dropped(), fx.wall_clock());
+        fx.publish(report, self.to_record());
+    }
+
+    /// The table: one event, where the worker is. Each arm names the transition; an event
+    /// that no longer matches what is under way (the result of a stage that was dropped, an
+    /// exit of a process already replaced) is handled as stale.
+    ///
+    /// | where | event | transition |
+    /// |---|---|---|
+    /// | resting after a snapshot | anything but `Thaw` | kept for after the thaw |
+    /// | any | `Freeze`, `Snapshot`, `Thaw` | `freeze.rs` |
+    /// | frozen | a command | held (the newest) |
+    /// | Ended | a command | none |
+    /// | any | `Stop` | [`Machine::stop`] |
+    /// | Idle, Serving | `Deploy` | [`Machine::deploy_command`]: begin, unless nothing changed |
+    /// | Deploying | `Deploy` | pending; supersedes a candidate in readiness |
+    /// | Stopping, Leaving | `Deploy` | pending until the stop is complete |
+    /// | any | `Shutdown` | [`Machine::stop`] and end |
+    /// | Deploying/Stopping{Unpacking} of the same id | `Prepared` | [`Machine::prepared`] |
+    /// | Deploying{Readiness} of the same version | `Ready` | switch, or fail the candidate |
+    /// | Deploying/Stopping{Switching} of the same version | `Switched` | [`Machine::switched`] |
+    /// | Deploying{Readiness} | `Exited` of a candidate's webapp | fail the candidate |
+    /// | any | `Exited` | [`Machine::exited`]: restart policy, or accounted for |
+    /// | Leaving | `SiteRemoved` | [`Machine::left_nginx`]: its versions handed to be stopped |
+    /// | any | `Discarded`, `Reaped` | in flight no more; a stop may be complete |
+    /// | any | `Certificate` | `refresh_due` |
+    /// | any | `Tick` | none here: [`Machine::tick`] runs after every step |
+    pub fn on(&mut self, event: Event, fx: &mut dyn Effects) {
+        if let Some(later) = &mut self.resting {
+            match event {
+                Event::Handover(Handover::Thaw) => {}
+                other => {
+                    later.push(other);
+                    return;
+                }
+            }
+        }
+        let at = self.at();
+        match (at, event) {
+            (_, Event::Handover(Handover::Freeze(reply))) => {
+                self.freeze(fx);
+                self.quiet_reply = Some(reply);
+            }
+            (_, Event::Handover(Handover::Snapshot(reply))) => {
+                self.publish(fx);
+                fx.answer(reply);
+                self.resting = Some(Vec::new());
+            }
+            (_, Event::Handover(Handover::Thaw)) => self.thaw(fx),
+            (_, Event::Command(c)) if self.frozen => self.hold(c),
+            (At::Ended, Event::Command(_)) => self.commands += 1,
+            (_, Event::Command(c)) => {
                 self.commands += 1;
                 self.command(c, fx);
             }
-            Event::Exited {
-                version,
-                proc,
-                pid,
-                status,
-            } => self.exited(version, proc, pid, status, fx),
-            Event::Prepared { id, result } => self.prepared(id, result, fx),
-            Event::Ready { version, result } => self.ready(version, result, fx),
-            Event::Switched { version, result } => self.switched(version, result, fx),
-            Event::Certificate { hosts } => {
+            (_, Event::Shutdown) => self.stop(true, fx),
+            (At::Deploy(id, StageAt::Unpacking), Event::Prepared { id: got, result })
+                if id == got =>
+            {
+                self.prepared(result, fx)
+            }
+            (_, Event::Prepared { result, .. }) => {
+                if let Ok(Prepared::Version(v)) = result {
+                    self.discard(v, fx);
+                }
+            }
+            (At::Deploy(_, StageAt::Readiness(c)), Event::Ready { version, result })
+                if c == version =>
+            {
+                match result {
+                    Ok(()) => self.ready(fx),
+                    Err(e) => self.fail_candidate(End::Failed(e), fx),
+                }
+            }
+            (_, Event::Ready { .. }) => {}
+            (At::Deploy(_, StageAt::Switching(c)), Event::Switched { version, result })
+                if c == version =>
+            {
+                self.switched(result, fx)
+            }
+            (_, Event::Switched { .. }) => {}
+            (
+                At::Deploy(_, StageAt::Readiness(c)),
+                Event::Exited {
+                    version,
+                    proc,
+                    pid,
+                    status,
+                },
+            ) if c == version && self.candidate_webapp(proc, pid) => {
+                self.candidate_exited(version, proc, pid, status, fx)
+            }
+            (
+                _,
+                Event::Exited {
+                    version,
+                    proc,
+                    pid,
+                    status,
+                },
+            ) => self.exited(version, proc, pid, status, fx),
+            (_, Event::Discarded { version }) => {
+                self.discarding.retain(|v| *v != version);
+                self.leave_if_done(fx);
+            }
+            (_, Event::Reaped { pid }) => self.reaping.retain(|p| *p != pid),
+            (At::Leaving, Event::SiteRemoved { result }) => self.left_nginx(result, fx),
+            (_, Event::SiteRemoved { .. }) => {}
+            (_, Event::Certificate { hosts }) => {
                 log::info!(
                     "{}: a new certificate for {hosts}; the site is rendered again with it",
                     self.name
                 );
                 self.refresh_due = true;
             }
-            Event::Shutdown => self.stop(true, fx),
-            Event::Handover(_) => {}
+            (_, Event::Tick) => {}
         }
     }
 
+    /// Where the worker is, for the table.
+    fn at(&self) -> At {
+        match &self.life {
+            Life::Idle(_) | Life::Serving(_) => At::Settled,
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => At::Deploy(
+                deploy.id,
+                match &deploy.stage {
+                    Stage::Unpacking => StageAt::Unpacking,
+                    Stage::Readiness(c) => StageAt::Readiness(c.id),
+                    Stage::Switching(c) => StageAt::Switching(c.id),
+                },
+            ),
+            Life::Leaving { .. } => At::Leaving,
+            Life::Ended => At::Ended,
+        }
+    }
+
+    /// True when process `proc` of the candidate in readiness is a webapp running as `pid`.
+    fn candidate_webapp(&self, proc: usize, pid: i32) -> bool {
+        let Life::Deploying { deploy, .. } = &self.life else {
+            return false;
+        };
+        let Stage::Readiness(c) = &deploy.stage else {
+            return false;
+        };
+        c.procs.get(proc).is_some_and(|p| {
+            p.running().is_some_and(|r| r.pid == pid) && matches!(p.role, Role::Web { .. })
+        })
+    }
+
+    /// Acts on a command (the table has decided that it is to be acted on now).
     pub(super) fn command(&mut self, c: Command, fx: &mut dyn Effects) {
         match c {
             Command::Deploy { path, retry } => self.deploy_command(path, retry, fx),
@@ -358,6 +616,9 @@ impl Machine {
         }
     }
 
+    /// A `Deploy`: begins it, unless it is the file already serving or being deployed, or the
+    /// unchanged file whose deploy failed last; during a deploy it is the pending command
+    /// (superseding a candidate in readiness); during a stop it waits for the stop.
     fn deploy_command(&mut self, path: PathBuf, retry: bool, fx: &mut dyn Effects) {
         let stamp = fx.stamp(&path);
         match &mut self.life {
@@ -376,11 +637,23 @@ impl Machine {
                 // A deploy whose processes only wait for readiness is superseded at once;
                 // an unpack or a switch in flight is waited for.
                 if matches!(deploy.stage, Stage::Readiness(_)) {
-                    self.supersede(fx);
+                    self.fail_candidate(End::Superseded, fx);
                 }
                 return;
             }
-            Life::Stopping { .. } | Life::Ended => return,
+            Life::Stopping { deploy, exit, .. } => {
+                if !*exit {
+                    deploy.pending = Some(Command::Deploy { path, retry });
+                }
+                return;
+            }
+            Life::Leaving { exit, pending, .. } => {
+                if !*exit {
+                    *pending = Some(Command::Deploy { path, retry });
+                }
+                return;
+            }
+            Life::Ended => return,
         }
         if !retry
             && let Some(f) = &self.failed
@@ -423,7 +696,7 @@ impl Machine {
         retries: Option<Backoff>,
         fx: &mut dyn Effects,
     ) {
-        let serving = match std::mem::replace(&mut self.life, Life::Ended) {
+        let serving = match std::mem::replace(&mut self.life, Life::Idle(Why::New)) {
             Life::Serving(v) => Some(v),
             Life::Idle(_) => None,
             other => {
@@ -455,25 +728,23 @@ impl Machine {
         };
     }
 
-    /// Takes the deploy out of the life (which is left `Ended` until the caller settles it),
-    /// with the serving version and, when a stop waits for the deploy, whether to exit after.
-    fn take_deploy(&mut self) -> Option<(Option<Version>, Deploy, Option<bool>)> {
+    /// Takes the deploy out of the life, with the serving version and, when a stop waits for
+    /// the deploy, whether to exit after. Only the table's arms for a deploy under way call
+    /// it, and each settles the life again before it returns.
+    fn take_deploy(&mut self) -> (Option<Box<Version>>, Deploy, Option<bool>) {
         match std::mem::replace(&mut self.life, Life::Ended) {
-            Life::Deploying { serving, deploy } => Some((serving, deploy, None)),
+            Life::Deploying { serving, deploy } => (serving, deploy, None),
             Life::Stopping {
                 serving,
                 deploy,
                 exit,
-            } => Some((serving, deploy, Some(exit))),
-            other => {
-                self.life = other;
-                None
-            }
+            } => (serving, deploy, Some(exit)),
+            _ => unreachable!("take_deploy without a deploy under way"),
         }
     }
 
     /// Puts a taken deploy back.
-    fn put_back(&mut self, serving: Option<Version>, deploy: Deploy, stopping: Option<bool>) {
+    fn put_back(&mut self, serving: Option<Box<Version>>, deploy: Deploy, stopping: Option<bool>) {
         self.life = match stopping {
             None => Life::Deploying { serving, deploy },
             Some(exit) => Life::Stopping {
@@ -484,25 +755,19 @@ impl Machine {
         };
     }
 
-    fn prepared(&mut self, id: u64, result: Result<Prepared, DeployError>, fx: &mut dyn Effects) {
-        let Some((serving, mut deploy, stopping)) = self.take_deploy() else {
-            if let Ok(Prepared::Version(v)) = result {
-                fx.discard(*v);
-            }
-            return;
-        };
-        if deploy.id != id || !matches!(deploy.stage, Stage::Unpacking) {
-            if let Ok(Prepared::Version(v)) = result {
-                fx.discard(*v);
-            }
-            return self.put_back(serving, deploy, stopping);
-        }
+    /// The unpack stage of the deploy under way came back.
+    fn prepared(&mut self, result: Result<Prepared, DeployError>, fx: &mut dyn Effects) {
+        let (serving, mut deploy, stopping) = self.take_deploy();
         let superseded = stopping.is_some() || deploy.pending.is_some();
         let mut candidate = match result {
-            Ok(Prepared::Version(v)) if !superseded => *v,
+            Ok(Prepared::Version(v)) if !superseded => v,
             Ok(Prepared::Version(v)) => {
-                fx.discard(*v);
-                return self.conclude(serving, deploy, stopping, End::Superseded, fx);
+                self.discard(v, fx);
+                let end = match stopping {
+                    Some(exit) => End::Stopped(stop_reason(exit)),
+                    None => End::Superseded,
+                };
+                return self.conclude(serving, deploy, stopping, end, fx);
             }
             Ok(Prepared::SameContent) => {
                 let stamp = deploy.stamp;
@@ -513,48 +778,66 @@ impl Machine {
         self.deploys += 1;
         candidate.deploy = self.deploys;
         if let Err(e) = start_all(&mut candidate, fx) {
-            fx.discard(candidate);
+            self.discard(candidate, fx);
             return self.conclude(serving, deploy, None, End::Failed(e), fx);
         }
         let checks = readiness_checks(&candidate, fx.readiness_timeout());
         if checks.is_empty() {
+            fx.switch(switch_job(&candidate, deploy.started));
             deploy.stage = Stage::Switching(candidate);
-            self.life = Life::Deploying { serving, deploy };
-            self.begin_switch(fx);
         } else {
             fx.readiness(candidate.id, checks);
             deploy.stage = Stage::Readiness(candidate);
-            self.life = Life::Deploying { serving, deploy };
         }
+        self.life = Life::Deploying { serving, deploy };
     }
 
-    fn ready(&mut self, version: u64, result: Result<(), DeployError>, fx: &mut dyn Effects) {
-        let Life::Deploying { deploy, .. } = &mut self.life else {
-            return;
-        };
-        if !matches!(&deploy.stage, Stage::Readiness(c) if c.id == version) {
-            return;
+    /// Every webapp of the candidate answered its health check: the switch begins.
+    fn ready(&mut self, fx: &mut dyn Effects) {
+        let (serving, mut deploy, stopping) = self.take_deploy();
+        if let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
+            fx.switch(switch_job(&c, deploy.started));
+            deploy.stage = Stage::Switching(c);
         }
-        match result {
-            Ok(()) => {
-                if let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking)
-                {
-                    deploy.stage = Stage::Switching(c);
-                }
-                self.begin_switch(fx);
-            }
-            Err(e) => self.fail_candidate(End::Failed(e), fx),
-        }
+        self.put_back(serving, deploy, stopping);
     }
 
-    fn begin_switch(&mut self, fx: &mut dyn Effects) {
-        let Life::Deploying { deploy, .. } = &self.life else {
-            return;
-        };
-        let Stage::Switching(c) = &deploy.stage else {
-            return;
-        };
-        fx.switch(switch_job(c, deploy.started));
+    /// A webapp of the candidate in readiness exited: the deploy fails at once.
+    fn candidate_exited(
+        &mut self,
+        version: u64,
+        proc: usize,
+        pid: i32,
+        status: Option<ExitStatus>,
+        fx: &mut dyn Effects,
+    ) {
+        self.reap(pid, fx);
+        if let Life::Deploying { deploy, .. } = &mut self.life
+            && let Stage::Readiness(c) = &mut deploy.stage
+        {
+            c.procs[proc].state = ProcState::Ended;
+        }
+        let last = fx.cancel(version);
+        let e = DeployError::NotReady(NotReady::Exited {
+            status,
+            last,
+            output: fx.last_output(),
+        });
+        self.fail_candidate(End::Failed(e), fx);
+    }
+
+    /// Hands a version to a stage that stops its processes, gives its ports back and deletes
+    /// its folder; [`Event::Discarded`] comes back.
+    pub(super) fn discard(&mut self, version: Box<Version>, fx: &mut dyn Effects) {
+        self.discarding.push(version.id);
+        fx.discard(version);
+    }
+
+    /// Hands the rest of an exited leader's group to a stage that stops it;
+    /// [`Event::Reaped`] comes back.
+    pub(super) fn reap(&mut self, pid: i32, fx: &mut dyn Effects) {
+        self.reaping.push(pid);
+        fx.reap(pid);
     }
 
     /// Renders the serving version's site again (its `ssl: acme` certificates and its
@@ -629,21 +912,17 @@ impl Machine {
         }
     }
 
-    fn switched(&mut self, version: u64, result: Result<(), DeployError>, fx: &mut dyn Effects) {
-        let Some((serving, mut deploy, stopping)) = self.take_deploy() else {
-            return;
-        };
-        if !matches!(&deploy.stage, Stage::Switching(c) if c.id == version) {
-            return self.put_back(serving, deploy, stopping);
-        }
+    /// Nginx took the candidate's site (or did not).
+    fn switched(&mut self, result: Result<(), DeployError>, fx: &mut dyn Effects) {
+        let (serving, mut deploy, stopping) = self.take_deploy();
         let Stage::Switching(mut candidate) =
             std::mem::replace(&mut deploy.stage, Stage::Unpacking)
         else {
-            unreachable!("checked above");
+            unreachable!("the table matched a switch");
         };
         match result {
             Ok(()) => {
-                candidate.live_since = Some(SystemTime::now());
+                candidate.live_since = Some(fx.wall_clock());
                 if let Some(old) = serving {
                     log::info!(
                         "{}: draining the previous version (ports {:?})",
@@ -658,27 +937,19 @@ impl Machine {
                 self.conclude(Some(candidate), deploy, stopping, End::Deployed, fx);
             }
             Err(e) => {
-                fx.discard(candidate);
+                self.discard(candidate, fx);
                 self.conclude(serving, deploy, stopping, End::Failed(e), fx);
             }
         }
     }
 
-    /// A newer command arrived while the candidate waits for readiness: it is stopped and the
-    /// command acted on.
-    fn supersede(&mut self, fx: &mut dyn Effects) {
-        self.fail_candidate(End::Superseded, fx);
-    }
-
     /// Ends a deploy in the readiness stage: stops its checks and its processes.
     pub(super) fn fail_candidate(&mut self, end: End, fx: &mut dyn Effects) {
-        let Some((serving, mut deploy, stopping)) = self.take_deploy() else {
-            return;
-        };
+        let (serving, mut deploy, stopping) = self.take_deploy();
         match std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
             Stage::Readiness(c) => {
                 fx.cancel(c.id);
-                fx.discard(c);
+                self.discard(c, fx);
             }
             other => {
                 deploy.stage = other;
@@ -693,7 +964,7 @@ impl Machine {
     /// command received meanwhile.
     fn conclude(
         &mut self,
-        serving: Option<Version>,
+        serving: Option<Box<Version>>,
         deploy: Deploy,
         stopping: Option<bool>,
         end: End,
@@ -710,7 +981,14 @@ impl Machine {
         self.release_unused_hosts(fx);
         self.record(&deploy, end, fx);
         match (stopping, deploy.pending) {
-            (Some(exit), _) => self.stop(exit, fx),
+            (Some(exit), pending) => {
+                self.stop(exit, fx);
+                if let (Life::Leaving { pending: p, .. }, false) = (&mut self.life, exit) {
+                    *p = pending;
+                } else if let (Some(c), false) = (pending, exit) {
+                    self.command(c, fx);
+                }
+            }
             (None, Some(c)) => self.command(c, fx),
             (None, None) => {}
         }
@@ -725,12 +1003,13 @@ impl Machine {
             End::Deployed => (DeployResult::Succeeded, None),
             End::SameContent(_) => (DeployResult::Unchanged, None),
             End::Superseded => (DeployResult::Superseded, None),
+            End::Stopped(_) => (DeployResult::Stopped, None),
             End::Failed(e) => (DeployResult::Failed, Some(e)),
         };
         fx.deploy_finished(result, took);
         let mut report = DeployReport {
             result,
-            finished: rfc3339(SystemTime::now()),
+            finished: rfc3339(fx.wall_clock()),
             duration_ms: took.as_millis() as u64,
             error: error.map(|e| crate::applog::printable(&e.to_string()).into_owned()),
             error_kind: error.map(|e| e.kind()),
@@ -754,6 +1033,9 @@ impl Machine {
                     self.name
                 )
             }
+            End::Stopped(why) => {
+                log::info!("{}: deploy of {label} stopped: {why}", self.name)
+            }
             End::Failed(e) => {
                 let keeps = if self.serving().is_some() {
                     "the previous version keeps serving"
@@ -774,7 +1056,7 @@ impl Machine {
                     self.name
                 );
                 fx.note(&format!("keter: deploy failed: {e}"));
-                report.retry_at = retry_at.map(|at| rfc3339(SystemTime::now() + (at - now)));
+                report.retry_at = retry_at.map(|at| rfc3339(fx.wall_clock() + (at - now)));
                 self.last_error = Some(crate::applog::printable(&e.to_string()).into_owned());
                 self.failed = Some(Failure {
                     path: deploy.path.clone(),
@@ -785,6 +1067,15 @@ impl Machine {
             }
         }
         self.last_deploy = Some(report);
+    }
+}
+
+/// Why a stop interrupted a deploy, for its report.
+pub(super) fn stop_reason(exit: bool) -> &'static str {
+    if exit {
+        "keter is stopping"
+    } else {
+        "the bundle was deleted"
     }
 }
 

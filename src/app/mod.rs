@@ -124,6 +124,8 @@ impl Shared {
 /// spawner and a fake clock (`world.rs` is the real one).
 trait Effects {
     fn now(&self) -> Instant;
+    /// The wall clock, for the moments the report and the record show.
+    fn wall_clock(&self) -> std::time::SystemTime;
     /// The identity of the file at `path`, if there is one.
     fn stamp(&self, path: &Path) -> Option<FileStamp>;
     /// A version number unique within this run.
@@ -141,7 +143,8 @@ trait Effects {
     /// Starts process `proc` of `version`; its exit comes back as [`Event::Exited`].
     fn spawn(&mut self, version: u64, proc: usize, spec: &Spec, label: &str)
     -> io::Result<Running>;
-    /// After a leader's exit: stops what is left of its group and forgets it.
+    /// After a leader's exit: starts the stage that stops what is left of its group and
+    /// forgets it; [`Event::Reaped`] comes back.
     fn reap(&mut self, pid: i32);
     /// Who uses `port`, for a webapp whose process group is led by `own` (`None` while it
     /// does not run), looking as closely as `look` says.
@@ -155,10 +158,14 @@ trait Effects {
     fn acquire_port(&mut self) -> Option<u16>;
     /// Gives a port back to the pool, which hands it out again only once nobody holds it.
     fn release_port(&mut self, port: u16);
-    /// Stops a version's processes, frees its ports, deletes its folder.
-    fn discard(&mut self, version: Version);
-    /// Takes the app out of Nginx.
+    /// Starts the stage that stops a version's processes, frees its ports and deletes its
+    /// folder; [`Event::Discarded`] comes back.
+    fn discard(&mut self, version: Box<Version>);
+    /// Takes the app out of Nginx at once (a webapp without a port).
     fn remove_site(&mut self) -> Result<u64, NginxError>;
+    /// Starts the stage that takes the app out of Nginx for a stop;
+    /// [`Event::SiteRemoved`] comes back.
+    fn leave_nginx(&mut self);
     /// True once nothing can reach an old version any more.
     fn drained(&self, version: &Version, age: Duration) -> bool;
     /// Gives back the app's hosts that are not in `used`.
@@ -178,6 +185,12 @@ trait Effects {
     fn last_output(&self) -> String;
     /// The app stopped after the `commands`-th command it received.
     fn stopped(&mut self, commands: u64);
+    /// Publishes the app's report and writes its record (if it changed).
+    fn publish(&mut self, report: crate::report::AppReport, record: record::AppRecord);
+    /// Lines of the app's output dropped so far (the report shows it).
+    fn log_lines_dropped(&self) -> u64;
+    /// Answers the daemon's freeze or snapshot.
+    fn answer(&mut self, reply: Sender<()>);
 }
 
 /// The daemon's handle on one app's worker thread.
@@ -303,127 +316,28 @@ impl AppHandle {
     }
 }
 
-/// The worker's loop: the next event or the next deadline, then the machine's transition,
-/// then the app's report.
+/// The worker's loop: the next event (with every other already queued) or, at the machine's
+/// next deadline, a tick, handed to the machine ([`Machine::step`]), until it has ended.
 fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Event>) {
-    publish(&machine, &mut world);
-    // The daemon's answer for a freeze, sent once nothing is in flight.
-    let mut quiet = None;
+    machine.publish(&mut *world);
     while !machine.ended() {
-        let event = match machine.next_deadline(Instant::now()) {
+        let first = match machine.next_deadline(Instant::now()) {
             Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(e) => Some(e),
-                Err(RecvTimeoutError::Timeout) => None,
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => Event::Tick,
                 Err(RecvTimeoutError::Disconnected) => break,
             },
             None => match rx.recv() {
-                Ok(e) => Some(e),
+                Ok(e) => e,
                 Err(_) => break,
             },
         };
-        let handled = event.is_some();
-        if let Some(e) = event {
-            dispatch(e, &mut machine, &mut world, &rx, &mut quiet);
-        }
-        // A tick that only looked changed nothing to publish (the looks at a port every
-        // PORT_WATCH while a webapp waits for its restart would otherwise rebuild the report
-        // and the record each time).
-        if machine.tick(&mut *world) || handled {
-            publish(&machine, &mut world);
-        }
-        if machine.quiet()
-            && let Some(reply) = quiet.take()
-        {
-            let _ = reply.send(());
-        }
-        if world.stack_unused() {
-            crate::memory::release_stack();
-        }
+        let mut events = vec![first];
+        events.extend(rx.try_iter());
+        machine.step(events, &mut *world);
     }
     world.join_stages();
     // Stopped (the bundle was deleted, or keter stops): nothing of the app is left to take
     // over.
     world.forget_record();
-}
-
-fn dispatch(
-    event: Event,
-    machine: &mut Machine,
-    world: &mut world::World,
-    rx: &Receiver<Event>,
-    quiet: &mut Option<Sender<()>>,
-) {
-    match event {
-        Event::Handover(Handover::Freeze(reply)) => {
-            machine.freeze(world);
-            *quiet = Some(reply);
-        }
-        Event::Handover(Handover::Snapshot(reply)) => {
-            publish(machine, world);
-            let _ = reply.send(());
-            rest(machine, world, rx, quiet);
-        }
-        Event::Handover(Handover::Thaw) => machine.thaw(world),
-        Event::Command(c) if machine.frozen => machine.hold(c),
-        Event::Command(c) => command(machine, world, rx, c, quiet),
-        e => machine.handle(e, world),
-    }
-}
-
-/// After its record is written for an upgrade, the worker does nothing (its record must stay
-/// true) until the upgrade replaces the process or, if it does not happen, `Thaw` comes.
-fn rest(
-    machine: &mut Machine,
-    world: &mut world::World,
-    rx: &Receiver<Event>,
-    quiet: &mut Option<Sender<()>>,
-) {
-    let mut later = Vec::new();
-    loop {
-        match rx.recv() {
-            Ok(Event::Handover(Handover::Thaw)) => break,
-            Ok(e) => later.push(e),
-            Err(_) => return,
-        }
-    }
-    machine.thaw(world);
-    for e in later {
-        dispatch(e, machine, world, rx, quiet);
-    }
-}
-
-/// Acts on the newest of the commands already queued (the older ones are moot), handling the
-/// other events queued meanwhile in order.
-fn command(
-    machine: &mut Machine,
-    world: &mut world::World,
-    rx: &Receiver<Event>,
-    first: Command,
-    quiet: &mut Option<Sender<()>>,
-) {
-    let mut newest = first;
-    while let Ok(e) = rx.try_recv() {
-        match e {
-            Event::Command(c) => {
-                machine.commands += 1;
-                newest = c;
-            }
-            Event::Shutdown => return machine.handle(Event::Shutdown, world),
-            Event::Handover(h) => {
-                machine.handle(Event::Command(newest), world);
-                return dispatch(Event::Handover(h), machine, world, rx, quiet);
-            }
-            other => machine.handle(other, world),
-        }
-    }
-    machine.handle(Event::Command(newest), world);
-}
-
-/// The app's report for the status interface, and its record for a later keter.
-fn publish(machine: &Machine, world: &mut world::World) {
-    world
-        .shared
-        .reports
-        .publish(machine.report(world.log.dropped()));
-    world.save_record(machine.to_record());
 }

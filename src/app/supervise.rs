@@ -7,8 +7,7 @@ use std::process::ExitStatus;
 use std::time::Instant;
 
 use super::Effects;
-use super::error::{DeployError, NotReady};
-use super::machine::{End, Life, Machine, PORT_WATCH, Stage, Why};
+use super::machine::{End, Life, Machine, PORT_WATCH, Stage, Why, stop_reason};
 use super::version::{ProcState, Role, Version};
 use crate::names::Hostname;
 use crate::ports::{Look, PortUse};
@@ -16,71 +15,126 @@ use crate::report::{AppReport, AppState, ProcessReport, rfc3339};
 
 impl Machine {
     /// Stop (the bundle was deleted) or shutdown (`exit`): the app leaves Nginx, then every
-    /// version stops. A stage in flight that cannot be interrupted is waited for first.
+    /// version is handed to a stage that stops it (`Leaving`); the stop is complete when the
+    /// last is back ([`Machine::leave_if_done`]). A stage in flight that cannot be interrupted
+    /// is waited for first (`Stopping`); a candidate in readiness is stopped at once.
     pub(super) fn stop(&mut self, exit: bool, fx: &mut dyn Effects) {
         match std::mem::replace(&mut self.life, Life::Ended) {
             Life::Deploying {
                 serving,
                 mut deploy,
-            } => match deploy.stage {
-                Stage::Readiness(_) => {
-                    deploy.pending = None;
-                    self.life = Life::Deploying { serving, deploy };
-                    self.fail_candidate(End::Superseded, fx);
-                    // The candidate is gone; now stop what is left.
-                    return self.stop(exit, fx);
-                }
-                Stage::Unpacking | Stage::Switching(_) => {
-                    self.life = Life::Stopping {
-                        serving,
-                        deploy,
-                        exit,
-                    };
-                    return;
-                }
-            },
-            Life::Stopping {
-                serving, deploy, ..
             } => {
+                // A stop supersedes the commands received before it.
+                deploy.pending = None;
+                match deploy.stage {
+                    Stage::Readiness(_) => {
+                        self.life = Life::Deploying { serving, deploy };
+                        self.fail_candidate(End::Stopped(stop_reason(exit)), fx);
+                        // The candidate is gone; now stop what is left.
+                        self.stop(exit, fx)
+                    }
+                    Stage::Unpacking | Stage::Switching(_) => {
+                        self.life = Life::Stopping {
+                            serving,
+                            deploy,
+                            exit,
+                        };
+                    }
+                }
+            }
+            Life::Stopping {
+                serving,
+                mut deploy,
+                exit: was,
+            } => {
+                deploy.pending = None;
                 self.life = Life::Stopping {
                     serving,
                     deploy,
-                    exit,
+                    exit: exit || was,
                 };
-                return;
             }
-            Life::Serving(v) => self.stop_versions(Some(v), fx),
-            Life::Idle(_) | Life::Ended => self.stop_versions(None, fx),
+            Life::Leaving {
+                exit: was,
+                removing,
+                ..
+            } => {
+                self.life = Life::Leaving {
+                    exit: exit || was,
+                    pending: None,
+                    removing,
+                };
+            }
+            Life::Ended => self.life = Life::Ended,
+            Life::Serving(v) => self.leave(Some(v), exit, fx),
+            Life::Idle(_) => self.leave(None, exit, fx),
         }
-        self.failed = None;
-        self.life = if exit {
-            Life::Ended
-        } else {
-            fx.stopped(self.commands);
-            Life::Idle(Why::Stopped)
-        };
     }
 
-    /// Removes the app from Nginx, then stops every version.
-    fn stop_versions(&mut self, serving: Option<Version>, fx: &mut dyn Effects) {
-        if serving.is_none() && self.retiring.is_empty() {
-            return;
+    /// Has the app's site taken out of Nginx (a stage), then every version stopped; waits
+    /// for both.
+    fn leave(&mut self, serving: Option<Box<Version>>, exit: bool, fx: &mut dyn Effects) {
+        let mut removing = None;
+        if serving.is_some() || !self.retiring.is_empty() {
+            let retiring: Vec<Box<Version>> = self.retiring.drain(..).map(|r| r.version).collect();
+            removing = Some(serving.into_iter().chain(retiring).collect());
+            fx.leave_nginx();
         }
-        match fx.remove_site() {
+        self.failed = None;
+        self.life = Life::Leaving {
+            exit,
+            pending: None,
+            removing,
+        };
+        self.release_unused_hosts(fx);
+        self.leave_if_done(fx);
+    }
+
+    /// The site's removal came back: the versions that waited for it are stopped.
+    pub(super) fn left_nginx(
+        &mut self,
+        result: Result<u64, crate::nginx::NginxError>,
+        fx: &mut dyn Effects,
+    ) {
+        match result {
             Ok(g) => log::info!("{}: removed from Nginx at generation {g}", self.name),
             Err(e) => log::error!(
                 "{}: removing from Nginx failed: {e}; stopping anyway",
                 self.name
             ),
         }
-        for v in serving
-            .into_iter()
-            .chain(self.retiring.drain(..).map(|r| r.version))
-        {
-            fx.discard(v);
+        let waiting = match &mut self.life {
+            Life::Leaving { removing, .. } => removing.take().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for v in waiting {
+            self.discard(v, fx);
         }
-        self.release_unused_hosts(fx);
+        self.leave_if_done(fx);
+    }
+
+    /// Completes a stop once no version is being stopped any more: the worker is idle (and
+    /// the daemon told, with the commands received), or ends. A deploy received meanwhile is
+    /// acted on then.
+    pub(super) fn leave_if_done(&mut self, fx: &mut dyn Effects) {
+        if !self.discarding.is_empty() || !matches!(self.life, Life::Leaving { removing: None, .. })
+        {
+            return;
+        }
+        let Life::Leaving { exit, pending, .. } =
+            std::mem::replace(&mut self.life, Life::Idle(Why::Stopped))
+        else {
+            unreachable!("matched above");
+        };
+        if exit {
+            self.life = Life::Ended;
+            return;
+        }
         log::info!("{}: stopped", self.name);
+        fx.stopped(self.commands);
+        if let Some(c) = pending {
+            self.command(c, fx);
+        }
     }
 
     /// Gives back the hosts that no version of this app still serves.
@@ -88,7 +142,7 @@ impl Machine {
         let used: Vec<&Hostname> = self
             .serving()
             .into_iter()
-            .chain(self.retiring.iter().map(|r| &r.version))
+            .chain(self.retiring.iter().map(|r| &*r.version))
             .flat_map(|v| v.config.hosts())
             .collect();
         // Certificates first (only the serving version's stanzas are routed to): once a host is
@@ -114,25 +168,8 @@ impl Machine {
         fx: &mut dyn Effects,
     ) {
         // Members of the group that outlive the leader (a wrapper's children) go with it.
-        fx.reap(pid);
+        self.reap(pid, fx);
         let now = fx.now();
-        if let Life::Deploying { deploy, .. } = &mut self.life
-            && let Stage::Readiness(c) = &mut deploy.stage
-            && c.id == version
-            && c.procs
-                .get(i)
-                .is_some_and(|p| p.running().is_some_and(|r| r.pid == pid))
-            && matches!(c.procs[i].role, Role::Web { .. })
-        {
-            c.procs[i].state = ProcState::Ended;
-            let last = fx.cancel(version);
-            let e = DeployError::NotReady(NotReady::Exited {
-                status,
-                last,
-                output: fx.last_output(),
-            });
-            return self.fail_candidate(End::Failed(e), fx);
-        }
         let name = self.name.clone();
         let mut note = None;
         for v in self.supervised_mut() {
@@ -180,9 +217,9 @@ impl Machine {
             self.refresh(fx);
             changed = true;
         }
-        // Only now, with Nginx routed elsewhere: stopping may take a while.
+        // Only now, with Nginx routed elsewhere.
         for pid in lost {
-            fx.reap(pid);
+            self.reap(pid, fx);
         }
         let name = self.name.clone();
         for v in self.supervised_mut() {
@@ -227,7 +264,7 @@ impl Machine {
                     },
                     age.as_millis()
                 );
-                fx.discard(r.version);
+                self.discard(r.version, fx);
             } else {
                 i += 1;
             }
@@ -348,7 +385,7 @@ impl Machine {
     }
 
     /// This app's entry of the status report.
-    pub fn report(&self, log_lines_dropped: u64) -> AppReport {
+    pub fn report(&self, log_lines_dropped: u64, now: std::time::SystemTime) -> AppReport {
         let mut r = AppReport::new(&self.name);
         let serving = self.serving();
         let crash_looping = serving
@@ -358,6 +395,7 @@ impl Machine {
         r.state = match &self.life {
             Life::Idle(Why::Failed) => AppState::Failed,
             Life::Idle(Why::New | Why::Stopped) | Life::Ended => AppState::Stopped,
+            Life::Leaving { .. } => AppState::Stopping,
             Life::Serving(_) if crash_looping => AppState::CrashLooping,
             Life::Serving(_) => AppState::Running,
             Life::Deploying {
@@ -398,7 +436,7 @@ impl Machine {
             r.live_since = v.live_since;
             r.uptime_seconds = v
                 .live_since
-                .and_then(|t| t.elapsed().ok())
+                .and_then(|t| now.duration_since(t).ok())
                 .map(|d| d.as_secs());
         }
         r.deploy_stage = match &self.life {

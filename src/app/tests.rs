@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::DeployError;
-use super::machine::{Event, Life, Machine, PORT_WATCH, Stage};
+use super::machine::{Event, Handover, Life, Machine, PORT_WATCH, Stage};
 use super::version::{FileStamp, Proc, ProcState, Role, Version};
 use super::{Command, Effects};
 use crate::names::{AppName, Hostname};
@@ -64,6 +64,17 @@ struct Fake {
     pool_empty: bool,
     /// Every look at who uses a port.
     port_checks: std::cell::RefCell<Vec<(u16, Look)>>,
+    /// What the stages the machine started send back once done (`Discarded`, `Reaped`),
+    /// delivered by [`settle`].
+    completions: Vec<Event>,
+    /// The report and record last published.
+    published: Option<(crate::report::AppReport, super::record::AppRecord)>,
+    /// Freezes and snapshots answered.
+    answers: usize,
+    /// The wall clock, as far from `now` as it was at the start unless jumped.
+    wall: std::time::SystemTime,
+    /// The hosts the app kept at its last release of the others.
+    hosts_used: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Fake {
@@ -97,11 +108,17 @@ impl Fake {
             released: Vec::new(),
             pool_empty: false,
             port_checks: std::cell::RefCell::new(Vec::new()),
+            completions: Vec::new(),
+            published: None,
+            answers: 0,
+            wall: std::time::SystemTime::now(),
+            hosts_used: None,
         }
     }
 
     fn advance(&mut self, d: Duration) {
         self.now += d;
+        self.wall += d;
     }
 
     /// Puts bundle file number `n` at `incoming/app.keter`.
@@ -164,6 +181,7 @@ impl Effects for Fake {
     }
     fn reap(&mut self, pid: i32) {
         self.reaped.push(pid);
+        self.completions.push(Event::Reaped { pid });
     }
     fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
         self.port_checks.borrow_mut().push((port, look));
@@ -186,24 +204,35 @@ impl Effects for Fake {
     fn release_port(&mut self, port: u16) {
         self.released.push(port);
     }
-    fn discard(&mut self, version: Version) {
+    fn discard(&mut self, version: Box<Version>) {
         self.discarded.push(version.id);
+        self.completions.push(Event::Discarded {
+            version: version.id,
+        });
     }
     fn remove_site(&mut self) -> Result<u64, NginxError> {
         self.removed_site += 1;
         Ok(9)
     }
+    fn leave_nginx(&mut self) {
+        self.removed_site += 1;
+        self.completions.push(Event::SiteRemoved { result: Ok(9) });
+    }
     fn drained(&self, _: &Version, _: Duration) -> bool {
         self.drained
     }
-    fn release_hosts(&mut self, _: &[&Hostname]) {}
+    fn release_hosts(&mut self, used: &[&Hostname]) {
+        self.hosts_used = Some(used.iter().map(|h| h.to_string()).collect());
+    }
     fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
         self.refreshed.push(job.version);
         self.rewritten += usize::from(unless_same);
         self.refreshed_ports.push(job.ports.clone());
         if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
-            return Err(DeployError::Nginx(NginxError::Unconfirmed("test".into())));
+            return Err(DeployError::Nginx(NginxError::Unconfirmed(
+                crate::nginx::Unconfirmed::Stopped,
+            )));
         }
         Ok(10)
     }
@@ -220,6 +249,30 @@ impl Effects for Fake {
     }
     fn stopped(&mut self, commands: u64) {
         self.stopped.push(commands);
+    }
+    fn wall_clock(&self) -> std::time::SystemTime {
+        self.wall
+    }
+    fn publish(&mut self, report: crate::report::AppReport, record: super::record::AppRecord) {
+        self.published = Some((report, record));
+    }
+    fn log_lines_dropped(&self) -> u64 {
+        0
+    }
+    fn answer(&mut self, reply: crossbeam_channel::Sender<()>) {
+        self.answers += 1;
+        let _ = reply.send(());
+    }
+}
+
+/// Delivers what the stages started so far sent back (versions stopped, groups reaped), as
+/// the worker's loop would.
+fn settle(m: &mut Machine, fx: &mut Fake) {
+    while !fx.completions.is_empty() {
+        let done = std::mem::take(&mut fx.completions);
+        for e in done {
+            m.on(e, fx);
+        }
     }
 }
 
@@ -283,28 +336,28 @@ fn machine() -> Machine {
 
 fn deploy(m: &mut Machine, fx: &mut Fake, n: u64) {
     let path = fx.bundle(n);
-    m.handle(Event::Command(Command::Deploy { path, retry: false }), fx);
+    m.on(Event::Command(Command::Deploy { path, retry: false }), fx);
 }
 
 /// Takes bundle file `n` through every stage to serving; returns its version id.
 fn serve(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
     deploy(m, fx, n);
     let id = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Ok(Prepared::Version(Box::new(version(id, n, yaml)))),
         },
         fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: id,
             result: Ok(()),
         },
         fx,
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: id,
             result: Ok(()),
@@ -349,7 +402,7 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     deploy(&mut m, &mut fx, 2);
     let v2 = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
@@ -361,7 +414,7 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     );
     // v1's webapp is killed while v2 is still not listening.
     let pid = pid_of(&fx, v1, 0);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v1,
             proc: 0,
@@ -382,7 +435,7 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     assert_ne!(restarted, pid);
     assert!(matches!(serving_proc(&m, 0), ProcState::Running(r) if r.pid == restarted));
     assert_eq!(fx.restarted, 1);
-    assert_eq!(m.report(0).state, AppState::Deploying);
+    assert_eq!(m.report(0, fx.wall).state, AppState::Deploying);
     assert!(
         fx.switches.iter().all(|s| s.version != v2),
         "v2 switched without being ready"
@@ -395,7 +448,7 @@ fn a_restart_that_cannot_start_the_process_follows_the_restart_policy() {
     let v = serve(&mut m, &mut fx, 1, WEB_AND_WORKER);
     // The background stanza (restart-count 2, 1 s): it exits, and its executable is gone.
     let pid = pid_of(&fx, v, 0);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v,
             proc: 0,
@@ -425,11 +478,11 @@ fn a_restart_that_cannot_start_the_process_follows_the_restart_policy() {
         fx.restarted, 0,
         "a restart that started nothing was counted"
     );
-    assert_eq!(m.report(0).restarts, 0);
+    assert_eq!(m.report(0, fx.wall).restarts, 0);
 
     // The webapp's failed spawns back off as its exits do: 0.1 s, 0.2 s, 0.4 s.
     let pid = pid_of(&fx, v, 1);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v,
             proc: 1,
@@ -462,7 +515,7 @@ fn an_app_whose_last_deploy_failed_is_stopped_when_its_bundle_is_deleted() {
     let (mut m, mut fx) = (machine(), Fake::new());
     deploy(&mut m, &mut fx, 1);
     let id = fx.prepares[0].id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Err(DeployError::Bundle(crate::bundle::UnpackError::Refused(
@@ -471,12 +524,12 @@ fn an_app_whose_last_deploy_failed_is_stopped_when_its_bundle_is_deleted() {
         },
         &mut fx,
     );
-    assert_eq!(m.report(0).state, AppState::Failed);
-    m.handle(Event::Command(Command::Stop), &mut fx);
-    assert_eq!(m.report(0).state, AppState::Stopped);
+    assert_eq!(m.report(0, fx.wall).state, AppState::Failed);
+    m.on(Event::Command(Command::Stop), &mut fx);
+    assert_eq!(m.report(0, fx.wall).state, AppState::Stopped);
     // The daemon learns that the stop answers both commands, and may end the worker.
     assert_eq!(fx.stopped, [2]);
-    m.handle(Event::Shutdown, &mut fx);
+    m.on(Event::Shutdown, &mut fx);
     assert!(m.ended());
 }
 
@@ -494,14 +547,14 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
     let mut delays = Vec::new();
     for _ in 0..3 {
         let id = fx.prepares.last().unwrap().id;
-        m.handle(
+        m.on(
             Event::Prepared {
                 id,
                 result: pg_down(),
             },
             &mut fx,
         );
-        let report = m.report(0);
+        let report = m.report(0, fx.wall);
         assert_eq!(report.state, AppState::Running);
         let last = report.last_deploy.unwrap();
         assert_eq!(last.error_kind, Some("postgres"));
@@ -521,21 +574,21 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
     assert_eq!(delays, [5, 10, 20]);
     // The server is back: the retry deploys, and no retry is left.
     let id = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Ok(Prepared::Version(Box::new(version(id, 2, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: id,
             result: Ok(()),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: id,
             result: Ok(()),
@@ -549,14 +602,14 @@ fn a_failure_that_may_pass_is_retried_with_backoff_and_one_that_cannot_waits() {
     // A bad configuration waits for a new bundle.
     deploy(&mut m, &mut fx, 3);
     let id = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Err(DeployError::Config(crate::problem::Invalid(Vec::new()))),
         },
         &mut fx,
     );
-    let last = m.report(0).last_deploy.unwrap();
+    let last = m.report(0, fx.wall).last_deploy.unwrap();
     assert_eq!((last.error_kind, last.retry_at), (Some("config"), None));
     fx.drained = true;
     m.tick(&mut fx);
@@ -577,14 +630,14 @@ fn a_newer_bundle_supersedes_a_deploy_waiting_for_readiness() {
     let (mut m, mut fx) = (machine(), Fake::new());
     deploy(&mut m, &mut fx, 1);
     let v1 = fx.prepares[0].id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v1,
             result: Ok(Prepared::Version(Box::new(version(v1, 1, WEB)))),
         },
         &mut fx,
     );
-    assert_eq!(m.report(0).state, AppState::Starting);
+    assert_eq!(m.report(0, fx.wall).state, AppState::Starting);
     // The same file again is no newer command.
     deploy(&mut m, &mut fx, 1);
     assert!(fx.cancelled.is_empty());
@@ -594,7 +647,7 @@ fn a_newer_bundle_supersedes_a_deploy_waiting_for_readiness() {
     assert_eq!(fx.finished, [DeployResult::Superseded]);
     assert_eq!(fx.prepares.len(), 2);
     // The late answer of the superseded checks changes nothing.
-    m.handle(
+    m.on(
         Event::Ready {
             version: v1,
             result: Ok(()),
@@ -612,7 +665,7 @@ fn commands_during_an_unpack_wait_for_it_and_only_the_newest_is_kept() {
     deploy(&mut m, &mut fx, 3);
     assert_eq!(fx.prepares.len(), 1, "an unpack is never run twice at once");
     let first = fx.prepares[0].id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: first,
             result: Ok(Prepared::Version(Box::new(version(first, 1, WEB)))),
@@ -631,14 +684,14 @@ fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     deploy(&mut m, &mut fx, 2);
     let v2 = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: v2,
             result: Ok(()),
@@ -646,19 +699,21 @@ fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
         &mut fx,
     );
     assert_eq!(fx.switches.len(), 2);
-    m.handle(Event::Shutdown, &mut fx);
+    m.on(Event::Shutdown, &mut fx);
     assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
     assert_eq!(
         fx.removed_site, 0,
         "the site was removed under a switch in flight"
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: v2,
             result: Ok(()),
         },
         &mut fx,
     );
+    assert!(!m.ended(), "the versions' stops must be waited for");
+    settle(&mut m, &mut fx);
     assert!(m.ended());
     assert_eq!(fx.removed_site, 1);
     let mut discarded = fx.discarded.clone();
@@ -672,7 +727,7 @@ fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     deploy(&mut m, &mut fx, 2);
     let v2 = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
@@ -680,7 +735,7 @@ fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
         &mut fx,
     );
     let pid = pid_of(&fx, v2, 0);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v2,
             proc: 0,
@@ -694,7 +749,7 @@ fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
     assert_eq!(fx.cancelled, [v2]);
     assert_eq!(fx.discarded, [v2]);
     assert!(matches!(&m.life, Life::Serving(v) if v.id == v1));
-    let last = m.report(0).last_deploy.unwrap();
+    let last = m.report(0, fx.wall).last_deploy.unwrap();
     assert_eq!(last.error_kind, Some("not-ready"));
     assert_eq!(last.retry_at, None);
     assert!(
@@ -712,21 +767,21 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     deploy(&mut m, &mut fx, 2);
     let v2 = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: v2,
             result: Ok(()),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: v2,
             result: Err(DeployError::Nginx(NginxError::Rejected("bad".into()))),
@@ -736,7 +791,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     assert!(matches!(&m.life, Life::Serving(v) if v.id == v1));
     assert_eq!(fx.discarded, [v2]);
     let v3 = serve(&mut m, &mut fx, 3, WEB);
-    assert_eq!(m.report(0).draining, 1);
+    assert_eq!(m.report(0, fx.wall).draining, 1);
     assert!(m.next_deadline(fx.now).is_some(), "draining needs checks");
     m.tick(&mut fx);
     assert_eq!(m.retiring.len(), 1, "stopped before it drained");
@@ -744,11 +799,12 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     m.tick(&mut fx);
     assert!(m.retiring.is_empty());
     assert_eq!(fx.discarded, [v2, v1]);
-    assert_eq!(m.report(0).deploy, Some(3));
+    assert_eq!(m.report(0, fx.wall).deploy, Some(3));
     let _ = v3;
 }
 
 mod ports;
+mod random;
 mod takeover;
 
 #[test]
@@ -760,7 +816,7 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     let certificate = || Event::Certificate {
         hosts: "app.example.com".into(),
     };
-    m.handle(certificate(), &mut fx);
+    m.on(certificate(), &mut fx);
     assert_eq!(m.next_deadline(fx.now), Some(fx.now), "due at once");
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id]);
@@ -771,25 +827,25 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     // During a deploy it waits until a version serves again (the candidate's switch renders
     // with what the certificates are by then, and once more after).
     deploy(&mut m, &mut fx, 2);
-    m.handle(certificate(), &mut fx);
+    m.on(certificate(), &mut fx);
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id]);
     let next = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: next,
             result: Ok(Prepared::Version(Box::new(version(next, 2, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: next,
             result: Ok(()),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: next,
             result: Ok(()),
@@ -801,7 +857,7 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
 
     // Frozen for an upgrade: nothing changes Nginx until the thaw.
     m.frozen = true;
-    m.handle(certificate(), &mut fx);
+    m.on(certificate(), &mut fx);
     m.tick(&mut fx);
     assert_eq!(m.next_deadline(fx.now).filter(|t| *t == fx.now), None);
     assert_eq!(fx.refreshed, [id, next]);
@@ -811,7 +867,7 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
 
     // Nginx does not take it: tried again later, not at every event.
     fx.failing_refreshes = 1;
-    m.handle(certificate(), &mut fx);
+    m.on(certificate(), &mut fx);
     m.tick(&mut fx);
     assert_eq!(fx.refreshed.len(), 4);
     assert!(m.refresh_due);
@@ -844,7 +900,7 @@ fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_di
     assert_eq!(fx.refreshed.len(), 1, "once");
     // A certificate's refresh is always taken, and does the rewrite's work too.
     m.rewrite_due = true;
-    m.handle(
+    m.on(
         Event::Certificate {
             hosts: "app.example.com".into(),
         },
@@ -853,4 +909,87 @@ fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_di
     m.tick(&mut fx);
     assert_eq!((fx.refreshed.len(), fx.rewritten), (2, 1));
     assert!(!m.rewrite_due && !m.refresh_due);
+}
+
+#[test]
+fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_versions_are() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    deploy(&mut m, &mut fx, 2);
+    let v2 = fx.prepares.last().unwrap().id;
+    m.on(
+        Event::Prepared {
+            id: v2,
+            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
+        },
+        &mut fx,
+    );
+    m.step(vec![Event::Command(Command::Stop)], &mut fx);
+    let last = m.report(0, fx.wall).last_deploy.unwrap();
+    assert_eq!(last.result, DeployResult::Stopped);
+    assert_eq!(fx.finished.last(), Some(&DeployResult::Stopped));
+    // Out of Nginx at once; stopped only once both versions are.
+    assert_eq!(fx.removed_site, 1);
+    assert!(fx.discarded.contains(&v2));
+    assert!(
+        !fx.discarded.contains(&v1),
+        "the serving version was stopped before it was out of Nginx"
+    );
+    assert_eq!(m.report(0, fx.wall).state, AppState::Stopping);
+    assert!(fx.stopped.is_empty());
+    // A deploy meanwhile waits for the stop, and then goes ahead.
+    let path = fx.bundle(3);
+    m.step(
+        vec![Event::Command(Command::Deploy { path, retry: false })],
+        &mut fx,
+    );
+    let prepares = fx.prepares.len();
+    settle(&mut m, &mut fx);
+    assert!(fx.discarded.contains(&v1));
+    assert_eq!(fx.stopped, [4]);
+    assert_eq!(
+        fx.prepares.len(),
+        prepares + 1,
+        "the deploy received meanwhile was dropped"
+    );
+}
+
+#[test]
+fn commands_queued_together_are_merged_and_a_shutdown_among_them_wins() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let (a, b) = (fx.bundle(1), fx.bundle(2));
+    m.step(
+        vec![
+            Event::Command(Command::Deploy {
+                path: a,
+                retry: false,
+            }),
+            Event::Command(Command::Stop),
+            Event::Command(Command::Deploy {
+                path: b,
+                retry: false,
+            }),
+        ],
+        &mut fx,
+    );
+    // Only the newest was acted on; every command is counted.
+    assert_eq!(fx.prepares.len(), 1);
+    assert_eq!(m.commands, 3);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let path = fx.bundle(3);
+    m.step(
+        vec![
+            Event::Command(Command::Deploy { path, retry: false }),
+            Event::Shutdown,
+            Event::Handover(Handover::Freeze(tx)),
+        ],
+        &mut fx,
+    );
+    assert_eq!(
+        fx.prepares.len(),
+        1,
+        "a command before a shutdown was acted on"
+    );
+    assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
+    drop(rx);
 }

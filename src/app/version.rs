@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::{BundleConfig, Program, WebApp};
 use crate::config::Config;
+use crate::formats::records::{FileStampRecord, RoleRecord};
 use crate::names::AppName;
 use crate::process::{self, Running, Spec};
 use crate::restart::{Decision, Policy, Restarts};
 
 /// Identity of a bundle file on disk, to skip re-reading a file that did not change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileStamp {
     dev: u64,
     ino: u64,
@@ -61,6 +62,49 @@ impl FileStamp {
     }
 }
 
+/// The records of these types (`src/formats/records.rs`).
+impl From<FileStamp> for FileStampRecord {
+    fn from(s: FileStamp) -> FileStampRecord {
+        FileStampRecord {
+            dev: s.dev,
+            ino: s.ino,
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+        }
+    }
+}
+
+impl From<FileStampRecord> for FileStamp {
+    fn from(s: FileStampRecord) -> FileStamp {
+        FileStamp {
+            dev: s.dev,
+            ino: s.ino,
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+        }
+    }
+}
+
+impl From<Role> for RoleRecord {
+    fn from(r: Role) -> RoleRecord {
+        match r {
+            Role::Web { index, port } => RoleRecord::Web { index, port },
+            Role::Background { index } => RoleRecord::Background { index },
+        }
+    }
+}
+
+impl From<RoleRecord> for Role {
+    fn from(r: RoleRecord) -> Role {
+        match r {
+            RoleRecord::Web { index, port } => Role::Web { index, port },
+            RoleRecord::Background { index } => Role::Background { index },
+        }
+    }
+}
+
 /// One unpacked version of the app and its processes.
 pub(super) struct Version {
     /// Unique within this run of keter; names the folder `temp/NAME-ID`.
@@ -93,8 +137,7 @@ impl Version {
 }
 
 /// What a process is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
     /// `webapps[index]`, listening on `port`; the port is kept across crash restarts so the
     /// Nginx upstream stays right (Dokku #3396: a changed upstream after a restart meant 502s).

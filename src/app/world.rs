@@ -61,9 +61,6 @@ pub(super) struct World {
     burst: Option<Burst>,
     /// The deploy has ended: the burst ends once the record is written.
     burst_over: bool,
-    /// A deploy's burst has ended: the worker gives its stack's unused pages back
-    /// ([`World::stack_unused`]).
-    stack_unused: bool,
     /// The record last written, so that only a change is written.
     saved: Option<AppRecord>,
     /// The host sets whose certificates this app asked the ACME thread for.
@@ -90,7 +87,6 @@ impl World {
             stages_done,
             burst: None,
             burst_over: false,
-            stack_unused: false,
             saved: None,
             certificates: BTreeSet::new(),
         }
@@ -141,14 +137,7 @@ impl World {
         if self.burst_over {
             self.burst_over = false;
             self.burst = None;
-            self.stack_unused = true;
         }
-    }
-
-    /// True once after a deploy has ended: the worker's loop then calls
-    /// [`crate::memory::release_stack`] from its own frame, the shallowest it has.
-    pub fn stack_unused(&mut self) -> bool {
-        std::mem::take(&mut self.stack_unused)
     }
 
     /// Removes the app's record.
@@ -197,6 +186,10 @@ impl World {
 impl Effects for World {
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn wall_clock(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now()
     }
 
     fn stamp(&self, path: &Path) -> Option<FileStamp> {
@@ -290,8 +283,12 @@ impl Effects for World {
     }
 
     fn reap(&mut self, pid: i32) {
-        process::stop_group(pid, Duration::from_millis(500));
-        self.shared.journal.remove(pid);
+        let shared = self.shared.clone();
+        self.run_stage("reap", move || {
+            process::stop_group(pid, Duration::from_millis(500));
+            shared.journal.remove(pid);
+            Event::Reaped { pid }
+        });
     }
 
     fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {
@@ -306,13 +303,24 @@ impl Effects for World {
         self.shared.ports.release(port);
     }
 
-    fn discard(&mut self, version: Version) {
+    fn discard(&mut self, version: Box<Version>) {
         self.probes.remove(&version.id);
-        deploy::discard(&self.shared, &self.name, version);
+        let (shared, name, id) = (self.shared.clone(), self.name.clone(), version.id);
+        self.run_stage("stop", move || {
+            deploy::discard(&shared, &name, *version);
+            Event::Discarded { version: id }
+        });
     }
 
     fn remove_site(&mut self) -> Result<u64, NginxError> {
         self.shared.nginx.apply(&self.name, None)
+    }
+
+    fn leave_nginx(&mut self) {
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.run_stage("leave", move || Event::SiteRemoved {
+            result: shared.nginx.apply(&name, None),
+        });
     }
 
     fn drained(&self, version: &Version, age: Duration) -> bool {
@@ -375,5 +383,18 @@ impl Effects for World {
 
     fn stopped(&mut self, commands: u64) {
         (self.on_stopped)(commands);
+    }
+
+    fn publish(&mut self, report: crate::report::AppReport, record: AppRecord) {
+        self.shared.reports.publish(report);
+        self.save_record(record);
+    }
+
+    fn log_lines_dropped(&self) -> u64 {
+        self.log.dropped()
+    }
+
+    fn answer(&mut self, reply: Sender<()>) {
+        let _ = reply.send(());
     }
 }

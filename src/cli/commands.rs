@@ -93,7 +93,7 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
     }
     let renderer = match Renderer::new(&config) {
         Ok(r) => r,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let first = *config.port_range.start();
     let last = *config.port_range.end();
@@ -151,7 +151,7 @@ pub fn render(bundle_path: &Path, config_path: Option<&Path>) -> ExitCode {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }
 
@@ -258,6 +258,26 @@ pub fn status(config_path: &Path, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("{address}: {e}")),
+    }
+}
+
+/// A bundle file checked before `keter deploy` copies it anywhere: `keter check`'s reading
+/// (unpacked with keter's limits, its config validated), with what only the deployment host
+/// has (absolute executables, certificate files, static roots outside the bundle) left to the
+/// hosts, as `keter bundle` leaves it. Returns the app's name, the file's sha256 and the
+/// warnings, or every error.
+pub(super) fn check_for_hosts(path: &Path) -> Result<(AppName, String, Vec<String>), Vec<String>> {
+    if is_bundle_dir(path) {
+        return Err(vec![format!(
+            "{} is a bundle folder: pack it with `keter bundle` first and deploy the NAME.keter file",
+            path.display()
+        )]);
+    }
+    let opened = Opened::bundle(path, &bundle::Context::default(), &BundleLimits::default())?;
+    let (errors, warnings) = opened.check_result();
+    match (opened.app, opened.sha256, errors.is_empty()) {
+        (Some(app), Some(sha256), true) => Ok((app, sha256, warnings)),
+        _ => Err(errors),
     }
 }
 

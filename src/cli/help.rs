@@ -13,6 +13,8 @@ Usage:
   keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
   keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
   keter status [-c CONFIG] [--json]  show the apps of the running daemon
+  keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
+                                     roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
   keter --version                    print the version
 
@@ -116,4 +118,35 @@ Exit status: 0 when the daemon answered, 1 when it could not be reached.
 Examples:
   keter status
   keter status -c /opt/keter/etc/keter-config.yaml --json
+";
+
+/// `keter deploy --help`.
+pub const DEPLOY: &str = "\
+keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--timeout SECONDS] [-c CONFIG]
+             [--json]: roll a bundle out to several keter hosts over SSH, one after another.
+
+BUNDLE (NAME.keter) is checked here first, as `keter bundle` checks a folder (what only the
+hosts have is left to them); with an error nothing is copied. Then, for each host in the
+order given: the system's `ssh` (your keys, your ~/.ssh/config; no password prompts) reads
+CONFIG on the host (default /etc/keter/keter-config.yaml) for its root, copies the bundle
+into ROOT/incoming/ under a hidden name, checks its sha256 there and renames it to
+NAME.keter; then waits until the host's `keter status --json` reports that sha256 serving.
+A host whose keter fails the deploy, that does not serve it within --timeout (default 300
+seconds) or that SSH cannot reach stops the rollout: no later host is touched.
+
+HOST is what ssh takes: NAME, USER@NAME, an alias of ~/.ssh/config or
+ssh://[USER@]NAME[:PORT]; repeat --hosts or separate hosts with commas. The user on the host
+must be root, or may write incoming/ (the keter group) and read the status interface (adm).
+--parallel N deploys to N hosts at a time. KETER_SSH_COMMAND replaces `ssh` (program and
+arguments, split on spaces: KETER_SSH_COMMAND='ssh -F deploy-ssh-config').
+
+Progress goes to stderr, one line per host and step, with times; then a table, one line per
+host: serving, failed, unreachable or not reached. --json prints the result as JSON instead.
+
+Exit status: 0 when every host serves the bundle, 1 when the bundle has errors (nothing was
+copied), 3 when a host failed and the rollout stopped.
+
+Examples:
+  keter deploy shop.keter --hosts web1,web2,web3
+  keter deploy shop.keter --hosts deploy@10.0.0.11,deploy@10.0.0.12 --parallel 2 --json
 ";

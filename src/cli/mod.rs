@@ -3,6 +3,7 @@
 //! code's source. The README's "Running keter" lists the commands.
 
 mod commands;
+pub mod deploy;
 pub mod help;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub enum Command {
         config: PathBuf,
         json: bool,
     },
+    /// Roll a bundle out to several hosts over SSH.
+    Deploy(deploy::Plan),
     /// Print a help text (on stdout) and exit 0.
     Help(&'static str),
     Version,
@@ -59,6 +62,7 @@ fn help_of(command: &str) -> Option<&'static str> {
         "render" => help::RENDER,
         "bundle" => help::BUNDLE,
         "status" => help::STATUS,
+        "deploy" => help::DEPLOY,
         "help" => help::MAIN,
         _ => return None,
     })
@@ -92,6 +96,13 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             )),
         };
     };
+    if first == "deploy" {
+        return match deploy::parse(rest) {
+            Ok(Some(plan)) => Ok(Command::Deploy(plan)),
+            Ok(None) => Ok(Command::Help(help)),
+            Err(message) => Err(Usage::new(message, help)),
+        };
+    }
     let opts = Options::parse(rest, help)?;
     if opts.help {
         return Ok(Command::Help(help));
@@ -145,12 +156,13 @@ pub fn run(command: Command) -> ExitCode {
         Command::Render { bundle, config } => commands::render(&bundle, config.as_deref()),
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
+        Command::Deploy(plan) => deploy::run(&plan),
         Command::Help(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
         Command::Version => {
-            println!("keter {}", env!("CARGO_PKG_VERSION"));
+            println!("keter {}", crate::build::VERSION);
             ExitCode::SUCCESS
         }
         Command::Run(_) => {
@@ -269,6 +281,7 @@ mod tests {
             help::RENDER,
             help::BUNDLE,
             help::STATUS,
+            help::DEPLOY,
         ] {
             assert!(text.contains("Examples:"), "{text}");
         }

@@ -11,6 +11,7 @@
 use base64::Engine;
 use serde::Serialize;
 
+use super::RenderError;
 use super::objects::{Object, object_name};
 use crate::bundle::middleware::{Identifier, Middlewares, Throttle, Zone};
 use crate::names::AppName;
@@ -141,9 +142,9 @@ pub(super) fn location(
     auth_file: Option<String>,
     proxied: bool,
     decl: &mut Declarations,
-) -> Result<LocationView, String> {
+) -> Result<LocationView, RenderError> {
     if m.basic_auth.is_some() && auth_file.is_none() {
-        return Err(format!("{app}: basic-auth has no password file"));
+        return Err(RenderError::NoPasswordFile(app.clone()));
     }
     Ok(LocationView {
         limit_reqs: decl.declare(app, &m.throttles),

@@ -6,6 +6,7 @@
 //! paths): `.conf` output is not escaped, so nothing unvalidated may reach it.
 
 pub mod controller;
+mod error;
 pub mod middleware;
 mod objects;
 pub mod site;
@@ -13,6 +14,7 @@ pub mod system;
 mod worker_files;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -23,9 +25,8 @@ use crate::names::{AppName, UrlPath};
 use objects::{Object, object_name};
 use site::{Front, ServerView};
 
-pub use controller::{
-    Nginx, NginxCounters, NginxError, NginxHandle, live_files, live_sha256, upstream_ports,
-};
+pub use controller::{Nginx, NginxCounters, NginxHandle, live_files, live_sha256, upstream_ports};
+pub use error::{Answered, NginxError, RenderError, Unconfirmed};
 pub use site::{Block, CertFiles, Content, RedirectRule, RedirectTarget, Site, SiteFile};
 
 const APP_TEMPLATE: &str = include_str!("../../templates/app.conf.tera");
@@ -123,7 +124,7 @@ struct ListenView {
 }
 
 impl Renderer {
-    pub fn new(config: &Config) -> Result<Renderer, String> {
+    pub fn new(config: &Config) -> Result<Renderer, RenderError> {
         let mut tera = tera::Tera::new();
         for (name, text) in [
             ("middleware.conf", MIDDLEWARE_TEMPLATE),
@@ -132,7 +133,10 @@ impl Renderer {
             ("nginx.conf", MAIN_TEMPLATE),
         ] {
             tera.add_raw_template(name, text)
-                .map_err(|e| format!("template {name}: {e}"))?;
+                .map_err(|e| RenderError::Template {
+                    name,
+                    source: Arc::new(e),
+                })?;
         }
         let paths = Paths::new(&config.root);
         for p in [
@@ -141,14 +145,14 @@ impl Renderer {
             &config.acme_webroot,
             &paths.worker_files,
         ] {
-            crate::names::check_conf_path(p).map_err(|e| format!("root: {e}"))?;
+            crate::names::check_conf_path(p).map_err(|e| RenderError::Root {
+                path: p.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         }
         // sun_path holds 108 bytes including the terminating NUL.
         if paths.control_socket.as_os_str().len() > 107 {
-            return Err(format!(
-                "root: {} is too long a path for a unix socket (at most 107 bytes)",
-                paths.control_socket.display()
-            ));
+            return Err(RenderError::SocketPath(paths.control_socket.clone()));
         }
         let listener_certs = config
             .listeners
@@ -215,7 +219,7 @@ impl Renderer {
     }
 
     /// The file `ROOT/nginx/apps/NAME.conf` for `site` at Nginx generation `generation`.
-    pub fn app_conf(&self, site: &Site, generation: u64) -> Result<String, String> {
+    pub fn app_conf(&self, site: &Site, generation: u64) -> Result<String, RenderError> {
         let front = Front {
             listeners: &self.listeners,
             listener_certs: &self.listener_certs,
@@ -279,7 +283,7 @@ impl Renderer {
 
     /// `ROOT/nginx/http.conf`: shared maps and the control server, included in the http
     /// context of the managed main configuration or, in system mode, of the host's.
-    pub fn http_conf(&self) -> Result<String, String> {
+    pub fn http_conf(&self) -> Result<String, RenderError> {
         let mut ctx = tera::Context::new();
         ctx.insert("control_socket", &self.paths.control_socket);
         ctx.insert("generation_file", &self.paths.generation_conf);
@@ -292,7 +296,7 @@ impl Renderer {
     /// a reload retires keeps serving its open connections (websockets, server-sent events,
     /// long downloads, of every app) that long, so that one app's deploy never cuts another
     /// app's connection before its own bound (README, "Neighbours and Nginx reloads").
-    pub fn main_conf(&self, longest: Option<Duration>) -> Result<String, String> {
+    pub fn main_conf(&self, longest: Option<Duration>) -> Result<String, RenderError> {
         // One default server per address: two listeners may share one (`*` and `*4`).
         let mut seen: Vec<String> = Vec::new();
         let listens: Vec<ListenView> = self
@@ -347,10 +351,13 @@ impl Renderer {
         format!("return 200 \"{generation} $pid\\n\";\n")
     }
 
-    fn render(&self, name: &str, ctx: &tera::Context) -> Result<String, String> {
+    fn render(&self, name: &'static str, ctx: &tera::Context) -> Result<String, RenderError> {
         self.tera
             .render(name, ctx)
-            .map_err(|e| format!("rendering {name}: {e}"))
+            .map_err(|e| RenderError::Render {
+                name,
+                source: Arc::new(e),
+            })
     }
 }
 

@@ -12,12 +12,13 @@ use std::fs;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why no Nginx master can be signalled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum NotRunning {
     /// The pid file does not exist or cannot be read: Nginx is stopped.
-    NoPidFile(PathBuf, String),
+    NoPidFile(PathBuf, Arc<io::Error>),
     /// The pid file does not hold a pid.
     Garbled(PathBuf),
     /// The pid file names a process that is gone, or one that is not an Nginx master (the
@@ -43,10 +44,19 @@ impl fmt::Display for NotRunning {
     }
 }
 
+impl std::error::Error for NotRunning {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NotRunning::NoPidFile(_, e) => Some(&**e),
+            NotRunning::Garbled(_) | NotRunning::Stale(..) => None,
+        }
+    }
+}
+
 /// The pid of the running Nginx master named by `pid_file`, checked against `/proc`.
 pub fn master_pid(pid_file: &Path) -> Result<i32, NotRunning> {
     let text = fs::read_to_string(pid_file)
-        .map_err(|e| NotRunning::NoPidFile(pid_file.to_path_buf(), e.to_string()))?;
+        .map_err(|e| NotRunning::NoPidFile(pid_file.to_path_buf(), Arc::new(e)))?;
     let pid: i32 = text
         .trim()
         .parse()
@@ -148,11 +158,14 @@ mod tests {
         fs::write(&file, "garbage").unwrap();
         let garbled = master_pid(&file);
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(
-            got,
-            Err(NotRunning::Stale(file.clone(), std::process::id() as i32))
+        assert!(
+            matches!(&got, Err(NotRunning::Stale(f, pid)) if *f == file && *pid == std::process::id() as i32),
+            "{got:?}"
         );
-        assert_eq!(garbled, Err(NotRunning::Garbled(file)));
+        assert!(
+            matches!(&garbled, Err(NotRunning::Garbled(f)) if *f == file),
+            "{garbled:?}"
+        );
         assert!(matches!(
             master_pid(Path::new("/nonexistent/nginx.pid")),
             Err(NotRunning::NoPidFile(..))

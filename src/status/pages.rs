@@ -196,7 +196,7 @@ impl Pages {
         let mut ctx = tera::Context::new();
         ctx.insert("css", CSS);
         ctx.insert("machine", &self.machine);
-        ctx.insert("version", env!("CARGO_PKG_VERSION"));
+        ctx.insert("version", crate::build::VERSION);
         ctx.insert(
             "now",
             &shown_time(&crate::report::rfc3339(std::time::SystemTime::now())),

@@ -345,12 +345,15 @@ async fn read_conf(path: &FsPath) -> Option<String> {
 #[derive(Serialize)]
 struct AppsBody {
     keter_version: &'static str,
+    /// The build (`src/build.rs`): an upgrade to another build of one version shows here.
+    keter_build: &'static str,
     apps: Vec<AppReport>,
 }
 
 async fn api_apps(State(s): State<ServerState>) -> Json<AppsBody> {
     Json(AppsBody {
-        keter_version: env!("CARGO_PKG_VERSION"),
+        keter_version: crate::build::PACKAGE,
+        keter_build: crate::build::BUILD,
         apps: s.reports.apps(),
     })
 }

@@ -3,6 +3,7 @@
 //! requests. One test binary; each test has its own root folder and ports.
 
 mod pebble;
+mod ssh_hosts;
 mod support;
 
 mod acme;
@@ -12,6 +13,7 @@ mod commands;
 mod craft;
 mod deploy_loop;
 mod fd_store;
+mod formats;
 mod hostile;
 mod isolation;
 mod keter_configs;
@@ -20,6 +22,7 @@ mod matrix;
 mod neighbours;
 mod nginx_files;
 mod postgres;
+mod several_hosts;
 mod stanzas;
 mod status;
 mod supervision;

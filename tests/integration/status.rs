@@ -212,6 +212,8 @@ fn status_interface_reports_apps_in_every_state() {
     // JSON: the documented fields, with the facts of each state.
     let all = json(&k, "/api/apps");
     assert_eq!(all["keter_version"], env!("CARGO_PKG_VERSION"));
+    // The build as well (`src/build.rs`), so that an upgrade to another build shows.
+    assert_eq!(all["keter_build"], keter::build::BUILD);
     let apps = all["apps"].as_array().unwrap();
     let names: Vec<&str> = apps.iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["broken", "gone", "good", "loop", "xss"]);
@@ -284,6 +286,11 @@ fn status_interface_reports_apps_in_every_state() {
         1
     );
     assert!(select(&doc, "script").is_empty());
+    assert!(
+        text(&select(&doc, ".sub")[0]).contains(&format!("keter {}", keter::build::VERSION)),
+        "{}",
+        page.body
+    );
     let broken_row = select(&doc, "tr[data-app=broken] .error");
     assert!(text(&broken_row[0]).contains(XSS));
 

@@ -995,3 +995,59 @@ fn a_port_taken_while_a_webapp_is_down_gets_none_of_its_users() {
         let _ = s.wait();
     }
 }
+
+#[test]
+fn a_crash_of_the_serving_version_is_restarted_while_an_old_version_takes_its_stop_timeout() {
+    // The old version ignores SIGTERM: its stop takes all of stop-timeout, then SIGKILL.
+    let k = Keter::start_with(
+        "slow-stop",
+        Opts {
+            stop_timeout: 30.0,
+            drain_time: 1.0,
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &["--ignore-term"]);
+    k.wait_for(HOST, "v1", WAIT);
+    let old = k.pid_of(HOST);
+    k.deploy_hello("hello", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    let serving = k.pid_of(HOST);
+    // The old version has drained and is being stopped: no longer retiring, still alive.
+    let deadline = Instant::now() + WAIT;
+    while crate::status::json(&k, "/api/apps/hello")["draining"] != 0 {
+        assert!(Instant::now() < deadline, "v1 never drained:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        alive(old),
+        "v1 ignores SIGTERM and should outlive its drain"
+    );
+    // The serving version crashes: it is started again at once, not after the old one's stop.
+    let _ = k.get(HOST, "/exit");
+    let deadline = Instant::now() + WAIT;
+    let restarted = loop {
+        if let Ok(r) = k.get(HOST, "/pid")
+            && let Ok(pid) = r.body.trim().parse::<i32>()
+            && pid != serving
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v2 was not restarted:\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        alive(old),
+        "v2 (pid {restarted}) came back only after the old version's stop ended:\n{}",
+        k.log()
+    );
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v2");
+    let report = crate::status::json(&k, "/api/apps/hello");
+    assert_eq!(report["state"], "running", "{report}");
+    // Not waited for here: the old version is killed at its stop-timeout.
+    let _ = kill(Pid::from_raw(old), Signal::SIGKILL);
+}

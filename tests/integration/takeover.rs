@@ -13,15 +13,15 @@ use nix::unistd::Pid;
 use crate::support::*;
 use crate::traffic::{Traffic, missing_log_lines};
 
-const WAIT: Duration = Duration::from_secs(30);
-const APPS: [(&str, &str); 3] = [
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const APPS: [(&str, &str); 3] = [
     ("a", "a.example.com"),
     ("b", "b.example.com"),
     ("c", "c.example.com"),
 ];
 /// Between two requests of one client: enough traffic for every gap to be crossed by many
 /// requests, without starving the two cores that Nginx, the apps and keter share.
-const PAUSE: Duration = Duration::from_millis(2);
+pub(crate) const PAUSE: Duration = Duration::from_millis(2);
 
 /// A background stanza that prints a numbered line every 20 ms: its lines must all arrive,
 /// in order, whatever happens to keter.
@@ -29,7 +29,7 @@ const TICKER: &[u8] =
     b"#!/bin/sh\ni=0\nwhile :; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done\n";
 
 /// Deploys the three apps (app `c` with a background ticker) and waits for them.
-fn deploy_three(k: &Keter) {
+pub(crate) fn deploy_three(k: &Keter) {
     for (app, host) in APPS {
         if app == "c" {
             let yaml = format!(
@@ -50,7 +50,7 @@ fn deploy_three(k: &Keter) {
 }
 
 /// Every app's pids (webapps and background processes) and keter's view of them.
-fn pids(k: &Keter) -> Vec<(String, Vec<i64>)> {
+pub(crate) fn pids(k: &Keter) -> Vec<(String, Vec<i64>)> {
     let apps = status_json(k);
     apps["apps"]
         .as_array()
@@ -92,7 +92,7 @@ fn ticks(root: &Path) -> Vec<u64> {
 /// within them must have been logged: a keter killed by SIGKILL loses what it had read from a
 /// pipe and not yet written (the handover of an upgrade loses nothing), while what the apps
 /// print when no keter runs stays in their pipes.
-fn assert_nothing_lost(
+pub(crate) fn assert_nothing_lost(
     k: &Keter,
     tally: &crate::traffic::Tally,
     gaps: Option<&[(std::time::Instant, std::time::Instant)]>,
@@ -155,7 +155,7 @@ fn own_binary(dir: &Path) -> PathBuf {
 
 /// Puts `from` at `path` under a new inode (copy, then rename over), as dpkg does: the old
 /// file lives on, deleted, as long as a process runs it.
-fn replace_binary(path: &Path, from: &Path) {
+pub(crate) fn replace_binary(path: &Path, from: &Path) {
     let tmp = path.with_extension("new");
     fs::copy(from, &tmp).unwrap();
     set_mode(&tmp, 0o755);
@@ -163,7 +163,7 @@ fn replace_binary(path: &Path, from: &Path) {
 }
 
 /// A script standing in for a broken new keter: `body` runs instead of it.
-fn script(path: &Path, body: &str) {
+pub(crate) fn script(path: &Path, body: &str) {
     let tmp = path.with_extension("new");
     fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).unwrap();
     set_mode(&tmp, 0o755);
@@ -372,6 +372,16 @@ fn an_upgrade_that_cannot_happen_leaves_the_running_keter_in_charge() {
                 script(
                     &bin,
                     r#"echo '{"keter":"9.9.9","handover":99,"records":1,"root":"/","nginx_mode":"managed"}'"#,
+                )
+            }),
+        ),
+        (
+            // A binary that names the formats it reads, and not this keter's.
+            "records of format 3 to 4; this keter writes handover format 1 and records of format 2",
+            Box::new(|| {
+                script(
+                    &bin,
+                    r#"echo '{"keter":"9.9.9","handover":1,"records":1,"root":"/","nginx_mode":"managed","reads_handover":{"oldest":1,"newest":3},"reads_records":{"oldest":3,"newest":4}}'"#,
                 )
             }),
         ),

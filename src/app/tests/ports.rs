@@ -28,7 +28,7 @@ fn port_of(m: &Machine, i: usize) -> u16 {
 /// The webapp (process `i`) of version `v` exits.
 fn crash(m: &mut Machine, fx: &mut Fake, v: u64, i: usize) {
     let pid = pid_of(fx, v, i);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v,
             proc: i,
@@ -116,6 +116,7 @@ fn a_port_held_at_restart_moves_the_webapp_refreshes_the_site_and_is_not_handed_
             index: 0,
             port: third
         }
+        .into()
     );
     let json = serde_json::to_value(&record.versions[0].procs[0]).unwrap();
     assert_eq!(json["role"]["web"]["port"], third, "{json}");
@@ -152,7 +153,7 @@ fn a_restarted_webapp_beaten_to_its_port_is_stopped_and_started_on_a_new_one() {
     // Started again by the restart policy (its second failure in a row: 200 ms).
     assert_eq!(restart_at(&m, 0), fx.now + Duration::from_millis(200));
     // Its exit, reported late, changes nothing.
-    m.handle(
+    m.on(
         Event::Exited {
             version: v,
             proc: 0,
@@ -177,7 +178,7 @@ fn a_moved_port_is_routed_at_once_during_a_deploy_and_after_a_switch_in_flight()
     // v2 waits for readiness: v1's site is rendered again at once, on the worker's thread.
     deploy(&mut m, &mut fx, 2);
     let v2 = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
@@ -192,7 +193,7 @@ fn a_moved_port_is_routed_at_once_during_a_deploy_and_after_a_switch_in_flight()
 
     // v2 is being switched: v1 crashes and moves again, and its site is not written under
     // the switch. The switch fails: v1 serves on, and now its site is rendered again.
-    m.handle(
+    m.on(
         Event::Ready {
             version: v2,
             result: Ok(()),
@@ -206,7 +207,7 @@ fn a_moved_port_is_routed_at_once_during_a_deploy_and_after_a_switch_in_flight()
     crash(&mut m, &mut fx, v1, 0);
     assert_ne!(port_of(&m, 0), second);
     assert_eq!(fx.refreshed, [v1], "a site was rendered during a switch");
-    m.handle(
+    m.on(
         Event::Switched {
             version: v2,
             result: Err(DeployError::Nginx(NginxError::Rejected("bad".into()))),

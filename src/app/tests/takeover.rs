@@ -8,7 +8,7 @@ use crate::app::record::{AppRecord, ProcRecordState, Standing};
 fn to_readiness(m: &mut Machine, fx: &mut Fake, n: u64) -> u64 {
     deploy(m, fx, n);
     let id = fx.prepares.last().unwrap().id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Ok(Prepared::Version(Box::new(version(id, n, WEB)))),
@@ -55,7 +55,7 @@ fn a_restart_that_is_due_is_recorded_on_the_monotonic_clock() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v = serve(&mut m, &mut fx, 1, WEB);
     let pid = pid_of(&fx, v, 0);
-    m.handle(
+    m.on(
         Event::Exited {
             version: v,
             proc: 0,
@@ -77,6 +77,8 @@ fn freezing_stops_a_candidate_waiting_for_readiness_and_the_thaw_deploys_it_agai
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     let v2 = to_readiness(&mut m, &mut fx, 2);
     m.freeze(&mut fx);
+    assert!(!m.quiet(), "the candidate's stop must be waited for");
+    settle(&mut m, &mut fx);
     assert!(m.quiet());
     assert!(fx.discarded.contains(&v2));
     assert!(fx.cancelled.contains(&v2));
@@ -107,7 +109,7 @@ fn freezing_drops_an_unpack_and_waits_for_a_switch() {
     let unpacking = fx.prepares.last().unwrap().id;
     m.freeze(&mut fx);
     assert!(m.quiet());
-    m.handle(
+    m.on(
         Event::Prepared {
             id: unpacking,
             result: Ok(Prepared::Version(Box::new(version(unpacking, 2, WEB)))),
@@ -120,14 +122,14 @@ fn freezing_drops_an_unpack_and_waits_for_a_switch() {
     // The thaw starts it again; now a switch is in flight when the next freeze comes.
     let v2 = fx.prepares.last().unwrap().id;
     assert_ne!(v2, unpacking);
-    m.handle(
+    m.on(
         Event::Prepared {
             id: v2,
             result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: v2,
             result: Ok(()),
@@ -136,13 +138,14 @@ fn freezing_drops_an_unpack_and_waits_for_a_switch() {
     );
     m.freeze(&mut fx);
     assert!(!m.quiet(), "a switch in flight must be waited for");
-    m.handle(
+    m.on(
         Event::Switched {
             version: v2,
             result: Ok(()),
         },
         &mut fx,
     );
+    settle(&mut m, &mut fx);
     assert!(m.quiet());
     let record = m.to_record();
     assert_eq!(record.versions[0].id, v2);
@@ -165,21 +168,21 @@ fn a_version_taken_over_that_must_be_replaced_is_deployed_again_from_the_same_fi
     let job = fx.prepares.last().unwrap();
     assert_eq!(job.serving_sha256, None);
     let id = job.id;
-    m.handle(
+    m.on(
         Event::Prepared {
             id,
             result: Ok(Prepared::Version(Box::new(version(id, 1, WEB)))),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Ready {
             version: id,
             result: Ok(()),
         },
         &mut fx,
     );
-    m.handle(
+    m.on(
         Event::Switched {
             version: id,
             result: Ok(()),

@@ -1,0 +1,312 @@
+//! `keter deploy` against several hosts, each a network namespace with its own sshd, keter and
+//! Nginx (`ssh_hosts.rs`): a rolling deploy under traffic, a broken bundle stopped at the
+//! first host, an unreachable host, a parallel rollout (README "Several hosts").
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ssh_hosts::Hosts;
+use crate::support::*;
+
+const HOST: &str = "shop.example.com";
+
+/// A bundle file `shop.keter` of the example app answering `version`, in its own folder.
+fn shop_bundle(dir: &Path, version: &str, args: &[&str]) -> PathBuf {
+    let folder = dir.join(version);
+    fs::create_dir_all(&folder).unwrap();
+    let path = folder.join("shop.keter");
+    BundleBuilder::hello(&hello_yaml(version, HOST, args)).write(&path);
+    path
+}
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
+fn opts() -> Opts {
+    Opts {
+        drain_time: 0.5,
+        ..Opts::default()
+    }
+}
+
+/// What is in a host's incoming/: names and contents.
+fn incoming(k: &Keter) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(k.incoming())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
+    let hosts = Hosts::start("deploy-rollout", 3, opts);
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    for h in &hosts.hosts {
+        h.keter().deploy("shop", &v1);
+    }
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v1", Duration::from_secs(20));
+    }
+    // A client per host, requesting it throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = hosts
+        .hosts
+        .iter()
+        .map(|h| {
+            let addr = h.keter().addr();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut v2) = (0u32, Vec::new(), 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    match keter::probe::get_tcp(addr, HOST, "/", Duration::from_secs(5)) {
+                        Ok(r) if r.status == 200 => {
+                            ok += 1;
+                            if r.body.trim() == "v2" {
+                                v2 += 1;
+                            }
+                        }
+                        other => failed.push(format!("{other:?}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (ok, failed, v2)
+            })
+        })
+        .collect();
+
+    let v2 = shop_bundle(&hosts.dir.0, "v2", &[]);
+    let config = hosts.config();
+    let (code, out, err) = hosts.deploy(&[
+        v2.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v2", Duration::from_secs(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (i, (ok, failed, v2)) in results.iter().enumerate() {
+        assert!(
+            failed.is_empty(),
+            "host {i}: {} failed: {failed:?}",
+            failed.len()
+        );
+        assert!(*ok > 20 && *v2 > 0, "host {i}: {ok} answers, {v2} of v2");
+    }
+    let report = json(&out);
+    assert_eq!(report["result"], "succeeded", "{out}");
+    assert_eq!(report["app"], "shop");
+    let sha = report["sha256"].as_str().unwrap();
+    let listed = report["hosts"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{out}");
+    for (i, h) in listed.iter().enumerate() {
+        assert_eq!(h["host"], hosts.hosts[i].destination.as_str(), "{out}");
+        assert_eq!(h["result"], "serving", "{out}");
+        // One host after the other.
+        if i > 0 {
+            assert!(
+                h["started_ms"].as_u64() >= listed[i - 1]["finished_ms"].as_u64(),
+                "{out}"
+            );
+        }
+        // Progress: the host's steps, with times.
+        let dest = &hosts.hosts[i].destination;
+        for step in ["connecting", "copied in", "serving sha256"] {
+            assert!(
+                err.lines().any(|l| l.contains(&format!("{dest}: {step}"))),
+                "no {step:?} line for {dest}:\n{err}"
+            );
+        }
+        // The host's keter serves the bundle, and its incoming/ holds it alone, whole.
+        let k = hosts.hosts[i].keter();
+        let status = keter_status(k);
+        let app = &status["apps"][0];
+        assert_eq!(app["sha256"], sha, "{status}");
+        assert_eq!(incoming(k), [("shop.keter".into(), fs::read(&v2).unwrap())]);
+    }
+}
+
+#[test]
+fn a_broken_bundle_stops_at_the_first_host_and_leaves_the_others_untouched() {
+    let hosts = Hosts::start("deploy-broken", 3, opts);
+    let config = hosts.config();
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    for h in &hosts.hosts {
+        h.keter().deploy("shop", &v1);
+    }
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v1", Duration::from_secs(20));
+    }
+    let before: Vec<_> = hosts.hosts.iter().map(|h| incoming(h.keter())).collect();
+
+    // A bundle the local check refuses: nothing is copied anywhere.
+    let refused = hosts.dir.0.join("refused").join("shop.keter");
+    fs::create_dir_all(refused.parent().unwrap()).unwrap();
+    BundleBuilder::new()
+        .file(
+            "config/keter.yaml",
+            b"exec: ../dist/missing\nhost: [\n".to_vec(),
+            0o644,
+        )
+        .write(&refused);
+    let (code, out, err) = hosts.deploy(&[
+        refused.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("nothing was copied"), "{err}");
+    assert!(err.contains("config/keter.yaml"), "{err}");
+
+    // A bundle that passes the check, but whose app exits at start: the first host's keter
+    // fails the deploy, and the rollout stops there.
+    let broken = shop_bundle(&hosts.dir.0, "v2", &["--crash"]);
+    let (code, out, err) = hosts.deploy(&[
+        broken.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    let row = |i: usize| {
+        out.lines()
+            .find(|l| l.starts_with(&hosts.hosts[i].destination))
+            .unwrap_or_else(|| panic!("no row for host {i}:\n{out}"))
+            .to_string()
+    };
+    assert!(out.starts_with("HOST "), "{out}");
+    assert!(row(0).contains("failed"), "{out}");
+    assert!(
+        row(0).contains("the host's keter failed the deploy"),
+        "{out}"
+    );
+    assert!(row(1).contains("not reached"), "{out}");
+    assert!(row(2).contains("not reached"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "the rollout stopped at {}",
+            hosts.hosts[0].destination
+        )),
+        "{err}"
+    );
+    // The first host keeps serving v1; the others were not touched at all.
+    hosts.hosts[0]
+        .keter()
+        .wait_for(HOST, "v1", Duration::from_secs(5));
+    for (i, h) in hosts.hosts.iter().enumerate().skip(1) {
+        assert_eq!(incoming(h.keter()), before[i], "host {i}");
+        h.keter().wait_for(HOST, "v1", Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn an_unreachable_host_is_reported_with_ssh_own_error_and_stops_the_rollout() {
+    let mut hosts = Hosts::start("deploy-unreachable", 1, opts);
+    let down = hosts.add(false, opts);
+    hosts.add(true, opts);
+    let config = hosts.config();
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    let (code, out, err) = hosts.deploy(&[
+        v1.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(&[0, down, 2]),
+        "-c",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    let report = json(&out);
+    assert_eq!(report["result"], "stopped", "{out}");
+    let listed = &report["hosts"];
+    assert_eq!(listed[0]["result"], "serving", "{out}");
+    assert_eq!(listed[1]["result"], "unreachable", "{out}");
+    let error = listed[1]["error"].as_str().unwrap();
+    // ssh's own words: its "connect to host ADDRESS port 22: ..." line.
+    assert!(
+        error.contains(&format!(
+            "connect to host {} port 22",
+            hosts.hosts[down].address
+        )),
+        "{out}"
+    );
+    assert_eq!(listed[2]["result"], "not-reached", "{out}");
+    hosts.hosts[0]
+        .keter()
+        .wait_for(HOST, "v1", Duration::from_secs(5));
+    assert!(incoming(hosts.hosts[2].keter()).is_empty());
+    assert_eq!(
+        hosts.hosts[2].keter().get(HOST, "/").unwrap().status,
+        404,
+        "the host after the unreachable one got the app"
+    );
+}
+
+#[test]
+fn a_parallel_rollout_deploys_to_several_hosts_at_once() {
+    let hosts = Hosts::start("deploy-parallel", 3, opts);
+    let config = hosts.config();
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    let (code, out, err) = hosts.deploy(&[
+        v1.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+        "--parallel",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report = json(&out);
+    let listed = report["hosts"].as_array().unwrap();
+    assert!(listed.iter().all(|h| h["result"] == "serving"), "{out}");
+    let started = listed
+        .iter()
+        .map(|h| h["started_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let finished = listed
+        .iter()
+        .map(|h| h["finished_ms"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        started < finished,
+        "the last host started after the first one finished: not in parallel\n{out}"
+    );
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v1", Duration::from_secs(5));
+    }
+}
+
+/// The host's keter's `/api/apps`, read as `keter status --json` reads it.
+fn keter_status(k: &Keter) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keter"))
+        .args(["status", "--json", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    json(&String::from_utf8_lossy(&out.stdout))
+}
