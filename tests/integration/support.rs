@@ -610,7 +610,7 @@ impl Keter {
     ) -> LastDeploy {
         let s = self.wait_app(
             app,
-            &format!("with a new deploy that {}", result.as_str()),
+            &format!("with a new deploy that ended {}", result.as_str()),
             timeout,
             |s| {
                 s.last_deploy
