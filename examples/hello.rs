@@ -102,12 +102,21 @@ fn options() -> Options {
     o
 }
 
+// The C library's signal(2), declared here rather than taken from the libc crate: this file
+// uses the standard library alone, so that scripts/demo builds it with rustc without the
+// dependencies cargo builds for anything in examples/. Linux's numbers.
+unsafe extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+const SIGTERM: i32 = 15;
+const SIG_IGN: usize = 1;
+
 fn main() {
     let o = options();
     println!("hello {}: starting, pid {}", o.version, std::process::id());
     if o.ignore_term {
         // SAFETY: installing SIG_IGN has no handler code to run.
-        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+        unsafe { signal(SIGTERM, SIG_IGN) };
     }
     if o.spawn_child {
         // A grandchild that keeps running unless its process group is stopped.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::pebble::{Pebble, PebbleOpts, https_get};
 use crate::stanzas::{header, request};
 use crate::status::{json, keter_cmd};
-use crate::support::{BundleBuilder, Keter, Opts, TempDir, free_port};
+use crate::support::{BundleBuilder, DeployResult, Keter, Opts, TempDir, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -385,7 +385,7 @@ fn ssl_acme_refusals_are_the_same_in_keter_check_and_a_deploy() {
             .to_string();
         assert!(line.contains(&format!("{name}-v1.keter")), "{line}");
         k.deploy(name, &path);
-        k.wait_log(&format!("{name}: deploy of {name}.keter failed"), WAIT);
+        k.wait_deploy_result(name, DeployResult::Failed, WAIT);
         let r = json(k, &format!("/api/apps/{name}"));
         assert_eq!(r["last_deploy"]["result"], "failed", "{r:#?}");
         let error = r["last_deploy"]["error"].as_str().unwrap().to_string();

@@ -396,7 +396,7 @@ fn a_deployer_cannot_have_keter_serve_a_key_it_cannot_read() {
     fs::copy(&bundle, &mine).unwrap();
     give(&mine, who);
     fs::rename(&mine, k.incoming().join("keyed.keter")).unwrap();
-    k.wait_log("keyed: deploy of keyed.keter failed", WAIT);
+    k.wait_deploy_result("keyed", DeployResult::Failed, WAIT);
     let log = k.log();
     let line = log
         .lines()

@@ -228,7 +228,7 @@ fn redeploys_under_continuous_traffic_lose_no_request() {
         switch_times.push(t.elapsed());
     }
     // Let the last old version drain and stop under traffic too.
-    k.wait_log("deploy 11", WAIT);
+    k.wait_deploy("hello", 11, WAIT);
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
 
@@ -300,10 +300,13 @@ fn a_version_that_never_gets_ready_is_removed_and_the_old_one_keeps_serving() {
         ("broken", &["--status", "500"], "answered 500"),
     ];
     for (version, args, reason) in cases {
-        let failures_before = k.log_count("deploy of hello.keter failed");
+        let before = k.last_deploy("hello");
         k.deploy_hello("hello", version, HOST, args);
         let deadline = Instant::now() + WAIT;
-        while k.log_count("deploy of hello.keter failed") == failures_before {
+        while !k
+            .last_deploy("hello")
+            .is_some_and(|d| Some(&d) != before.as_ref())
+        {
             // The old version answers all along.
             let r = k.get(HOST, "/").unwrap();
             assert_eq!((r.status, r.body.trim()), (200, "v1"), "during {version}");
@@ -314,6 +317,8 @@ fn a_version_that_never_gets_ready_is_removed_and_the_old_one_keeps_serving() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        let last = k.last_deploy("hello").unwrap();
+        assert_eq!(last.result, DeployResult::Failed, "{version}: {last:?}");
         let log = k.log();
         let line = log
             .lines()
@@ -356,7 +361,7 @@ fn deleting_the_bundle_stops_the_app() {
     assert!(group_before >= 2, "the --spawn-child grandchild is missing");
 
     fs::remove_file(k.incoming().join("hello.keter")).unwrap();
-    k.wait_log("hello: stopped\n", WAIT);
+    k.wait_stopped("hello", WAIT);
     let r = k.get(HOST, "/").unwrap();
     assert_eq!(r.status, 404);
     assert!(r.body.contains("No app is deployed"), "{r:?}");
@@ -375,9 +380,9 @@ fn the_same_bundle_copied_again_is_not_redeployed() {
     k.wait_for(HOST, "v1", WAIT);
     let pid = k.get(HOST, "/pid").unwrap().body;
     k.deploy("hello", &bundle);
-    k.wait_log("hello.keter is unchanged (same sha256)", WAIT);
+    k.wait_deploy_result("hello", DeployResult::Unchanged, WAIT);
     assert_eq!(k.get(HOST, "/pid").unwrap().body, pid);
-    assert_eq!(k.log_count("switched to deploy"), 1);
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(1));
 }
 
 #[test]
@@ -451,9 +456,17 @@ fn hosts_claimed_by_another_app_are_refused() {
     k.deploy_hello("first", "f1", HOST, &[]);
     k.wait_for(HOST, "f1", WAIT);
     k.deploy_hello("second", "s1", HOST, &[]);
-    k.wait_log(
-        "the host hello.example.com is already served by the app first",
-        WAIT,
+    let refused = k.wait_deploy_result("second", DeployResult::Failed, WAIT);
+    assert_eq!(
+        refused.error_kind.as_deref(),
+        Some("host-taken"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.error.as_ref().is_some_and(
+            |e| e.contains("the host hello.example.com is already served by the app first")
+        ),
+        "{refused:?}"
     );
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "f1");
 }
@@ -493,7 +506,7 @@ fn apps_with_a_large_chunked_home_page_or_connections_kept_open_become_ready() {
     }
     for (name, _) in cases {
         let host = format!("{name}.example.com");
-        k.wait_log(&format!("{name}: switched to deploy 1"), WAIT);
+        k.wait_deploy(name, 1, WAIT);
         assert_eq!(k.get(&host, "/host").unwrap().body.trim(), host);
     }
     assert!(!k.log().contains("deploy of"), "{}", k.log());
@@ -515,7 +528,7 @@ fn a_deleted_apps_worker_ends_and_a_new_bundle_gets_a_new_one() {
     k.wait_for(HOST, "v1", WAIT);
     assert_eq!(threads_named(k.pid(), "app-gone"), 1);
     fs::remove_file(k.incoming().join("gone.keter")).unwrap();
-    k.wait_log("gone: stopped", WAIT);
+    k.wait_stopped("gone", WAIT);
     let start = Instant::now();
     while threads_named(k.pid(), "app-gone") > 0 {
         assert!(

@@ -47,18 +47,11 @@ fn refused_as(k: &Keter, name: &str, bytes: &[u8], reason: &str) -> String {
     let folders_before = k.temp_folders();
     let marker = format!("{name}: deploy of {name}.keter failed");
     let before = k.log_count(&marker);
+    let last = k.last_deploy(name);
     let staged = k.dir.0.join("staged.keter");
     fs::write(&staged, bytes).unwrap();
     k.deploy(name, &staged);
-    let deadline = Instant::now() + WAIT;
-    while k.log_count(&marker) == before {
-        assert!(
-            Instant::now() < deadline,
-            "never refused ({reason}):\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    k.wait_next_deploy(name, last.as_ref(), DeployResult::Failed, WAIT);
     let log = k.log();
     let line = log
         .lines()
@@ -590,8 +583,9 @@ fn nginx_that_cannot_confirm_keeps_the_old_version() {
     let master = nix::unistd::Pid::from_raw(k.nginx_pid());
     nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGSTOP).unwrap();
     k.deploy_hello("app", "v2", APP, &[]);
+    let failed = k.wait_deploy_result("app", DeployResult::Failed, WAIT);
+    assert_eq!(failed.error_kind.as_deref(), Some("nginx"), "{failed:?}");
     k.wait_log("Nginx did not take the new configuration", WAIT);
-    k.wait_log("deploy of app.keter failed", WAIT);
     assert!(
         alive(v1),
         "the old version was stopped although Nginx never confirmed the switch"
@@ -700,9 +694,14 @@ fn ten_uploads_in_a_second_and_a_delete_mid_deploy() {
     let slow = k.dir.0.join("slow.keter");
     BundleBuilder::hello(&hello_yaml("slow", APP, &["--delay-ms", "1000"])).write(&slow);
     k.deploy("app", &slow);
-    k.wait_log("app: started", WAIT);
+    k.wait_app(
+        "app",
+        "waiting for the slow version to get ready",
+        WAIT,
+        |s| s.deploy_stage.as_deref() == Some("readiness"),
+    );
     fs::remove_file(k.incoming().join("app.keter")).unwrap();
-    k.wait_log("app: stopped\n", WAIT);
+    k.wait_stopped("app", WAIT);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(k.get(APP, "/").unwrap().status, 404);
     assert!(k.temp_folders().is_empty(), "{:?}", k.temp_folders());
@@ -738,8 +737,14 @@ fn a_full_disk_fails_cleanly_and_never_blocks_the_app() {
     let staged = k.dir.0.join("big.keter");
     fs::write(&staged, bytes).unwrap();
     k.deploy("app", &staged);
-    k.wait_log("No space left on device", WAIT);
-    k.wait_log("deploy of app.keter failed", WAIT);
+    let failed = k.wait_deploy_result("app", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{failed:?}"
+    );
     assert_eq!(k.temp_folders(), folders_before);
     assert_eq!(k.get(APP, "/").unwrap().body.trim(), "v1");
 
@@ -882,15 +887,7 @@ fn a_reverse_proxy_to_keters_status_interface_or_an_apps_port_is_refused() {
         );
         k.deploy(name, &bundle);
         let marker = format!("{name}: deploy of {name}.keter failed");
-        let deadline = Instant::now() + WAIT;
-        while !k.log().contains(&marker) {
-            assert!(
-                Instant::now() < deadline,
-                "a reverse proxy to {host}:{port} was not refused:\n{}",
-                k.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        k.wait_deploy_result(name, DeployResult::Failed, WAIT);
         let line = k
             .log()
             .lines()

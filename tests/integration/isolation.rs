@@ -335,7 +335,7 @@ fn a_static_root_the_workers_cannot_read_fails_before_the_switch() {
     .file("static/hello.txt", b"static hello\n".to_vec(), 0o644)
     .write(&bundle);
     k.deploy("site", &bundle);
-    k.wait_log("site: deploy of site.keter failed", WAIT);
+    k.wait_deploy_result("site", DeployResult::Failed, WAIT);
     let log = k.log();
     let line = log
         .lines()

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::stanzas::{curl_tls, header, request, self_signed};
 use crate::status::keter_cmd;
@@ -69,30 +69,24 @@ pub fn render(k: &Keter, bundle: &Path) -> (i32, String) {
 /// Deploys the bundle file at `path` as `name` and waits for the deploy's end: `Ok` when it
 /// switched, the log line when it failed.
 pub fn deployed(k: &Keter, name: &str, path: &Path) -> Result<(), String> {
-    let ok = format!("{name}: switched to deploy");
     let failed = format!("{name}: deploy of {name}.keter failed");
-    let (ok_before, failed_before) = (k.log_count(&ok), k.log_count(&failed));
+    let before = k.last_deploy(name);
     k.deploy(name, path);
-    let start = Instant::now();
-    loop {
-        if k.log_count(&ok) > ok_before {
-            return Ok(());
-        }
-        if k.log_count(&failed) > failed_before {
-            let log = k.log();
-            let line = log
-                .lines()
-                .rfind(|l| l.contains(&failed))
-                .unwrap_or_default();
-            return Err(line.to_string());
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "{name} never ended its deploy:\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let status = k.wait_app(name, "ending its deploy", WAIT, |s| {
+        s.last_deploy.as_ref().is_some_and(|d| {
+            Some(d) != before.as_ref()
+                && matches!(d.result, DeployResult::Succeeded | DeployResult::Failed)
+        })
+    });
+    if status.last_deploy.unwrap().result == DeployResult::Succeeded {
+        return Ok(());
     }
+    let log = k.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains(&failed))
+        .unwrap_or_default();
+    Err(line.to_string())
 }
 
 /// curl against the front end with `Host: host`: status, lower-cased headers, body.

@@ -6,7 +6,7 @@
 //! every bundle answers that bundle's file, or 404 when the bundle is not deployed.
 
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -47,19 +47,6 @@ impl Labels {
     }
 }
 
-/// Waits until keter's log holds `needle` more than `before` times.
-fn wait_count(k: &Keter, needle: &str, before: usize) {
-    let start = Instant::now();
-    while k.log_count(needle) <= before {
-        assert!(
-            start.elapsed() < WAIT,
-            "keter's log never said {needle:?} again:\n{}",
-            k.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn keters_matrix_of_four_static_bundles_added_and_removed_in_every_combination() {
     let k = Keter::start_with(
@@ -97,13 +84,12 @@ fn keters_matrix_of_four_static_bundles_added_and_removed_in_every_combination()
                 continue;
             }
             if want {
-                let before = k.log_count(&format!("{name}: switched to deploy"));
+                let before = k.last_deploy(name);
                 k.deploy(name, &files[i]);
-                wait_count(&k, &format!("{name}: switched to deploy"), before);
+                k.wait_next_deploy(name, before.as_ref(), DeployResult::Succeeded, WAIT);
             } else {
-                let before = k.log_count(&format!("{name}: removed from Nginx"));
                 fs::remove_file(k.incoming().join(format!("{name}.keter"))).unwrap();
-                wait_count(&k, &format!("{name}: removed from Nginx"), before);
+                k.wait_stopped(name, WAIT);
             }
             present[i] = want;
         }

@@ -487,7 +487,14 @@ fn a_role_that_keter_did_not_create_is_not_taken_over() {
     let k = start_keter("pg-squatter", pg);
     k.deploy_hello("other", "v1", "other.example.com", &[]);
     deploy_pgapp(&k, "squatter", "x", "squatter.example.com");
-    k.wait_log("a role named squatter already exists", WAIT);
+    let failed = k.wait_deploy_result("squatter", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("a role named squatter already exists")),
+        "{failed:?}"
+    );
     assert!(!pg.database_exists("squatter"));
     assert!(!store(&k).exists());
     // Other apps are not affected.
@@ -498,7 +505,14 @@ fn a_role_that_keter_did_not_create_is_not_taken_over() {
 fn a_bundle_asking_for_postgres_without_a_server_fails_clearly() {
     let k = Keter::start("pg-none");
     deploy_pgapp(&k, "nodb", "x", "nodb.example.com");
-    k.wait_log("has no `postgres` section", WAIT);
+    let failed = k.wait_deploy_result("nodb", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("has no `postgres` section")),
+        "{failed:?}"
+    );
     assert_eq!(k.get("nodb.example.com", "/").unwrap().status, 404);
 }
 
@@ -512,9 +526,12 @@ fn server_down_then_up_keeps_the_old_version_then_deploys() {
 
     pg.down();
     deploy_pgapp(&k, "downup", "two", host);
-    k.wait_log(
-        "deploy of downup.keter failed: postgres plugin: cannot connect to PostgreSQL at 127.0.0.1",
-        WAIT,
+    let failed = k.wait_deploy_result("downup", DeployResult::Failed, WAIT);
+    assert!(
+        failed.error.as_ref().is_some_and(
+            |e| e.contains("postgres plugin: cannot connect to PostgreSQL at 127.0.0.1")
+        ),
+        "{failed:?}"
     );
     assert!(k.log().contains("the previous version keeps serving"));
     // The old version still answers (its own queries fail while the server is down).
@@ -539,9 +556,13 @@ fn a_deploy_that_failed_while_the_server_was_down_is_tried_again_by_itself() {
 
     pg.down();
     deploy_pgapp(&k, "retry", "two", host);
-    k.wait_log(
-        "deploy of retry.keter failed: postgres plugin: cannot connect",
-        WAIT,
+    let failed = k.wait_deploy_result("retry", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("postgres plugin: cannot connect")),
+        "{failed:?}"
     );
     let line = k
         .log()
@@ -573,9 +594,13 @@ fn a_half_finished_run_is_finished_by_the_next_deploy() {
     // A session on template1 makes CREATE DATABASE fail after CREATE ROLE succeeded.
     let blocker = pg.superuser("template1");
     deploy_pgapp(&k, "half", "one", host);
-    k.wait_log(
-        "deploy of half.keter failed: postgres plugin: CREATE DATABASE half failed",
-        WAIT,
+    let failed = k.wait_deploy_result("half", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("postgres plugin: CREATE DATABASE half failed")),
+        "{failed:?}"
     );
     assert!(pg.role_exists("half"));
     assert!(!pg.database_exists("half"));
@@ -623,7 +648,14 @@ fn a_wrong_admin_password_fails_cleanly_and_stays_out_of_the_log() {
     let host = "wrongpw.example.com";
     deploy_pgapp(&k, "wrongpw", "one", host);
     k.deploy_hello("bystander", "v1", "bystander.example.com", &[]);
-    k.wait_log("password authentication failed", WAIT);
+    let failed = k.wait_deploy_result("wrongpw", DeployResult::Failed, WAIT);
+    assert!(
+        failed
+            .error
+            .as_ref()
+            .is_some_and(|e| e.contains("password authentication failed")),
+        "{failed:?}"
+    );
     k.wait_for("bystander.example.com", "v1", WAIT);
     assert!(!store(&k).exists());
     assert!(!pg.role_exists("wrongpw"));
@@ -666,7 +698,7 @@ fn a_full_disk_when_credentials_are_written_records_nothing_and_the_next_deploy_
         while filler.write_all(&[7u8; 1024]).is_ok() {}
     }
     deploy_pgapp(&k, "second", "two", "second.example.com");
-    k.wait_log("second: deploy of second.keter failed", WAIT);
+    k.wait_deploy_result("second", DeployResult::Failed, WAIT);
     let line = k
         .log()
         .lines()
@@ -890,7 +922,13 @@ fn deploy_victim_and_wait_for_its_retry(k: &Keter) -> String {
     k.wait_for("bystander.example.com", "v1", WAIT);
     deploy_pgapp(k, "victim", "one", "victim.example.com");
     let failed = "victim: deploy of victim.keter failed";
-    k.wait_log_count(failed, 2, Duration::from_secs(60));
+    let first = k.wait_deploy_result("victim", DeployResult::Failed, WAIT);
+    k.wait_next_deploy(
+        "victim",
+        Some(&first),
+        DeployResult::Failed,
+        Duration::from_secs(60),
+    );
     assert!(
         k.log()
             .contains("victim: trying the deploy of victim.keter again"),

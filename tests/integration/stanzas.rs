@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -260,7 +260,7 @@ fn redirect_forms_and_statuses() {
         "redir",
         BundleBuilder::new().file("config/keter.yaml", yaml.as_bytes().to_vec(), 0o644),
     );
-    k.wait_log("redir: switched", WAIT);
+    k.wait_serving("redir", WAIT);
     let (s, h, _) = request(k.addr(), "r.example.com", "/docs");
     assert_eq!(
         (s, header(&h, "location")),
@@ -318,20 +318,13 @@ fn a_static_root_outside_the_bundle_is_refused() {
         let yaml = format!(
             "stanzas:\n  - type: static-files\n    hosts: [s{i}.example.com]\n    root: {root}\n"
         );
+        let before = k.last_deploy("escape");
         deploy(
             &k,
             "escape",
             BundleBuilder::new().file("config/keter.yaml", yaml.into_bytes(), 0o644),
         );
-        let deadline = Instant::now() + WAIT;
-        while k.log_count("deploy of escape.keter failed") <= i {
-            assert!(
-                Instant::now() < deadline,
-                "{root} was not refused:\n{}",
-                k.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        k.wait_next_deploy("escape", before.as_ref(), DeployResult::Failed, WAIT);
     }
     let log = k.log();
     assert!(
@@ -406,7 +399,7 @@ fn tls_listener_http2_requires_secure_and_a_bundle_certificate() {
         .file("tls/own.crt", fs::read(own_cert).unwrap(), 0o644)
         .file("tls/own.key", fs::read(own_key).unwrap(), 0o600);
     deploy(&k, "secure", b);
-    k.wait_log("secure: switched", WAIT);
+    k.wait_serving("secure", WAIT);
 
     let (status, headers, _) = request(k.addr(), "tls.example.com", "/path?q=1");
     assert_eq!(status, 301);

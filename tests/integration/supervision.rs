@@ -78,9 +78,11 @@ fn a_killed_app_comes_back_on_the_same_port() {
     );
     assert!(!alive(pid));
     assert!(alive(new_pid));
+    let status = k.wait_restarts("hello", 1, WAIT);
+    assert_eq!(status.pids(), vec![new_pid], "{status:?}");
     k.wait_log("exited with killed by SIGKILL", WAIT);
-    // The Nginx file was not touched: same generation.
-    assert_eq!(k.log_count("switched to deploy"), 1);
+    // The Nginx file was not touched: the same deploy serves.
+    assert_eq!(status.deploy, Some(1), "{status:?}");
 }
 
 #[test]
@@ -153,7 +155,7 @@ fn a_wrapper_script_leaves_nothing_behind() {
         "wrapper, app and its child expected: {members:?}"
     );
     fs::remove_file(k.incoming().join("hello.keter")).unwrap();
-    k.wait_log("hello: stopped\n", WAIT);
+    k.wait_stopped("hello", WAIT);
     assert!(
         keter::procfs::group_members(pgid).is_empty(),
         "left behind: {:?}",
@@ -389,16 +391,16 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     let pid = k.pid_of(HOST);
     // v2 takes 8 s to listen; v1 is killed while keter waits for it.
     k.deploy_hello("hello", "v2", HOST, &["--delay-ms", "8000"]);
-    let start = Instant::now();
-    while k.log_count("hello: started ") < 2 {
-        assert!(start.elapsed() < WAIT, "v2 never started:\n{}", k.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    k.wait_app("hello", "waiting for v2 to get ready", WAIT, |s| {
+        s.deploy_stage.as_deref() == Some("readiness")
+    });
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let (again, _) = wait_new_pid(&k, HOST, pid);
-    assert!(
-        !k.log().contains("switched to deploy 2"),
-        "v1 was not restarted before v2 was ready:\n{}",
+    let status = k.app_status("hello").unwrap();
+    assert_eq!(
+        status.deploy,
+        Some(1),
+        "v1 was not restarted before v2 was ready: {status:?}\n{}",
         k.log()
     );
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
@@ -500,7 +502,7 @@ echo \"worker $$ ran\"\nexit 1\n"
     k.deploy("slow", &slow);
     k.wait_log_count("restarting in 600000 ms", 2, WAIT);
     let _ = k.get("web.example.com", "/exit");
-    k.wait_log("crash-looping (5 failures in a row)", WAIT);
+    k.wait_state("web", "crash-looping", WAIT);
     let keter_pid = k.pid();
     let status = k.signal_and_wait(Signal::SIGTERM);
     assert!(status.success(), "{status}:\n{}", k.log());
@@ -855,7 +857,6 @@ fn a_port_taken_while_a_webapp_is_down_gets_none_of_its_users() {
     for round in 0..3 {
         let port = port_of(&k, SHOP);
         let pid = k.pid_of(SHOP);
-        let restarts = k.log_count("shop: started ");
         // Binding without pause from before the kill, it has the port a moment after the
         // shop lets go of it, long before the shop's restart delay (100 ms) is over.
         let squatter = squat(&exe, &port, uid, gid);
@@ -880,7 +881,9 @@ fn a_port_taken_while_a_webapp_is_down_gets_none_of_its_users() {
         }
         // keter starts the shop again (today's keter on the squatted port, where it cannot
         // bind). From then on no request for the shop may reach the squatter.
-        k.wait_log_count("shop: started ", restarts + 1, WAIT);
+        k.wait_app("shop", "started again", WAIT, |s| {
+            s.pids().iter().any(|p| *p != pid)
+        });
         let start = Instant::now();
         loop {
             let r = k.get(SHOP, "/").unwrap();

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use keter::probe::Response;
+pub use keter::report::DeployResult;
 
 /// A temp folder removed on drop unless the test failed (then it is kept for inspection).
 pub struct TempDir(pub PathBuf);
@@ -510,6 +511,134 @@ impl Keter {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// `app` as the status API reports it (`GET /api/apps/NAME`, README "Status interface");
+    /// `None` while keter does not know the app or its status interface does not answer (a
+    /// keter starting, or handing over to its next binary).
+    pub fn app_status(&self, app: &str) -> Option<AppStatus> {
+        let path = format!("/api/apps/{app}");
+        let timeout = Duration::from_secs(5);
+        let r = match self
+            .status
+            .as_ref()
+            .expect("the status interface is enabled")
+        {
+            keter::status::StatusAddress::Tcp(a) => {
+                keter::probe::get_tcp(*a, "keter-status", &path, timeout)
+            }
+            keter::status::StatusAddress::Unix(p) => keter::probe::get_unix(p, &path, timeout),
+        }
+        .ok()?;
+        if r.status != 200 {
+            return None;
+        }
+        Some(
+            serde_json::from_str(&r.body)
+                .unwrap_or_else(|e| panic!("{path} is not an app's report: {e}: {}", r.body)),
+        )
+    }
+
+    /// Waits until the status API reports `app` so that `done` holds; returns that report.
+    /// `what` says what was awaited when it never comes.
+    pub fn wait_app(
+        &self,
+        app: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&AppStatus) -> bool,
+    ) -> AppStatus {
+        let start = Instant::now();
+        loop {
+            let status = self.app_status(app);
+            if let Some(s) = status.as_ref().filter(|s| done(s)) {
+                return s.clone();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the status API never reported {app} {what}; last report {status:#?}\nketer's log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until deploy `n` of `app` (counted within this run of keter) serves.
+    pub fn wait_deploy(&self, app: &str, n: u64, timeout: Duration) -> AppStatus {
+        self.wait_app(app, &format!("serving deploy {n}"), timeout, |s| {
+            s.deploy == Some(n)
+        })
+    }
+
+    /// Waits until a version of `app` serves (its first deploy switched).
+    pub fn wait_serving(&self, app: &str, timeout: Duration) -> AppStatus {
+        self.wait_app(app, "serving a version", timeout, |s| s.deploy.is_some())
+    }
+
+    /// Waits until `app` serves the bundle with this sha256 (hex).
+    pub fn wait_serving_sha256(&self, app: &str, sha256: &str, timeout: Duration) -> AppStatus {
+        self.wait_app(app, &format!("serving sha256 {sha256}"), timeout, |s| {
+            s.sha256.as_deref() == Some(sha256)
+        })
+    }
+
+    /// Waits until `app` is in `state` (`running`, `failed`, `stopped`, `crash-looping`...).
+    pub fn wait_state(&self, app: &str, state: &str, timeout: Duration) -> AppStatus {
+        self.wait_app(app, &format!("in state {state}"), timeout, |s| {
+            s.state == state
+        })
+    }
+
+    /// Waits until `app` is stopped (its bundle removed): no version serves, no process runs.
+    pub fn wait_stopped(&self, app: &str, timeout: Duration) -> AppStatus {
+        self.wait_app(app, "stopped", timeout, |s| {
+            s.state == "stopped" && s.processes.is_empty() && s.draining == 0
+        })
+    }
+
+    /// The last deploy of `app` as the status API has it now: pass it to
+    /// [`Keter::wait_next_deploy`] to wait for the deploy after it.
+    pub fn last_deploy(&self, app: &str) -> Option<LastDeploy> {
+        self.app_status(app).and_then(|s| s.last_deploy)
+    }
+
+    /// Waits until a deploy of `app` other than `before` ends with `result`; returns it.
+    pub fn wait_next_deploy(
+        &self,
+        app: &str,
+        before: Option<&LastDeploy>,
+        result: DeployResult,
+        timeout: Duration,
+    ) -> LastDeploy {
+        let s = self.wait_app(
+            app,
+            &format!("with a new deploy that ended {}", result.as_str()),
+            timeout,
+            |s| {
+                s.last_deploy
+                    .as_ref()
+                    .is_some_and(|d| d.result == result && Some(d) != before)
+            },
+        );
+        s.last_deploy.unwrap()
+    }
+
+    /// Waits until `app`'s last deploy ended with `result` (at once when it already has: for a
+    /// deploy whose result may repeat an earlier one's, [`Keter::wait_next_deploy`]).
+    pub fn wait_deploy_result(
+        &self,
+        app: &str,
+        result: DeployResult,
+        timeout: Duration,
+    ) -> LastDeploy {
+        self.wait_next_deploy(app, None, result, timeout)
+    }
+
+    /// Waits until `app`'s processes were restarted `n` times in all (its serving version's).
+    pub fn wait_restarts(&self, app: &str, n: u64, timeout: Duration) -> AppStatus {
+        self.wait_app(app, &format!("with {n} restarts"), timeout, |s| {
+            s.restarts >= n
+        })
+    }
+
     /// Waits until keter's log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
         let start = Instant::now();
@@ -904,4 +1033,53 @@ impl KeepAliveClient {
 /// Makes a file executable or not.
 pub fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// One app as `GET /api/apps/NAME` reports it (`src/report.rs`, README "Status interface").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    /// `starting`, `running`, `deploying`, `crash-looping`, `failed` or `stopped`.
+    pub state: String,
+    /// The serving bundle's sha256 (hex).
+    pub sha256: Option<String>,
+    /// The serving version's deploy number within this run of keter.
+    pub deploy: Option<u64>,
+    pub hosts: Vec<String>,
+    pub processes: Vec<ProcessStatus>,
+    pub restarts: u64,
+    pub last_deploy: Option<LastDeploy>,
+    pub last_error: Option<String>,
+    pub draining: usize,
+    /// `unpacking`, `readiness` or `switching` while a deploy is under way.
+    pub deploy_stage: Option<String>,
+}
+
+impl AppStatus {
+    /// The pids of the serving version's processes that run.
+    pub fn pids(&self) -> Vec<i32> {
+        self.processes.iter().filter_map(|p| p.pid).collect()
+    }
+}
+
+/// One process of an app's serving version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ProcessStatus {
+    /// `webapp` or `background`.
+    pub kind: String,
+    pub stanza: usize,
+    pub port: Option<u16>,
+    pub pid: Option<i32>,
+    pub restarts: u64,
+}
+
+/// An app's last deploy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct LastDeploy {
+    pub result: DeployResult,
+    pub finished: String,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    pub error_kind: Option<String>,
+    pub retry_at: Option<String>,
 }

@@ -207,7 +207,7 @@ fn system_mode_switches_through_the_hosts_nginx_and_leaves_other_sites_alone() {
     k.wait_for(HOST, "v1", WAIT);
     k.deploy_hello("hello", "v2", HOST, &[]);
     k.wait_for(HOST, "v2", WAIT);
-    k.wait_log("hello: switched to deploy 2", WAIT);
+    k.wait_deploy("hello", 2, WAIT);
 
     let conf = fs::read_to_string(k.root.join("nginx/apps/hello.conf")).unwrap();
     assert!(!conf.contains("default_server"), "{conf}");
@@ -318,8 +318,9 @@ fn with_nginx_stopped_a_deploy_fails_and_the_old_version_is_not_stopped() {
     let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
     fs::write(sys.pid_file(), format!("{}\n", bystander.id())).unwrap();
     k.deploy_hello("hello", "v2", HOST, &[]);
+    let failed = k.wait_deploy_result("hello", DeployResult::Failed, WAIT);
+    assert_eq!(failed.error_kind.as_deref(), Some("nginx"), "{failed:?}");
     k.wait_log("is not an Nginx master", WAIT);
-    k.wait_log("hello: deploy of hello.keter failed", WAIT);
     let still_there = bystander.try_wait().unwrap().is_none();
     let _ = bystander.kill();
     let _ = bystander.wait();
@@ -346,8 +347,8 @@ fn a_bundle_deleted_while_nginx_refuses_changes_leaves_nginx_at_the_next_change(
     let broken = sys.sites().join("shop");
     fs::write(&broken, "server {\n  bogus_directive on;\n}\n").unwrap();
     fs::remove_file(k.incoming().join("hello.keter")).unwrap();
+    k.wait_stopped("hello", WAIT);
     k.wait_log("hello: removing from Nginx failed", WAIT);
-    k.wait_log("hello: stopped\n", WAIT);
 
     // The operator fixes the host; the next change of any app also takes hello's file out,
     // so its host goes back to the default site instead of a dead port.
@@ -406,8 +407,8 @@ fn workers_running_as_www_data_serve_static_roots_and_read_nothing_else() {
     k.deploy("flat", &flat);
     k.wait_for(HOST, "site", WAIT);
     k.wait_for("flat.example.com", "flat", WAIT);
-    k.wait_log("site: switched to deploy", WAIT);
-    k.wait_log("flat: switched to deploy", WAIT);
+    k.wait_serving("site", WAIT);
+    k.wait_serving("flat", WAIT);
     let get = |host: &str, path: &str| {
         let r = k.get(host, path).unwrap();
         format!("{} {}", r.status, r.body.trim())
@@ -483,7 +484,7 @@ fn files_for_nginx_are_read_by_its_www_data_workers_and_no_app() {
     let path = k.dir.0.join("guarded.keter");
     BundleBuilder::hello(&yaml).write(&path);
     k.deploy("guarded", &path);
-    k.wait_log("guarded: switched", WAIT);
+    k.wait_serving("guarded", WAIT);
     let curl = |host: &str, path: &str, auth: &[&str]| {
         let out = Command::new("curl")
             .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H"])

@@ -236,7 +236,7 @@ fn a_killed_keter_is_started_again_and_takes_every_app_over() {
     k.wait_for("b.example.com", "b2", WAIT);
     let c_pids = &before.iter().find(|(n, _)| n == "c").unwrap().1;
     fs::remove_file(k.incoming().join("c.keter")).unwrap();
-    k.wait_log("c: stopped\n", WAIT);
+    k.wait_stopped("c", WAIT);
     for pid in c_pids {
         assert!(wait_gone(*pid as i32, WAIT), "pid {pid} of c still runs");
     }
@@ -467,8 +467,8 @@ fn a_serving_version_whose_folder_is_gone_serves_until_its_replacement_has_switc
     assert_eq!(folders.len(), 1);
     fs::remove_dir_all(k.root.join("temp").join(&folders[0])).unwrap();
     k.launch();
+    k.wait_deploy("a", 2, WAIT);
     k.wait_log("has lost its folder", WAIT);
-    k.wait_log("a: switched to deploy 2", WAIT);
     assert!(
         wait_gone(old, WAIT),
         "the leftover never stopped:\n{}",
