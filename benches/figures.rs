@@ -715,9 +715,8 @@ fn front_end_overhead() {
     );
 }
 
-/// Copies `apps` bundles into `k` at once; how long until all serve, and the Nginx
-/// generations of their switches.
-fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
+/// Copies `apps` bundles into `k` at once; how long until all serve.
+fn burst(k: &Keter, apps: usize) -> Duration {
     let dir = k.dir.0.join("many");
     fs::create_dir_all(&dir).unwrap();
     for i in 0..apps {
@@ -747,9 +746,12 @@ fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let all = start.elapsed();
-    let generations: Vec<u64> = k
-        .log()
+    start.elapsed()
+}
+
+/// The Nginx generation of every switch in `k`'s log.
+fn switch_generations(k: &Keter) -> Vec<u64> {
+    k.log()
         .lines()
         .filter(|l| l.contains("switched to deploy"))
         .filter_map(|l| {
@@ -760,8 +762,7 @@ fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
                 .parse()
                 .ok()
         })
-        .collect();
-    (all, generations)
+        .collect()
 }
 
 /// One burst into a fresh daemon: how long until all serve, the Nginx reloads and switches,
@@ -786,11 +787,13 @@ fn burst_into_fresh(label: &str, binary: Option<&PathBuf>, apps: usize, extra: &
             ..Opts::default()
         },
     );
-    let (all, generations) = burst(&k, apps);
+    let all = burst(&k, apps);
+    std::thread::sleep(Duration::from_secs(3));
+    // Read after the pause: an app can answer before its switch is logged.
+    let generations = switch_generations(&k);
     let mut distinct = generations.clone();
     distinct.sort();
     distinct.dedup();
-    std::thread::sleep(Duration::from_secs(3));
     let pid = k.pid();
     Burst {
         all,
