@@ -715,9 +715,8 @@ fn front_end_overhead() {
     );
 }
 
-/// Copies `apps` bundles into `k` at once; how long until all serve, and the Nginx
-/// generations of their switches.
-fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
+/// Copies `apps` bundles into `k` at once; how long until all serve.
+fn burst(k: &Keter, apps: usize) -> Duration {
     let dir = k.dir.0.join("many");
     fs::create_dir_all(&dir).unwrap();
     for i in 0..apps {
@@ -747,9 +746,12 @@ fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let all = start.elapsed();
-    let generations: Vec<u64> = k
-        .log()
+    start.elapsed()
+}
+
+/// The Nginx generation of every switch in `k`'s log.
+fn switch_generations(k: &Keter) -> Vec<u64> {
+    k.log()
         .lines()
         .filter(|l| l.contains("switched to deploy"))
         .filter_map(|l| {
@@ -760,59 +762,137 @@ fn burst(k: &Keter, apps: usize) -> (Duration, Vec<u64>) {
                 .parse()
                 .ok()
         })
-        .collect();
-    (all, generations)
+        .collect()
 }
 
-fn many_apps() {
-    const APPS: usize = 200;
-    let opts = |extra: &str| Opts {
-        ports: 400,
-        readiness_timeout: 60.0,
-        extra: extra.into(),
-        ..Opts::default()
-    };
-    // The same burst with apps run as root first: with users of their own, each app's first
-    // deploy also creates its user.
-    let (as_root, root_rss, root_anonymous) = {
-        let k = Keter::start_with("bench-many-root", opts("run-apps-as-root: true\n"));
-        let took = burst(&k, APPS).0;
-        std::thread::sleep(Duration::from_secs(3));
-        let pid = k.pid();
-        (
-            took,
-            proc_field(pid, "status", "VmRSS:"),
-            proc_field(pid, "smaps_rollup", "Anonymous:"),
-        )
-    };
-    let k = Keter::start_with("bench-many", opts(""));
-    let (all, generations) = burst(&k, APPS);
+/// One burst into a fresh daemon: how long until all serve, the Nginx reloads and switches,
+/// and the daemon's resident memory, heap and stacks, and threads 3 s later.
+struct Burst {
+    all: Duration,
+    reloads: usize,
+    switches: usize,
+    rss: u64,
+    anonymous: u64,
+    threads: u64,
+}
+
+fn burst_into_fresh(label: &str, binary: Option<&PathBuf>, apps: usize, extra: &str) -> Burst {
+    let k = Keter::start_with(
+        label,
+        Opts {
+            ports: (apps * 2).max(60) as u16,
+            readiness_timeout: 60.0,
+            extra: extra.into(),
+            binary: binary.cloned(),
+            ..Opts::default()
+        },
+    );
+    let all = burst(&k, apps);
+    std::thread::sleep(Duration::from_secs(3));
+    // Read after the pause: an app can answer before its switch is logged.
+    let generations = switch_generations(&k);
     let mut distinct = generations.clone();
     distinct.sort();
     distinct.dedup();
+    let pid = k.pid();
+    Burst {
+        all,
+        reloads: distinct.len(),
+        switches: generations.len(),
+        rss: proc_field(pid, "status", "VmRSS:"),
+        anonymous: proc_field(pid, "smaps_rollup", "Anonymous:"),
+        threads: proc_field(pid, "status", "Threads:"),
+    }
+}
+
+/// `cargo bench --bench figures many` or `cargo bench --bench figures -- many APPS ROUNDS` (50 apps in 5 rounds unless told): the burst with apps as
+/// users of their own and with `run-apps-as-root`, in rounds; with `KETER_BEFORE` set, the
+/// same bursts into that build, interleaved round by round. Then the idle CPU of this build.
+fn many_apps() {
+    let apps: usize = std::env::args()
+        .nth(2)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("many APPS: a number of apps"))
+        .unwrap_or(50);
+    let rounds: usize = std::env::args()
+        .nth(3)
+        .map(|a| a.parse().expect("many APPS ROUNDS: a number of rounds"))
+        .unwrap_or(5);
+    let before: Option<PathBuf> = std::env::var_os("KETER_BEFORE").map(PathBuf::from);
+    let mut builds: Vec<(&str, Option<&PathBuf>)> = vec![("this build", None)];
+    if let Some(b) = &before {
+        builds.push(("KETER_BEFORE", Some(b)));
+    }
+    // Per build: own users, as root.
+    let mut runs: Vec<(Vec<Burst>, Vec<Burst>)> =
+        builds.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    for round in 0..rounds {
+        for i in 0..builds.len() {
+            // Each round starts with another build, so neither always runs first.
+            let b = (round + i) % builds.len();
+            let (_, binary) = builds[b];
+            runs[b]
+                .0
+                .push(burst_into_fresh("bench-many", binary, apps, ""));
+            runs[b].1.push(burst_into_fresh(
+                "bench-many-root",
+                binary,
+                apps,
+                "run-apps-as-root: true\n",
+            ));
+        }
+    }
+    let median_of = |v: &[Burst], f: &dyn Fn(&Burst) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        (x[x.len() / 2], x[0], x[x.len() - 1])
+    };
+    println!(
+        "\n4. {apps} bundles copied in at once (medians of {rounds} rounds, each a fresh daemon; min-max)"
+    );
+    println!(
+        "   {:<34} {:>20} {:>14} {:>20} {:>18} {:>8}",
+        "", "all serving, s", "reloads", "daemon RSS, KiB", "heap+stacks, KiB", "threads"
+    );
+    for ((label, _), (own, root)) in builds.iter().zip(&runs) {
+        for (kind, v) in [("own users", own), ("run-apps-as-root", root)] {
+            let all = median_of(v, &|b| b.all.as_secs_f64());
+            let reloads = median_of(v, &|b| b.reloads as f64);
+            let rss = median_of(v, &|b| b.rss as f64);
+            let anon = median_of(v, &|b| b.anonymous as f64);
+            let threads = median_of(v, &|b| b.threads as f64);
+            println!(
+                "   {:<34} {:>6.2} ({:.2}-{:.2}) {:>6.0} for {:>3} {:>8.0} ({:.0}-{:.0}) {:>18.0} {:>8.0}",
+                format!("{label}, {kind}"),
+                all.0,
+                all.1,
+                all.2,
+                reloads.0,
+                v[0].switches,
+                rss.0,
+                rss.1,
+                rss.2,
+                anon.0,
+                threads.0
+            );
+        }
+    }
+    // Idle: a daemon of this build serving the apps uses no CPU.
+    let k = Keter::start_with(
+        "bench-many-idle",
+        Opts {
+            ports: (apps * 2).max(60) as u16,
+            readiness_timeout: 60.0,
+            ..Opts::default()
+        },
+    );
+    burst(&k, apps);
     std::thread::sleep(Duration::from_secs(3));
     let pid = k.pid();
-    let rss = proc_field(pid, "status", "VmRSS:");
-    let anonymous = proc_field(pid, "smaps_rollup", "Anonymous:");
-    let threads = proc_field(pid, "status", "Threads:");
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(60));
     let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
-    println!("\n4. {APPS} bundles copied in at once");
-    println!(
-        "   all serving after {:.1} s ({:.1} s with run-apps-as-root: the first deploys create {APPS} users); {} Nginx reloads for {} switches",
-        all.as_secs_f64(),
-        as_root.as_secs_f64(),
-        distinct.len(),
-        generations.len()
-    );
-    println!(
-        "   daemon RSS {rss} KiB ({anonymous} KiB heap and stacks, the rest the binary and \
-         libraries) with {threads} threads; CPU over 60 idle seconds {cpu_ms:.0} ms"
-    );
-    println!(
-        "   with run-apps-as-root: daemon RSS {root_rss} KiB ({root_anonymous} KiB heap and stacks)"
-    );
+    println!("   this build, {apps} apps: CPU over 60 idle seconds {cpu_ms:.0} ms");
 }
 
 /// The first number after `field` in `/proc/PID/FILE` (KiB for the memory fields).

@@ -25,7 +25,7 @@ use crate::isolation::Isolation;
 use crate::names::{AppName, Host};
 use crate::nginx::{CertFiles, Site};
 use crate::probe::{self, ProbeError};
-use crate::process::{self, Spec};
+use crate::process::{self, RunAs, Spec};
 use crate::procfs;
 use crate::restart::Policy;
 
@@ -91,6 +91,31 @@ pub(super) fn prepare(
     // Opened once, not through a symlink and never blocking on a FIFO: a deployer may swap
     // the name for a link to a bundle it cannot read, or for a FIFO, at any moment.
     let (file, st) = bundle::unpack::open_bundle(path).map_err(DeployError::Bundle)?;
+    // The app's user is looked up (on its first deploy, created: `useradd` runs one at a time,
+    // src/isolation/users.rs) while the bundle unpacks, not after: in a burst of new apps the
+    // users are made one by one from the first pick-up on, alongside the unpacks.
+    std::thread::scope(|scope| {
+        let user = std::thread::Builder::new()
+            .name(format!("user-{name}"))
+            .spawn_scoped(scope, || ctx.isolation.user_of(name))
+            .ok();
+        prepare_opened(ctx, name, job, file, st, user)
+    })
+}
+
+/// [`prepare`] once the bundle is open, with the lookup of the app's user under way (`None`:
+/// no thread could be had, and it is looked up here).
+fn prepare_opened(
+    ctx: &Context,
+    name: &AppName,
+    job: &PrepareJob,
+    file: fs::File,
+    st: nix::sys::stat::FileStat,
+    user: Option<
+        std::thread::ScopedJoinHandle<'_, Result<Option<RunAs>, crate::isolation::IsolationError>>,
+    >,
+) -> Result<Prepared, DeployError> {
+    let path = &job.path;
     let stamp = FileStamp::of_stat(&st);
     let config = &ctx.config;
     let dir = version_dir(ctx, name, job.id);
@@ -149,8 +174,12 @@ pub(super) fn prepare(
     let execs = resolve_execs(&dir, &bundle_config);
     let isolation = &ctx.isolation;
     let roots = static_roots(&bundle_config);
-    let user = isolation
-        .user_of(name)
+    let user = match user.map(|u| u.join()) {
+        Some(Ok(user)) => user,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => isolation.user_of(name),
+    };
+    let user = user
         .and_then(|user| {
             isolation
                 .hand_over(&dir, user.as_ref(), &roots, ctx.nginx.master_pid())
