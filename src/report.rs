@@ -64,7 +64,9 @@ impl AppState {
 }
 
 /// How a deploy ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Serialized in the status API (and read back from it by the tests); the records have their
+/// own type, `formats::records::DeployResultRecord`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeployResult {
     Succeeded,
