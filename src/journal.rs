@@ -171,7 +171,7 @@ impl Journal {
     }
 
     /// Every app's record, or why it cannot be read.
-    pub fn records<T: DeserializeOwned>(&self) -> Vec<(AppName, Result<T, String>)> {
+    pub fn records<T: DeserializeOwned>(&self) -> Vec<(AppName, Result<T, RecordError>)> {
         let Ok(dir) = fs::read_dir(&self.records) else {
             return Vec::new();
         };
@@ -185,8 +185,8 @@ impl Journal {
                 continue; // a temp file, or not keter's
             };
             let read = fs::read(entry.path())
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()));
+                .map_err(RecordError::Read)
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(RecordError::Json));
             out.push((app, read));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -327,5 +327,30 @@ mod tests {
             assert!(!is_leftover(me, &entry));
         }
         assert!(!is_leftover(i32::MAX, &entry));
+    }
+}
+
+/// Why an app's record file does not read.
+#[derive(Debug)]
+pub enum RecordError {
+    Read(io::Error),
+    Json(serde_json::Error),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Read(e) => write!(f, "cannot read it: {e}"),
+            RecordError::Json(e) => write!(f, "not JSON of a record: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RecordError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RecordError::Read(e) => Some(e),
+            RecordError::Json(e) => Some(e),
+        }
     }
 }

@@ -31,13 +31,6 @@ impl std::error::Error for YamlError {
     }
 }
 
-/// For the readers that still report a text (`src/app/adopt.rs`): the message as shown.
-impl From<YamlError> for String {
-    fn from(e: YamlError) -> String {
-        e.to_string()
-    }
-}
-
 /// Parses YAML text into a generic tree.
 pub fn parse(text: &str) -> Result<Value, YamlError> {
     serde_saphyr::from_str::<Value>(text).map_err(|e| YamlError(Box::new(e)))

@@ -20,18 +20,42 @@ pub struct HostSet {
     sorted: Vec<Hostname>,
 }
 
-impl HostSet {
-    /// Checks a stanza's hosts for `ssl: acme`. Duplicates are dropped.
-    pub fn new(hosts: &[Hostname]) -> Result<HostSet, String> {
-        if hosts.is_empty() {
-            return Err("a certificate needs at least one host name".into());
-        }
-        if let Some(w) = hosts.iter().find(|h| h.is_wildcard()) {
-            return Err(format!(
+/// Why a stanza's hosts cannot share one certificate over ACME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostSetError {
+    Empty,
+    Wildcard(Hostname),
+    TooMany(usize),
+}
+
+impl std::fmt::Display for HostSetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostSetError::Empty => write!(f, "a certificate needs at least one host name"),
+            HostSetError::Wildcard(w) => write!(
+                f,
                 "{w}: a wildcard host cannot get a certificate over ACME's HTTP-01 challenge \
                  (the CA issues wildcards only after a DNS-01 challenge); list each host name, \
                  or give the stanza a certificate of its own with ssl: {{key, certificate}}"
-            ));
+            ),
+            HostSetError::TooMany(n) => write!(
+                f,
+                "{n} host names for one certificate: a CA accepts at most {MAX_HOSTS}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HostSetError {}
+
+impl HostSet {
+    /// Checks a stanza's hosts for `ssl: acme`. Duplicates are dropped.
+    pub fn new(hosts: &[Hostname]) -> Result<HostSet, HostSetError> {
+        if hosts.is_empty() {
+            return Err(HostSetError::Empty);
+        }
+        if let Some(w) = hosts.iter().find(|h| h.is_wildcard()) {
+            return Err(HostSetError::Wildcard(w.clone()));
         }
         let mut unique: Vec<Hostname> = Vec::new();
         for h in hosts {
@@ -40,10 +64,7 @@ impl HostSet {
             }
         }
         if unique.len() > MAX_HOSTS {
-            return Err(format!(
-                "{} host names for one certificate: a CA accepts at most {MAX_HOSTS}",
-                unique.len()
-            ));
+            return Err(HostSetError::TooMany(unique.len()));
         }
         let mut sorted = unique.clone();
         sorted.sort();
@@ -121,14 +142,16 @@ impl fmt::Display for HostSet {
 mod tests {
     use super::*;
 
-    fn set(names: &[&str]) -> Result<HostSet, String> {
+    fn set(names: &[&str]) -> Result<HostSet, HostSetError> {
         let hosts: Vec<Hostname> = names.iter().map(|n| Hostname::new(n).unwrap()).collect();
         HostSet::new(&hosts)
     }
 
     #[test]
     fn wildcards_are_refused_with_the_reason() {
-        let e = set(&["www.example.com", "*.example.com"]).unwrap_err();
+        let e = set(&["www.example.com", "*.example.com"])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("*.example.com: a wildcard host"), "{e}");
         assert!(
             e.contains("DNS-01") && e.contains("ssl: {key, certificate}"),
@@ -166,6 +189,6 @@ mod tests {
         assert!(s.file_stem().len() <= 209, "{}", s.file_stem().len());
         let many: Vec<String> = (0..101).map(|i| format!("h{i}.example.com")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(set(&many).unwrap_err().contains("at most 100"));
+        assert!(set(&many).unwrap_err().to_string().contains("at most 100"));
     }
 }

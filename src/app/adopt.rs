@@ -102,7 +102,12 @@ pub fn recover(
 ) -> Recovery {
     let mut out = Recovery::default();
     for (name, record) in journal.records::<serde_json::Value>() {
-        match record.and_then(|v| crate::formats::records::read(v).map_err(|e| e.to_string())) {
+        let record = record
+            .map_err(Box::<dyn std::error::Error>::from)
+            .and_then(|v| {
+                crate::formats::records::read(v).map_err(Box::<dyn std::error::Error>::from)
+            });
+        match record {
             Ok(r) => {
                 let nginx = Routed {
                     sha256: live.get(&name),
@@ -393,18 +398,15 @@ fn place_static_roots(config: &mut crate::bundle::BundleConfig, dir: &std::path:
     }
 }
 
-fn parse_config(name: &AppName, text: &str) -> Result<crate::bundle::BundleConfig, String> {
+fn parse_config(
+    name: &AppName,
+    text: &str,
+) -> Result<crate::bundle::BundleConfig, Box<dyn std::error::Error>> {
     let tree = crate::yaml::parse(text)?;
     let mut problems =
         crate::problem::Problems::new(format!("{name}.keter: config/keter.yaml (recorded)"));
-    crate::bundle::config::from_tree(&tree, &mut problems)
-        .filter(|_| !problems.has_errors())
-        .ok_or_else(|| {
-            problems
-                .errors
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
+    match crate::bundle::config::from_tree(&tree, &mut problems) {
+        Some(config) if !problems.has_errors() => Ok(config),
+        _ => Err(Box::new(crate::problem::Invalid(problems.errors))),
+    }
 }
