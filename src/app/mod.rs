@@ -335,6 +335,9 @@ fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Eve
         let mut events = vec![first];
         events.extend(rx.try_iter());
         machine.step(events, &mut *world);
+        if world.stack_unused() {
+            crate::memory::release_stack();
+        }
     }
     world.join_stages();
     // Stopped (the bundle was deleted, or keter stops): nothing of the app is left to take

@@ -61,6 +61,9 @@ pub(super) struct World {
     burst: Option<Burst>,
     /// The deploy has ended: the burst ends once the record is written.
     burst_over: bool,
+    /// A deploy's burst has ended: the worker's loop gives its stack's unused pages back
+    /// ([`World::stack_unused`]).
+    stack_unused: bool,
     /// The record last written, so that only a change is written.
     saved: Option<AppRecord>,
     /// The host sets whose certificates this app asked the ACME thread for.
@@ -87,6 +90,7 @@ impl World {
             stages_done,
             burst: None,
             burst_over: false,
+            stack_unused: false,
             saved: None,
             certificates: BTreeSet::new(),
         }
@@ -137,7 +141,14 @@ impl World {
         if self.burst_over {
             self.burst_over = false;
             self.burst = None;
+            self.stack_unused = true;
         }
+    }
+
+    /// True once after a deploy has ended: the worker's loop then calls
+    /// [`crate::memory::release_stack`] from its own frame, the shallowest it has.
+    pub fn stack_unused(&mut self) -> bool {
+        std::mem::take(&mut self.stack_unused)
     }
 
     /// Removes the app's record.
