@@ -81,12 +81,17 @@ impl Machine {
             fx.leave_nginx();
         }
         self.failed = None;
+        // The hosts go back once Nginx no longer routes them here: another app may claim
+        // them at once.
+        let routed = removing.is_some();
         self.life = Life::Leaving {
             exit,
             pending: None,
             removing,
         };
-        self.release_unused_hosts(fx);
+        if !routed {
+            self.release_unused_hosts(fx);
+        }
         self.leave_if_done(fx);
     }
 
@@ -110,6 +115,7 @@ impl Machine {
         for v in waiting {
             self.discard(v, fx);
         }
+        self.release_unused_hosts(fx);
         self.leave_if_done(fx);
     }
 

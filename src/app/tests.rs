@@ -935,6 +935,12 @@ fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_version
         !fx.discarded.contains(&v1),
         "the serving version was stopped before it was out of Nginx"
     );
+    let host = |names: &[&str]| Some(names.iter().map(|h| h.to_string()).collect());
+    assert_eq!(
+        fx.hosts_used,
+        host(&["app.example.com"]),
+        "the hosts were given back while Nginx still routed them here"
+    );
     assert_eq!(m.report(0, fx.wall).state, AppState::Stopping);
     assert!(fx.stopped.is_empty());
     // A deploy meanwhile waits for the stop, and then goes ahead.
@@ -946,6 +952,7 @@ fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_version
     let prepares = fx.prepares.len();
     settle(&mut m, &mut fx);
     assert!(fx.discarded.contains(&v1));
+    assert_eq!(fx.hosts_used, host(&[]));
     assert_eq!(fx.stopped, [4]);
     assert_eq!(
         fx.prepares.len(),
