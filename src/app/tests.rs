@@ -368,6 +368,20 @@ fn serve(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
     id
 }
 
+/// Takes bundle file `n` up to its readiness stage; returns its version id.
+fn to_readiness(m: &mut Machine, fx: &mut Fake, n: u64) -> u64 {
+    deploy(m, fx, n);
+    let id = fx.prepares.last().unwrap().id;
+    m.on(
+        Event::Prepared {
+            id,
+            result: Ok(Prepared::Version(Box::new(version(id, n, WEB)))),
+        },
+        fx,
+    );
+    id
+}
+
 /// The pid of process `proc` of version `id` as last spawned.
 fn pid_of(fx: &Fake, id: u64, proc: usize) -> i32 {
     fx.spawned
@@ -915,15 +929,7 @@ fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_di
 fn a_stop_during_readiness_is_reported_as_stopped_and_completes_once_the_versions_are() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     m.step(vec![Event::Command(Command::Stop)], &mut fx);
     let last = m.report(0, fx.wall).last_deploy.unwrap();
     assert_eq!(last.result, DeployResult::Stopped);

@@ -4,20 +4,6 @@
 use super::*;
 use crate::app::record::{AppRecord, ProcRecordState, Standing};
 
-/// Takes bundle file `n` up to its readiness stage; returns its version id.
-fn to_readiness(m: &mut Machine, fx: &mut Fake, n: u64) -> u64 {
-    deploy(m, fx, n);
-    let id = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id,
-            result: Ok(Prepared::Version(Box::new(version(id, n, WEB)))),
-        },
-        fx,
-    );
-    id
-}
-
 #[test]
 fn the_record_says_what_serves_and_what_retires_and_reads_back() {
     let (mut m, mut fx) = (machine(), Fake::new());
