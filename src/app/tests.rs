@@ -414,15 +414,7 @@ fn serving_proc(m: &Machine, i: usize) -> ProcState {
 fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     assert!(
         matches!(&m.life, Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Readiness(_)))
     );
@@ -696,15 +688,7 @@ fn commands_during_an_unpack_wait_for_it_and_only_the_newest_is_kept() {
 fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     m.on(
         Event::Ready {
             version: v2,
@@ -739,15 +723,7 @@ fn a_shutdown_during_the_switch_waits_for_it_then_stops_everything() {
 fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     let pid = pid_of(&fx, v2, 0);
     m.on(
         Event::Exited {
@@ -779,15 +755,7 @@ fn a_webapp_that_exits_before_it_is_ready_fails_the_deploy_for_good() {
 fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     m.on(
         Event::Ready {
             version: v2,

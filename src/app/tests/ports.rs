@@ -176,15 +176,7 @@ fn a_moved_port_is_routed_at_once_during_a_deploy_and_after_a_switch_in_flight()
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
     // v2 waits for readiness: v1's site is rendered again at once, on the worker's thread.
-    deploy(&mut m, &mut fx, 2);
-    let v2 = fx.prepares.last().unwrap().id;
-    m.on(
-        Event::Prepared {
-            id: v2,
-            result: Ok(Prepared::Version(Box::new(version(v2, 2, WEB)))),
-        },
-        &mut fx,
-    );
+    let v2 = to_readiness(&mut m, &mut fx, 2);
     let old = port_of(&m, 0);
     fx.held.insert(old, squatter());
     crash(&mut m, &mut fx, v1, 0);
