@@ -48,6 +48,39 @@ fn binary_at(dir: &Path, from: &Path) -> PathBuf {
     path
 }
 
+/// A keter running a copy of `from` (at `bin`, which the test replaces as a package upgrade
+/// does), with three apps deployed and a client requesting them throughout.
+struct ThreeApps {
+    _dir: TempDir,
+    bin: PathBuf,
+    k: Keter,
+    pids: Vec<(String, Vec<i64>)>,
+    traffic: Traffic,
+}
+
+fn three_apps_on(label: &str, from: &Path) -> ThreeApps {
+    let dir = TempDir::new(&format!("{label}-bin"));
+    let bin = binary_at(&dir.0, from);
+    let k = Keter::start_with(
+        label,
+        Opts {
+            binary: Some(bin.clone()),
+            ..Opts::default()
+        },
+    );
+    deploy_three(&k);
+    let pids = pids(&k);
+    let hosts: Vec<&str> = APPS.iter().map(|(_, h)| *h).collect();
+    let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
+    ThreeApps {
+        _dir: dir,
+        bin,
+        k,
+        pids,
+        traffic,
+    }
+}
+
 fn version_of(bin: &Path) -> String {
     let out = std::process::Command::new(bin)
         .arg("--version")
@@ -99,19 +132,13 @@ fn the_new_binary_answers_with_the_formats_it_reads() {
 /// Starts `from` at a path of its own with three apps under traffic, puts `to` at that path
 /// and sends SIGUSR2: every app keeps its processes and no request fails.
 fn upgrade_in_place(label: &str, from: &Path, to: &Path) {
-    let dir = TempDir::new(&format!("{label}-bin"));
-    let bin = binary_at(&dir.0, from);
-    let k = Keter::start_with(
-        label,
-        Opts {
-            binary: Some(bin.clone()),
-            ..Opts::default()
-        },
-    );
-    deploy_three(&k);
-    let pids_before = pids(&k);
-    let hosts: Vec<&str> = APPS.iter().map(|(_, h)| *h).collect();
-    let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
+    let ThreeApps {
+        _dir,
+        bin,
+        k,
+        pids: pids_before,
+        traffic,
+    } = three_apps_on(label, from);
     std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();
     replace_binary(&bin, to);
@@ -140,25 +167,19 @@ fn the_build_before_upgrades_in_place_to_this_one_keeping_every_app() {
     upgrade_in_place("formats-upgrade", &before(), &this_build());
 }
 
-/// Back to the build before, while both write the same formats.
+/// Back to the build before, which cannot read what this build writes: refused.
 #[test]
 #[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
 fn this_build_does_not_hand_over_to_the_build_before_which_cannot_read_its_records() {
     // This build writes records of format 2; the build before reads format 1 only.
-    let dir = TempDir::new("formats-downgrade-bin");
-    let bin = binary_at(&dir.0, &this_build());
-    let k = Keter::start_with(
-        "formats-downgrade",
-        Opts {
-            binary: Some(bin.clone()),
-            ..Opts::default()
-        },
-    );
-    deploy_three(&k);
-    let pids_before = pids(&k);
+    let ThreeApps {
+        _dir,
+        bin,
+        k,
+        pids: pids_before,
+        traffic,
+    } = three_apps_on("formats-downgrade", &this_build());
     let keter = k.pid();
-    let hosts: Vec<&str> = APPS.iter().map(|(_, h)| *h).collect();
-    let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
     replace_binary(&bin, &before());
     k.signal(Signal::SIGUSR2);
     k.wait_log("this keter carries on", WAIT);
@@ -181,19 +202,13 @@ fn this_build_does_not_hand_over_to_the_build_before_which_cannot_read_its_recor
 #[ignore = "needs the build before: KETER_BEFORE=/path/to/keter"]
 fn this_build_takes_over_from_the_build_before_after_a_crash() {
     let old = before();
-    let dir = TempDir::new("formats-crash-bin");
-    let bin = binary_at(&dir.0, &old);
-    let mut k = Keter::start_with(
-        "formats-crash",
-        Opts {
-            binary: Some(bin.clone()),
-            ..Opts::default()
-        },
-    );
-    deploy_three(&k);
-    let pids_before = pids(&k);
-    let hosts: Vec<&str> = APPS.iter().map(|(_, h)| *h).collect();
-    let traffic = Traffic::start(k.addr(), &hosts, 1, 1, PAUSE);
+    let ThreeApps {
+        _dir,
+        bin,
+        mut k,
+        pids: pids_before,
+        traffic,
+    } = three_apps_on("formats-crash", &old);
     std::thread::sleep(Duration::from_millis(500));
     let _ = k.signal_and_wait(Signal::SIGKILL);
     let down = Instant::now() + Duration::from_millis(10);
