@@ -42,7 +42,9 @@ impl Receiver {
     /// `requests`, counting datagrams whose sender's uid `accept` refuses as refused.
     pub fn start(path: &Path, requests: Arc<Requests>, accept: Accept) -> io::Result<Receiver> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+            // As `src/nginx/worker_files.rs` makes it: searched by the workers' group only.
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o710)
+                .create(parent)?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
