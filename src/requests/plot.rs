@@ -93,8 +93,8 @@ fn draw(out: &mut String, chart: &Chart, points: &[Point], span: Span, marks: &[
     let y = |v: f64| TOP + plot_h - v / top * plot_h;
     let _ = write!(
         out,
-        "<svg class=\"plot\" id=\"{}\" role=\"img\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" width=\"100%\" \
-         preserveAspectRatio=\"none\" xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" \
+        "<svg class=\"plot\" id=\"{}\" role=\"img\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" \
          font-size=\"10\"><title>{}</title>",
         chart.id, chart.title
     );
@@ -168,7 +168,7 @@ fn draw(out: &mut String, chart: &Chart, points: &[Point], span: Span, marks: &[
         let _ = write!(
             out,
             "<path class=\"series\" data-series=\"{name}\" data-points=\"{drawn}\" d=\"{path}\" \
-             fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" vector-effect=\"non-scaling-stroke\"/>"
+             fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\"/>"
         );
     }
     // Legend, top right.
