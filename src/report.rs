@@ -351,7 +351,11 @@ impl Reports {
             let mut r = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
             *r.entry(app.to_string()).or_default() += 1;
         }
-        self.event(app, "restart", "a process was restarted after it ended".into());
+        self.event(
+            app,
+            "restart",
+            "a process was restarted after it ended".into(),
+        );
     }
 
     /// Notes an event of `app` for the plots' time axis; the oldest go beyond

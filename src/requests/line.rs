@@ -148,7 +148,10 @@ mod tests {
     #[test]
     fn proxied_static_and_failed_requests() {
         let l = line("k1|shop|3|200|612|200|0.012|0.011").unwrap();
-        assert_eq!((l.app.as_str(), l.release, l.status, l.bytes), ("shop", 3, 200, 612));
+        assert_eq!(
+            (l.app.as_str(), l.release, l.status, l.bytes),
+            ("shop", 3, 200, 612)
+        );
         assert_eq!(l.class(), Class::Success);
         assert_eq!(l.upstream_seconds(), Some(0.012));
 

@@ -169,8 +169,16 @@ impl Ring {
                 let q = |q| fresh.then(|| quantile(&slot.latency, q)).flatten();
                 Point {
                     start: index * self.span.seconds,
-                    requests_per_second: if fresh { slot.requests as f64 / secs } else { 0.0 },
-                    errors_per_second: if fresh { slot.errors as f64 / secs } else { 0.0 },
+                    requests_per_second: if fresh {
+                        slot.requests as f64 / secs
+                    } else {
+                        0.0
+                    },
+                    errors_per_second: if fresh {
+                        slot.errors as f64 / secs
+                    } else {
+                        0.0
+                    },
                     p50: q(0.50),
                     p95: q(0.95),
                     p99: q(0.99),

@@ -158,10 +158,31 @@ fn draw(out: &mut String, chart: &Chart, points: &[Point], span: Span, marks: &[
             match v {
                 Some(v) => {
                     let cmd = if pen_down { 'L' } else { 'M' };
-                    let _ = write!(path, "{cmd}{:.1} {:.1}", x(p.start as f64 + step / 2.0), y(*v));
+                    let _ = write!(
+                        path,
+                        "{cmd}{:.1} {:.1}",
+                        x(p.start as f64 + step / 2.0),
+                        y(*v)
+                    );
                     pen_down = true;
                 }
                 None => pen_down = false,
+            }
+        }
+        // A point without a neighbour draws no line: a dot shows it.
+        for (i, (p, v)) in points.iter().zip(values).enumerate() {
+            let alone =
+                |j: Option<usize>| j.and_then(|j| values.get(j)).is_none_or(|v| v.is_none());
+            if let Some(v) = v
+                && alone(i.checked_sub(1))
+                && alone(Some(i + 1))
+            {
+                let _ = write!(
+                    out,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2\" fill=\"{colour}\"/>",
+                    x(p.start as f64 + step / 2.0),
+                    y(*v)
+                );
             }
         }
         let drawn = values.iter().flatten().count();

@@ -43,8 +43,11 @@ impl Receiver {
     pub fn start(path: &Path, requests: Arc<Requests>, accept: Accept) -> io::Result<Receiver> {
         if let Some(parent) = path.parent() {
             // As `src/nginx/worker_files.rs` makes it: searched by the workers' group only.
-            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o710)
-                .create(parent)?;
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o710,
+            )
+            .create(parent)?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
@@ -63,11 +66,8 @@ impl Receiver {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(io::Error::from)?;
         // Nginx's bursts wait here rather than in the kernel's short queue of datagrams.
-        let _ = nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::RcvBuf,
-            &(4 << 20),
-        );
+        let _ =
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
         socket.set_read_timeout(Some(Duration::from_millis(250)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();

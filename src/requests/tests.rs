@@ -27,7 +27,10 @@ fn counts_by_class_release_and_time() {
     assert_eq!(s.total.by_class["5xx"], 1);
     assert_eq!(s.total.response_bytes, 1000);
     assert_eq!(
-        s.releases.iter().map(|r| (r.release, r.counters.requests)).collect::<Vec<_>>(),
+        s.releases
+            .iter()
+            .map(|r| (r.release, r.counters.requests))
+            .collect::<Vec<_>>(),
         [(2, 1), (1, 9)]
     );
     // 9 of 10 latencies at 20 ms: p50 in the 10-25 ms bucket, p99 in 100-250 ms.

@@ -167,7 +167,11 @@ fn requests(out: &mut String, requests: &Requests) {
             sample(
                 out,
                 "keter_app_requests_total",
-                &[("app", app), ("release", &release), ("class", class.as_str())],
+                &[
+                    ("app", app),
+                    ("release", &release),
+                    ("class", class.as_str()),
+                ],
                 c.classes[class as usize],
             );
         }

@@ -87,12 +87,23 @@ fn scaffold_bundle(k: &Keter, version: &str) -> PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yesod-scaffold.yml"),
     )
     .unwrap()
-    .replace("[--version-string, scaffold]", &format!("[--version-string, {version}]"));
+    .replace(
+        "[--version-string, scaffold]",
+        &format!("[--version-string, {version}]"),
+    );
     let path = k.dir.0.join(format!("scaffold-{version}.keter"));
     BundleBuilder::new()
-        .file("dist/bin/scaffold", fs::read(hello_binary()).unwrap(), 0o755)
+        .file(
+            "dist/bin/scaffold",
+            fs::read(hello_binary()).unwrap(),
+            0o755,
+        )
         .file("config/keter.yml", yaml.into_bytes(), 0o644)
-        .file("static/css/site.css", b"body { color: teal }\n".to_vec(), 0o644)
+        .file(
+            "static/css/site.css",
+            b"body { color: teal }\n".to_vec(),
+            0o644,
+        )
         .write(&path);
     path
 }
@@ -166,7 +177,9 @@ fn counts_and_classes_are_exact_per_release_for_every_stanza() {
             "release {first}, {c}"
         );
     }
-    assert!(after["response_bytes"].as_u64().unwrap() > before["response_bytes"].as_u64().unwrap_or(0));
+    assert!(
+        after["response_bytes"].as_u64().unwrap() > before["response_bytes"].as_u64().unwrap_or(0)
+    );
 
     // A redeploy: the new release counts from zero; the old one stops growing.
     k.deploy("scaffold", &scaffold_bundle(&k, "v2"));
@@ -197,7 +210,10 @@ fn counts_and_classes_are_exact_per_release_for_every_stanza() {
 
     // /metrics has the same numbers per release, with Prometheus' conventions.
     let m = Metrics::parse(&page(&k, "/metrics"));
-    for (n, r) in [(first, release(&after, first)), (second, release(&after, second))] {
+    for (n, r) in [
+        (first, release(&after, first)),
+        (second, release(&after, second)),
+    ] {
         let r = r.unwrap();
         let n = n.to_string();
         for c in CLASSES {
@@ -228,11 +244,17 @@ fn counts_and_classes_are_exact_per_release_for_every_stanza() {
         );
     }
     assert_eq!(
-        m.get("keter_request_datagrams_dropped_total", &[("reason", "refused")]),
+        m.get(
+            "keter_request_datagrams_dropped_total",
+            &[("reason", "refused")]
+        ),
         0.0
     );
     assert_eq!(
-        m.get("keter_request_datagrams_dropped_total", &[("reason", "malformed")]),
+        m.get(
+            "keter_request_datagrams_dropped_total",
+            &[("reason", "malformed")]
+        ),
         0.0
     );
 
@@ -461,15 +483,27 @@ fn plots_show_the_requests_in_a_browser() {
         &["--dump-dom", "--virtual-time-budget=3000"],
     );
     let doc = Html::parse_document(&dom);
-    let spark = attr(&doc, "tr[data-app=\"plotted\"] svg.spark polyline", "points");
+    let spark = attr(
+        &doc,
+        "tr[data-app=\"plotted\"] svg.spark polyline",
+        "points",
+    );
     assert!(spark.split(' ').count() >= 2, "{spark}");
 
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-screenshots");
     fs::create_dir_all(&shots).unwrap();
     for (name, url, size) in [
-        ("metrics-app.png", format!("{base}/apps/plotted"), "1280,1400"),
+        (
+            "metrics-app.png",
+            format!("{base}/apps/plotted"),
+            "1280,1400",
+        ),
         ("metrics-overview.png", format!("{base}/"), "1600,700"),
-        ("metrics-app-phone.png", format!("{base}/apps/plotted"), "390,1400"),
+        (
+            "metrics-app-phone.png",
+            format!("{base}/apps/plotted"),
+            "390,1400",
+        ),
     ] {
         let file = shots.join(name);
         let _ = fs::remove_file(&file);
