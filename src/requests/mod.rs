@@ -243,6 +243,9 @@ impl AppTraffic {
     }
 }
 
+/// An app's name, totals, and kept releases (deploy number, counters) oldest first.
+pub type AppCounters = (String, Counters, Vec<(u64, Counters)>);
+
 /// Why a datagram was not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -352,7 +355,7 @@ impl Requests {
     }
 
     /// Every app's totals and kept releases (oldest first), by name.
-    pub fn counters(&self) -> Vec<(String, Counters, Vec<(u64, Counters)>)> {
+    pub fn counters(&self) -> Vec<AppCounters> {
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         apps.iter()
             .map(|(name, t)| (name.clone(), t.total.clone(), t.releases.clone()))

@@ -69,6 +69,7 @@ impl Receiver {
         let _ =
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
         socket.set_read_timeout(Some(Duration::from_millis(250)))?;
+        queue_length_check();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
@@ -88,6 +89,25 @@ impl Receiver {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The kernel queues at most `net.unix.max_dgram_qlen` datagrams on the socket; beyond that
+/// Nginx's send fails, and Nginx logs a warning for that request (`send() to syslog failed`).
+/// systemd sets 512 (`sysctl.d/50-default.conf`); the kernel's own default, 10, drops datagrams
+/// whenever keter's thread is not scheduled for a moment under load.
+fn queue_length_check() {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen") else {
+        return;
+    };
+    if let Ok(n) = text.trim().parse::<u32>()
+        && n < 128
+    {
+        log::warn!(
+            "keter: request metrics: net.unix.max_dgram_qlen is {n}: under load Nginx will drop \
+             datagrams keter has not read yet, and warn for each (README, \"Request metrics\"); \
+             systemd sets 512"
+        );
     }
 }
 

@@ -41,7 +41,7 @@ fn classes(v: &Value) -> BTreeMap<&'static str, u64> {
         .collect()
 }
 
-fn release<'a>(requests: &'a Value, n: u64) -> Option<&'a Value> {
+fn release(requests: &Value, n: u64) -> Option<&Value> {
     requests["releases"]
         .as_array()?
         .iter()
