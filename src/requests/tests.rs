@@ -75,3 +75,50 @@ fn quantiles_interpolate_within_their_bucket() {
     b[LATENCY_BUCKETS.len()] = 1000;
     assert_eq!(quantile(&b, 0.99), Some(60.0));
 }
+
+/// The receiver counts what an accepted sender sends and refuses the rest by the sender's
+/// uid as the kernel gives it (here: this process's own uid, refused or not).
+#[test]
+fn the_receiver_checks_each_senders_uid() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let own = nix::unistd::geteuid().as_raw();
+    let dir = std::env::temp_dir().join(format!("keter-requests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (accepted, path) in [
+        (true, dir.join("a/requests.sock")),
+        (false, dir.join("r/requests.sock")),
+    ] {
+        let requests = Arc::new(Requests::default());
+        let receiver = receiver::Receiver::start(
+            &path,
+            requests.clone(),
+            Box::new(move |uid| accepted && uid == own),
+        )
+        .unwrap();
+        let sender = UnixDatagram::unbound().unwrap();
+        let msg = b"<190>Dec  7 11:43:21 keter: k1|shop|3|200|612|200|0.012|0.011";
+        sender.send_to(msg, &path).unwrap();
+        sender.send_to(b"not keter's format", &path).unwrap();
+        let start = Instant::now();
+        while requests.datagrams.load(Ordering::Relaxed) < 2 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        receiver.stop();
+        assert!(!path.exists());
+        if accepted {
+            assert_eq!(
+                requests.summary("shop", unix_now()).unwrap().total.requests,
+                1
+            );
+            assert_eq!(requests.malformed.load(Ordering::Relaxed), 1);
+            assert_eq!(requests.refused.load(Ordering::Relaxed), 0);
+        } else {
+            assert!(requests.summary("shop", unix_now()).is_none());
+            assert_eq!(requests.refused.load(Ordering::Relaxed), 2);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
