@@ -817,6 +817,18 @@ fn front_end_overhead() {
             .flatten()
             .unwrap_or(100) as f64;
     let counted = keter_requests.max(1) as f64;
+    // Nginx warns for each datagram the kernel refused (the socket's queue full).
+    let refused = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("send() to syslog failed"))
+        .count();
+    println!(
+        "   datagrams the kernel refused while keter's Nginx served with metrics on: {refused} (of {keter_requests} requests; net.unix.max_dgram_qlen {})",
+        fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+            .unwrap_or_default()
+            .trim()
+    );
     println!(
         "   keter's own CPU counting its Nginx's datagrams: {:.1} ms per 1000 requests ({keter_requests} requests); memory per app with requests: {} KiB",
         keter_cpu_ticks as f64 * tick_us / 1000.0 / counted * 1000.0,
