@@ -368,6 +368,14 @@ fn start_requests(
     if !config.request_metrics {
         return None;
     }
+    if !crate::nginx::fits_sun_path(&paths.requests_socket) {
+        log::error!(
+            "keter: no request metrics: the socket path {} is longer than a unix socket \
+             path may be (107 bytes); choose a shorter root",
+            paths.requests_socket.display()
+        );
+        return None;
+    }
     let isolation = isolation.clone();
     let accept = Box::new(move |uid: u32| isolation.app_of_uid(uid).is_none());
     match crate::requests::receiver::Receiver::start(

@@ -165,11 +165,8 @@ impl Renderer {
                 reason: e.to_string(),
             })?;
         }
-        // sun_path holds 108 bytes including the terminating NUL.
-        for socket in [&paths.control_socket, &paths.requests_socket] {
-            if socket.as_os_str().len() > 107 {
-                return Err(RenderError::SocketPath(socket.clone()));
-            }
+        if !fits_sun_path(&paths.control_socket) {
+            return Err(RenderError::SocketPath(paths.control_socket.clone()));
         }
         let listener_certs = config
             .listeners
@@ -192,7 +189,9 @@ impl Renderer {
             listener_certs,
             healthcheck_path: config.healthcheck_path.clone(),
             ip_from_header: config.ip_from_header,
-            request_metrics: config.request_metrics,
+            // Without a socket keter can bind, no app's file names one (`crate::daemon` says
+            // why in the log).
+            request_metrics: config.request_metrics && fits_sun_path(&paths.requests_socket),
             default_timeout: config.connection_time_bound,
             external_https_port: config.external_https_port,
             shortest_shutdown: config.drain_time + Duration::from_secs(10),
@@ -394,6 +393,11 @@ impl Renderer {
                 source: Arc::new(e),
             })
     }
+}
+
+/// A unix socket path fits `sun_path`: 108 bytes including the terminating NUL.
+pub fn fits_sun_path(path: &Path) -> bool {
+    path.as_os_str().len() <= 107
 }
 
 /// Golden files: the exact text of every kind of block, in `tests/golden/`, so reviewers can
