@@ -34,6 +34,7 @@ pub mod problem;
 pub mod process;
 pub mod procfs;
 pub mod report;
+pub mod requests;
 pub mod responses;
 pub mod restart;
 pub mod rootlock;

@@ -19,6 +19,7 @@ mod isolation;
 mod keter_configs;
 mod keter_front;
 mod matrix;
+mod metrics;
 mod neighbours;
 mod nginx_files;
 mod postgres;
