@@ -48,6 +48,8 @@ pub enum Input {
         app: AppName,
         commands: u64,
     },
+    /// An operator's request over the control socket (`src/control/`).
+    Ask(crate::control::Asked),
 }
 
 impl From<Hint> for Input {
@@ -240,6 +242,7 @@ pub fn run(
         nginx.handle(),
         isolation.clone(),
     );
+    let control = crate::control::ControlServer::start(&config.root, tx.clone(), isolation.clone());
     let acme = start_acme(&config);
     if let Some(a) = &acme {
         reports.attach_acme(a.clone());
@@ -326,6 +329,7 @@ pub fn run(
                 queued.reverse();
             }
             Input::Stopped { app, commands } => daemon.end_stopped(&app, commands),
+            Input::Ask(asked) => daemon.ask(asked),
         }
         if watcher.overflowed.swap(false, Ordering::Relaxed) {
             daemon.rescan(false);
@@ -335,6 +339,9 @@ pub fn run(
     drop(watcher);
     if let Some(status) = status {
         status.stop();
+    }
+    if let Some(control) = control {
+        control.stop();
     }
     let journal_owner = daemon.shared.clone();
     daemon.shutdown();
@@ -643,6 +650,36 @@ impl Daemon {
             }
         } else if let Some(h) = self.apps.get_mut(&app) {
             h.send(Command::Stop);
+        }
+    }
+
+    /// An operator's request (`src/control/`): handed to the app's worker, which answers
+    /// once it is done; what cannot be done is answered here.
+    fn ask(&mut self, asked: crate::control::Asked) {
+        use crate::control::Request;
+        let mut reply = asked.reply;
+        let app = match AppName::new(asked.request.app()) {
+            Ok(a) => a,
+            Err(e) => {
+                reply.answer(Err(format!(
+                    "{:?} is not an app name: {e}",
+                    asked.request.app()
+                )));
+                return;
+            }
+        };
+        let path = self
+            .shared
+            .config
+            .root
+            .join("incoming")
+            .join(format!("{app}.keter"));
+        let Some(h) = self.apps.get_mut(&app) else {
+            reply.answer(Err(format!("{app}: no such app is deployed")));
+            return;
+        };
+        match asked.request {
+            Request::Restart { .. } => h.send(Command::Restart { path, reply }),
         }
     }
 

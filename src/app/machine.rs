@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::{DeployError, NotReady};
 use super::version::{FileStamp, ProcState, Role, Version};
-use super::{Command, Effects};
+use super::{Command, Effects, Reply};
 use crate::names::AppName;
 use crate::report::{DeployReport, DeployResult, rfc3339};
 use crate::restart::{self, Backoff};
@@ -151,6 +151,8 @@ pub(super) struct Deploy {
     pub pending: Option<Command>,
     /// The backoff of the retries this deploy continues, if it is one.
     pub retries: Option<Backoff>,
+    /// An operator's restart (`Command::Restart`): answered once the deploy ends.
+    pub asked: Option<Reply>,
 }
 
 /// Where a deploy is.
@@ -613,6 +615,42 @@ impl Machine {
         match c {
             Command::Deploy { path, retry } => self.deploy_command(path, retry, fx),
             Command::Stop => self.stop(false, fx),
+            Command::Restart { path, reply } => self.restart_command(path, reply, fx),
+        }
+    }
+
+    /// A `Restart`: deploys the serving version's bundle again even though its content is
+    /// the same, so that fresh processes take over through the switch as at any deploy. Only
+    /// when a version serves, nothing is under way, and `incoming/` still holds the very file
+    /// it was deployed from (a newer file there is a deploy of its own, not a restart).
+    fn restart_command(&mut self, path: PathBuf, mut reply: Reply, fx: &mut dyn Effects) {
+        let refused = match &self.life {
+            Life::Serving(v) if fx.stamp(&path) == Some(v.stamp) => None,
+            Life::Serving(_) => Some(format!(
+                "incoming/{}.keter is not the bundle serving (it changed since that deploy); \
+                 a SIGHUP deploys it",
+                self.name
+            )),
+            Life::Idle(_) => Some("no version serves".to_string()),
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => Some(format!(
+                "a deploy is under way ({}); its new processes replace the serving ones anyway",
+                deploy.stage.name()
+            )),
+            Life::Leaving { .. } | Life::Ended => Some("the app is stopping".to_string()),
+        };
+        if let Some(why) = refused {
+            log::info!("{}: restart refused: {why}", self.name);
+            reply.answer(Err(format!("{}: not restarted: {why}", self.name)));
+            return;
+        }
+        log::info!(
+            "{}: restarting: fresh processes of the serving version",
+            self.name
+        );
+        let stamp = fx.stamp(&path);
+        self.begin(path, stamp, None, true, fx);
+        if let Life::Deploying { deploy, .. } = &mut self.life {
+            deploy.asked = Some(reply);
         }
     }
 
@@ -685,15 +723,18 @@ impl Machine {
             .as_ref()
             .filter(|f| f.path == path && f.stamp == stamp)
             .map(|f| f.backoff);
-        self.begin(path, stamp, retries, fx);
+        self.begin(path, stamp, retries, false, fx);
     }
 
     /// Starts the unpack stage of a deploy.
+    /// With `force`, the bundle is deployed even when its content is the serving version's
+    /// (a restart).
     pub(super) fn begin(
         &mut self,
         path: PathBuf,
         stamp: Option<FileStamp>,
         retries: Option<Backoff>,
+        force: bool,
         fx: &mut dyn Effects,
     ) {
         let serving = match std::mem::replace(&mut self.life, Life::Idle(Why::New)) {
@@ -710,7 +751,7 @@ impl Machine {
             path: path.clone(),
             serving_sha256: serving
                 .as_ref()
-                .filter(|_| !self.replace)
+                .filter(|_| !self.replace && !force)
                 .map(|v| v.sha256.clone()),
             started: fx.now(),
         });
@@ -724,6 +765,7 @@ impl Machine {
                 stage: Stage::Unpacking,
                 pending: None,
                 retries,
+                asked: None,
             },
         };
     }
@@ -965,7 +1007,7 @@ impl Machine {
     fn conclude(
         &mut self,
         serving: Option<Box<Version>>,
-        deploy: Deploy,
+        mut deploy: Deploy,
         stopping: Option<bool>,
         end: End,
         fx: &mut dyn Effects,
@@ -979,7 +1021,7 @@ impl Machine {
             None => Life::Idle(Why::New),
         };
         self.release_unused_hosts(fx);
-        self.record(&deploy, end, fx);
+        self.record(&mut deploy, end, fx);
         match (stopping, deploy.pending) {
             (Some(exit), pending) => {
                 self.stop(exit, fx);
@@ -995,7 +1037,7 @@ impl Machine {
     }
 
     /// Counts, reports and logs how a deploy ended; remembers a failure.
-    fn record(&mut self, deploy: &Deploy, end: End, fx: &mut dyn Effects) {
+    fn record(&mut self, deploy: &mut Deploy, end: End, fx: &mut dyn Effects) {
         let now = fx.now();
         let took = now.saturating_duration_since(deploy.started);
         let label = format!("{}.keter", self.name);
@@ -1066,7 +1108,29 @@ impl Machine {
                 });
             }
         }
+        if let Some(mut reply) = deploy.asked.take() {
+            let took = took.as_millis();
+            reply.answer(match (&self.last_deploy_result(&report), &report.error) {
+                (Ok(()), _) => Ok(format!(
+                    "{}: restarted: fresh processes serve, switched in {took} ms",
+                    self.name
+                )),
+                (Err(what), Some(e)) => Err(format!("{}: not restarted: {what}: {e}", self.name)),
+                (Err(what), None) => Err(format!("{}: not restarted: {what}", self.name)),
+            });
+        }
         self.last_deploy = Some(report);
+    }
+
+    /// How a deploy's report reads for an operator who asked for it.
+    fn last_deploy_result(&self, report: &DeployReport) -> Result<(), &'static str> {
+        match report.result {
+            DeployResult::Succeeded => Ok(()),
+            DeployResult::Failed => Err("the deploy failed; the previous processes keep serving"),
+            DeployResult::Superseded => Err("superseded by a newer command"),
+            DeployResult::Stopped => Err("stopped before the switch"),
+            DeployResult::Unchanged => Err("unchanged"),
+        }
     }
 }
 

@@ -61,7 +61,46 @@ pub enum Command {
     Deploy { path: PathBuf, retry: bool },
     /// Stop the app: remove its Nginx file, then stop every version.
     Stop,
+    /// Start fresh processes of the serving version and switch to them, the way a deploy of
+    /// a changed bundle does (`keter restart`, README "Running keter"): the bundle at `path`
+    /// is deployed even though its content is the serving one's. Refused when that file is
+    /// not the serving version's, or when no version serves or a deploy is under way.
+    Restart { path: PathBuf, reply: Reply },
 }
+
+/// How an operator's request to a worker ended, as the control socket tells it
+/// (`src/control/`): the text of the outcome, or why it failed.
+pub type Outcome = Result<String, String>;
+
+/// Where a worker answers an operator's request once it is done. Dropped unanswered (the
+/// request was superseded by a newer command, or keter was upgraded meanwhile), the asker
+/// sees its channel closed.
+#[derive(Debug, Clone, Default)]
+pub struct Reply(Option<Sender<Outcome>>);
+
+impl Reply {
+    /// A reply and the receiving end the asker waits on.
+    pub fn channel() -> (Reply, Receiver<Outcome>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Reply(Some(tx)), rx)
+    }
+
+    /// Answers (once; later answers go nowhere).
+    pub fn answer(&mut self, outcome: Outcome) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.try_send(outcome);
+        }
+    }
+}
+
+// Commands are compared by what they ask, not by who waits for the answer.
+impl PartialEq for Reply {
+    fn eq(&self, _: &Reply) -> bool {
+        true
+    }
+}
+
+impl Eq for Reply {}
 
 /// What all workers share: the configuration and the single owners of ports, hosts and the
 /// journal, a handle on the Nginx controller (which the daemon owns) and the reports (which the

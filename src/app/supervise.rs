@@ -286,7 +286,7 @@ impl Machine {
                 self.name,
                 self.name
             );
-            self.begin(path, stamp, Some(backoff), fx);
+            self.begin(path, stamp, Some(backoff), false, fx);
             changed = true;
         }
         changed

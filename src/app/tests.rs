@@ -974,3 +974,62 @@ fn commands_queued_together_are_merged_and_a_shutdown_among_them_wins() {
     assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
     drop(rx);
 }
+
+#[test]
+fn a_restart_deploys_the_serving_bundle_again_and_answers_once_switched() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    // Nothing serves: refused at once.
+    let path = fx.bundle(1);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart {
+            path: path.clone(),
+            reply,
+        }),
+        &mut fx,
+    );
+    assert!(matches!(answer.try_recv(), Ok(Err(m)) if m.contains("no version serves")));
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart {
+            path: path.clone(),
+            reply,
+        }),
+        &mut fx,
+    );
+    let job = fx.prepares.last().unwrap();
+    assert_eq!(
+        job.serving_sha256, None,
+        "a restart must not be found unchanged"
+    );
+    assert!(answer.try_recv().is_err(), "answered before the switch");
+    let id = job.id;
+    for e in [
+        Event::Prepared {
+            id,
+            result: Ok(Prepared::Version(Box::new(version(id, 1, WEB)))),
+        },
+        Event::Ready {
+            version: id,
+            result: Ok(()),
+        },
+        Event::Switched {
+            version: id,
+            result: Ok(()),
+        },
+    ] {
+        m.on(e, &mut fx);
+    }
+    assert!(matches!(answer.try_recv(), Ok(Ok(m)) if m.contains("restarted")));
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id && id != v1));
+    // Another file in incoming/ is no restart of the serving version.
+    let other = fx.bundle(2);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart { path: other, reply }),
+        &mut fx,
+    );
+    assert!(matches!(answer.try_recv(), Ok(Err(m)) if m.contains("is not the bundle serving")));
+    assert!(matches!(m.life, Life::Serving(_)));
+}

@@ -13,6 +13,8 @@ Usage:
   keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
   keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
   keter status [-c CONFIG] [--json]  show the apps of the running daemon
+  keter restart NAME [-c CONFIG]     fresh processes of an app's serving version, switched in
+                                     as a deploy is (root and deployers)
   keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
                                      roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
@@ -28,6 +30,7 @@ Examples:
   keter check myapp.keter
   keter bundle ./myapp -o /opt/keter/incoming/myapp.keter
   keter status
+  keter restart myapp
 ";
 
 /// `keter run --help`.
@@ -118,6 +121,30 @@ Exit status: 0 when the daemon answered, 1 when it could not be reached.
 Examples:
   keter status
   keter status -c /opt/keter/etc/keter-config.yaml --json
+";
+
+/// `keter restart --help`.
+pub const RESTART: &str = "\
+keter restart NAME [-c CONFIG]: restart an app without a failed request.
+
+Asks the daemon running on the root of CONFIG (default /etc/keter/keter-config.yaml) over its
+control socket ROOT/control.sock to deploy the app's serving bundle again: fresh processes
+of every webapp and background stanza start on new ports, answer their health checks, and
+Nginx switches to them; the old ones drain and stop, as at any deploy. Waits until the new
+processes serve (or the restart failed, and the old ones go on serving) and prints how it
+ended. Touching the bundle in incoming/ does not restart an app (the same content is not
+deployed again); this command does.
+
+Root and the deployers (the members of the group that may write ROOT/incoming/, the
+package's `keter` group) may use it; apps are refused. The daemon logs each request with the
+uid that asked.
+
+Exit status: 0 restarted; 1 not restarted (no such app, nothing serves, a deploy is under
+way, the new processes failed their check) or the daemon could not be reached.
+
+Examples:
+  keter restart blog
+  keter restart blog -c /opt/keter/etc/keter-config.yaml
 ";
 
 /// `keter deploy --help`.

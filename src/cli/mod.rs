@@ -34,6 +34,11 @@ pub enum Command {
     },
     /// Roll a bundle out to several hosts over SSH.
     Deploy(deploy::Plan),
+    /// Ask the running daemon, over its control socket, to restart an app.
+    Restart {
+        app: String,
+        config: PathBuf,
+    },
     /// Print a help text (on stdout) and exit 0.
     Help(&'static str),
     Version,
@@ -63,6 +68,7 @@ fn help_of(command: &str) -> Option<&'static str> {
         "bundle" => help::BUNDLE,
         "status" => help::STATUS,
         "deploy" => help::DEPLOY,
+        "restart" => help::RESTART,
         "help" => help::MAIN,
         _ => return None,
     })
@@ -145,6 +151,15 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             }),
             _ => usage("keter status takes only -c CONFIG and --json"),
         },
+        "restart" => match (opts.positional.as_slice(), opts.out.is_some() || opts.json) {
+            ([app], false) => Ok(Command::Restart {
+                app: app.clone(),
+                config: opts
+                    .config
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+            }),
+            _ => usage("keter restart takes one NAME and optionally -c CONFIG"),
+        },
         _ => usage("unknown command"),
     }
 }
@@ -157,6 +172,9 @@ pub fn run(command: Command) -> ExitCode {
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
         Command::Deploy(plan) => deploy::run(&plan),
+        Command::Restart { app, config } => {
+            commands::ask(&config, &crate::control::Request::Restart { app })
+        }
         Command::Help(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -22,6 +22,7 @@ mod matrix;
 mod neighbours;
 mod nginx_files;
 mod postgres;
+mod releases;
 mod several_hosts;
 mod stanzas;
 mod status;

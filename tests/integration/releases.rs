@@ -1,0 +1,209 @@
+//! The commands that ask the running daemon over its control socket (README "Running keter",
+//! "Releases and rollback"): `keter restart` under continuous requests, and who may ask.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use crate::traffic::Traffic;
+
+const WAIT: Duration = Duration::from_secs(30);
+const HOST: &str = "hello.example.com";
+const PAUSE: Duration = Duration::from_millis(2);
+
+/// Runs `keter ARGS -c CONFIG` as root, or as `who` (uid and gid; std drops the other groups).
+fn keter_cmd(k: &Keter, args: &[&str], who: Option<(u32, u32)>) -> Output {
+    let mut cmd = Command::new(&k.bin);
+    cmd.args(args).arg("-c").arg(&k.config_path);
+    if let Some((uid, gid)) = who {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// An app with a webapp and a background process that runs until it is stopped.
+fn deploy_with_background(k: &Keter, version: &str) {
+    let bundle = k.dir.0.join(format!("{version}.keter"));
+    BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, {version}]\n    host: {HOST}\n  - type: background\n    exec: ../dist/worker.sh\n"
+    ))
+    .file("dist/worker.sh", b"#!/bin/sh\nexec sleep 600\n".to_vec(), 0o755)
+    .write(&bundle);
+    k.deploy("hello", &bundle);
+}
+
+#[test]
+fn restart_gives_every_process_a_fresh_one_without_a_failed_request() {
+    let k = Keter::start("restart");
+    deploy_with_background(&k, "v1");
+    k.wait_for(HOST, "v1", WAIT);
+    let before = k.wait_app("hello", "both processes running", WAIT, |a| {
+        a.pids().len() == 2
+    });
+    let traffic = Traffic::start(k.addr(), &[HOST], 2, 2, PAUSE);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = keter_cmd(&k, &["restart", "hello"], None);
+    let took = asked.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = traffic.stop();
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello: restarted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.failures);
+    assert!(tally.ok > 50, "too few requests went through: {}", tally.ok);
+    let after = k.app_status("hello").unwrap();
+    assert_eq!(after.deploy, Some(before.deploy.unwrap() + 1));
+    assert_eq!(after.sha256, before.sha256, "the same bundle serves");
+    assert_eq!(after.pids().len(), 2, "{after:?}");
+    for pid in before.pids() {
+        assert!(
+            !after.pids().contains(&pid),
+            "process {pid} was not replaced: {after:?}"
+        );
+    }
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    // The old processes drain and stop.
+    for pid in before.pids() {
+        assert!(wait_gone(pid, WAIT), "old process {pid} still runs");
+    }
+    k.wait_log("keter: uid 0 (root) asks: restart hello", WAIT);
+    eprintln!("keter restart took {} ms", took.as_millis());
+}
+
+#[test]
+fn touching_or_rescanning_an_unchanged_bundle_restarts_nothing() {
+    let k = Keter::start("restart-touch");
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    let bundle = k.incoming().join("hello.keter");
+    let f = fs::File::options().append(true).open(&bundle).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    k.wait_deploy_result("hello", DeployResult::Unchanged, WAIT);
+    k.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.pid_of(HOST), pid, "touching the bundle restarted the app");
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(1));
+}
+
+#[test]
+fn restart_refuses_what_it_cannot_do() {
+    let k = Keter::start("restart-refused");
+    let out = keter_cmd(&k, &["restart", "nothing"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing: no such app is deployed"),
+        "{}",
+        text(&out)
+    );
+    // A newer bundle whose deploy failed is not what a restart deploys.
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let broken = k.dir.0.join("broken.keter");
+    BundleBuilder::hello(&hello_yaml("v2", HOST, &["--crash"])).write(&broken);
+    k.deploy("hello", &broken);
+    k.wait_deploy_result("hello", DeployResult::Failed, WAIT);
+    let out = keter_cmd(&k, &["restart", "hello"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not the bundle serving"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+}
+
+/// A deployer: a user that is not root and whose group may write `incoming/` (the package's
+/// `keter` group), made once for the test binary (the same user as `attacks.rs`).
+fn deployer() -> (u32, u32) {
+    static DEPLOYER: OnceLock<(u32, u32)> = OnceLock::new();
+    *DEPLOYER.get_or_init(|| {
+        const NAME: &str = "keter-test-deployer";
+        if nix::unistd::User::from_name(NAME).unwrap().is_none() {
+            let status = Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home", "--shell"])
+                .args(["/usr/sbin/nologin", NAME])
+                .status()
+                .unwrap();
+            assert!(status.success() || nix::unistd::User::from_name(NAME).unwrap().is_some());
+        }
+        let u = nix::unistd::User::from_name(NAME).unwrap().unwrap();
+        (u.uid.as_raw(), u.gid.as_raw())
+    })
+}
+
+/// The uid and gid a process runs as.
+fn ids_of(pid: i32) -> (u32, u32) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+#[test]
+fn a_deployer_may_restart_an_app_and_an_apps_user_may_not() {
+    let mut k = Keter::start("control-access");
+    let who = deployer();
+    // incoming/ open to the deployers' group, as the package makes it; keter gives its
+    // control socket that group when it starts.
+    nix::unistd::chown(&k.incoming(), None, Some(who.1.into())).unwrap();
+    fs::set_permissions(k.incoming(), fs::Permissions::from_mode(0o2770)).unwrap();
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+
+    let out = keter_cmd(&k, &["restart", "hello"], Some(who));
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    k.wait_log(&format!("keter: uid {} (a deployer", who.0), WAIT);
+    assert_ne!(
+        k.pid_of(HOST),
+        pid,
+        "the deployer's restart restarted nothing"
+    );
+
+    // The app's own user is refused, and nothing happens.
+    let pid = k.pid_of(HOST);
+    let app = ids_of(pid);
+    assert!(app.0 >= 65536, "the app runs as {app:?}");
+    let out = keter_cmd(&k, &["restart", "hello"], Some(app));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only root and the deployers"),
+        "{}",
+        text(&out)
+    );
+    // A user who is neither, likewise.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let out = keter_cmd(
+        &k,
+        &["restart", "hello"],
+        Some((nobody.uid.as_raw(), nobody.gid.as_raw())),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(k.pid_of(HOST), pid, "a refused user restarted the app");
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(2));
+}
