@@ -242,7 +242,12 @@ pub fn run(
         nginx.handle(),
         isolation.clone(),
     );
-    let control = crate::control::ControlServer::start(&config.root, tx.clone(), isolation.clone());
+    let control = crate::control::ControlServer::start(
+        &config.root,
+        tx.clone(),
+        isolation.clone(),
+        reports.clone(),
+    );
     let acme = start_acme(&config);
     if let Some(a) = &acme {
         reports.attach_acme(a.clone());
@@ -680,6 +685,14 @@ impl Daemon {
         };
         match asked.request {
             Request::Restart { .. } => h.send(Command::Restart { path, reply }),
+            Request::Rollback { release, .. } => h.send(Command::Rollback {
+                path,
+                to: release,
+                by: asked.uid,
+                reply,
+            }),
+            // The control socket answers it from the reports.
+            Request::Releases { .. } => reply.answer(Err("not a command".into())),
         }
     }
 

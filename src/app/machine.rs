@@ -151,8 +151,10 @@ pub(super) struct Deploy {
     pub pending: Option<Command>,
     /// The backoff of the retries this deploy continues, if it is one.
     pub retries: Option<Backoff>,
-    /// An operator's restart (`Command::Restart`): answered once the deploy ends.
+    /// An operator's restart or rollback: answered once the deploy ends.
     pub asked: Option<Reply>,
+    /// This deploy rolls back to an earlier release.
+    pub rollback: Option<super::releases::Rollback>,
 }
 
 /// Where a deploy is.
@@ -252,6 +254,8 @@ pub(super) struct Machine {
     /// out of Nginx) as soon as no switch is in flight, a deploy under way or not
     /// (`supervise.rs`, `watch_ports`).
     pub reroute_due: bool,
+    /// The app's releases (`releases.rs`): added to at each switch to another bundle.
+    pub releases: super::releases::Releases,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -300,6 +304,7 @@ impl Machine {
             rewrite_due: false,
             refresh_retry_at: None,
             reroute_due: false,
+            releases: Default::default(),
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -616,6 +621,75 @@ impl Machine {
             Command::Deploy { path, retry } => self.deploy_command(path, retry, fx),
             Command::Stop => self.stop(false, fx),
             Command::Restart { path, reply } => self.restart_command(path, reply, fx),
+            Command::Rollback {
+                path,
+                to,
+                by,
+                reply,
+            } => self.rollback_command(path, to, by, reply, fx),
+        }
+    }
+
+    /// A `Rollback`: puts the kept bundle of the earlier release in `incoming/` (the source
+    /// of truth, so that a rescan or a keter started again keeps it) and deploys it from
+    /// there as any bundle; once switched, the release it replaced is marked rolled back.
+    fn rollback_command(
+        &mut self,
+        path: PathBuf,
+        to: Option<u64>,
+        by: u32,
+        mut reply: Reply,
+        fx: &mut dyn Effects,
+    ) {
+        let name = self.name.clone();
+        let mut refuse = |why: String| {
+            log::info!("{name}: rollback refused: {why}");
+            reply.answer(Err(format!("{name}: not rolled back: {why}")));
+        };
+        match &self.life {
+            Life::Serving(_) => {}
+            Life::Idle(_) => return refuse("no version serves".into()),
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => {
+                return refuse(format!("a deploy is under way ({})", deploy.stage.name()));
+            }
+            Life::Leaving { .. } | Life::Ended => return refuse("the app is stopping".into()),
+        }
+        let target = match to {
+            Some(n) => self.releases.get(n),
+            None => self.releases.previous(),
+        };
+        let Some(target) = target.cloned() else {
+            return refuse(match to {
+                Some(n) => format!("no release {n} is kept (keter releases {name} lists them)"),
+                None => "there is no earlier release to go back to".into(),
+            });
+        };
+        if self.serving().is_some_and(|v| v.sha256 == target.sha256) {
+            return refuse(format!("release {} is the bundle serving", target.number));
+        }
+        if let Err(e) = fx.place_release(&target.sha256, target.deployed_by, &path) {
+            return refuse(format!("its bundle could not be put in incoming/: {e}"));
+        }
+        let current = self.releases.current().map(|c| c.number);
+        log::info!(
+            "{}: rolling back to release {} (asked by uid {by}); incoming/{}.keter is its bundle now",
+            self.name,
+            target.number,
+            self.name
+        );
+        let stamp = fx.stamp(&path);
+        self.begin(path, stamp, None, false, fx);
+        if let Life::Deploying { deploy, .. } = &mut self.life {
+            deploy.asked = Some(reply);
+            deploy.rollback = Some(super::releases::Rollback {
+                to: target.number,
+                sha256: target.sha256.clone(),
+                how: super::releases::Ended::RolledBack,
+                reason: match current {
+                    Some(c) => format!("release {c} rolled back to {} by uid {by}", target.number),
+                    None => format!("rolled back to release {} by uid {by}", target.number),
+                },
+            });
         }
     }
 
@@ -766,6 +840,7 @@ impl Machine {
                 pending: None,
                 retries,
                 asked: None,
+                rollback: None,
             },
         };
     }
@@ -965,6 +1040,13 @@ impl Machine {
         match result {
             Ok(()) => {
                 candidate.live_since = Some(fx.wall_clock());
+                if let Some(mut arrival) = candidate.arrival.take() {
+                    arrival.rollback = deploy.rollback.clone();
+                    let at = rfc3339(fx.wall_clock());
+                    if self.releases.switched(arrival, at, fx.keep_releases()) {
+                        fx.write_releases(&self.releases);
+                    }
+                }
                 if let Some(old) = serving {
                     log::info!(
                         "{}: draining the previous version (ports {:?})",
@@ -1110,13 +1192,20 @@ impl Machine {
         }
         if let Some(mut reply) = deploy.asked.take() {
             let took = took.as_millis();
+            let (done, not) = match &deploy.rollback {
+                Some(r) => (
+                    format!("rolled back to release {}: it serves", r.to),
+                    "not rolled back",
+                ),
+                None => (
+                    "restarted: fresh processes serve".to_string(),
+                    "not restarted",
+                ),
+            };
             reply.answer(match (&self.last_deploy_result(&report), &report.error) {
-                (Ok(()), _) => Ok(format!(
-                    "{}: restarted: fresh processes serve, switched in {took} ms",
-                    self.name
-                )),
-                (Err(what), Some(e)) => Err(format!("{}: not restarted: {what}: {e}", self.name)),
-                (Err(what), None) => Err(format!("{}: not restarted: {what}", self.name)),
+                (Ok(()), _) => Ok(format!("{}: {done}, switched in {took} ms", self.name)),
+                (Err(what), Some(e)) => Err(format!("{}: {not}: {what}: {e}", self.name)),
+                (Err(what), None) => Err(format!("{}: {not}: {what}", self.name)),
             });
         }
         self.last_deploy = Some(report);

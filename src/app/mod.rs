@@ -16,6 +16,7 @@ mod error;
 mod freeze;
 mod machine;
 mod record;
+pub mod releases;
 mod site;
 mod supervise;
 #[cfg(test)]
@@ -66,6 +67,15 @@ pub enum Command {
     /// is deployed even though its content is the serving one's. Refused when that file is
     /// not the serving version's, or when no version serves or a deploy is under way.
     Restart { path: PathBuf, reply: Reply },
+    /// Deploy an earlier release again (`keter rollback`, README "Releases and rollback"):
+    /// release `to`, or the one before the serving release; its kept bundle is put at `path`
+    /// (`incoming/NAME.keter`, the source of truth) and deployed from there. `by` asked.
+    Rollback {
+        path: PathBuf,
+        to: Option<u64>,
+        by: u32,
+        reply: Reply,
+    },
 }
 
 /// How an operator's request to a worker ended, as the control socket tells it
@@ -230,6 +240,13 @@ trait Effects {
     fn log_lines_dropped(&self) -> u64;
     /// Answers the daemon's freeze or snapshot.
     fn answer(&mut self, reply: Sender<()>);
+    /// How many releases keep their bundle (`keep-releases`).
+    fn keep_releases(&self) -> usize;
+    /// Writes the app's list of releases and deletes the kept bundles it no longer names.
+    fn write_releases(&mut self, releases: &releases::Releases);
+    /// Puts the kept bundle of content `sha256` at `path` (in `incoming/`), owned by `owner`
+    /// as the file it was deployed from was.
+    fn place_release(&mut self, sha256: &str, owner: u32, path: &Path) -> io::Result<()>;
 }
 
 /// The daemon's handle on one app's worker thread.
@@ -271,13 +288,15 @@ impl AppHandle {
     }
 
     fn start(
-        machine: Machine,
+        mut machine: Machine,
         watches: Vec<adopt::Watch>,
         drains: Vec<adopt::Pipe>,
         shared: Arc<Shared>,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
         let name = machine.name.clone();
+        // The releases an earlier keter (or this one, before the app was stopped) kept.
+        machine.releases = releases::Releases::load(&shared.config.root, &name);
         let (tx, rx) = unbounded();
         let config = &shared.config;
         let target = if config.rotate_logs {

@@ -455,6 +455,8 @@ impl Machine {
         r.last_error = self.last_error.clone();
         r.log_lines_dropped = log_lines_dropped;
         r.draining = self.retiring.len();
+        r.releases = self.releases.releases.clone();
+        r.releases_bytes = self.releases.bytes();
         r
     }
 }

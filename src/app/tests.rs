@@ -32,6 +32,7 @@ struct Fake {
     failing_spawns: usize,
     spawned: Vec<(u64, usize, i32)>,
     prepares: Vec<PrepareJob>,
+    releases: Option<super::releases::Releases>,
     readiness: Vec<(u64, Vec<Check>)>,
     switches: Vec<SwitchJob>,
     cancelled: Vec<u64>,
@@ -87,6 +88,7 @@ impl Fake {
             failing_spawns: 0,
             spawned: Vec::new(),
             prepares: Vec::new(),
+            releases: None,
             readiness: Vec::new(),
             switches: Vec::new(),
             cancelled: Vec::new(),
@@ -259,6 +261,21 @@ impl Effects for Fake {
     fn log_lines_dropped(&self) -> u64 {
         0
     }
+    fn place_release(&mut self, sha256: &str, _owner: u32, path: &Path) -> io::Result<()> {
+        let n = sha256
+            .strip_prefix("sha-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(99);
+        self.bundle(n);
+        let _ = path;
+        Ok(())
+    }
+    fn keep_releases(&self) -> usize {
+        3
+    }
+    fn write_releases(&mut self, releases: &super::releases::Releases) {
+        self.releases = Some(releases.clone());
+    }
     fn answer(&mut self, reply: crossbeam_channel::Sender<()>) {
         self.answers += 1;
         let _ = reply.send(());
@@ -323,6 +340,7 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         deploy: 0,
         modified: None,
         live_since: None,
+        arrival: None,
     }
 }
 

@@ -15,6 +15,8 @@ Usage:
   keter status [-c CONFIG] [--json]  show the apps of the running daemon
   keter restart NAME [-c CONFIG]     fresh processes of an app's serving version, switched in
                                      as a deploy is (root and deployers)
+  keter rollback NAME [RELEASE]      deploy the previous (or the named) release again
+  keter releases NAME [--json]       list an app's releases
   keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
                                      roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
@@ -145,6 +147,43 @@ way, the new processes failed their check) or the daemon could not be reached.
 Examples:
   keter restart blog
   keter restart blog -c /opt/keter/etc/keter-config.yaml
+";
+
+/// `keter rollback --help`.
+pub const ROLLBACK: &str = "\
+keter rollback NAME [RELEASE] [-c CONFIG]: deploy an earlier release of an app again.
+
+Asks the daemon running on the root of CONFIG (default /etc/keter/keter-config.yaml) over its
+control socket to put the kept bundle of RELEASE (a number keter releases shows; by default
+the release before the serving one, skipping releases that were rolled back) in
+ROOT/incoming/NAME.keter and deploy it, with the same readiness check and switch as any
+deploy: no request fails. incoming/ stays the source of truth, so a SIGHUP or keter started
+again keeps the rolled-back release; the release it replaced is marked rolled-back, and
+copying that bundle in again deploys it again. Waits until the release serves (or the deploy
+failed, and the serving one goes on) and prints how it ended.
+
+Root and the deployers may use it; apps are refused. Exit status: 0 rolled back; 1 not.
+
+Examples:
+  keter rollback blog
+  keter rollback blog 3
+";
+
+/// `keter releases --help`.
+pub const RELEASES: &str = "\
+keter releases NAME [--json] [-c CONFIG]: list an app's releases.
+
+Every version switched to is a release: its number, the sha256 and size of its bundle (kept
+under ROOT/releases/NAME/ for the last keep-releases), when it was deployed and by whom (the
+owner of the file in incoming/), and how it ended (replaced, rolled-back,
+failed-after-switch). Newest first, then the disk the kept bundles take. --json prints them as
+/api/apps/NAME has them.
+
+Root and the deployers may use it; apps are refused.
+
+Examples:
+  keter releases blog
+  keter releases blog --json
 ";
 
 /// `keter deploy --help`.

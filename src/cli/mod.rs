@@ -34,10 +34,12 @@ pub enum Command {
     },
     /// Roll a bundle out to several hosts over SSH.
     Deploy(deploy::Plan),
-    /// Ask the running daemon, over its control socket, to restart an app.
-    Restart {
-        app: String,
+    /// Ask the running daemon over its control socket (`keter restart`, `rollback`,
+    /// `releases`).
+    Ask {
+        request: crate::control::Request,
         config: PathBuf,
+        json: bool,
     },
     /// Print a help text (on stdout) and exit 0.
     Help(&'static str),
@@ -69,6 +71,8 @@ fn help_of(command: &str) -> Option<&'static str> {
         "status" => help::STATUS,
         "deploy" => help::DEPLOY,
         "restart" => help::RESTART,
+        "rollback" => help::ROLLBACK,
+        "releases" => help::RELEASES,
         "help" => help::MAIN,
         _ => return None,
     })
@@ -151,15 +155,46 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             }),
             _ => usage("keter status takes only -c CONFIG and --json"),
         },
-        "restart" => match (opts.positional.as_slice(), opts.out.is_some() || opts.json) {
-            ([app], false) => Ok(Command::Restart {
-                app: app.clone(),
-                config: opts
-                    .config
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
-            }),
-            _ => usage("keter restart takes one NAME and optionally -c CONFIG"),
-        },
+        "restart" | "rollback" | "releases" => {
+            use crate::control::Request;
+            let config = opts
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let ask = |request| {
+                Ok(Command::Ask {
+                    request,
+                    config: config.clone(),
+                    json: opts.json,
+                })
+            };
+            match (
+                first.as_str(),
+                opts.positional.as_slice(),
+                opts.out.is_some(),
+            ) {
+                ("restart", [app], false) if !opts.json => {
+                    ask(Request::Restart { app: app.clone() })
+                }
+                ("restart", ..) => usage("keter restart takes one NAME and optionally -c CONFIG"),
+                ("rollback", [app], false) if !opts.json => ask(Request::Rollback {
+                    app: app.clone(),
+                    release: None,
+                }),
+                ("rollback", [app, n], false) if !opts.json => match n.parse() {
+                    Ok(n) => ask(Request::Rollback {
+                        app: app.clone(),
+                        release: Some(n),
+                    }),
+                    Err(_) => usage("RELEASE is a release's number, as keter releases shows it"),
+                },
+                ("rollback", ..) => {
+                    usage("keter rollback takes one NAME, optionally a RELEASE and -c CONFIG")
+                }
+                ("releases", [app], false) => ask(Request::Releases { app: app.clone() }),
+                _ => usage("keter releases takes one NAME, optionally --json and -c CONFIG"),
+            }
+        }
         _ => usage("unknown command"),
     }
 }
@@ -172,9 +207,11 @@ pub fn run(command: Command) -> ExitCode {
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
         Command::Deploy(plan) => deploy::run(&plan),
-        Command::Restart { app, config } => {
-            commands::ask(&config, &crate::control::Request::Restart { app })
-        }
+        Command::Ask {
+            request,
+            config,
+            json,
+        } => commands::ask(&config, &request, json),
         Command::Help(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -37,3 +37,55 @@ pub fn ask(root: &Path, request: &Request) -> Result<Answer, String> {
     serde_json::from_str(answer.trim_end())
         .map_err(|e| format!("keter answered something that is not an answer: {e}"))
 }
+
+/// `keter releases NAME` for people: one line per release, newest first, then the disk the
+/// kept bundles take. Whatever came from the daemon is printed with its control characters
+/// written out.
+pub fn releases_table(data: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let text = |v: &Value| match v {
+        Value::String(s) => crate::applog::printable(s).into_owned(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "{:<8} {:<12} {:>10} {:<21} {:<20} {}\n",
+        "RELEASE", "SHA256", "BYTES", "DEPLOYED", "BY", "ENDED"
+    );
+    let releases = data
+        .get("releases")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for r in releases.iter().rev() {
+        let sha = text(&r["sha256"]);
+        let by = match (&r["deployed_by_user"], &r["deployed_by"]) {
+            (Value::String(u), uid) => format!("{} ({uid})", crate::applog::printable(u)),
+            (_, uid) => format!("uid {uid}"),
+        };
+        let mut ended = match &r["ended"] {
+            Value::Null => "serving".to_string(),
+            v => format!("{} {}", text(v), text(&r["ended_at"])),
+        };
+        if let Value::Number(n) = &r["rollback_of"] {
+            ended.push_str(&format!(" (rollback to release {n})"));
+        }
+        if let Value::String(why) = &r["reason"] {
+            ended.push_str(&format!(": {}", crate::applog::printable(why)));
+        }
+        out.push_str(&format!(
+            "{:<8} {:<12} {:>10} {:<21} {:<20} {ended}\n",
+            text(&r["number"]),
+            sha.get(..12).unwrap_or(&sha),
+            text(&r["size"]),
+            text(&r["deployed_at"]),
+            by
+        ));
+    }
+    out.push_str(&format!(
+        "{} releases kept, {} bytes of bundles\n",
+        releases.len(),
+        text(&data["releases_bytes"])
+    ));
+    out
+}

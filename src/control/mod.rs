@@ -29,13 +29,23 @@ pub fn socket_path(root: &Path) -> PathBuf {
 pub enum Request {
     /// Fresh processes of the serving version of `app`, switched in as a deploy is.
     Restart { app: String },
+    /// Deploy release `release` of `app` again, or the one before the serving release.
+    Rollback {
+        app: String,
+        #[serde(default)]
+        release: Option<u64>,
+    },
+    /// The releases of `app` (answered from the reports, without the app's worker).
+    Releases { app: String },
 }
 
 impl Request {
     /// The app the request is about.
     pub fn app(&self) -> &str {
         match self {
-            Request::Restart { app } => app,
+            Request::Restart { app }
+            | Request::Rollback { app, .. }
+            | Request::Releases { app } => app,
         }
     }
 
@@ -43,6 +53,11 @@ impl Request {
     pub fn describe(&self) -> String {
         match self {
             Request::Restart { app } => format!("restart {app}"),
+            Request::Rollback { app, release } => match release {
+                Some(n) => format!("rollback {app} to release {n}"),
+                None => format!("rollback {app}"),
+            },
+            Request::Releases { app } => format!("releases {app}"),
         }
     }
 }
@@ -52,13 +67,24 @@ impl Request {
 pub struct Answer {
     pub ok: bool,
     pub message: String,
+    /// What a listing answers (`releases`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 impl Answer {
     pub fn of(outcome: crate::app::Outcome) -> Answer {
         match outcome {
-            Ok(message) => Answer { ok: true, message },
-            Err(message) => Answer { ok: false, message },
+            Ok(message) => Answer {
+                ok: true,
+                message,
+                data: None,
+            },
+            Err(message) => Answer {
+                ok: false,
+                message,
+                data: None,
+            },
         }
     }
 }

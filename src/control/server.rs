@@ -22,6 +22,7 @@ use super::{Answer, Asked, Request};
 use crate::app::Reply;
 use crate::daemon::Input;
 use crate::isolation::Isolation;
+use crate::report::Reports;
 
 /// Connections served at once; more are answered with a refusal.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -44,6 +45,7 @@ pub struct ControlServer {
 struct Context {
     tx: Sender<Input>,
     isolation: Arc<Isolation>,
+    reports: Arc<Reports>,
     incoming: PathBuf,
     open: AtomicUsize,
 }
@@ -55,6 +57,7 @@ impl ControlServer {
         root: &Path,
         tx: Sender<Input>,
         isolation: Arc<Isolation>,
+        reports: Arc<Reports>,
     ) -> Option<ControlServer> {
         let path = super::socket_path(root);
         let incoming = root.join("incoming");
@@ -73,6 +76,7 @@ impl ControlServer {
         let context = Arc::new(Context {
             tx,
             isolation,
+            reports,
             incoming,
             open: AtomicUsize::new(0),
         });
@@ -173,13 +177,7 @@ fn accept_loop(listener: UnixListener, context: Arc<Context>, stopping: Arc<Atom
 
 fn refuse(mut stream: &UnixStream, why: &str) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(1)))?;
-    write_answer(
-        &mut stream,
-        &Answer {
-            ok: false,
-            message: why.to_string(),
-        },
-    )
+    write_answer(&mut stream, &Answer::of(Err(why.to_string())))
 }
 
 fn write_answer(stream: &mut impl Write, answer: &Answer) -> io::Result<()> {
@@ -224,6 +222,13 @@ fn serve(stream: UnixStream, c: &Context) {
         peer.uid,
         request.describe()
     );
+    if let Request::Releases { app } = &request {
+        let answer = releases_of(&c.reports, app);
+        let mut s = &stream;
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        let _ = write_answer(&mut s, &answer);
+        return;
+    }
     let (reply, answered) = Reply::channel();
     let asked = Asked {
         request: request.clone(),
@@ -231,29 +236,20 @@ fn serve(stream: UnixStream, c: &Context) {
         reply,
     };
     let answer = if c.tx.send(Input::Ask(asked)).is_err() {
-        Answer {
-            ok: false,
-            message: "keter is stopping".to_string(),
-        }
+        Answer::of(Err("keter is stopping".to_string()))
     } else {
         match answered.recv_timeout(ANSWER_TIME) {
             Ok(outcome) => Answer::of(outcome),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Answer {
-                ok: false,
-                message: format!(
-                    "{}: still under way after {} s; keter status shows how it ends",
-                    request.app(),
-                    ANSWER_TIME.as_secs()
-                ),
-            },
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Answer {
-                ok: false,
-                message: format!(
-                    "{}: the request was dropped: a newer command for the app came first, or \
-                     keter stopped or was upgraded meanwhile",
-                    request.app()
-                ),
-            },
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Answer::of(Err(format!(
+                "{}: still under way after {} s; keter status shows how it ends",
+                request.app(),
+                ANSWER_TIME.as_secs()
+            ))),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Answer::of(Err(format!(
+                "{}: the request was dropped: a newer command for the app came first, or \
+                 keter stopped or was upgraded meanwhile",
+                request.app()
+            ))),
         }
     };
     log::info!(
@@ -265,6 +261,27 @@ fn serve(stream: UnixStream, c: &Context) {
     let mut s = &stream;
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     let _ = write_answer(&mut s, &answer);
+}
+
+/// The releases of `app` as its worker last published them.
+fn releases_of(reports: &Reports, app: &str) -> Answer {
+    let Some(report) = crate::names::AppName::new(app)
+        .ok()
+        .and_then(|a| reports.app(a.as_str()))
+    else {
+        return Answer::of(Err(format!("{app}: no such app is deployed")));
+    };
+    let mut answer = Answer::of(Ok(format!(
+        "{app}: {} releases, {} bytes kept",
+        report.releases.len(),
+        report.releases_bytes
+    )));
+    answer.data = Some(serde_json::json!({
+        "app": report.name,
+        "releases": report.releases,
+        "releases_bytes": report.releases_bytes,
+    }));
+    answer
 }
 
 fn judge(peer: &Peer, c: &Context) -> Verdict {

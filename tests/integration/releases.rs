@@ -207,3 +207,153 @@ fn a_deployer_may_restart_an_app_and_an_apps_user_may_not() {
     assert_eq!(k.pid_of(HOST), pid, "a refused user restarted the app");
     assert_eq!(k.app_status("hello").unwrap().deploy, Some(2));
 }
+
+/// `keter releases NAME --json`, as root.
+fn releases(k: &Keter, app: &str) -> serde_json::Value {
+    let out = keter_cmd(k, &["releases", app, "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+fn numbers(r: &serde_json::Value) -> Vec<u64> {
+    r["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["number"].as_u64().unwrap())
+        .collect()
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn rollback_under_requests_survives_a_rescan_and_a_restart_of_keter() {
+    let mut k = Keter::start("rollback");
+    let v1 = k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let v2 = k.deploy_hello("hello", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    let (sha1, sha2) = (sha256_of(&v1), sha256_of(&v2));
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [1, 2], "{r:#}");
+    assert_eq!(r["releases"][0]["ended"], "replaced");
+    assert_eq!(r["releases"][1]["sha256"], sha2.as_str());
+    assert_eq!(r["releases"][1]["deployed_by"], 0);
+    for sha in [&sha1, &sha2] {
+        let kept = k.root.join(format!("releases/hello/{sha}.keter"));
+        assert_eq!(
+            &sha256_of(&kept),
+            sha,
+            "{} is not the bundle",
+            kept.display()
+        );
+    }
+
+    let traffic = Traffic::start(k.addr(), &[HOST], 2, 2, PAUSE);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = keter_cmd(&k, &["rollback", "hello"], None);
+    let took = asked.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = traffic.stop();
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back to release 1"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.failures);
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert_eq!(sha256_of(&k.incoming().join("hello.keter")), sha1);
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [1, 2, 3], "{r:#}");
+    assert_eq!(r["releases"][1]["ended"], "rolled-back", "{r:#}");
+    assert!(
+        r["releases"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("by uid 0"),
+        "{r:#}"
+    );
+    assert_eq!(r["releases"][2]["rollback_of"], 1);
+    assert_eq!(r["releases"][2]["sha256"], sha1.as_str());
+    // Both bundles, each once.
+    assert_eq!(
+        r["releases_bytes"].as_u64().unwrap(),
+        fs::metadata(&v1).unwrap().len() + fs::metadata(&v2).unwrap().len()
+    );
+
+    // A rescan keeps the rolled-back release out, and so does a keter started again.
+    let deploys = k.app_status("hello").unwrap().deploy;
+    k.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert_eq!(k.app_status("hello").unwrap().deploy, deploys);
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_for(HOST, "v1", WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    let r = releases(&k, "hello");
+    assert_eq!(
+        numbers(&r),
+        [1, 2, 3],
+        "the releases did not survive: {r:#}"
+    );
+    // Copying the bad bundle in again is an explicit act: it deploys.
+    k.deploy("hello", &v2);
+    k.wait_for(HOST, "v2", WAIT);
+    assert_eq!(numbers(&releases(&k, "hello")), [1, 2, 3, 4]);
+    eprintln!("keter rollback took {} ms", took.as_millis());
+}
+
+#[test]
+fn keep_releases_bounds_the_bundles_kept() {
+    let k = Keter::start_with(
+        "keep-releases",
+        Opts {
+            extra: "keep-releases: 2\n".into(),
+            ..Opts::default()
+        },
+    );
+    let mut bundles = Vec::new();
+    for v in ["v1", "v2", "v3", "v4"] {
+        bundles.push(k.deploy_hello("hello", v, HOST, &[]));
+        k.wait_for(HOST, v, WAIT);
+    }
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [3, 4], "{r:#}");
+    let mut kept: Vec<String> = fs::read_dir(k.root.join("releases/hello"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".keter"))
+        .collect();
+    kept.sort();
+    let mut want: Vec<String> = bundles[2..]
+        .iter()
+        .map(|b| format!("{}.keter", sha256_of(b)))
+        .collect();
+    want.sort();
+    assert_eq!(kept, want);
+    // Release 1 is gone: it cannot be rolled back to; release 3 can.
+    let out = keter_cmd(&k, &["rollback", "hello", "1"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no release 1 is kept"),
+        "{}",
+        text(&out)
+    );
+    let out = keter_cmd(&k, &["rollback", "hello", "3"], None);
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v3");
+    // The table for people.
+    let out = keter_cmd(&k, &["releases", "hello"], None);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("serving (rollback to release 3)"), "{table}");
+    assert!(table.contains("rolled-back"), "{table}");
+}
