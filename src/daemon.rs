@@ -691,6 +691,14 @@ impl Daemon {
                 by: asked.uid,
                 reply,
             }),
+            Request::Maintenance { on, message, .. } => h.send(Command::Maintenance {
+                on: on.then(|| crate::app::maintenance::Maintenance {
+                    message,
+                    since: crate::report::rfc3339(std::time::SystemTime::now()),
+                    by: asked.uid,
+                }),
+                reply,
+            }),
             // The control socket answers it from the reports.
             Request::Releases { .. } => reply.answer(Err("not a command".into())),
         }

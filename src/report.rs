@@ -181,6 +181,8 @@ pub struct AppReport {
     pub releases: Vec<crate::app::releases::Release>,
     /// Bytes of the bundles kept for them under `ROOT/releases/NAME/`.
     pub releases_bytes: u64,
+    /// In maintenance: since when, by whom, the operator's message; null otherwise.
+    pub maintenance: Option<crate::app::maintenance::Maintenance>,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
@@ -214,6 +216,7 @@ impl AppReport {
             draining: 0,
             releases: Vec::new(),
             releases_bytes: 0,
+            maintenance: None,
             deploy_stage: None,
             certificates: Vec::new(),
             live_since: None,

@@ -77,6 +77,8 @@ pub(super) struct SwitchJob {
     pub ports: Vec<(usize, u16)>,
     /// When the bundle was picked up, for the log.
     pub started: Instant,
+    /// The maintenance page every request gets instead (`maintenance.rs`), if any.
+    pub maintenance: Option<String>,
 }
 
 /// Unpacks the bundle into `temp/NAME-ID`, reads its config, claims its hosts, provides its
@@ -555,6 +557,12 @@ fn site_for(
         &mut certs,
     )
     .map_err(DeployError::Site)?;
+    let mut site = site;
+    if let Some(html) = &job.maintenance {
+        let file = crate::nginx::SiteFile::new(html.as_bytes().to_vec(), "html");
+        site.maintenance = Some(file.name.clone());
+        site.files.push(file);
+    }
     let has_tls = ctx.config.listeners.iter().any(|l| l.is_tls());
     if !has_tls && site.blocks.iter().any(|b| b.requires_secure || b.acme) {
         log::warn!(

@@ -256,6 +256,10 @@ pub(super) struct Machine {
     pub reroute_due: bool,
     /// The app's releases (`releases.rs`): added to at each switch to another bundle.
     pub releases: super::releases::Releases,
+    /// In maintenance (`maintenance.rs`): every site rendered answers 503 with its page.
+    pub maintenance: Option<super::maintenance::Maintenance>,
+    /// The operator waiting for maintenance to reach Nginx.
+    pub maintenance_reply: Option<Reply>,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -305,6 +309,8 @@ impl Machine {
             refresh_retry_at: None,
             reroute_due: false,
             releases: Default::default(),
+            maintenance: None,
+            maintenance_reply: None,
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -627,6 +633,45 @@ impl Machine {
                 by,
                 reply,
             } => self.rollback_command(path, to, by, reply, fx),
+            Command::Maintenance { on, reply } => self.maintenance_command(on, reply, fx),
+        }
+    }
+
+    /// The maintenance page, while the app is in maintenance.
+    fn page(&self) -> Option<String> {
+        self.maintenance
+            .as_ref()
+            .map(|m| super::maintenance::page(&self.name, m))
+    }
+
+    /// `Maintenance`: kept, then the serving version's site rendered again with (or
+    /// without) the page; the operator is answered once Nginx has it. With nothing serving,
+    /// the next deploy's site has it.
+    fn maintenance_command(
+        &mut self,
+        on: Option<super::maintenance::Maintenance>,
+        mut reply: Reply,
+        fx: &mut dyn Effects,
+    ) {
+        let what = if on.is_some() { "on" } else { "off" };
+        log::info!("{}: maintenance {what}", self.name);
+        self.maintenance = on;
+        fx.save_maintenance(self.maintenance.as_ref());
+        if let Some(mut older) = self.maintenance_reply.take() {
+            older.answer(Err(format!(
+                "{}: superseded by a newer maintenance command",
+                self.name
+            )));
+        }
+        if self.serving().is_some() {
+            self.refresh_due = true;
+            self.refresh_retry_at = None;
+            self.maintenance_reply = Some(reply);
+        } else {
+            reply.answer(Ok(format!(
+                "{}: maintenance {what}; no version serves now, the next deploy's site has it",
+                self.name
+            )));
         }
     }
 
@@ -900,7 +945,7 @@ impl Machine {
         }
         let checks = readiness_checks(&candidate, fx.readiness_timeout());
         if checks.is_empty() {
-            fx.switch(switch_job(&candidate, deploy.started));
+            fx.switch(switch_job(&candidate, deploy.started, self.page()));
             deploy.stage = Stage::Switching(candidate);
         } else {
             fx.readiness(candidate.id, checks);
@@ -913,7 +958,7 @@ impl Machine {
     fn ready(&mut self, fx: &mut dyn Effects) {
         let (serving, mut deploy, stopping) = self.take_deploy();
         if let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
-            fx.switch(switch_job(&c, deploy.started));
+            fx.switch(switch_job(&c, deploy.started, self.page()));
             deploy.stage = Stage::Switching(c);
         }
         self.put_back(serving, deploy, stopping);
@@ -976,7 +1021,7 @@ impl Machine {
         let result = if stranded {
             fx.remove_site().map_err(DeployError::Nginx)
         } else {
-            fx.refresh_site(switch_job(v, fx.now()), rewrite_only)
+            fx.refresh_site(switch_job(v, fx.now(), self.page()), rewrite_only)
         };
         match result {
             Ok(g) => {
@@ -995,6 +1040,20 @@ impl Machine {
                         "{}: Nginx routes to ports {ports:?} from generation {g}",
                         self.name
                     );
+                } else if let Some(mut reply) = self.maintenance_reply.take() {
+                    let what = if self.maintenance.is_some() {
+                        "on"
+                    } else {
+                        "off"
+                    };
+                    log::info!(
+                        "{}: maintenance {what}: Nginx runs it at generation {g}",
+                        self.name
+                    );
+                    reply.answer(Ok(format!(
+                        "{}: maintenance {what} (Nginx generation {g})",
+                        self.name
+                    )));
                 } else if rewrite_only {
                     log::info!(
                         "{}: site rendered again by this keter: Nginx runs it at generation {g}",
@@ -1025,6 +1084,13 @@ impl Machine {
                     retry.as_secs()
                 );
                 fx.note(&format!("keter: the site {why} failed: {e}"));
+                if let Some(mut reply) = self.maintenance_reply.take() {
+                    reply.answer(Err(format!(
+                        "{}: Nginx did not take the site: {e}; keter tries again in {} s",
+                        self.name,
+                        retry.as_secs()
+                    )));
+                }
             }
         }
     }
@@ -1270,7 +1336,7 @@ fn readiness_checks(v: &Version, default_timeout: Duration) -> Vec<Check> {
 }
 
 /// What a version's site is rendered from.
-fn switch_job(v: &Version, started: Instant) -> SwitchJob {
+fn switch_job(v: &Version, started: Instant, maintenance: Option<String>) -> SwitchJob {
     SwitchJob {
         version: v.id,
         deploy: v.deploy,
@@ -1278,6 +1344,7 @@ fn switch_job(v: &Version, started: Instant) -> SwitchJob {
         config: v.config.clone(),
         ports: web_ports(v),
         started,
+        maintenance,
     }
 }
 

@@ -15,6 +15,7 @@ mod deploy;
 mod error;
 mod freeze;
 mod machine;
+pub mod maintenance;
 mod record;
 pub mod releases;
 mod site;
@@ -67,6 +68,12 @@ pub enum Command {
     /// is deployed even though its content is the serving one's. Refused when that file is
     /// not the serving version's, or when no version serves or a deploy is under way.
     Restart { path: PathBuf, reply: Reply },
+    /// Turn maintenance on (with the operator's message) or off (`on: None`): the serving
+    /// version's site is rendered again; answered once Nginx has it.
+    Maintenance {
+        on: Option<maintenance::Maintenance>,
+        reply: Reply,
+    },
     /// Deploy an earlier release again (`keter rollback`, README "Releases and rollback"):
     /// release `to`, or the one before the serving release; its kept bundle is put at `path`
     /// (`incoming/NAME.keter`, the source of truth) and deployed from there. `by` asked.
@@ -247,6 +254,8 @@ trait Effects {
     /// Puts the kept bundle of content `sha256` at `path` (in `incoming/`), owned by `owner`
     /// as the file it was deployed from was.
     fn place_release(&mut self, sha256: &str, owner: u32, path: &Path) -> io::Result<()>;
+    /// Keeps the app's maintenance state for a later keter.
+    fn save_maintenance(&mut self, m: Option<&maintenance::Maintenance>);
 }
 
 /// The daemon's handle on one app's worker thread.
@@ -297,6 +306,7 @@ impl AppHandle {
         let name = machine.name.clone();
         // The releases an earlier keter (or this one, before the app was stopped) kept.
         machine.releases = releases::Releases::load(&shared.config.root, &name);
+        machine.maintenance = maintenance::load(&shared.config.root, &name);
         let (tx, rx) = unbounded();
         let config = &shared.config;
         let target = if config.rotate_logs {

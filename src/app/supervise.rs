@@ -457,6 +457,7 @@ impl Machine {
         r.draining = self.retiring.len();
         r.releases = self.releases.releases.clone();
         r.releases_bytes = self.releases.bytes();
+        r.maintenance = self.maintenance.clone();
         r
     }
 }

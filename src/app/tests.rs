@@ -270,6 +270,7 @@ impl Effects for Fake {
         let _ = path;
         Ok(())
     }
+    fn save_maintenance(&mut self, _m: Option<&super::maintenance::Maintenance>) {}
     fn keep_releases(&self) -> usize {
         3
     }

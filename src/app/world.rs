@@ -414,6 +414,17 @@ impl Effects for World {
         super::releases::place(&from, owner, path)
     }
 
+    fn save_maintenance(&mut self, m: Option<&super::maintenance::Maintenance>) {
+        if let Err(e) = super::maintenance::save(&self.shared.config.root, &self.name, m) {
+            log::error!(
+                "{}: cannot keep its maintenance state under {}: {e}; a keter started again \
+                 would not know it",
+                self.name,
+                self.shared.config.root.join("etc/maintenance").display()
+            );
+        }
+    }
+
     fn keep_releases(&self) -> usize {
         self.shared.config.keep_releases
     }

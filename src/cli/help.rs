@@ -17,6 +17,7 @@ Usage:
                                      as a deploy is (root and deployers)
   keter rollback NAME [RELEASE]      deploy the previous (or the named) release again
   keter releases NAME [--json]       list an app's releases
+  keter maintenance NAME on|off      answer an app's hosts with 503 and a page, or stop
   keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
                                      roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
@@ -167,6 +168,23 @@ Root and the deployers may use it; apps are refused. Exit status: 0 rolled back;
 Examples:
   keter rollback blog
   keter rollback blog 3
+";
+
+/// `keter maintenance --help`.
+pub const MAINTENANCE: &str = "\
+keter maintenance NAME on [--message TEXT] | off [-c CONFIG]: put an app in maintenance.
+
+On: Nginx answers every request for the app's hosts (but ACME's challenges) with 503
+Service Unavailable, Retry-After: 60 and a page with TEXT (shown as text, HTML-escaped);
+the app keeps running, so a database migration can run meanwhile. Off: Nginx routes to the
+app again. Kept across keter restarts and upgrades, and across deploys until turned off;
+shown in keter status and /api/apps/NAME (maintenance). Waits until Nginx runs the change.
+
+Root and the deployers may use it; apps are refused. Exit status: 0 done; 1 not.
+
+Examples:
+  keter maintenance blog on --message 'Back at 14:00 UTC'
+  keter maintenance blog off
 ";
 
 /// `keter releases --help`.

@@ -73,6 +73,7 @@ fn help_of(command: &str) -> Option<&'static str> {
         "restart" => help::RESTART,
         "rollback" => help::ROLLBACK,
         "releases" => help::RELEASES,
+        "maintenance" => help::MAINTENANCE,
         "help" => help::MAIN,
         _ => return None,
     })
@@ -112,6 +113,9 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             Ok(None) => Ok(Command::Help(help)),
             Err(message) => Err(Usage::new(message, help)),
         };
+    }
+    if first == "maintenance" {
+        return parse_maintenance(rest, help);
     }
     let opts = Options::parse(rest, help)?;
     if opts.help {
@@ -197,6 +201,49 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
         }
         _ => usage("unknown command"),
     }
+}
+
+/// `keter maintenance NAME on [--message TEXT] | off [-c CONFIG]`.
+fn parse_maintenance(args: &[String], help: &'static str) -> Result<Command, Usage> {
+    let usage = || {
+        Err(Usage::new(
+            "keter maintenance takes NAME on [--message TEXT] or NAME off, and optionally -c CONFIG",
+            help,
+        ))
+    };
+    let mut positional = Vec::new();
+    let (mut message, mut config) = (None, None);
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Command::Help(help)),
+            "-m" | "--message" => match args.next() {
+                Some(m) => message = Some(m.clone()),
+                None => return usage(),
+            },
+            "-c" | "--config" => match args.next() {
+                Some(c) => config = Some(PathBuf::from(c)),
+                None => return usage(),
+            },
+            _ if a.starts_with("--message=") => message = Some(a["--message=".len()..].into()),
+            _ if a.starts_with('-') => return usage(),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let on = match positional.as_slice() {
+        [_, s] if s == "on" => true,
+        [_, s] if s == "off" && message.is_none() => false,
+        _ => return usage(),
+    };
+    Ok(Command::Ask {
+        request: crate::control::Request::Maintenance {
+            app: positional[0].clone(),
+            on,
+            message,
+        },
+        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        json: false,
+    })
 }
 
 /// Runs a command other than the daemon; returns the exit code.

@@ -37,6 +37,13 @@ pub enum Request {
     },
     /// The releases of `app` (answered from the reports, without the app's worker).
     Releases { app: String },
+    /// Maintenance of `app` on (with the operator's message) or off.
+    Maintenance {
+        app: String,
+        on: bool,
+        #[serde(default)]
+        message: Option<String>,
+    },
 }
 
 impl Request {
@@ -45,7 +52,8 @@ impl Request {
         match self {
             Request::Restart { app }
             | Request::Rollback { app, .. }
-            | Request::Releases { app } => app,
+            | Request::Releases { app }
+            | Request::Maintenance { app, .. } => app,
         }
     }
 
@@ -58,6 +66,9 @@ impl Request {
                 None => format!("rollback {app}"),
             },
             Request::Releases { app } => format!("releases {app}"),
+            Request::Maintenance { app, on, .. } => {
+                format!("maintenance {app} {}", if *on { "on" } else { "off" })
+            }
         }
     }
 }

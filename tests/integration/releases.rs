@@ -287,6 +287,20 @@ fn rollback_under_requests_survives_a_rescan_and_a_restart_of_keter() {
         fs::metadata(&v1).unwrap().len() + fs::metadata(&v2).unwrap().len()
     );
 
+    // The app page lists them too.
+    let page = match k.status.clone().unwrap() {
+        keter::status::StatusAddress::Tcp(a) => {
+            keter::probe::get_tcp(a, "keter-status", "/apps/hello", WAIT)
+        }
+        keter::status::StatusAddress::Unix(p) => keter::probe::get_unix(&p, "/apps/hello", WAIT),
+    }
+    .unwrap();
+    assert!(
+        page.body.contains("id=\"releases\"") && page.body.contains("rolled-back"),
+        "{}",
+        page.body
+    );
+
     // A rescan keeps the rolled-back release out, and so does a keter started again.
     let deploys = k.app_status("hello").unwrap().deploy;
     k.signal(nix::sys::signal::Signal::SIGHUP);
@@ -356,4 +370,109 @@ fn keep_releases_bounds_the_bundles_kept() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("serving (rollback to release 3)"), "{table}");
     assert!(table.contains("rolled-back"), "{table}");
+}
+
+/// The whole answer (status line, headers, body) to `GET /` for `host`.
+fn raw_get(k: &Keter, host: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(k.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The flag that stops [`requests`], and its thread.
+type Requests = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<(u32, u32, Vec<String>)>,
+);
+
+/// Requests for `HOST` until the returned flag is set: each must get the app (`v1`) or the
+/// maintenance page; the thread returns how many got each and what else came.
+fn requests(
+    addr: std::net::SocketAddr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<(u32, u32, Vec<String>)>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let (mut app, mut page, mut other) = (0u32, 0u32, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match keter::probe::get_tcp(addr, HOST, "/", Duration::from_secs(5)) {
+                Ok(r) if r.status == 200 && r.body.trim() == "v1" => app += 1,
+                Ok(r) if r.status == 503 && r.body.contains("Back at 14:00") => page += 1,
+                r => other.push(format!("{r:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (app, page, other)
+    });
+    (stop, thread)
+}
+
+fn stopped((stop, thread): Requests) -> (u32, u32) {
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (app, page, other) = thread.join().unwrap();
+    assert!(other.is_empty(), "{other:?}");
+    (app, page)
+}
+
+#[test]
+fn maintenance_answers_503_with_the_page_while_the_app_runs_and_survives_a_restart_of_keter() {
+    let mut k = Keter::start("maintenance");
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    let running = requests(k.addr());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = keter_cmd(
+        &k,
+        &[
+            "maintenance",
+            "hello",
+            "on",
+            "--message",
+            "Back at 14:00 <b>UTC</b> & soon",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    // Nginx runs it when the command returns.
+    let answer = raw_get(&k, HOST);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After: 60"), "{answer}");
+    assert!(
+        answer.contains("Back at 14:00 &lt;b&gt;UTC&lt;/b&gt; &amp; soon"),
+        "{answer}"
+    );
+    let (app, page) = stopped(running);
+    assert!(app > 10 && page > 10, "app {app}, page {page}");
+    assert!(alive(pid), "the app was stopped");
+    let status = k.app_status("hello").unwrap();
+    assert_eq!(status.state, "running", "the app keeps running: {status:?}");
+    k.wait_log("keter: uid 0 (root) asks: maintenance hello on", WAIT);
+
+    // Kept across a restart of keter.
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_serving("hello", WAIT);
+    let answer = raw_get(&k, HOST);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+
+    let running = requests(k.addr());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = keter_cmd(&k, &["maintenance", "hello", "off"], None);
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    let (app, page) = stopped(running);
+    assert!(app > 10 && page > 10, "app {app}, page {page}");
 }
