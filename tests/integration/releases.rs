@@ -395,12 +395,7 @@ type Requests = (
 
 /// Requests for `HOST` until the returned flag is set: each must get the app (`v1`) or the
 /// maintenance page; the thread returns how many got each and what else came.
-fn requests(
-    addr: std::net::SocketAddr,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    std::thread::JoinHandle<(u32, u32, Vec<String>)>,
-) {
+fn requests(addr: std::net::SocketAddr) -> Requests {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::spawn(move || {
