@@ -20,6 +20,10 @@ use crate::yaml::{self, Fields};
 /// Where the daemon looks when `keter run` is given no path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/keter/keter-config.yaml";
 
+/// Releases whose bundle is kept for each app, by default: enough to go back a few deploys,
+/// at five bundles' disk per app.
+pub const DEFAULT_KEEP_RELEASES: usize = 5;
+
 /// The validated global configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,6 +80,9 @@ pub struct Config {
     /// Nginx's `client_max_body_size` for every app (`client-max-body-size`); 0, the default,
     /// is no limit, as Keter has none.
     pub client_max_body_size: u64,
+    /// How many releases of each app keep their bundle under `ROOT/releases/` (README
+    /// "Releases and rollback").
+    pub keep_releases: usize,
     /// Keter's `*-response-file` pages.
     pub responses: ResponseFiles,
 }
@@ -265,6 +272,17 @@ fn from_tree(
     let drain_time = read_drain_time(&mut f, problems);
     let allowed_static_roots = read_allowed_static_roots(&mut f, base, problems);
     let client_max_body_size = f.size("client-max-body-size", problems).unwrap_or(0);
+    let keep_releases = match f.uint("keep-releases", 1000, problems) {
+        Some(0) => {
+            problems.error(
+                "keep-releases",
+                "0 keeps no release, not even the serving one: at least 1",
+            );
+            DEFAULT_KEEP_RELEASES
+        }
+        Some(n) => n as usize,
+        None => DEFAULT_KEEP_RELEASES,
+    };
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
@@ -304,6 +322,7 @@ fn from_tree(
         status,
         allowed_static_roots,
         client_max_body_size,
+        keep_releases,
         responses,
     })
 }

@@ -48,6 +48,8 @@ pub enum Input {
         app: AppName,
         commands: u64,
     },
+    /// An operator's request over the control socket (`src/control/`).
+    Ask(crate::control::Asked),
 }
 
 impl From<Hint> for Input {
@@ -242,6 +244,12 @@ pub fn run(
         nginx.handle(),
         isolation.clone(),
     );
+    let control = crate::control::ControlServer::start(
+        &config.root,
+        tx.clone(),
+        isolation.clone(),
+        reports.clone(),
+    );
     let acme = start_acme(&config);
     if let Some(a) = &acme {
         reports.attach_acme(a.clone());
@@ -328,6 +336,7 @@ pub fn run(
                 queued.reverse();
             }
             Input::Stopped { app, commands } => daemon.end_stopped(&app, commands),
+            Input::Ask(asked) => daemon.ask(asked),
         }
         if watcher.overflowed.swap(false, Ordering::Relaxed) {
             daemon.rescan(false);
@@ -337,6 +346,9 @@ pub fn run(
     drop(watcher);
     if let Some(status) = status {
         status.stop();
+    }
+    if let Some(control) = control {
+        control.stop();
     }
     let journal_owner = daemon.shared.clone();
     daemon.shutdown();
@@ -687,6 +699,52 @@ impl Daemon {
             }
         } else if let Some(h) = self.apps.get_mut(&app) {
             h.send(Command::Stop);
+        }
+    }
+
+    /// An operator's request (`src/control/`): handed to the app's worker, which answers
+    /// once it is done; what cannot be done is answered here.
+    fn ask(&mut self, asked: crate::control::Asked) {
+        use crate::control::Request;
+        let mut reply = asked.reply;
+        let app = match AppName::new(asked.request.app()) {
+            Ok(a) => a,
+            Err(e) => {
+                reply.answer(Err(format!(
+                    "{:?} is not an app name: {e}",
+                    asked.request.app()
+                )));
+                return;
+            }
+        };
+        let path = self
+            .shared
+            .config
+            .root
+            .join("incoming")
+            .join(format!("{app}.keter"));
+        let Some(h) = self.apps.get_mut(&app) else {
+            reply.answer(Err(format!("{app}: no such app is deployed")));
+            return;
+        };
+        match asked.request {
+            Request::Restart { .. } => h.send(Command::Restart { path, reply }),
+            Request::Rollback { release, .. } => h.send(Command::Rollback {
+                path,
+                to: release,
+                by: asked.uid,
+                reply,
+            }),
+            Request::Maintenance { on, message, .. } => h.send(Command::Maintenance {
+                on: on.then(|| crate::app::maintenance::Maintenance {
+                    message,
+                    since: crate::report::rfc3339(std::time::SystemTime::now()),
+                    by: asked.uid,
+                }),
+                reply,
+            }),
+            // The control socket answers it from the reports.
+            Request::Releases { .. } => reply.answer(Err("not a command".into())),
         }
     }
 

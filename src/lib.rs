@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod childwatch;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dirfd;
 pub mod formats;

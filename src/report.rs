@@ -179,6 +179,12 @@ pub struct AppReport {
     pub log_lines_dropped: u64,
     /// Old versions still draining.
     pub draining: usize,
+    /// The app's releases, oldest first (README "Releases and rollback").
+    pub releases: Vec<crate::app::releases::Release>,
+    /// Bytes of the bundles kept for them under `ROOT/releases/NAME/`.
+    pub releases_bytes: u64,
+    /// In maintenance: since when, by whom, the operator's message; null otherwise.
+    pub maintenance: Option<crate::app::maintenance::Maintenance>,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
@@ -213,6 +219,9 @@ impl AppReport {
             last_error: None,
             log_lines_dropped: 0,
             draining: 0,
+            releases: Vec::new(),
+            releases_bytes: 0,
+            maintenance: None,
             deploy_stage: None,
             certificates: Vec::new(),
             requests: None,

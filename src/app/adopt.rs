@@ -356,6 +356,7 @@ fn version(
         deploy: v.deploy,
         modified: v.modified,
         live_since: v.live_since,
+        arrival: None,
     })
 }
 

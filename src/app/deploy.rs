@@ -77,6 +77,8 @@ pub(super) struct SwitchJob {
     pub ports: Vec<(usize, u16)>,
     /// When the bundle was picked up, for the log.
     pub started: Instant,
+    /// The maintenance page every request gets instead (`maintenance.rs`), if any.
+    pub maintenance: Option<String>,
 }
 
 /// Unpacks the bundle into `temp/NAME-ID`, reads its config, claims its hosts, provides its
@@ -120,6 +122,8 @@ fn prepare_opened(
     let config = &ctx.config;
     let dir = version_dir(ctx, name, job.id);
     let mut progress = bundle::log_progress(name.to_string());
+    // The release's copy is read from this same open file once the unpack has hashed it.
+    let kept = file.try_clone();
     let unpacked = process::when_idle(UNPACK_IDLE_GRACE, || {
         bundle::unpack_with_progress(file, path, &dir, &config.limits, &mut progress)
     })
@@ -140,6 +144,23 @@ fn prepare_opened(
     if job.serving_sha256.as_deref() == Some(unpacked.sha256.as_str()) {
         let _ = fs::remove_dir_all(&dir);
         return Ok(Prepared::SameContent);
+    }
+    let arrival = super::releases::Arrival {
+        sha256: unpacked.sha256.clone(),
+        size: st.st_size as u64,
+        owner: st.st_uid,
+        owner_name: nix::unistd::User::from_uid(st.st_uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name),
+        rollback: None,
+    };
+    if let Err(e) = kept.and_then(|f| keep_bundle(&config.root, name, &f, &unpacked.sha256)) {
+        // The deploy goes on: only a rollback to this release would miss the file.
+        log::warn!(
+            "{name}: the bundle is not kept as a release ({}): {e}",
+            super::releases::Releases::dir(&config.root, name).display()
+        );
     }
     // Files on the host that the bundle names are read with its deployer's rights.
     let reader = (st.st_uid != nix::unistd::geteuid().as_raw())
@@ -204,12 +225,78 @@ fn prepare_opened(
             st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
         )),
         live_since: None,
+        arrival: Some(arrival),
     };
     if let Err(e) = plan(ctx, &mut version, execs) {
         discard(ctx, name, version);
         return Err(e);
     }
     Ok(Prepared::Version(Box::new(version)))
+}
+
+/// Copies the bundle just unpacked into `ROOT/releases/NAME/SHA256.keter` (README "Releases
+/// and rollback"), unless that content is kept already: read with `pread` from the very
+/// descriptor the unpack read (a deployer may replace or rewrite the name in `incoming/` at
+/// any moment), written under a hidden name that only root can reach and renamed once its
+/// own checksum is the unpack's (a file rewritten in place meanwhile is not kept).
+fn keep_bundle(root: &Path, name: &AppName, file: &fs::File, sha256: &str) -> std::io::Result<()> {
+    use sha2::Digest;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+    let dir = super::releases::Releases::dir(root, name);
+    let target = dir.join(format!("{sha256}.keter"));
+    if target.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    let part = dir.join(format!(".{sha256}.part"));
+    let _ = fs::remove_file(&part);
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&part)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut at = 0u64;
+    let copied = loop {
+        let n = match file.read_at(&mut buf, at) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        };
+        hasher.update(&buf[..n]);
+        if let Err(e) = out.write_all(&buf[..n]) {
+            break Err(e);
+        }
+        at += n as u64;
+    };
+    let done = copied
+        .and_then(|()| out.sync_data())
+        .and_then(|()| {
+            let got: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if got == sha256 {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    "the file changed after it was unpacked",
+                ))
+            }
+        })
+        .and_then(|()| fs::rename(&part, &target));
+    if done.is_err() {
+        let _ = fs::remove_file(&part);
+    }
+    done
 }
 
 /// The programs of a version's stanzas in the order `plan` starts them (background stanzas
@@ -470,6 +557,12 @@ fn site_for(
         &mut certs,
     )
     .map_err(DeployError::Site)?;
+    let mut site = site;
+    if let Some(html) = &job.maintenance {
+        let file = crate::nginx::SiteFile::new(html.as_bytes().to_vec(), "html");
+        site.maintenance = Some(file.name.clone());
+        site.files.push(file);
+    }
     let has_tls = ctx.config.listeners.iter().any(|l| l.is_tls());
     if !has_tls && site.blocks.iter().any(|b| b.requires_secure || b.acme) {
         log::warn!(

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::{DeployError, NotReady};
 use super::version::{FileStamp, ProcState, Role, Version};
-use super::{Command, Effects};
+use super::{Command, Effects, Reply};
 use crate::names::AppName;
 use crate::report::{DeployReport, DeployResult, rfc3339};
 use crate::restart::{self, Backoff};
@@ -151,6 +151,10 @@ pub(super) struct Deploy {
     pub pending: Option<Command>,
     /// The backoff of the retries this deploy continues, if it is one.
     pub retries: Option<Backoff>,
+    /// An operator's restart or rollback: answered once the deploy ends.
+    pub asked: Option<Reply>,
+    /// This deploy rolls back to an earlier release.
+    pub rollback: Option<super::releases::Rollback>,
 }
 
 /// Where a deploy is.
@@ -250,6 +254,12 @@ pub(super) struct Machine {
     /// out of Nginx) as soon as no switch is in flight, a deploy under way or not
     /// (`supervise.rs`, `watch_ports`).
     pub reroute_due: bool,
+    /// The app's releases (`releases.rs`): added to at each switch to another bundle.
+    pub releases: super::releases::Releases,
+    /// In maintenance (`maintenance.rs`): every site rendered answers 503 with its page.
+    pub maintenance: Option<super::maintenance::Maintenance>,
+    /// The operator waiting for maintenance to reach Nginx.
+    pub maintenance_reply: Option<Reply>,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -298,6 +308,9 @@ impl Machine {
             rewrite_due: false,
             refresh_retry_at: None,
             reroute_due: false,
+            releases: Default::default(),
+            maintenance: None,
+            maintenance_reply: None,
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -613,6 +626,150 @@ impl Machine {
         match c {
             Command::Deploy { path, retry } => self.deploy_command(path, retry, fx),
             Command::Stop => self.stop(false, fx),
+            Command::Restart { path, reply } => self.restart_command(path, reply, fx),
+            Command::Rollback {
+                path,
+                to,
+                by,
+                reply,
+            } => self.rollback_command(path, to, by, reply, fx),
+            Command::Maintenance { on, reply } => self.maintenance_command(on, reply, fx),
+        }
+    }
+
+    /// The maintenance page, while the app is in maintenance.
+    fn page(&self) -> Option<String> {
+        self.maintenance
+            .as_ref()
+            .map(|m| super::maintenance::page(&self.name, m))
+    }
+
+    /// `Maintenance`: kept, then the serving version's site rendered again with (or
+    /// without) the page; the operator is answered once Nginx has it. With nothing serving,
+    /// the next deploy's site has it.
+    fn maintenance_command(
+        &mut self,
+        on: Option<super::maintenance::Maintenance>,
+        mut reply: Reply,
+        fx: &mut dyn Effects,
+    ) {
+        let what = if on.is_some() { "on" } else { "off" };
+        log::info!("{}: maintenance {what}", self.name);
+        self.maintenance = on;
+        fx.save_maintenance(self.maintenance.as_ref());
+        if let Some(mut older) = self.maintenance_reply.take() {
+            older.answer(Err(format!(
+                "{}: superseded by a newer maintenance command",
+                self.name
+            )));
+        }
+        if self.serving().is_some() {
+            self.refresh_due = true;
+            self.refresh_retry_at = None;
+            self.maintenance_reply = Some(reply);
+        } else {
+            reply.answer(Ok(format!(
+                "{}: maintenance {what}; no version serves now, the next deploy's site has it",
+                self.name
+            )));
+        }
+    }
+
+    /// A `Rollback`: puts the kept bundle of the earlier release in `incoming/` (the source
+    /// of truth, so that a rescan or a keter started again keeps it) and deploys it from
+    /// there as any bundle; once switched, the release it replaced is marked rolled back.
+    fn rollback_command(
+        &mut self,
+        path: PathBuf,
+        to: Option<u64>,
+        by: u32,
+        mut reply: Reply,
+        fx: &mut dyn Effects,
+    ) {
+        let name = self.name.clone();
+        let mut refuse = |why: String| {
+            log::info!("{name}: rollback refused: {why}");
+            reply.answer(Err(format!("{name}: not rolled back: {why}")));
+        };
+        match &self.life {
+            Life::Serving(_) => {}
+            Life::Idle(_) => return refuse("no version serves".into()),
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => {
+                return refuse(format!("a deploy is under way ({})", deploy.stage.name()));
+            }
+            Life::Leaving { .. } | Life::Ended => return refuse("the app is stopping".into()),
+        }
+        let target = match to {
+            Some(n) => self.releases.get(n),
+            None => self.releases.previous(),
+        };
+        let Some(target) = target.cloned() else {
+            return refuse(match to {
+                Some(n) => format!("no release {n} is kept (keter releases {name} lists them)"),
+                None => "there is no earlier release to go back to".into(),
+            });
+        };
+        if self.serving().is_some_and(|v| v.sha256 == target.sha256) {
+            return refuse(format!("release {} is the bundle serving", target.number));
+        }
+        if let Err(e) = fx.place_release(&target.sha256, target.deployed_by, &path) {
+            return refuse(format!("its bundle could not be put in incoming/: {e}"));
+        }
+        let current = self.releases.current().map(|c| c.number);
+        log::info!(
+            "{}: rolling back to release {} (asked by uid {by}); incoming/{}.keter is its bundle now",
+            self.name,
+            target.number,
+            self.name
+        );
+        let stamp = fx.stamp(&path);
+        self.begin(path, stamp, None, false, fx);
+        if let Life::Deploying { deploy, .. } = &mut self.life {
+            deploy.asked = Some(reply);
+            deploy.rollback = Some(super::releases::Rollback {
+                to: target.number,
+                sha256: target.sha256.clone(),
+                how: super::releases::Ended::RolledBack,
+                reason: match current {
+                    Some(c) => format!("release {c} rolled back to {} by uid {by}", target.number),
+                    None => format!("rolled back to release {} by uid {by}", target.number),
+                },
+            });
+        }
+    }
+
+    /// A `Restart`: deploys the serving version's bundle again even though its content is
+    /// the same, so that fresh processes take over through the switch as at any deploy. Only
+    /// when a version serves, nothing is under way, and `incoming/` still holds the very file
+    /// it was deployed from (a newer file there is a deploy of its own, not a restart).
+    fn restart_command(&mut self, path: PathBuf, mut reply: Reply, fx: &mut dyn Effects) {
+        let refused = match &self.life {
+            Life::Serving(v) if fx.stamp(&path) == Some(v.stamp) => None,
+            Life::Serving(_) => Some(format!(
+                "incoming/{}.keter is not the bundle serving (it changed since that deploy); \
+                 a SIGHUP deploys it",
+                self.name
+            )),
+            Life::Idle(_) => Some("no version serves".to_string()),
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => Some(format!(
+                "a deploy is under way ({}); its new processes replace the serving ones anyway",
+                deploy.stage.name()
+            )),
+            Life::Leaving { .. } | Life::Ended => Some("the app is stopping".to_string()),
+        };
+        if let Some(why) = refused {
+            log::info!("{}: restart refused: {why}", self.name);
+            reply.answer(Err(format!("{}: not restarted: {why}", self.name)));
+            return;
+        }
+        log::info!(
+            "{}: restarting: fresh processes of the serving version",
+            self.name
+        );
+        let stamp = fx.stamp(&path);
+        self.begin(path, stamp, None, true, fx);
+        if let Life::Deploying { deploy, .. } = &mut self.life {
+            deploy.asked = Some(reply);
         }
     }
 
@@ -685,15 +842,18 @@ impl Machine {
             .as_ref()
             .filter(|f| f.path == path && f.stamp == stamp)
             .map(|f| f.backoff);
-        self.begin(path, stamp, retries, fx);
+        self.begin(path, stamp, retries, false, fx);
     }
 
     /// Starts the unpack stage of a deploy.
+    /// With `force`, the bundle is deployed even when its content is the serving version's
+    /// (a restart).
     pub(super) fn begin(
         &mut self,
         path: PathBuf,
         stamp: Option<FileStamp>,
         retries: Option<Backoff>,
+        force: bool,
         fx: &mut dyn Effects,
     ) {
         let serving = match std::mem::replace(&mut self.life, Life::Idle(Why::New)) {
@@ -710,7 +870,7 @@ impl Machine {
             path: path.clone(),
             serving_sha256: serving
                 .as_ref()
-                .filter(|_| !self.replace)
+                .filter(|_| !self.replace && !force)
                 .map(|v| v.sha256.clone()),
             started: fx.now(),
         });
@@ -724,6 +884,8 @@ impl Machine {
                 stage: Stage::Unpacking,
                 pending: None,
                 retries,
+                asked: None,
+                rollback: None,
             },
         };
     }
@@ -783,7 +945,7 @@ impl Machine {
         }
         let checks = readiness_checks(&candidate, fx.readiness_timeout());
         if checks.is_empty() {
-            fx.switch(switch_job(&candidate, deploy.started));
+            fx.switch(switch_job(&candidate, deploy.started, self.page()));
             deploy.stage = Stage::Switching(candidate);
         } else {
             fx.readiness(candidate.id, checks);
@@ -796,7 +958,7 @@ impl Machine {
     fn ready(&mut self, fx: &mut dyn Effects) {
         let (serving, mut deploy, stopping) = self.take_deploy();
         if let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
-            fx.switch(switch_job(&c, deploy.started));
+            fx.switch(switch_job(&c, deploy.started, self.page()));
             deploy.stage = Stage::Switching(c);
         }
         self.put_back(serving, deploy, stopping);
@@ -859,7 +1021,7 @@ impl Machine {
         let result = if stranded {
             fx.remove_site().map_err(DeployError::Nginx)
         } else {
-            fx.refresh_site(switch_job(v, fx.now()), rewrite_only)
+            fx.refresh_site(switch_job(v, fx.now(), self.page()), rewrite_only)
         };
         match result {
             Ok(g) => {
@@ -878,6 +1040,20 @@ impl Machine {
                         "{}: Nginx routes to ports {ports:?} from generation {g}",
                         self.name
                     );
+                } else if let Some(mut reply) = self.maintenance_reply.take() {
+                    let what = if self.maintenance.is_some() {
+                        "on"
+                    } else {
+                        "off"
+                    };
+                    log::info!(
+                        "{}: maintenance {what}: Nginx runs it at generation {g}",
+                        self.name
+                    );
+                    reply.answer(Ok(format!(
+                        "{}: maintenance {what} (Nginx generation {g})",
+                        self.name
+                    )));
                 } else if rewrite_only {
                     log::info!(
                         "{}: site rendered again by this keter: Nginx runs it at generation {g}",
@@ -908,6 +1084,13 @@ impl Machine {
                     retry.as_secs()
                 );
                 fx.note(&format!("keter: the site {why} failed: {e}"));
+                if let Some(mut reply) = self.maintenance_reply.take() {
+                    reply.answer(Err(format!(
+                        "{}: Nginx did not take the site: {e}; keter tries again in {} s",
+                        self.name,
+                        retry.as_secs()
+                    )));
+                }
             }
         }
     }
@@ -923,6 +1106,13 @@ impl Machine {
         match result {
             Ok(()) => {
                 candidate.live_since = Some(fx.wall_clock());
+                if let Some(mut arrival) = candidate.arrival.take() {
+                    arrival.rollback = deploy.rollback.clone();
+                    let at = rfc3339(fx.wall_clock());
+                    if self.releases.switched(arrival, at, fx.keep_releases()) {
+                        fx.write_releases(&self.releases);
+                    }
+                }
                 if let Some(old) = serving {
                     log::info!(
                         "{}: draining the previous version (ports {:?})",
@@ -965,7 +1155,7 @@ impl Machine {
     fn conclude(
         &mut self,
         serving: Option<Box<Version>>,
-        deploy: Deploy,
+        mut deploy: Deploy,
         stopping: Option<bool>,
         end: End,
         fx: &mut dyn Effects,
@@ -979,7 +1169,7 @@ impl Machine {
             None => Life::Idle(Why::New),
         };
         self.release_unused_hosts(fx);
-        self.record(&deploy, end, fx);
+        self.record(&mut deploy, end, fx);
         match (stopping, deploy.pending) {
             (Some(exit), pending) => {
                 self.stop(exit, fx);
@@ -995,7 +1185,7 @@ impl Machine {
     }
 
     /// Counts, reports and logs how a deploy ended; remembers a failure.
-    fn record(&mut self, deploy: &Deploy, end: End, fx: &mut dyn Effects) {
+    fn record(&mut self, deploy: &mut Deploy, end: End, fx: &mut dyn Effects) {
         let now = fx.now();
         let took = now.saturating_duration_since(deploy.started);
         let label = format!("{}.keter", self.name);
@@ -1066,7 +1256,36 @@ impl Machine {
                 });
             }
         }
+        if let Some(mut reply) = deploy.asked.take() {
+            let took = took.as_millis();
+            let (done, not) = match &deploy.rollback {
+                Some(r) => (
+                    format!("rolled back to release {}: it serves", r.to),
+                    "not rolled back",
+                ),
+                None => (
+                    "restarted: fresh processes serve".to_string(),
+                    "not restarted",
+                ),
+            };
+            reply.answer(match (&self.last_deploy_result(&report), &report.error) {
+                (Ok(()), _) => Ok(format!("{}: {done}, switched in {took} ms", self.name)),
+                (Err(what), Some(e)) => Err(format!("{}: {not}: {what}: {e}", self.name)),
+                (Err(what), None) => Err(format!("{}: {not}: {what}", self.name)),
+            });
+        }
         self.last_deploy = Some(report);
+    }
+
+    /// How a deploy's report reads for an operator who asked for it.
+    fn last_deploy_result(&self, report: &DeployReport) -> Result<(), &'static str> {
+        match report.result {
+            DeployResult::Succeeded => Ok(()),
+            DeployResult::Failed => Err("the deploy failed; the previous processes keep serving"),
+            DeployResult::Superseded => Err("superseded by a newer command"),
+            DeployResult::Stopped => Err("stopped before the switch"),
+            DeployResult::Unchanged => Err("unchanged"),
+        }
     }
 }
 
@@ -1117,7 +1336,7 @@ fn readiness_checks(v: &Version, default_timeout: Duration) -> Vec<Check> {
 }
 
 /// What a version's site is rendered from.
-fn switch_job(v: &Version, started: Instant) -> SwitchJob {
+fn switch_job(v: &Version, started: Instant, maintenance: Option<String>) -> SwitchJob {
     SwitchJob {
         version: v.id,
         deploy: v.deploy,
@@ -1125,6 +1344,7 @@ fn switch_job(v: &Version, started: Instant) -> SwitchJob {
         config: v.config.clone(),
         ports: web_ports(v),
         started,
+        maintenance,
     }
 }
 

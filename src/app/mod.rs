@@ -15,7 +15,9 @@ mod deploy;
 mod error;
 mod freeze;
 mod machine;
+pub mod maintenance;
 mod record;
+pub mod releases;
 mod site;
 mod supervise;
 #[cfg(test)]
@@ -61,7 +63,61 @@ pub enum Command {
     Deploy { path: PathBuf, retry: bool },
     /// Stop the app: remove its Nginx file, then stop every version.
     Stop,
+    /// Start fresh processes of the serving version and switch to them, the way a deploy of
+    /// a changed bundle does (`keter restart`, README "Running keter"): the bundle at `path`
+    /// is deployed even though its content is the serving one's. Refused when that file is
+    /// not the serving version's, or when no version serves or a deploy is under way.
+    Restart { path: PathBuf, reply: Reply },
+    /// Turn maintenance on (with the operator's message) or off (`on: None`): the serving
+    /// version's site is rendered again; answered once Nginx has it.
+    Maintenance {
+        on: Option<maintenance::Maintenance>,
+        reply: Reply,
+    },
+    /// Deploy an earlier release again (`keter rollback`, README "Releases and rollback"):
+    /// release `to`, or the one before the serving release; its kept bundle is put at `path`
+    /// (`incoming/NAME.keter`, the source of truth) and deployed from there. `by` asked.
+    Rollback {
+        path: PathBuf,
+        to: Option<u64>,
+        by: u32,
+        reply: Reply,
+    },
 }
+
+/// How an operator's request to a worker ended, as the control socket tells it
+/// (`src/control/`): the text of the outcome, or why it failed.
+pub type Outcome = Result<String, String>;
+
+/// Where a worker answers an operator's request once it is done. Dropped unanswered (the
+/// request was superseded by a newer command, or keter was upgraded meanwhile), the asker
+/// sees its channel closed.
+#[derive(Debug, Clone, Default)]
+pub struct Reply(Option<Sender<Outcome>>);
+
+impl Reply {
+    /// A reply and the receiving end the asker waits on.
+    pub fn channel() -> (Reply, Receiver<Outcome>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Reply(Some(tx)), rx)
+    }
+
+    /// Answers (once; later answers go nowhere).
+    pub fn answer(&mut self, outcome: Outcome) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.try_send(outcome);
+        }
+    }
+}
+
+// Commands are compared by what they ask, not by who waits for the answer.
+impl PartialEq for Reply {
+    fn eq(&self, _: &Reply) -> bool {
+        true
+    }
+}
+
+impl Eq for Reply {}
 
 /// What all workers share: the configuration and the single owners of ports, hosts and the
 /// journal, a handle on the Nginx controller (which the daemon owns) and the reports (which the
@@ -191,6 +247,15 @@ trait Effects {
     fn log_lines_dropped(&self) -> u64;
     /// Answers the daemon's freeze or snapshot.
     fn answer(&mut self, reply: Sender<()>);
+    /// How many releases keep their bundle (`keep-releases`).
+    fn keep_releases(&self) -> usize;
+    /// Writes the app's list of releases and deletes the kept bundles it no longer names.
+    fn write_releases(&mut self, releases: &releases::Releases);
+    /// Puts the kept bundle of content `sha256` at `path` (in `incoming/`), owned by `owner`
+    /// as the file it was deployed from was.
+    fn place_release(&mut self, sha256: &str, owner: u32, path: &Path) -> io::Result<()>;
+    /// Keeps the app's maintenance state for a later keter.
+    fn save_maintenance(&mut self, m: Option<&maintenance::Maintenance>);
 }
 
 /// The daemon's handle on one app's worker thread.
@@ -232,13 +297,16 @@ impl AppHandle {
     }
 
     fn start(
-        machine: Machine,
+        mut machine: Machine,
         watches: Vec<adopt::Watch>,
         drains: Vec<adopt::Pipe>,
         shared: Arc<Shared>,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> io::Result<AppHandle> {
         let name = machine.name.clone();
+        // The releases an earlier keter (or this one, before the app was stopped) kept.
+        machine.releases = releases::Releases::load(&shared.config.root, &name);
+        machine.maintenance = maintenance::load(&shared.config.root, &name);
         let (tx, rx) = unbounded();
         let config = &shared.config;
         let target = if config.rotate_logs {

@@ -175,6 +175,7 @@ pub fn site_of(
         deploy: src.deploy,
         blocks,
         files,
+        maintenance: None,
     })
 }
 

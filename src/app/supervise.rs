@@ -286,7 +286,7 @@ impl Machine {
                 self.name,
                 self.name
             );
-            self.begin(path, stamp, Some(backoff), fx);
+            self.begin(path, stamp, Some(backoff), false, fx);
             changed = true;
         }
         changed
@@ -455,6 +455,9 @@ impl Machine {
         r.last_error = self.last_error.clone();
         r.log_lines_dropped = log_lines_dropped;
         r.draining = self.retiring.len();
+        r.releases = self.releases.releases.clone();
+        r.releases_bytes = self.releases.bytes();
+        r.maintenance = self.maintenance.clone();
         r
     }
 }

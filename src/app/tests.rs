@@ -32,6 +32,7 @@ struct Fake {
     failing_spawns: usize,
     spawned: Vec<(u64, usize, i32)>,
     prepares: Vec<PrepareJob>,
+    releases: Option<super::releases::Releases>,
     readiness: Vec<(u64, Vec<Check>)>,
     switches: Vec<SwitchJob>,
     cancelled: Vec<u64>,
@@ -87,6 +88,7 @@ impl Fake {
             failing_spawns: 0,
             spawned: Vec::new(),
             prepares: Vec::new(),
+            releases: None,
             readiness: Vec::new(),
             switches: Vec::new(),
             cancelled: Vec::new(),
@@ -259,6 +261,22 @@ impl Effects for Fake {
     fn log_lines_dropped(&self) -> u64 {
         0
     }
+    fn place_release(&mut self, sha256: &str, _owner: u32, path: &Path) -> io::Result<()> {
+        let n = sha256
+            .strip_prefix("sha-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(99);
+        self.bundle(n);
+        let _ = path;
+        Ok(())
+    }
+    fn save_maintenance(&mut self, _m: Option<&super::maintenance::Maintenance>) {}
+    fn keep_releases(&self) -> usize {
+        3
+    }
+    fn write_releases(&mut self, releases: &super::releases::Releases) {
+        self.releases = Some(releases.clone());
+    }
     fn answer(&mut self, reply: crossbeam_channel::Sender<()>) {
         self.answers += 1;
         let _ = reply.send(());
@@ -323,6 +341,7 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         deploy: 0,
         modified: None,
         live_since: None,
+        arrival: None,
     }
 }
 
@@ -973,4 +992,63 @@ fn commands_queued_together_are_merged_and_a_shutdown_among_them_wins() {
     );
     assert!(matches!(m.life, Life::Stopping { exit: true, .. }));
     drop(rx);
+}
+
+#[test]
+fn a_restart_deploys_the_serving_bundle_again_and_answers_once_switched() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    // Nothing serves: refused at once.
+    let path = fx.bundle(1);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart {
+            path: path.clone(),
+            reply,
+        }),
+        &mut fx,
+    );
+    assert!(matches!(answer.try_recv(), Ok(Err(m)) if m.contains("no version serves")));
+    let v1 = serve(&mut m, &mut fx, 1, WEB);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart {
+            path: path.clone(),
+            reply,
+        }),
+        &mut fx,
+    );
+    let job = fx.prepares.last().unwrap();
+    assert_eq!(
+        job.serving_sha256, None,
+        "a restart must not be found unchanged"
+    );
+    assert!(answer.try_recv().is_err(), "answered before the switch");
+    let id = job.id;
+    for e in [
+        Event::Prepared {
+            id,
+            result: Ok(Prepared::Version(Box::new(version(id, 1, WEB)))),
+        },
+        Event::Ready {
+            version: id,
+            result: Ok(()),
+        },
+        Event::Switched {
+            version: id,
+            result: Ok(()),
+        },
+    ] {
+        m.on(e, &mut fx);
+    }
+    assert!(matches!(answer.try_recv(), Ok(Ok(m)) if m.contains("restarted")));
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id && id != v1));
+    // Another file in incoming/ is no restart of the serving version.
+    let other = fx.bundle(2);
+    let (reply, answer) = crate::app::Reply::channel();
+    m.on(
+        Event::Command(Command::Restart { path: other, reply }),
+        &mut fx,
+    );
+    assert!(matches!(answer.try_recv(), Ok(Err(m)) if m.contains("is not the bundle serving")));
+    assert!(matches!(m.life, Life::Serving(_)));
 }

@@ -127,6 +127,9 @@ pub(super) struct Version {
     pub modified: Option<std::time::SystemTime>,
     /// When Nginx started routing to this version.
     pub live_since: Option<std::time::SystemTime>,
+    /// What its release is made of, once switched to (`releases.rs`); `None` for a version
+    /// taken over from an earlier keter, whose release is already in the list.
+    pub arrival: Option<super::releases::Arrival>,
 }
 
 impl Version {

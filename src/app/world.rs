@@ -417,4 +417,35 @@ impl Effects for World {
     fn answer(&mut self, reply: Sender<()>) {
         let _ = reply.send(());
     }
+
+    fn place_release(&mut self, sha256: &str, owner: u32, path: &Path) -> std::io::Result<()> {
+        let from = super::releases::Releases::bundle(&self.shared.config.root, &self.name, sha256);
+        super::releases::place(&from, owner, path)
+    }
+
+    fn save_maintenance(&mut self, m: Option<&super::maintenance::Maintenance>) {
+        if let Err(e) = super::maintenance::save(&self.shared.config.root, &self.name, m) {
+            log::error!(
+                "{}: cannot keep its maintenance state under {}: {e}; a keter started again \
+                 would not know it",
+                self.name,
+                self.shared.config.root.join("etc/maintenance").display()
+            );
+        }
+    }
+
+    fn keep_releases(&self) -> usize {
+        self.shared.config.keep_releases
+    }
+
+    fn write_releases(&mut self, releases: &super::releases::Releases) {
+        let dir = super::releases::Releases::dir(&self.shared.config.root, &self.name);
+        if let Err(e) = super::releases::write(&dir, releases) {
+            log::error!(
+                "{}: cannot write its releases in {}: {e}",
+                self.name,
+                dir.display()
+            );
+        }
+    }
 }

@@ -219,6 +219,31 @@ pub fn bundle(dir: &Path, out: Option<&Path>) -> ExitCode {
 }
 
 /// `keter status [-c CONFIG] [--json]`.
+/// `keter restart` and the other commands that ask the running daemon over its control
+/// socket (`src/control/`): prints the daemon's answer, exits 0 when it did what was asked.
+pub fn ask(config_path: &Path, request: &crate::control::Request, json: bool) -> ExitCode {
+    let (config, problems) = Config::check(config_path);
+    let config = match config {
+        Some(c) if !problems.has_errors() => c,
+        _ => return fail_with(&strings(&problems.errors), "the configuration has errors"),
+    };
+    match crate::control::client::ask(&config.root, request) {
+        Ok(answer) if answer.ok => {
+            match (&answer.data, json) {
+                (Some(data), true) => match client::json_text(data) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => return fail(&e.to_string()),
+                },
+                (Some(data), false) => print!("{}", crate::control::client::releases_table(data)),
+                (None, _) => println!("{}", crate::applog::printable(&answer.message)),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => fail(&crate::applog::printable(&answer.message)),
+        Err(e) => fail(&e),
+    }
+}
+
 pub fn status(config_path: &Path, json: bool) -> ExitCode {
     let (config, problems) = Config::check(config_path);
     let config = match config {

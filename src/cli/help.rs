@@ -13,6 +13,11 @@ Usage:
   keter render BUNDLE [-c CONFIG]    print the Nginx file a bundle would get, without deploying
   keter bundle DIR [-o OUT.keter]    validate a bundle folder and pack it
   keter status [-c CONFIG] [--json]  show the apps of the running daemon
+  keter restart NAME [-c CONFIG]     fresh processes of an app's serving version, switched in
+                                     as a deploy is (root and deployers)
+  keter rollback NAME [RELEASE]      deploy the previous (or the named) release again
+  keter releases NAME [--json]       list an app's releases
+  keter maintenance NAME on|off      answer an app's hosts with 503 and a page, or stop
   keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
                                      roll a bundle out to several keter hosts over SSH
   keter help COMMAND                 help on one command (also: keter COMMAND --help)
@@ -28,6 +33,7 @@ Examples:
   keter check myapp.keter
   keter bundle ./myapp -o /opt/keter/incoming/myapp.keter
   keter status
+  keter restart myapp
 ";
 
 /// `keter run --help`.
@@ -118,6 +124,84 @@ Exit status: 0 when the daemon answered, 1 when it could not be reached.
 Examples:
   keter status
   keter status -c /opt/keter/etc/keter-config.yaml --json
+";
+
+/// `keter restart --help`.
+pub const RESTART: &str = "\
+keter restart NAME [-c CONFIG]: restart an app without a failed request.
+
+Asks the daemon running on the root of CONFIG (default /etc/keter/keter-config.yaml) over its
+control socket ROOT/control.sock to deploy the app's serving bundle again: fresh processes
+of every webapp and background stanza start on new ports, answer their health checks, and
+Nginx switches to them; the old ones drain and stop, as at any deploy. Waits until the new
+processes serve (or the restart failed, and the old ones go on serving) and prints how it
+ended. Touching the bundle in incoming/ does not restart an app (the same content is not
+deployed again); this command does.
+
+Root and the deployers (the members of the group that may write ROOT/incoming/, the
+package's `keter` group) may use it; apps are refused. The daemon logs each request with the
+uid that asked.
+
+Exit status: 0 restarted; 1 not restarted (no such app, nothing serves, a deploy is under
+way, the new processes failed their check) or the daemon could not be reached.
+
+Examples:
+  keter restart blog
+  keter restart blog -c /opt/keter/etc/keter-config.yaml
+";
+
+/// `keter rollback --help`.
+pub const ROLLBACK: &str = "\
+keter rollback NAME [RELEASE] [-c CONFIG]: deploy an earlier release of an app again.
+
+Asks the daemon running on the root of CONFIG (default /etc/keter/keter-config.yaml) over its
+control socket to put the kept bundle of RELEASE (a number keter releases shows; by default
+the release before the serving one, skipping releases that were rolled back) in
+ROOT/incoming/NAME.keter and deploy it, with the same readiness check and switch as any
+deploy: no request fails. incoming/ stays the source of truth, so a SIGHUP or keter started
+again keeps the rolled-back release; the release it replaced is marked rolled-back, and
+copying that bundle in again deploys it again. Waits until the release serves (or the deploy
+failed, and the serving one goes on) and prints how it ended.
+
+Root and the deployers may use it; apps are refused. Exit status: 0 rolled back; 1 not.
+
+Examples:
+  keter rollback blog
+  keter rollback blog 3
+";
+
+/// `keter maintenance --help`.
+pub const MAINTENANCE: &str = "\
+keter maintenance NAME on [--message TEXT] | off [-c CONFIG]: put an app in maintenance.
+
+On: Nginx answers every request for the app's hosts (but ACME's challenges) with 503
+Service Unavailable, Retry-After: 60 and a page with TEXT (shown as text, HTML-escaped);
+the app keeps running, so a database migration can run meanwhile. Off: Nginx routes to the
+app again. Kept across keter restarts and upgrades, and across deploys until turned off;
+shown in keter status and /api/apps/NAME (maintenance). Waits until Nginx runs the change.
+
+Root and the deployers may use it; apps are refused. Exit status: 0 done; 1 not.
+
+Examples:
+  keter maintenance blog on --message 'Back at 14:00 UTC'
+  keter maintenance blog off
+";
+
+/// `keter releases --help`.
+pub const RELEASES: &str = "\
+keter releases NAME [--json] [-c CONFIG]: list an app's releases.
+
+Every version switched to is a release: its number, the sha256 and size of its bundle (kept
+under ROOT/releases/NAME/ for the last keep-releases), when it was deployed and by whom (the
+owner of the file in incoming/), and how it ended (replaced, rolled-back,
+failed-after-switch). Newest first, then the disk the kept bundles take. --json prints them as
+/api/apps/NAME has them.
+
+Root and the deployers may use it; apps are refused.
+
+Examples:
+  keter releases blog
+  keter releases blog --json
 ";
 
 /// `keter deploy --help`.

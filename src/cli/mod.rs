@@ -34,6 +34,13 @@ pub enum Command {
     },
     /// Roll a bundle out to several hosts over SSH.
     Deploy(deploy::Plan),
+    /// Ask the running daemon over its control socket (`keter restart`, `rollback`,
+    /// `releases`).
+    Ask {
+        request: crate::control::Request,
+        config: PathBuf,
+        json: bool,
+    },
     /// Print a help text (on stdout) and exit 0.
     Help(&'static str),
     Version,
@@ -63,6 +70,10 @@ fn help_of(command: &str) -> Option<&'static str> {
         "bundle" => help::BUNDLE,
         "status" => help::STATUS,
         "deploy" => help::DEPLOY,
+        "restart" => help::RESTART,
+        "rollback" => help::ROLLBACK,
+        "releases" => help::RELEASES,
+        "maintenance" => help::MAINTENANCE,
         "help" => help::MAIN,
         _ => return None,
     })
@@ -102,6 +113,9 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             Ok(None) => Ok(Command::Help(help)),
             Err(message) => Err(Usage::new(message, help)),
         };
+    }
+    if first == "maintenance" {
+        return parse_maintenance(rest, help);
     }
     let opts = Options::parse(rest, help)?;
     if opts.help {
@@ -145,8 +159,91 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
             }),
             _ => usage("keter status takes only -c CONFIG and --json"),
         },
+        "restart" | "rollback" | "releases" => {
+            use crate::control::Request;
+            let config = opts
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let ask = |request| {
+                Ok(Command::Ask {
+                    request,
+                    config: config.clone(),
+                    json: opts.json,
+                })
+            };
+            match (
+                first.as_str(),
+                opts.positional.as_slice(),
+                opts.out.is_some(),
+            ) {
+                ("restart", [app], false) if !opts.json => {
+                    ask(Request::Restart { app: app.clone() })
+                }
+                ("restart", ..) => usage("keter restart takes one NAME and optionally -c CONFIG"),
+                ("rollback", [app], false) if !opts.json => ask(Request::Rollback {
+                    app: app.clone(),
+                    release: None,
+                }),
+                ("rollback", [app, n], false) if !opts.json => match n.parse() {
+                    Ok(n) => ask(Request::Rollback {
+                        app: app.clone(),
+                        release: Some(n),
+                    }),
+                    Err(_) => usage("RELEASE is a release's number, as keter releases shows it"),
+                },
+                ("rollback", ..) => {
+                    usage("keter rollback takes one NAME, optionally a RELEASE and -c CONFIG")
+                }
+                ("releases", [app], false) => ask(Request::Releases { app: app.clone() }),
+                _ => usage("keter releases takes one NAME, optionally --json and -c CONFIG"),
+            }
+        }
         _ => usage("unknown command"),
     }
+}
+
+/// `keter maintenance NAME on [--message TEXT] | off [-c CONFIG]`.
+fn parse_maintenance(args: &[String], help: &'static str) -> Result<Command, Usage> {
+    let usage = || {
+        Err(Usage::new(
+            "keter maintenance takes NAME on [--message TEXT] or NAME off, and optionally -c CONFIG",
+            help,
+        ))
+    };
+    let mut positional = Vec::new();
+    let (mut message, mut config) = (None, None);
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Command::Help(help)),
+            "-m" | "--message" => match args.next() {
+                Some(m) => message = Some(m.clone()),
+                None => return usage(),
+            },
+            "-c" | "--config" => match args.next() {
+                Some(c) => config = Some(PathBuf::from(c)),
+                None => return usage(),
+            },
+            _ if a.starts_with("--message=") => message = Some(a["--message=".len()..].into()),
+            _ if a.starts_with('-') => return usage(),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let on = match positional.as_slice() {
+        [_, s] if s == "on" => true,
+        [_, s] if s == "off" && message.is_none() => false,
+        _ => return usage(),
+    };
+    Ok(Command::Ask {
+        request: crate::control::Request::Maintenance {
+            app: positional[0].clone(),
+            on,
+            message,
+        },
+        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        json: false,
+    })
 }
 
 /// Runs a command other than the daemon; returns the exit code.
@@ -157,6 +254,11 @@ pub fn run(command: Command) -> ExitCode {
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
         Command::Deploy(plan) => deploy::run(&plan),
+        Command::Ask {
+            request,
+            config,
+            json,
+        } => commands::ask(&config, &request, json),
         Command::Help(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -35,6 +35,7 @@ fn site(blocks: Vec<Block>) -> Site {
         deploy: 3,
         blocks,
         files: Vec::new(),
+        maintenance: None,
     }
 }
 

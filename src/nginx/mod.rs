@@ -34,6 +34,9 @@ const MIDDLEWARE_TEMPLATE: &str = include_str!("../../templates/middleware.conf.
 const HTTP_TEMPLATE: &str = include_str!("../../templates/http.conf.tera");
 const MAIN_TEMPLATE: &str = include_str!("../../templates/nginx.conf.tera");
 
+/// Seconds a client is told to wait (`Retry-After`) while an app is in maintenance.
+pub const MAINTENANCE_RETRY_AFTER: u32 = 60;
+
 /// Folder layout of keter's Nginx files under `ROOT/nginx`.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -296,6 +299,16 @@ impl Renderer {
         ctx.insert("ip_from_header", &self.ip_from_header);
         ctx.insert("responses_dir", &self.paths.responses());
         ctx.insert("metrics", &self.metrics_view(site));
+        ctx.insert(
+            "maintenance",
+            &site.maintenance.as_ref().map(|f| {
+                serde_json::json!({
+                    "dir": files.display().to_string(),
+                    "file": f,
+                    "retry_after": MAINTENANCE_RETRY_AFTER,
+                })
+            }),
+        );
         self.render("app.conf", &ctx)
     }
 

@@ -28,6 +28,9 @@ pub struct Site {
     /// Files Nginx's workers read for this site (password files), written into
     /// `worker-files/apps/NAME/` before the configuration that names them.
     pub files: Vec<SiteFile>,
+    /// `keter maintenance NAME on`: the file (one of `files`) of the page every request gets,
+    /// with 503 (README "Releases and rollback").
+    pub maintenance: Option<String>,
 }
 
 /// A file of a site, named by its content so that a new version never overwrites the file a

@@ -241,6 +241,8 @@ impl Pages {
             nginx_conf.unwrap_or("(none: the app is not in Nginx right now)"),
         );
         ctx.insert("script", SCRIPT);
+        ctx.insert("releases", &release_rows(app));
+        ctx.insert("releases_bytes", &app.releases_bytes);
         self.render("app.html", &ctx)
     }
 
@@ -524,4 +526,48 @@ mod tests {
             "2026-11-27 14:09:53 UTC"
         );
     }
+}
+
+/// One line of the app page's releases (README "Releases and rollback").
+#[derive(serde::Serialize)]
+struct ReleaseRow {
+    number: u64,
+    sha_short: String,
+    size: u64,
+    deployed_at: String,
+    by: String,
+    ended: String,
+    reason: String,
+}
+
+/// The releases of an app, newest first.
+fn release_rows(app: &AppReport) -> Vec<ReleaseRow> {
+    app.releases
+        .iter()
+        .rev()
+        .map(|r| {
+            let mut ended = match r.ended {
+                None => "serving".to_string(),
+                Some(e) => serde_json::to_value(e)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+            };
+            if let Some(to) = r.rollback_of {
+                ended.push_str(&format!(" (rollback to release {to})"));
+            }
+            ReleaseRow {
+                number: r.number,
+                sha_short: r.sha256.chars().take(12).collect(),
+                size: r.size,
+                deployed_at: shown_time(&r.deployed_at),
+                by: match &r.deployed_by_user {
+                    Some(u) => format!("{u} ({})", r.deployed_by),
+                    None => format!("uid {}", r.deployed_by),
+                },
+                ended,
+                reason: r.reason.clone().unwrap_or_default(),
+            }
+        })
+        .collect()
 }

@@ -23,6 +23,7 @@ mod metrics;
 mod neighbours;
 mod nginx_files;
 mod postgres;
+mod releases;
 mod several_hosts;
 mod stanzas;
 mod status;

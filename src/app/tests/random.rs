@@ -97,7 +97,12 @@ impl Harness {
                 }
                 burst
             }
-            15..=17 => vec![Event::Command(Command::Stop)],
+            15..=16 => vec![Event::Command(Command::Stop)],
+            17 => {
+                let path = self.fx.bundle(1 + self.rng.below(4));
+                let (reply, _answer) = crate::app::Reply::channel();
+                vec![Event::Command(Command::Restart { path, reply })]
+            }
             18..=29 => self.prepared(),
             30..=39 => self.ready(),
             40..=49 => self.switched(),

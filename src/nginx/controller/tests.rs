@@ -234,6 +234,7 @@ fn site(app: &str, body: &str, deploy: u64) -> Site {
         deploy,
         blocks: Vec::new(),
         files: vec![SiteFile::new(body.as_bytes().to_vec(), "htpasswd")],
+        maintenance: None,
     }
 }
 

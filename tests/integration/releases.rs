@@ -1,0 +1,473 @@
+//! The commands that ask the running daemon over its control socket (README "Running keter",
+//! "Releases and rollback"): `keter restart` under continuous requests, and who may ask.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use crate::traffic::Traffic;
+
+const WAIT: Duration = Duration::from_secs(30);
+const HOST: &str = "hello.example.com";
+const PAUSE: Duration = Duration::from_millis(2);
+
+/// Runs `keter ARGS -c CONFIG` as root, or as `who` (uid and gid; std drops the other groups).
+fn keter_cmd(k: &Keter, args: &[&str], who: Option<(u32, u32)>) -> Output {
+    let mut cmd = Command::new(&k.bin);
+    cmd.args(args).arg("-c").arg(&k.config_path);
+    if let Some((uid, gid)) = who {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// An app with a webapp and a background process that runs until it is stopped.
+fn deploy_with_background(k: &Keter, version: &str) {
+    let bundle = k.dir.0.join(format!("{version}.keter"));
+    BundleBuilder::hello(&format!(
+        "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, {version}]\n    host: {HOST}\n  - type: background\n    exec: ../dist/worker.sh\n"
+    ))
+    .file("dist/worker.sh", b"#!/bin/sh\nexec sleep 600\n".to_vec(), 0o755)
+    .write(&bundle);
+    k.deploy("hello", &bundle);
+}
+
+#[test]
+fn restart_gives_every_process_a_fresh_one_without_a_failed_request() {
+    let k = Keter::start("restart");
+    deploy_with_background(&k, "v1");
+    k.wait_for(HOST, "v1", WAIT);
+    let before = k.wait_app("hello", "both processes running", WAIT, |a| {
+        a.pids().len() == 2
+    });
+    let traffic = Traffic::start(k.addr(), &[HOST], 2, 2, PAUSE);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = keter_cmd(&k, &["restart", "hello"], None);
+    let took = asked.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = traffic.stop();
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello: restarted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.failures);
+    assert!(tally.ok > 50, "too few requests went through: {}", tally.ok);
+    let after = k.app_status("hello").unwrap();
+    assert_eq!(after.deploy, Some(before.deploy.unwrap() + 1));
+    assert_eq!(after.sha256, before.sha256, "the same bundle serves");
+    assert_eq!(after.pids().len(), 2, "{after:?}");
+    for pid in before.pids() {
+        assert!(
+            !after.pids().contains(&pid),
+            "process {pid} was not replaced: {after:?}"
+        );
+    }
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    // The old processes drain and stop.
+    for pid in before.pids() {
+        assert!(wait_gone(pid, WAIT), "old process {pid} still runs");
+    }
+    k.wait_log("keter: uid 0 (root) asks: restart hello", WAIT);
+    eprintln!("keter restart took {} ms", took.as_millis());
+}
+
+#[test]
+fn touching_or_rescanning_an_unchanged_bundle_restarts_nothing() {
+    let k = Keter::start("restart-touch");
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    let bundle = k.incoming().join("hello.keter");
+    let f = fs::File::options().append(true).open(&bundle).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    k.wait_deploy_result("hello", DeployResult::Unchanged, WAIT);
+    k.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.pid_of(HOST), pid, "touching the bundle restarted the app");
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(1));
+}
+
+#[test]
+fn restart_refuses_what_it_cannot_do() {
+    let k = Keter::start("restart-refused");
+    let out = keter_cmd(&k, &["restart", "nothing"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing: no such app is deployed"),
+        "{}",
+        text(&out)
+    );
+    // A newer bundle whose deploy failed is not what a restart deploys.
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let broken = k.dir.0.join("broken.keter");
+    BundleBuilder::hello(&hello_yaml("v2", HOST, &["--crash"])).write(&broken);
+    k.deploy("hello", &broken);
+    k.wait_deploy_result("hello", DeployResult::Failed, WAIT);
+    let out = keter_cmd(&k, &["restart", "hello"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not the bundle serving"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+}
+
+/// A deployer: a user that is not root and whose group may write `incoming/` (the package's
+/// `keter` group), made once for the test binary (the same user as `attacks.rs`).
+fn deployer() -> (u32, u32) {
+    static DEPLOYER: OnceLock<(u32, u32)> = OnceLock::new();
+    *DEPLOYER.get_or_init(|| {
+        const NAME: &str = "keter-test-deployer";
+        if nix::unistd::User::from_name(NAME).unwrap().is_none() {
+            let status = Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home", "--shell"])
+                .args(["/usr/sbin/nologin", NAME])
+                .status()
+                .unwrap();
+            assert!(status.success() || nix::unistd::User::from_name(NAME).unwrap().is_some());
+        }
+        let u = nix::unistd::User::from_name(NAME).unwrap().unwrap();
+        (u.uid.as_raw(), u.gid.as_raw())
+    })
+}
+
+/// The uid and gid a process runs as.
+fn ids_of(pid: i32) -> (u32, u32) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+#[test]
+fn a_deployer_may_restart_an_app_and_an_apps_user_may_not() {
+    let mut k = Keter::start("control-access");
+    let who = deployer();
+    // incoming/ open to the deployers' group, as the package makes it; keter gives its
+    // control socket that group when it starts.
+    nix::unistd::chown(&k.incoming(), None, Some(who.1.into())).unwrap();
+    fs::set_permissions(k.incoming(), fs::Permissions::from_mode(0o2770)).unwrap();
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+
+    let out = keter_cmd(&k, &["restart", "hello"], Some(who));
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    k.wait_log(&format!("keter: uid {} (a deployer", who.0), WAIT);
+    assert_ne!(
+        k.pid_of(HOST),
+        pid,
+        "the deployer's restart restarted nothing"
+    );
+
+    // The app's own user is refused, and nothing happens.
+    let pid = k.pid_of(HOST);
+    let app = ids_of(pid);
+    assert!(app.0 >= 65536, "the app runs as {app:?}");
+    let out = keter_cmd(&k, &["restart", "hello"], Some(app));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only root and the deployers"),
+        "{}",
+        text(&out)
+    );
+    // A user who is neither, likewise.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let out = keter_cmd(
+        &k,
+        &["restart", "hello"],
+        Some((nobody.uid.as_raw(), nobody.gid.as_raw())),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(k.pid_of(HOST), pid, "a refused user restarted the app");
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(2));
+}
+
+/// `keter releases NAME --json`, as root.
+fn releases(k: &Keter, app: &str) -> serde_json::Value {
+    let out = keter_cmd(k, &["releases", app, "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+fn numbers(r: &serde_json::Value) -> Vec<u64> {
+    r["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["number"].as_u64().unwrap())
+        .collect()
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn rollback_under_requests_survives_a_rescan_and_a_restart_of_keter() {
+    let mut k = Keter::start("rollback");
+    let v1 = k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let v2 = k.deploy_hello("hello", "v2", HOST, &[]);
+    k.wait_for(HOST, "v2", WAIT);
+    let (sha1, sha2) = (sha256_of(&v1), sha256_of(&v2));
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [1, 2], "{r:#}");
+    assert_eq!(r["releases"][0]["ended"], "replaced");
+    assert_eq!(r["releases"][1]["sha256"], sha2.as_str());
+    assert_eq!(r["releases"][1]["deployed_by"], 0);
+    for sha in [&sha1, &sha2] {
+        let kept = k.root.join(format!("releases/hello/{sha}.keter"));
+        assert_eq!(
+            &sha256_of(&kept),
+            sha,
+            "{} is not the bundle",
+            kept.display()
+        );
+    }
+
+    let traffic = Traffic::start(k.addr(), &[HOST], 2, 2, PAUSE);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let out = keter_cmd(&k, &["rollback", "hello"], None);
+    let took = asked.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = traffic.stop();
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back to release 1"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.failures);
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert_eq!(sha256_of(&k.incoming().join("hello.keter")), sha1);
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [1, 2, 3], "{r:#}");
+    assert_eq!(r["releases"][1]["ended"], "rolled-back", "{r:#}");
+    assert!(
+        r["releases"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("by uid 0"),
+        "{r:#}"
+    );
+    assert_eq!(r["releases"][2]["rollback_of"], 1);
+    assert_eq!(r["releases"][2]["sha256"], sha1.as_str());
+    // Both bundles, each once.
+    assert_eq!(
+        r["releases_bytes"].as_u64().unwrap(),
+        fs::metadata(&v1).unwrap().len() + fs::metadata(&v2).unwrap().len()
+    );
+
+    // The app page lists them too.
+    let page = match k.status.clone().unwrap() {
+        keter::status::StatusAddress::Tcp(a) => {
+            keter::probe::get_tcp(a, "keter-status", "/apps/hello", WAIT)
+        }
+        keter::status::StatusAddress::Unix(p) => keter::probe::get_unix(&p, "/apps/hello", WAIT),
+    }
+    .unwrap();
+    assert!(
+        page.body.contains("id=\"releases\"") && page.body.contains("rolled-back"),
+        "{}",
+        page.body
+    );
+
+    // A rescan keeps the rolled-back release out, and so does a keter started again.
+    let deploys = k.app_status("hello").unwrap().deploy;
+    k.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert_eq!(k.app_status("hello").unwrap().deploy, deploys);
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_for(HOST, "v1", WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    let r = releases(&k, "hello");
+    assert_eq!(
+        numbers(&r),
+        [1, 2, 3],
+        "the releases did not survive: {r:#}"
+    );
+    // Copying the bad bundle in again is an explicit act: it deploys.
+    k.deploy("hello", &v2);
+    k.wait_for(HOST, "v2", WAIT);
+    assert_eq!(numbers(&releases(&k, "hello")), [1, 2, 3, 4]);
+    eprintln!("keter rollback took {} ms", took.as_millis());
+}
+
+#[test]
+fn keep_releases_bounds_the_bundles_kept() {
+    let k = Keter::start_with(
+        "keep-releases",
+        Opts {
+            extra: "keep-releases: 2\n".into(),
+            ..Opts::default()
+        },
+    );
+    let mut bundles = Vec::new();
+    for v in ["v1", "v2", "v3", "v4"] {
+        bundles.push(k.deploy_hello("hello", v, HOST, &[]));
+        k.wait_for(HOST, v, WAIT);
+    }
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [3, 4], "{r:#}");
+    let mut kept: Vec<String> = fs::read_dir(k.root.join("releases/hello"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".keter"))
+        .collect();
+    kept.sort();
+    let mut want: Vec<String> = bundles[2..]
+        .iter()
+        .map(|b| format!("{}.keter", sha256_of(b)))
+        .collect();
+    want.sort();
+    assert_eq!(kept, want);
+    // Release 1 is gone: it cannot be rolled back to; release 3 can.
+    let out = keter_cmd(&k, &["rollback", "hello", "1"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no release 1 is kept"),
+        "{}",
+        text(&out)
+    );
+    let out = keter_cmd(&k, &["rollback", "hello", "3"], None);
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v3");
+    // The table for people.
+    let out = keter_cmd(&k, &["releases", "hello"], None);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("serving (rollback to release 3)"), "{table}");
+    assert!(table.contains("rolled-back"), "{table}");
+}
+
+/// The whole answer (status line, headers, body) to `GET /` for `host`.
+fn raw_get(k: &Keter, host: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(k.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The flag that stops [`requests`], and its thread.
+type Requests = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<(u32, u32, Vec<String>)>,
+);
+
+/// Requests for `HOST` until the returned flag is set: each must get the app (`v1`) or the
+/// maintenance page; the thread returns how many got each and what else came.
+fn requests(addr: std::net::SocketAddr) -> Requests {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let (mut app, mut page, mut other) = (0u32, 0u32, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match keter::probe::get_tcp(addr, HOST, "/", Duration::from_secs(5)) {
+                Ok(r) if r.status == 200 && r.body.trim() == "v1" => app += 1,
+                Ok(r) if r.status == 503 && r.body.contains("Back at 14:00") => page += 1,
+                r => other.push(format!("{r:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (app, page, other)
+    });
+    (stop, thread)
+}
+
+fn stopped((stop, thread): Requests) -> (u32, u32) {
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (app, page, other) = thread.join().unwrap();
+    assert!(other.is_empty(), "{other:?}");
+    (app, page)
+}
+
+#[test]
+fn maintenance_answers_503_with_the_page_while_the_app_runs_and_survives_a_restart_of_keter() {
+    let mut k = Keter::start("maintenance");
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    let running = requests(k.addr());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = keter_cmd(
+        &k,
+        &[
+            "maintenance",
+            "hello",
+            "on",
+            "--message",
+            "Back at 14:00 <b>UTC</b> & soon",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    // Nginx runs it when the command returns.
+    let answer = raw_get(&k, HOST);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After: 60"), "{answer}");
+    assert!(
+        answer.contains("Back at 14:00 &lt;b&gt;UTC&lt;/b&gt; &amp; soon"),
+        "{answer}"
+    );
+    let (app, page) = stopped(running);
+    assert!(app > 10 && page > 10, "app {app}, page {page}");
+    assert!(alive(pid), "the app was stopped");
+    let status = k.app_status("hello").unwrap();
+    assert_eq!(status.state, "running", "the app keeps running: {status:?}");
+    k.wait_log("keter: uid 0 (root) asks: maintenance hello on", WAIT);
+
+    // Kept across a restart of keter.
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_serving("hello", WAIT);
+    let answer = raw_get(&k, HOST);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+
+    let running = requests(k.addr());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = keter_cmd(&k, &["maintenance", "hello", "off"], None);
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    let (app, page) = stopped(running);
+    assert!(app > 10 && page > 10, "app {app}, page {page}");
+}
