@@ -53,6 +53,9 @@ pub struct Config {
     pub readiness_timeout: Duration,
     pub drain_time: Duration,
     pub stop_timeout: Duration,
+    /// The health checks of serving webapps (README "Supervision", "Health while serving"):
+    /// the defaults of the stanzas that do not set their own.
+    pub health: HealthChecks,
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
@@ -75,6 +78,30 @@ pub struct Config {
     pub client_max_body_size: u64,
     /// Keter's `*-response-file` pages.
     pub responses: ResponseFiles,
+}
+
+/// How often a serving webapp's health check runs, how many failures in a row make it
+/// unhealthy, and how long one check may take (`health-check-interval`,
+/// `health-check-failures`, `health-check-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthChecks {
+    /// Zero: no checks.
+    pub interval: Duration,
+    pub failures: u32,
+    pub timeout: Duration,
+}
+
+impl Default for HealthChecks {
+    /// Every 10 s, 3 failures, 5 s each: a Warp or Rails app answers a health check in
+    /// milliseconds, so one check every 10 s costs it nothing, and a hung app is out of
+    /// service within about 35 s (three intervals plus a timeout).
+    fn default() -> HealthChecks {
+        HealthChecks {
+            interval: Duration::from_secs(10),
+            failures: 3,
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How keter runs and reaches Nginx.
@@ -262,6 +289,7 @@ fn from_tree(
     let allowed_static_roots = read_allowed_static_roots(&mut f, base, problems);
     let client_max_body_size = f.size("client-max-body-size", problems).unwrap_or(0);
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
+    let health = read_health(&mut f, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
     let acme_webroot = f
@@ -293,6 +321,7 @@ fn from_tree(
         readiness_timeout,
         drain_time,
         stop_timeout,
+        health,
         port_range: port_range?,
         limits,
         postgres,
@@ -428,8 +457,41 @@ fn seconds_or(
     }
 }
 
+/// The global defaults of the health checks.
+fn read_health(f: &mut Fields, problems: &mut Problems) -> HealthChecks {
+    let d = HealthChecks::default();
+    let timeout = seconds_or(f, "health-check-timeout", d.timeout.as_secs_f64(), problems);
+    if timeout.is_zero() {
+        problems.error(
+            f.path("health-check-timeout"),
+            "must be more than 0 seconds (health-check-interval: 0 turns the checks off)",
+        );
+    }
+    HealthChecks {
+        interval: seconds_or(
+            f,
+            "health-check-interval",
+            d.interval.as_secs_f64(),
+            problems,
+        ),
+        failures: match f.uint("health-check-failures", 1000, problems) {
+            Some(0) => {
+                problems.error(f.path("health-check-failures"), "must be at least 1");
+                d.failures
+            }
+            Some(n) => n as u32,
+            None => d.failures,
+        },
+        timeout: if timeout.is_zero() {
+            d.timeout
+        } else {
+            timeout
+        },
+    }
+}
+
 /// A non-negative number of seconds below a day (fractions allowed: tests use short times).
-fn seconds(v: &Value) -> Option<f64> {
+pub(crate) fn seconds(v: &Value) -> Option<f64> {
     let s = match v {
         Value::Number(n) => n.as_f64()?,
         Value::String(s) => s.trim().parse().ok()?,

@@ -14,6 +14,7 @@ mod adopt;
 mod deploy;
 mod error;
 mod freeze;
+mod health;
 mod machine;
 mod record;
 mod site;
@@ -191,6 +192,16 @@ trait Effects {
     fn log_lines_dropped(&self) -> u64;
     /// Answers the daemon's freeze or snapshot.
     fn answer(&mut self, reply: Sender<()>);
+    /// The global defaults of the health checks (`keter-config.yaml`).
+    fn health_defaults(&self) -> crate::config::HealthChecks;
+    /// Starts one health check off the worker's thread; [`Event::Checked`] comes back.
+    fn health_check(&mut self, check: health::HealthCheck);
+    /// Starts the stage that stops a process group that is not part of a version being
+    /// stopped (an unhealthy webapp replaced, a fresh one not ready): SIGTERM, SIGKILL at
+    /// `stop-timeout`; [`Event::Reaped`] comes back.
+    fn stop_process(&mut self, pid: i32);
+    /// An unhealthy webapp was replaced (counted for `/metrics`).
+    fn health_replaced(&mut self);
 }
 
 /// The daemon's handle on one app's worker thread.

@@ -431,6 +431,11 @@ fn describe(e: &Event) -> String {
         Event::Handover(Handover::Freeze(_)) => "freeze".into(),
         Event::Handover(Handover::Snapshot(_)) => "snapshot".into(),
         Event::Handover(Handover::Thaw) => "thaw".into(),
+        Event::Checked {
+            proc, seq, outcome, ..
+        } => {
+            format!("checked {proc} #{seq} {}", outcome.result.is_ok())
+        }
         Event::Tick => "tick".into(),
     }
 }
