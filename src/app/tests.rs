@@ -78,8 +78,9 @@ struct Fake {
     hosts_used: Option<std::collections::BTreeSet<String>>,
     /// The global health checks.
     health: crate::config::HealthChecks,
-    /// Health checks started.
+    /// Health checks started, and when.
     checks: Vec<HealthCheck>,
+    checks_started: Vec<Instant>,
     /// Processes handed to a stage that stops them (replaced, or fresh and not ready).
     stopped_pids: Vec<i32>,
     /// Unhealthy webapps replaced.
@@ -129,6 +130,7 @@ impl Fake {
                 ..crate::config::HealthChecks::default()
             },
             checks: Vec::new(),
+            checks_started: Vec::new(),
             stopped_pids: Vec::new(),
             replaced: 0,
         }
@@ -286,6 +288,7 @@ impl Effects for Fake {
     }
     fn health_check(&mut self, check: HealthCheck) {
         self.checks.push(check);
+        self.checks_started.push(self.now);
     }
     fn stop_process(&mut self, pid: i32) {
         self.stopped_pids.push(pid);
