@@ -57,6 +57,55 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
 
     family(
         &mut out,
+        "keter_app_health_replacements_total",
+        "counter",
+        "Unhealthy webapp processes replaced by a fresh one since keter started.",
+    );
+    for (app, n) in reports.health_replacements() {
+        sample(
+            &mut out,
+            "keter_app_health_replacements_total",
+            &[("app", &app)],
+            n,
+        );
+    }
+
+    family(
+        &mut out,
+        "keter_app_unhealthy",
+        "gauge",
+        "Webapp processes of an app that failed health-check-failures checks in a row and are not replaced yet.",
+    );
+    for app in &apps {
+        let n = app
+            .processes
+            .iter()
+            .filter(|p| matches!(p.health, Some("unhealthy" | "replacing")))
+            .count() as u64;
+        sample(&mut out, "keter_app_unhealthy", &[("app", &app.name)], n);
+    }
+
+    family(
+        &mut out,
+        "keter_app_health_check_seconds",
+        "gauge",
+        "How long the last health check of a webapp process took.",
+    );
+    for app in &apps {
+        for p in &app.processes {
+            if let Some(ms) = p.health_latency_ms {
+                sample(
+                    &mut out,
+                    "keter_app_health_check_seconds",
+                    &[("app", &app.name), ("stanza", &p.stanza.to_string())],
+                    ms as f64 / 1000.0,
+                );
+            }
+        }
+    }
+
+    family(
+        &mut out,
         "keter_apps",
         "gauge",
         "Apps known to keter, by state.",
