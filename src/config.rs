@@ -93,8 +93,8 @@ pub struct HealthChecks {
 
 impl Default for HealthChecks {
     /// Every 10 s, 3 failures, 5 s each: a Warp or Rails app answers a health check in
-    /// milliseconds, so one check every 10 s costs it nothing, and a hung app is out of
-    /// service within about 35 s (three intervals plus a timeout).
+    /// milliseconds, so one check every 10 s costs it nothing, and a hung app is replaced
+    /// within about 45 s (three checks 15 s apart: README "Measured").
     fn default() -> HealthChecks {
         HealthChecks {
             interval: Duration::from_secs(10),
@@ -942,6 +942,40 @@ mod tests {
                 .contains("cannot be written into an Nginx file"),
             "{:?}",
             p.errors
+        );
+    }
+
+    #[test]
+    fn health_checks_default_and_are_read() {
+        let (c, p) = check("root: /r\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let h = c.unwrap().health;
+        assert_eq!(
+            (h.interval, h.failures, h.timeout),
+            (Duration::from_secs(10), 3, Duration::from_secs(5))
+        );
+        let (c, p) = check(
+            "root: /r\nhealth-check-interval: 0.3\nhealth-check-failures: 2\nhealth-check-timeout: 0.5\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let h = c.unwrap().health;
+        assert_eq!(
+            (h.interval, h.failures, h.timeout),
+            (Duration::from_millis(300), 2, Duration::from_millis(500))
+        );
+        let (_, p) = check("root: /r\nhealth-check-failures: 0\nhealth-check-timeout: 0\n");
+        let messages: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("health-check-failures: must be at least 1")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("health-check-timeout: must be more than 0")),
+            "{messages:?}"
         );
     }
 

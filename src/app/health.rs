@@ -502,6 +502,8 @@ impl Machine {
         let Some(r) = p.health.replacement.take() else {
             return;
         };
+        // Its check is over: forgotten.
+        fx.cancel(r.id);
         let old = p.running().map(|r| r.pid).unwrap_or(0);
         if let Err(e) = result {
             let delay = p.health.backoff.failed(Duration::ZERO);

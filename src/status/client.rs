@@ -152,7 +152,10 @@ pub fn table(api: &Value) -> Result<String, String> {
             })
             .collect();
         for p in &processes {
-            let failures = p.get("health_failures").and_then(Value::as_u64).unwrap_or(0);
+            let failures = p
+                .get("health_failures")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
             if failures > 0 {
                 errors.push(format!(
                     "{name}: webapp {} (pid {}, port {}) is {} after {failures} failed health checks in a row{}",

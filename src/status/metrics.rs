@@ -244,8 +244,22 @@ mod tests {
         reports.deploy_finished(DeployResult::Failed, Duration::from_secs(1));
         let app = AppName::new("hello").unwrap();
         reports.restarted(&app);
+        reports.health_replaced(&app);
         let mut r = AppReport::new(&app);
         r.log_lines_dropped = 4;
+        let webapp = |health, latency| crate::report::ProcessReport {
+            kind: "webapp",
+            stanza: 0,
+            port: Some(4000),
+            pid: Some(42),
+            restarts: 0,
+            health: Some(health),
+            health_latency_ms: latency,
+            health_failures: 0,
+            health_error: None,
+            health_replacements: 1,
+        };
+        r.processes = vec![webapp("replacing", None), webapp("healthy", Some(1500))];
         reports.publish(r);
         let nginx = NginxCounters::default();
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
@@ -265,6 +279,9 @@ mod tests {
             "keter_apps{state=\"starting\"} 1",
             "keter_apps{state=\"running\"} 0",
             "keter_app_log_lines_dropped_total{app=\"hello\"} 4",
+            "keter_app_health_replacements_total{app=\"hello\"} 1",
+            "keter_app_unhealthy{app=\"hello\"} 1",
+            "keter_app_health_check_seconds{app=\"hello\",stanza=\"0\"} 1.5",
             "keter_nginx_reloads_total 2",
             "# TYPE keter_deploy_duration_seconds histogram",
         ] {

@@ -21,8 +21,9 @@ fn keter(label: &str) -> Keter {
         label,
         Opts {
             stop_timeout: 1.0,
-            extra: "health-check-interval: 0.3\nhealth-check-failures: 2\nhealth-check-timeout: 0.5\n"
-                .into(),
+            extra:
+                "health-check-interval: 0.3\nhealth-check-failures: 2\nhealth-check-timeout: 0.5\n"
+                    .into(),
             ..Opts::default()
         },
     )
@@ -30,12 +31,9 @@ fn keter(label: &str) -> Keter {
 
 /// Waits until the app's webapp is another process than `old`; returns its status then.
 fn wait_replaced(k: &Keter, old: i32) -> AppStatus {
-    k.wait_app(
-        "hello",
-        &format!("pid {old} replaced"),
-        WAIT,
-        |s| s.pids().first().is_some_and(|p| *p != old),
-    )
+    k.wait_app("hello", &format!("pid {old} replaced"), WAIT, |s| {
+        s.pids().first().is_some_and(|p| *p != old)
+    })
 }
 
 /// One request of the client: when it was sent, and what came back (`None`: no answer).
@@ -64,10 +62,9 @@ fn a_hung_app_is_replaced_and_only_requests_sent_to_it_before_the_switch_fail() 
                 let sent = sent.clone();
                 requests.push(std::thread::spawn(move || {
                     let at = Instant::now();
-                    let answer =
-                        keter::probe::get_tcp(addr, HOST, "/pid", Duration::from_secs(20))
-                            .ok()
-                            .map(|r| (r.status, r.body.trim().to_string()));
+                    let answer = keter::probe::get_tcp(addr, HOST, "/pid", Duration::from_secs(20))
+                        .ok()
+                        .map(|r| (r.status, r.body.trim().to_string()));
                     sent.lock().unwrap().push(Sent { at, answer });
                 }));
                 std::thread::sleep(Duration::from_millis(50));
@@ -86,7 +83,10 @@ fn a_hung_app_is_replaced_and_only_requests_sent_to_it_before_the_switch_fail() 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     client.join().unwrap();
     // The hung one is stopped (its requests end with it); the fresh one serves.
-    assert!(wait_gone(hung, Duration::from_secs(5)), "pid {hung} still runs");
+    assert!(
+        wait_gone(hung, Duration::from_secs(5)),
+        "pid {hung} still runs"
+    );
     let sent = sent.lock().unwrap();
     // Nginx's workers from before the reload may still accept a connection for a moment
     // after it (`Keter::wait_for`); those are the hung process's too.
@@ -130,13 +130,13 @@ fn a_stopped_webapp_is_replaced_the_same_way() {
     let k = keter("health-sigstop");
     k.deploy_hello("hello", "v1", HOST, &[]);
     k.wait_for(HOST, "v1", WAIT);
-    let status = k.wait_app(
-        "hello",
-        "a healthy webapp",
-        WAIT,
-        |s| s.processes[0].health.as_deref() == Some("healthy"),
+    let status = k.wait_app("hello", "a healthy webapp", WAIT, |s| {
+        s.processes[0].health.as_deref() == Some("healthy")
+    });
+    assert!(
+        status.processes[0].health_latency_ms.is_some(),
+        "{status:?}"
     );
-    assert!(status.processes[0].health_latency_ms.is_some(), "{status:?}");
     let stopped = k.pid_of(HOST);
     kill(Pid::from_raw(stopped), Signal::SIGSTOP).unwrap();
     let began = Instant::now();
@@ -147,7 +147,10 @@ fn a_stopped_webapp_is_replaced_the_same_way() {
     assert_eq!(k.pid_of(HOST), fresh);
     // Stopped by a stage once Nginx routes to the fresh one (its group is sent SIGCONT with
     // the SIGTERM, SIGKILL at stop-timeout).
-    assert!(wait_gone(stopped, Duration::from_secs(10)), "pid {stopped} still runs");
+    assert!(
+        wait_gone(stopped, Duration::from_secs(10)),
+        "pid {stopped} still runs"
+    );
     k.wait_log(&format!("stopped pid {stopped} (replaced)"), WAIT);
     let log = k.log();
     let switched = log.find("Nginx routes to ports").expect("no switch logged");
