@@ -17,7 +17,12 @@ use support::*;
 const HOST: &str = "hello.example.com";
 
 fn main() {
-    let what = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    // `cargo bench` adds `--bench` to the arguments.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let what = args.first().cloned();
     if what.as_deref().is_none_or(|w| w == "hang") {
         println!("1. a webapp that hangs (accepts, never answers) until it serves again");
         hang_to_serving("defaults (10 s, 3 failures, 5 s)", "");
@@ -27,8 +32,8 @@ fn main() {
         );
     }
     if what.as_deref().is_none_or(|w| w == "cost") {
-        let apps: usize = std::env::args()
-            .nth(2)
+        let apps: usize = args
+            .get(1)
             .map(|a| a.parse().expect("cost APPS: a number of apps"))
             .unwrap_or(200);
         println!("2. keter's CPU time over 60 s with {apps} apps serving");
