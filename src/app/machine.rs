@@ -257,6 +257,9 @@ pub(super) struct Machine {
     /// out of Nginx) as soon as no switch is in flight, a deploy under way or not
     /// (`supervise.rs`, `watch_ports`).
     pub reroute_due: bool,
+    /// A health check's result changed what the report shows: the step publishes (a result
+    /// that changed nothing does not, as a tick that only looked does not).
+    pub health_news: bool,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -305,6 +308,7 @@ impl Machine {
             rewrite_due: false,
             refresh_retry_at: None,
             reroute_due: false,
+            health_news: false,
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -420,7 +424,7 @@ impl Machine {
         let mut handled = false;
         let mut events = events.into_iter();
         while let Some(e) = events.next() {
-            handled |= !matches!(e, Event::Tick);
+            handled |= !matches!(e, Event::Tick | Event::Checked { .. });
             match e {
                 Event::Command(first) if self.resting.is_none() && !self.frozen => {
                     self.commands += 1;
@@ -457,7 +461,8 @@ impl Machine {
         // A tick that only looked changed nothing to publish (the looks at a port every
         // PORT_WATCH while a webapp waits for its restart would otherwise rebuild the report
         // and the record each time).
-        if self.tick(fx) || handled {
+        let news = std::mem::take(&mut self.health_news);
+        if self.tick(fx) || handled || news {
             self.publish(fx);
         }
         if self.quiet()
