@@ -4,8 +4,13 @@
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
 //!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
-//!       [--keep-open] [--log-requests] [--wait-for-port]
+//!       [--keep-open] [--log-requests] [--wait-for-port] [--hang-after N]
 //! ```
+//!
+//! `--hang-after N` answers N requests, then accepts connections and reads requests but never
+//! answers again, as a Warp app whose database pool is exhausted does; only on its first start
+//! in its folder (it leaves a marker file there): a fresh process that keter starts in its
+//! place serves.
 //!
 //! `--home-kb N` makes `/` a home page of N KiB sent in chunks, as Warp streams a Yesod page;
 //! `--keep-open` keeps every connection open after an answer, even when the client asked to
@@ -49,6 +54,7 @@ struct Options {
     keep_open: bool,
     log_requests: bool,
     wait_for_port: bool,
+    hang_after: Option<u64>,
 }
 
 fn options() -> Options {
@@ -65,6 +71,7 @@ fn options() -> Options {
         keep_open: false,
         log_requests: false,
         wait_for_port: false,
+        hang_after: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -96,6 +103,13 @@ fn options() -> Options {
             "--keep-open" => o.keep_open = true,
             "--log-requests" => o.log_requests = true,
             "--wait-for-port" => o.wait_for_port = true,
+            "--hang-after" => {
+                o.hang_after = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--hang-after N"),
+                )
+            }
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -112,7 +126,7 @@ const SIGTERM: i32 = 15;
 const SIG_IGN: usize = 1;
 
 fn main() {
-    let o = options();
+    let mut o = options();
     println!("hello {}: starting, pid {}", o.version, std::process::id());
     if o.ignore_term {
         // SAFETY: installing SIG_IGN has no handler code to run.
@@ -129,6 +143,14 @@ fn main() {
             std::process::exit(4);
         }
         std::fs::write(marker, "").expect("write the marker file");
+    }
+    if o.hang_after.is_some() {
+        let marker = std::path::Path::new("hello-hung-once");
+        if marker.exists() {
+            o.hang_after = None;
+        } else {
+            std::fs::write(marker, "").expect("write the marker file");
+        }
     }
     if o.crash {
         eprintln!("hello {}: crashing on purpose", o.version);
@@ -156,12 +178,28 @@ fn main() {
     let version = o.version.clone();
     let status = o.status;
     let (home_kb, keep_open, log_requests) = (o.home_kb, o.keep_open, o.log_requests);
+    let hang = HANG.get_or_init(|| (o.hang_after, std::sync::atomic::AtomicU64::new(0)));
+    if let Some(n) = hang.0 {
+        println!("hello {}: hanging after {n} requests", o.version);
+    }
     for stream in listener.incoming().flatten() {
         let version = version.clone();
         std::thread::spawn(move || {
             serve(stream, &version, status, home_kb, keep_open, log_requests)
         });
     }
+}
+
+/// `--hang-after N`, and the requests answered so far.
+static HANG: std::sync::OnceLock<(Option<u64>, std::sync::atomic::AtomicU64)> =
+    std::sync::OnceLock::new();
+
+/// True once `--hang-after N` requests were answered: this one is never answered.
+fn hung() -> bool {
+    let Some((Some(n), count)) = HANG.get() else {
+        return false;
+    };
+    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= *n
 }
 
 fn serve(
@@ -245,6 +283,13 @@ fn serve(
             .to_string();
         if log_requests {
             println!("request {target}");
+        }
+        if hung() {
+            // Accepted and read, never answered: the connection stays open until the client
+            // or the process goes.
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         if target == "/" && home_kb > 0 {
             let head = format!(

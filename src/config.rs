@@ -60,6 +60,9 @@ pub struct Config {
     pub readiness_timeout: Duration,
     pub drain_time: Duration,
     pub stop_timeout: Duration,
+    /// The health checks of serving webapps (README "Supervision", "Health while serving"):
+    /// the defaults of the stanzas that do not set their own.
+    pub health: HealthChecks,
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
@@ -85,6 +88,30 @@ pub struct Config {
     pub keep_releases: usize,
     /// Keter's `*-response-file` pages.
     pub responses: ResponseFiles,
+}
+
+/// How often a serving webapp's health check runs, how many failures in a row make it
+/// unhealthy, and how long one check may take (`health-check-interval`,
+/// `health-check-failures`, `health-check-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthChecks {
+    /// Zero: no checks.
+    pub interval: Duration,
+    pub failures: u32,
+    pub timeout: Duration,
+}
+
+impl Default for HealthChecks {
+    /// Every 10 s, 3 failures, 5 s each: a Warp or Rails app answers a health check in
+    /// milliseconds, so one check every 10 s costs it nothing, and a hung app is replaced
+    /// within about 45 s (three checks 15 s apart: README "Measured").
+    fn default() -> HealthChecks {
+        HealthChecks {
+            interval: Duration::from_secs(10),
+            failures: 3,
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How keter runs and reaches Nginx.
@@ -284,6 +311,7 @@ fn from_tree(
         None => DEFAULT_KEEP_RELEASES,
     };
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
+    let health = read_health(&mut f, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
     let acme_webroot = f
@@ -316,6 +344,7 @@ fn from_tree(
         readiness_timeout,
         drain_time,
         stop_timeout,
+        health,
         port_range: port_range?,
         limits,
         postgres,
@@ -452,8 +481,41 @@ fn seconds_or(
     }
 }
 
+/// The global defaults of the health checks.
+fn read_health(f: &mut Fields, problems: &mut Problems) -> HealthChecks {
+    let d = HealthChecks::default();
+    let timeout = seconds_or(f, "health-check-timeout", d.timeout.as_secs_f64(), problems);
+    if timeout.is_zero() {
+        problems.error(
+            f.path("health-check-timeout"),
+            "must be more than 0 seconds (health-check-interval: 0 turns the checks off)",
+        );
+    }
+    HealthChecks {
+        interval: seconds_or(
+            f,
+            "health-check-interval",
+            d.interval.as_secs_f64(),
+            problems,
+        ),
+        failures: match f.uint("health-check-failures", 1000, problems) {
+            Some(0) => {
+                problems.error(f.path("health-check-failures"), "must be at least 1");
+                d.failures
+            }
+            Some(n) => n as u32,
+            None => d.failures,
+        },
+        timeout: if timeout.is_zero() {
+            d.timeout
+        } else {
+            timeout
+        },
+    }
+}
+
 /// A non-negative number of seconds below a day (fractions allowed: tests use short times).
-fn seconds(v: &Value) -> Option<f64> {
+pub(crate) fn seconds(v: &Value) -> Option<f64> {
     let s = match v {
         Value::Number(n) => n.as_f64()?,
         Value::String(s) => s.trim().parse().ok()?,
@@ -904,6 +966,40 @@ mod tests {
                 .contains("cannot be written into an Nginx file"),
             "{:?}",
             p.errors
+        );
+    }
+
+    #[test]
+    fn health_checks_default_and_are_read() {
+        let (c, p) = check("root: /r\n");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let h = c.unwrap().health;
+        assert_eq!(
+            (h.interval, h.failures, h.timeout),
+            (Duration::from_secs(10), 3, Duration::from_secs(5))
+        );
+        let (c, p) = check(
+            "root: /r\nhealth-check-interval: 0.3\nhealth-check-failures: 2\nhealth-check-timeout: 0.5\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let h = c.unwrap().health;
+        assert_eq!(
+            (h.interval, h.failures, h.timeout),
+            (Duration::from_millis(300), 2, Duration::from_millis(500))
+        );
+        let (_, p) = check("root: /r\nhealth-check-failures: 0\nhealth-check-timeout: 0\n");
+        let messages: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("health-check-failures: must be at least 1")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("health-check-timeout: must be more than 0")),
+            "{messages:?}"
         );
     }
 

@@ -152,6 +152,17 @@ pub struct ProcessReport {
     /// `None` while it waits for a restart (or gave up).
     pub pid: Option<i32>,
     pub restarts: u64,
+    /// A webapp's health while it serves (README "Supervision"): `unchecked`, `healthy`,
+    /// `failing`, `unhealthy` or `replacing`; `None` for a background process.
+    pub health: Option<&'static str>,
+    /// How long its last health check took.
+    pub health_latency_ms: Option<u64>,
+    /// Failed health checks in a row.
+    pub health_failures: u32,
+    /// Why the last health check failed, while it fails.
+    pub health_error: Option<String>,
+    /// Times a fresh process took over from an unhealthy one in this place.
+    pub health_replacements: u64,
 }
 
 /// Everything known about one app.
@@ -299,6 +310,8 @@ pub struct Reports {
     pub readiness_wait: Histogram,
     /// Crash restarts, by app, since keter started.
     restarts: Mutex<BTreeMap<String, u64>>,
+    /// Unhealthy webapps replaced, by app, since keter started.
+    health_replacements: Mutex<BTreeMap<String, u64>>,
     /// Each app's log handle, for reading its recent lines (the worker owns the log; this is
     /// a second handle on the same in-memory tail).
     logs: Mutex<BTreeMap<String, AppLog>>,
@@ -389,6 +402,22 @@ impl Reports {
             .get(app)
             .map(|l| l.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    pub fn health_replaced(&self, app: &AppName) {
+        let mut r = self
+            .health_replacements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *r.entry(app.to_string()).or_default() += 1;
+    }
+
+    /// Unhealthy webapps replaced, by app, since keter started.
+    pub fn health_replacements(&self) -> BTreeMap<String, u64> {
+        self.health_replacements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Every app, by name.

@@ -83,6 +83,15 @@ pub const DEPLOY_RETRY: Backoff = Backoff::new(
     Duration::MAX,
 );
 
+/// A fresh process started in place of an unhealthy webapp that did not become ready (README
+/// "Supervision", health while serving): the unhealthy one stays, and a fresh one is tried
+/// again after 10 s, doubling up to 5 minutes, until one is ready or the old one recovers.
+pub const HEALTH_REPLACEMENT: Backoff = Backoff::new(
+    Duration::from_secs(10),
+    Duration::from_secs(300),
+    Duration::MAX,
+);
+
 /// An app's worker that could not start (no thread, or no descriptor for its log, say while
 /// keter is out of descriptors): its bundle is tried again after 1 s, doubling up to a
 /// minute, until the worker starts or the bundle is gone.

@@ -75,6 +75,13 @@ pub(super) enum Event {
     SiteRemoved {
         result: Result<u64, crate::nginx::NginxError>,
     },
+    /// Health check `seq` of process `proc` of version `version` is done (`health.rs`).
+    Checked {
+        version: u64,
+        proc: usize,
+        seq: u64,
+        outcome: super::health::Outcome,
+    },
     /// Stop everything and end the worker.
     Shutdown,
     /// A step of an in-place upgrade (`freeze.rs`).
@@ -260,6 +267,9 @@ pub(super) struct Machine {
     pub maintenance: Option<super::maintenance::Maintenance>,
     /// The operator waiting for maintenance to reach Nginx.
     pub maintenance_reply: Option<Reply>,
+    /// A health check's result changed what the report shows: the step publishes (a result
+    /// that changed nothing does not, as a tick that only looked does not).
+    pub health_news: bool,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -311,6 +321,7 @@ impl Machine {
             releases: Default::default(),
             maintenance: None,
             maintenance_reply: None,
+            health_news: false,
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -343,7 +354,12 @@ impl Machine {
         let refresh = self
             .site_wanted()
             .then(|| self.refresh_retry_at.unwrap_or(now));
-        restarts.chain(drains).chain(retry).chain(refresh).min()
+        restarts
+            .chain(drains)
+            .chain(retry)
+            .chain(refresh)
+            .chain(self.health_deadline())
+            .min()
     }
 
     /// True when the serving version's site is to be rendered again: for a new certificate
@@ -421,7 +437,7 @@ impl Machine {
         let mut handled = false;
         let mut events = events.into_iter();
         while let Some(e) = events.next() {
-            handled |= !matches!(e, Event::Tick);
+            handled |= !matches!(e, Event::Tick | Event::Checked { .. });
             match e {
                 Event::Command(first) if self.resting.is_none() && !self.frozen => {
                     self.commands += 1;
@@ -458,7 +474,8 @@ impl Machine {
         // A tick that only looked changed nothing to publish (the looks at a port every
         // PORT_WATCH while a webapp waits for its restart would otherwise rebuild the report
         // and the record each time).
-        if self.tick(fx) || handled {
+        let news = std::mem::take(&mut self.health_news);
+        if self.tick(fx) || handled || news {
             self.publish(fx);
         }
         if self.quiet()
@@ -492,12 +509,14 @@ impl Machine {
     /// | any | `Shutdown` | [`Machine::stop`] and end |
     /// | Deploying/Stopping{Unpacking} of the same id | `Prepared` | [`Machine::prepared`] |
     /// | Deploying{Readiness} of the same version | `Ready` | switch, or fail the candidate |
+    /// | Serving, settled | `Ready` of a fresh process replacing an unhealthy one | `health.rs`: switch to it, or keep the old one and retry |
     /// | Deploying/Stopping{Switching} of the same version | `Switched` | [`Machine::switched`] |
     /// | Deploying{Readiness} | `Exited` of a candidate's webapp | fail the candidate |
     /// | any | `Exited` | [`Machine::exited`]: restart policy, or accounted for |
     /// | Leaving | `SiteRemoved` | [`Machine::left_nginx`]: its versions handed to be stopped |
     /// | any | `Discarded`, `Reaped` | in flight no more; a stop may be complete |
     /// | any | `Certificate` | `refresh_due` |
+    /// | any | `Checked` | `health.rs`: counted only while settled and not late |
     /// | any | `Tick` | none here: [`Machine::tick`] runs after every step |
     pub fn on(&mut self, event: Event, fx: &mut dyn Effects) {
         if let Some(later) = &mut self.resting {
@@ -546,7 +565,12 @@ impl Machine {
                     Err(e) => self.fail_candidate(End::Failed(e), fx),
                 }
             }
-            (_, Event::Ready { .. }) => {}
+            (_, Event::Ready { version, result }) => {
+                // A fresh process in place of an unhealthy one; else stale.
+                if let Some(i) = self.replacing(version) {
+                    self.replacement_ready(i, result, fx)
+                }
+            }
             (At::Deploy(_, StageAt::Switching(c)), Event::Switched { version, result })
                 if c == version =>
             {
@@ -587,6 +611,15 @@ impl Machine {
                 );
                 self.refresh_due = true;
             }
+            (
+                _,
+                Event::Checked {
+                    version,
+                    proc,
+                    seq,
+                    outcome,
+                },
+            ) => self.checked(version, proc, seq, outcome, fx),
             (_, Event::Tick) => {}
         }
     }
@@ -990,7 +1023,8 @@ impl Machine {
 
     /// Hands a version to a stage that stops its processes, gives its ports back and deletes
     /// its folder; [`Event::Discarded`] comes back.
-    pub(super) fn discard(&mut self, version: Box<Version>, fx: &mut dyn Effects) {
+    pub(super) fn discard(&mut self, mut version: Box<Version>, fx: &mut dyn Effects) {
+        self.drop_replacements(&mut version, fx);
         self.discarding.push(version.id);
         fx.discard(version);
     }

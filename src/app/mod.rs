@@ -14,6 +14,7 @@ mod adopt;
 mod deploy;
 mod error;
 mod freeze;
+mod health;
 mod machine;
 pub mod maintenance;
 mod record;
@@ -256,6 +257,16 @@ trait Effects {
     fn place_release(&mut self, sha256: &str, owner: u32, path: &Path) -> io::Result<()>;
     /// Keeps the app's maintenance state for a later keter.
     fn save_maintenance(&mut self, m: Option<&maintenance::Maintenance>);
+    /// The global defaults of the health checks (`keter-config.yaml`).
+    fn health_defaults(&self) -> crate::config::HealthChecks;
+    /// Starts one health check off the worker's thread; [`Event::Checked`] comes back.
+    fn health_check(&mut self, check: health::HealthCheck);
+    /// Starts the stage that stops a process group that is not part of a version being
+    /// stopped (an unhealthy webapp replaced, a fresh one not ready): SIGTERM, SIGKILL at
+    /// `stop-timeout`; [`Event::Reaped`] comes back.
+    fn stop_process(&mut self, pid: i32);
+    /// An unhealthy webapp was replaced (counted for `/metrics`).
+    fn health_replaced(&mut self);
 }
 
 /// The daemon's handle on one app's worker thread.

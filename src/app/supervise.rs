@@ -175,6 +175,9 @@ impl Machine {
     ) {
         // Members of the group that outlive the leader (a wrapper's children) go with it.
         self.reap(pid, fx);
+        if self.replacement_exited(version, pid, fx) {
+            return;
+        }
         let now = fx.now();
         let name = self.name.clone();
         let mut note = None;
@@ -289,6 +292,7 @@ impl Machine {
             self.begin(path, stamp, Some(backoff), false, fx);
             changed = true;
         }
+        changed |= self.health_tick(fx);
         changed
     }
 
@@ -434,6 +438,14 @@ impl Machine {
                         port: p.port(),
                         pid: p.running().map(|r| r.pid),
                         restarts: p.restarts.total,
+                        health: match p.role {
+                            Role::Web { .. } => Some(p.health.state()),
+                            Role::Background { .. } => None,
+                        },
+                        health_latency_ms: p.health.latency.map(|d| d.as_millis() as u64),
+                        health_failures: p.health.failures,
+                        health_error: p.health.last_failure.clone(),
+                        health_replacements: p.health.replacements,
                     }
                 })
                 .collect();

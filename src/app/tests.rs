@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::DeployError;
+use super::health::{HealthCheck, Outcome};
 use super::machine::{Event, Handover, Life, Machine, PORT_WATCH, Stage};
 use super::version::{FileStamp, Proc, ProcState, Role, Version};
 use super::{Command, Effects};
@@ -76,6 +77,15 @@ struct Fake {
     wall: std::time::SystemTime,
     /// The hosts the app kept at its last release of the others.
     hosts_used: Option<std::collections::BTreeSet<String>>,
+    /// The global health checks.
+    health: crate::config::HealthChecks,
+    /// Health checks started, and when.
+    checks: Vec<HealthCheck>,
+    checks_started: Vec<Instant>,
+    /// Processes handed to a stage that stops them (replaced, or fresh and not ready).
+    stopped_pids: Vec<i32>,
+    /// Unhealthy webapps replaced.
+    replaced: usize,
 }
 
 impl Fake {
@@ -115,6 +125,16 @@ impl Fake {
             answers: 0,
             wall: std::time::SystemTime::now(),
             hosts_used: None,
+            // Off unless a test turns them on (`tests/health.rs`): the other tests count the
+            // machine's deadlines.
+            health: crate::config::HealthChecks {
+                interval: Duration::ZERO,
+                ..crate::config::HealthChecks::default()
+            },
+            checks: Vec::new(),
+            checks_started: Vec::new(),
+            stopped_pids: Vec::new(),
+            replaced: 0,
         }
     }
 
@@ -280,6 +300,20 @@ impl Effects for Fake {
     fn answer(&mut self, reply: crossbeam_channel::Sender<()>) {
         self.answers += 1;
         let _ = reply.send(());
+    }
+    fn health_defaults(&self) -> crate::config::HealthChecks {
+        self.health
+    }
+    fn health_check(&mut self, check: HealthCheck) {
+        self.checks.push(check);
+        self.checks_started.push(self.now);
+    }
+    fn stop_process(&mut self, pid: i32) {
+        self.stopped_pids.push(pid);
+        self.completions.push(Event::Reaped { pid });
+    }
+    fn health_replaced(&mut self) {
+        self.replaced += 1;
     }
 }
 
@@ -804,6 +838,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let _ = v3;
 }
 
+mod health;
 mod ports;
 mod random;
 mod takeover;

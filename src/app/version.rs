@@ -179,6 +179,9 @@ pub(super) struct Proc {
     /// Its port is held by someone else and no other port was free: it is not started, and
     /// the version's site is out of Nginx until it has a port again.
     pub stranded: bool,
+    /// A webapp's health checks while it serves, and its replacement when it is unhealthy
+    /// (`health.rs`).
+    pub health: super::health::Health,
 }
 
 impl Proc {
@@ -190,6 +193,7 @@ impl Proc {
             restarts: Restarts::new(policy),
             port_check_at: None,
             stranded: false,
+            health: super::health::Health::default(),
         }
     }
 
@@ -198,19 +202,30 @@ impl Proc {
     /// stanza's `port-env-vars`, README "Environment of an app"), so that its next start
     /// binds `to`. Everything else of its environment stays as it was planned.
     pub fn move_port(&mut self, to: u16, webapp: &WebApp) {
-        let Role::Web { index, port } = self.role else {
+        let Role::Web { index, .. } = self.role else {
             return;
         };
+        self.spec = self.spec_on(to, webapp);
         self.role = Role::Web { index, port: to };
+    }
+
+    /// How the webapp is started on port `to` instead of its own: the same spec with the
+    /// variables that carry the port changed.
+    pub fn spec_on(&self, to: u16, webapp: &WebApp) -> Spec {
+        let mut spec = self.spec.clone();
+        let Role::Web { port, .. } = self.role else {
+            return spec;
+        };
         let (old, new) = (port.to_string(), to.to_string());
         let carries_port = |name: &str| {
             name == "PORT" || name == "YESOD_PORT" || webapp.port_env_vars.iter().any(|v| v == name)
         };
-        for (name, value) in &mut self.spec.env {
+        for (name, value) in &mut spec.env {
             if carries_port(name) && *value == old {
                 value.clone_from(&new);
             }
         }
+        spec
     }
 
     /// A restarted webapp found its port held by someone else before it listened there (it

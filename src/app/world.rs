@@ -14,6 +14,7 @@ use crossbeam_channel::Sender;
 
 use super::adopt::Watch;
 use super::deploy::{self, Check, PrepareJob, SwitchJob};
+use super::health::{self, HealthCheck};
 use super::machine::Event;
 use super::record::AppRecord;
 use super::version::{FileStamp, Version};
@@ -448,4 +449,52 @@ impl Effects for World {
             );
         }
     }
+
+    fn health_defaults(&self) -> crate::config::HealthChecks {
+        self.shared.config.health
+    }
+
+    fn health_check(&mut self, check: HealthCheck) {
+        // Not a stage: it changes nothing, so the worker's end does not wait for it (a hung
+        // app's check may take its whole timeout).
+        let tx = self.tx.clone();
+        let (version, proc, seq) = (check.version, check.proc, check.seq);
+        let spawned = std::thread::Builder::new()
+            .name(format!("health-{}", self.name))
+            .stack_size(HEALTH_STACK)
+            .spawn(move || {
+                let outcome = health::check(&check);
+                let _ = tx.send(Event::Checked {
+                    version,
+                    proc,
+                    seq,
+                    outcome,
+                });
+            });
+        if let Err(e) = spawned {
+            log::warn!("{}: no thread for a health check: {e}", self.name);
+            let _ = self.tx.send(Event::Checked {
+                version,
+                proc,
+                seq,
+                outcome: health::Outcome::not_run(),
+            });
+        }
+    }
+
+    fn stop_process(&mut self, pid: i32) {
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        self.run_stage("stop", move || {
+            super::version::stop(&name, "replaced", pid, shared.config.stop_timeout);
+            shared.journal.remove(pid);
+            Event::Reaped { pid }
+        });
+    }
+
+    fn health_replaced(&mut self) {
+        self.shared.reports.health_replaced(&self.name);
+    }
 }
+
+/// A health check's thread needs little stack: one blocking request.
+const HEALTH_STACK: usize = 128 * 1024;

@@ -89,6 +89,11 @@ pub struct WebApp {
     pub health_check_path: UrlPath,
     /// Overrides the global readiness timeout (Keter's `ensure-alive-time-bound`).
     pub readiness_timeout: Option<Duration>,
+    /// Override the global health checks while it serves (`health-check-interval`, 0 for
+    /// none; `health-check-failures`; `health-check-timeout`).
+    pub health_check_interval: Option<Duration>,
+    pub health_check_failures: Option<u32>,
+    pub health_check_timeout: Option<Duration>,
     /// Overrides the global per-request bound; `Some(None)` means no bound.
     pub connection_time_bound: Option<Option<Duration>>,
     /// keter's `client-max-body-size` for this stanza; `None` for the global one.
@@ -506,6 +511,30 @@ pub fn port_reserved(name: &str) -> String {
     )
 }
 
+/// A number of seconds (fractions allowed), below a day; zero only where `zero` allows it.
+fn read_seconds(
+    f: &mut Fields,
+    key: &'static str,
+    zero: bool,
+    problems: &mut Problems,
+) -> Option<Duration> {
+    let v = f.raw(key)?;
+    match crate::config::seconds(v) {
+        Some(s) if s > 0.0 || zero => Some(Duration::from_secs_f64(s)),
+        Some(_) => {
+            problems.error(f.path(key), "must be more than 0 seconds");
+            None
+        }
+        None => {
+            problems.error(
+                f.path(key),
+                "expected a number of seconds (below a day)".to_string(),
+            );
+            None
+        }
+    }
+}
+
 /// A `background` stanza: Keter's `restart-count` (a number or `unlimited`) and
 /// `restart-delay-seconds`.
 fn read_background(f: &mut Fields, problems: &mut Problems) -> Option<Background> {
@@ -572,6 +601,15 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
     let readiness_timeout = f
         .uint("ensure-alive-time-bound", 86_400_000_000, problems)
         .map(Duration::from_micros);
+    let health_check_interval = read_seconds(f, "health-check-interval", true, problems);
+    let health_check_timeout = read_seconds(f, "health-check-timeout", false, problems);
+    let health_check_failures = match f.uint("health-check-failures", 1000, problems) {
+        Some(0) => {
+            problems.error(f.path("health-check-failures"), "must be at least 1");
+            None
+        }
+        n => n.map(|n| n as u32),
+    };
     let connection_time_bound = served::read_time_bound(f, problems);
     let middleware = middleware::read(f, problems);
 
@@ -588,6 +626,9 @@ fn read_webapp(f: &mut Fields, flat: bool, problems: &mut Problems) -> Option<We
         port_env_vars,
         health_check_path,
         readiness_timeout,
+        health_check_interval,
+        health_check_failures,
+        health_check_timeout,
         connection_time_bound,
         max_body: served.max_body,
         middleware: middleware?,

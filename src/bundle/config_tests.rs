@@ -316,3 +316,32 @@ fn postgres_plugin_wrong_type_is_an_error() {
     assert!(c.is_none());
     assert_eq!(p.errors[0].key, "plugins.postgres");
 }
+
+#[test]
+fn health_checks_per_stanza_and_their_bad_values() {
+    let (c, p) = read(
+        "exec: ../dist/app\nhost: a.example.com\nhealth-check-interval: 0.5\nhealth-check-failures: 2\nhealth-check-timeout: 1\n",
+    );
+    assert!(p.errors.is_empty() && p.warnings.is_empty(), "{p:?}");
+    let w = &c.unwrap().webapps[0];
+    assert_eq!(w.health_check_interval, Some(Duration::from_millis(500)));
+    assert_eq!(w.health_check_failures, Some(2));
+    assert_eq!(w.health_check_timeout, Some(Duration::from_secs(1)));
+    let (c, _) = read("exec: ../dist/app\nhost: a.example.com\nhealth-check-interval: 0\n");
+    assert_eq!(
+        c.unwrap().webapps[0].health_check_interval,
+        Some(Duration::ZERO)
+    );
+    let (c, p) = read(
+        "exec: ../dist/app\nhost: a.example.com\nhealth-check-interval: soon\nhealth-check-failures: 0\nhealth-check-timeout: 0\n",
+    );
+    assert!(c.is_none());
+    assert_eq!(
+        keys(&p.errors),
+        [
+            "health-check-interval",
+            "health-check-timeout",
+            "health-check-failures"
+        ]
+    );
+}

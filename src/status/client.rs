@@ -112,6 +112,7 @@ pub fn table(api: &Value) -> Result<String, String> {
         "SHA256",
         "PORTS",
         "PIDS",
+        "HEALTH",
         "UPTIME",
         "RESTARTS",
         "LAST DEPLOY",
@@ -140,6 +141,36 @@ pub fn table(api: &Value) -> Result<String, String> {
                 items.join(",")
             }
         };
+        // Each webapp's health and its last check's latency (README "Status interface").
+        let health: Vec<String> = processes
+            .iter()
+            .filter_map(|p| {
+                let state = shown(p.get("health").and_then(Value::as_str)?);
+                Some(match p.get("health_latency_ms").and_then(Value::as_u64) {
+                    Some(ms) => format!("{state}:{ms}ms"),
+                    None => state,
+                })
+            })
+            .collect();
+        for p in &processes {
+            let failures = p
+                .get("health_failures")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if failures > 0 {
+                errors.push(format!(
+                    "{name}: webapp {} (pid {}, port {}) is {} after {failures} failed health checks in a row{}",
+                    p.get("stanza").and_then(Value::as_u64).unwrap_or(0),
+                    p.get("pid").and_then(Value::as_i64).unwrap_or(0),
+                    p.get("port").and_then(Value::as_u64).unwrap_or(0),
+                    shown(p.get("health").and_then(Value::as_str).unwrap_or("?")),
+                    p.get("health_error")
+                        .and_then(Value::as_str)
+                        .map(|e| format!(" ({})", shown(e)))
+                        .unwrap_or_default(),
+                ));
+            }
+        }
         let last_deploy = match app.get("last_deploy") {
             Some(d) if d.is_object() => format!(
                 "{}{} {}ms",
@@ -172,6 +203,11 @@ pub fn table(api: &Value) -> Result<String, String> {
             },
             list("port"),
             list("pid"),
+            if health.is_empty() {
+                "-".into()
+            } else {
+                health.join(",")
+            },
             app.get("uptime_seconds")
                 .and_then(Value::as_u64)
                 .map(|s| format!("{s}s"))
@@ -311,7 +347,9 @@ mod tests {
     fn tables_have_a_row_per_app_and_list_errors() {
         let api = serde_json::json!({"apps": [
             {"name": "hello", "state": "running", "sha256": "0123456789abcdef", "hosts": ["a.example"],
-             "processes": [{"kind": "webapp", "port": 4000, "pid": 42}], "uptime_seconds": 5,
+             "processes": [{"kind": "webapp", "stanza": 0, "port": 4000, "pid": 42,
+               "health": "failing", "health_latency_ms": 5000, "health_failures": 2,
+               "health_error": "timed out after 5 s"}], "uptime_seconds": 5,
              "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null,
              "requests": {"requests": 12, "requests_per_second": 0.2, "errors_per_second": 0.0,
              "by_class": {"2xx": 10, "4xx": 2}, "upstream_seconds_p50": 0.012,
@@ -331,6 +369,11 @@ mod tests {
             lines[1].starts_with("hello ")
                 && lines[1].contains("0123456789ab")
                 && lines[1].contains("4000")
+        );
+        assert!(lines[1].contains("failing:5000ms"), "{t}");
+        assert!(
+            t.contains("hello: webapp 0 (pid 42, port 4000) is failing after 2 failed health checks in a row (timed out after 5 s)"),
+            "{t}"
         );
         assert!(lines[2].starts_with("broken") && lines[2].contains("failed 12ms"));
         assert!(t.contains("broken: last error: exec is missing"));

@@ -58,6 +58,55 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
 
     family(
         &mut out,
+        "keter_app_health_replacements_total",
+        "counter",
+        "Unhealthy webapp processes replaced by a fresh one since keter started.",
+    );
+    for (app, n) in reports.health_replacements() {
+        sample(
+            &mut out,
+            "keter_app_health_replacements_total",
+            &[("app", &app)],
+            n,
+        );
+    }
+
+    family(
+        &mut out,
+        "keter_app_unhealthy",
+        "gauge",
+        "Webapp processes of an app that failed health-check-failures checks in a row and are not replaced yet.",
+    );
+    for app in &apps {
+        let n = app
+            .processes
+            .iter()
+            .filter(|p| matches!(p.health, Some("unhealthy" | "replacing")))
+            .count() as u64;
+        sample(&mut out, "keter_app_unhealthy", &[("app", &app.name)], n);
+    }
+
+    family(
+        &mut out,
+        "keter_app_health_check_seconds",
+        "gauge",
+        "How long the last health check of a webapp process took.",
+    );
+    for app in &apps {
+        for p in &app.processes {
+            if let Some(ms) = p.health_latency_ms {
+                sample(
+                    &mut out,
+                    "keter_app_health_check_seconds",
+                    &[("app", &app.name), ("stanza", &p.stanza.to_string())],
+                    ms as f64 / 1000.0,
+                );
+            }
+        }
+    }
+
+    family(
+        &mut out,
         "keter_apps",
         "gauge",
         "Apps known to keter, by state.",
@@ -308,8 +357,22 @@ mod tests {
         reports.deploy_finished(DeployResult::Failed, Duration::from_secs(1));
         let app = AppName::new("hello").unwrap();
         reports.restarted(&app);
+        reports.health_replaced(&app);
         let mut r = AppReport::new(&app);
         r.log_lines_dropped = 4;
+        let webapp = |health, latency| crate::report::ProcessReport {
+            kind: "webapp",
+            stanza: 0,
+            port: Some(4000),
+            pid: Some(42),
+            restarts: 0,
+            health: Some(health),
+            health_latency_ms: latency,
+            health_failures: 0,
+            health_error: None,
+            health_replacements: 1,
+        };
+        r.processes = vec![webapp("replacing", None), webapp("healthy", Some(1500))];
         reports.publish(r);
         let nginx = NginxCounters::default();
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
@@ -337,6 +400,9 @@ mod tests {
             "keter_apps{state=\"starting\"} 1",
             "keter_apps{state=\"running\"} 0",
             "keter_app_log_lines_dropped_total{app=\"hello\"} 4",
+            "keter_app_health_replacements_total{app=\"hello\"} 1",
+            "keter_app_unhealthy{app=\"hello\"} 1",
+            "keter_app_health_check_seconds{app=\"hello\",stanza=\"0\"} 1.5",
             "keter_nginx_reloads_total 2",
             "# TYPE keter_deploy_duration_seconds histogram",
             "keter_app_requests_total{app=\"hello\",release=\"2\",class=\"2xx\"} 2",

@@ -458,6 +458,11 @@ mod tests {
             port: Some(4001),
             pid: Some(1234),
             restarts: 2,
+            health: Some("failing"),
+            health_latency_ms: Some(5000),
+            health_failures: 2,
+            health_error: Some("timed out after 5 s".into()),
+            health_replacements: 1,
         }];
         r.uptime_seconds = Some(3725);
         r.last_deploy = Some(DeployReport {

@@ -14,6 +14,7 @@ mod craft;
 mod deploy_loop;
 mod fd_store;
 mod formats;
+mod health;
 mod hostile;
 mod isolation;
 mod keter_configs;

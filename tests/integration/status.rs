@@ -243,6 +243,10 @@ fn status_interface_reports_apps_in_every_state() {
     assert_eq!(proc0["kind"], "webapp");
     assert!(alive(proc0["pid"].as_i64().unwrap() as i32));
     assert!(proc0["port"].as_u64().is_some());
+    // Its health while serving (README "Supervision"): checked every 10 s by default.
+    let health = proc0["health"].as_str().unwrap();
+    assert!(["unchecked", "healthy"].contains(&health), "{proc0}");
+    assert_eq!(proc0["health_failures"], 0);
     assert_eq!(good["last_deploy"]["result"], "succeeded");
     assert!(good["last_deploy"]["duration_ms"].as_u64().is_some());
     assert!(good["last_error"].is_null());

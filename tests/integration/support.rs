@@ -1086,6 +1086,16 @@ pub struct ProcessStatus {
     pub port: Option<u16>,
     pub pid: Option<i32>,
     pub restarts: u64,
+    /// A webapp's health while it serves (`unchecked`, `healthy`, `failing`, `unhealthy`,
+    /// `replacing`); `None` for a background process.
+    #[serde(default)]
+    pub health: Option<String>,
+    #[serde(default)]
+    pub health_latency_ms: Option<u64>,
+    #[serde(default)]
+    pub health_failures: u32,
+    #[serde(default)]
+    pub health_replacements: u64,
 }
 
 /// An app's last deploy.

@@ -65,9 +65,16 @@ fn lasting() -> DeployError {
 
 impl Harness {
     fn new(seed: u64) -> Harness {
+        let mut fx = Fake::new();
+        fx.health = crate::config::HealthChecks {
+            // Short, so that checks are due between the other events often.
+            interval: Duration::from_millis(50),
+            failures: 2,
+            timeout: Duration::from_secs(1),
+        };
         Harness {
             m: machine(),
-            fx: Fake::new(),
+            fx,
             rng: Rng(seed.max(1)),
             routed: None,
             removed_seen: 0,
@@ -84,6 +91,15 @@ impl Harness {
 
     /// One random event (or a burst of commands), as the worker's loop would hand it over.
     fn events(&mut self) -> Vec<Event> {
+        // Settled, time passes more often: health checks come due, fail and replace.
+        if self.m.health_settled() && self.rng.chance(40) {
+            self.fx.advance(Duration::from_millis(60));
+            return match self.rng.below(3) {
+                0 => vec![Event::Tick],
+                1 => self.checked(),
+                _ => self.ready(),
+            };
+        }
         let r = &mut self.rng;
         match r.below(100) {
             0..=14 => {
@@ -137,6 +153,7 @@ impl Harness {
             81..=82 => vec![Event::Certificate {
                 hosts: "app.example.com".into(),
             }],
+            84..=88 => self.checked(),
             83 if self.rng.chance(10) => {
                 self.shutdown = true;
                 vec![Event::Shutdown]
@@ -213,6 +230,44 @@ impl Harness {
         vec![Event::Switched {
             version: job.version,
             result,
+        }]
+    }
+
+    /// The result of a health check started (the newest, or now and then an older one):
+    /// answered, failed, or late.
+    fn checked(&mut self) -> Vec<Event> {
+        let n = self.fx.checks.len();
+        if n == 0 {
+            return vec![Event::Tick];
+        }
+        let i = if self.rng.chance(80) {
+            n - 1
+        } else {
+            self.rng.below(n as u64) as usize
+        };
+        let c = self.fx.checks[i].clone();
+        let now = self.fx.now;
+        let result = if self.rng.chance(40) {
+            Ok(())
+        } else {
+            Err("timed out after 1 s".into())
+        };
+        // Started when the machine asked, or (its thread starved) much later.
+        let started = if self.rng.chance(10) {
+            now
+        } else {
+            self.fx.checks_started[i]
+        };
+        vec![Event::Checked {
+            version: c.version,
+            proc: c.proc,
+            seq: c.seq,
+            outcome: Outcome {
+                started,
+                finished: now,
+                result,
+                ran: true,
+            },
         }]
     }
 
@@ -316,6 +371,28 @@ impl Harness {
                 held.contains(version) || self.fx.discarded.contains(version),
                 "pid {pid} of version {version} runs but nothing will stop it, {ctx}"
             );
+            // Within a version held, each process that runs is one the machine knows: a
+            // process of it, or a fresh one replacing an unhealthy one; else it was handed
+            // to a stop.
+            let stopped = self.fx.stopped_pids.contains(pid)
+                || self.fx.reaped.contains(pid)
+                || self.fx.discarded.contains(version);
+            let known = self.known_pids();
+            assert!(
+                stopped || known.contains(pid),
+                "pid {pid} of version {version} runs but the machine forgot it, {ctx}"
+            );
+        }
+        // A replacement is under way only while the app is settled (no deploy, no freeze).
+        if !self.m.health_settled() {
+            for v in self.m.supervised() {
+                for p in &v.procs {
+                    assert!(
+                        p.health.replacement.is_none(),
+                        "a replacement under way while not settled, {ctx}"
+                    );
+                }
+            }
         }
         // The serving version serves until a switch completed: Nginx routes to what the
         // machine says serves.
@@ -364,6 +441,29 @@ impl Harness {
         }
     }
 
+    /// The pids of every process of the versions the machine holds, fresh ones included.
+    fn known_pids(&self) -> Vec<i32> {
+        let mut versions: Vec<&Version> = self.m.supervised().collect();
+        versions.extend(self.m.retiring.iter().map(|r| &*r.version));
+        if let Life::Leaving {
+            removing: Some(waiting),
+            ..
+        } = &self.m.life
+        {
+            versions.extend(waiting.iter().map(|v| &**v));
+        }
+        versions
+            .iter()
+            .flat_map(|v| v.procs.iter())
+            .flat_map(|p| {
+                p.running()
+                    .map(|r| r.pid)
+                    .into_iter()
+                    .chain(p.health.replacement.map(|r| r.running.pid))
+            })
+            .collect()
+    }
+
     fn life_name(&self) -> &'static str {
         match &self.m.life {
             Life::Idle(_) => "idle",
@@ -386,6 +486,7 @@ fn random_sequences_keep_every_invariant() {
     };
     let mut ended = 0;
     let mut served = 0;
+    let (mut replacing, mut replaced) = (0, 0);
     for seed in seeds {
         let mut h = Harness::new(seed);
         for _ in 0..400 {
@@ -402,7 +503,13 @@ fn random_sequences_keep_every_invariant() {
                 panic!("seed {seed}: {why}");
             }
             served += usize::from(h.routed.is_some());
+            replacing += usize::from(
+                h.m.supervised()
+                    .flat_map(|v| v.procs.iter())
+                    .any(|p| p.health.replacement.is_some()),
+            );
         }
+        replaced += h.fx.replaced;
         ended += usize::from(h.m.ended());
     }
     // The sequences reach the states that matter (a generator stuck in one corner checks
@@ -412,6 +519,10 @@ fn random_sequences_keep_every_invariant() {
         "the random sequences rarely served: {served}"
     );
     assert!(ended > 0, "no random sequence ended with a shutdown");
+    assert!(
+        replacing > 20 && replaced > 2,
+        "unhealthy webapps were rarely replaced: {replacing} steps replacing, {replaced} switched"
+    );
 }
 
 fn describe(e: &Event) -> String {
@@ -436,6 +547,11 @@ fn describe(e: &Event) -> String {
         Event::Handover(Handover::Freeze(_)) => "freeze".into(),
         Event::Handover(Handover::Snapshot(_)) => "snapshot".into(),
         Event::Handover(Handover::Thaw) => "thaw".into(),
+        Event::Checked {
+            proc, seq, outcome, ..
+        } => {
+            format!("checked {proc} #{seq} {}", outcome.result.is_ok())
+        }
         Event::Tick => "tick".into(),
     }
 }
