@@ -56,6 +56,12 @@ pub struct Config {
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
+    /// The global `memory-limit`, `cpu-limit` and `tasks-limit`: every process stanza's
+    /// unless it says otherwise (README "Limits and accounting").
+    pub process_limits: crate::cgroup::Limits,
+    /// `cgroup`: keter's subtree of the cgroup tree (an absolute path in it); `None` for the
+    /// cgroup keter was started in (`src/cgroup.rs`).
+    pub cgroup: Option<String>,
     /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
     /// certbot's webroot mode.
     pub acme_webroot: PathBuf,
@@ -264,6 +270,19 @@ fn from_tree(
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
+    let process_limits = crate::cgroup::read_limits(&mut f, problems);
+    let cgroup = f.string("cgroup", problems).filter(|c| {
+        let fine = c.starts_with('/')
+            && !c.contains('\0')
+            && c.split('/').all(|part| part != ".." && part != ".");
+        if !fine {
+            problems.error(
+                "cgroup",
+                format!("expected an absolute path in the cgroup tree such as /keter, found {c:?}"),
+            );
+        }
+        fine
+    });
     let acme_webroot = f
         .string("acme-webroot", problems)
         .map(|p| normalize(&base.join(p)));
@@ -295,6 +314,8 @@ fn from_tree(
         stop_timeout,
         port_range: port_range?,
         limits,
+        process_limits,
+        cgroup,
         postgres,
         status,
         allowed_static_roots,
