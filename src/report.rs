@@ -17,6 +17,7 @@ use crate::formats::records::DeployResultRecord;
 
 use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
+use crate::cgroup::Usage;
 use crate::names::AppName;
 
 /// An app's state as an operator sees it.
@@ -150,6 +151,12 @@ pub struct ProcessReport {
     /// `None` while it waits for a restart (or gave up).
     pub pid: Option<i32>,
     pub restarts: u64,
+    /// What its control group costs and is held to, read when the report is read (README
+    /// "Limits and accounting").
+    pub usage: Usage,
+    /// Its control group (`src/cgroup.rs`), which `usage` is read from.
+    #[serde(skip)]
+    pub group: Option<String>,
 }
 
 /// Everything known about one app.
@@ -179,6 +186,8 @@ pub struct AppReport {
     pub draining: usize,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
+    /// The sum of its processes' `usage` (limits are each process's own).
+    pub usage: Usage,
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
     /// has them when the report is read (why there is none yet, the next attempt).
     pub certificates: Vec<CertStatus>,
@@ -209,16 +218,28 @@ impl AppReport {
             log_lines_dropped: 0,
             draining: 0,
             deploy_stage: None,
+            usage: Usage::default(),
             certificates: Vec::new(),
             live_since: None,
             certificate_names: Vec::new(),
         }
     }
 
-    /// The same report with `uptime_seconds` and the certificates as of now.
+    /// The same report with `uptime_seconds`, the figures of the control groups and the
+    /// certificates as of now.
     fn refreshed(mut self, certs: &[CertStatus]) -> AppReport {
         if let Some(t) = self.live_since {
             self.uptime_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
+        }
+        if let Some(cgroups) = crate::cgroup::get() {
+            let mut total = Usage::default();
+            for p in &mut self.processes {
+                if let Some(g) = &p.group {
+                    p.usage = cgroups.usage(g);
+                    total.add(&p.usage);
+                }
+            }
+            self.usage = total;
         }
         self.certificates = self
             .certificate_names
@@ -339,17 +360,21 @@ impl Reports {
     /// Every app, by name.
     pub fn apps(&self) -> Vec<AppReport> {
         let certs = self.certificates();
-        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.values()
-            .cloned()
-            .map(|r| r.refreshed(&certs))
-            .collect()
+        // Copied under the lock, refreshed (files of the kernel read) without it.
+        let apps: Vec<AppReport> = {
+            let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+            apps.values().cloned().collect()
+        };
+        apps.into_iter().map(|r| r.refreshed(&certs)).collect()
     }
 
     pub fn app(&self, name: &str) -> Option<AppReport> {
         let certs = self.certificates();
-        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.get(name).cloned().map(|r| r.refreshed(&certs))
+        let app = {
+            let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+            apps.get(name).cloned()
+        };
+        app.map(|r| r.refreshed(&certs))
     }
 
     /// Makes an app's recent output lines readable by the status interface.

@@ -424,7 +424,8 @@ impl Machine {
             r.processes = v
                 .procs
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(i, p)| {
                     let (kind, stanza) = match p.role {
                         Role::Web { index, .. } => ("webapp", index),
                         Role::Background { index } => ("background", index),
@@ -435,6 +436,8 @@ impl Machine {
                         port: p.port(),
                         pid: p.running().map(|r| r.pid),
                         restarts: p.restarts.total,
+                        usage: Default::default(),
+                        group: Some(crate::cgroup::process_group(self.name.as_str(), v.id, i)),
                     }
                 })
                 .collect();

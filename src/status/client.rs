@@ -114,6 +114,10 @@ pub fn table(api: &Value) -> Result<String, String> {
         "PIDS",
         "UPTIME",
         "RESTARTS",
+        "CPU",
+        "MEMORY",
+        "TASKS",
+        "OOM",
         "LAST DEPLOY",
         "HOSTS",
     ];
@@ -179,6 +183,14 @@ pub fn table(api: &Value) -> Result<String, String> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
                 .to_string(),
+            usage_cell(app, "cpu_seconds", |v| {
+                v.as_f64().map(|s| format!("{s:.1}s"))
+            }),
+            usage_cell(app, "memory_bytes", |v| {
+                v.as_u64().map(crate::cgroup::human_bytes)
+            }),
+            usage_cell(app, "tasks", |v| v.as_u64().map(|n| n.to_string())),
+            usage_cell(app, "oom_kills", |v| v.as_u64().map(|n| n.to_string())),
             last_deploy,
             if hosts.is_empty() {
                 "-".into()
@@ -227,6 +239,14 @@ pub fn table(api: &Value) -> Result<String, String> {
     Ok(out)
 }
 
+/// A figure of an app's `usage`, `-` where the host cannot tell.
+fn usage_cell(app: &Value, key: &str, show: impl Fn(&Value) -> Option<String>) -> String {
+    app.get("usage")
+        .and_then(|u| u.get(key))
+        .and_then(show)
+        .unwrap_or_else(|| "-".into())
+}
+
 /// One certificate over ACME: its hosts and state, until when it is valid, and why there is
 /// none yet with the next attempt.
 fn certificate_line(app: &str, c: &Value) -> String {
@@ -268,6 +288,7 @@ mod tests {
         let api = serde_json::json!({"apps": [
             {"name": "hello", "state": "running", "sha256": "0123456789abcdef", "hosts": ["a.example"],
              "processes": [{"kind": "webapp", "port": 4000, "pid": 42}], "uptime_seconds": 5,
+             "usage": {"cpu_seconds": 1.25, "memory_bytes": 52428800, "tasks": 3, "oom_kills": 1},
              "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null},
             {"name": "broken", "state": "failed", "sha256": null, "hosts": [], "processes": [],
              "restarts": 0, "last_deploy": {"result": "failed", "duration_ms": 12},
@@ -284,6 +305,8 @@ mod tests {
             lines[1].starts_with("hello ")
                 && lines[1].contains("0123456789ab")
                 && lines[1].contains("4000")
+                && lines[1].contains(" 1.2s  50 MiB ")
+                && lines[2].contains(" -     -      ")
         );
         assert!(lines[2].starts_with("broken") && lines[2].contains("failed 12ms"));
         assert!(t.contains("broken: last error: exec is missing"));

@@ -18,6 +18,7 @@ mod hostile;
 mod isolation;
 mod keter_configs;
 mod keter_front;
+mod limits;
 mod matrix;
 mod neighbours;
 mod nginx_files;
