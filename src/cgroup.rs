@@ -804,6 +804,30 @@ mod tests {
     }
 
     #[test]
+    fn a_host_without_controllers_refuses_limits_by_key() {
+        // A folder with no cgroup tree in it: neither v2 nor any v1 controller.
+        let mount = std::env::temp_dir().join(format!("keter-no-cgroups-{}", std::process::id()));
+        fs::create_dir_all(&mount).unwrap();
+        let cg = Cgroups::open(&mount, Some("/keter"));
+        let asked = Limits {
+            memory: Some(64 << 20),
+            cpu_millis: Some(0),
+            tasks: Some(10),
+        };
+        let refused = cg.unenforceable(&asked);
+        let keys: Vec<&str> = refused.iter().map(|(k, _)| *k).collect();
+        // cpu-limit: 0 asks for nothing.
+        assert_eq!(keys, ["memory-limit", "tasks-limit"]);
+        assert!(
+            refused[0].1.starts_with("cannot be enforced: ") && refused[0].1.contains("memory"),
+            "{refused:?}"
+        );
+        assert!(cg.unenforceable(&Limits::default()).is_empty());
+        assert!(cg.describe().contains("not grouped"), "{}", cg.describe());
+        let _ = fs::remove_dir_all(&mount);
+    }
+
+    #[test]
     fn flat_keyed_files() {
         let p = std::env::temp_dir().join(format!("keter-memory.events-{}", std::process::id()));
         fs::write(&p, "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").unwrap();

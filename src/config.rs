@@ -842,6 +842,46 @@ mod tests {
     }
 
     #[test]
+    fn limits_and_their_errors() {
+        let (c, p) = check(
+            "root: /srv\nmemory-limit: 512M\ncpu-limit: 1.5\ntasks-limit: 256\ncgroup: /keter\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(
+            c.process_limits,
+            crate::cgroup::Limits {
+                memory: Some(512 << 20),
+                cpu_millis: Some(1500),
+                tasks: Some(256)
+            }
+        );
+        assert_eq!(c.cgroup.as_deref(), Some("/keter"));
+        let (_, p) = check(
+            "root: /srv\nmemory-limit: lots\ncpu-limit: all\ntasks-limit: -1\ncgroup: keter/../x\n",
+        );
+
+        let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        for e in [
+            "keter-config.yaml: memory-limit: expected a size such as 10485760, \"10m\"",
+            "keter-config.yaml: cpu-limit: expected a number of cores such as 1.5",
+            "keter-config.yaml: tasks-limit: ",
+            "keter-config.yaml: cgroup: expected an absolute path in the cgroup tree",
+        ] {
+            assert!(
+                msgs.iter().any(|m| m.starts_with(e)),
+                "missing {e:?} in {msgs:#?}"
+            );
+        }
+        let (_, p) = check("root: /srv\nmemory-limit: 1k\n");
+        assert!(
+            p.errors[0].to_string().contains("too little"),
+            "{:?}",
+            p.errors
+        );
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_key() {
         let (c, p) = check(
             "listeners: [{host: nowhere.invalid, port: 70000}]\nreadiness-timeout: soon\nport-range: 5-1\nnginx: {mode: fancy}\nbogus: 1\n",

@@ -161,7 +161,12 @@ fn a_fork_bomb_under_a_tasks_limit_leaves_the_others_serving() {
     let bundle = k.dir.0.join("bomb.keter");
     BundleBuilder::hello(yaml).write(&bundle);
     k.deploy("bomb", &bundle);
-    k.wait_log("hello bomb: fork bomb: ", WAIT);
+    let log = k.root.join("log/app-bomb.log");
+    let deadline = Instant::now() + WAIT;
+    while !fs::read_to_string(&log).is_ok_and(|l| l.contains("hello bomb: fork bomb: ")) {
+        assert!(Instant::now() < deadline, "the bomb never hit its limit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     k.wait_for("bomb.example.com", "web", WAIT);
     k.wait_for("neighbour.example.com", "n1", WAIT);
     let report = k.app_json("bomb").unwrap();

@@ -298,10 +298,10 @@ impl Keter {
             format!(
                 "root: {}\nlisteners: {listeners}\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\ncgroup: {}\n{}",
                 root.display(),
-                cgroup_of(&dir.0),
                 opts.readiness_timeout,
                 opts.drain_time,
                 opts.stop_timeout,
+                cgroup_of(&dir.0),
                 opts.extra
             ),
         )
