@@ -221,12 +221,14 @@ impl Cgroups {
             reason: String::new(),
         };
         let mut v2_controllers = Vec::new();
+        let mut no_controllers = None;
         match &v2_mount {
             None => cg.reason = format!("no cgroup2 tree is mounted at {}", mount.display()),
             Some(m) => match Self::open_v2(m, &base, own.as_deref(), unified) {
-                Ok((apps, controllers)) => {
+                Ok((apps, controllers, why)) => {
                     cg.v2 = Some(apps);
                     v2_controllers = controllers;
+                    no_controllers = why;
                 }
                 Err(e) => cg.reason = e,
             },
@@ -237,6 +239,9 @@ impl Cgroups {
             } else if unified {
                 Enforcer::Missing(match &cg.v2 {
                     None => cg.reason.clone(),
+                    Some(_) if no_controllers.is_some() => {
+                        no_controllers.clone().unwrap_or_default()
+                    }
                     Some(apps) => format!(
                         "the {} controller is not available in {} (under systemd the unit needs Delegate=yes)",
                         kind.controller(),
@@ -256,15 +261,30 @@ impl Cgroups {
     }
 
     /// Prepares `BASE/apps` in the v2 tree at `mount` and hands the controllers it can down
-    /// to it: the folder and the controllers enabled there.
+    /// to it: the folder, the controllers enabled there, and why none are when keter must not
+    /// enable any.
     fn open_v2(
         mount: &Path,
         base: &str,
         own: Option<&str>,
         unified: bool,
-    ) -> Result<(PathBuf, Vec<String>), String> {
+    ) -> Result<(PathBuf, Vec<String>, Option<String>), String> {
         let dir = under(mount, base);
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let inside = own.is_some_and(|o| o == base || o.strip_suffix("/keter") == Some(base));
+        if unified && inside && (base.ends_with(".service") || base.ends_with(".scope")) {
+            // systemd places the next keter of the unit (after a crash, while the apps run on)
+            // in the unit's own cgroup, which it cannot do once that cgroup hands controllers
+            // down (the kernel's rule that such a cgroup holds no process): the unit would
+            // fail to start. Processes are grouped, killed and counted; limits need a subtree
+            // outside the unit.
+            let apps = dir.join("apps");
+            make(&apps).map_err(|e| format!("cannot create {}: {e}", apps.display()))?;
+            let why = format!(
+                "keter runs in the systemd unit's own control group {base}, and controllers enabled below it would keep systemd from starting keter again after a crash while apps run; set the global `cgroup` key to a subtree outside the unit (README \"Limits and accounting\")"
+            );
+            return Ok((apps, Vec::new(), Some(why)));
+        }
         // keter leaves BASE for its own leaf: a cgroup that hands controllers down holds no
         // processes itself.
         if unified && own == Some(base) {
@@ -293,7 +313,7 @@ impl Cgroups {
                 );
             }
         }
-        Ok((apps, enabled))
+        Ok((apps, enabled, None))
     }
 
     /// The v1 hierarchy of `kind` at `mount/CONTROLLER`, with `BASE/apps` made in it.
@@ -482,7 +502,15 @@ impl Cgroups {
                     number(&d.join("memory.limit_in_bytes")).filter(|n| *n < 1 << 62);
                 u.oom_kills = field(&d.join("memory.oom_control"), "oom_kill");
             }
-            (None, _) => {}
+            // Without a memory controller: what its processes have resident now.
+            (None, _) => {
+                u.memory_bytes = self.v2.as_ref().map(|a| {
+                    members(&a.join(rel))
+                        .into_iter()
+                        .filter_map(resident_bytes)
+                        .sum()
+                })
+            }
         }
         if let Some(d) = self.dir_of(Kind::Cpu, rel) {
             u.cpu_limit_millis = match &self.cpu {
@@ -605,6 +633,15 @@ fn members(dir: &Path) -> Vec<i32> {
         }
     }
     out
+}
+
+/// The resident memory of `pid` (`/proc/PID/statm`), bytes.
+fn resident_bytes(pid: i32) -> Option<u64> {
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(pages * page)
 }
 
 /// Removes an empty group and the groups below it (rmdir: a cgroup's files go with it).
@@ -824,6 +861,26 @@ mod tests {
         );
         assert!(cg.unenforceable(&Limits::default()).is_empty());
         assert!(cg.describe().contains("not grouped"), "{}", cg.describe());
+        let _ = fs::remove_dir_all(&mount);
+    }
+
+    #[test]
+    fn in_its_own_systemd_unit_keter_groups_but_enables_no_controller() {
+        let mount = std::env::temp_dir().join(format!("keter-unified-{}", std::process::id()));
+        let base = "/system.slice/keter.service";
+        fs::create_dir_all(under(&mount, base)).unwrap();
+        fs::write(
+            under(&mount, base).join("cgroup.controllers"),
+            "cpu memory pids",
+        )
+        .unwrap();
+        let (apps, enabled, why) = Cgroups::open_v2(&mount, base, Some(base), true).unwrap();
+        assert_eq!(apps, under(&mount, base).join("apps"));
+        assert!(apps.is_dir());
+        assert!(enabled.is_empty());
+        assert!(why.unwrap().contains("set the global `cgroup` key"));
+        // keter stays in the unit's cgroup, where systemd put it.
+        assert!(!under(&mount, base).join("keter").exists());
         let _ = fs::remove_dir_all(&mount);
     }
 
