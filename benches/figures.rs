@@ -220,10 +220,21 @@ struct Wrk {
 }
 
 fn wrk(url: &str, host: &str, seconds: u64, connections: u32, close: bool) -> std::process::Child {
+    wrk_threads(1, url, host, seconds, connections, close)
+}
+
+fn wrk_threads(
+    threads: u32,
+    url: &str,
+    host: &str,
+    seconds: u64,
+    connections: u32,
+    close: bool,
+) -> std::process::Child {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t",
-        "1",
+        &threads.to_string(),
         "-c",
         &connections.to_string(),
         "-d",
@@ -573,17 +584,37 @@ fn workers_cpu_us(master: i32) -> f64 {
 }
 
 /// A minimal proxy to the app on `app_port`, listening on `port`, with or without keep-alive
-/// connections to the app.
-fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool) -> OwnNginx {
+/// connections to the app; `log` goes into its http block (a `log_format` and an
+/// `access_log`, or nothing for `access_log off`).
+fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool, log: &str) -> OwnNginx {
     let (pool, connection) = if keepalive {
         ("keepalive 32; ", "proxy_set_header Connection \"\"; ")
     } else {
         ("", "")
     };
     let http = format!(
-        "    upstream app {{ server 127.0.0.1:{app_port}; {pool}}}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; {connection}}}\n    }}\n"
+        "{log}    upstream app {{ server 127.0.0.1:{app_port}; {pool}}}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; {connection}}}\n    }}\n"
     );
     OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
+}
+
+/// keter's log format, as `templates/app.conf.tera` writes it for an app.
+const KETER_LOG_FORMAT: &str = "    log_format m 'k1|fast|1|$status|$bytes_sent|$upstream_status|$upstream_response_time|$upstream_header_time';\n";
+
+/// A unix datagram socket read and thrown away by a thread: what the hand-tuned proxy's
+/// syslog `access_log` sends to, as keter's reads its own.
+fn datagram_sink(path: &Path) -> std::os::unix::net::UnixDatagram {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::remove_file(path);
+    let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+    // The workers run as nobody.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666)).unwrap();
+    let reader = socket.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while reader.recv(&mut buf).is_ok() {}
+    });
+    socket
 }
 
 fn front_end_overhead() {
@@ -592,6 +623,14 @@ fn front_end_overhead() {
     // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
     let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
     let k = Keter::start_with("bench-overhead", Opts::default());
+    // The same keter without request metrics (`request-metrics: false`), same app.
+    let off = Keter::start_with(
+        "bench-overhead-off",
+        Opts {
+            extra: "request-metrics: false\n".into(),
+            ..Opts::default()
+        },
+    );
     let host = "fast.example.com";
     let path = k.dir.0.join("fast.keter");
     BundleBuilder::new()
@@ -604,6 +643,8 @@ fn front_end_overhead() {
         .write(&path);
     k.deploy("fast", &path);
     k.wait_for(host, "fast", Duration::from_secs(30));
+    off.deploy("fast", &path);
+    off.wait_for(host, "fast", Duration::from_secs(30));
     let app_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
         .unwrap()
         .lines()
@@ -612,17 +653,65 @@ fn front_end_overhead() {
         .unwrap();
     // Hand-written proxies to the same app, beside keter's Nginx, for the same clients.
     let tuned_port = free_port();
-    let tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true);
+    let tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true, "");
     let plain_port = free_port();
-    let plain = hand_tuned_proxy("bench-no-keepalive", plain_port, app_port, false);
+    let plain = hand_tuned_proxy("bench-no-keepalive", plain_port, app_port, false, "");
+    // The ways of getting a line per request out of Debian's Nginx, on the hand-tuned proxy:
+    // a syslog datagram per request to a unix socket (what keter does), and a buffered
+    // access log file (64 KiB, flushed every second) that a reader would tail.
+    let logs = TempDir::new("bench-overhead-logs");
+    let sink_path = logs.0.join("sink.sock");
+    let _sink = datagram_sink(&sink_path);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&logs.0, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let syslog_port = free_port();
+    let syslog = hand_tuned_proxy(
+        "bench-tuned-syslog",
+        syslog_port,
+        app_port,
+        true,
+        &format!(
+            "{KETER_LOG_FORMAT}    access_log syslog:server=unix:{},nohostname,tag=keter m;\n",
+            sink_path.display()
+        ),
+    );
+    let file_port = free_port();
+    let file_log = logs.0.join("access.log");
+    let buffered = hand_tuned_proxy(
+        "bench-tuned-file",
+        file_port,
+        app_port,
+        true,
+        &format!(
+            "{KETER_LOG_FORMAT}    access_log {} m buffer=64k flush=1s;\n",
+            file_log.display()
+        ),
+    );
     // (label, port, master of the front end's Nginx).
     let targets = [
         ("app directly", app_port, None),
-        ("keter's Nginx", k.port, Some(k.nginx_pid())),
+        ("keter's Nginx, metrics on", k.port, Some(k.nginx_pid())),
+        (
+            "keter's Nginx, metrics off",
+            off.port,
+            Some(off.nginx_pid()),
+        ),
         (
             "hand-tuned Nginx",
             tuned_port,
             Some(tuned.child.id() as i32),
+        ),
+        (
+            "same, syslog datagram per request",
+            syslog_port,
+            Some(syslog.child.id() as i32),
+        ),
+        (
+            "same, buffered access log file",
+            file_port,
+            Some(buffered.child.id() as i32),
         ),
         (
             "same, no upstream keep-alive",
@@ -630,6 +719,9 @@ fn front_end_overhead() {
             Some(plain.child.id() as i32),
         ),
     ];
+    // keter's own CPU while its Nginx sends it a datagram per request.
+    let mut keter_cpu_ticks = 0u64;
+    let mut keter_requests = 0u64;
     // Round-robin over the targets, each round starting one target further, so that a slow
     // moment of the machine (the load tool, the front ends and the app share its cores) falls
     // on every target alike; medians per target. The CPU time of the front end's workers per
@@ -641,14 +733,20 @@ fn front_end_overhead() {
             let (_, port, master) = targets[t];
             let cpu = || master.map_or(0.0, workers_cpu_us);
             let before = cpu();
-            let w = wrk_result(wrk(
+            let keter_before = cpu_ticks(k.pid());
+            let w = wrk_result(wrk_threads(
+                2,
                 &format!("http://127.0.0.1:{port}/"),
                 host,
                 SECONDS,
-                32,
+                16,
                 false,
             ));
             let per_request = (cpu() - before) / w.requests.max(1) as f64;
+            if t == 1 {
+                keter_cpu_ticks += cpu_ticks(k.pid()) - keter_before;
+                keter_requests += w.requests;
+            }
             runs[t].push((w, per_request));
         }
     }
@@ -674,7 +772,8 @@ fn front_end_overhead() {
         })
         .collect();
     println!(
-        "\n3. front-end overhead (keep-alive, 32 connections; {ROUNDS} rounds of {SECONDS} s runs over the 4 targets in turn, medians)"
+        "\n3. front-end overhead (wrk -t2 -c16, keep-alive; {ROUNDS} rounds of {SECONDS} s runs over the {} targets in turn, medians)",
+        targets.len()
     );
     println!(
         "   {:<30} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8}",
@@ -698,17 +797,42 @@ fn front_end_overhead() {
     }
     // keter against the hand-tuned proxy also run by run: the two are measured within seconds
     // of each other in every round.
-    let (paired, _, _) = median_of(
-        runs[1]
-            .iter()
-            .zip(&runs[2])
-            .map(|((k, _), (t, _))| k.rps / t.rps)
-            .collect(),
+    for (i, label) in [(1, "metrics on"), (2, "metrics off")] {
+        let (paired, _, _) = median_of(
+            runs[i]
+                .iter()
+                .zip(&runs[3])
+                .map(|((k, _), (t, _))| k.rps / t.rps)
+                .collect(),
+        );
+        println!(
+            "   keter's Nginx ({label}) / hand-tuned Nginx: {:.2} in req/s (median of the per-round ratios {paired:.2}), {:.2} in front-end CPU per request",
+            rows[i].0 / rows[3].0,
+            rows[i].2 / rows[3].2
+        );
+    }
+    let tick_us = 1e6
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+    let counted = keter_requests.max(1) as f64;
+    // Nginx warns for each datagram the kernel refused (the socket's queue full).
+    let refused = k
+        .log()
+        .lines()
+        .filter(|l| l.contains("send() to syslog failed"))
+        .count();
+    println!(
+        "   datagrams the kernel refused while keter's Nginx served with metrics on: {refused} (of {keter_requests} requests; net.unix.max_dgram_qlen {})",
+        fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+            .unwrap_or_default()
+            .trim()
     );
     println!(
-        "   keter's Nginx / hand-tuned Nginx: {:.2} in req/s (median of the per-round ratios {paired:.2}), {:.2} in front-end CPU per request",
-        rows[1].0 / rows[2].0,
-        rows[1].2 / rows[2].2
+        "   keter's own CPU counting its Nginx's datagrams: {:.1} ms per 1000 requests ({keter_requests} requests); memory per app with requests: {} KiB",
+        keter_cpu_ticks as f64 * tick_us / 1000.0 / counted * 1000.0,
+        keter::requests::Requests::bytes_per_app() / 1024
     );
     println!(
         "   (front µs/req: CPU time of the front end's workers per request; spread: (max - min) / median of a target's req/s)"

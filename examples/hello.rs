@@ -27,7 +27,7 @@
 //! (it leaves a marker file in its working folder): a crash loop after a good deploy.
 //!
 //! Paths: `/` version, `/env` its environment, `/pid` its pid, `/whoami` its uid, gid and
-//! groups, `/slow?ms=N` answers after N milliseconds, `/exit` exits with code 7,
+//! groups, `/slow?ms=N` answers after N milliseconds, `/status?code=N` answers with status N, `/exit` exits with code 7,
 //! `/print?n=N` prints N lines of 100 bytes, `/write?path=P` tries to create file P and
 //! answers `ok` or the error, `/read?path=P` tries to read file P and answers `ok` or the
 //! error, `/symlink?target=T&link=L` makes L a symlink to T (a folder at L is renamed to
@@ -319,6 +319,7 @@ fn serve(
             }
             continue;
         }
+        let mut answer = status;
         let body = if target == "/env" {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();
@@ -382,11 +383,14 @@ fn serve(
         } else if let Some(ms) = target.strip_prefix("/slow?ms=") {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             format!("{version}\n")
+        } else if let Some(code) = target.strip_prefix("/status?code=") {
+            answer = code.parse().unwrap_or(status);
+            format!("{version}\n")
         } else {
             format!("{version}\n")
         };
         let response = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Request-Method: {method}\r\n{}\r\n{body}",
+            "HTTP/1.1 {answer} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Request-Method: {method}\r\n{}\r\n{body}",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );

@@ -41,6 +41,9 @@ pub struct Config {
     /// ...keeping this many older files (`app-NAME.log.1` newest).
     pub log_rotate_keep: u32,
     pub ip_from_header: bool,
+    /// `request-metrics`: Nginx sends keter one datagram per request (README, "Request
+    /// metrics"); `false` keeps `access_log off` everywhere.
+    pub request_metrics: bool,
     /// The user every app runs as (`setuid`), resolved at load time; never root (that is
     /// `run_apps_as_root`).
     pub run_as: Option<RunAs>,
@@ -229,6 +232,7 @@ fn from_tree(
         });
     let rotate_logs = f.bool("rotate-logs", problems).unwrap_or(true);
     let ip_from_header = f.bool("ip-from-header", problems).unwrap_or(false);
+    let request_metrics = f.bool("request-metrics", problems).unwrap_or(true);
     keter_only_keys(&mut f, &mut env, problems);
     let run_as = f.string("setuid", problems).and_then(|user| {
         RunAs::lookup(&user)
@@ -305,6 +309,7 @@ fn from_tree(
         log_rotate_bytes,
         log_rotate_keep,
         ip_from_header,
+        request_metrics,
         run_as,
         run_apps_as_root,
         app_uid_range,

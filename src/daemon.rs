@@ -250,12 +250,14 @@ pub fn run(
     );
     let mut renderer = Renderer::new(&config).map_err(|e| Fatal::Nginx(e.into()))?;
     renderer.worker_user = isolation.managed_worker_user();
+    let isolation = Arc::new(isolation);
+    let reports = Arc::new(Reports::default());
+    // Before Nginx loads the files that name its socket.
+    let requests = start_requests(&config, &nginx_paths, &reports, &isolation);
     let nginx = Nginx::start(&config, Arc::new(renderer), &recovery.sites)
         .map_err(|e| Fatal::Nginx(e.into()))?;
     isolation.check_acme_webroot(&config.acme_webroot, nginx.handle().master_pid());
     let incoming = config.root.join("incoming");
-    let reports = Arc::new(Reports::default());
-    let isolation = Arc::new(isolation);
     let status = StatusServer::start(
         &config,
         reports.clone(),
@@ -368,9 +370,51 @@ pub fn run(
         a.stop();
     }
     nginx.shutdown();
+    if let Some(r) = requests {
+        r.stop();
+    }
     log::info!("keter: stopped");
     drop(lock);
     Ok(())
+}
+
+/// The receiver of Nginx's per-request datagrams (README, "Request metrics"), unless
+/// `request-metrics: false`. Datagrams from an app's user are refused. A receiver that cannot
+/// start is logged and keter goes on without request metrics (Nginx's datagrams are then
+/// refused by the kernel, and it goes on serving).
+fn start_requests(
+    config: &Config,
+    paths: &crate::nginx::Paths,
+    reports: &Reports,
+    isolation: &Arc<Isolation>,
+) -> Option<crate::requests::receiver::Receiver> {
+    if !config.request_metrics {
+        return None;
+    }
+    if !crate::nginx::fits_sun_path(&paths.requests_socket) {
+        log::error!(
+            "keter: no request metrics: the socket path {} is longer than a unix socket \
+             path may be (107 bytes); choose a shorter root",
+            paths.requests_socket.display()
+        );
+        return None;
+    }
+    let isolation = isolation.clone();
+    let accept = Box::new(move |uid: u32| isolation.app_of_uid(uid).is_none());
+    match crate::requests::receiver::Receiver::start(
+        &paths.requests_socket,
+        reports.requests.clone(),
+        accept,
+    ) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            log::error!(
+                "keter: no request metrics: cannot listen on {}: {e}",
+                paths.requests_socket.display()
+            );
+            None
+        }
+    }
 }
 
 /// The ACME thread, when the configuration has an `acme` section. A thread that cannot start

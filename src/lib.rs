@@ -35,6 +35,7 @@ pub mod problem;
 pub mod process;
 pub mod procfs;
 pub mod report;
+pub mod requests;
 pub mod responses;
 pub mod restart;
 pub mod rootlock;

@@ -6,7 +6,7 @@
 //! Counters that only grow (deploys by result, restarts, reloads) live here too, so that
 //! metrics never go backwards when an app is removed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,6 +19,8 @@ use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
 use crate::cgroup::Usage;
 use crate::names::AppName;
+use crate::requests::Requests;
+use crate::requests::plot::Mark;
 
 /// An app's state as an operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -160,7 +162,7 @@ pub struct ProcessReport {
 }
 
 /// Everything known about one app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppReport {
     pub name: String,
     pub state: AppState,
@@ -191,6 +193,9 @@ pub struct AppReport {
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
     /// has them when the report is read (why there is none yet, the next attempt).
     pub certificates: Vec<CertStatus>,
+    /// What Nginx served for the app (README, "Request metrics"); `None` before its first
+    /// request since keter started.
+    pub requests: Option<crate::requests::Summary>,
     /// When the serving version went live, so that readers compute `uptime_seconds` at the
     /// time they read (an idle worker does not publish again).
     #[serde(skip)]
@@ -220,14 +225,16 @@ impl AppReport {
             deploy_stage: None,
             usage: Usage::default(),
             certificates: Vec::new(),
+            requests: None,
             live_since: None,
             certificate_names: Vec::new(),
         }
     }
 
-    /// The same report with `uptime_seconds`, the figures of the control groups and the
-    /// certificates as of now.
-    fn refreshed(mut self, certs: &[CertStatus]) -> AppReport {
+    /// The same report with `uptime_seconds`, the figures of the control groups, the
+    /// certificates and the request metrics as of now.
+    fn refreshed(mut self, certs: &[CertStatus], requests: &Requests) -> AppReport {
+        self.requests = requests.summary(&self.name, crate::requests::unix_now());
         if let Some(t) = self.live_since {
             self.uptime_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
         }
@@ -308,7 +315,14 @@ pub struct Reports {
     logs: Mutex<BTreeMap<String, AppLog>>,
     /// The ACME thread, whose certificate statuses go into the reports as they are read.
     acme: Certificates,
+    /// What Nginx served, per app and release (the receiver thread adds to it).
+    pub requests: Arc<Requests>,
+    /// Each app's latest events (deploys, restarts), for the plots' time axis.
+    events: Mutex<BTreeMap<String, VecDeque<Mark>>>,
 }
+
+/// Events kept per app.
+pub const EVENTS_KEPT: usize = 64;
 
 /// The ACME thread's handle, once the daemon started it.
 #[derive(Default)]
@@ -353,8 +367,39 @@ impl Reports {
     }
 
     pub fn restarted(&self, app: &AppName) {
-        let mut r = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
-        *r.entry(app.to_string()).or_default() += 1;
+        {
+            let mut r = self.restarts.lock().unwrap_or_else(|e| e.into_inner());
+            *r.entry(app.to_string()).or_default() += 1;
+        }
+        self.event(
+            app,
+            "restart",
+            "a process was restarted after it ended".into(),
+        );
+    }
+
+    /// Notes an event of `app` for the plots' time axis; the oldest go beyond
+    /// [`EVENTS_KEPT`].
+    pub fn event(&self, app: &AppName, kind: &'static str, detail: String) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let list = events.entry(app.to_string()).or_default();
+        if list.len() >= EVENTS_KEPT {
+            list.pop_front();
+        }
+        list.push_back(Mark {
+            at: crate::requests::unix_now(),
+            kind,
+            detail,
+        });
+    }
+
+    /// The events of `app`, oldest first.
+    pub fn events(&self, app: &str) -> Vec<Mark> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .get(app)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every app, by name.
@@ -365,7 +410,9 @@ impl Reports {
             let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
             apps.values().cloned().collect()
         };
-        apps.into_iter().map(|r| r.refreshed(&certs)).collect()
+        apps.into_iter()
+            .map(|r| r.refreshed(&certs, &self.requests))
+            .collect()
     }
 
     pub fn app(&self, name: &str) -> Option<AppReport> {
@@ -374,7 +421,7 @@ impl Reports {
             let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
             apps.get(name).cloned()
         };
-        app.map(|r| r.refreshed(&certs))
+        app.map(|r| r.refreshed(&certs, &self.requests))
     }
 
     /// Makes an app's recent output lines readable by the status interface.

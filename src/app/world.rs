@@ -425,6 +425,15 @@ impl Effects for World {
 
     fn deploy_finished(&mut self, result: DeployResult, took: Duration) {
         self.shared.reports.deploy_finished(result, took);
+        let event = match result {
+            DeployResult::Succeeded => Some("deploy"),
+            DeployResult::Failed => Some("deploy failed"),
+            _ => None,
+        };
+        if let Some(kind) = event {
+            let detail = format!("{kind} in {} ms", took.as_millis());
+            self.shared.reports.event(&self.name, kind, detail);
+        }
         self.burst_over = true;
     }
 

@@ -45,6 +45,9 @@ pub struct Paths {
     pub http_conf: PathBuf,
     pub generation_conf: PathBuf,
     pub control_socket: PathBuf,
+    /// `ROOT/nginx/worker-files/requests.sock`: Nginx's workers send keter one datagram per
+    /// request there (`crate::requests::receiver`).
+    pub requests_socket: PathBuf,
     /// Certificates keter writes itself (a listener's certificate with its chain appended).
     pub certs: PathBuf,
     /// `ROOT/nginx/worker-files`: the files Nginx's workers read while serving (the
@@ -62,6 +65,7 @@ impl Paths {
             http_conf: prefix.join("http.conf"),
             generation_conf: prefix.join("generation.conf"),
             control_socket: prefix.join("control.sock"),
+            requests_socket: prefix.join("worker-files").join("requests.sock"),
             certs: prefix.join("certs"),
             worker_files: prefix.join("worker-files"),
             prefix,
@@ -91,6 +95,8 @@ pub struct Renderer {
     listener_certs: Vec<Option<CertFiles>>,
     healthcheck_path: Option<UrlPath>,
     ip_from_header: bool,
+    /// `request-metrics`: every server block logs to keter's socket.
+    request_metrics: bool,
     default_timeout: Option<Duration>,
     external_https_port: u16,
     /// The shortest `worker_shutdown_timeout`: drain-time + 10 s, as before a bound was taken
@@ -111,6 +117,14 @@ pub struct Renderer {
 struct UpstreamView {
     name: String,
     port: u16,
+}
+
+#[derive(Serialize)]
+struct MetricsView {
+    format: String,
+    /// `VERSION|APP|DEPLOY`: a validated app name and a number.
+    prefix: String,
+    socket: String,
 }
 
 /// A listener's default server, for the main configuration.
@@ -144,14 +158,14 @@ impl Renderer {
             &paths.control_socket,
             &config.acme_webroot,
             &paths.worker_files,
+            &paths.requests_socket,
         ] {
             crate::names::check_conf_path(p).map_err(|e| RenderError::Root {
                 path: p.to_path_buf(),
                 reason: e.to_string(),
             })?;
         }
-        // sun_path holds 108 bytes including the terminating NUL.
-        if paths.control_socket.as_os_str().len() > 107 {
+        if !fits_sun_path(&paths.control_socket) {
             return Err(RenderError::SocketPath(paths.control_socket.clone()));
         }
         let listener_certs = config
@@ -175,6 +189,9 @@ impl Renderer {
             listener_certs,
             healthcheck_path: config.healthcheck_path.clone(),
             ip_from_header: config.ip_from_header,
+            // Without a socket keter can bind, no app's file names one (`crate::daemon` says
+            // why in the log).
+            request_metrics: config.request_metrics && fits_sun_path(&paths.requests_socket),
             default_timeout: config.connection_time_bound,
             external_https_port: config.external_https_port,
             shortest_shutdown: config.drain_time + Duration::from_secs(10),
@@ -278,7 +295,24 @@ impl Renderer {
         ctx.insert("acme_root", &self.acme_root);
         ctx.insert("ip_from_header", &self.ip_from_header);
         ctx.insert("responses_dir", &self.paths.responses());
+        ctx.insert("metrics", &self.metrics_view(site));
         self.render("app.conf", &ctx)
+    }
+
+    /// What an app's file needs for request metrics (README, "Request metrics"): its own
+    /// `log_format`, whose lines start with the format's version, the app and the deploy
+    /// number (`crate::requests::line`), and the socket.
+    fn metrics_view(&self, site: &Site) -> Option<MetricsView> {
+        self.request_metrics.then(|| MetricsView {
+            format: object_name(&site.app, Object::LogFormat),
+            prefix: format!(
+                "{}|{}|{}",
+                crate::requests::line::VERSION,
+                site.app,
+                site.deploy
+            ),
+            socket: self.paths.requests_socket.display().to_string(),
+        })
     }
 
     /// `ROOT/nginx/http.conf`: shared maps and the control server, included in the http
@@ -359,6 +393,11 @@ impl Renderer {
                 source: Arc::new(e),
             })
     }
+}
+
+/// A unix socket path fits `sun_path`: 108 bytes including the terminating NUL.
+pub fn fits_sun_path(path: &Path) -> bool {
+    path.as_os_str().len() <= 107
 }
 
 /// Golden files: the exact text of every kind of block, in `tests/golden/`, so reviewers can

@@ -16,7 +16,8 @@
 //!   to exactly one app name, and an ordinary lower-case name reads as itself.
 //! * Suffixes start with what the encoding never writes where a character's code starts: `_`
 //!   and a digit (`keter_web_1`, the first of the app's webapps when it has several), or `_r`
-//!   (`keter_web_rl1`, the app's first throttle). So app and suffix are told apart.
+//!   (`keter_web_rl1`, the app's first throttle), or `_m` (`keter_web_metrics`, the app's
+//!   `log_format` of request metrics). So app and suffix are told apart.
 //! * Names written by earlier versions of keter stay apart from these, whatever the case: an
 //!   earlier upstream was `keter-NAME` or `keter-NAME-N`, with a `-` where these have a `_`;
 //!   an earlier zone or variable ended in `_` and digits only (`keter_Shop_1`,
@@ -39,6 +40,8 @@ pub enum Object {
     /// The `map` variable, without its `$`, that gives the key of the `n`-th throttle when it
     /// counts only requests that carry what it counts by.
     Variable(usize),
+    /// The `log_format` of the app's request metrics (README, "Request metrics").
+    LogFormat,
 }
 
 /// The name of `object` of `app`: lower case, `[a-z0-9_]`, never the name of another object of
@@ -70,6 +73,7 @@ pub fn object_name(app: &AppName, object: Object) -> String {
         Object::Upstream => {}
         Object::NthUpstream(n) => out.push_str(&format!("_{n}")),
         Object::Zone(n) | Object::Variable(n) => out.push_str(&format!("_rl{n}")),
+        Object::LogFormat => out.push_str("_metrics"),
     }
     out
 }
@@ -110,6 +114,9 @@ mod tests {
                         // Not a character's code: the suffix starts here.
                         _ => {
                             let suffix: String = rest.collect();
+                            if suffix == "_metrics" {
+                                return Some((app, suffix));
+                            }
                             let digits = suffix
                                 .strip_prefix("_rl")
                                 .or_else(|| suffix.strip_prefix('_'))?;
@@ -144,6 +151,8 @@ mod tests {
             Object::NthUpstream(n) => format!("keter-{app}-{n}"),
             Object::Zone(n) => format!("keter_{escaped}_{n}"),
             Object::Variable(n) => format!("keter_rl_{escaped}_{n}"),
+            // No earlier keter wrote one.
+            Object::LogFormat => format!("keter_log_format_{escaped}"),
         }
     }
 
@@ -153,10 +162,12 @@ mod tests {
             Object::Upstream | Object::NthUpstream(_) => "upstream",
             Object::Zone(_) => "zone",
             Object::Variable(_) => "variable",
+            Object::LogFormat => "log_format",
         }
     }
 
-    const OBJECTS: [Object; 8] = [
+    const OBJECTS: [Object; 9] = [
+        Object::LogFormat,
         Object::Upstream,
         Object::NthUpstream(1),
         Object::NthUpstream(2),
@@ -189,6 +200,7 @@ mod tests {
                     Object::Upstream => String::new(),
                     Object::NthUpstream(n) => format!("_{n}"),
                     Object::Zone(n) | Object::Variable(n) => format!("_rl{n}"),
+                    Object::LogFormat => "_metrics".to_string(),
                 };
                 assert_eq!(
                     decode(&name),

@@ -123,6 +123,7 @@ pub fn table(api: &Value) -> Result<String, String> {
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let mut errors = Vec::new();
+    let mut traffic = Vec::new();
     for app in apps {
         let text = |key: &str| shown(app.get(key).and_then(Value::as_str).unwrap_or(""));
         let name = text("name");
@@ -198,6 +199,9 @@ pub fn table(api: &Value) -> Result<String, String> {
                 hosts.join(",")
             },
         ]);
+        if let Some(r) = app.get("requests").filter(|r| r.is_object()) {
+            traffic.push(requests_line(&name, r));
+        }
         if let Some(e) = app.get("last_error").and_then(Value::as_str) {
             errors.push(format!("{name}: last error: {}", shown(e)));
         }
@@ -229,6 +233,13 @@ pub fn table(api: &Value) -> Result<String, String> {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    if !traffic.is_empty() {
+        out.push('\n');
+        for t in traffic {
+            out.push_str(&t);
+            out.push('\n');
+        }
+    }
     if !errors.is_empty() {
         out.push('\n');
         for e in errors {
@@ -245,6 +256,39 @@ fn usage_cell(app: &Value, key: &str, show: impl Fn(&Value) -> Option<String>) -
         .and_then(|u| u.get(key))
         .and_then(show)
         .unwrap_or_else(|| "-".into())
+}
+
+/// An app's request metrics in one line (README, "Request metrics"): the rates over the last
+/// minute, the counts since keter started by class, and the upstream response time quantiles.
+fn requests_line(app: &str, r: &Value) -> String {
+    let num = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let class = |k: &str| {
+        r.get("by_class")
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let ms = |k: &str| {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .map(|s| format!("{:.0} ms", s * 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "{app}: {} req/s, {} errors/s (last minute); {} requests: 2xx {}, 3xx {}, 4xx {}, 5xx {}, \
+         upstream failures {}; upstream p50 {}, p95 {}, p99 {}",
+        num("requests_per_second"),
+        num("errors_per_second"),
+        r.get("requests").and_then(Value::as_u64).unwrap_or(0),
+        class("2xx"),
+        class("3xx"),
+        class("4xx"),
+        class("5xx"),
+        class("upstream_failure"),
+        ms("upstream_seconds_p50"),
+        ms("upstream_seconds_p95"),
+        ms("upstream_seconds_p99"),
+    )
 }
 
 /// One certificate over ACME: its hosts and state, until when it is valid, and why there is
@@ -289,7 +333,10 @@ mod tests {
             {"name": "hello", "state": "running", "sha256": "0123456789abcdef", "hosts": ["a.example"],
              "processes": [{"kind": "webapp", "port": 4000, "pid": 42}], "uptime_seconds": 5,
              "usage": {"cpu_seconds": 1.25, "memory_bytes": 52428800, "tasks": 3, "oom_kills": 1},
-             "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null},
+             "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null,
+             "requests": {"requests": 12, "requests_per_second": 0.2, "errors_per_second": 0.0,
+             "by_class": {"2xx": 10, "4xx": 2}, "upstream_seconds_p50": 0.012,
+             "upstream_seconds_p95": null, "upstream_seconds_p99": 0.25}},
             {"name": "broken", "state": "failed", "sha256": null, "hosts": [], "processes": [],
              "restarts": 0, "last_deploy": {"result": "failed", "duration_ms": 12},
              "last_error": "exec is missing"},
@@ -310,6 +357,13 @@ mod tests {
         );
         assert!(lines[2].starts_with("broken") && lines[2].contains("failed 12ms"));
         assert!(t.contains("broken: last error: exec is missing"));
+        assert!(
+            t.contains(
+                "hello: 0.2 req/s, 0 errors/s (last minute); 12 requests: 2xx 10, 3xx 0, 4xx 2, \
+                 5xx 0, upstream failures 0; upstream p50 12 ms, p95 -, p99 250 ms"
+            ),
+            "{t}"
+        );
         assert!(lines[3].starts_with("db") && lines[3].contains("failed (postgres) 7ms"));
         assert!(t.contains("db: the failed deploy is tried again at 2026-11-27T14:09:53.123Z"));
     }

@@ -7,6 +7,7 @@ use std::fmt::Write;
 
 use crate::nginx::NginxCounters;
 use crate::report::{AppState, BUCKETS, Histogram, Reports};
+use crate::requests::{Class, LATENCY_BUCKETS, Requests};
 
 /// The content type Prometheus expects for this format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -179,6 +180,8 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
         );
     }
 
+    requests(&mut out, &reports.requests);
+
     for (name, help, value) in [
         (
             "keter_nginx_reloads_total",
@@ -200,6 +203,116 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
         sample(&mut out, name, &[], value);
     }
     out
+}
+
+/// Request metrics (README, "Request metrics"), per app and kept release: at most
+/// apps × `KEPT_RELEASES` series per family and class or bucket.
+fn requests(out: &mut String, requests: &Requests) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let apps = requests.counters();
+    let releases = || {
+        apps.iter().flat_map(|(app, _, releases)| {
+            releases
+                .iter()
+                .map(move |(r, c)| (app.as_str(), r.to_string(), c))
+        })
+    };
+    family(
+        out,
+        "keter_app_requests_total",
+        "counter",
+        "Requests Nginx answered for an app, by release (deploy number) and status class; \
+         upstream_failure: a 502 or 504 of Nginx itself, the app not reached or too slow.",
+    );
+    for (app, release, c) in releases() {
+        for class in Class::ALL {
+            sample(
+                out,
+                "keter_app_requests_total",
+                &[
+                    ("app", app),
+                    ("release", &release),
+                    ("class", class.as_str()),
+                ],
+                c.classes[class as usize],
+            );
+        }
+    }
+    family(
+        out,
+        "keter_app_response_bytes_total",
+        "counter",
+        "Bytes Nginx sent to clients for an app, headers included, by release.",
+    );
+    for (app, release, c) in releases() {
+        sample(
+            out,
+            "keter_app_response_bytes_total",
+            &[("app", app), ("release", &release)],
+            c.bytes,
+        );
+    }
+    let name = "keter_app_upstream_response_seconds";
+    family(
+        out,
+        name,
+        "histogram",
+        "Time from Nginx connecting to the app to the app's last byte, of requests the app \
+         answered, by release.",
+    );
+    for (app, release, c) in releases() {
+        let mut cumulative = 0;
+        for (le, n) in LATENCY_BUCKETS.iter().zip(&c.latency) {
+            cumulative += n;
+            sample(
+                out,
+                &format!("{name}_bucket"),
+                &[("app", app), ("release", &release), ("le", &le.to_string())],
+                cumulative,
+            );
+        }
+        let count = c.latency_count();
+        let labels = [("app", app), ("release", release.as_str())];
+        sample(
+            out,
+            &format!("{name}_bucket"),
+            &[labels[0], labels[1], ("le", "+Inf")],
+            count,
+        );
+        sample(out, &format!("{name}_sum"), &labels, c.latency_sum);
+        sample(out, &format!("{name}_count"), &labels, count);
+    }
+    family(
+        out,
+        "keter_request_datagrams_total",
+        "counter",
+        "Datagrams read from Nginx's request log socket.",
+    );
+    sample(
+        out,
+        "keter_request_datagrams_total",
+        &[],
+        requests.datagrams.load(Relaxed),
+    );
+    family(
+        out,
+        "keter_request_datagrams_dropped_total",
+        "counter",
+        "Datagrams read but not counted: refused (not sent by Nginx's workers), malformed, or \
+         of an app beyond the bound on apps.",
+    );
+    for (reason, n) in [
+        ("refused", &requests.refused),
+        ("malformed", &requests.malformed),
+        ("too_many_apps", &requests.too_many_apps),
+    ] {
+        sample(
+            out,
+            "keter_request_datagrams_dropped_total",
+            &[("reason", reason)],
+            n.load(Relaxed),
+        );
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -262,6 +375,14 @@ mod tests {
         reports.publish(r);
         let nginx = NginxCounters::default();
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
+        let line = |m: &str| crate::requests::Line::parse(m.as_bytes()).unwrap();
+        for m in [
+            "k1|hello|2|200|100|200|0.020|0.020",
+            "k1|hello|2|200|100|200|0.300|0.300",
+            "k1|hello|3|502|50|502|0.000|-",
+        ] {
+            reports.requests.add(1000, &line(m)).unwrap();
+        }
         let text = render(&reports, &nginx);
         for line in [
             "keter_deploys_total{result=\"succeeded\"} 2",
@@ -280,6 +401,16 @@ mod tests {
             "keter_app_log_lines_dropped_total{app=\"hello\"} 4",
             "keter_nginx_reloads_total 2",
             "# TYPE keter_deploy_duration_seconds histogram",
+            "keter_app_requests_total{app=\"hello\",release=\"2\",class=\"2xx\"} 2",
+            "keter_app_requests_total{app=\"hello\",release=\"2\",class=\"5xx\"} 0",
+            "keter_app_requests_total{app=\"hello\",release=\"3\",class=\"upstream_failure\"} 1",
+            "keter_app_response_bytes_total{app=\"hello\",release=\"2\"} 200",
+            "keter_app_upstream_response_seconds_bucket{app=\"hello\",release=\"2\",le=\"0.025\"} 1",
+            "keter_app_upstream_response_seconds_bucket{app=\"hello\",release=\"2\",le=\"0.5\"} 2",
+            "keter_app_upstream_response_seconds_bucket{app=\"hello\",release=\"2\",le=\"+Inf\"} 2",
+            "keter_app_upstream_response_seconds_count{app=\"hello\",release=\"3\"} 0",
+            "keter_app_upstream_response_seconds_sum{app=\"hello\",release=\"2\"} 0.32",
+            "keter_request_datagrams_dropped_total{reason=\"refused\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

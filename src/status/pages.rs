@@ -71,6 +71,55 @@ struct AppView {
     processes: Vec<ProcessView>,
     /// The `ssl: acme` stanzas' certificates.
     certificates: Vec<CertView>,
+    /// The request rate over the last hour (inline SVG drawn by `crate::requests::plot`),
+    /// empty before the app's first request.
+    spark: String,
+}
+
+/// The request metrics part of an app page (README, "Request metrics"): the plots as inline
+/// SVG, drawn by keter from numbers (`crate::requests::plot`), and a summary.
+#[derive(Debug, Serialize)]
+pub struct Traffic {
+    pub hour: String,
+    pub day: String,
+    /// Requests since keter started, by class, and the latency quantiles.
+    pub summary: String,
+}
+
+impl Traffic {
+    /// The plots of `app` as of unix time `now`, with its events; `None` before its first
+    /// request.
+    pub fn of(reports: &crate::report::Reports, app: &str, now: u64) -> Option<Traffic> {
+        use crate::requests::{DAY, HOUR, plot};
+        let marks = reports.events(app);
+        let hour = reports.requests.series(app, HOUR, now)?;
+        let day = reports.requests.series(app, DAY, now)?;
+        let summary = reports
+            .requests
+            .summary(app, now)
+            .map(|s| {
+                let by_class: Vec<String> = s
+                    .total
+                    .by_class
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                format!(
+                    "{} requests since keter started ({}), {} req/s and {} errors/s over the last minute",
+                    s.total.requests,
+                    by_class.join(", "),
+                    s.requests_per_second,
+                    s.errors_per_second
+                )
+            })
+            .unwrap_or_default();
+        Some(Traffic {
+            hour: plot::charts("hour", &hour, HOUR, &marks),
+            day: plot::charts("day", &day, DAY, &marks),
+            summary,
+        })
+    }
 }
 
 /// One certificate over ACME, formatted for display.
@@ -145,8 +194,12 @@ impl Pages {
         &self.csp
     }
 
-    /// The page listing every app.
-    pub fn overview(&self, apps: &[AppReport]) -> Result<String, PageError> {
+    /// The page listing every app; `spark` gives an app's request rate line.
+    pub fn overview(
+        &self,
+        apps: &[AppReport],
+        spark: impl Fn(&str) -> Option<String>,
+    ) -> Result<String, PageError> {
         let counts: Vec<StateCount> = AppState::ALL
             .iter()
             .map(|s| StateCount {
@@ -155,7 +208,13 @@ impl Pages {
             })
             .filter(|c| c.count > 0 || c.state == "running")
             .collect();
-        let views: Vec<AppView> = apps.iter().map(|a| self.view(a)).collect();
+        let views: Vec<AppView> = apps
+            .iter()
+            .map(|a| AppView {
+                spark: spark(&a.name).unwrap_or_default(),
+                ..self.view(a)
+            })
+            .collect();
         let mut ctx = self.context();
         ctx.insert("apps", &views);
         ctx.insert("counts", &counts);
@@ -169,9 +228,11 @@ impl Pages {
         log: &[String],
         nginx_path: &str,
         nginx_conf: Option<&str>,
+        traffic: Option<&Traffic>,
     ) -> Result<String, PageError> {
         let mut ctx = self.context();
         ctx.insert("app", &self.view(app));
+        ctx.insert("traffic", &traffic);
         let log = if log.is_empty() {
             "(no output yet)".to_string()
         } else {
@@ -307,6 +368,7 @@ impl Pages {
                 })
                 .collect(),
             certificates: a.certificates.iter().map(cert_view).collect(),
+            spark: String::new(),
         }
     }
 }
@@ -464,7 +526,7 @@ mod tests {
     #[test]
     fn pages_escape_everything_from_apps_and_requests() {
         let pages = Pages::new(8080).unwrap();
-        let overview = pages.overview(&[report()]).unwrap();
+        let overview = pages.overview(&[report()], |_| None).unwrap();
         assert!(
             overview.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;")
                 || overview.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
@@ -478,6 +540,7 @@ mod tests {
                 &report(),
                 &["<img src=x onerror=alert(1)>".to_string()],
                 "/r/nginx/apps/hello.conf",
+                None,
                 None,
             )
             .unwrap();

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::StatusAddress;
 use super::conn::{self, Limits, Listening, Refuse, Via};
 use super::metrics;
-use super::pages::{LOG_LINES, PageError, Pages};
+use super::pages::{LOG_LINES, PageError, Pages, Traffic};
 use super::peer::Peer;
 use crate::config::Config;
 use crate::isolation::Isolation;
@@ -310,7 +310,11 @@ async fn guard(State(s): State<ServerState>, request: Request, next: Next) -> Re
 }
 
 async fn overview(State(s): State<ServerState>) -> Response {
-    html(s.pages.overview(&s.reports.apps()))
+    let now = crate::requests::unix_now();
+    html(s.pages.overview(&s.reports.apps(), |app| {
+        let hour = s.reports.requests.series(app, crate::requests::HOUR, now)?;
+        Some(crate::requests::plot::sparkline(&hour))
+    }))
 }
 
 async fn app_page(
@@ -333,6 +337,7 @@ async fn app_page(
         &log,
         &conf_path.display().to_string(),
         conf.as_deref(),
+        Traffic::of(&s.reports, &report.name, crate::requests::unix_now()).as_ref(),
     ))
 }
 

@@ -263,15 +263,7 @@ fn redeploys_under_continuous_traffic_lose_no_request() {
     );
 
     // Every old version is stopped, its port freed and its folder deleted.
-    let deadline = Instant::now() + WAIT;
-    while k.temp_folders().len() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "old folders left: {:?}",
-            k.temp_folders()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    k.wait_temp_folders(1, WAIT);
     assert_eq!(k.log_count("; stopping it"), 10, "{}", k.log());
     assert_eq!(
         k.log_count("superseded"),
@@ -334,7 +326,7 @@ fn a_version_that_never_gets_ready_is_removed_and_the_old_one_keeps_serving() {
             "what the app printed is missing: {line}"
         );
         assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
-        assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+        k.wait_temp_folders(1, WAIT);
     }
     assert!(alive(good_pid));
     // No process of a failed version is left.
@@ -368,7 +360,7 @@ fn deleting_the_bundle_stops_the_app() {
     assert!(!k.root.join("nginx/apps/hello.conf").exists());
     assert!(wait_gone(pid, Duration::from_secs(5)));
     assert_eq!(group_size(pid), 0, "the app's grandchild survived");
-    assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+    k.wait_temp_folders(1, WAIT);
     // The other app is untouched.
     k.wait_for("other.example.com", "o1", WAIT);
 }

@@ -651,15 +651,7 @@ fn good_crash_good_two_hundred_times_never_gets_stuck() {
     }
     k.wait_for(APP, "good0", WAIT);
     // Nothing leaked: one version's folder, one app process, its port only.
-    let deadline = Instant::now() + WAIT;
-    while k.temp_folders().len() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "folders left: {:?}",
-            k.temp_folders()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    k.wait_temp_folders(1, WAIT);
     let journal = fs::read_to_string(k.root.join("etc/processes")).unwrap();
     assert_eq!(
         journal.lines().filter(|l| !l.starts_with('#')).count(),

@@ -20,6 +20,7 @@ mod keter_configs;
 mod keter_front;
 mod limits;
 mod matrix;
+mod metrics;
 mod neighbours;
 mod nginx_files;
 mod postgres;

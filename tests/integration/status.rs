@@ -90,13 +90,13 @@ fn deploy_broken(k: &Keter, name: &str) {
 }
 
 /// Every sample of a Prometheus text, and the declared type of every family.
-struct Metrics {
+pub struct Metrics {
     samples: Vec<(String, BTreeMap<String, String>, f64)>,
     types: BTreeMap<String, String>,
 }
 
 impl Metrics {
-    fn parse(text: &str) -> Metrics {
+    pub fn parse(text: &str) -> Metrics {
         let mut m = Metrics {
             samples: Vec::new(),
             types: BTreeMap::new(),
@@ -152,7 +152,7 @@ impl Metrics {
         m
     }
 
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let want: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -405,7 +405,7 @@ fn chromium() -> PathBuf {
 }
 
 /// Runs headless Chromium on `url` with `args`; returns its stdout.
-fn browse(profile: &Path, url: &str, args: &[&str]) -> String {
+pub fn browse(profile: &Path, url: &str, args: &[&str]) -> String {
     let mut child = Command::new(chromium())
         .args([
             "--headless",
@@ -450,7 +450,7 @@ fn browse(profile: &Path, url: &str, args: &[&str]) -> String {
     reader.join().unwrap()
 }
 
-fn assert_png(path: &Path) {
+pub fn assert_png(path: &Path) {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
         bytes.starts_with(b"\x89PNG\r\n\x1a\n"),

@@ -679,6 +679,21 @@ impl Keter {
         v
     }
 
+    /// Waits until `temp/` holds exactly `n` version folders: a failed or retired version's
+    /// folder is removed by a stage of its own, after its deploy is already reported.
+    pub fn wait_temp_folders(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.temp_folders().len() != n {
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} version folders, found {:?}\n{}",
+                self.temp_folders(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The pid of the Nginx master keter runs.
     pub fn nginx_pid(&self) -> i32 {
         fs::read_to_string(self.root.join("nginx/nginx.pid"))

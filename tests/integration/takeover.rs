@@ -592,7 +592,7 @@ fn a_deploy_under_way_during_an_upgrade_is_done_again_by_the_new_keter() {
     assert!(!alive(candidate));
     assert_eq!(k.pid_of("a.example.com"), started[2]);
     assert!(wait_gone(serving, WAIT));
-    assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+    k.wait_temp_folders(1, WAIT);
 }
 
 /// The pids of the processes keter's log says it started, in order.
@@ -625,7 +625,7 @@ fn a_deploy_under_way_when_keter_is_killed_is_done_again_by_the_next_keter() {
         tally.failures,
         k.log()
     );
-    assert_eq!(k.temp_folders().len(), 1, "{:?}", k.temp_folders());
+    k.wait_temp_folders(1, WAIT);
 }
 
 /// Starts another keter on `k`'s configuration and expects it to refuse at once, naming the

@@ -1,0 +1,413 @@
+//! Request metrics (README, "Request metrics"): what Nginx served for each app and each of its
+//! releases, as Nginx tells keter one datagram per request ([`receiver`]), kept in fixed-size
+//! counters, histograms and ring buffers ([`Requests`]), shown at `/metrics`, in
+//! `/api/apps/NAME` and as plots ([`plot`]) on the status pages.
+//!
+//! Memory is fixed per app: nothing here grows with traffic. Per app, the counters of the last
+//! [`KEPT_RELEASES`] releases (deploy numbers) and two rings of time slots, the last hour at
+//! [`HOUR`] and the last day at [`DAY`]; apps beyond [`MAX_APPS`] are not counted (their
+//! datagrams are counted as dropped).
+
+pub mod line;
+pub mod plot;
+pub mod receiver;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+pub use line::{Class, Line};
+
+/// Upper bounds (seconds) of the upstream response time buckets; one more bucket above.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const SLOTS: usize = LATENCY_BUCKETS.len() + 1;
+
+/// Releases whose counters are kept per app: the newest deploy numbers seen.
+pub const KEPT_RELEASES: usize = 4;
+/// Apps counted at most (far more than one machine serves).
+pub const MAX_APPS: usize = 4096;
+
+/// A ring of time slots: how many, and how long each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub slots: usize,
+    pub seconds: u64,
+}
+
+/// The last hour, at 10 s.
+pub const HOUR: Span = Span {
+    slots: 360,
+    seconds: 10,
+};
+/// The last day, at 5 min.
+pub const DAY: Span = Span {
+    slots: 288,
+    seconds: 300,
+};
+
+/// Requests by status class, bytes, and a histogram of upstream response times.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// By [`Class`], in [`Class::ALL`] order.
+    pub classes: [u64; Class::ALL.len()],
+    pub bytes: u64,
+    /// Upstream response times, per bucket (not cumulative), the last one above every bound.
+    pub latency: [u64; SLOTS],
+    pub latency_sum: f64,
+}
+
+impl Counters {
+    fn add(&mut self, l: &Line) {
+        self.classes[l.class() as usize] += 1;
+        self.bytes += l.bytes;
+        if let Some(s) = l.upstream_seconds() {
+            self.latency[bucket(s)] += 1;
+            self.latency_sum += s;
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.classes.iter().sum()
+    }
+
+    pub fn latency_count(&self) -> u64 {
+        self.latency.iter().sum()
+    }
+}
+
+fn bucket(seconds: f64) -> usize {
+    LATENCY_BUCKETS
+        .iter()
+        .position(|le| seconds <= *le)
+        .unwrap_or(LATENCY_BUCKETS.len())
+}
+
+/// The `q` quantile (0..1) of a bucketed distribution, interpolated inside its bucket;
+/// `None` without observations. Above the last bound, the last bound.
+pub fn quantile(buckets: &[impl Copy + Into<u64>], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().map(|b| (*b).into()).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0);
+    let mut seen = 0u64;
+    for (i, b) in buckets.iter().enumerate() {
+        let n: u64 = (*b).into();
+        if n == 0 {
+            continue;
+        }
+        if (seen + n) as f64 >= rank {
+            let Some(upper) = LATENCY_BUCKETS.get(i) else {
+                return LATENCY_BUCKETS.last().copied();
+            };
+            let lower = if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] };
+            let within = (rank - seen as f64) / n as f64;
+            return Some(lower + (upper - lower) * within);
+        }
+        seen += n;
+    }
+    LATENCY_BUCKETS.last().copied()
+}
+
+/// One time slot of a ring.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Which slot of time (unix seconds / slot length) this holds; others are stale.
+    index: u64,
+    requests: u32,
+    /// 5xx and upstream failures.
+    errors: u32,
+    latency: [u32; SLOTS],
+}
+
+#[derive(Debug)]
+struct Ring {
+    span: Span,
+    slots: Box<[Slot]>,
+}
+
+impl Ring {
+    fn new(span: Span) -> Ring {
+        Ring {
+            span,
+            slots: vec![Slot::default(); span.slots].into_boxed_slice(),
+        }
+    }
+
+    fn add(&mut self, now: u64, l: &Line) {
+        let index = now / self.span.seconds;
+        let slot = &mut self.slots[(index % self.span.slots as u64) as usize];
+        if slot.index != index {
+            *slot = Slot {
+                index,
+                ..Slot::default()
+            };
+        }
+        slot.requests = slot.requests.saturating_add(1);
+        if l.class().is_error() {
+            slot.errors = slot.errors.saturating_add(1);
+        }
+        if let Some(s) = l.upstream_seconds() {
+            let b = &mut slot.latency[bucket(s)];
+            *b = b.saturating_add(1);
+        }
+    }
+
+    /// The ring's slots from oldest to newest, ending with the one holding `now`.
+    fn points(&self, now: u64) -> Vec<Point> {
+        let last = now / self.span.seconds;
+        let n = self.span.slots as u64;
+        (last + 1 - n.min(last + 1)..=last)
+            .map(|index| {
+                let slot = &self.slots[(index % n) as usize];
+                let fresh = slot.index == index;
+                let secs = self.span.seconds as f64;
+                let q = |q| fresh.then(|| quantile(&slot.latency, q)).flatten();
+                Point {
+                    start: index * self.span.seconds,
+                    requests_per_second: if fresh {
+                        slot.requests as f64 / secs
+                    } else {
+                        0.0
+                    },
+                    errors_per_second: if fresh {
+                        slot.errors as f64 / secs
+                    } else {
+                        0.0
+                    },
+                    p50: q(0.50),
+                    p95: q(0.95),
+                    p99: q(0.99),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One slot of a series, for plots.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Point {
+    /// Unix time (seconds) the slot starts.
+    pub start: u64,
+    pub requests_per_second: f64,
+    pub errors_per_second: f64,
+    /// Upstream response time quantiles (seconds) of the slot; `None` without any.
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// Everything counted of one app.
+#[derive(Debug)]
+struct AppTraffic {
+    total: Counters,
+    /// The newest releases, oldest first.
+    releases: Vec<(u64, Counters)>,
+    hour: Ring,
+    day: Ring,
+}
+
+impl AppTraffic {
+    fn new() -> AppTraffic {
+        AppTraffic {
+            total: Counters::default(),
+            releases: Vec::with_capacity(KEPT_RELEASES + 1),
+            hour: Ring::new(HOUR),
+            day: Ring::new(DAY),
+        }
+    }
+
+    fn add(&mut self, now: u64, l: &Line) {
+        self.total.add(l);
+        self.hour.add(now, l);
+        self.day.add(now, l);
+        match self.releases.iter().position(|(r, _)| *r >= l.release) {
+            Some(i) if self.releases[i].0 == l.release => self.releases[i].1.add(l),
+            // An older release than every kept one, with no room left: its old workers are
+            // draining; the app's totals have it.
+            Some(0) if self.releases.len() >= KEPT_RELEASES => {}
+            at => {
+                let mut c = Counters::default();
+                c.add(l);
+                self.releases
+                    .insert(at.unwrap_or(self.releases.len()), (l.release, c));
+                if self.releases.len() > KEPT_RELEASES {
+                    self.releases.remove(0);
+                }
+            }
+        }
+    }
+}
+
+/// An app's name, totals, and kept releases (deploy number, counters) oldest first.
+pub type AppCounters = (String, Counters, Vec<(u64, Counters)>);
+
+/// Why a datagram was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Not in keter's format (or from an earlier keter's format).
+    Malformed,
+    /// Sent by a process that is not Nginx's (an app's user): README, "Request metrics".
+    Refused,
+    /// An app beyond [`MAX_APPS`].
+    TooManyApps,
+}
+
+/// The request metrics of every app; the receiver alone adds to them.
+#[derive(Debug, Default)]
+pub struct Requests {
+    apps: Mutex<BTreeMap<String, AppTraffic>>,
+    pub datagrams: AtomicU64,
+    pub malformed: AtomicU64,
+    pub refused: AtomicU64,
+    pub too_many_apps: AtomicU64,
+}
+
+/// The counters of one app or release, for JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CountersView {
+    pub requests: u64,
+    /// Requests by class: `1xx` to `5xx` as Nginx answered, and `upstream_failure` (a 502 or
+    /// 504 of Nginx itself: the app could not be reached or did not answer in time).
+    pub by_class: BTreeMap<&'static str, u64>,
+    pub response_bytes: u64,
+    /// Upstream response time quantiles (seconds), from the histogram; `None` without any.
+    pub upstream_seconds_p50: Option<f64>,
+    pub upstream_seconds_p95: Option<f64>,
+    pub upstream_seconds_p99: Option<f64>,
+}
+
+impl From<&Counters> for CountersView {
+    fn from(c: &Counters) -> CountersView {
+        CountersView {
+            requests: c.requests(),
+            by_class: Class::ALL
+                .iter()
+                .map(|k| (k.as_str(), c.classes[*k as usize]))
+                .collect(),
+            response_bytes: c.bytes,
+            upstream_seconds_p50: quantile(&c.latency, 0.50),
+            upstream_seconds_p95: quantile(&c.latency, 0.95),
+            upstream_seconds_p99: quantile(&c.latency, 0.99),
+        }
+    }
+}
+
+/// One release's counters, for JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReleaseView {
+    /// The deploy number (`deploy` in the app's report).
+    pub release: u64,
+    #[serde(flatten)]
+    pub counters: CountersView,
+}
+
+/// What `/api/apps/NAME` shows as `requests`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Since keter started.
+    #[serde(flatten)]
+    pub total: CountersView,
+    /// Over the last minute.
+    pub requests_per_second: f64,
+    pub errors_per_second: f64,
+    /// The kept releases, newest first.
+    pub releases: Vec<ReleaseView>,
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Requests {
+    /// Counts one request at unix time `now`.
+    pub fn add(&self, now: u64, l: &Line) -> Result<(), Dropped> {
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = apps.get_mut(l.app.as_str()) {
+            t.add(now, l);
+            return Ok(());
+        }
+        if apps.len() >= MAX_APPS {
+            return Err(Dropped::TooManyApps);
+        }
+        let mut t = AppTraffic::new();
+        t.add(now, l);
+        apps.insert(l.app.clone(), t);
+        Ok(())
+    }
+
+    /// Counts a datagram that was not counted.
+    pub fn dropped(&self, why: Dropped) {
+        match why {
+            Dropped::Malformed => &self.malformed,
+            Dropped::Refused => &self.refused,
+            Dropped::TooManyApps => &self.too_many_apps,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every app's totals and kept releases (oldest first), by name.
+    pub fn counters(&self) -> Vec<AppCounters> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.iter()
+            .map(|(name, t)| (name.clone(), t.total.clone(), t.releases.clone()))
+            .collect()
+    }
+
+    /// The JSON summary of `app` at unix time `now`; `None` before its first request.
+    pub fn summary(&self, app: &str, now: u64) -> Option<Summary> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let t = apps.get(app)?;
+        // The last minute: six full 10 s slots before the current one.
+        let points = t.hour.points(now);
+        let minute = &points[points.len().saturating_sub(7)..points.len().saturating_sub(1)];
+        let per_second = |f: fn(&Point) -> f64| {
+            (minute.iter().map(f).sum::<f64>() / minute.len().max(1) as f64 * 1000.0).round()
+                / 1000.0
+        };
+        Some(Summary {
+            total: (&t.total).into(),
+            requests_per_second: per_second(|p| p.requests_per_second),
+            errors_per_second: per_second(|p| p.errors_per_second),
+            releases: t
+                .releases
+                .iter()
+                .rev()
+                .map(|(r, c)| ReleaseView {
+                    release: *r,
+                    counters: c.into(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The slots of `app` over `span` (`HOUR` or `DAY`) up to `now`, oldest first; `None`
+    /// before its first request.
+    pub fn series(&self, app: &str, span: Span, now: u64) -> Option<Vec<Point>> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let t = apps.get(app)?;
+        Some(if span == DAY {
+            t.day.points(now)
+        } else {
+            t.hour.points(now)
+        })
+    }
+
+    /// Bytes of memory one app's metrics take (the bench reports it).
+    pub fn bytes_per_app() -> usize {
+        std::mem::size_of::<AppTraffic>()
+            + (HOUR.slots + DAY.slots) * std::mem::size_of::<Slot>()
+            + (KEPT_RELEASES + 1) * std::mem::size_of::<(u64, Counters)>()
+    }
+}
+
+#[cfg(test)]
+mod tests;

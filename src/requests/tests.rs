@@ -1,0 +1,124 @@
+use super::*;
+
+fn line(app: &str, release: u64, status: u16, upstream_ms: Option<u64>) -> Line {
+    let (s, t, h) = match upstream_ms {
+        Some(ms) => {
+            let t = format!("{:.3}", ms as f64 / 1000.0);
+            (status.to_string(), t.clone(), t)
+        }
+        None => ("-".into(), "-".into(), "-".into()),
+    };
+    Line::parse(format!("k1|{app}|{release}|{status}|100|{s}|{t}|{h}").as_bytes()).unwrap()
+}
+
+#[test]
+fn counts_by_class_release_and_time() {
+    let r = Requests::default();
+    let now = 1_000_000;
+    for _ in 0..8 {
+        r.add(now, &line("shop", 1, 200, Some(20))).unwrap();
+    }
+    r.add(now, &line("shop", 1, 404, None)).unwrap();
+    r.add(now + 10, &line("shop", 2, 500, Some(200))).unwrap();
+    let s = r.summary("shop", now + 20).unwrap();
+    assert_eq!(s.total.requests, 10);
+    assert_eq!(s.total.by_class["2xx"], 8);
+    assert_eq!(s.total.by_class["4xx"], 1);
+    assert_eq!(s.total.by_class["5xx"], 1);
+    assert_eq!(s.total.response_bytes, 1000);
+    assert_eq!(
+        s.releases
+            .iter()
+            .map(|r| (r.release, r.counters.requests))
+            .collect::<Vec<_>>(),
+        [(2, 1), (1, 9)]
+    );
+    // 9 of 10 latencies at 20 ms: p50 in the 10-25 ms bucket, p99 in 100-250 ms.
+    let p50 = s.total.upstream_seconds_p50.unwrap();
+    assert!((0.01..=0.025).contains(&p50), "{p50}");
+    let p99 = s.total.upstream_seconds_p99.unwrap();
+    assert!((0.1..=0.25).contains(&p99), "{p99}");
+    let hour = r.series("shop", HOUR, now + 20).unwrap();
+    assert_eq!(hour.len(), HOUR.slots);
+    let at = |t: u64| hour.iter().find(|p| p.start == t / 10 * 10).unwrap();
+    assert_eq!(at(now).requests_per_second, 0.9);
+    assert_eq!(at(now + 10).errors_per_second, 0.1);
+    // A slot an hour later is a new one: the ring does not keep stale counts.
+    let later = r.series("shop", HOUR, now + 3700).unwrap();
+    assert!(later.iter().all(|p| p.requests_per_second == 0.0));
+    assert_eq!(r.series("shop", DAY, now).unwrap().len(), DAY.slots);
+}
+
+#[test]
+fn releases_are_bounded() {
+    let r = Requests::default();
+    for release in 1..=10 {
+        r.add(1000, &line("shop", release, 200, Some(1))).unwrap();
+    }
+    // A draining old release still counts in the app's total.
+    r.add(1000, &line("shop", 2, 200, Some(1))).unwrap();
+    let (_, total, releases) = r.counters().pop().unwrap();
+    assert_eq!(total.requests(), 11);
+    assert_eq!(
+        releases.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [7, 8, 9, 10]
+    );
+}
+
+#[test]
+fn quantiles_interpolate_within_their_bucket() {
+    let mut b = [0u64; LATENCY_BUCKETS.len() + 1];
+    assert_eq!(quantile(&b, 0.5), None);
+    b[bucket(0.2)] = 100;
+    let q = quantile(&b, 0.5).unwrap();
+    assert!((0.1..=0.25).contains(&q), "{q}");
+    b[LATENCY_BUCKETS.len()] = 1000;
+    assert_eq!(quantile(&b, 0.99), Some(60.0));
+}
+
+/// The receiver counts what an accepted sender sends and refuses the rest by the sender's
+/// uid as the kernel gives it (here: this process's own uid, refused or not).
+#[test]
+fn the_receiver_checks_each_senders_uid() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let own = nix::unistd::geteuid().as_raw();
+    let dir = std::env::temp_dir().join(format!("keter-requests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (accepted, path) in [
+        (true, dir.join("a/requests.sock")),
+        (false, dir.join("r/requests.sock")),
+    ] {
+        let requests = Arc::new(Requests::default());
+        let receiver = receiver::Receiver::start(
+            &path,
+            requests.clone(),
+            Box::new(move |uid| accepted && uid == own),
+        )
+        .unwrap();
+        let sender = UnixDatagram::unbound().unwrap();
+        let msg = b"<190>Dec  7 11:43:21 keter: k1|shop|3|200|612|200|0.012|0.011";
+        sender.send_to(msg, &path).unwrap();
+        sender.send_to(b"not keter's format", &path).unwrap();
+        let start = Instant::now();
+        while requests.datagrams.load(Ordering::Relaxed) < 2 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        receiver.stop();
+        assert!(!path.exists());
+        if accepted {
+            assert_eq!(
+                requests.summary("shop", unix_now()).unwrap().total.requests,
+                1
+            );
+            assert_eq!(requests.malformed.load(Ordering::Relaxed), 1);
+            assert_eq!(requests.refused.load(Ordering::Relaxed), 0);
+        } else {
+            assert!(requests.summary("shop", unix_now()).is_none());
+            assert_eq!(requests.refused.load(Ordering::Relaxed), 2);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
