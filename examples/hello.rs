@@ -4,13 +4,20 @@
 //! ```text
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
 //!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
-//!       [--keep-open] [--log-requests] [--wait-for-port] [--hang-after N]
+//!       [--keep-open] [--log-requests] [--wait-for-port] [--hang-after N] [--setsid-child]
+//!       [--allocate-mb N] [--fork-bomb]
 //! ```
 //!
 //! `--hang-after N` answers N requests, then accepts connections and reads requests but never
 //! answers again, as a Warp app whose database pool is exhausted does; only on its first start
 //! in its folder (it leaves a marker file there): a fresh process that keter starts in its
 //! place serves.
+//!
+//! `--setsid-child` starts a grandchild `sleep 3600.PID` (PID its own pid) in a session of its
+//! own, out of the app's process group: only its control group holds it. `--allocate-mb N`
+//! takes and touches N MiB before anything else, as a leaking app does. `--fork-bomb` starts
+//! `sleep` children on a thread of its own for as long as it can (up to 100000), printing
+//! `fork bomb: N children` when a start first fails.
 //!
 //! `--home-kb N` makes `/` a home page of N KiB sent in chunks, as Warp streams a Yesod page;
 //! `--keep-open` keeps every connection open after an answer, even when the client asked to
@@ -55,6 +62,9 @@ struct Options {
     log_requests: bool,
     wait_for_port: bool,
     hang_after: Option<u64>,
+    setsid_child: bool,
+    allocate_mb: usize,
+    fork_bomb: bool,
 }
 
 fn options() -> Options {
@@ -72,6 +82,9 @@ fn options() -> Options {
         log_requests: false,
         wait_for_port: false,
         hang_after: None,
+        setsid_child: false,
+        allocate_mb: 0,
+        fork_bomb: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -110,6 +123,14 @@ fn options() -> Options {
                         .expect("--hang-after N"),
                 )
             }
+            "--setsid-child" => o.setsid_child = true,
+            "--allocate-mb" => {
+                o.allocate_mb = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--allocate-mb N")
+            }
+            "--fork-bomb" => o.fork_bomb = true,
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -135,6 +156,42 @@ fn main() {
     if o.spawn_child {
         // A grandchild that keeps running unless its process group is stopped.
         let _ = std::process::Command::new("sleep").arg("3600").spawn();
+    }
+    if o.setsid_child {
+        // setsid(1) calls setsid() itself in a child that leads no group, then runs sleep.
+        let _ = std::process::Command::new("setsid")
+            .arg("sleep")
+            .arg(format!("3600.{}", std::process::id()))
+            .spawn();
+    }
+    if o.allocate_mb > 0 {
+        println!("hello {}: allocating {} MiB", o.version, o.allocate_mb);
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..o.allocate_mb {
+            // Touched, so that the pages are really taken.
+            held.push(vec![1u8; 1 << 20]);
+        }
+        println!("hello {}: holding {} MiB", o.version, held.len());
+        std::mem::forget(held);
+    }
+    if o.fork_bomb {
+        let version = o.version.clone();
+        std::thread::spawn(move || {
+            let mut children = 0u32;
+            let mut said = false;
+            while children < 100_000 {
+                match std::process::Command::new("sleep").arg("3600").spawn() {
+                    Ok(_) => children += 1,
+                    Err(e) => {
+                        if !said {
+                            println!("hello {version}: fork bomb: {children} children ({e})");
+                            said = true;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
     }
     if o.crash_after_first_run {
         let marker = std::path::Path::new("hello-ran-once");

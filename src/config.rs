@@ -66,6 +66,12 @@ pub struct Config {
     /// Ports handed to apps; never empty.
     pub port_range: RangeInclusive<u16>,
     pub limits: BundleLimits,
+    /// The global `memory-limit`, `cpu-limit` and `tasks-limit`: every process stanza's
+    /// unless it says otherwise (README "Limits and accounting").
+    pub process_limits: crate::cgroup::Limits,
+    /// `cgroup`: keter's subtree of the cgroup tree (an absolute path in it); `None` for the
+    /// cgroup keter was started in (`src/cgroup.rs`).
+    pub cgroup: Option<String>,
     /// The folder served at `/.well-known/acme-challenge/` on every plain HTTP host, for
     /// certbot's webroot mode.
     pub acme_webroot: PathBuf,
@@ -314,6 +320,19 @@ fn from_tree(
     let health = read_health(&mut f, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
+    let process_limits = crate::cgroup::read_limits(&mut f, problems);
+    let cgroup = f.string("cgroup", problems).filter(|c| {
+        let fine = c.starts_with('/')
+            && !c.contains('\0')
+            && c.split('/').all(|part| part != ".." && part != ".");
+        if !fine {
+            problems.error(
+                "cgroup",
+                format!("expected an absolute path in the cgroup tree such as /keter, found {c:?}"),
+            );
+        }
+        fine
+    });
     let acme_webroot = f
         .string("acme-webroot", problems)
         .map(|p| normalize(&base.join(p)));
@@ -347,6 +366,8 @@ fn from_tree(
         health,
         port_range: port_range?,
         limits,
+        process_limits,
+        cgroup,
         postgres,
         status,
         allowed_static_roots,
@@ -904,6 +925,46 @@ mod tests {
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         let l = &c.unwrap().listeners[0];
         assert_eq!(l.nginx_addresses(), ["127.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn limits_and_their_errors() {
+        let (c, p) = check(
+            "root: /srv\nmemory-limit: 512M\ncpu-limit: 1.5\ntasks-limit: 256\ncgroup: /keter\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = c.unwrap();
+        assert_eq!(
+            c.process_limits,
+            crate::cgroup::Limits {
+                memory: Some(512 << 20),
+                cpu_millis: Some(1500),
+                tasks: Some(256)
+            }
+        );
+        assert_eq!(c.cgroup.as_deref(), Some("/keter"));
+        let (_, p) = check(
+            "root: /srv\nmemory-limit: lots\ncpu-limit: all\ntasks-limit: -1\ncgroup: keter/../x\n",
+        );
+
+        let msgs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        for e in [
+            "keter-config.yaml: memory-limit: expected a size such as 10485760, \"10m\"",
+            "keter-config.yaml: cpu-limit: expected a number of cores such as 1.5",
+            "keter-config.yaml: tasks-limit: ",
+            "keter-config.yaml: cgroup: expected an absolute path in the cgroup tree",
+        ] {
+            assert!(
+                msgs.iter().any(|m| m.starts_with(e)),
+                "missing {e:?} in {msgs:#?}"
+            );
+        }
+        let (_, p) = check("root: /srv\nmemory-limit: 1k\n");
+        assert!(
+            p.errors[0].to_string().contains("too little"),
+            "{:?}",
+            p.errors
+        );
     }
 
     #[test]

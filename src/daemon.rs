@@ -78,6 +78,9 @@ pub enum Fatal {
     Isolation(IsolationError),
     /// Nginx cannot be configured or started.
     Nginx(Box<dyn std::error::Error + Send + Sync>),
+    /// A global limit (`memory-limit: ...`) that this host's cgroups cannot enforce: the key
+    /// and why.
+    Limits(String),
 }
 
 impl Fatal {
@@ -102,6 +105,7 @@ impl fmt::Display for Fatal {
             Fatal::Lock(e) => write!(f, "{e}"),
             Fatal::Isolation(e) => write!(f, "{e}"),
             Fatal::Nginx(e) => write!(f, "nginx: {e}"),
+            Fatal::Limits(e) => write!(f, "the global configuration's {e}"),
         }
     }
 }
@@ -114,6 +118,7 @@ impl std::error::Error for Fatal {
             Fatal::Lock(e) => Some(e),
             Fatal::Isolation(e) => Some(e),
             Fatal::Nginx(e) => Some(e.as_ref()),
+            Fatal::Limits(_) => None,
         }
     }
 }
@@ -194,6 +199,16 @@ pub fn run(
         .map_err(Fatal::folder("cannot create", &config.acme_webroot))?;
     let isolation = Isolation::new(&config).map_err(Fatal::Isolation)?;
     log::info!("keter: {}", isolation.describe());
+    // Before keter starts a process of its own (the Nginx master stays in keter's group).
+    let cgroups = crate::cgroup::init(config.cgroup.as_deref());
+    log::info!("keter: {}", cgroups.describe());
+    if let Some((key, why)) = cgroups
+        .unenforceable(&config.process_limits)
+        .into_iter()
+        .next()
+    {
+        return Err(Fatal::Limits(format!("{key}: {why}")));
+    }
     // What an earlier keter ran is taken over from its records before anything starts: the
     // apps that still run go on serving (README, "A keter that dies and comes back").
     let journal = Journal::new(&config.root.join("etc"));
@@ -227,6 +242,14 @@ pub fn run(
         log::warn!("keter: stopped {leftovers} process groups left by an earlier run");
     }
     empty_temp(&config.root, &recovery.dirs)?;
+    // The groups of versions that were not taken over go, with whatever still runs in them.
+    cgroups.sweep(
+        &recovery
+            .dirs
+            .iter()
+            .filter_map(|d| d.file_name()?.to_str().map(str::to_string))
+            .collect(),
+    );
     let mut renderer = Renderer::new(&config).map_err(|e| Fatal::Nginx(e.into()))?;
     renderer.worker_user = isolation.managed_worker_user();
     let isolation = Arc::new(isolation);

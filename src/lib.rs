@@ -12,6 +12,7 @@ pub mod applog;
 pub mod atomic_file;
 pub mod build;
 pub mod bundle;
+pub mod cgroup;
 pub mod childwatch;
 pub mod cli;
 pub mod config;

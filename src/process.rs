@@ -29,6 +29,9 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// The user to run as (`setuid`); `None` runs as keter's own user.
     pub user: Option<RunAs>,
+    /// What the kernel holds the process to (`src/cgroup.rs`). Not recorded: the kernel keeps
+    /// them with the process's group, which a process taken over is started again in.
+    pub limits: crate::cgroup::Limits,
 }
 
 /// A user to run apps as, resolved once from the configuration.
@@ -108,6 +111,7 @@ impl From<SpecRecord> for Spec {
                 groups: u.groups,
                 home: u.home,
             }),
+            limits: crate::cgroup::Limits::default(),
         }
     }
 }
@@ -310,11 +314,13 @@ fn set_policy(tid: libc::pid_t, policy: libc::c_int) {
 /// it (a keter being upgraded or started again). Pipe pages are taken only as they fill.
 const OUTPUT_PIPE_BYTES: libc::c_int = 1 << 20;
 
-/// Starts `spec` in a new process group with stdout and stderr going to `log`. `on_exit` runs
-/// on the watch thread with the pid and status once the process has exited and been reaped.
+/// Starts `spec` in a new process group with stdout and stderr going to `log`, and in the
+/// control groups of `join` (`src/cgroup.rs`). `on_exit` runs on the watch thread with the
+/// pid and status once the process has exited and been reaped.
 pub fn spawn(
     spec: &Spec,
     log: &AppLog,
+    join: Option<&crate::cgroup::Join>,
     on_exit: impl FnOnce(i32, Option<ExitStatus>) + Send + 'static,
 ) -> io::Result<Running> {
     let (read_end, app_end) = output_pipe()?;
@@ -327,6 +333,22 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::from(app_end))
         .stderr(Stdio::from(app_err));
+    // Into its control groups first, as root and before it can start anything: a process
+    // cannot leave them, whatever it does with its process group.
+    if let Some(fds) = join.map(|j| j.raw()).filter(|f| !f.is_empty()) {
+        // SAFETY: write is an async-signal-safe system call on descriptors opened before the
+        // fork; nothing is allocated in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
     // An app gets the soft limit of open files keter was started with, not the one keter
     // raised for itself ([`raise_open_files`]): a program that uses `select()` breaks on
     // descriptors above 1023. (Nginx, started without this, keeps the raised one.)

@@ -17,6 +17,7 @@ use crate::formats::records::DeployResultRecord;
 
 use crate::acme::{Acme, CertStatus};
 use crate::applog::{AppLog, timestamp};
+use crate::cgroup::Usage;
 use crate::names::AppName;
 use crate::requests::Requests;
 use crate::requests::plot::Mark;
@@ -163,6 +164,12 @@ pub struct ProcessReport {
     pub health_error: Option<String>,
     /// Times a fresh process took over from an unhealthy one in this place.
     pub health_replacements: u64,
+    /// What its control group costs and is held to, read when the report is read (README
+    /// "Limits and accounting").
+    pub usage: Usage,
+    /// Its control group (`src/cgroup.rs`), which `usage` is read from.
+    #[serde(skip)]
+    pub group: Option<String>,
 }
 
 /// Everything known about one app.
@@ -198,6 +205,8 @@ pub struct AppReport {
     pub maintenance: Option<crate::app::maintenance::Maintenance>,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
+    /// The sum of its processes' `usage` (limits are each process's own).
+    pub usage: Usage,
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
     /// has them when the report is read (why there is none yet, the next attempt).
     pub certificates: Vec<CertStatus>,
@@ -234,6 +243,7 @@ impl AppReport {
             releases_bytes: 0,
             maintenance: None,
             deploy_stage: None,
+            usage: Usage::default(),
             certificates: Vec::new(),
             requests: None,
             live_since: None,
@@ -241,12 +251,22 @@ impl AppReport {
         }
     }
 
-    /// The same report with `uptime_seconds`, the certificates and the request metrics as of
-    /// now.
+    /// The same report with `uptime_seconds`, the figures of the control groups, the
+    /// certificates and the request metrics as of now.
     fn refreshed(mut self, certs: &[CertStatus], requests: &Requests) -> AppReport {
         self.requests = requests.summary(&self.name, crate::requests::unix_now());
         if let Some(t) = self.live_since {
             self.uptime_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
+        }
+        if let Some(cgroups) = crate::cgroup::get() {
+            let mut total = Usage::default();
+            for p in &mut self.processes {
+                if let Some(g) = &p.group {
+                    p.usage = cgroups.usage(g);
+                    total.add(&p.usage);
+                }
+            }
+            self.usage = total;
         }
         self.certificates = self
             .certificate_names
@@ -423,19 +443,23 @@ impl Reports {
     /// Every app, by name.
     pub fn apps(&self) -> Vec<AppReport> {
         let certs = self.certificates();
-        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.values()
-            .cloned()
+        // Copied under the lock, refreshed (files of the kernel read) without it.
+        let apps: Vec<AppReport> = {
+            let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+            apps.values().cloned().collect()
+        };
+        apps.into_iter()
             .map(|r| r.refreshed(&certs, &self.requests))
             .collect()
     }
 
     pub fn app(&self, name: &str) -> Option<AppReport> {
         let certs = self.certificates();
-        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        apps.get(name)
-            .cloned()
-            .map(|r| r.refreshed(&certs, &self.requests))
+        let app = {
+            let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+            apps.get(name).cloned()
+        };
+        app.map(|r| r.refreshed(&certs, &self.requests))
     }
 
     /// Makes an app's recent output lines readable by the status interface.

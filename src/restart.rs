@@ -121,6 +121,20 @@ impl Policy {
 pub const CRASH_LOOP_AFTER: u32 = 5;
 /// A run at least this long breaks a crash loop even under the fixed policy.
 const FIXED_HEALTHY: Duration = Duration::from_secs(60);
+/// The least pause before a background stanza's restart, whatever its
+/// `restart-delay-seconds`: 0.1 s after its first exit, doubling with each exit in a row
+/// (before a run of [`FIXED_HEALTHY`]) up to [`FLOOR_MAX`]. Keter restarts at once with
+/// `restart-delay-seconds: 0`; a program that exits at once then cost keter most of a core.
+const FLOOR_FIRST: Duration = Duration::from_millis(100);
+/// The highest floor: a longer `restart-delay-seconds` is kept as it is.
+const FLOOR_MAX: Duration = Duration::from_secs(1);
+
+/// The floor after `failures` exits in a row (at least 1).
+fn floor(failures: u32) -> Duration {
+    FLOOR_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(FLOOR_MAX)
+}
 
 /// What to do about an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +179,7 @@ impl Restarts {
                 if count.is_some_and(|c| self.fixed_failures > c) {
                     return Decision::GiveUp;
                 }
-                Decision::RestartAt(now + *delay)
+                Decision::RestartAt(now + (*delay).max(floor(self.fixed_failures)))
             }
         }
     }
@@ -347,6 +361,26 @@ mod tests {
             Decision::RestartAt(_)
         ));
         assert_eq!(counted.exited(t0, SHORT), Decision::GiveUp);
+    }
+
+    #[test]
+    fn no_delay_still_has_a_floor_that_doubles_to_a_second() {
+        let mut r = Restarts::new(Policy::Fixed {
+            delay: Duration::ZERO,
+            count: None,
+        });
+        let d = delays(&mut r, Instant::now(), &[Duration::ZERO; 7]);
+        assert_eq!(d, [100, 200, 400, 800, 1000, 1000, 1000]);
+        // A healthy run starts the floor again; a delay above it is kept.
+        let t0 = Instant::now() + Duration::from_secs(100);
+        let d = delays(&mut r, t0, &[Duration::from_secs(61), SHORT]);
+        assert_eq!(d, [100, 200]);
+        let mut slow = Restarts::new(Policy::Fixed {
+            delay: Duration::from_millis(300),
+            count: None,
+        });
+        let d = delays(&mut slow, Instant::now(), &[SHORT; 4]);
+        assert_eq!(d, [300, 300, 400, 800]);
     }
 
     #[test]

@@ -361,6 +361,7 @@ fn plan(
                 &Isolation::home(version.user.as_ref()),
             ),
             user: version.user.clone(),
+            limits: program.limits.or(config.process_limits),
         };
         // Recorded before anything can fail, so that `discard` frees the port.
         version.procs.push(Proc::new(role, spec, policy));
@@ -707,6 +708,11 @@ pub(super) fn discard(ctx: &Context, name: &AppName, version: Version) {
         if let Some(port) = p.port().filter(|p| *p != 0) {
             ctx.ports.release(port);
         }
+    }
+    // What is left of the version (a process that left its process group with `setsid()`)
+    // is in its control group: killed with it, and the group removed.
+    if let Some(cgroups) = crate::cgroup::get() {
+        cgroups.remove(&crate::cgroup::version_group(name.as_str(), version.id));
     }
     let certs = version_certs_dir(&ctx.config.root, name, version.id);
     if certs.exists() {

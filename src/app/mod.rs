@@ -203,6 +203,11 @@ trait Effects {
     /// After a leader's exit: starts the stage that stops what is left of its group and
     /// forgets it; [`Event::Reaped`] comes back.
     fn reap(&mut self, pid: i32);
+    /// Process `proc` of version `version` just exited: `out of memory (limit ...)` when the
+    /// kernel's OOM killer killed in its control group since it started (`src/cgroup.rs`).
+    fn out_of_memory(&mut self, _version: u64, _proc: usize) -> Option<String> {
+        None
+    }
     /// Who uses `port`, for a webapp whose process group is led by `own` (`None` while it
     /// does not run), looking as closely as `look` says.
     fn port_use(

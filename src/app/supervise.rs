@@ -181,22 +181,23 @@ impl Machine {
         let now = fx.now();
         let name = self.name.clone();
         let mut note = None;
+        // Killed by the kernel for its memory-limit: said so, then the restart policy as for
+        // any exit (README "Limits and accounting").
+        let how = fx
+            .out_of_memory(version, i)
+            .unwrap_or_else(|| crate::process::describe_exit(status));
         for v in self.supervised_mut() {
             if v.id == version
                 && let Some(p) = v.procs.get_mut(i)
                 && p.running().is_some_and(|r| r.pid == pid)
             {
-                p.exited(&name, pid, status, now);
+                p.exited(&name, pid, &how, now);
                 // Its port is free for anyone to bind until it runs again: watched from now
                 // on, starting at once (the tick after this event).
                 if matches!(p.role, Role::Web { .. }) {
                     p.port_check_at = Some(now);
                 }
-                note = Some(format!(
-                    "pid {pid} ({}) exited with {}",
-                    p.label(),
-                    crate::process::describe_exit(status)
-                ));
+                note = Some(format!("pid {pid} ({}) exited with {how}", p.label()));
                 break;
             }
         }
@@ -427,7 +428,8 @@ impl Machine {
             r.processes = v
                 .procs
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(i, p)| {
                     let (kind, stanza) = match p.role {
                         Role::Web { index, .. } => ("webapp", index),
                         Role::Background { index } => ("background", index),
@@ -446,6 +448,8 @@ impl Machine {
                         health_failures: p.health.failures,
                         health_error: p.health.last_failure.clone(),
                         health_replacements: p.health.replacements,
+                        usage: Default::default(),
+                        group: Some(crate::cgroup::process_group(self.name.as_str(), v.id, i)),
                     }
                 })
                 .collect();

@@ -342,6 +342,7 @@ fn version(id: u64, n: u64, yaml: &str) -> Version {
         cwd: "/root/temp/app".into(),
         env: Vec::new(),
         user: None,
+        limits: Default::default(),
     };
     let mut procs = Vec::new();
     for (index, b) in config.background.iter().enumerate() {

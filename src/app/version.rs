@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use crate::bundle::{BundleConfig, Program, WebApp};
@@ -280,12 +279,13 @@ impl Proc {
     }
 
     /// The process exited: decides about its restart and says so in the log.
-    pub fn exited(&mut self, app: &AppName, pid: i32, status: Option<ExitStatus>, now: Instant) {
+    /// The process exited at `now`, `how` as [`process::describe_exit`] or the supervisor
+    /// tells it (`out of memory (limit 512 MiB)`).
+    pub fn exited(&mut self, app: &AppName, pid: i32, how: &str, now: Instant) {
         let ran = self
             .running()
             .map(|r| now.saturating_duration_since(r.started))
             .unwrap_or_default();
-        let how = process::describe_exit(status);
         self.state = match self.restarts.exited(now, ran) {
             Decision::RestartAt(at) => {
                 log::warn!(

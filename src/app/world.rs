@@ -69,6 +69,9 @@ pub(super) struct World {
     saved: Option<AppRecord>,
     /// The host sets whose certificates this app asked the ACME thread for.
     certificates: BTreeSet<HostSet>,
+    /// OOM kills in each process's control group when it was started or taken over, by
+    /// version and process: a higher count at its exit means the kernel killed it.
+    oom_kills: HashMap<(u64, usize), u64>,
 }
 
 impl World {
@@ -94,6 +97,7 @@ impl World {
             stack_unused: false,
             saved: None,
             certificates: BTreeSet::new(),
+            oom_kills: HashMap::new(),
         }
     }
 
@@ -102,6 +106,7 @@ impl World {
     pub(super) fn watch(&mut self, w: Watch) {
         let tx = self.tx.clone();
         let (version, proc) = (w.version, w.proc);
+        self.count_oom_kills(version, proc);
         let watched = crate::childwatch::exit(
             w.pid,
             w.pidfd,
@@ -130,6 +135,13 @@ impl World {
                 w.pid
             );
         }
+    }
+
+    /// Notes the OOM kills of a process's group as they are now (see `oom_kills`).
+    fn count_oom_kills(&mut self, version: u64, proc: usize) -> Option<u64> {
+        let group = crate::cgroup::process_group(self.name.as_str(), version, proc);
+        let now = crate::cgroup::get()?.usage(&group).oom_kills?;
+        self.oom_kills.insert((version, proc), now)
     }
 
     /// Writes the app's record if it changed; ends a deploy's burst of allocation after that
@@ -275,8 +287,26 @@ impl Effects for World {
         spec: &Spec,
         label: &str,
     ) -> io::Result<Running> {
+        let group = crate::cgroup::process_group(self.name.as_str(), version, proc);
+        let join = match crate::cgroup::get().map(|c| c.prepare(&group, &spec.limits)) {
+            Some(Ok(join)) => Some(join),
+            // Without limits asked for, the process runs outside its group rather than not
+            // at all (it is still stopped by its process group).
+            Some(Err(e)) if spec.limits == crate::cgroup::Limits::default() => {
+                log::warn!("{}: {label} runs outside its control group: {e}", self.name);
+                None
+            }
+            Some(Err(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot prepare its control group for its limits: {e}"),
+                ));
+            }
+            None => None,
+        };
+        self.count_oom_kills(version, proc);
         let tx = self.tx.clone();
-        let running = process::spawn(spec, &self.log, move |pid, status| {
+        let running = process::spawn(spec, &self.log, join.as_ref(), move |pid, status| {
             let _ = tx.send(Event::Exited {
                 version,
                 proc,
@@ -301,6 +331,20 @@ impl Effects for World {
             shared.journal.remove(pid);
             Event::Reaped { pid }
         });
+    }
+
+    fn out_of_memory(&mut self, version: u64, proc: usize) -> Option<String> {
+        let before = self.count_oom_kills(version, proc);
+        let now = *self.oom_kills.get(&(version, proc))?;
+        if now <= before.unwrap_or(now) {
+            return None;
+        }
+        let group = crate::cgroup::process_group(self.name.as_str(), version, proc);
+        let limit = crate::cgroup::get()?.usage(&group).memory_limit_bytes;
+        Some(match limit {
+            Some(l) => format!("out of memory (limit {})", crate::cgroup::human_bytes(l)),
+            None => "out of memory".to_string(),
+        })
     }
 
     fn port_use(&self, port: u16, own: Option<i32>, look: Look) -> PortUse {

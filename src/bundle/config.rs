@@ -58,6 +58,9 @@ pub struct Program {
     /// Where the stanza is in the file (`stanzas[1]`, or empty for the flat format), for
     /// messages.
     pub origin: String,
+    /// `memory-limit`, `cpu-limit`, `tasks-limit` (README "Limits and accounting"); the
+    /// global ones apply where these are absent.
+    pub limits: crate::cgroup::Limits,
 }
 
 impl Program {
@@ -484,6 +487,7 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
         }
     }
     let forward_env = f.strings("forward-env", problems).unwrap_or_default();
+    let limits = crate::cgroup::read_limits(f, problems);
     for (i, name) in forward_env.iter().enumerate() {
         let key = format!("{}[{i}]", f.path("forward-env"));
         if PORT_ENV.contains(&name.as_str()) {
@@ -501,6 +505,7 @@ fn read_program(f: &mut Fields, problems: &mut Problems) -> Option<Program> {
         env,
         forward_env,
         origin: f.path("").trim_end_matches('.').to_string(),
+        limits,
     })
 }
 

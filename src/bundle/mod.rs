@@ -128,6 +128,15 @@ fn resolve(config: &mut BundleConfig, dir: &Path, ctx: &Context, problems: &mut 
         } else if let Err(e) = resolve_exec(dir, &program.exec) {
             problems.error(program.key("exec"), e);
         }
+        // A limit asked for where the kernel cannot enforce it is refused, never ignored
+        // (README "Limits and accounting"); the host is known only to the daemon.
+        if ctx.host
+            && let Some(cgroups) = crate::cgroup::get()
+        {
+            for (key, why) in cgroups.unenforceable(&program.limits) {
+                problems.error(program.key(key), why);
+            }
+        }
     }
     for st in &mut config.statics {
         let key = st.served.key("root");

@@ -115,6 +115,10 @@ pub fn table(api: &Value) -> Result<String, String> {
         "HEALTH",
         "UPTIME",
         "RESTARTS",
+        "CPU",
+        "MEMORY",
+        "TASKS",
+        "OOM",
         "LAST DEPLOY",
         "HOSTS",
     ];
@@ -216,6 +220,14 @@ pub fn table(api: &Value) -> Result<String, String> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
                 .to_string(),
+            usage_cell(app, "cpu_seconds", |v| {
+                v.as_f64().map(|s| format!("{s:.1}s"))
+            }),
+            usage_cell(app, "memory_bytes", |v| {
+                v.as_u64().map(crate::cgroup::human_bytes)
+            }),
+            usage_cell(app, "tasks", |v| v.as_u64().map(|n| n.to_string())),
+            usage_cell(app, "oom_kills", |v| v.as_u64().map(|n| n.to_string())),
             last_deploy,
             if hosts.is_empty() {
                 "-".into()
@@ -272,6 +284,14 @@ pub fn table(api: &Value) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// A figure of an app's `usage`, `-` where the host cannot tell.
+fn usage_cell(app: &Value, key: &str, show: impl Fn(&Value) -> Option<String>) -> String {
+    app.get("usage")
+        .and_then(|u| u.get(key))
+        .and_then(show)
+        .unwrap_or_else(|| "-".into())
 }
 
 /// An app's request metrics in one line (README, "Request metrics"): the rates over the last
@@ -350,6 +370,7 @@ mod tests {
              "processes": [{"kind": "webapp", "stanza": 0, "port": 4000, "pid": 42,
                "health": "failing", "health_latency_ms": 5000, "health_failures": 2,
                "health_error": "timed out after 5 s"}], "uptime_seconds": 5,
+             "usage": {"cpu_seconds": 1.25, "memory_bytes": 52428800, "tasks": 3, "oom_kills": 1},
              "restarts": 1, "last_deploy": {"result": "succeeded", "duration_ms": 90}, "last_error": null,
              "requests": {"requests": 12, "requests_per_second": 0.2, "errors_per_second": 0.0,
              "by_class": {"2xx": 10, "4xx": 2}, "upstream_seconds_p50": 0.012,
@@ -369,6 +390,8 @@ mod tests {
             lines[1].starts_with("hello ")
                 && lines[1].contains("0123456789ab")
                 && lines[1].contains("4000")
+                && lines[1].contains(" 1.2s  50 MiB ")
+                && lines[2].contains(" -     -      ")
         );
         assert!(lines[1].contains("failing:5000ms"), "{t}");
         assert!(

@@ -131,6 +131,68 @@ pub fn render(reports: &Reports, nginx: &NginxCounters) -> String {
         );
     }
 
+    // Each app's processes together, as their control groups count them now; absent where
+    // the host cannot tell (README "Limits and accounting").
+    for (name, kind, help, value) in [
+        (
+            "keter_app_cpu_seconds_total",
+            "counter",
+            "CPU time used by the serving version's processes.",
+            (|a: &crate::report::AppReport| a.usage.cpu_usec.map(|u| (u as f64 / 1e6).to_string()))
+                as fn(&crate::report::AppReport) -> Option<String>,
+        ),
+        (
+            "keter_app_memory_bytes",
+            "gauge",
+            "Memory used by the serving version's processes.",
+            |a| a.usage.memory_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "keter_app_memory_peak_bytes",
+            "gauge",
+            "The highest memory use of each of the serving version's processes, summed.",
+            |a| a.usage.memory_peak_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "keter_app_tasks",
+            "gauge",
+            "Processes and threads of the serving version.",
+            |a| a.usage.tasks.map(|n| n.to_string()),
+        ),
+        (
+            "keter_app_oom_kills_total",
+            "counter",
+            "Processes of the serving version killed by the kernel for lack of memory.",
+            |a| a.usage.oom_kills.map(|n| n.to_string()),
+        ),
+    ] {
+        family(&mut out, name, kind, help);
+        for app in &apps {
+            if let Some(v) = value(app) {
+                sample(&mut out, name, &[("app", &app.name)], v);
+            }
+        }
+    }
+    family(
+        &mut out,
+        "keter_app_memory_limit_bytes",
+        "gauge",
+        "memory-limit of each process of the serving version that has one.",
+    );
+    for app in &apps {
+        for p in &app.processes {
+            if let Some(l) = p.usage.memory_limit_bytes {
+                let stanza = p.stanza.to_string();
+                sample(
+                    &mut out,
+                    "keter_app_memory_limit_bytes",
+                    &[("app", &app.name), ("kind", p.kind), ("stanza", &stanza)],
+                    l,
+                );
+            }
+        }
+    }
+
     let certs = reports.certificates();
     family(
         &mut out,
@@ -371,6 +433,8 @@ mod tests {
             health_failures: 0,
             health_error: None,
             health_replacements: 1,
+            usage: Default::default(),
+            group: None,
         };
         r.processes = vec![webapp("replacing", None), webapp("healthy", Some(1500))];
         reports.publish(r);

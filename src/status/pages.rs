@@ -149,6 +149,16 @@ struct ProcessView {
     port: String,
     pid: String,
     restarts: u64,
+    /// A webapp's health while it serves; `None` for a background process.
+    health: Option<&'static str>,
+    health_latency_ms: Option<u64>,
+    health_failures: u32,
+    health_error: Option<String>,
+    health_replacements: u64,
+    cpu: String,
+    memory: String,
+    tasks: String,
+    oom_kills: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -355,12 +365,64 @@ impl Pages {
                         .map(|p| p.to_string())
                         .unwrap_or_else(|| "not running".into()),
                     restarts: p.restarts,
+                    health: p.health,
+                    health_latency_ms: p.health_latency_ms,
+                    health_failures: p.health_failures,
+                    health_error: p.health_error.clone(),
+                    health_replacements: p.health_replacements,
+                    cpu: shown_cpu(&p.usage),
+                    memory: shown_memory(&p.usage),
+                    tasks: shown_of(p.usage.tasks, p.usage.tasks_limit, |n| n.to_string()),
+                    oom_kills: p
+                        .usage
+                        .oom_kills
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(unknown),
                 })
                 .collect(),
             certificates: a.certificates.iter().map(cert_view).collect(),
             spark: String::new(),
         }
     }
+}
+
+/// CPU time and the limit: `12.3 s (limit 1.5 cores)`.
+fn shown_cpu(u: &crate::cgroup::Usage) -> String {
+    let time = u
+        .cpu_usec
+        .map(|us| format!("{:.1} s", us as f64 / 1e6))
+        .unwrap_or_else(unknown);
+    match u.cpu_limit_millis {
+        Some(m) => format!("{time} (limit {} cores)", m as f64 / 1000.0),
+        None => time,
+    }
+}
+
+/// Memory now, its peak and the limit: `42 MiB (peak 50 MiB) of 512 MiB`.
+fn shown_memory(u: &crate::cgroup::Usage) -> String {
+    use crate::cgroup::human_bytes;
+    let mut out = u.memory_bytes.map(human_bytes).unwrap_or_else(unknown);
+    if let Some(p) = u.memory_peak_bytes {
+        out.push_str(&format!(" (peak {})", human_bytes(p)));
+    }
+    if let Some(l) = u.memory_limit_bytes {
+        out.push_str(&format!(" of {}", human_bytes(l)));
+    }
+    out
+}
+
+/// A figure and its limit: `3 of 256`.
+fn shown_of(v: Option<u64>, limit: Option<u64>, show: impl Fn(u64) -> String) -> String {
+    match (v, limit) {
+        (Some(v), Some(l)) => format!("{} of {}", show(v), show(l)),
+        (Some(v), None) => show(v),
+        (None, _) => unknown(),
+    }
+}
+
+/// What this host cannot tell (no control group to read it from).
+fn unknown() -> String {
+    "-".to_string()
 }
 
 fn cert_view(c: &crate::acme::CertStatus) -> CertView {
@@ -463,6 +525,8 @@ mod tests {
             health_failures: 2,
             health_error: Some("timed out after 5 s".into()),
             health_replacements: 1,
+            usage: Default::default(),
+            group: None,
         }];
         r.uptime_seconds = Some(3725);
         r.last_deploy = Some(DeployReport {
@@ -500,6 +564,11 @@ mod tests {
             .unwrap();
         assert!(!app.contains("<img src=x"), "{app}");
         assert!(app.contains("&lt;img src=x"));
+        // Each webapp's health, beside its costs.
+        assert!(
+            app.contains("failing (2 failed: timed out after 5 s)") && app.contains("5000 ms"),
+            "{app}"
+        );
         // keter's own script is there, once.
         assert_eq!(app.matches("<script>").count(), 1);
         let nf = pages

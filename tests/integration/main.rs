@@ -19,6 +19,7 @@ mod hostile;
 mod isolation;
 mod keter_configs;
 mod keter_front;
+mod limits;
 mod matrix;
 mod metrics;
 mod neighbours;

@@ -296,11 +296,12 @@ impl Keter {
         fs::write(
             &config_path,
             format!(
-                "root: {}\nlisteners: {listeners}\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\n{}",
+                "root: {}\nlisteners: {listeners}\nnginx: {nginx}\nreadiness-timeout: {}\ndrain-time: {}\nstop-timeout: {}\nport-range: {first}-{last}\nstatus: {status_line}\ncgroup: {}\n{}",
                 root.display(),
                 opts.readiness_timeout,
                 opts.drain_time,
                 opts.stop_timeout,
+                cgroup_of(&dir.0),
                 opts.extra
             ),
         )
@@ -516,6 +517,16 @@ impl Keter {
     /// keter starting, or handing over to its next binary).
     pub fn app_status(&self, app: &str) -> Option<AppStatus> {
         let path = format!("/api/apps/{app}");
+        let json = self.app_json(app)?;
+        Some(
+            serde_json::from_value(json.clone())
+                .unwrap_or_else(|e| panic!("{path} is not an app's report: {e}: {json}")),
+        )
+    }
+
+    /// `GET /api/apps/NAME` as JSON; `None` as for [`Keter::app_status`].
+    pub fn app_json(&self, app: &str) -> Option<serde_json::Value> {
+        let path = format!("/api/apps/{app}");
         let timeout = Duration::from_secs(5);
         let r = match self
             .status
@@ -533,7 +544,7 @@ impl Keter {
         }
         Some(
             serde_json::from_str(&r.body)
-                .unwrap_or_else(|e| panic!("{path} is not an app's report: {e}: {}", r.body)),
+                .unwrap_or_else(|e| panic!("{path} is not JSON: {e}: {}", r.body)),
         )
     }
 
@@ -759,6 +770,7 @@ impl Drop for Keter {
             .is_some()
             .then(|| self.signal_and_wait(nix::sys::signal::Signal::SIGTERM));
         kill_leftovers(&self.root);
+        remove_cgroups(&cgroup_of(&self.dir.0));
         remove_app_users(&self.root);
         if self.tmpfs {
             let _ = Command::new("umount").arg(&self.root).status();
@@ -772,6 +784,53 @@ impl Drop for Keter {
                 self.log()
             );
         }
+    }
+}
+
+/// The `cgroup` key of the daemon whose test folder is `dir`: many daemons run at once, and
+/// each needs a subtree of its own (their apps have the same names).
+pub fn cgroup_of(dir: &Path) -> String {
+    format!(
+        "/keter-tests/{}",
+        dir.file_name().unwrap().to_string_lossy()
+    )
+}
+
+/// The folders of cgroup `rel` in every hierarchy mounted under `/sys/fs/cgroup`.
+pub fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let top = Path::new("/sys/fs/cgroup");
+    if top.join("cgroup.controllers").exists() {
+        out.push(top.join(rel.trim_start_matches('/')));
+    }
+    for e in fs::read_dir(top).into_iter().flatten().flatten() {
+        if e.path().join("cgroup.procs").exists() {
+            out.push(e.path().join(rel.trim_start_matches('/')));
+        }
+    }
+    out
+}
+
+/// Removes a test daemon's cgroup subtree (whatever keter left: its processes are gone by
+/// now), in every hierarchy.
+pub fn remove_cgroups(rel: &str) {
+    fn remove(dir: &Path) {
+        for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                remove(&e.path());
+            }
+        }
+        for _ in 0..100 {
+            match fs::remove_dir(dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return,
+            }
+        }
+    }
+    for d in cgroup_dirs(rel) {
+        remove(&d);
     }
 }
 
