@@ -430,6 +430,12 @@ impl Reports {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         *r.entry(app.to_string()).or_default() += 1;
+        drop(r);
+        self.event(
+            app,
+            "health replacement",
+            "an unhealthy webapp was replaced by a fresh process".into(),
+        );
     }
 
     /// Unhealthy webapps replaced, by app, since keter started.

@@ -12,7 +12,7 @@ use super::{Point, Span};
 pub struct Mark {
     /// Unix time in seconds.
     pub at: u64,
-    /// A short kind: `deploy`, `deploy failed`, `restart`.
+    /// A short kind: `deploy`, `deploy failed`, `restart`, `health replacement`.
     pub kind: &'static str,
     pub detail: String,
 }
@@ -146,6 +146,7 @@ fn draw(out: &mut String, chart: &Chart, points: &[Point], span: Span, marks: &[
             letter = match m.kind {
                 "deploy" => "D",
                 "deploy failed" => "F",
+                "health replacement" => "H",
                 _ => "R",
             }
         );
@@ -311,6 +312,27 @@ mod tests {
         assert!(svg.contains("&lt;script&gt;"), "{svg}");
         assert!(!svg.contains("<script"));
         assert!(!svg.contains("style="));
+    }
+
+    #[test]
+    fn each_kind_of_event_has_its_letter() {
+        let mark = |kind| Mark {
+            at: 1015,
+            kind,
+            detail: String::new(),
+        };
+        for (kind, letter) in [
+            ("deploy", "D"),
+            ("deploy failed", "F"),
+            ("restart", "R"),
+            ("health replacement", "H"),
+        ] {
+            let svg = charts("hour", &points(6), super::super::HOUR, &[mark(kind)]);
+            assert!(
+                svg.contains(&format!(">{letter}</text></g>")),
+                "{kind}: {svg}"
+            );
+        }
     }
 
     #[test]
