@@ -287,17 +287,23 @@ fn in_place_upgrades_hand_every_app_over_to_the_new_binary() {
         .iter()
         .zip(after["apps"].as_array().unwrap())
     {
-        for field in [
-            "name",
-            "state",
-            "sha256",
-            "deploy",
-            "since",
-            "hosts",
-            "processes",
-        ] {
+        for field in ["name", "state", "sha256", "deploy", "since", "hosts"] {
             assert_eq!(a[field], b[field], "{field} changed");
         }
+        // The same processes in the same places (their usage and health checks go on).
+        let places = |app: &serde_json::Value| -> Vec<String> {
+            app["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    ["kind", "stanza", "port", "pid", "restarts"]
+                        .map(|f| p[f].to_string())
+                        .join(" ")
+                })
+                .collect()
+        };
+        assert_eq!(places(a), places(b), "processes changed");
         assert!(b["uptime_seconds"].as_u64() >= a["uptime_seconds"].as_u64());
     }
     assert_eq!(k.log_count("keter: handing 3 apps over"), 10);
