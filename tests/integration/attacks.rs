@@ -12,7 +12,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -233,25 +232,6 @@ fn an_app_racing_the_opening_of_its_static_root_gets_no_file_of_roots_served() {
             "the app's index\n"
         );
     }
-}
-
-/// A deployer: a user that is not root and whose group may write `incoming/` (the package's
-/// `keter` group), made once for the test binary.
-fn deployer() -> (u32, u32) {
-    static DEPLOYER: OnceLock<(u32, u32)> = OnceLock::new();
-    *DEPLOYER.get_or_init(|| {
-        const NAME: &str = "keter-test-deployer";
-        if nix::unistd::User::from_name(NAME).unwrap().is_none() {
-            let status = Command::new("useradd")
-                .args(["--system", "--user-group", "--no-create-home", "--shell"])
-                .args(["/usr/sbin/nologin", NAME])
-                .status()
-                .unwrap();
-            assert!(status.success() || nix::unistd::User::from_name(NAME).unwrap().is_some());
-        }
-        let u = nix::unistd::User::from_name(NAME).unwrap().unwrap();
-        (u.uid.as_raw(), u.gid.as_raw())
-    })
 }
 
 /// Opens `incoming/` to the deployer's group, as the package does for its `keter` group.

@@ -11,7 +11,7 @@ use keter::status::StatusAddress;
 use scraper::{Html, Selector};
 use serde_json::Value;
 
-use crate::status::{Metrics, WAIT, assert_png, browse, json, page, wait_state};
+use crate::status::{Metrics, WAIT, browse, json, page, screenshot, wait_state};
 use crate::support::*;
 
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "upstream_failure"];
@@ -505,18 +505,6 @@ fn plots_show_the_requests_in_a_browser() {
             "390,1400",
         ),
     ] {
-        let file = shots.join(name);
-        let _ = fs::remove_file(&file);
-        browse(
-            &profile(name),
-            &url,
-            &[
-                &format!("--screenshot={}", file.display()),
-                &format!("--window-size={size}"),
-                "--virtual-time-budget=3000",
-            ],
-        );
-        assert_png(&file);
-        eprintln!("screenshot: {}", file.display());
+        screenshot(&k.dir.0, &shots, name, &url, size);
     }
 }

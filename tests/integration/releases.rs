@@ -5,7 +5,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -130,25 +129,6 @@ fn restart_refuses_what_it_cannot_do() {
         text(&out)
     );
     assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
-}
-
-/// A deployer: a user that is not root and whose group may write `incoming/` (the package's
-/// `keter` group), made once for the test binary (the same user as `attacks.rs`).
-fn deployer() -> (u32, u32) {
-    static DEPLOYER: OnceLock<(u32, u32)> = OnceLock::new();
-    *DEPLOYER.get_or_init(|| {
-        const NAME: &str = "keter-test-deployer";
-        if nix::unistd::User::from_name(NAME).unwrap().is_none() {
-            let status = Command::new("useradd")
-                .args(["--system", "--user-group", "--no-create-home", "--shell"])
-                .args(["/usr/sbin/nologin", NAME])
-                .status()
-                .unwrap();
-            assert!(status.success() || nix::unistd::User::from_name(NAME).unwrap().is_some());
-        }
-        let u = nix::unistd::User::from_name(NAME).unwrap().unwrap();
-        (u.uid.as_raw(), u.gid.as_raw())
-    })
 }
 
 /// The uid and gid a process runs as.

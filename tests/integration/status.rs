@@ -454,6 +454,24 @@ pub fn browse(profile: &Path, url: &str, args: &[&str]) -> String {
     reader.join().unwrap()
 }
 
+/// Saves a screenshot of `url` at window `size` ("WIDTH,HEIGHT") as `shots/name`, with a Chromium
+/// profile of its own under `profiles`, and checks that it is a PNG with something drawn.
+pub fn screenshot(profiles: &Path, shots: &Path, name: &str, url: &str, size: &str) {
+    let file = shots.join(name);
+    let _ = fs::remove_file(&file);
+    browse(
+        &profiles.join(format!("chromium-{name}")),
+        url,
+        &[
+            &format!("--screenshot={}", file.display()),
+            &format!("--window-size={size}"),
+            "--virtual-time-budget=3000",
+        ],
+    );
+    assert_png(&file);
+    eprintln!("screenshot: {}", file.display());
+}
+
 pub fn assert_png(path: &Path) {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
@@ -523,19 +541,7 @@ fn a_browser_shows_every_app_and_the_live_log() {
         ("overview-phone.png", format!("{base}/"), "390,844"),
         ("app-xss.png", format!("{base}/apps/xss"), "1280,1000"),
     ] {
-        let file = shots.join(name);
-        let _ = fs::remove_file(&file);
-        browse(
-            &profile(name),
-            &url,
-            &[
-                &format!("--screenshot={}", file.display()),
-                &format!("--window-size={size}"),
-                "--virtual-time-budget=3000",
-            ],
-        );
-        assert_png(&file);
-        eprintln!("screenshot: {}", file.display());
+        screenshot(&k.dir.0, &shots, name, &url, size);
     }
 }
 

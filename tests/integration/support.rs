@@ -1167,3 +1167,22 @@ pub struct LastDeploy {
     pub error_kind: Option<String>,
     pub retry_at: Option<String>,
 }
+
+/// A deployer: a user that is not root and whose group may write `incoming/` (the package's
+/// `keter` group), made once for the test binary and shared by its tests.
+pub fn deployer() -> (u32, u32) {
+    static DEPLOYER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *DEPLOYER.get_or_init(|| {
+        const NAME: &str = "keter-test-deployer";
+        if nix::unistd::User::from_name(NAME).unwrap().is_none() {
+            let status = Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home", "--shell"])
+                .args(["/usr/sbin/nologin", NAME])
+                .status()
+                .unwrap();
+            assert!(status.success() || nix::unistd::User::from_name(NAME).unwrap().is_some());
+        }
+        let u = nix::unistd::User::from_name(NAME).unwrap().unwrap();
+        (u.uid.as_raw(), u.gid.as_raw())
+    })
+}
