@@ -21,6 +21,11 @@
 //! | 1 | 1 | keter 0.1.0 | the first formats (their files: a run of the build of commit `cd230ab`) |
 //! | 2 | 1 | keter 0.1.0 | a deploy's result may be `stopped` (a stop, keter's shutdown or an upgrade interrupted it); format 1 reads as it is |
 //!
+//! Two files that keter keeps for a later keter have their own format outside this module:
+//! `ROOT/releases/NAME/releases.json` (`src/app/releases.rs`, its `FORMAT`, read when not
+//! newer) and `ROOT/etc/maintenance/NAME.json` (`src/app/maintenance.rs`); their samples
+//! `sample-releases-1.json` and `sample-maintenance-1.json` pin them the same way.
+//!
 //! A change to a type here that an older keter could not read, or that writes something
 //! different, is a new format: raise [`records::FORMAT`] or [`handover::FORMAT`], add a row
 //! above, read the previous format in `records::read` / `handover::read` (converting it), and

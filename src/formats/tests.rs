@@ -304,3 +304,59 @@ fn the_answer_reads_as_the_released_build_reads_it() {
     assert_eq!(old.reads_handover(), Reads::only(1));
     assert_eq!(old.reads_records(), Reads::only(1));
 }
+
+/// The two files the releases and maintenance keep for a later keter
+/// (`src/app/releases.rs`, `src/app/maintenance.rs`), of their first format, pinned the same
+/// way: this build writes the samples exactly and reads them back.
+#[test]
+fn the_release_list_and_the_maintenance_state_are_pinned() {
+    use crate::app::maintenance::Maintenance;
+    use crate::app::releases::{self, Ended, Release, Releases};
+    let list = Releases {
+        format: releases::FORMAT,
+        releases: vec![
+            Release {
+                number: 1,
+                sha256: "ab".repeat(32),
+                size: 4096,
+                deployed_at: "2026-12-07T10:00:00.000Z".into(),
+                deployed_by: 1001,
+                deployed_by_user: Some("alice".into()),
+                rollback_of: None,
+                ended: Some(Ended::RolledBack),
+                ended_at: Some("2026-12-07T10:05:00.000Z".into()),
+                reason: Some("rolled back by uid 1001".into()),
+            },
+            Release {
+                number: 2,
+                sha256: "cd".repeat(32),
+                size: 8192,
+                deployed_at: "2026-12-07T10:05:00.000Z".into(),
+                deployed_by: 0,
+                deployed_by_user: None,
+                rollback_of: Some(1),
+                ended: None,
+                ended_at: None,
+                reason: None,
+            },
+        ],
+        next: 3,
+    };
+    let name = format!("sample-releases-{}.json", releases::FORMAT);
+    golden(&name, serde_json::to_value(&list).unwrap());
+    let read: Releases = serde_json::from_value(json(&fixtures().join(&name))).unwrap();
+    assert_eq!(read, list);
+
+    let on = Maintenance {
+        message: Some("Back at 14:00 <b>UTC</b>".into()),
+        since: "2026-12-07T10:00:00.000Z".into(),
+        by: 1001,
+    };
+    golden(
+        "sample-maintenance-1.json",
+        serde_json::to_value(&on).unwrap(),
+    );
+    let read: Maintenance =
+        serde_json::from_value(json(&fixtures().join("sample-maintenance-1.json"))).unwrap();
+    assert_eq!(read, on);
+}
