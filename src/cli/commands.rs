@@ -222,10 +222,9 @@ pub fn bundle(dir: &Path, out: Option<&Path>) -> ExitCode {
 /// `keter restart` and the other commands that ask the running daemon over its control
 /// socket (`src/control/`): prints the daemon's answer, exits 0 when it did what was asked.
 pub fn ask(config_path: &Path, request: &crate::control::Request, json: bool) -> ExitCode {
-    let (config, problems) = Config::check(config_path);
-    let config = match config {
-        Some(c) if !problems.has_errors() => c,
-        _ => return fail_with(&strings(&problems.errors), "the configuration has errors"),
+    let config = match client_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     match crate::control::client::ask(&config.root, request) {
         Ok(answer) if answer.ok => {
@@ -240,15 +239,14 @@ pub fn ask(config_path: &Path, request: &crate::control::Request, json: bool) ->
             ExitCode::SUCCESS
         }
         Ok(answer) => fail(&crate::applog::printable(&answer.message)),
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }
 
 pub fn status(config_path: &Path, json: bool) -> ExitCode {
-    let (config, problems) = Config::check(config_path);
-    let config = match config {
-        Some(c) if !problems.has_errors() => c,
-        _ => return fail_with(&strings(&problems.errors), "the configuration has errors"),
+    let config = match client_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let Some(address) = config.status else {
         return fail(&format!(
@@ -442,6 +440,31 @@ impl std::error::Error for ScratchError {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The configuration as a client of the running daemon reads it (`keter status` and the
+/// control socket's commands): what it needs is where the root and the status interface are.
+/// An error in another key is the daemon's business, not the client's: a password file that
+/// only root may read (`postgres.password-file`) must not keep a deployer from `keter
+/// rollback`, nor an operator in `adm` from `keter status`; the daemon has read it.
+fn client_config(config_path: &Path) -> Result<Config, ExitCode> {
+    let (config, problems) = Config::check(config_path);
+    let own = |p: &&Problem| {
+        let top = p.key.split(['.', '[']).next().unwrap_or_default();
+        matches!(top, "" | "root" | "status")
+    };
+    let own: Vec<Problem> = problems.errors.iter().filter(own).cloned().collect();
+    match config {
+        Some(c) if own.is_empty() => Ok(c),
+        _ => {
+            let errors = if own.is_empty() {
+                &problems.errors
+            } else {
+                &own
+            };
+            Err(fail_with(&strings(errors), "the configuration has errors"))
+        }
     }
 }
 

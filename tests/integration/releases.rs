@@ -143,7 +143,22 @@ fn ids_of(pid: i32) -> (u32, u32) {
 
 #[test]
 fn a_deployer_may_restart_an_app_and_an_apps_user_may_not() {
-    let mut k = Keter::start("control-access");
+    // The postgres plugin's password file is root's alone, as an operator keeps it: the
+    // deployer's command reads the configuration for the root only, and gets on.
+    let secret = TempDir::new("control-access-secret");
+    let password = secret.0.join("postgres-password");
+    fs::write(&password, "s3cret\n").unwrap();
+    fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut k = Keter::start_with(
+        "control-access",
+        Opts {
+            extra: format!(
+                "postgres:\n  user: keter\n  password-file: {}\n",
+                password.display()
+            ),
+            ..Opts::default()
+        },
+    );
     let who = deployer();
     // incoming/ open to the deployers' group, as the package makes it; keter gives its
     // control socket that group when it starts.
@@ -162,6 +177,12 @@ fn a_deployer_may_restart_an_app_and_an_apps_user_may_not() {
         k.pid_of(HOST),
         pid,
         "the deployer's restart restarted nothing"
+    );
+    let out = keter_cmd(&k, &["releases", "hello"], Some(who));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("releases kept"),
+        "{}",
+        text(&out)
     );
 
     // The app's own user is refused, and nothing happens.
