@@ -14,7 +14,16 @@
 //!
 //! Names follow from the app and the version number alone, so the keter that takes over after
 //! an in-place upgrade or a crash finds the groups again without a record of them, and the
-//! kernel keeps the limits with each group.
+//! kernel keeps the limits with each group: in its files, and in the extended attribute
+//! `user.keter.limits` of its folder, which outlives the controllers.
+//!
+//! Under keter's own systemd unit on cgroup v2, `BASE` is the unit's cgroup, into which systemd
+//! puts the next keter after a crash: the kernel refuses that while `BASE` hands controllers
+//! down. So the unit's `ExecStopPost=` (which systemd runs in `BASE/.control` once keter is
+//! gone) hands them back up, bottom-up ([`release`]); the next keter moves to `BASE/keter`,
+//! enables them again and writes each group's limits from its attribute again ([`Cgroups::restore`]).
+//! keter enables controllers there only when the unit says that it does this
+//! (`KETER_CGROUP_HANDBACK`, `debian/keter.service`).
 //!
 //! Two layouts are used: cgroup v2 (unified, as on Debian 12 under systemd), where all three
 //! limits and every figure are the v2 tree's; and the hybrid layout (v1 controllers under
@@ -51,6 +60,37 @@ impl Limits {
             cpu_millis: self.cpu_millis.or(default.cpu_millis),
             tasks: self.tasks.or(default.tasks),
         }
+    }
+
+    /// The limits asked for as the attribute [`LIMITS_XATTR`] keeps them: `memory=N cpu=N tasks=N`.
+    fn to_attr(self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in [
+            ("memory", self.memory),
+            ("cpu", self.cpu_millis),
+            ("tasks", self.tasks),
+        ] {
+            if let Some(n) = v.filter(|n| *n > 0) {
+                parts.push(format!("{k}={n}"));
+            }
+        }
+        parts.join(" ")
+    }
+
+    /// Reads [`Limits::to_attr`]'s text; `None` when it is not that.
+    fn from_attr(text: &str) -> Option<Limits> {
+        let mut l = Limits::default();
+        for part in text.split_whitespace() {
+            let (k, v) = part.split_once('=')?;
+            let n = v.parse::<u64>().ok()?;
+            match k {
+                "memory" => l.memory = Some(n),
+                "cpu" => l.cpu_millis = Some(n),
+                "tasks" => l.tasks = Some(n),
+                _ => return None,
+            }
+        }
+        Some(l)
     }
 
     /// The kinds limited (a limit of 0 is none: a stanza's way out of a global default).
@@ -146,8 +186,22 @@ pub fn get() -> Option<&'static Cgroups> {
 /// Finds (and on cgroup v2 prepares) keter's subtree: `configured` is the `cgroup` key. Must
 /// run before keter starts any process of its own (the Nginx master).
 pub fn init(configured: Option<&str>) -> &'static Cgroups {
-    CGROUPS.get_or_init(|| Cgroups::open(Path::new("/sys/fs/cgroup"), configured))
+    CGROUPS.get_or_init(|| {
+        let handback = std::env::var_os(HANDBACK).is_some_and(|v| v == "1");
+        Cgroups::open(Path::new("/sys/fs/cgroup"), configured, handback)
+    })
 }
+
+/// Set to 1 by a systemd unit whose `ExecStopPost=` runs `keter --release-cgroup`
+/// (`debian/keter.service`): then keter may enable controllers below the unit's own cgroup.
+pub const HANDBACK: &str = "KETER_CGROUP_HANDBACK";
+
+/// The command line flag of [`release_own`].
+pub const RELEASE: &str = "--release-cgroup";
+
+/// The extended attribute of a process group's folder that keeps its limits
+/// (`memory=N cpu=N tasks=N`) while its controllers are disabled.
+const LIMITS_XATTR: &str = "user.keter.limits";
 
 /// The cgroup paths of this process, from `/proc/self/cgroup`: the v2 one and the v1 ones by
 /// controller.
@@ -177,10 +231,18 @@ fn under(mount: &Path, rel: &str) -> PathBuf {
 }
 
 fn write(path: &Path, what: &str) -> io::Result<()> {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)?
-        .write_all(what.as_bytes())
+    open_for_write(path)?.write_all(what.as_bytes())
+}
+
+/// Opens a file of a group for writing.
+fn open_for_write(path: &Path) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true);
+    // The unit tests' fake trees are plain folders: a file the kernel would have made with
+    // its group is made by the first write (truncated: the kernel reads each write whole).
+    #[cfg(test)]
+    options.create(true).truncate(true);
+    options.open(path)
 }
 
 /// Creates a folder; one that exists is fine.
@@ -192,7 +254,7 @@ fn make(dir: &Path) -> io::Result<()> {
 }
 
 impl Cgroups {
-    fn open(mount: &Path, configured: Option<&str>) -> Cgroups {
+    fn open(mount: &Path, configured: Option<&str>, handback: bool) -> Cgroups {
         let (own, v1_own) = own_paths();
         let unified = mount.join("cgroup.controllers").exists();
         let v2_mount = if unified {
@@ -224,7 +286,7 @@ impl Cgroups {
         let mut no_controllers = None;
         match &v2_mount {
             None => cg.reason = format!("no cgroup2 tree is mounted at {}", mount.display()),
-            Some(m) => match Self::open_v2(m, &base, own.as_deref(), unified) {
+            Some(m) => match Self::open_v2(m, &base, own.as_deref(), unified, handback) {
                 Ok((apps, controllers, why)) => {
                     cg.v2 = Some(apps);
                     v2_controllers = controllers;
@@ -268,20 +330,26 @@ impl Cgroups {
         base: &str,
         own: Option<&str>,
         unified: bool,
+        handback: bool,
     ) -> Result<(PathBuf, Vec<String>, Option<String>), String> {
         let dir = under(mount, base);
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let inside = own.is_some_and(|o| o == base || o.strip_suffix("/keter") == Some(base));
-        if unified && inside && (base.ends_with(".service") || base.ends_with(".scope")) {
+        if unified
+            && inside
+            && !handback
+            && (base.ends_with(".service") || base.ends_with(".scope"))
+        {
             // systemd places the next keter of the unit (after a crash, while the apps run on)
             // in the unit's own cgroup, which it cannot do once that cgroup hands controllers
             // down (the kernel's rule that such a cgroup holds no process): the unit would
-            // fail to start. Processes are grouped, killed and counted; limits need a subtree
-            // outside the unit.
+            // fail to start, unless its ExecStopPost= hands them back up first ([`release`]),
+            // which the unit says with KETER_CGROUP_HANDBACK=1. Without: processes are
+            // grouped, killed and counted; limits need a subtree outside the unit.
             let apps = dir.join("apps");
             make(&apps).map_err(|e| format!("cannot create {}: {e}", apps.display()))?;
             let why = format!(
-                "keter runs in the systemd unit's own control group {base}, and controllers enabled below it would keep systemd from starting keter again after a crash while apps run; set the global `cgroup` key to a subtree outside the unit (README \"Limits and accounting\")"
+                "keter runs in the systemd unit's own control group {base}, and controllers enabled below it would keep systemd from starting keter again after a crash while apps run; give the unit `ExecStopPost=-/usr/bin/keter {RELEASE}` and `Environment={HANDBACK}=1` as debian/keter.service does, or set the global `cgroup` key to a subtree outside the unit (README \"Limits and accounting\")"
             );
             return Ok((apps, Vec::new(), Some(why)));
         }
@@ -329,6 +397,12 @@ impl Cgroups {
         let apps = under(&hierarchy, base).join("apps");
         match fs::create_dir_all(&apps) {
             Ok(()) => Enforcer::V1(apps),
+            // What systemd-nspawn gives a container on a host with this layout: every v1
+            // controller hierarchy mounted read-only (README "Limits and accounting").
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => Enforcer::Missing(format!(
+                "the {c} hierarchy {} is mounted read-only (a container given no {c} controller of its own)",
+                hierarchy.display()
+            )),
             Err(e) => Enforcer::Missing(format!("cannot create {}: {e}", apps.display())),
         }
     }
@@ -402,16 +476,7 @@ impl Cgroups {
             let version_dir = dir.parent().unwrap_or(&dir);
             make(version_dir)?;
             if self.v2.as_ref().is_some_and(|a| dir.starts_with(a)) {
-                // Controllers are handed down to the version's processes.
-                let on: Vec<String> = Kind::ALL
-                    .iter()
-                    .filter(|k| *self.enforcer(**k) == Enforcer::V2)
-                    .map(|k| format!("+{}", k.controller()))
-                    .collect();
-                if !on.is_empty() {
-                    write(&version_dir.join("cgroup.subtree_control"), &on.join(" "))
-                        .map_err(|e| annotate(e, version_dir, "cgroup.subtree_control"))?;
-                }
+                self.hand_down(version_dir)?;
             }
             let new = match fs::create_dir(&dir) {
                 Ok(()) => true,
@@ -422,17 +487,79 @@ impl Cgroups {
                 self.write_limits(&dir, limits)?;
             }
             let procs = dir.join("cgroup.procs");
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(|e| annotate(e, &dir, "cgroup.procs"))?;
+            let f = open_for_write(&procs).map_err(|e| annotate(e, &dir, "cgroup.procs"))?;
             fds.push(OwnedFd::from(f));
         }
         Ok(Join { fds })
     }
 
-    /// Writes the limits whose files are in `dir`.
+    /// Enables the v2 controllers keter uses for the groups below `version_dir` (a version's
+    /// processes).
+    fn hand_down(&self, version_dir: &Path) -> io::Result<()> {
+        let on: Vec<String> = Kind::ALL
+            .iter()
+            .filter(|k| *self.enforcer(**k) == Enforcer::V2)
+            .map(|k| format!("+{}", k.controller()))
+            .collect();
+        if on.is_empty() {
+            return Ok(());
+        }
+        write(&version_dir.join("cgroup.subtree_control"), &on.join(" "))
+            .map_err(|e| annotate(e, version_dir, "cgroup.subtree_control"))
+    }
+
+    /// Writes the limits of every process group under `BASE/apps` (the versions taken over)
+    /// again, from the attribute [`LIMITS_XATTR`] of its folder, after enabling its version's
+    /// controllers again: after a crash under keter's systemd unit, `keter --release-cgroup`
+    /// disabled them and the kernel dropped the limits with them. Returns how many groups got
+    /// their limits back; a group that cannot is logged, and its processes run on.
+    pub fn restore(&self) -> usize {
+        let Some(apps) = &self.v2 else {
+            return 0;
+        };
+        let mut restored = 0;
+        for version in subdirs(apps) {
+            for proc in subdirs(&version) {
+                let Some(limits) = get_xattr(&proc, LIMITS_XATTR)
+                    .as_deref()
+                    .and_then(Limits::from_attr)
+                else {
+                    continue;
+                };
+                let rel = match (version.file_name(), proc.file_name()) {
+                    (Some(v), Some(p)) => {
+                        format!("{}/{}", v.to_string_lossy(), p.to_string_lossy())
+                    }
+                    _ => continue,
+                };
+                let done = self.hand_down(&version).and_then(|()| {
+                    self.dirs(&rel)
+                        .iter()
+                        .try_for_each(|d| self.write_limits(d, &limits))
+                });
+                match done {
+                    Ok(()) => restored += 1,
+                    Err(e) => log::warn!(
+                        "keter: cannot write the limits of group {rel} again ({e}); its processes run without them"
+                    ),
+                }
+            }
+        }
+        restored
+    }
+
+    /// Writes the limits whose files are in `dir`; in the v2 tree, keeps them in the folder's
+    /// attribute too, for [`Cgroups::restore`].
     fn write_limits(&self, dir: &Path, limits: &Limits) -> io::Result<()> {
+        if self.v2.as_ref().is_some_and(|a| dir.starts_with(a))
+            && limits.asked().next().is_some()
+            && let Err(e) = set_xattr(dir, LIMITS_XATTR, &limits.to_attr())
+        {
+            log::warn!(
+                "keter: cannot keep the limits of {} in its attribute {LIMITS_XATTR} ({e}): a keter started again after a crash under its systemd unit could not write them again",
+                dir.display()
+            );
+        }
         for kind in limits.asked() {
             let v2 = match self.enforcer(kind) {
                 Enforcer::V2 if self.v2.as_ref().is_some_and(|a| dir.starts_with(a)) => true,
@@ -613,6 +740,127 @@ impl Cgroups {
             self.remove(&n);
         }
     }
+}
+
+/// What [`release`] writes, in order: for `unit` and every group below it, children before
+/// their parent, `-C` for each controller `C` that its `cgroup.subtree_control` enables (the
+/// kernel refuses to disable a controller in a group while a group below it enables it).
+fn release_plan(unit: &Path) -> Vec<(PathBuf, String)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+        for sub in subdirs(dir) {
+            walk(&sub, out);
+        }
+        let file = dir.join("cgroup.subtree_control");
+        let enabled = fs::read_to_string(&file).unwrap_or_default();
+        let off: Vec<String> = enabled
+            .split_whitespace()
+            .map(|c| format!("-{c}"))
+            .collect();
+        if !off.is_empty() {
+            out.push((file, off.join(" ")));
+        }
+    }
+    let mut out = Vec::new();
+    walk(unit, &mut out);
+    out
+}
+
+/// Hands every controller enabled in `unit` (a systemd unit's cgroup) and below it back up,
+/// so that the unit's cgroup may take a process again: what systemd needs to start the next
+/// keter there after a crash, while the apps run on in their groups (without their limits
+/// until that keter writes them again: [`Cgroups::restore`]). Returns how many groups had
+/// controllers enabled.
+pub fn release(unit: &Path) -> io::Result<usize> {
+    let plan = release_plan(unit);
+    for (file, off) in &plan {
+        write(file, off)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+    }
+    Ok(plan.len())
+}
+
+/// `keter --release-cgroup`, the `ExecStopPost=` of `debian/keter.service`, which systemd runs
+/// in the unit's `.control` group once keter has stopped or died: [`release`] for the unit's
+/// cgroup. Only a cgroup that ends in `.service` is touched. Returns what to log.
+pub fn release_own() -> Result<String, String> {
+    let (own, _) = own_paths();
+    let Some(own) = own else {
+        return Ok("no cgroup2 tree here: no controller to hand back".into());
+    };
+    let unit = own.strip_suffix("/.control").unwrap_or(&own);
+    if !unit.ends_with(".service") {
+        return Err(format!(
+            "{unit} is not a systemd service's cgroup: {RELEASE} runs as the ExecStopPost= of keter's unit"
+        ));
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mount = if root.join("cgroup.controllers").exists() {
+        root.to_path_buf()
+    } else {
+        root.join("unified")
+    };
+    let dir = under(&mount, unit);
+    match release(&dir) {
+        Ok(0) => Ok(format!("no controller is enabled below {}", dir.display())),
+        Ok(n) => Ok(format!(
+            "handed the controllers of {n} groups below {} back up, for the next keter (the apps run without their limits until it writes them again)",
+            dir.display()
+        )),
+        Err(e) => Err(format!("cannot hand the controllers back up: {e}")),
+    }
+}
+
+/// The groups (folders) directly below `dir`, by name.
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Sets the extended attribute `name` of `path` to `value`.
+fn set_xattr(path: &Path, name: &str, value: &str) -> io::Result<()> {
+    let p = c_path(path)?;
+    let n = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: the pointers are valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The extended attribute `name` of `path`, if it has it.
+fn get_xattr(path: &Path, name: &str) -> Option<String> {
+    let p = c_path(path).ok()?;
+    let n = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: the pointers are valid NUL-terminated strings and a buffer of the given length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return None;
+    }
+    buf.truncate(len as usize);
+    String::from_utf8(buf).ok()
 }
 
 /// An io error that names the file.
@@ -845,7 +1093,7 @@ mod tests {
         // A folder with no cgroup tree in it: neither v2 nor any v1 controller.
         let mount = std::env::temp_dir().join(format!("keter-no-cgroups-{}", std::process::id()));
         fs::create_dir_all(&mount).unwrap();
-        let cg = Cgroups::open(&mount, Some("/keter"));
+        let cg = Cgroups::open(&mount, Some("/keter"), false);
         let asked = Limits {
             memory: Some(64 << 20),
             cpu_millis: Some(0),
@@ -874,7 +1122,7 @@ mod tests {
             "cpu memory pids",
         )
         .unwrap();
-        let (apps, enabled, why) = Cgroups::open_v2(&mount, base, Some(base), true).unwrap();
+        let (apps, enabled, why) = Cgroups::open_v2(&mount, base, Some(base), true, false).unwrap();
         assert_eq!(apps, under(&mount, base).join("apps"));
         assert!(apps.is_dir());
         assert!(enabled.is_empty());
@@ -882,6 +1130,148 @@ mod tests {
         // keter stays in the unit's cgroup, where systemd put it.
         assert!(!under(&mount, base).join("keter").exists());
         let _ = fs::remove_dir_all(&mount);
+    }
+
+    /// A folder of the temporary directory, made afresh, for a fake cgroup tree.
+    fn fake_tree(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("keter-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn put(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn in_its_own_systemd_unit_with_the_handback_keter_moves_to_its_leaf_and_enables_controllers() {
+        let mount = fake_tree("unit-handback");
+        let base = "/system.slice/keter.service";
+        let dir = under(&mount, base);
+        put(&dir.join("cgroup.controllers"), "cpu io memory pids");
+        let (apps, enabled, why) = Cgroups::open_v2(&mount, base, Some(base), true, true).unwrap();
+        assert_eq!(apps, dir.join("apps"));
+        assert_eq!(enabled, ["memory", "cpu", "pids"]);
+        assert!(why.is_none());
+        // keter left the unit's cgroup for BASE/keter, so that BASE may hand controllers down.
+        assert_eq!(
+            fs::read_to_string(dir.join("keter/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        let _ = fs::remove_dir_all(&mount);
+    }
+
+    #[test]
+    fn the_release_disables_controllers_below_before_above() {
+        let unit = fake_tree("release-order");
+        // What the kernel shows in each group's cgroup.subtree_control while apps run.
+        put(&unit.join("cgroup.subtree_control"), "cpu memory pids");
+        put(&unit.join("keter/cgroup.subtree_control"), "");
+        put(&unit.join(".control/cgroup.subtree_control"), "");
+        put(&unit.join("apps/cgroup.subtree_control"), "cpu memory pids");
+        put(
+            &unit.join("apps/a-1/cgroup.subtree_control"),
+            "cpu memory pids",
+        );
+        put(&unit.join("apps/a-1/0/cgroup.subtree_control"), "");
+        put(&unit.join("apps/b-2/cgroup.subtree_control"), "memory");
+        put(&unit.join("apps/b-2/0/cgroup.subtree_control"), "");
+        let plan = release_plan(&unit);
+        let order: Vec<String> = plan
+            .iter()
+            .map(|(f, w)| {
+                let group = f.parent().unwrap().strip_prefix(&unit).unwrap();
+                format!("{}: {w}", group.display())
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "apps/a-1: -cpu -memory -pids",
+                "apps/b-2: -memory",
+                "apps: -cpu -memory -pids",
+                ": -cpu -memory -pids",
+            ]
+        );
+        assert_eq!(release(&unit).unwrap(), 4);
+        assert_eq!(
+            fs::read_to_string(unit.join("cgroup.subtree_control")).unwrap(),
+            "-cpu -memory -pids"
+        );
+        assert_eq!(
+            fs::read_to_string(unit.join("apps/b-2/0/cgroup.subtree_control")).unwrap(),
+            ""
+        );
+        let _ = fs::remove_dir_all(&unit);
+    }
+
+    #[test]
+    fn limits_dropped_by_the_release_are_written_again_from_the_groups_attribute() {
+        let root = fake_tree("restore");
+        let apps = root.join("apps");
+        fs::create_dir_all(&apps).unwrap();
+        let cg = Cgroups {
+            v2: Some(apps.clone()),
+            memory: Enforcer::V2,
+            cpu: Enforcer::V2,
+            tasks: Enforcer::V2,
+            reason: String::new(),
+        };
+        let limits = Limits {
+            memory: Some(64 << 20),
+            cpu_millis: Some(500),
+            tasks: Some(32),
+        };
+        cg.prepare("web-3/0", &limits).unwrap();
+        cg.prepare("web-3/1", &Limits::default()).unwrap();
+        let proc0 = apps.join("web-3/0");
+        assert_eq!(
+            get_xattr(&proc0, LIMITS_XATTR).as_deref(),
+            Some("memory=67108864 cpu=500 tasks=32")
+        );
+        assert_eq!(get_xattr(&apps.join("web-3/1"), LIMITS_XATTR), None);
+        // The release: controllers disabled bottom-up, the kernel drops the limits' files.
+        put(
+            &apps.join("web-3/cgroup.subtree_control"),
+            "cpu memory pids",
+        );
+        release(&root).unwrap();
+        for f in ["memory.max", "memory.swap.max", "cpu.max", "pids.max"] {
+            fs::remove_file(proc0.join(f)).unwrap();
+        }
+        assert_eq!(cg.restore(), 1);
+        // The version's controllers first, then the process's limits.
+        assert_eq!(
+            fs::read_to_string(apps.join("web-3/cgroup.subtree_control")).unwrap(),
+            "+memory +cpu +pids"
+        );
+        let read = |f: &str| fs::read_to_string(proc0.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "67108864");
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(read("pids.max"), "32");
+        assert!(!apps.join("web-3/1/memory.max").exists());
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn limits_attribute_round_trip() {
+        let l = Limits {
+            memory: Some(1 << 20),
+            cpu_millis: None,
+            tasks: Some(0),
+        };
+        assert_eq!(l.to_attr(), "memory=1048576");
+        assert_eq!(
+            Limits::from_attr("memory=1048576"),
+            Some(Limits {
+                memory: Some(1 << 20),
+                ..Limits::default()
+            })
+        );
+        assert_eq!(Limits::from_attr("swap=1"), None);
     }
 
     #[test]

@@ -250,6 +250,12 @@ pub fn run(
             .filter_map(|d| d.file_name()?.to_str().map(str::to_string))
             .collect(),
     );
+    // The limits of the groups taken over, which the kernel dropped when the unit's
+    // ExecStopPost= handed the controllers back up after a crash (src/cgroup.rs).
+    let restored = cgroups.restore();
+    if restored > 0 {
+        log::info!("keter: wrote the limits of {restored} process groups taken over again");
+    }
     let mut renderer = Renderer::new(&config).map_err(|e| Fatal::Nginx(e.into()))?;
     renderer.worker_user = isolation.managed_worker_user();
     let isolation = Arc::new(isolation);

@@ -20,6 +20,9 @@ fn main() -> ExitCode {
     if args.first().map(String::as_str) == Some(handover::CHECK) {
         return check_handover(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some(keter::cgroup::RELEASE) {
+        return release_cgroup();
+    }
     match cli::parse(&args) {
         Ok(Command::Run(path)) => run_daemon(&path, takeover, stored, lock),
         Ok(command) => cli::run(command),
@@ -55,6 +58,22 @@ fn check_handover(args: &[String]) -> ExitCode {
                 "keter: invalid configuration: {}",
                 config::describe(&e.0).replace('\n', "; ")
             );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `keter --release-cgroup`: the `ExecStopPost=` of keter's systemd unit, which hands the
+/// controllers below the unit's cgroup back up so that systemd can start keter there again
+/// (`src/cgroup.rs`, `debian/keter.service`).
+fn release_cgroup() -> ExitCode {
+    match keter::cgroup::release_own() {
+        Ok(done) => {
+            println!("keter: {done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keter: {}: {e}", keter::cgroup::RELEASE);
             ExitCode::from(1)
         }
     }

@@ -113,6 +113,81 @@ fn a_setsid_child_goes_with_its_app_even_after_a_takeover() {
     }
 }
 
+/// The extended attribute `name` of `path`.
+fn xattr(path: &std::path::Path, name: &str) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| String::from_utf8_lossy(&buf[..len as usize]).into_owned())
+}
+
+/// Under keter's systemd unit on cgroup v2, the unit's `keter --release-cgroup` disables the
+/// controllers once keter has died, so that systemd can start the next one, and the kernel
+/// drops every limit with them (README "Limits and accounting"). keter keeps each group's
+/// limits in the attribute `user.keter.limits` of its folder in the cgroup2 tree, and the
+/// keter that takes over writes them again. Here the kernel's loss is made by hand: the limit
+/// files set to no limit while no keter runs.
+#[test]
+fn limits_lost_while_no_keter_ran_are_written_again_by_the_next() {
+    let mut k = Keter::start("limits-restore");
+    let yaml = "stanzas:\n  - type: webapp\n    exec: ../dist/hello\n    args: [--version-string, v1]\n    hosts: [kept.example.com]\n    memory-limit: 256m\n    tasks-limit: 50\n";
+    let bundle = k.dir.0.join("kept.keter");
+    BundleBuilder::hello(yaml).write(&bundle);
+    k.deploy("kept", &bundle);
+    k.wait_for("kept.example.com", "v1", WAIT);
+    let pid = k.pid_of("kept.example.com");
+    let dirs = cgroup_dirs(&cgroup_v2_of(pid));
+    let v2 = dirs
+        .iter()
+        .find(|d| d.join("cgroup.controllers").exists())
+        .unwrap();
+    assert_eq!(
+        xattr(v2, "user.keter.limits").as_deref(),
+        Some("memory=268435456 tasks=50"),
+        "{}",
+        v2.display()
+    );
+    let existing = |names: &[&str]| {
+        dirs.iter()
+            .flat_map(|d| names.iter().map(move |n| d.join(n)))
+            .find(|f| f.exists())
+            .unwrap()
+    };
+    let pids_max = existing(&["pids.max"]);
+    let memory = existing(&["memory.max", "memory.limit_in_bytes"]);
+    let read = |f: &std::path::Path| fs::read_to_string(f).unwrap().trim().to_string();
+    assert_eq!(read(&pids_max), "50");
+
+    let _ = k.signal_and_wait(Signal::SIGKILL);
+    fs::write(&pids_max, "max").unwrap();
+    fs::write(
+        &memory,
+        if memory.ends_with("memory.max") {
+            "max"
+        } else {
+            "-1"
+        },
+    )
+    .unwrap();
+    assert_eq!(read(&pids_max), "max");
+    k.launch();
+    k.wait_serving("kept", WAIT);
+    assert_eq!(
+        k.pid_of("kept.example.com"),
+        pid,
+        "taken over, not restarted"
+    );
+    k.wait_log(
+        "wrote the limits of 1 process groups taken over again",
+        WAIT,
+    );
+    assert_eq!(read(&pids_max), "50");
+    assert_eq!(read(&memory), (256u64 << 20).to_string());
+}
+
 /// An app that allocates past its `memory-limit` is killed by the kernel inside its own group,
 /// reported as out of memory and restarted by its policy; its webapp and a neighbour serve
 /// on.
