@@ -760,14 +760,15 @@ fn follow(
                 }
                 done_at = Some(Instant::now());
                 let what = match rollout.work {
-                    Work::Deploy(_) => format!("copied in {}s", secs(took)),
-                    Work::Rollback { .. } => format!("keter rollback in {}s: {said}", secs(took)),
+                    Work::Deploy(_) => {
+                        format!("copied in {}s; waiting for keter to serve it", secs(took))
+                    }
+                    Work::Rollback { .. } => format!(
+                        "keter rollback in {}s: {said}; waiting for keter status to report it",
+                        secs(took)
+                    ),
                 };
-                progress(
-                    rollout,
-                    host,
-                    &format!("{what}; waiting for keter to serve it"),
-                );
+                progress(rollout, host, &what);
             }
             m if m.starts_with("status") => {
                 let Some(done) = done_at else { continue };
