@@ -42,7 +42,8 @@ use serde_json::{Value, json};
 use super::commands;
 use crate::config::DEFAULT_CONFIG_PATH;
 
-/// How long a host's keter has, from the rename into `incoming/`, to report the bundle serving.
+/// How long a host's keter has, from the rename into `incoming/`, to report the bundle serving;
+/// for a rollback, the host's `keter rollback` has as long, and then its status as long again.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The environment variable naming the SSH command (program and its own arguments, split on
