@@ -1,9 +1,11 @@
 //! Rollout time: `keter deploy` of a new version to 3 hosts (one after another, and with
 //! `--parallel 3`), against three single deploys (`keter deploy` to one host, three times)
 //! and against the same new version renamed into each host's `incoming/` directly, one host
-//! after the other, without SSH. The hosts are network namespaces with their own sshd, keter
-//! and Nginx on this machine (`tests/integration/ssh_hosts.rs`), so SSH costs its handshakes
-//! and logins, not a network. Prints medians of 5.
+//! after the other, without SSH; and `keter rollback NAME --hosts` to the previous version on
+//! the 3 hosts, against the host's own `keter rollback NAME` run on each, without SSH. The
+//! hosts are network namespaces with their own sshd, keter and Nginx on this machine
+//! (`tests/integration/ssh_hosts.rs`), so SSH costs its handshakes and logins, not a network.
+//! Prints medians of 5.
 //!
 //! Run: `cargo bench --bench rollout` (as root: it creates network namespaces).
 
@@ -28,6 +30,7 @@ fn main() {
         ..Opts::default()
     });
     let config = hosts.config();
+    let config_arg = config.to_str().unwrap();
     let all = hosts.list(&[0, 1, 2]);
     let mut n = 0;
     let mut next = || {
@@ -39,6 +42,7 @@ fn main() {
     deploy(&hosts, &first, &all, &config, &[]);
 
     let (mut rollout, mut parallel, mut singles, mut local) = (vec![], vec![], vec![], vec![]);
+    let (mut rollback, mut local_rollback) = (vec![], vec![]);
     for _ in 0..RUNS {
         let (_, b) = next();
         let t = Instant::now();
@@ -71,6 +75,36 @@ fn main() {
         }
         local.push(t.elapsed());
         settle();
+
+        // Back to the version before (the three single deploys'), on every host over SSH.
+        let t = Instant::now();
+        let (code, out, err) = hosts.rollback(&["shop", "--hosts", &all, "-c", config_arg]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        rollback.push(t.elapsed());
+        settle();
+
+        // A new version again, then back to the one before on each host by its own command.
+        let (version, b) = next();
+        for h in &hosts.hosts {
+            let k = h.keter();
+            let staged = k.incoming().join(".shop.staged");
+            std::fs::copy(&b, &staged).unwrap();
+            std::fs::rename(&staged, k.incoming().join("shop.keter")).unwrap();
+            wait_serving(k, &version);
+        }
+        settle();
+        let t = Instant::now();
+        for h in &hosts.hosts {
+            let k = h.keter();
+            let out = std::process::Command::new(&k.bin)
+                .args(["rollback", "shop", "-c"])
+                .arg(&k.config_path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        local_rollback.push(t.elapsed());
+        settle();
     }
     let size = std::fs::metadata(&first).unwrap().len();
     println!(
@@ -87,6 +121,11 @@ fn main() {
         &singles,
     );
     row("rename into each incoming/, wait, no SSH (3 hosts)", &local);
+    row("keter rollback shop --hosts h1,h2,h3", &rollback);
+    row(
+        "keter rollback shop on each host, no SSH (3 hosts)",
+        &local_rollback,
+    );
 }
 
 fn bundle(dir: &Path, version: &str) -> (String, PathBuf) {

@@ -16,6 +16,8 @@ Usage:
   keter restart NAME [-c CONFIG]     fresh processes of an app's serving version, switched in
                                      as a deploy is (root and deployers)
   keter rollback NAME [RELEASE]      deploy the previous (or the named) release again
+  keter rollback NAME [SHA256] --hosts HOST[,HOST...] [--parallel N] [--json]
+                                     the same on several keter hosts over SSH, one after another
   keter releases NAME [--json]       list an app's releases
   keter maintenance NAME on|off      answer an app's hosts with 503 and a page, or stop
   keter deploy BUNDLE --hosts HOST[,HOST...] [--parallel N] [--json]
@@ -165,9 +167,30 @@ failed, and the serving one goes on) and prints how it ended.
 
 Root and the deployers may use it; apps are refused. Exit status: 0 rolled back; 1 not.
 
+keter rollback NAME [SHA256] --hosts HOST[,HOST...] [--parallel N] [--timeout SECONDS]
+               [-c CONFIG] [--json]: the same on several keter hosts, one after another.
+
+As keter deploy --hosts (same hosts, options, KETER_SSH_COMMAND, progress, table, --json and
+exit status; see keter deploy --help): for each host in the order given, ssh reads the
+app's releases there (keter releases NAME --json -c CONFIG) and runs the host's keter
+rollback NAME N with the release chosen by that host's own list: the release before the one
+it serves, as keter rollback NAME there would choose. Across hosts a release is named by its
+bundle's sha256, or its first 8 or more hex digits (as keter releases shows it), never by
+its number, which differs from host to host: each host goes to its newest release of that
+bundle, and a host already serving it is left as it is (so a rollback that stopped can be
+run again with the sha256 the first hosts went to). Then waits until the host's keter
+status reports that bundle serving, then the next host. A host with no earlier release (or
+none of that sha256), whose rollback fails, that does not serve it within --timeout, or
+that SSH cannot reach stops the rollback: no later host is touched.
+
+Exit status: 0 when every host serves its release, 3 when a host failed and the rollback
+stopped.
+
 Examples:
   keter rollback blog
   keter rollback blog 3
+  keter rollback shop --hosts web1,web2,web3
+  keter rollback shop 1a2b3c4d5e6f --hosts web1,web2,web3 --json
 ";
 
 /// `keter maintenance --help`.
@@ -229,6 +252,9 @@ host: serving, failed, unreachable or not reached. --json prints the result as J
 
 Exit status: 0 when every host serves the bundle, 1 when the bundle has errors (nothing was
 copied), 3 when a host failed and the rollout stopped.
+
+keter rollback NAME --hosts ... rolls an app back on the same hosts the same way (keter
+rollback --help).
 
 Examples:
   keter deploy shop.keter --hosts web1,web2,web3

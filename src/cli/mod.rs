@@ -3,8 +3,8 @@
 //! code's source. The README's "Running keter" lists the commands.
 
 mod commands;
-pub mod deploy;
 pub mod help;
+pub mod rollout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,8 +32,8 @@ pub enum Command {
         config: PathBuf,
         json: bool,
     },
-    /// Roll a bundle out to several hosts over SSH.
-    Deploy(deploy::Plan),
+    /// Deploy a bundle, or roll an app back, on several hosts over SSH.
+    Rollout(rollout::Plan),
     /// Ask the running daemon over its control socket (`keter restart`, `rollback`,
     /// `releases`).
     Ask {
@@ -108,8 +108,17 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
         };
     };
     if first == "deploy" {
-        return match deploy::parse(rest) {
-            Ok(Some(plan)) => Ok(Command::Deploy(plan)),
+        return match rollout::parse_deploy(rest) {
+            Ok(Some(plan)) => Ok(Command::Rollout(plan)),
+            Ok(None) => Ok(Command::Help(help)),
+            Err(message) => Err(Usage::new(message, help)),
+        };
+    }
+    // `keter rollback NAME [RELEASE] --hosts ...`: the same engine and options as `keter
+    // deploy`; without them, the one-host command below.
+    if first == "rollback" && rest.iter().any(|a| rollout::is_hosts_option(a)) {
+        return match rollout::parse_rollback(rest) {
+            Ok(Some(plan)) => Ok(Command::Rollout(plan)),
             Ok(None) => Ok(Command::Help(help)),
             Err(message) => Err(Usage::new(message, help)),
         };
@@ -190,7 +199,10 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
                         app: app.clone(),
                         release: Some(n),
                     }),
-                    Err(_) => usage("RELEASE is a release's number, as keter releases shows it"),
+                    Err(_) => usage(
+                        "RELEASE is a release's number, as keter releases shows it (a sha256 \
+                         with --hosts)",
+                    ),
                 },
                 ("rollback", ..) => {
                     usage("keter rollback takes one NAME, optionally a RELEASE and -c CONFIG")
@@ -253,7 +265,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Render { bundle, config } => commands::render(&bundle, config.as_deref()),
         Command::Bundle { dir, out } => commands::bundle(&dir, out.as_deref()),
         Command::Status { config, json } => commands::status(&config, json),
-        Command::Deploy(plan) => deploy::run(&plan),
+        Command::Rollout(plan) => rollout::run(&plan),
         Command::Ask {
             request,
             config,
@@ -399,5 +411,62 @@ mod tests {
         assert!(p("bundle dir -o").is_err());
         assert!(p("help nothing").is_err());
         assert!(p("-q").is_err());
+    }
+
+    #[test]
+    fn rollback_on_one_host_or_on_several() {
+        use crate::control::Request;
+        assert_eq!(
+            p("rollback shop 3"),
+            Ok(Command::Ask {
+                request: Request::Rollback {
+                    app: "shop".into(),
+                    release: Some(3),
+                },
+                config: DEFAULT_CONFIG_PATH.into(),
+                json: false,
+            })
+        );
+        let Ok(Command::Rollout(plan)) = p("rollback shop --hosts web1,web2 --json") else {
+            panic!("not a rollout")
+        };
+        assert_eq!(
+            plan.action,
+            rollout::Action::Rollback {
+                app: "shop".into(),
+                sha256: None
+            }
+        );
+        assert_eq!(plan.hosts, ["web1", "web2"]);
+        assert!(plan.json);
+        // Across hosts RELEASE is a sha256 prefix, never a number that differs per host.
+        let Ok(Command::Rollout(plan)) = p("rollback shop 1A2B3C4D5E --hosts=web1") else {
+            panic!("not a rollout")
+        };
+        assert_eq!(
+            plan.action,
+            rollout::Action::Rollback {
+                app: "shop".into(),
+                sha256: Some("1a2b3c4d5e".into())
+            }
+        );
+        let e = p("rollback shop 3 --hosts web1").unwrap_err();
+        assert!(
+            e.message.contains("sha256") && e.message.contains("host to host"),
+            "{e:?}"
+        );
+        assert_eq!(e.help, help::ROLLBACK);
+        assert!(
+            p("rollback shop --parallel 2")
+                .unwrap_err()
+                .message
+                .contains("--hosts")
+        );
+        assert!(p("rollback ../x --hosts web1").is_err());
+        assert!(p("rollback shop 1a2b3c4d web1 --hosts web2").is_err());
+        assert_eq!(
+            p("rollback --hosts web1 --help"),
+            Ok(Command::Help(help::ROLLBACK))
+        );
     }
 }

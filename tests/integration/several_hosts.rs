@@ -1,6 +1,8 @@
-//! `keter deploy` against several hosts, each a network namespace with its own sshd, keter and
-//! Nginx (`ssh_hosts.rs`): a rolling deploy under traffic, a broken bundle stopped at the
-//! first host, an unreachable host, a parallel rollout (README "Several hosts").
+//! `keter deploy` and `keter rollback --hosts` against several hosts, each a network namespace
+//! with its own sshd, keter and Nginx (`ssh_hosts.rs`): a rolling deploy under traffic, a
+//! broken bundle stopped at the first host, an unreachable host, a parallel rollout; a
+//! rollback under traffic, and one stopped at a host with no earlier release (README "Several
+//! hosts").
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,52 @@ fn incoming(k: &Keter) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// A client per host, requesting it throughout, counting the answers that are `version`.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u32, Vec<String>, u32)>>,
+}
+
+impl Clients {
+    fn start(hosts: &Hosts, version: &'static str) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = hosts
+            .hosts
+            .iter()
+            .map(|h| {
+                let addr = h.keter().addr();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed, mut seen) = (0u32, Vec::new(), 0u32);
+                    while !stop.load(Ordering::Relaxed) {
+                        match keter::probe::get_tcp(addr, HOST, "/", Duration::from_secs(5)) {
+                            Ok(r) if r.status == 200 => {
+                                ok += 1;
+                                if r.body.trim() == version {
+                                    seen += 1;
+                                }
+                            }
+                            other => failed.push(format!("{other:?}")),
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    (ok, failed, seen)
+                })
+            })
+            .collect();
+        Clients { stop, threads }
+    }
+
+    /// Per host: answers, failures, answers that were the version looked for.
+    fn stop(self) -> Vec<(u32, Vec<String>, u32)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect()
+    }
+}
+
 #[test]
 fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
     let hosts = Hosts::start("deploy-rollout", 3, opts);
@@ -61,32 +109,7 @@ fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
     for h in &hosts.hosts {
         h.keter().wait_for(HOST, "v1", Duration::from_secs(20));
     }
-    // A client per host, requesting it throughout.
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = hosts
-        .hosts
-        .iter()
-        .map(|h| {
-            let addr = h.keter().addr();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut ok, mut failed, mut v2) = (0u32, Vec::new(), 0u32);
-                while !stop.load(Ordering::Relaxed) {
-                    match keter::probe::get_tcp(addr, HOST, "/", Duration::from_secs(5)) {
-                        Ok(r) if r.status == 200 => {
-                            ok += 1;
-                            if r.body.trim() == "v2" {
-                                v2 += 1;
-                            }
-                        }
-                        other => failed.push(format!("{other:?}")),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                (ok, failed, v2)
-            })
-        })
-        .collect();
+    let clients = Clients::start(&hosts, "v2");
 
     let v2 = shop_bundle(&hosts.dir.0, "v2", &[]);
     let config = hosts.config();
@@ -101,8 +124,7 @@ fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
     for h in &hosts.hosts {
         h.keter().wait_for(HOST, "v2", Duration::from_secs(10));
     }
-    stop.store(true, Ordering::Relaxed);
-    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let results = clients.stop();
     assert_eq!(code, 0, "{out}\n{err}");
     for (i, (ok, failed, v2)) in results.iter().enumerate() {
         assert!(
@@ -299,6 +321,204 @@ fn a_parallel_rollout_deploys_to_several_hosts_at_once() {
     for h in &hosts.hosts {
         h.keter().wait_for(HOST, "v1", Duration::from_secs(5));
     }
+}
+
+/// `keter deploy BUNDLE --hosts` to these hosts, which must succeed; returns the bundle's
+/// sha256.
+fn deploy_to(hosts: &Hosts, bundle: &Path, which: &[usize]) -> String {
+    let config = hosts.config();
+    let (code, out, err) = hosts.deploy(&[
+        bundle.to_str().unwrap(),
+        "--hosts",
+        &hosts.list(which),
+        "-c",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    json(&out)["sha256"].as_str().unwrap().to_string()
+}
+
+/// The host's releases of the app, as `keter releases shop --json` lists them there.
+fn releases(k: &Keter) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keter"))
+        .args(["releases", "shop", "--json", "-c"])
+        .arg(&k.config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn a_rollback_goes_back_on_every_host_in_turn_and_no_request_fails() {
+    let hosts = Hosts::start("rollback-hosts", 3, opts);
+    let config = hosts.config();
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    let v1_sha = deploy_to(&hosts, &v1, &[0, 1, 2]);
+    let v2 = shop_bundle(&hosts.dir.0, "v2", &[]);
+    let v2_sha = deploy_to(&hosts, &v2, &[0, 1, 2]);
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v2", Duration::from_secs(10));
+    }
+
+    let clients = Clients::start(&hosts, "v1");
+    let (code, out, err) = hosts.rollback(&[
+        "shop",
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    for h in &hosts.hosts {
+        h.keter().wait_for(HOST, "v1", Duration::from_secs(10));
+    }
+    let results = clients.stop();
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (i, (ok, failed, v1)) in results.iter().enumerate() {
+        assert!(
+            failed.is_empty(),
+            "host {i}: {} failed: {failed:?}",
+            failed.len()
+        );
+        assert!(*ok > 20 && *v1 > 0, "host {i}: {ok} answers, {v1} of v1");
+    }
+    let report = json(&out);
+    assert_eq!(report["action"], "rollback", "{out}");
+    assert_eq!(report["result"], "succeeded", "{out}");
+    assert_eq!(report["app"], "shop");
+    let listed = report["hosts"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{out}");
+    for (i, h) in listed.iter().enumerate() {
+        assert_eq!(h["host"], hosts.hosts[i].destination.as_str(), "{out}");
+        assert_eq!(h["result"], "serving", "{out}");
+        // Each host went back to v1: its release 1, by its own list.
+        assert_eq!(h["sha256"], v1_sha.as_str(), "{out}");
+        assert_eq!(h["release"], 1, "{out}");
+        assert!(h["rollback_ms"].as_u64().is_some(), "{out}");
+        if i > 0 {
+            assert!(
+                h["started_ms"].as_u64() >= listed[i - 1]["finished_ms"].as_u64(),
+                "{out}"
+            );
+        }
+        let dest = &hosts.hosts[i].destination;
+        for step in [
+            "connecting",
+            "rolling back from release 2",
+            "keter rollback in",
+            "serving sha256",
+        ] {
+            assert!(
+                err.lines()
+                    .any(|l| l.contains(&format!("{dest}: ")) && l.contains(step)),
+                "no {step:?} line for {dest}:\n{err}"
+            );
+        }
+        // The host's keter serves v1 again, from its incoming/, and v2 is marked rolled back.
+        let k = hosts.hosts[i].keter();
+        assert_eq!(keter_status(k)["apps"][0]["sha256"], v1_sha.as_str());
+        assert_eq!(incoming(k), [("shop.keter".into(), fs::read(&v1).unwrap())]);
+        let list = releases(k);
+        let list = list["releases"].as_array().unwrap();
+        assert_eq!(list.len(), 3, "{list:?}");
+        assert_eq!(list[1]["sha256"], v2_sha.as_str());
+        assert_eq!(list[1]["ended"], "rolled-back", "{list:?}");
+        assert_eq!(list[2]["rollback_of"], 1, "{list:?}");
+    }
+}
+
+#[test]
+fn a_host_with_no_earlier_release_stops_the_rollback_there() {
+    let hosts = Hosts::start("rollback-stops", 3, opts);
+    let config = hosts.config();
+    // Hosts 0 and 2 get v1 then v2; host 1 only v2, its one release.
+    let v1 = shop_bundle(&hosts.dir.0, "v1", &[]);
+    let v1_sha = deploy_to(&hosts, &v1, &[0, 2]);
+    let v2 = shop_bundle(&hosts.dir.0, "v2", &[]);
+    let v2_sha = deploy_to(&hosts, &v2, &[0, 1, 2]);
+    let before = releases(hosts.hosts[2].keter());
+
+    let (code, out, err) = hosts.rollback(&[
+        "shop",
+        "--hosts",
+        &hosts.list(&[0, 1, 2]),
+        "-c",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    let row = |out: &str, i: usize| {
+        out.lines()
+            .find(|l| l.starts_with(&hosts.hosts[i].destination))
+            .unwrap_or_else(|| panic!("no row for host {i}:\n{out}"))
+            .to_string()
+    };
+    assert!(out.starts_with("HOST "), "{out}");
+    assert!(out.lines().next().unwrap().contains("ROLLBACK"), "{out}");
+    assert!(row(&out, 0).contains("serving"), "{out}");
+    assert!(row(&out, 0).contains(&v1_sha[..12]), "{out}");
+    assert!(row(&out, 1).contains("failed"), "{out}");
+    assert!(
+        row(&out, 1).contains("rollback failed: there is no earlier release"),
+        "{out}"
+    );
+    assert!(row(&out, 2).contains("not reached"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "the rollback stopped at {}",
+            hosts.hosts[1].destination
+        )),
+        "{err}"
+    );
+    // Host 0 went back; host 1 keeps v2; host 2 was not touched at all.
+    hosts.hosts[0]
+        .keter()
+        .wait_for(HOST, "v1", Duration::from_secs(5));
+    hosts.hosts[1]
+        .keter()
+        .wait_for(HOST, "v2", Duration::from_secs(5));
+    let k = hosts.hosts[2].keter();
+    k.wait_for(HOST, "v2", Duration::from_secs(5));
+    assert_eq!(incoming(k), [("shop.keter".into(), fs::read(&v2).unwrap())]);
+    assert_eq!(releases(k), before);
+    assert_eq!(keter_status(k)["apps"][0]["sha256"], v2_sha.as_str());
+
+    // Run again with the bundle host 0 went to: host 0 already serves it and is left as it
+    // is, host 2 goes back to it.
+    let (code, out, err) = hosts.rollback(&[
+        "shop",
+        &v1_sha[..12],
+        "--hosts",
+        &hosts.list(&[0, 2]),
+        "-c",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report = json(&out);
+    assert_eq!(report["release"], &v1_sha[..12], "{out}");
+    let listed = report["hosts"].as_array().unwrap();
+    assert_eq!(listed[0]["result"], "serving", "{out}");
+    assert_eq!(listed[0]["rollback_ms"], Value::Null, "{out}");
+    assert!(
+        err.contains(&format!(
+            "{}: already serves sha256 {}",
+            hosts.hosts[0].destination,
+            &v1_sha[..12]
+        )),
+        "{err}"
+    );
+    assert_eq!(listed[1]["result"], "serving", "{out}");
+    assert_eq!(listed[1]["sha256"], v1_sha.as_str(), "{out}");
+    k.wait_for(HOST, "v1", Duration::from_secs(5));
+    assert_eq!(
+        releases(hosts.hosts[0].keter())["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 /// The host's keter's `/api/apps`, read as `keter status --json` reads it.

@@ -228,8 +228,18 @@ impl Hosts {
 
     /// Runs `keter deploy ARGS` as an operator would; returns (exit code, stdout, stderr).
     pub fn deploy(&self, args: &[&str]) -> (i32, String, String) {
+        self.keter("deploy", args)
+    }
+
+    /// Runs `keter rollback ARGS` (with `--hosts` among them) as an operator would; returns
+    /// (exit code, stdout, stderr).
+    pub fn rollback(&self, args: &[&str]) -> (i32, String, String) {
+        self.keter("rollback", args)
+    }
+
+    fn keter(&self, command: &str, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_keter"))
-            .arg("deploy")
+            .arg(command)
             .args(args)
             .env("KETER_SSH_COMMAND", self.ssh_command())
             .output()
