@@ -859,6 +859,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let _ = v3;
 }
 
+mod autorollback;
 mod health;
 mod ports;
 mod random;
