@@ -571,18 +571,19 @@ fn read_health(f: &mut Fields, problems: &mut Problems) -> HealthChecks {
 /// The keys of automatic rollback.
 fn read_rollback(f: &mut Fields, problems: &mut Problems) -> AutoRollback {
     let d = AutoRollback::default();
-    let mut number = |f: &mut Fields, key: &'static str, default: f64, ok: fn(f64) -> bool, what: &str| {
-        let Some(v) = f.raw(key) else {
-            return default;
-        };
-        match seconds(v).filter(|n| ok(*n)) {
-            Some(n) => n,
-            None => {
-                problems.error(f.path(key), format!("expected {what}, found {}", show(v)));
-                default
+    let mut number =
+        |f: &mut Fields, key: &'static str, default: f64, ok: fn(f64) -> bool, what: &str| {
+            let Some(v) = f.raw(key) else {
+                return default;
+            };
+            match seconds(v).filter(|n| ok(*n)) {
+                Some(n) => n,
+                None => {
+                    problems.error(f.path(key), format!("expected {what}, found {}", show(v)));
+                    default
+                }
             }
-        }
-    };
+        };
     let window = number(
         f,
         "rollback-window",

@@ -188,6 +188,32 @@ pub struct AutoRollbackReport {
     pub at: Option<String>,
 }
 
+impl AutoRollbackReport {
+    /// One line for people (the app page).
+    pub fn describe(&self) -> String {
+        let mut line = match (self.state, self.to) {
+            ("watching", _) => format!(
+                "release {} is watched until {}",
+                self.release,
+                self.until.as_deref().unwrap_or("?")
+            ),
+            ("due", _) => format!(
+                "release {} is to be rolled back once nothing is under way",
+                self.release
+            ),
+            (state, Some(to)) => format!("release {} {state} to release {to}", self.release),
+            (state, None) => format!("release {} {state}", self.release),
+        };
+        if let Some(at) = &self.at {
+            line.push_str(&format!(" at {at}"));
+        }
+        if let Some(why) = &self.reason {
+            line.push_str(&format!(": {why}"));
+        }
+        line
+    }
+}
+
 /// Everything known about one app.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppReport {

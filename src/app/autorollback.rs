@@ -276,11 +276,7 @@ impl Machine {
         match &self.watch {
             Some(w) => Some(AutoRollbackReport {
                 release: w.release,
-                state: if w.cause.is_some() {
-                    "due"
-                } else {
-                    "watching"
-                },
+                state: if w.cause.is_some() { "due" } else { "watching" },
                 until: Some(rfc3339(w.until_wall)),
                 to: None,
                 reason: w.cause.clone(),

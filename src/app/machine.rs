@@ -790,7 +790,10 @@ impl Machine {
         fx: &mut dyn Effects,
     ) -> Result<(), (String, Reply)> {
         if let Err(e) = fx.place_release(&target.sha256, target.deployed_by, &path) {
-            return Err((format!("its bundle could not be put in incoming/: {e}"), reply));
+            return Err((
+                format!("its bundle could not be put in incoming/: {e}"),
+                reply,
+            ));
         }
         log::info!(
             "{}: incoming/{}.keter is the bundle of release {} now",

@@ -459,7 +459,10 @@ impl Requests {
             .unwrap_or_default();
         let secs = HOUR.seconds;
         let end = switched / secs;
-        let slots = now.saturating_sub(switched).div_ceil(secs).clamp(1, HOUR.slots as u64 - 1);
+        let slots = now
+            .saturating_sub(switched)
+            .div_ceil(secs)
+            .clamp(1, HOUR.slots as u64 - 1);
         let mut before = Errors::default();
         for index in end.saturating_sub(slots)..end {
             let slot = &t.hour.slots[(index % HOUR.slots as u64) as usize];

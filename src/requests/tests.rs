@@ -148,9 +148,24 @@ fn a_releases_errors_beside_as_long_before_its_switch() {
     let e = r
         .errors_since_switch("shop", 2, switched, switched + 60)
         .unwrap();
-    assert_eq!(e.release, Errors { requests: 40, errors: 12 });
+    assert_eq!(
+        e.release,
+        Errors {
+            requests: 40,
+            errors: 12
+        }
+    );
     // The minute before the switch, not the older failures.
-    assert_eq!(e.before, Errors { requests: 100, errors: 2 });
+    assert_eq!(
+        e.before,
+        Errors {
+            requests: 100,
+            errors: 2
+        }
+    );
     assert!((e.release.ratio() - 0.3).abs() < 1e-9);
-    assert!(r.errors_since_switch("other", 2, switched, switched).is_none());
+    assert!(
+        r.errors_since_switch("other", 2, switched, switched)
+            .is_none()
+    );
 }

@@ -114,7 +114,13 @@ fn a_release_that_crash_loops_in_its_window_is_rolled_back_to_the_one_before() {
     switch_release(&mut m, &mut fx, 1, WEB);
     let list = &releases(&fx).releases;
     assert_eq!(list[1].ended, Some(Ended::FailedAfterSwitch));
-    assert!(list[1].reason.as_ref().unwrap().contains("rolled back to 1 automatically"));
+    assert!(
+        list[1]
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("rolled back to 1 automatically")
+    );
     assert_eq!(list[2].rollback_of, Some(1));
     assert!(list[2].ended.is_none());
 }
@@ -254,7 +260,11 @@ fn a_release_that_fails_its_users_is_rolled_back_on_its_error_ratio() {
     m.step(vec![Event::Tick], &mut fx);
     assert_eq!(fx.placed, ["sha-1"]);
     let r = rolling_back(&m).unwrap();
-    assert!(r.reason.contains("100 of its 200 requests failed"), "{}", r.reason);
+    assert!(
+        r.reason.contains("100 of its 200 requests failed"),
+        "{}",
+        r.reason
+    );
 }
 
 #[test]
