@@ -569,5 +569,5 @@ fn a_release_with_too_few_requests_is_not_rolled_back_on_its_errors() {
     );
     assert_eq!(numbers(&releases(&k, "hello")), [1, 2]);
     assert_eq!(k.app_status("hello").unwrap().deploy, Some(2));
-    assert_eq!(k.log_count("automatically"), 0, "{}", k.log());
+    assert_eq!(k.log_count("rolled back to 1"), 0, "{}", k.log());
 }
