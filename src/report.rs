@@ -179,7 +179,7 @@ pub struct AutoRollbackReport {
     pub release: u64,
     /// `watching` (until `until`), `due` (a cause was found; the rollback waits for a deploy
     /// under way or an upgrade), `rolled-back` (to `to`, at `at`) or `failed` (its bundle
-    /// could not be put in `incoming/`).
+    /// could not be put in `incoming/`, or its deploy did not switch).
     pub state: &'static str,
     pub until: Option<String>,
     pub to: Option<u64>,

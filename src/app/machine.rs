@@ -1303,6 +1303,16 @@ impl Machine {
             retry_at: None,
         };
         self.failed = None;
+        // An automatic rollback that did not switch: the bad release serves on.
+        if !matches!(end, End::Deployed)
+            && deploy
+                .rollback
+                .as_ref()
+                .is_some_and(|r| r.how == super::releases::Ended::FailedAfterSwitch)
+            && let Some(a) = &mut self.auto_rollback
+        {
+            a.state = "failed";
+        }
         match end {
             End::Deployed => self.replace = false,
             End::SameContent(stamp) => {

@@ -298,3 +298,28 @@ fn an_apps_own_keep_releases_bounds_its_list() {
     let numbers: Vec<u64> = releases(&fx).releases.iter().map(|r| r.number).collect();
     assert_eq!(numbers, [2], "the fake's global keep-releases is 3");
 }
+
+#[test]
+fn a_rollback_whose_deploy_fails_leaves_the_release_serving_and_says_so() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    release(&mut m, &mut fx, 1, WEB);
+    let bad = release(&mut m, &mut fx, 2, WEB);
+    for _ in 0..3 {
+        crash(&mut m, &mut fx, bad);
+    }
+    assert!(rolling_back(&m).is_some());
+    let id = fx.prepares.last().unwrap().id;
+    m.step(
+        vec![Event::Prepared {
+            id,
+            result: Err(DeployError::Config(crate::problem::Invalid(Vec::new()))),
+        }],
+        &mut fx,
+    );
+    assert!(matches!(m.life, Life::Serving(ref v) if v.id == bad));
+    assert_eq!(
+        m.report(0, fx.wall).auto_rollback.map(|r| r.state),
+        Some("failed")
+    );
+    assert!(m.watch.is_none(), "not tried again");
+}
