@@ -5,8 +5,13 @@
 //! hello [--version-string V] [--delay-ms N] [--crash] [--never-listen] [--status N]
 //!       [--ignore-term] [--spawn-child] [--crash-after-first-run] [--home-kb N]
 //!       [--keep-open] [--log-requests] [--wait-for-port] [--hang-after N] [--setsid-child]
-//!       [--allocate-mb N] [--fork-bomb]
+//!       [--allocate-mb N] [--fork-bomb] [--exit-after-ms N] [--fail-percent P]
 //! ```
+//!
+//! `--exit-after-ms N` exits with code 5 N milliseconds after it starts, every time: a release
+//! that crash-loops a few seconds after its switch. `--fail-percent P` answers 500 to P of
+//! every 100 requests (spread evenly), except those for `/health`: a release that fails its
+//! users while its health check passes.
 //!
 //! `--hang-after N` answers N requests, then accepts connections and reads requests but never
 //! answers again, as a Warp app whose database pool is exhausted does; only on its first start
@@ -65,6 +70,23 @@ struct Options {
     setsid_child: bool,
     allocate_mb: usize,
     fork_bomb: bool,
+    exit_after_ms: Option<u64>,
+    fail_percent: u64,
+}
+
+/// `--fail-percent P`, and the requests counted so far.
+static FAIL: std::sync::OnceLock<(u64, std::sync::atomic::AtomicU64)> = std::sync::OnceLock::new();
+
+/// True when this request is one of the P in 100 that `--fail-percent P` fails.
+fn fails(target: &str) -> bool {
+    let Some((p, n)) = FAIL.get() else {
+        return false;
+    };
+    if *p == 0 || target == "/health" {
+        return false;
+    }
+    let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (n + 1) * p / 100 != n * p / 100
 }
 
 fn options() -> Options {
@@ -85,6 +107,8 @@ fn options() -> Options {
         setsid_child: false,
         allocate_mb: 0,
         fork_bomb: false,
+        exit_after_ms: None,
+        fail_percent: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -131,6 +155,20 @@ fn options() -> Options {
                     .expect("--allocate-mb N")
             }
             "--fork-bomb" => o.fork_bomb = true,
+            "--exit-after-ms" => {
+                o.exit_after_ms = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--exit-after-ms N"),
+                )
+            }
+            "--fail-percent" => {
+                o.fail_percent = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|p| *p <= 100)
+                    .expect("--fail-percent P (0 to 100)")
+            }
             other => eprintln!("hello: ignoring unknown argument {other}"),
         }
     }
@@ -209,6 +247,15 @@ fn main() {
             std::fs::write(marker, "").expect("write the marker file");
         }
     }
+    if let Some(ms) = o.exit_after_ms {
+        let version = o.version.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            eprintln!("hello {version}: exiting {ms} ms after its start, on purpose");
+            std::process::exit(5);
+        });
+    }
+    FAIL.get_or_init(|| (o.fail_percent, std::sync::atomic::AtomicU64::new(0)));
     if o.crash {
         eprintln!("hello {}: crashing on purpose", o.version);
         std::process::exit(3);
@@ -364,7 +411,7 @@ fn serve(
             }
             continue;
         }
-        let mut answer = status;
+        let mut answer = if fails(&target) { 500 } else { status };
         let body = if target == "/env" {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();

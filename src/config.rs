@@ -92,6 +92,10 @@ pub struct Config {
     /// How many releases of each app keep their bundle under `ROOT/releases/` (README
     /// "Releases and rollback").
     pub keep_releases: usize,
+    /// When a release is rolled back by itself (README "Releases and rollback", "Automatic
+    /// rollback"): `rollback-window` (a bundle's own key overrides it) and the thresholds of
+    /// its users' errors.
+    pub rollback: AutoRollback,
     /// Keter's `*-response-file` pages.
     pub responses: ResponseFiles,
 }
@@ -116,6 +120,33 @@ impl Default for HealthChecks {
             interval: Duration::from_secs(10),
             failures: 3,
             timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Automatic rollback (README "Releases and rollback"): how long after its switch a release
+/// is watched (`rollback-window`; zero: not at all), and when its share of failed requests
+/// counts as clearly worse than its predecessor's (`rollback-min-requests`,
+/// `rollback-error-ratio`, `rollback-error-factor`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoRollback {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub error_ratio: f64,
+    pub error_factor: f64,
+}
+
+impl Default for AutoRollback {
+    /// Five minutes: a release that crashes or fails its users does so in its first minutes
+    /// under real traffic, and a later failure is an operator's to judge. 100 requests, at
+    /// least 5 % of them failed and at least twice the predecessor's share: a handful of
+    /// errors on a quiet app, or an app that always fails a few per cent, rolls nothing back.
+    fn default() -> AutoRollback {
+        AutoRollback {
+            window: Duration::from_secs(300),
+            min_requests: 100,
+            error_ratio: 0.05,
+            error_factor: 2.0,
         }
     }
 }
@@ -318,6 +349,7 @@ fn from_tree(
     };
     let stop_timeout = seconds_or(&mut f, "stop-timeout", 10.0, problems);
     let health = read_health(&mut f, problems);
+    let rollback = read_rollback(&mut f, problems);
     let port_range = read_port_range(&mut f, problems);
     let limits = read_limits(&mut f, problems);
     let process_limits = crate::cgroup::read_limits(&mut f, problems);
@@ -373,6 +405,7 @@ fn from_tree(
         allowed_static_roots,
         client_max_body_size,
         keep_releases,
+        rollback,
         responses,
     })
 }
@@ -532,6 +565,53 @@ fn read_health(f: &mut Fields, problems: &mut Problems) -> HealthChecks {
         } else {
             timeout
         },
+    }
+}
+
+/// The keys of automatic rollback.
+fn read_rollback(f: &mut Fields, problems: &mut Problems) -> AutoRollback {
+    let d = AutoRollback::default();
+    let mut number =
+        |f: &mut Fields, key: &'static str, default: f64, ok: fn(f64) -> bool, what: &str| {
+            let Some(v) = f.raw(key) else {
+                return default;
+            };
+            match seconds(v).filter(|n| ok(*n)) {
+                Some(n) => n,
+                None => {
+                    problems.error(f.path(key), format!("expected {what}, found {}", show(v)));
+                    default
+                }
+            }
+        };
+    let window = number(
+        f,
+        "rollback-window",
+        d.window.as_secs_f64(),
+        |_| true,
+        "a number of seconds (0 turns automatic rollback off)",
+    );
+    let error_ratio = number(
+        f,
+        "rollback-error-ratio",
+        d.error_ratio,
+        |n| n > 0.0 && n <= 1.0,
+        "a share of requests above 0 and at most 1 (0.05 for 5 %)",
+    );
+    let error_factor = number(
+        f,
+        "rollback-error-factor",
+        d.error_factor,
+        |n| n >= 1.0,
+        "a factor of at least 1",
+    );
+    AutoRollback {
+        window: Duration::from_secs_f64(window),
+        min_requests: f
+            .uint("rollback-min-requests", u64::MAX, problems)
+            .unwrap_or(d.min_requests),
+        error_ratio,
+        error_factor,
     }
 }
 

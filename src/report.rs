@@ -172,6 +172,48 @@ pub struct ProcessReport {
     pub group: Option<String>,
 }
 
+/// Automatic rollback of an app (README "Releases and rollback", "Status interface").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AutoRollbackReport {
+    /// The release watched, or rolled back.
+    pub release: u64,
+    /// `watching` (until `until`), `due` (a cause was found; the rollback waits for a deploy
+    /// under way or an upgrade), `rolled-back` (to `to`, at `at`) or `failed` (its bundle
+    /// could not be put in `incoming/`, or its deploy did not switch).
+    pub state: &'static str,
+    pub until: Option<String>,
+    pub to: Option<u64>,
+    /// Why it was (or is to be) rolled back.
+    pub reason: Option<String>,
+    pub at: Option<String>,
+}
+
+impl AutoRollbackReport {
+    /// One line for people (the app page).
+    pub fn describe(&self) -> String {
+        let mut line = match (self.state, self.to) {
+            ("watching", _) => format!(
+                "release {} is watched until {}",
+                self.release,
+                self.until.as_deref().unwrap_or("?")
+            ),
+            ("due", _) => format!(
+                "release {} is to be rolled back once nothing is under way",
+                self.release
+            ),
+            (state, Some(to)) => format!("release {} {state} to release {to}", self.release),
+            (state, None) => format!("release {} {state}", self.release),
+        };
+        if let Some(at) = &self.at {
+            line.push_str(&format!(" at {at}"));
+        }
+        if let Some(why) = &self.reason {
+            line.push_str(&format!(": {why}"));
+        }
+        line
+    }
+}
+
 /// Everything known about one app.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppReport {
@@ -203,6 +245,9 @@ pub struct AppReport {
     pub releases_bytes: u64,
     /// In maintenance: since when, by whom, the operator's message; null otherwise.
     pub maintenance: Option<crate::app::maintenance::Maintenance>,
+    /// Automatic rollback (README "Releases and rollback"): the release watched after its
+    /// switch, or the last one keter rolled back by itself.
+    pub auto_rollback: Option<AutoRollbackReport>,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
     /// The sum of its processes' `usage` (limits are each process's own).
@@ -242,6 +287,7 @@ impl AppReport {
             releases: Vec::new(),
             releases_bytes: 0,
             maintenance: None,
+            auto_rollback: None,
             deploy_stage: None,
             usage: Usage::default(),
             certificates: Vec::new(),

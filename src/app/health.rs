@@ -581,7 +581,13 @@ impl Machine {
             fx.note(&format!("keter: {line}"));
             self.last_error = Some(line);
             fx.release_port(r.port);
+            let version = v.id;
             self.stop_process(r.running.pid, fx);
+            self.watch_unhealthy(
+                version,
+                &format!("its fresh webapp {index} did not become ready: {e}"),
+                now,
+            );
             return;
         }
         p.move_port(r.port, &w);
@@ -643,6 +649,11 @@ impl Machine {
         fx.cancel(r.id);
         fx.release_port(r.port);
         self.last_error = Some(line);
+        self.watch_unhealthy(
+            version,
+            "the fresh webapp in place of an unhealthy one exited before it was ready",
+            now,
+        );
         true
     }
 

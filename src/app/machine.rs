@@ -270,6 +270,10 @@ pub(super) struct Machine {
     /// A health check's result changed what the report shows: the step publishes (a result
     /// that changed nothing does not, as a tick that only looked does not).
     pub health_news: bool,
+    /// The release watched after its switch for an automatic rollback (`autorollback.rs`).
+    pub watch: Option<super::autorollback::Watch>,
+    /// The last rollback keter made by itself, for the report.
+    pub auto_rollback: Option<crate::report::AutoRollbackReport>,
 }
 
 /// Where the worker is, as the table ([`Machine::on`]) tells states apart.
@@ -322,6 +326,8 @@ impl Machine {
             maintenance: None,
             maintenance_reply: None,
             health_news: false,
+            watch: None,
+            auto_rollback: None,
             discarding: Vec::new(),
             reaping: Vec::new(),
             resting: None,
@@ -359,6 +365,7 @@ impl Machine {
             .chain(retry)
             .chain(refresh)
             .chain(self.health_deadline())
+            .chain(self.watch_deadline())
             .min()
     }
 
@@ -745,15 +752,54 @@ impl Machine {
         if self.serving().is_some_and(|v| v.sha256 == target.sha256) {
             return refuse(format!("release {} is the bundle serving", target.number));
         }
-        if let Err(e) = fx.place_release(&target.sha256, target.deployed_by, &path) {
-            return refuse(format!("its bundle could not be put in incoming/: {e}"));
-        }
-        let current = self.releases.current().map(|c| c.number);
+        let reason = match self.releases.current().map(|c| c.number) {
+            Some(c) => format!("release {c} rolled back to {} by uid {by}", target.number),
+            None => format!("rolled back to release {} by uid {by}", target.number),
+        };
         log::info!(
-            "{}: rolling back to release {} (asked by uid {by}); incoming/{}.keter is its bundle now",
+            "{}: rolling back to release {} (asked by uid {by})",
             self.name,
-            target.number,
-            self.name
+            target.number
+        );
+        if let Err((why, mut reply)) = self.roll_back(
+            path,
+            &target,
+            super::releases::Ended::RolledBack,
+            reason,
+            reply,
+            fx,
+        ) {
+            log::info!("{name}: rollback refused: {why}");
+            reply.answer(Err(format!("{name}: not rolled back: {why}")));
+        }
+    }
+
+    /// Deploys release `target` again, by an operator or by keter itself (`autorollback.rs`):
+    /// puts its kept bundle at `path` in `incoming/` (the source of truth, so that a rescan
+    /// or a keter started again keeps it) and deploys it from there as any bundle; once
+    /// switched, the release it replaced is marked as `how` ended, with `reason`. `reply` is
+    /// answered when the deploy ends; given back with why when the bundle could not be
+    /// placed.
+    pub(super) fn roll_back(
+        &mut self,
+        path: PathBuf,
+        target: &super::releases::Release,
+        how: super::releases::Ended,
+        reason: String,
+        reply: Reply,
+        fx: &mut dyn Effects,
+    ) -> Result<(), (String, Reply)> {
+        if let Err(e) = fx.place_release(&target.sha256, target.deployed_by, &path) {
+            return Err((
+                format!("its bundle could not be put in incoming/: {e}"),
+                reply,
+            ));
+        }
+        log::info!(
+            "{}: incoming/{}.keter is the bundle of release {} now",
+            self.name,
+            self.name,
+            target.number
         );
         let stamp = fx.stamp(&path);
         self.begin(path, stamp, None, false, fx);
@@ -762,13 +808,11 @@ impl Machine {
             deploy.rollback = Some(super::releases::Rollback {
                 to: target.number,
                 sha256: target.sha256.clone(),
-                how: super::releases::Ended::RolledBack,
-                reason: match current {
-                    Some(c) => format!("release {c} rolled back to {} by uid {by}", target.number),
-                    None => format!("rolled back to release {} by uid {by}", target.number),
-                },
+                how,
+                reason,
             });
         }
+        Ok(())
     }
 
     /// A `Restart`: deploys the serving version's bundle again even though its content is
@@ -1143,8 +1187,27 @@ impl Machine {
                 if let Some(mut arrival) = candidate.arrival.take() {
                     arrival.rollback = deploy.rollback.clone();
                     let at = rfc3339(fx.wall_clock());
-                    if self.releases.switched(arrival, at, fx.keep_releases()) {
+                    // The app's own keep-releases, over the global one.
+                    let keep = candidate
+                        .config
+                        .keep_releases
+                        .unwrap_or_else(|| fx.keep_releases());
+                    if self.releases.switched(arrival, at, keep) {
                         fx.write_releases(&self.releases);
+                        let window = candidate
+                            .config
+                            .rollback_window
+                            .unwrap_or_else(|| fx.rollback_defaults().window);
+                        self.watch_release(
+                            candidate.id,
+                            candidate.deploy,
+                            deploy.path.clone(),
+                            window,
+                            fx,
+                        );
+                    } else {
+                        // The same release again (`keter restart`): the operator acted.
+                        self.watch = None;
                     }
                 }
                 if let Some(old) = serving {
@@ -1240,6 +1303,16 @@ impl Machine {
             retry_at: None,
         };
         self.failed = None;
+        // An automatic rollback that did not switch: the bad release serves on.
+        if !matches!(end, End::Deployed)
+            && deploy
+                .rollback
+                .as_ref()
+                .is_some_and(|r| r.how == super::releases::Ended::FailedAfterSwitch)
+            && let Some(a) = &mut self.auto_rollback
+        {
+            a.state = "failed";
+        }
         match end {
             End::Deployed => self.replace = false,
             End::SameContent(stamp) => {

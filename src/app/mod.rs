@@ -11,6 +11,7 @@
 //! crash-looping version). Whatever fails, the version that was serving keeps serving.
 
 mod adopt;
+mod autorollback;
 mod deploy;
 mod error;
 mod freeze;
@@ -272,6 +273,15 @@ trait Effects {
     fn stop_process(&mut self, pid: i32);
     /// An unhealthy webapp was replaced (counted for `/metrics`).
     fn health_replaced(&mut self);
+    /// The global keys of automatic rollback (`keter-config.yaml`).
+    fn rollback_defaults(&self) -> crate::config::AutoRollback;
+    /// The failed requests of the app's deploy number `deploy`, switched to at `switched`,
+    /// beside the app's over as long before (`requests::Requests::errors_since_switch`).
+    fn errors_since_switch(
+        &self,
+        deploy: u64,
+        switched: std::time::SystemTime,
+    ) -> Option<crate::requests::ErrorsBeside>;
 }
 
 /// The daemon's handle on one app's worker thread.

@@ -181,6 +181,7 @@ impl Machine {
         let now = fx.now();
         let name = self.name.clone();
         let mut note = None;
+        let mut exit = None;
         // Killed by the kernel for its memory-limit: said so, then the restart policy as for
         // any exit (README "Limits and accounting").
         let how = fx
@@ -192,6 +193,7 @@ impl Machine {
                 && p.running().is_some_and(|r| r.pid == pid)
             {
                 p.exited(&name, pid, &how, now);
+                exit = Some(matches!(p.state, ProcState::GaveUp));
                 // Its port is free for anyone to bind until it runs again: watched from now
                 // on, starting at once (the tick after this event).
                 if matches!(p.role, Role::Web { .. }) {
@@ -200,6 +202,10 @@ impl Machine {
                 note = Some(format!("pid {pid} ({}) exited with {how}", p.label()));
                 break;
             }
+        }
+        if let Some(gave_up) = exit {
+            let label = note.as_deref().unwrap_or_default().to_string();
+            self.watch_exit(version, gave_up, &label, now);
         }
         if note.is_some() {
             self.last_error = note;
@@ -294,6 +300,7 @@ impl Machine {
             changed = true;
         }
         changed |= self.health_tick(fx);
+        changed |= self.watch_tick(fx);
         changed
     }
 
@@ -474,6 +481,7 @@ impl Machine {
         r.releases = self.releases.releases.clone();
         r.releases_bytes = self.releases.bytes();
         r.maintenance = self.maintenance.clone();
+        r.auto_rollback = self.auto_rollback_report();
         r
     }
 }

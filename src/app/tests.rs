@@ -86,6 +86,12 @@ struct Fake {
     stopped_pids: Vec<i32>,
     /// Unhealthy webapps replaced.
     replaced: usize,
+    /// The global keys of automatic rollback.
+    rollback: crate::config::AutoRollback,
+    /// What the request metrics say of the serving release's errors.
+    errors: Option<crate::requests::ErrorsBeside>,
+    /// Kept bundles put into `incoming/`, by sha256.
+    placed: Vec<String>,
 }
 
 impl Fake {
@@ -135,6 +141,9 @@ impl Fake {
             checks_started: Vec::new(),
             stopped_pids: Vec::new(),
             replaced: 0,
+            rollback: crate::config::AutoRollback::default(),
+            errors: None,
+            placed: Vec::new(),
         }
     }
 
@@ -287,6 +296,7 @@ impl Effects for Fake {
             .and_then(|n| n.parse().ok())
             .unwrap_or(99);
         self.bundle(n);
+        self.placed.push(sha256.to_string());
         let _ = path;
         Ok(())
     }
@@ -314,6 +324,16 @@ impl Effects for Fake {
     }
     fn health_replaced(&mut self) {
         self.replaced += 1;
+    }
+    fn rollback_defaults(&self) -> crate::config::AutoRollback {
+        self.rollback
+    }
+    fn errors_since_switch(
+        &self,
+        _deploy: u64,
+        _switched: std::time::SystemTime,
+    ) -> Option<crate::requests::ErrorsBeside> {
+        self.errors
     }
 }
 
@@ -839,6 +859,7 @@ fn the_old_version_is_stopped_once_drained_and_a_failed_switch_keeps_it() {
     let _ = v3;
 }
 
+mod autorollback;
 mod health;
 mod ports;
 mod random;

@@ -479,6 +479,27 @@ impl Effects for World {
         }
     }
 
+    fn rollback_defaults(&self) -> crate::config::AutoRollback {
+        self.shared.config.rollback
+    }
+
+    fn errors_since_switch(
+        &self,
+        deploy: u64,
+        switched: std::time::SystemTime,
+    ) -> Option<crate::requests::ErrorsBeside> {
+        let at = switched
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.shared.reports.requests.errors_since_switch(
+            self.name.as_str(),
+            deploy,
+            at,
+            crate::requests::unix_now(),
+        )
+    }
+
     fn keep_releases(&self) -> usize {
         self.shared.config.keep_releases
     }

@@ -41,6 +41,10 @@ pub struct BundleConfig {
     pub proxies: Vec<ReverseProxy>,
     /// The postgres plugin: the app gets its own role and database (README, "PostgreSQL plugin").
     pub postgres: bool,
+    /// The app's own `keep-releases` and `rollback-window` (README "Releases and rollback"),
+    /// over the global ones.
+    pub keep_releases: Option<usize>,
+    pub rollback_window: Option<Duration>,
 }
 
 /// What to run, common to every process stanza.
@@ -203,6 +207,8 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
         redirects: Vec::new(),
         proxies: Vec::new(),
         postgres: false,
+        keep_releases: None,
+        rollback_window: None,
     };
     // Stanzas in the order of the file (the flat format's webapp, static hosts, redirects,
     // as Keter converts them): which stanza a shared host goes to depends on it.
@@ -211,6 +217,17 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
     for key in YESOD_KETER_KEYS {
         f.raw(key);
     }
+    config.keep_releases = match f.uint("keep-releases", 1000, problems) {
+        Some(0) => {
+            problems.error(
+                f.path("keep-releases"),
+                "0 keeps no release, not even the serving one: at least 1",
+            );
+            None
+        }
+        n => n.map(|n| n as usize),
+    };
+    config.rollback_window = read_seconds(&mut f, "rollback-window", true, problems);
     if f.contains("stanzas") {
         // A scaffold's leftover `exec` beside `stanzas` is read by `yesod keter`, not Keter.
         f.raw("exec");

@@ -319,6 +319,31 @@ pub struct Summary {
     pub releases: Vec<ReleaseView>,
 }
 
+/// Requests and, of them, 5xx and upstream failures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Errors {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl Errors {
+    /// The share of failed requests (0 without requests).
+    pub fn ratio(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+/// A release's failed requests since its switch, and the app's over as long before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorsBeside {
+    pub release: Errors,
+    pub before: Errors,
+}
+
 /// Unix time in seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -398,6 +423,57 @@ impl Requests {
             t.day.points(now)
         } else {
             t.hour.points(now)
+        })
+    }
+
+    /// The failed requests (5xx and upstream failures) of release `release` (a deploy number)
+    /// of `app`, switched to at unix time `switched`, beside the app's over as long before the
+    /// switch as `now` is after it (whole 10 s slots of the last hour, ending before the slot
+    /// of the switch: what the predecessor served). Automatic rollback asks for it (README
+    /// "Releases and rollback"); `None` before the app's first request. Reads at most the
+    /// hour's 360 slots.
+    pub fn errors_since_switch(
+        &self,
+        app: &str,
+        release: u64,
+        switched: u64,
+        now: u64,
+    ) -> Option<ErrorsBeside> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let t = apps.get(app)?;
+        let errors = |c: &Counters| {
+            Class::ALL
+                .iter()
+                .filter(|k| k.is_error())
+                .map(|k| c.classes[*k as usize])
+                .sum()
+        };
+        let after = t
+            .releases
+            .iter()
+            .find(|(r, _)| *r == release)
+            .map(|(_, c)| Errors {
+                requests: c.requests(),
+                errors: errors(c),
+            })
+            .unwrap_or_default();
+        let secs = HOUR.seconds;
+        let end = switched / secs;
+        let slots = now
+            .saturating_sub(switched)
+            .div_ceil(secs)
+            .clamp(1, HOUR.slots as u64 - 1);
+        let mut before = Errors::default();
+        for index in end.saturating_sub(slots)..end {
+            let slot = &t.hour.slots[(index % HOUR.slots as u64) as usize];
+            if slot.index == index {
+                before.requests += u64::from(slot.requests);
+                before.errors += u64::from(slot.errors);
+            }
+        }
+        Some(ErrorsBeside {
+            release: after,
+            before,
         })
     }
 

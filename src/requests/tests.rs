@@ -122,3 +122,50 @@ fn the_receiver_checks_each_senders_uid() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_releases_errors_beside_as_long_before_its_switch() {
+    let r = Requests::default();
+    let switched = 1_000_000;
+    // Before the switch, release 1: 100 requests over the minute, 2 failed; and older ones.
+    for i in 0..100 {
+        let status = if i < 2 { 500 } else { 200 };
+        r.add(switched - 60 + i % 60, &line("shop", 1, status, Some(5)))
+            .unwrap();
+    }
+    for _ in 0..50 {
+        r.add(switched - 600, &line("shop", 1, 502, None)).unwrap();
+    }
+    // After it, release 2: 40 requests, 10 answered 500 and 2 upstream failures.
+    for i in 0..40 {
+        let status = match i {
+            0..10 => 500,
+            10..12 => 504,
+            _ => 200,
+        };
+        r.add(switched + i, &line("shop", 2, status, None)).unwrap();
+    }
+    let e = r
+        .errors_since_switch("shop", 2, switched, switched + 60)
+        .unwrap();
+    assert_eq!(
+        e.release,
+        Errors {
+            requests: 40,
+            errors: 12
+        }
+    );
+    // The minute before the switch, not the older failures.
+    assert_eq!(
+        e.before,
+        Errors {
+            requests: 100,
+            errors: 2
+        }
+    );
+    assert!((e.release.ratio() - 0.3).abs() < 1e-9);
+    assert!(
+        r.errors_since_switch("other", 2, switched, switched)
+            .is_none()
+    );
+}

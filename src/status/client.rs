@@ -241,6 +241,9 @@ pub fn table(api: &Value) -> Result<String, String> {
         if let Some(e) = app.get("last_error").and_then(Value::as_str) {
             errors.push(format!("{name}: last error: {}", shown(e)));
         }
+        if let Some(r) = app.get("auto_rollback").filter(|r| r.is_object()) {
+            errors.push(auto_rollback_line(&name, r));
+        }
         if let Some(at) = retry_at {
             errors.push(format!(
                 "{name}: the failed deploy is tried again at {}",
@@ -325,6 +328,35 @@ fn requests_line(app: &str, r: &Value) -> String {
         ms("upstream_seconds_p95"),
         ms("upstream_seconds_p99"),
     )
+}
+
+/// The automatic rollback of an app (README "Releases and rollback"): the release watched,
+/// or the last one keter rolled back by itself, and why.
+fn auto_rollback_line(name: &str, r: &Value) -> String {
+    let text = |k: &str| r.get(k).and_then(Value::as_str).map(shown);
+    let release = r.get("release").and_then(Value::as_u64).unwrap_or(0);
+    let mut line = match (
+        text("state").as_deref(),
+        r.get("to").and_then(Value::as_u64),
+    ) {
+        (Some("watching"), _) => format!(
+            "{name}: release {release} is rolled back automatically if it fails before {}",
+            text("until").unwrap_or_default()
+        ),
+        (Some("due"), _) => format!("{name}: release {release} is to be rolled back"),
+        (state, Some(to)) => format!(
+            "{name}: release {release} {} to release {to} automatically",
+            state.unwrap_or_default()
+        ),
+        (state, None) => format!("{name}: release {release} {}", state.unwrap_or_default()),
+    };
+    if let Some(at) = text("at") {
+        line.push_str(&format!(" at {at}"));
+    }
+    if let Some(why) = text("reason") {
+        line.push_str(&format!(": {why}"));
+    }
+    line
 }
 
 /// One certificate over ACME: its hosts and state, until when it is valid, and why there is

@@ -66,6 +66,8 @@ struct AppView {
     deploy_duration: String,
     deploy_finished: String,
     last_error: String,
+    /// Automatic rollback: the release watched, or the last one rolled back by keter.
+    auto_rollback: String,
     log_lines_dropped: u64,
     draining: usize,
     processes: Vec<ProcessView>,
@@ -351,6 +353,11 @@ impl Pages {
                 .unwrap_or_default(),
             deploy_finished: deploy.map(|d| shown_time(&d.finished)).unwrap_or_default(),
             last_error: a.last_error.clone().unwrap_or_default(),
+            auto_rollback: a
+                .auto_rollback
+                .as_ref()
+                .map(|r| r.describe())
+                .unwrap_or_default(),
             log_lines_dropped: a.log_lines_dropped,
             draining: a.draining,
             processes: a

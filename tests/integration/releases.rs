@@ -472,3 +472,131 @@ fn maintenance_answers_503_with_the_page_while_the_app_runs_and_survives_a_resta
     let (app, page) = stopped(running);
     assert!(app > 10 && page > 10, "app {app}, page {page}");
 }
+
+/// Automatic rollback's keys for the tests: a minute's window, the least requests lowered.
+fn autorollback_opts(min_requests: u64) -> Opts {
+    Opts {
+        extra: format!("rollback-window: 60\nrollback-min-requests: {min_requests}\n"),
+        ..Opts::default()
+    }
+}
+
+#[test]
+fn a_release_that_crash_loops_after_its_switch_is_rolled_back_by_itself() {
+    let mut k = Keter::start_with("autorollback-crash", autorollback_opts(100));
+    let v1 = k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let traffic = Traffic::start(k.addr(), &[HOST], 2, 2, PAUSE);
+    // Release 2 serves, then exits 3 s after each start: a crash loop after its switch.
+    k.deploy_hello("hello", "v2", HOST, &["--exit-after-ms", "3000"]);
+    k.wait_app("hello", "serving release 2", WAIT, |a| a.deploy == Some(2));
+    let start = Instant::now();
+    let first_v1 = start + k.wait_for(HOST, "v1", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = traffic.stop();
+    // Release 2's crashes failed requests; after the rollback's switch, none fails. (For
+    // about 100 ms after a reload Nginx's previous workers still take new connections with
+    // the previous configuration, whose upstream, the crashed release, is down: those
+    // requests would fail without the rollback as well.)
+    let after: Vec<String> = tally
+        .failures
+        .iter()
+        .zip(&tally.failed_at)
+        .filter(|(_, at)| **at >= first_v1 + Duration::from_millis(200))
+        .map(|(f, at)| {
+            format!(
+                "{} ms after v1 first answered: {f}",
+                (*at - first_v1).as_millis()
+            )
+        })
+        .collect();
+    assert!(
+        after.is_empty(),
+        "failed after the rollback's switch: {after:?}"
+    );
+    assert!(tally.ok > 50, "too few requests went through: {}", tally.ok);
+    assert_eq!(sha256_of(&k.incoming().join("hello.keter")), sha256_of(&v1));
+    k.wait_log("rolled back to 1 automatically: crash-looping", WAIT);
+    let r = releases(&k, "hello");
+    assert_eq!(numbers(&r), [1, 2, 3], "{r:#}");
+    assert_eq!(r["releases"][1]["ended"], "failed-after-switch", "{r:#}");
+    let reason = r["releases"][1]["reason"].as_str().unwrap();
+    assert!(reason.contains("automatically: crash-looping"), "{reason}");
+    assert_eq!(r["releases"][2]["rollback_of"], 1);
+    let app = k.app_json("hello").unwrap();
+    assert_eq!(app["auto_rollback"]["state"], "rolled-back", "{app:#}");
+    assert_eq!(app["auto_rollback"]["to"], 1, "{app:#}");
+    let table = keter_cmd(&k, &["releases", "hello"], None);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("failed-after-switch"), "{table}");
+
+    // The rolled-back release stays out after a rescan and a keter started again.
+    k.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.get(HOST, "/").unwrap().body.trim(), "v1");
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(3));
+    k.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    k.launch();
+    k.wait_for(HOST, "v1", WAIT);
+    assert_eq!(numbers(&releases(&k, "hello")), [1, 2, 3]);
+}
+
+/// Deploys a release of the example app that answers 500 to `percent` of its pages, and 200
+/// to its health check (`/health`).
+fn deploy_failing(k: &Keter, version: &str, percent: u32) {
+    let bundle = k.dir.0.join(format!("hello-{version}.keter"));
+    let p = percent.to_string();
+    BundleBuilder::hello(&format!(
+        "{}health-check-path: /health\n",
+        hello_yaml(version, HOST, &["--fail-percent", &p])
+    ))
+    .write(&bundle);
+    k.deploy("hello", &bundle);
+}
+
+#[test]
+fn a_release_that_fails_its_users_is_rolled_back_on_its_error_ratio() {
+    let k = Keter::start_with("autorollback-errors", autorollback_opts(100));
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let traffic = Traffic::start(k.addr(), &[HOST], 1, 1, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_secs(2));
+    // Half of release 2's answers are 500; its health check passes.
+    deploy_failing(&k, "v2", 50);
+    k.wait_app("hello", "serving release 2", WAIT, |a| a.deploy == Some(2));
+    k.wait_for(HOST, "v1", Duration::from_secs(60));
+    let tally = traffic.stop();
+    assert!(tally.failed() > 0, "release 2 failed nothing");
+    k.wait_log("rolled back to 1 automatically", WAIT);
+    let r = releases(&k, "hello");
+    assert_eq!(r["releases"][1]["ended"], "failed-after-switch", "{r:#}");
+    let reason = r["releases"][1]["reason"].as_str().unwrap();
+    assert!(reason.contains("requests failed (5xx"), "{reason}");
+    assert_eq!(r["releases"][2]["rollback_of"], 1);
+}
+
+#[test]
+fn a_release_with_too_few_requests_is_not_rolled_back_on_its_errors() {
+    let k = Keter::start_with(
+        "autorollback-few",
+        Opts {
+            extra: "rollback-window: 15\nrollback-min-requests: 100\n".into(),
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    deploy_failing(&k, "v2", 100);
+    k.wait_app("hello", "serving release 2", WAIT, |a| a.deploy == Some(2));
+    // 30 requests, every one answered 500: fewer than rollback-min-requests.
+    for _ in 0..30 {
+        assert_eq!(k.get(HOST, "/").unwrap().status, 500);
+    }
+    k.wait_log(
+        "release 2 passed its rollback window",
+        Duration::from_secs(40),
+    );
+    assert_eq!(numbers(&releases(&k, "hello")), [1, 2]);
+    assert_eq!(k.app_status("hello").unwrap().deploy, Some(2));
+    assert_eq!(k.log_count("rolled back to 1"), 0, "{}", k.log());
+}

@@ -23,6 +23,8 @@ pub struct Tally {
     pub ok: u64,
     /// Each failed request: host, id and what went wrong.
     pub failures: Vec<String>,
+    /// When each of `failures` was sent, in the same order.
+    pub failed_at: Vec<Instant>,
     /// Ids of the answered requests and when each was answered, by host.
     pub answered: BTreeMap<String, Vec<(String, Instant)>>,
     /// Requests a kept-alive client resent after the server closed the idle connection.
@@ -35,6 +37,7 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         self.ok += other.ok;
         self.failures.extend(other.failures);
+        self.failed_at.extend(other.failed_at);
         for (h, ids) in other.answered {
             self.answered.entry(h).or_default().extend(ids);
         }
@@ -172,6 +175,7 @@ fn client(
         n += 1;
         let id = format!("{name}-{n}");
         let path = format!("/?id={id}");
+        let sent = Instant::now();
         let answer = if keep_alive {
             kept.get(host, &path)
         } else {
@@ -193,11 +197,17 @@ fn client(
             Ok(r) if kind == Kind::Blunt => tally
                 .blunt_failures
                 .push(format!("{host} {id}: status {}", r.status)),
-            Ok(r) => tally
-                .failures
-                .push(format!("{host} {id}: status {} {:?}", r.status, r.body)),
+            Ok(r) => {
+                tally
+                    .failures
+                    .push(format!("{host} {id}: status {} {:?}", r.status, r.body));
+                tally.failed_at.push(sent);
+            }
             Err(e) if kind == Kind::Blunt => tally.blunt_failures.push(format!("{host} {id}: {e}")),
-            Err(e) => tally.failures.push(format!("{host} {id}: {e}")),
+            Err(e) => {
+                tally.failures.push(format!("{host} {id}: {e}"));
+                tally.failed_at.push(sent);
+            }
         }
         std::thread::sleep(pause);
     }

@@ -1,7 +1,8 @@
 //! Long random sequences of events through the machine and the fake world, with the
 //! machine's invariants checked after every step: commands in bursts, process exits, stage
 //! results (current and stale), the stops and reaps coming back in any order, freezes,
-//! snapshots and thaws, certificates, and the clock moving by small steps and large jumps.
+//! snapshots and thaws, certificates, rollbacks (asked, and automatic ones on crashes and on
+//! the request metrics' errors), and the clock moving by small steps and large jumps.
 
 use super::*;
 use crate::app::error::NotReady;
@@ -119,6 +120,32 @@ impl Harness {
                 let (reply, _answer) = crate::app::Reply::channel();
                 vec![Event::Command(Command::Restart { path, reply })]
             }
+            89..=90 => {
+                let path = self.fx.bundle(1);
+                let to = self.rng.chance(50).then(|| 1 + self.rng.below(6));
+                let (reply, _answer) = crate::app::Reply::channel();
+                vec![Event::Command(Command::Rollback {
+                    path,
+                    to,
+                    by: 0,
+                    reply,
+                })]
+            }
+            91 => {
+                // What the request metrics say of the serving release: failing its users,
+                // or not.
+                self.fx.errors = self.rng.chance(50).then(|| crate::requests::ErrorsBeside {
+                    release: crate::requests::Errors {
+                        requests: 200,
+                        errors: self.rng.below(200),
+                    },
+                    before: crate::requests::Errors {
+                        requests: 200,
+                        errors: 2,
+                    },
+                });
+                vec![Event::Tick]
+            }
             18..=29 => self.prepared(),
             30..=39 => self.ready(),
             40..=49 => self.switched(),
@@ -193,7 +220,17 @@ impl Harness {
                 self.made.push(id);
                 let n = self.rng.below(4) + 1;
                 let yaml = YAMLS[self.rng.below(2) as usize];
-                Ok(Prepared::Version(Box::new(version(id, n, yaml))))
+                // A release of content `sha-n`, as the kept bundles are named in the fake.
+                let mut v = version(id, n, yaml);
+                v.sha256 = format!("sha-{n}");
+                v.arrival = Some(crate::app::releases::Arrival {
+                    sha256: v.sha256.clone(),
+                    size: 10,
+                    owner: 0,
+                    owner_name: None,
+                    rollback: None,
+                });
+                Ok(Prepared::Version(Box::new(v)))
             }
         };
         vec![Event::Prepared { id, result }]
@@ -306,8 +343,18 @@ impl Harness {
             } => Some(*version),
             _ => None,
         });
+        let (frozen, placed) = (self.m.frozen, self.fx.placed.len());
         self.m.step(events, &mut self.fx);
         self.steps += 1;
+        // No automatic rollback begins while frozen for an upgrade (one asked for is held).
+        if frozen && self.m.frozen {
+            assert_eq!(
+                self.fx.placed.len(),
+                placed,
+                "a rollback began while frozen, after step {}",
+                self.steps
+            );
+        }
         if let Some(v) = switch
             && self.fx.removed_site == self.removed_seen
             && self.m.serving().is_some_and(|s| s.id == v)
@@ -432,6 +479,26 @@ impl Harness {
                 .collect();
             assert_eq!(used, &hosts, "hosts claimed {ctx}");
         }
+        // Automatic rollback never loops: a release that is itself a rollback is never
+        // watched, nor rolled back by keter; and only the serving release is watched.
+        if let Some(list) = &self.fx.releases {
+            for r in &list.releases {
+                assert!(
+                    !(r.ended == Some(crate::app::releases::Ended::FailedAfterSwitch)
+                        && r.rollback_of.is_some()),
+                    "release {} was a rollback and was rolled back automatically, {ctx}",
+                    r.number
+                );
+            }
+        }
+        if let Some(w) = &self.m.watch {
+            let current = self.fx.releases.as_ref().and_then(|l| l.current());
+            assert!(
+                current.is_some_and(|c| c.number == w.release && c.rollback_of.is_none()),
+                "release {} is watched but is not the serving release, or is a rollback, {ctx}",
+                w.release
+            );
+        }
         // A freeze is answered once the machine is quiet.
         if self.m.quiet() && self.m.resting.is_none() {
             assert!(
@@ -487,6 +554,7 @@ fn random_sequences_keep_every_invariant() {
     let mut ended = 0;
     let mut served = 0;
     let (mut replacing, mut replaced) = (0, 0);
+    let mut automatic = 0;
     for seed in seeds {
         let mut h = Harness::new(seed);
         for _ in 0..400 {
@@ -510,6 +578,7 @@ fn random_sequences_keep_every_invariant() {
             );
         }
         replaced += h.fx.replaced;
+        automatic += usize::from(h.m.auto_rollback.is_some());
         ended += usize::from(h.m.ended());
     }
     // The sequences reach the states that matter (a generator stuck in one corner checks
@@ -519,6 +588,10 @@ fn random_sequences_keep_every_invariant() {
         "the random sequences rarely served: {served}"
     );
     assert!(ended > 0, "no random sequence ended with a shutdown");
+    assert!(
+        automatic > 5,
+        "releases were rarely rolled back automatically: in {automatic} sequences"
+    );
     assert!(
         replacing > 20 && replaced > 2,
         "unhealthy webapps were rarely replaced: {replacing} steps replacing, {replaced} switched"
