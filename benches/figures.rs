@@ -617,8 +617,14 @@ fn datagram_sink(path: &Path) -> std::os::unix::net::UnixDatagram {
     socket
 }
 
+/// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS`
+/// (9 rounds unless told).
 fn front_end_overhead() {
-    const ROUNDS: usize = 9;
+    let rounds: usize = std::env::args()
+        .nth(2)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("overhead ROUNDS: a number of rounds"))
+        .unwrap_or(9);
     const SECONDS: u64 = 2;
     // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
     let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
@@ -727,7 +733,7 @@ fn front_end_overhead() {
     // on every target alike; medians per target. The CPU time of the front end's workers per
     // request hardly depends on how busy the machine is, unlike req/s.
     let mut runs: Vec<Vec<(Wrk, f64)>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for i in 0..targets.len() {
             let t = (round + i) % targets.len();
             let (_, port, master) = targets[t];
@@ -772,7 +778,7 @@ fn front_end_overhead() {
         })
         .collect();
     println!(
-        "\n3. front-end overhead (wrk -t2 -c16, keep-alive; {ROUNDS} rounds of {SECONDS} s runs over the {} targets in turn, medians)",
+        "\n3. front-end overhead (wrk -t2 -c16, keep-alive; {rounds} rounds of {SECONDS} s runs over the {} targets in turn, medians)",
         targets.len()
     );
     println!(
