@@ -65,6 +65,8 @@ impl Receiver {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o620))?;
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(io::Error::from)?;
+        // The thread wakes this often to see whether to stop.
+        socket.set_read_timeout(Some(Duration::from_millis(250)))?;
         let pace = Pace::new(queue_length());
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
@@ -158,87 +160,79 @@ fn read(
     stop: &AtomicBool,
     mut pace: Pace,
 ) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::socket::{
         ControlMessageOwned, MsgFlags, MultiHeaders, UnixCredentials, recvmmsg,
     };
-    use std::os::fd::AsFd;
     let mut buf = vec![0u8; BATCH * MAX_DATAGRAM];
     let mut headers: MultiHeaders<()> =
         MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(UnixCredentials)));
     let mut got: Vec<(usize, Option<u32>)> = Vec::with_capacity(BATCH);
     let fd = socket.as_raw_fd();
+    // Datagrams read since the last wait.
+    let mut read = 0;
     while !stop.load(Ordering::Relaxed) {
-        // Wait for a datagram (waking a moment to see whether to stop).
-        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(250u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => {}
+        // Blocks until a datagram is queued (or the read timeout, to see whether to stop), then
+        // takes what else is queued, up to a batch, in the same system call.
+        got.clear();
+        let received = {
+            let mut iovs: Vec<[io::IoSliceMut; 1]> = buf
+                .chunks_mut(MAX_DATAGRAM)
+                .map(|c| [io::IoSliceMut::new(c)])
+                .collect();
+            recvmmsg(
+                fd,
+                &mut headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            )
+            .map(|msgs| {
+                for msg in msgs {
+                    let uid = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::ScmCredentials(c) => Some(c.uid()),
+                            _ => None,
+                        })
+                    });
+                    got.push((msg.bytes, uid));
+                }
+            })
+        };
+        match received {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
+                read = 0;
+                continue;
+            }
             Err(e) => {
-                log::error!("keter: request metrics: cannot wait for Nginx's datagrams: {e}");
+                log::error!("keter: request metrics: cannot read Nginx's datagrams: {e}");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         }
-        // Read everything queued, a batch per system call.
-        let mut read = 0;
-        loop {
-            got.clear();
-            let received = {
-                let mut iovs: Vec<[io::IoSliceMut; 1]> = buf
-                    .chunks_mut(MAX_DATAGRAM)
-                    .map(|c| [io::IoSliceMut::new(c)])
-                    .collect();
-                recvmmsg(
-                    fd,
-                    &mut headers,
-                    iovs.iter_mut(),
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map(|msgs| {
-                    for msg in msgs {
-                        let uid = msg.cmsgs().ok().and_then(|mut c| {
-                            c.find_map(|m| match m {
-                                ControlMessageOwned::ScmCredentials(c) => Some(c.uid()),
-                                _ => None,
-                            })
-                        });
-                        got.push((msg.bytes, uid));
-                    }
-                })
+        read += got.len();
+        let now = unix_now();
+        for (i, &(len, uid)) in got.iter().enumerate() {
+            requests.datagrams.fetch_add(1, Ordering::Relaxed);
+            if !uid.is_some_and(accept) {
+                requests.dropped(Dropped::Refused);
+                continue;
+            }
+            let datagram = &buf[i * MAX_DATAGRAM..][..len.min(MAX_DATAGRAM)];
+            let counted = match Line::parse(datagram) {
+                Some(line) => requests.add(now, &line),
+                None => Err(Dropped::Malformed),
             };
-            match received {
-                Ok(()) => {}
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
-                Err(e) => {
-                    log::error!("keter: request metrics: cannot read Nginx's datagrams: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
-                    break;
-                }
-            }
-            read += got.len();
-            let now = unix_now();
-            for (i, &(len, uid)) in got.iter().enumerate() {
-                requests.datagrams.fetch_add(1, Ordering::Relaxed);
-                if !uid.is_some_and(accept) {
-                    requests.dropped(Dropped::Refused);
-                    continue;
-                }
-                let datagram = &buf[i * MAX_DATAGRAM..][..len.min(MAX_DATAGRAM)];
-                let counted = match Line::parse(datagram) {
-                    Some(line) => requests.add(now, &line),
-                    None => Err(Dropped::Malformed),
-                };
-                if let Err(why) = counted {
-                    requests.dropped(why);
-                }
-            }
-            if got.len() < BATCH {
-                break;
+            if let Err(why) = counted {
+                requests.dropped(why);
             }
         }
+        if got.len() == BATCH {
+            // More may be queued: read on before waiting.
+            continue;
+        }
         let wait = pace.after(read);
+        read = 0;
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
