@@ -617,8 +617,15 @@ fn datagram_sink(path: &Path) -> std::os::unix::net::UnixDatagram {
     socket
 }
 
+/// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS`
+/// (9 rounds unless told); with `KETER_BEFORE=/path/to/keter`, that build's Nginx with metrics
+/// on is one more target, compared with this build's round by round.
 fn front_end_overhead() {
-    const ROUNDS: usize = 9;
+    let rounds: usize = std::env::args()
+        .nth(2)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("overhead ROUNDS: a number of rounds"))
+        .unwrap_or(9);
     const SECONDS: u64 = 2;
     // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
     let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
@@ -631,6 +638,16 @@ fn front_end_overhead() {
             ..Opts::default()
         },
     );
+    // With `KETER_BEFORE`, that build too, metrics on, to measure a change side by side.
+    let before = std::env::var_os("KETER_BEFORE").map(|b| {
+        Keter::start_with(
+            "bench-overhead-before",
+            Opts {
+                binary: Some(PathBuf::from(b)),
+                ..Opts::default()
+            },
+        )
+    });
     let host = "fast.example.com";
     let path = k.dir.0.join("fast.keter");
     BundleBuilder::new()
@@ -645,6 +662,10 @@ fn front_end_overhead() {
     k.wait_for(host, "fast", Duration::from_secs(30));
     off.deploy("fast", &path);
     off.wait_for(host, "fast", Duration::from_secs(30));
+    if let Some(b) = &before {
+        b.deploy("fast", &path);
+        b.wait_for(host, "fast", Duration::from_secs(30));
+    }
     let app_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
         .unwrap()
         .lines()
@@ -690,7 +711,7 @@ fn front_end_overhead() {
         ),
     );
     // (label, port, master of the front end's Nginx).
-    let targets = [
+    let mut targets = vec![
         ("app directly", app_port, None),
         ("keter's Nginx, metrics on", k.port, Some(k.nginx_pid())),
         (
@@ -719,21 +740,30 @@ fn front_end_overhead() {
             Some(plain.child.id() as i32),
         ),
     ];
-    // keter's own CPU while its Nginx sends it a datagram per request.
-    let mut keter_cpu_ticks = 0u64;
-    let mut keter_requests = 0u64;
+    if let Some(b) = &before {
+        targets.push(("KETER_BEFORE, metrics on", b.port, Some(b.nginx_pid())));
+    }
+    // keter's own CPU while its Nginx sends it a datagram per request: (target, keter, CPU
+    // ticks, requests).
+    let mut keters: Vec<(usize, &Keter, u64, u64)> = vec![(1, &k, 0, 0)];
+    if let Some(b) = &before {
+        keters.push((targets.len() - 1, b, 0, 0));
+    }
     // Round-robin over the targets, each round starting one target further, so that a slow
     // moment of the machine (the load tool, the front ends and the app share its cores) falls
     // on every target alike; medians per target. The CPU time of the front end's workers per
     // request hardly depends on how busy the machine is, unlike req/s.
     let mut runs: Vec<Vec<(Wrk, f64)>> = targets.iter().map(|_| Vec::new()).collect();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for i in 0..targets.len() {
             let t = (round + i) % targets.len();
             let (_, port, master) = targets[t];
             let cpu = || master.map_or(0.0, workers_cpu_us);
             let before = cpu();
-            let keter_before = cpu_ticks(k.pid());
+            let keter_before: Vec<u64> = keters
+                .iter()
+                .map(|(_, k, _, _)| cpu_ticks(k.pid()))
+                .collect();
             let w = wrk_result(wrk_threads(
                 2,
                 &format!("http://127.0.0.1:{port}/"),
@@ -743,9 +773,11 @@ fn front_end_overhead() {
                 false,
             ));
             let per_request = (cpu() - before) / w.requests.max(1) as f64;
-            if t == 1 {
-                keter_cpu_ticks += cpu_ticks(k.pid()) - keter_before;
-                keter_requests += w.requests;
+            for (j, (target, k, ticks, requests)) in keters.iter_mut().enumerate() {
+                if *target == t {
+                    *ticks += cpu_ticks(k.pid()) - keter_before[j];
+                    *requests += w.requests;
+                }
             }
             runs[t].push((w, per_request));
         }
@@ -772,7 +804,7 @@ fn front_end_overhead() {
         })
         .collect();
     println!(
-        "\n3. front-end overhead (wrk -t2 -c16, keep-alive; {ROUNDS} rounds of {SECONDS} s runs over the {} targets in turn, medians)",
+        "\n3. front-end overhead (wrk -t2 -c16, keep-alive; {rounds} rounds of {SECONDS} s runs over the {} targets in turn, medians)",
         targets.len()
     );
     println!(
@@ -797,18 +829,45 @@ fn front_end_overhead() {
     }
     // keter against the hand-tuned proxy also run by run: the two are measured within seconds
     // of each other in every round.
-    for (i, label) in [(1, "metrics on"), (2, "metrics off")] {
-        let (paired, _, _) = median_of(
-            runs[i]
+    let paired = |a: usize, b: usize| {
+        let (rps, _, _) = median_of(
+            runs[a]
                 .iter()
-                .zip(&runs[3])
-                .map(|((k, _), (t, _))| k.rps / t.rps)
+                .zip(&runs[b])
+                .map(|((x, _), (y, _))| x.rps / y.rps)
                 .collect(),
         );
+        let (cpu, _, _) = median_of(
+            runs[a]
+                .iter()
+                .zip(&runs[b])
+                .map(|((_, x), (_, y))| x / y)
+                .collect(),
+        );
+        (rps, cpu)
+    };
+    let mut compared = vec![
+        (1, 3, "keter's Nginx (metrics on) / hand-tuned Nginx"),
+        (2, 3, "keter's Nginx (metrics off) / hand-tuned Nginx"),
+    ];
+    if before.is_some() {
+        compared.push((
+            targets.len() - 1,
+            3,
+            "KETER_BEFORE (metrics on) / hand-tuned Nginx",
+        ));
+        compared.push((
+            1,
+            targets.len() - 1,
+            "this build / KETER_BEFORE (metrics on)",
+        ));
+    }
+    for (a, b, label) in compared {
+        let (rps, cpu) = paired(a, b);
         println!(
-            "   keter's Nginx ({label}) / hand-tuned Nginx: {:.2} in req/s (median of the per-round ratios {paired:.2}), {:.2} in front-end CPU per request",
-            rows[i].0 / rows[3].0,
-            rows[i].2 / rows[3].2
+            "   {label}: {:.2} in req/s (median of the per-round ratios {rps:.2}), {:.2} in front-end CPU per request (per round {cpu:.2})",
+            rows[a].0 / rows[b].0,
+            rows[a].2 / rows[b].2
         );
     }
     let tick_us = 1e6
@@ -816,22 +875,24 @@ fn front_end_overhead() {
             .ok()
             .flatten()
             .unwrap_or(100) as f64;
-    let counted = keter_requests.max(1) as f64;
-    // Nginx warns for each datagram the kernel refused (the socket's queue full).
-    let refused = k
-        .log()
-        .lines()
-        .filter(|l| l.contains("send() to syslog failed"))
-        .count();
+    for (target, k, ticks, requests) in &keters {
+        // Nginx warns for each datagram the kernel refused (the socket's queue full).
+        let refused = k
+            .log()
+            .lines()
+            .filter(|l| l.contains("send() to syslog failed"))
+            .count();
+        println!(
+            "   {}: the kernel refused {refused} datagrams (of {requests} requests; net.unix.max_dgram_qlen {}); keter's own CPU counting them: {:.1} ms per 1000 requests",
+            targets[*target].0,
+            fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+                .unwrap_or_default()
+                .trim(),
+            *ticks as f64 * tick_us / 1000.0 / (*requests).max(1) as f64 * 1000.0,
+        );
+    }
     println!(
-        "   datagrams the kernel refused while keter's Nginx served with metrics on: {refused} (of {keter_requests} requests; net.unix.max_dgram_qlen {})",
-        fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
-            .unwrap_or_default()
-            .trim()
-    );
-    println!(
-        "   keter's own CPU counting its Nginx's datagrams: {:.1} ms per 1000 requests ({keter_requests} requests); memory per app with requests: {} KiB",
-        keter_cpu_ticks as f64 * tick_us / 1000.0 / counted * 1000.0,
+        "   memory per app with requests: {} KiB",
         keter::requests::Requests::bytes_per_app() / 1024
     );
     println!(

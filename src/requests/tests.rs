@@ -169,3 +169,35 @@ fn a_releases_errors_beside_as_long_before_its_switch() {
             .is_none()
     );
 }
+
+/// More datagrams than one read takes (a batch is 64) are all counted, whatever the kernel's
+/// queue length (a blocking sender waits for room).
+#[test]
+fn the_receiver_counts_every_datagram_of_a_burst() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("keter-requests-burst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("requests.sock");
+    let requests = Arc::new(Requests::default());
+    let receiver = receiver::Receiver::start(&path, requests.clone(), Box::new(|_| true)).unwrap();
+    let sender = UnixDatagram::unbound().unwrap();
+    for i in 0..1000 {
+        let status = if i % 10 == 0 { 500 } else { 200 };
+        let msg =
+            format!("<190>Dec  7 11:43:21 keter: k1|shop|3|{status}|612|{status}|0.012|0.011");
+        sender.send_to(msg.as_bytes(), &path).unwrap();
+    }
+    let start = Instant::now();
+    while requests.datagrams.load(Ordering::Relaxed) < 1000 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    receiver.stop();
+    let s = requests.summary("shop", unix_now()).unwrap();
+    assert_eq!(s.total.requests, 1000);
+    assert_eq!(s.total.by_class["2xx"], 900);
+    assert_eq!(s.total.by_class["5xx"], 100);
+    let _ = std::fs::remove_dir_all(&dir);
+}
