@@ -417,10 +417,16 @@ fn deploy(m: &mut Machine, fx: &mut Fake, n: u64) {
 fn serve(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
     deploy(m, fx, n);
     let id = fx.prepares.last().unwrap().id;
+    switch_in(m, fx, version(id, n, yaml))
+}
+
+/// The deploy under way unpacked into `v`, ready and switched; returns its version id.
+fn switch_in(m: &mut Machine, fx: &mut Fake, v: Version) -> u64 {
+    let id = v.id;
     m.on(
         Event::Prepared {
             id,
-            result: Ok(Prepared::Version(Box::new(version(id, n, yaml)))),
+            result: Ok(Prepared::Version(Box::new(v))),
         },
         fx,
     );

@@ -99,6 +99,22 @@ impl Clients {
     }
 }
 
+/// Every host answered its client throughout (more than 20 answers, none failed), some of
+/// them as `version`.
+fn every_host_served(results: &[(u32, Vec<String>, u32)], version: &str) {
+    for (i, (ok, failed, seen)) in results.iter().enumerate() {
+        assert!(
+            failed.is_empty(),
+            "host {i}: {} failed: {failed:?}",
+            failed.len()
+        );
+        assert!(
+            *ok > 20 && *seen > 0,
+            "host {i}: {ok} answers, {seen} of {version}"
+        );
+    }
+}
+
 #[test]
 fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
     let hosts = Hosts::start("deploy-rollout", 3, opts);
@@ -126,14 +142,7 @@ fn a_rollout_reaches_every_host_in_turn_and_no_request_fails() {
     }
     let results = clients.stop();
     assert_eq!(code, 0, "{out}\n{err}");
-    for (i, (ok, failed, v2)) in results.iter().enumerate() {
-        assert!(
-            failed.is_empty(),
-            "host {i}: {} failed: {failed:?}",
-            failed.len()
-        );
-        assert!(*ok > 20 && *v2 > 0, "host {i}: {ok} answers, {v2} of v2");
-    }
+    every_host_served(&results, "v2");
     let report = json(&out);
     assert_eq!(report["result"], "succeeded", "{out}");
     assert_eq!(report["app"], "shop");
@@ -376,14 +385,7 @@ fn a_rollback_goes_back_on_every_host_in_turn_and_no_request_fails() {
     }
     let results = clients.stop();
     assert_eq!(code, 0, "{out}\n{err}");
-    for (i, (ok, failed, v1)) in results.iter().enumerate() {
-        assert!(
-            failed.is_empty(),
-            "host {i}: {} failed: {failed:?}",
-            failed.len()
-        );
-        assert!(*ok > 20 && *v1 > 0, "host {i}: {ok} answers, {v1} of v1");
-    }
+    every_host_served(&results, "v1");
     let report = json(&out);
     assert_eq!(report["action"], "rollback", "{out}");
     assert_eq!(report["result"], "succeeded", "{out}");

@@ -18,8 +18,7 @@ pub(super) fn release(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64
 
 /// The deploy under way (of bundle file `n`) unpacked, ready and switched.
 fn switch_release(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
-    let id = fx.prepares.last().unwrap().id;
-    let mut v = version(id, n, yaml);
+    let mut v = version(fx.prepares.last().unwrap().id, n, yaml);
     v.sha256 = format!("sha-{n}");
     v.arrival = Some(Arrival {
         sha256: v.sha256.clone(),
@@ -28,28 +27,7 @@ fn switch_release(m: &mut Machine, fx: &mut Fake, n: u64, yaml: &str) -> u64 {
         owner_name: None,
         rollback: None,
     });
-    m.on(
-        Event::Prepared {
-            id,
-            result: Ok(Prepared::Version(Box::new(v))),
-        },
-        fx,
-    );
-    m.on(
-        Event::Ready {
-            version: id,
-            result: Ok(()),
-        },
-        fx,
-    );
-    m.on(
-        Event::Switched {
-            version: id,
-            result: Ok(()),
-        },
-        fx,
-    );
-    assert!(matches!(m.life, Life::Serving(ref v) if v.id == id));
+    let id = switch_in(m, fx, v);
     // The previous version drains at once.
     fx.drained = true;
     m.tick(fx);
