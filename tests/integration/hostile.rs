@@ -75,6 +75,9 @@ fn assert_rule_holds(k: &Keter, folders_before: &[String]) {
         "o1",
         "another app stopped serving"
     );
+    // The refused version's folder goes in a stage of its own, which may end just after the
+    // failure is reported.
+    k.wait_temp_folders(folders_before.len(), WAIT);
     assert_eq!(
         k.temp_folders(),
         folders_before,
