@@ -740,6 +740,8 @@ fn a_full_disk_fails_cleanly_and_never_blocks_the_app() {
             .is_some_and(|e| e.contains("No space left on device")),
         "{failed:?}"
     );
+    // The half-written folder goes in a stage that may end just after the failure is reported.
+    k.wait_temp_folders(folders_before.len(), WAIT);
     assert_eq!(k.temp_folders(), folders_before);
     assert_eq!(k.get(APP, "/").unwrap().body.trim(), "v1");
 
