@@ -32,6 +32,7 @@
 //! CPU time, and the same paths under the v1 hierarchies carry the limits. A limit that no
 //! hierarchy can enforce is an error naming its key (`enforceable`), never ignored.
 
+use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -137,7 +138,7 @@ impl Kind {
 }
 
 /// Reads `cpu-limit`: a number of cores (`1.5`), or 0 for no limit.
-pub fn parse_cpu(v: &serde_json::Value) -> Result<u64, String> {
+pub fn parse_cpu(v: &serde_json::Value) -> Result<u64, CpuLimitError> {
     let cores = match v {
         serde_json::Value::Number(n) => n.as_f64(),
         serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
@@ -145,11 +146,29 @@ pub fn parse_cpu(v: &serde_json::Value) -> Result<u64, String> {
     };
     match cores {
         Some(c) if c == 0.0 || (0.01..=4096.0).contains(&c) => Ok((c * 1000.0).round() as u64),
-        _ => Err(format!(
-            "expected a number of cores such as 1.5 (at least 0.01; 0 for no limit), found {v}"
-        )),
+        _ => Err(CpuLimitError { found: v.clone() }),
     }
 }
+
+/// A `cpu-limit` that is not a number of cores keter can hold a process to ([`parse_cpu`]);
+/// the caller names the file and the key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuLimitError {
+    /// The value as the configuration gives it.
+    pub found: serde_json::Value,
+}
+
+impl fmt::Display for CpuLimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "expected a number of cores such as 1.5 (at least 0.01; 0 for no limit), found {}",
+            self.found
+        )
+    }
+}
+
+impl std::error::Error for CpuLimitError {}
 
 /// Where the limits of one kind are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +272,39 @@ fn make(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Why keter's subtree in the v2 tree cannot be prepared ([`Cgroups::open`] logs it as the
+/// reason processes are not grouped).
+#[derive(Debug)]
+enum SubtreeError {
+    /// A folder of the subtree cannot be made.
+    Create { dir: PathBuf, source: io::Error },
+    /// keter cannot move itself into its own leaf `leaf` (`BASE/keter`).
+    MoveKeter { leaf: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for SubtreeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubtreeError::Create { dir, source } => {
+                write!(f, "cannot create {}: {source}", dir.display())
+            }
+            SubtreeError::MoveKeter { leaf, source } => {
+                write!(f, "cannot move keter into {}: {source}", leaf.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for SubtreeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SubtreeError::Create { source, .. } | SubtreeError::MoveKeter { source, .. } => {
+                Some(source)
+            }
+        }
+    }
+}
+
 impl Cgroups {
     fn open(mount: &Path, configured: Option<&str>, handback: bool) -> Cgroups {
         let (own, v1_own) = own_paths();
@@ -292,7 +344,7 @@ impl Cgroups {
                     v2_controllers = controllers;
                     no_controllers = why;
                 }
-                Err(e) => cg.reason = e,
+                Err(e) => cg.reason = e.to_string(),
             },
         }
         for kind in Kind::ALL {
@@ -331,9 +383,12 @@ impl Cgroups {
         own: Option<&str>,
         unified: bool,
         handback: bool,
-    ) -> Result<(PathBuf, Vec<String>, Option<String>), String> {
+    ) -> Result<(PathBuf, Vec<String>, Option<String>), SubtreeError> {
         let dir = under(mount, base);
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(|source| SubtreeError::Create {
+            dir: dir.clone(),
+            source,
+        })?;
         let inside = own.is_some_and(|o| o == base || o.strip_suffix("/keter") == Some(base));
         if unified
             && inside
@@ -347,7 +402,10 @@ impl Cgroups {
             // which the unit says with KETER_CGROUP_HANDBACK=1. Without: processes are
             // grouped, killed and counted; limits need a subtree outside the unit.
             let apps = dir.join("apps");
-            make(&apps).map_err(|e| format!("cannot create {}: {e}", apps.display()))?;
+            make(&apps).map_err(|source| SubtreeError::Create {
+                dir: apps.clone(),
+                source,
+            })?;
             let why = format!(
                 "keter runs in the systemd unit's own control group {base}, and controllers enabled below it would keep systemd from starting keter again after a crash while apps run; give the unit `ExecStopPost=-/usr/bin/keter {RELEASE}` and `Environment={HANDBACK}=1` as debian/keter.service does, or set the global `cgroup` key to a subtree outside the unit (README \"Limits and accounting\")"
             );
@@ -359,10 +417,16 @@ impl Cgroups {
             let leaf = dir.join("keter");
             make(&leaf)
                 .and_then(|()| write(&leaf.join("cgroup.procs"), &std::process::id().to_string()))
-                .map_err(|e| format!("cannot move keter into {}: {e}", leaf.display()))?;
+                .map_err(|source| SubtreeError::MoveKeter {
+                    leaf: leaf.clone(),
+                    source,
+                })?;
         }
         let apps = dir.join("apps");
-        make(&apps).map_err(|e| format!("cannot create {}: {e}", apps.display()))?;
+        make(&apps).map_err(|source| SubtreeError::Create {
+            dir: apps.clone(),
+            source,
+        })?;
         let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
         let mut enabled = Vec::new();
         for c in ["memory", "cpu", "pids"] {
@@ -782,16 +846,16 @@ pub fn release(unit: &Path) -> io::Result<usize> {
 /// `keter --release-cgroup`, the `ExecStopPost=` of `debian/keter.service`, which systemd runs
 /// in the unit's `.control` group once keter has stopped or died: [`release`] for the unit's
 /// cgroup. Only a cgroup that ends in `.service` is touched. Returns what to log.
-pub fn release_own() -> Result<String, String> {
+pub fn release_own() -> Result<String, ReleaseError> {
     let (own, _) = own_paths();
     let Some(own) = own else {
         return Ok("no cgroup2 tree here: no controller to hand back".into());
     };
     let unit = own.strip_suffix("/.control").unwrap_or(&own);
     if !unit.ends_with(".service") {
-        return Err(format!(
-            "{unit} is not a systemd service's cgroup: {RELEASE} runs as the ExecStopPost= of keter's unit"
-        ));
+        return Err(ReleaseError::NotAService {
+            cgroup: unit.to_string(),
+        });
     }
     let root = Path::new("/sys/fs/cgroup");
     let mount = if root.join("cgroup.controllers").exists() {
@@ -806,7 +870,37 @@ pub fn release_own() -> Result<String, String> {
             "handed the controllers of {n} groups below {} back up, for the next keter (the apps run without their limits until it writes them again)",
             dir.display()
         )),
-        Err(e) => Err(format!("cannot hand the controllers back up: {e}")),
+        Err(source) => Err(ReleaseError::HandBack(source)),
+    }
+}
+
+/// Why [`release_own`] handed nothing back.
+#[derive(Debug)]
+pub enum ReleaseError {
+    /// keter does not run in a systemd service's cgroup (`cgroup` is the one it runs in).
+    NotAService { cgroup: String },
+    /// A group's controllers could not be handed back up (the error names its file).
+    HandBack(io::Error),
+}
+
+impl fmt::Display for ReleaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReleaseError::NotAService { cgroup } => write!(
+                f,
+                "{cgroup} is not a systemd service's cgroup: {RELEASE} runs as the ExecStopPost= of keter's unit"
+            ),
+            ReleaseError::HandBack(e) => write!(f, "cannot hand the controllers back up: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReleaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReleaseError::NotAService { .. } => None,
+            ReleaseError::HandBack(e) => Some(e),
+        }
     }
 }
 
@@ -1063,6 +1157,7 @@ mod tests {
         assert!(
             parse_cpu(&serde_json::json!("lots"))
                 .unwrap_err()
+                .to_string()
                 .contains("\"lots\"")
         );
     }

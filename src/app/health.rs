@@ -17,6 +17,7 @@
 //!
 //! [`Event::Checked`]: super::machine::Event::Checked
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -43,15 +44,51 @@ pub(super) struct HealthCheck {
 }
 
 /// What one check saw.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Outcome {
     /// When its request began and ended.
     pub started: Instant,
     pub finished: Instant,
     /// `Err(why)`: 5xx, refused, no answer in time.
-    pub result: Result<(), String>,
+    pub result: Result<(), CheckFailure>,
     /// False when keter could not run it at all (no thread to be had): it does not count.
     pub ran: bool,
+}
+
+/// Why a health check failed: what the status interface shows as the last failure and the
+/// log as the reason of a replacement.
+#[derive(Debug)]
+pub(super) enum CheckFailure {
+    /// `GET path` answered a 5xx `status`.
+    Status { path: String, status: u16 },
+    /// Nothing listens on the port.
+    Refused,
+    /// No answer within `timeout` (`health-check-timeout`).
+    TimedOut { timeout: Duration },
+    /// Any other failure of `GET path`: a closed connection, an answer that is not HTTP.
+    Failed { path: String, source: io::Error },
+}
+
+impl fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckFailure::Status { path, status } => write!(f, "GET {path} answered {status}"),
+            CheckFailure::Refused => f.write_str("connection refused"),
+            CheckFailure::TimedOut { timeout } => {
+                write!(f, "timed out after {}", seconds(*timeout))
+            }
+            CheckFailure::Failed { path, source } => write!(f, "GET {path} failed: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for CheckFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CheckFailure::Failed { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 impl Outcome {
@@ -178,17 +215,23 @@ pub(super) fn check(c: &HealthCheck) -> Outcome {
     let started = Instant::now();
     let result = match status(c, started + c.timeout) {
         Ok(status) if status < 500 => Ok(()),
-        Ok(status) => Err(format!("GET {} answered {status}", c.path)),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err("connection refused".into()),
+        Ok(status) => Err(CheckFailure::Status {
+            path: c.path.clone(),
+            status,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Err(CheckFailure::Refused),
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
             ) || started.elapsed() >= c.timeout =>
         {
-            Err(format!("timed out after {}", seconds(c.timeout)))
+            Err(CheckFailure::TimedOut { timeout: c.timeout })
         }
-        Err(e) => Err(format!("GET {} failed: {e}", c.path)),
+        Err(source) => Err(CheckFailure::Failed {
+            path: c.path.clone(),
+            source,
+        }),
     };
     Outcome {
         started,
@@ -451,7 +494,7 @@ impl Machine {
                     h.failures,
                     s.failures
                 );
-                h.last_failure = Some(why.clone());
+                h.last_failure = Some(why.to_string());
                 if h.failures >= s.failures && !h.unhealthy {
                     h.unhealthy = true;
                     let line = format!(
@@ -721,28 +764,32 @@ mod tests {
     #[test]
     fn a_check_reads_the_status_and_tells_failures_apart() {
         let ok = serve(Some("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
-        assert_eq!(check_on(ok, Duration::from_secs(5)).result, Ok(()));
+        let why = |o: Outcome| o.result.map_err(|e| e.to_string());
+        assert_eq!(why(check_on(ok, Duration::from_secs(5))), Ok(()));
         let redirect = serve(Some("HTTP/1.0 301 Moved\r\n\r\n"));
-        assert_eq!(check_on(redirect, Duration::from_secs(5)).result, Ok(()));
+        assert_eq!(why(check_on(redirect, Duration::from_secs(5))), Ok(()));
         let busy = serve(Some("HTTP/1.1 503 Busy\r\n\r\n"));
         assert_eq!(
-            check_on(busy, Duration::from_secs(5)).result,
+            why(check_on(busy, Duration::from_secs(5))),
             Err("GET /up answered 503".into())
         );
         let hung = serve(None);
         let o = check_on(hung, Duration::from_millis(300));
-        assert_eq!(o.result, Err("timed out after 0.3 s".into()));
         assert!(o.finished - o.started >= Duration::from_millis(290));
+        assert_eq!(why(o), Err("timed out after 0.3 s".into()));
         let free = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         assert_eq!(
-            check_on(free, Duration::from_secs(1)).result,
+            why(check_on(free, Duration::from_secs(1))),
             Err("connection refused".into())
         );
         let garbage = serve(Some("SSH-2.0-OpenSSH_9\r\n"));
-        assert!(check_on(garbage, Duration::from_secs(1)).result.is_err());
+        assert_eq!(
+            why(check_on(garbage, Duration::from_secs(1))),
+            Err("GET /up failed: the answer is not HTTP/1.x".into())
+        );
     }
 }

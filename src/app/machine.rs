@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::deploy::{Check, PrepareJob, Prepared, SwitchJob};
 use super::error::{DeployError, NotReady};
 use super::version::{FileStamp, ProcState, Role, Version};
-use super::{Command, Effects, Reply};
+use super::{Command, Effects, Refusal, Reply};
 use crate::names::AppName;
 use crate::report::{DeployReport, DeployResult, rfc3339};
 use crate::restart::{self, Backoff};
@@ -698,20 +698,19 @@ impl Machine {
         self.maintenance = on;
         fx.save_maintenance(self.maintenance.as_ref());
         if let Some(mut older) = self.maintenance_reply.take() {
-            older.answer(Err(format!(
-                "{}: superseded by a newer maintenance command",
-                self.name
-            )));
+            older.refuse(Refusal::Superseded {
+                app: self.name.clone(),
+            });
         }
         if self.serving().is_some() {
             self.refresh_due = true;
             self.refresh_retry_at = None;
             self.maintenance_reply = Some(reply);
         } else {
-            reply.answer(Ok(format!(
+            reply.done(format!(
                 "{}: maintenance {what}; no version serves now, the next deploy's site has it",
                 self.name
-            )));
+            ));
         }
     }
 
@@ -729,7 +728,11 @@ impl Machine {
         let name = self.name.clone();
         let mut refuse = |why: String| {
             log::info!("{name}: rollback refused: {why}");
-            reply.answer(Err(format!("{name}: not rolled back: {why}")));
+            reply.refuse(Refusal::NotDone {
+                app: name.clone(),
+                not: "not rolled back",
+                why,
+            });
         };
         match &self.life {
             Life::Serving(_) => {}
@@ -770,7 +773,11 @@ impl Machine {
             fx,
         ) {
             log::info!("{name}: rollback refused: {why}");
-            reply.answer(Err(format!("{name}: not rolled back: {why}")));
+            reply.refuse(Refusal::NotDone {
+                app: name,
+                not: "not rolled back",
+                why,
+            });
         }
     }
 
@@ -836,7 +843,11 @@ impl Machine {
         };
         if let Some(why) = refused {
             log::info!("{}: restart refused: {why}", self.name);
-            reply.answer(Err(format!("{}: not restarted: {why}", self.name)));
+            reply.refuse(Refusal::NotDone {
+                app: self.name.clone(),
+                not: "not restarted",
+                why,
+            });
             return;
         }
         log::info!(
@@ -1128,10 +1139,10 @@ impl Machine {
                         "{}: maintenance {what}: Nginx runs it at generation {g}",
                         self.name
                     );
-                    reply.answer(Ok(format!(
+                    reply.done(format!(
                         "{}: maintenance {what} (Nginx generation {g})",
                         self.name
-                    )));
+                    ));
                 } else if rewrite_only {
                     log::info!(
                         "{}: site rendered again by this keter: Nginx runs it at generation {g}",
@@ -1163,11 +1174,11 @@ impl Machine {
                 );
                 fx.note(&format!("keter: the site {why} failed: {e}"));
                 if let Some(mut reply) = self.maintenance_reply.take() {
-                    reply.answer(Err(format!(
-                        "{}: Nginx did not take the site: {e}; keter tries again in {} s",
-                        self.name,
-                        retry.as_secs()
-                    )));
+                    reply.refuse(Refusal::SiteNotTaken {
+                        app: self.name.clone(),
+                        error: e.to_string(),
+                        retry,
+                    });
                 }
             }
         }
@@ -1375,11 +1386,17 @@ impl Machine {
                     "not restarted",
                 ),
             };
-            reply.answer(match (&self.last_deploy_result(&report), &report.error) {
-                (Ok(()), _) => Ok(format!("{}: {done}, switched in {took} ms", self.name)),
-                (Err(what), Some(e)) => Err(format!("{}: {not}: {what}: {e}", self.name)),
-                (Err(what), None) => Err(format!("{}: {not}: {what}", self.name)),
-            });
+            match (&self.last_deploy_result(&report), &report.error) {
+                (Ok(()), _) => reply.done(format!("{}: {done}, switched in {took} ms", self.name)),
+                (Err(what), error) => reply.refuse(Refusal::NotDone {
+                    app: self.name.clone(),
+                    not,
+                    why: match error {
+                        Some(e) => format!("{what}: {e}"),
+                        None => what.to_string(),
+                    },
+                }),
+            }
         }
         self.last_deploy = Some(report);
     }

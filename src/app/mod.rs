@@ -28,6 +28,7 @@ mod version;
 mod world;
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -88,8 +89,71 @@ pub enum Command {
 }
 
 /// How an operator's request to a worker ended, as the control socket tells it
-/// (`src/control/`): the text of the outcome, or why it failed.
-pub type Outcome = Result<String, String>;
+/// (`src/control/`): the text of the outcome, or why it was not done.
+pub type Outcome = Result<String, Refusal>;
+
+/// Why an operator's request was not done. Its text is what the command line prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The worker refused the command, or the deploy it started did not go live: `not` says
+    /// what was not done (`not rolled back`, `not restarted`), `why` why.
+    NotDone {
+        app: AppName,
+        not: &'static str,
+        why: String,
+    },
+    /// A newer maintenance command came before Nginx took this one's site.
+    Superseded { app: AppName },
+    /// Nginx did not take the site with (or without) the maintenance page; the worker tries
+    /// again in `retry`.
+    SiteNotTaken {
+        app: AppName,
+        error: String,
+        retry: Duration,
+    },
+    /// keter is stopping: the request reached no worker.
+    Stopping,
+    /// The worker did not answer within `after`; the status shows how it ends.
+    UnderWay { app: String, after: Duration },
+    /// The worker dropped the request unanswered ([`Reply`]).
+    Dropped { app: String },
+    /// No app of that name is deployed.
+    NoSuchApp { app: String },
+    /// Refused before it reached a worker (by the daemon or the control socket): the text
+    /// says why.
+    Refused(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NotDone { app, not, why } => write!(f, "{app}: {not}: {why}"),
+            Refusal::Superseded { app } => {
+                write!(f, "{app}: superseded by a newer maintenance command")
+            }
+            Refusal::SiteNotTaken { app, error, retry } => write!(
+                f,
+                "{app}: Nginx did not take the site: {error}; keter tries again in {} s",
+                retry.as_secs()
+            ),
+            Refusal::Stopping => f.write_str("keter is stopping"),
+            Refusal::UnderWay { app, after } => write!(
+                f,
+                "{app}: still under way after {} s; keter status shows how it ends",
+                after.as_secs()
+            ),
+            Refusal::Dropped { app } => write!(
+                f,
+                "{app}: the request was dropped: a newer command for the app came first, or \
+                 keter stopped or was upgraded meanwhile"
+            ),
+            Refusal::NoSuchApp { app } => write!(f, "{app}: no such app is deployed"),
+            Refusal::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// Where a worker answers an operator's request once it is done. Dropped unanswered (the
 /// request was superseded by a newer command, or keter was upgraded meanwhile), the asker
@@ -104,8 +168,24 @@ impl Reply {
         (Reply(Some(tx)), rx)
     }
 
+    /// Answers that it was done, with `text`.
+    pub fn done(&mut self, text: String) {
+        self.send(Ok(text));
+    }
+
+    /// Answers why it was not done.
+    pub fn refuse(&mut self, why: Refusal) {
+        self.send(Err(why));
+    }
+
+    /// Answers with the daemon's own text (`src/daemon.rs`): an error is a
+    /// [`Refusal::Refused`]. What names its refusal uses [`Reply::refuse`].
+    pub fn answer(&mut self, outcome: Result<String, String>) {
+        self.send(outcome.map_err(Refusal::Refused));
+    }
+
     /// Answers (once; later answers go nowhere).
-    pub fn answer(&mut self, outcome: Outcome) {
+    fn send(&mut self, outcome: Outcome) {
         if let Some(tx) = self.0.take() {
             let _ = tx.try_send(outcome);
         }

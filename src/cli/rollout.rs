@@ -134,7 +134,7 @@ pub fn parse_rollback(args: &[String]) -> Result<Option<Plan>, String> {
         .map_err(|e| format!("keter rollback: {app:?} is not an app's name: {e}"))?;
     let sha256 = match release {
         None => None,
-        Some(r) => Some(sha256_prefix(r)?),
+        Some(r) => Some(sha256_prefix(r).map_err(|e| e.to_string())?),
     };
     Ok(Some(Plan {
         action: Action::Rollback {
@@ -146,17 +146,47 @@ pub fn parse_rollback(args: &[String]) -> Result<Option<Plan>, String> {
 }
 
 /// RELEASE across hosts: a sha256 or its first [`MIN_SHA256_PREFIX`] or more hex digits.
-fn sha256_prefix(release: &str) -> Result<String, String> {
+fn sha256_prefix(release: &str) -> Result<String, ArgError> {
     let hex = release.len() <= 64 && release.chars().all(|c| c.is_ascii_hexdigit());
     if hex && release.len() >= MIN_SHA256_PREFIX {
         return Ok(release.to_ascii_lowercase());
     }
-    Err(format!(
-        "RELEASE {release:?}: with --hosts, RELEASE is the sha256 of the release's bundle, or \
-         its first {MIN_SHA256_PREFIX} or more hex digits (as keter releases shows it): a \
-         release's number differs from host to host, its sha256 does not"
-    ))
+    Err(ArgError::NotASha256 {
+        release: release.to_string(),
+    })
 }
+
+/// An argument of `--hosts` or RELEASE that cannot name what it must; the command line
+/// prints it above the help text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ArgError {
+    /// RELEASE across hosts is not a sha256 or a long enough prefix of one.
+    NotASha256 { release: String },
+    /// `--hosts` has an empty name (`web1,,web2`).
+    EmptyHost,
+    /// A host that `ssh` would take as an option, or that holds a space or a control character.
+    NotAHost { host: String },
+}
+
+impl std::fmt::Display for ArgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArgError::NotASha256 { release } => write!(
+                f,
+                "RELEASE {release:?}: with --hosts, RELEASE is the sha256 of the release's bundle, \
+                 or its first {MIN_SHA256_PREFIX} or more hex digits (as keter releases shows it): \
+                 a release's number differs from host to host, its sha256 does not"
+            ),
+            ArgError::EmptyHost => f.write_str("--hosts has an empty host name"),
+            ArgError::NotAHost { host } => write!(
+                f,
+                "--hosts: {host:?} is not a host: it starts with '-' or holds a space or a control character"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ArgError {}
 
 /// The options both commands take; the other arguments are returned in order. `Ok(None)` asks
 /// for the help text. The plan's action is a placeholder for the caller to set.
@@ -184,7 +214,7 @@ fn parse_options(args: &[String], command: &str) -> Result<Option<(Vec<String>, 
             "--json" => json = true,
             "-H" | "--hosts" => {
                 for host in value()?.split(',') {
-                    hosts.push(check_host(host)?);
+                    hosts.push(check_host(host).map_err(|e| e.to_string())?);
                 }
             }
             "--parallel" => {
@@ -231,16 +261,15 @@ fn parse_options(args: &[String], command: &str) -> Result<Option<(Vec<String>, 
 
 /// A host as `ssh` takes it: `[USER@]HOST`, an alias of `~/.ssh/config`, or
 /// `ssh://[USER@]HOST[:PORT]`. Never an option, never blank.
-fn check_host(host: &str) -> Result<String, String> {
+fn check_host(host: &str) -> Result<String, ArgError> {
     let host = host.trim();
     if host.is_empty() {
-        return Err("--hosts has an empty host name".into());
+        return Err(ArgError::EmptyHost);
     }
     if host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "--hosts: {:?} is not a host: it starts with '-' or holds a space or a control character",
-            host
-        ));
+        return Err(ArgError::NotAHost {
+            host: host.to_string(),
+        });
     }
     Ok(host.to_string())
 }
@@ -1005,7 +1034,7 @@ impl Rollout<'_> {
         match &self.work {
             Work::Deploy(bundle) => {
                 let incoming = root_of(output, self.config)
-                    .map_err(|e| Outcome::Failed(Step::Connect, e))?
+                    .map_err(|e| Outcome::Failed(Step::Connect, e.to_string()))?
                     .join("incoming");
                 Ok(Next::Session {
                     script: deploy_script(bundle, &c, &incoming, &polls),
@@ -1111,14 +1140,14 @@ enum Choice {
 /// ([`Releases::previous`](crate::app::releases::Releases::previous)); with it, the newest
 /// release whose bundle's sha256 starts so (a release that was rolled back included: naming
 /// it is the operator's explicit act, as `keter rollback NAME N` on one host).
-fn choose(list: &Value, sha256: Option<&str>) -> Result<Choice, String> {
+fn choose(list: &Value, sha256: Option<&str>) -> Result<Choice, ChoiceError> {
     use crate::app::releases::{FORMAT, Release, Releases};
     let releases: Vec<Release> = list
         .get("releases")
         .cloned()
         .map(serde_json::from_value)
         .transpose()
-        .map_err(|e| format!("the host's release list cannot be read: {e}"))?
+        .map_err(ChoiceError::List)?
         .unwrap_or_default();
     let releases = Releases {
         format: FORMAT,
@@ -1130,16 +1159,11 @@ fn choose(list: &Value, sha256: Option<&str>) -> Result<Choice, String> {
         release: Some(r.number),
     };
     let Some(current) = releases.current() else {
-        return Err("no release serves on this host, so there is none to go back from".into());
+        return Err(ChoiceError::NoneServing);
     };
     let to = match sha256 {
-        None => releases.previous().ok_or_else(|| {
-            format!(
-                "there is no earlier release to go back to on this host: none of its {} kept \
-                 releases before the serving one has another bundle and was not itself rolled \
-                 back",
-                releases.releases.len()
-            )
+        None => releases.previous().ok_or(ChoiceError::NoEarlier {
+            kept: releases.releases.len(),
         })?,
         Some(prefix) => {
             let mut matching = releases
@@ -1148,17 +1172,16 @@ fn choose(list: &Value, sha256: Option<&str>) -> Result<Choice, String> {
                 .rev()
                 .filter(|r| r.sha256.starts_with(prefix));
             let Some(newest) = matching.next() else {
-                return Err(format!(
-                    "no release of sha256 {prefix} is kept on this host"
-                ));
+                return Err(ChoiceError::NotKept {
+                    prefix: prefix.to_string(),
+                });
             };
             if let Some(other) = matching.find(|r| r.sha256 != newest.sha256) {
-                return Err(format!(
-                    "sha256 {prefix} begins two kept bundles on this host ({} and {}): give more \
-                     of it",
-                    short(&newest.sha256),
-                    short(&other.sha256)
-                ));
+                return Err(ChoiceError::Ambiguous {
+                    prefix: prefix.to_string(),
+                    one: newest.sha256.clone(),
+                    other: other.sha256.clone(),
+                });
             }
             if newest.sha256 == current.sha256 {
                 return Ok(Choice::Serving(target(current)));
@@ -1172,20 +1195,114 @@ fn choose(list: &Value, sha256: Option<&str>) -> Result<Choice, String> {
     })
 }
 
+/// Why a host's rollback has nowhere to go ([`choose`]).
+#[derive(Debug)]
+enum ChoiceError {
+    /// `keter releases NAME --json` printed no release list keter reads.
+    List(serde_json::Error),
+    /// No release serves on the host.
+    NoneServing,
+    /// No release before the serving one may be gone back to; `kept` are kept.
+    NoEarlier { kept: usize },
+    /// No kept release's sha256 begins with `prefix`.
+    NotKept { prefix: String },
+    /// `prefix` begins the sha256 of two kept bundles, `one` and `other`.
+    Ambiguous {
+        prefix: String,
+        one: String,
+        other: String,
+    },
+}
+
+impl std::fmt::Display for ChoiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChoiceError::List(e) => write!(f, "the host's release list cannot be read: {e}"),
+            ChoiceError::NoneServing => {
+                f.write_str("no release serves on this host, so there is none to go back from")
+            }
+            ChoiceError::NoEarlier { kept } => write!(
+                f,
+                "there is no earlier release to go back to on this host: none of its {kept} kept \
+                 releases before the serving one has another bundle and was not itself rolled \
+                 back"
+            ),
+            ChoiceError::NotKept { prefix } => {
+                write!(f, "no release of sha256 {prefix} is kept on this host")
+            }
+            ChoiceError::Ambiguous { prefix, one, other } => write!(
+                f,
+                "sha256 {prefix} begins two kept bundles on this host ({} and {}): give more of it",
+                short(one),
+                short(other)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ChoiceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ChoiceError::List(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Why a host's configuration gives no root ([`root_of`]); `config` is its path on the host.
+#[derive(Debug)]
+enum RootError {
+    Yaml {
+        config: PathBuf,
+        error: crate::yaml::YamlError,
+    },
+    Missing {
+        config: PathBuf,
+    },
+}
+
+impl std::fmt::Display for RootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RootError::Yaml { config, error } => write!(
+                f,
+                "{} on the host is not valid YAML: {error}",
+                config.display()
+            ),
+            RootError::Missing { config } => write!(
+                f,
+                "{}: root: missing on the host (or not a string): keter deploy needs it to find incoming/",
+                config.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RootError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RootError::Yaml { error, .. } => Some(error),
+            RootError::Missing { .. } => None,
+        }
+    }
+}
+
 /// The host's root from its configuration text (or the folder mark), relative paths taken
 /// from the configuration's folder as keter takes them.
-fn root_of(output: &str, config: &Path) -> Result<PathBuf, String> {
+fn root_of(output: &str, config: &Path) -> Result<PathBuf, RootError> {
     if output.trim() == format!("{MARK} folder") {
         return Ok(config.to_path_buf());
     }
-    let tree = crate::yaml::parse(output)
-        .map_err(|e| format!("{} on the host is not valid YAML: {e}", config.display()))?;
-    let root = tree.get("root").and_then(Value::as_str).ok_or_else(|| {
-        format!(
-            "{}: root: missing on the host (or not a string): keter deploy needs it to find incoming/",
-            config.display()
-        )
+    let tree = crate::yaml::parse(output).map_err(|error| RootError::Yaml {
+        config: config.to_path_buf(),
+        error,
     })?;
+    let root = tree
+        .get("root")
+        .and_then(Value::as_str)
+        .ok_or_else(|| RootError::Missing {
+            config: config.to_path_buf(),
+        })?;
     let base = config.parent().unwrap_or(Path::new("/"));
     Ok(crate::fspath::normalize(&base.join(root)))
 }
@@ -1386,6 +1503,7 @@ mod tests {
         assert!(
             p("app.keter --hosts web1,web1")
                 .unwrap_err()
+                .to_string()
                 .contains("twice")
         );
         assert!(p("app.keter --hosts web1 --parallel 0").is_err());
@@ -1411,6 +1529,7 @@ mod tests {
         assert!(
             root_of("listeners: 80\n", config)
                 .unwrap_err()
+                .to_string()
                 .contains("root")
         );
         assert!(root_of("root: [\n", config).is_err());
@@ -1428,7 +1547,7 @@ mod tests {
                "ended": ended})
     }
 
-    fn to(choice: Result<Choice, String>) -> (Option<u64>, Option<u64>) {
+    fn to(choice: Result<Choice, ChoiceError>) -> (Option<u64>, Option<u64>) {
         match choice {
             Ok(Choice::Release { from, to }) => (from.release, to.release),
             Ok(Choice::Serving(t)) => (t.release, None),
@@ -1452,6 +1571,7 @@ mod tests {
         assert!(
             choose(&list, Some("dddddddd"))
                 .unwrap_err()
+                .to_string()
                 .contains("no release of sha256 dddddddd")
         );
         // 2 was rolled back to 1 (now release 3): nothing earlier to go back to, but 2 may
@@ -1464,6 +1584,7 @@ mod tests {
         assert!(
             choose(&list, None)
                 .unwrap_err()
+                .to_string()
                 .contains("no earlier release")
         );
         assert_eq!(to(choose(&list, Some("bbbbbbbb"))), (Some(3), Some(2)));
@@ -1472,12 +1593,14 @@ mod tests {
         assert!(
             choose(&list, None)
                 .unwrap_err()
+                .to_string()
                 .contains("no earlier release")
         );
         let list = json!({"releases": []});
         assert!(
             choose(&list, None)
                 .unwrap_err()
+                .to_string()
                 .contains("no release serves")
         );
         // A prefix of two bundles is refused.
@@ -1486,7 +1609,12 @@ mod tests {
             release(2, "ac", Some("replaced")),
             release(3, "cc", None),
         ]});
-        assert!(choose(&list, Some("a")).unwrap_err().contains("give more"));
+        assert!(
+            choose(&list, Some("a"))
+                .unwrap_err()
+                .to_string()
+                .contains("give more")
+        );
         assert!(choose(&json!({"releases": 3}), None).is_err());
     }
 

@@ -91,9 +91,9 @@ impl Answer {
                 message,
                 data: None,
             },
-            Err(message) => Answer {
+            Err(refusal) => Answer {
                 ok: false,
-                message,
+                message: refusal.to_string(),
                 data: None,
             },
         }

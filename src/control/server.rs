@@ -19,7 +19,7 @@ use crossbeam_channel::Sender;
 
 use super::access::{self, Incoming, Peer, Verdict};
 use super::{Answer, Asked, Request};
-use crate::app::Reply;
+use crate::app::{Refusal, Reply};
 use crate::daemon::Input;
 use crate::isolation::Isolation;
 use crate::report::Reports;
@@ -177,7 +177,10 @@ fn accept_loop(listener: UnixListener, context: Arc<Context>, stopping: Arc<Atom
 
 fn refuse(mut stream: &UnixStream, why: &str) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(1)))?;
-    write_answer(&mut stream, &Answer::of(Err(why.to_string())))
+    write_answer(
+        &mut stream,
+        &Answer::of(Err(Refusal::Refused(why.to_string()))),
+    )
 }
 
 fn write_answer(stream: &mut impl Write, answer: &Answer) -> io::Result<()> {
@@ -236,20 +239,21 @@ fn serve(stream: UnixStream, c: &Context) {
         reply,
     };
     let answer = if c.tx.send(Input::Ask(asked)).is_err() {
-        Answer::of(Err("keter is stopping".to_string()))
+        Answer::of(Err(Refusal::Stopping))
     } else {
         match answered.recv_timeout(ANSWER_TIME) {
             Ok(outcome) => Answer::of(outcome),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Answer::of(Err(format!(
-                "{}: still under way after {} s; keter status shows how it ends",
-                request.app(),
-                ANSWER_TIME.as_secs()
-            ))),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Answer::of(Err(format!(
-                "{}: the request was dropped: a newer command for the app came first, or \
-                 keter stopped or was upgraded meanwhile",
-                request.app()
-            ))),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Answer::of(Err(Refusal::UnderWay {
+                    app: request.app().to_string(),
+                    after: ANSWER_TIME,
+                }))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Answer::of(Err(Refusal::Dropped {
+                    app: request.app().to_string(),
+                }))
+            }
         }
     };
     log::info!(
@@ -269,7 +273,9 @@ fn releases_of(reports: &Reports, app: &str) -> Answer {
         .ok()
         .and_then(|a| reports.app(a.as_str()))
     else {
-        return Answer::of(Err(format!("{app}: no such app is deployed")));
+        return Answer::of(Err(Refusal::NoSuchApp {
+            app: app.to_string(),
+        }));
     };
     let mut answer = Answer::of(Ok(format!(
         "{app}: {} releases, {} bytes kept",

@@ -38,7 +38,7 @@ fn finish(
     fx: &mut Fake,
     c: &HealthCheck,
     started: Instant,
-    result: Result<(), String>,
+    result: Result<(), CheckFailure>,
 ) {
     let outcome = Outcome {
         started,
@@ -62,7 +62,13 @@ fn time_out(m: &mut Machine, fx: &mut Fake) {
     let c = start_check(m, fx);
     let started = fx.now;
     fx.advance(c.timeout);
-    finish(m, fx, &c, started, Err("timed out after 5 s".into()));
+    finish(
+        m,
+        fx,
+        &c,
+        started,
+        Err(CheckFailure::TimedOut { timeout: c.timeout }),
+    );
 }
 
 /// One check that answers on time.
@@ -227,7 +233,9 @@ fn nothing_is_checked_during_a_deploy_or_a_freeze() {
         &mut fx,
         &c,
         started,
-        Err("timed out after 5 s".into()),
+        Err(CheckFailure::TimedOut {
+            timeout: Duration::from_secs(5),
+        }),
     );
     assert_eq!(proc_of(&m, 0).health.failures, 0);
     // Nor is anything checked while it runs.
@@ -303,7 +311,9 @@ fn checks_that_keter_ran_late_do_not_count() {
             &mut fx,
             &c,
             started,
-            Err("timed out after 5 s".into()),
+            Err(CheckFailure::TimedOut {
+                timeout: Duration::from_secs(5),
+            }),
         );
         // A check on time whose timeout came 11 s after it started: its thread was not run.
         let c = start_check(&mut m, &mut fx);
@@ -314,7 +324,9 @@ fn checks_that_keter_ran_late_do_not_count() {
             &mut fx,
             &c,
             started,
-            Err("timed out after 5 s".into()),
+            Err(CheckFailure::TimedOut {
+                timeout: Duration::from_secs(5),
+            }),
         );
     }
     assert_eq!(proc_of(&m, 0).health.failures, 0);

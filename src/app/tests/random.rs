@@ -287,7 +287,9 @@ impl Harness {
         let result = if self.rng.chance(40) {
             Ok(())
         } else {
-            Err("timed out after 1 s".into())
+            Err(CheckFailure::TimedOut {
+                timeout: Duration::from_secs(1),
+            })
         };
         // Started when the machine asked, or (its thread starved) much later.
         let started = if self.rng.chance(10) {
