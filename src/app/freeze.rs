@@ -13,52 +13,38 @@ impl Machine {
     /// Starts coming to rest for a handover.
     pub fn freeze(&mut self, fx: &mut dyn Effects) {
         self.frozen = true;
-        let held = match std::mem::replace(&mut self.life, Life::Ended) {
-            Life::Deploying {
-                serving,
-                mut deploy,
-            } => match deploy.stage {
-                Stage::Unpacking => {
+        let held = match &mut self.life {
+            // A switch in flight is waited for.
+            Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Switching(_)) => None,
+            Life::Deploying { deploy, .. } => {
+                let command = deploy.pending.take().unwrap_or_else(|| Command::Deploy {
+                    path: deploy.path.clone(),
+                    retry: true,
+                });
+                if matches!(deploy.stage, Stage::Unpacking) {
                     // Its result, when it comes, matches no deploy and is discarded.
-                    self.life = back_to(serving);
-                    Some(deploy.pending.take().unwrap_or(Command::Deploy {
-                        path: deploy.path,
-                        retry: true,
-                    }))
-                }
-                Stage::Readiness(_) => {
-                    let command = deploy.pending.take().unwrap_or(Command::Deploy {
-                        path: deploy.path.clone(),
-                        retry: true,
-                    });
-                    self.life = Life::Deploying { serving, deploy };
+                    self.life.turn(|life| (back_to(life), ()));
+                } else {
                     self.fail_candidate(
                         End::Stopped(
                             "keter is being upgraded; the bundle is deployed again after it",
                         ),
                         fx,
                     );
-                    Some(command)
                 }
-                Stage::Switching(_) => {
-                    self.life = Life::Deploying { serving, deploy };
-                    None
-                }
-            },
+                Some(command)
+            }
             // A stop waiting for an unpack: the stop is held (a shutdown goes on: the worker
             // ends once the unpack is back).
             Life::Stopping {
-                serving,
                 deploy,
                 exit: false,
+                ..
             } if matches!(deploy.stage, Stage::Unpacking) => {
-                self.life = back_to(serving);
+                self.life.turn(|life| (back_to(life), ()));
                 Some(Command::Stop)
             }
-            other => {
-                self.life = other;
-                None
-            }
+            _ => None,
         };
         if held.is_some() {
             self.held = held;
@@ -98,9 +84,13 @@ impl Machine {
     }
 }
 
-fn back_to(serving: Option<Box<super::version::Version>>) -> Life {
-    match serving {
-        Some(v) => Life::Serving(v),
-        None => Life::Idle(super::machine::Why::New),
+/// The life before a deploy whose unpack is dropped: what served serves on.
+fn back_to(life: Life) -> Life {
+    match life {
+        Life::Deploying { serving, .. } | Life::Stopping { serving, .. } => match serving {
+            Some(v) => Life::Serving(v),
+            None => Life::Idle(super::machine::Why::New),
+        },
+        other => other,
     }
 }

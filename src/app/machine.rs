@@ -135,6 +135,27 @@ pub(super) enum Life {
     Ended,
 }
 
+impl Life {
+    /// Moves the life to the one `next` makes of it by value, and returns what `next` hands
+    /// back (the parts of the old life that the caller acts on). `next` has the life alone,
+    /// not the machine: no code runs between the old life and the new one, so the value
+    /// that holds the place meanwhile is never seen. Should `next` panic, the worker's
+    /// thread ends with the machine, and `Ended` is what the life is then.
+    pub(super) fn turn<R>(&mut self, next: impl FnOnce(Life) -> (Life, R)) -> R {
+        let (life, handed) = next(std::mem::replace(self, Life::Ended));
+        *self = life;
+        handed
+    }
+
+    /// The deploy under way, in `Deploying` or `Stopping`.
+    pub(super) fn deploy_mut(&mut self) -> Option<&mut Deploy> {
+        match self {
+            Life::Deploying { deploy, .. } | Life::Stopping { deploy, .. } => Some(deploy),
+            _ => None,
+        }
+    }
+}
+
 /// Why nothing serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Why {
@@ -944,71 +965,50 @@ impl Machine {
         force: bool,
         fx: &mut dyn Effects,
     ) {
-        let serving = match std::mem::replace(&mut self.life, Life::Idle(Why::New)) {
-            Life::Serving(v) => Some(v),
+        let serving_sha256 = match &self.life {
+            Life::Serving(v) => Some(v.sha256.clone()),
             Life::Idle(_) => None,
-            other => {
-                self.life = other;
-                return;
-            }
+            _ => return,
         };
         let id = fx.next_id();
+        let started = fx.now();
         fx.prepare(PrepareJob {
             id,
             path: path.clone(),
-            serving_sha256: serving
-                .as_ref()
-                .filter(|_| !self.replace && !force)
-                .map(|v| v.sha256.clone()),
-            started: fx.now(),
+            serving_sha256: serving_sha256.filter(|_| !self.replace && !force),
+            started,
         });
-        self.life = Life::Deploying {
-            serving,
-            deploy: Deploy {
-                id,
-                path,
-                stamp,
-                started: fx.now(),
-                stage: Stage::Unpacking,
-                pending: None,
-                retries,
-                asked: None,
-                rollback: None,
-            },
+        let deploy = Deploy {
+            id,
+            path,
+            stamp,
+            started,
+            stage: Stage::Unpacking,
+            pending: None,
+            retries,
+            asked: None,
+            rollback: None,
         };
-    }
-
-    /// Takes the deploy out of the life, with the serving version and, when a stop waits for
-    /// the deploy, whether to exit after. Only the table's arms for a deploy under way call
-    /// it, and each settles the life again before it returns.
-    fn take_deploy(&mut self) -> (Option<Box<Version>>, Deploy, Option<bool>) {
-        match std::mem::replace(&mut self.life, Life::Ended) {
-            Life::Deploying { serving, deploy } => (serving, deploy, None),
-            Life::Stopping {
-                serving,
-                deploy,
-                exit,
-            } => (serving, deploy, Some(exit)),
-            _ => unreachable!("take_deploy without a deploy under way"),
-        }
-    }
-
-    /// Puts a taken deploy back.
-    fn put_back(&mut self, serving: Option<Box<Version>>, deploy: Deploy, stopping: Option<bool>) {
-        self.life = match stopping {
-            None => Life::Deploying { serving, deploy },
-            Some(exit) => Life::Stopping {
-                serving,
-                deploy,
-                exit,
-            },
-        };
+        self.life.turn(|life| {
+            let serving = match life {
+                Life::Serving(v) => Some(v),
+                _ => None,
+            };
+            (Life::Deploying { serving, deploy }, ())
+        });
     }
 
     /// The unpack stage of the deploy under way came back.
     fn prepared(&mut self, result: Result<Prepared, DeployError>, fx: &mut dyn Effects) {
-        let (serving, mut deploy, stopping) = self.take_deploy();
-        let superseded = stopping.is_some() || deploy.pending.is_some();
+        let (stopping, superseded, stamp, started) = match &self.life {
+            Life::Deploying { deploy, .. } => {
+                (None, deploy.pending.is_some(), deploy.stamp, deploy.started)
+            }
+            Life::Stopping { deploy, exit, .. } => {
+                (Some(*exit), true, deploy.stamp, deploy.started)
+            }
+            _ => unreachable!("the table matched an unpack"),
+        };
         let mut candidate = match result {
             Ok(Prepared::Version(v)) if !superseded => v,
             Ok(Prepared::Version(v)) => {
@@ -1017,39 +1017,41 @@ impl Machine {
                     Some(exit) => End::Stopped(stop_reason(exit)),
                     None => End::Superseded,
                 };
-                return self.conclude(serving, deploy, stopping, end, fx);
+                return self.conclude(None, end, fx);
             }
             Ok(Prepared::SameContent) => {
-                let stamp = deploy.stamp;
-                return self.conclude(serving, deploy, stopping, End::SameContent(stamp), fx);
+                return self.conclude(None, End::SameContent(stamp), fx);
             }
-            Err(e) => return self.conclude(serving, deploy, stopping, End::Failed(e), fx),
+            Err(e) => return self.conclude(None, End::Failed(e), fx),
         };
         self.deploys += 1;
         candidate.deploy = self.deploys;
         if let Err(e) = start_all(&mut candidate, fx) {
             self.discard(candidate, fx);
-            return self.conclude(serving, deploy, None, End::Failed(e), fx);
+            return self.conclude(None, End::Failed(e), fx);
         }
         let checks = readiness_checks(&candidate, fx.readiness_timeout());
-        if checks.is_empty() {
-            fx.switch(switch_job(&candidate, deploy.started, self.page()));
-            deploy.stage = Stage::Switching(candidate);
+        let stage = if checks.is_empty() {
+            fx.switch(switch_job(&candidate, started, self.page()));
+            Stage::Switching(candidate)
         } else {
             fx.readiness(candidate.id, checks);
-            deploy.stage = Stage::Readiness(candidate);
+            Stage::Readiness(candidate)
+        };
+        if let Some(deploy) = self.life.deploy_mut() {
+            deploy.stage = stage;
         }
-        self.life = Life::Deploying { serving, deploy };
     }
 
     /// Every webapp of the candidate answered its health check: the switch begins.
     fn ready(&mut self, fx: &mut dyn Effects) {
-        let (serving, mut deploy, stopping) = self.take_deploy();
-        if let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
-            fx.switch(switch_job(&c, deploy.started, self.page()));
+        let page = self.page();
+        if let Some(deploy) = self.life.deploy_mut()
+            && let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking)
+        {
+            fx.switch(switch_job(&c, deploy.started, page));
             deploy.stage = Stage::Switching(c);
         }
-        self.put_back(serving, deploy, stopping);
     }
 
     /// A webapp of the candidate in readiness exited: the deploy fails at once.
@@ -1186,17 +1188,20 @@ impl Machine {
 
     /// Nginx took the candidate's site (or did not).
     fn switched(&mut self, result: Result<(), DeployError>, fx: &mut dyn Effects) {
-        let (serving, mut deploy, stopping) = self.take_deploy();
+        let Some(deploy) = self.life.deploy_mut() else {
+            unreachable!("the table matched a switch");
+        };
         let Stage::Switching(mut candidate) =
             std::mem::replace(&mut deploy.stage, Stage::Unpacking)
         else {
             unreachable!("the table matched a switch");
         };
+        let (path, rollback) = (deploy.path.clone(), deploy.rollback.clone());
         match result {
             Ok(()) => {
                 candidate.live_since = Some(fx.wall_clock());
                 if let Some(mut arrival) = candidate.arrival.take() {
-                    arrival.rollback = deploy.rollback.clone();
+                    arrival.rollback = rollback;
                     let at = rfc3339(fx.wall_clock());
                     // The app's own keep-releases, over the global one.
                     let keep = candidate
@@ -1209,73 +1214,57 @@ impl Machine {
                             .config
                             .rollback_window
                             .unwrap_or_else(|| fx.rollback_defaults().window);
-                        self.watch_release(
-                            candidate.id,
-                            candidate.deploy,
-                            deploy.path.clone(),
-                            window,
-                            fx,
-                        );
+                        self.watch_release(candidate.id, candidate.deploy, path, window, fx);
                     } else {
                         // The same release again (`keter restart`): the operator acted.
                         self.watch = None;
                     }
                 }
-                if let Some(old) = serving {
-                    log::info!(
-                        "{}: draining the previous version (ports {:?})",
-                        self.name,
-                        old.ports()
-                    );
-                    self.retiring.push(Retiring {
-                        version: old,
-                        since: fx.now(),
-                    });
-                }
-                self.conclude(Some(candidate), deploy, stopping, End::Deployed, fx);
+                self.conclude(Some(candidate), End::Deployed, fx);
             }
             Err(e) => {
                 self.discard(candidate, fx);
-                self.conclude(serving, deploy, stopping, End::Failed(e), fx);
+                self.conclude(None, End::Failed(e), fx);
             }
         }
     }
 
     /// Ends a deploy in the readiness stage: stops its checks and its processes.
     pub(super) fn fail_candidate(&mut self, end: End, fx: &mut dyn Effects) {
-        let (serving, mut deploy, stopping) = self.take_deploy();
-        match std::mem::replace(&mut deploy.stage, Stage::Unpacking) {
-            Stage::Readiness(c) => {
-                fx.cancel(c.id);
-                self.discard(c, fx);
-            }
-            other => {
-                deploy.stage = other;
-                return self.put_back(serving, deploy, stopping);
-            }
+        let Some(deploy) = self.life.deploy_mut() else {
+            return;
+        };
+        if !matches!(deploy.stage, Stage::Readiness(_)) {
+            return;
         }
-        self.conclude(serving, deploy, stopping, end, fx);
+        let Stage::Readiness(c) = std::mem::replace(&mut deploy.stage, Stage::Unpacking) else {
+            unreachable!("matched above");
+        };
+        fx.cancel(c.id);
+        self.discard(c, fx);
+        self.conclude(None, end, fx);
     }
 
-    /// The deploy is over (its candidate is discarded, or serves as `serving`): settles the
-    /// life, records the result, then acts on a stop that waited for it or on the newest
-    /// command received meanwhile.
-    fn conclude(
-        &mut self,
-        serving: Option<Box<Version>>,
-        mut deploy: Deploy,
-        stopping: Option<bool>,
-        end: End,
-        fx: &mut dyn Effects,
-    ) {
-        let failed = matches!(end, End::Failed(_));
+    /// The deploy is over (its candidate is discarded, or is `switched_in`, which then
+    /// serves in place of the version that served, now draining): settles the life, records
+    /// the result, then acts on a stop that waited for it or on the newest command received
+    /// meanwhile.
+    fn conclude(&mut self, switched_in: Option<Box<Version>>, end: End, fx: &mut dyn Effects) {
+        let (mut deploy, stopping, replaced) =
+            self.settle(switched_in, matches!(end, End::Failed(_)));
+        if let Some(old) = replaced {
+            log::info!(
+                "{}: draining the previous version (ports {:?})",
+                self.name,
+                old.ports()
+            );
+            self.retiring.push(Retiring {
+                version: old,
+                since: fx.now(),
+            });
+        }
         // Nothing serves: no site is left to route to a moved port.
-        self.reroute_due &= serving.is_some();
-        self.life = match serving {
-            Some(v) => Life::Serving(v),
-            None if failed => Life::Idle(Why::Failed),
-            None => Life::Idle(Why::New),
-        };
+        self.reroute_due &= self.serving().is_some();
         self.release_unused_hosts(fx);
         self.record(&mut deploy, end, fx);
         match (stopping, deploy.pending) {
@@ -1290,6 +1279,41 @@ impl Machine {
             (None, Some(c)) => self.command(c, fx),
             (None, None) => {}
         }
+    }
+
+    /// Settles the life at the end of the deploy under way: `Serving` (`switched_in`, or the
+    /// version that served on) or `Idle`. Returns the deploy, whether a stop waited for it
+    /// (and then whether to exit), and the version `switched_in` replaced. Not inlined: the
+    /// lives it moves stay out of [`Machine::conclude`]'s frame, which the rest of the
+    /// deploy's end runs below.
+    #[inline(never)]
+    fn settle(
+        &mut self,
+        switched_in: Option<Box<Version>>,
+        failed: bool,
+    ) -> (Deploy, Option<bool>, Option<Box<Version>>) {
+        let ended = self.life.turn(|life| {
+            let (serving, deploy, stopping) = match life {
+                Life::Deploying { serving, deploy } => (serving, deploy, None),
+                Life::Stopping {
+                    serving,
+                    deploy,
+                    exit,
+                } => (serving, deploy, Some(exit)),
+                other => return (other, None),
+            };
+            let (serving, replaced) = match switched_in {
+                Some(v) => (Some(v), serving),
+                None => (serving, None),
+            };
+            let settled = match serving {
+                Some(v) => Life::Serving(v),
+                None if failed => Life::Idle(Why::Failed),
+                None => Life::Idle(Why::New),
+            };
+            (settled, Some((deploy, stopping, replaced)))
+        });
+        ended.expect("only the table's arms for a deploy under way conclude one")
     }
 
     /// Counts, reports and logs how a deploy ended; remembers a failure.

@@ -19,76 +19,72 @@ impl Machine {
     /// last is back ([`Machine::leave_if_done`]). A stage in flight that cannot be interrupted
     /// is waited for first (`Stopping`); a candidate in readiness is stopped at once.
     pub(super) fn stop(&mut self, exit: bool, fx: &mut dyn Effects) {
-        match std::mem::replace(&mut self.life, Life::Ended) {
-            Life::Deploying {
-                serving,
-                mut deploy,
-            } => {
+        match &mut self.life {
+            Life::Deploying { deploy, .. } => {
                 // A stop supersedes the commands received before it.
                 deploy.pending = None;
-                match deploy.stage {
-                    Stage::Readiness(_) => {
-                        self.life = Life::Deploying { serving, deploy };
-                        self.fail_candidate(End::Stopped(stop_reason(exit)), fx);
-                        // The candidate is gone; now stop what is left.
-                        self.stop(exit, fx)
-                    }
-                    Stage::Unpacking | Stage::Switching(_) => {
-                        self.life = Life::Stopping {
+                if matches!(deploy.stage, Stage::Readiness(_)) {
+                    self.fail_candidate(End::Stopped(stop_reason(exit)), fx);
+                    // The candidate is gone; now stop what is left.
+                    return self.stop(exit, fx);
+                }
+                // An unpack or a switch in flight is waited for.
+                self.life.turn(|life| match life {
+                    Life::Deploying { serving, deploy } => (
+                        Life::Stopping {
                             serving,
                             deploy,
                             exit,
-                        };
-                    }
-                }
+                        },
+                        (),
+                    ),
+                    other => (other, ()),
+                });
             }
             Life::Stopping {
-                serving,
-                mut deploy,
-                exit: was,
+                deploy, exit: was, ..
             } => {
                 deploy.pending = None;
-                self.life = Life::Stopping {
-                    serving,
-                    deploy,
-                    exit: exit || was,
-                };
+                *was |= exit;
             }
             Life::Leaving {
-                exit: was,
-                removing,
-                ..
+                exit: was, pending, ..
             } => {
-                self.life = Life::Leaving {
-                    exit: exit || was,
-                    pending: None,
-                    removing,
-                };
+                *was |= exit;
+                *pending = None;
             }
-            Life::Ended => self.life = Life::Ended,
-            Life::Serving(v) => self.leave(Some(v), exit, fx),
-            Life::Idle(_) => self.leave(None, exit, fx),
+            Life::Ended => {}
+            Life::Serving(_) | Life::Idle(_) => self.leave(exit, fx),
         }
     }
 
-    /// Has the app's site taken out of Nginx (a stage), then every version stopped; waits
-    /// for both.
-    fn leave(&mut self, serving: Option<Box<Version>>, exit: bool, fx: &mut dyn Effects) {
-        let mut removing = None;
-        if serving.is_some() || !self.retiring.is_empty() {
-            let retiring: Vec<Box<Version>> = self.retiring.drain(..).map(|r| r.version).collect();
-            removing = Some(serving.into_iter().chain(retiring).collect());
+    /// From `Serving` or `Idle`: has the app's site taken out of Nginx (a stage), then every
+    /// version stopped; waits for both.
+    fn leave(&mut self, exit: bool, fx: &mut dyn Effects) {
+        let retiring: Vec<Box<Version>> = self.retiring.drain(..).map(|r| r.version).collect();
+        let routed = self.life.turn(|life| {
+            let serving = match life {
+                Life::Serving(v) => Some(v),
+                _ => None,
+            };
+            let removing = (serving.is_some() || !retiring.is_empty())
+                .then(|| serving.into_iter().chain(retiring).collect::<Vec<_>>());
+            let routed = removing.is_some();
+            (
+                Life::Leaving {
+                    exit,
+                    pending: None,
+                    removing,
+                },
+                routed,
+            )
+        });
+        if routed {
             fx.leave_nginx();
         }
         self.failed = None;
         // The hosts go back once Nginx no longer routes them here: another app may claim
         // them at once.
-        let routed = removing.is_some();
-        self.life = Life::Leaving {
-            exit,
-            pending: None,
-            removing,
-        };
         if !routed {
             self.release_unused_hosts(fx);
         }
@@ -127,13 +123,16 @@ impl Machine {
         {
             return;
         }
-        let Life::Leaving { exit, pending, .. } =
-            std::mem::replace(&mut self.life, Life::Idle(Why::Stopped))
-        else {
-            unreachable!("matched above");
+        let (exit, pending) = match &mut self.life {
+            Life::Leaving { exit, pending, .. } => (*exit, pending.take()),
+            _ => unreachable!("matched above"),
+        };
+        self.life = if exit {
+            Life::Ended
+        } else {
+            Life::Idle(Why::Stopped)
         };
         if exit {
-            self.life = Life::Ended;
             return;
         }
         log::info!("{}: stopped", self.name);
