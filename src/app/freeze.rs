@@ -13,6 +13,7 @@ impl Machine {
     /// Starts coming to rest for a handover.
     pub fn freeze(&mut self, fx: &mut dyn Effects) {
         self.frozen = true;
+        self.stop_superseded(fx);
         let held = match &mut self.life {
             // A switch in flight is waited for.
             Life::Deploying { deploy, .. } if matches!(deploy.stage, Stage::Switching(_)) => None,

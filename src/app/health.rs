@@ -3,10 +3,12 @@
 //! health-check-path` with the first host as `Host`; 5xx, a refused connection or no answer
 //! within `health-check-timeout` is a failure). `health-check-failures` failures in a row make
 //! it unhealthy, and it is replaced without downtime: a fresh process of the same version on
-//! a new port, its readiness, the switch (the site rendered again, as for a moved port), then
-//! the hung process stopped by a stage (SIGTERM, SIGKILL at `stop-timeout`). A fresh process
-//! that does not become ready is stopped and the hung one stays; the replacement is tried
-//! again with backoff (`restart::HEALTH_REPLACEMENT`).
+//! a new port, its readiness, the switch (the site rendered again, as for a moved port), then,
+//! once Nginx has taken the switch, the hung process stopped by a stage (SIGTERM, SIGKILL at
+//! `stop-timeout`): until then Nginx routes to it, and it serves on while the site is tried
+//! again (`REROUTE_RETRY`). A fresh process that does not become ready is stopped and the
+//! hung one stays; the replacement is tried again with backoff
+//! (`restart::HEALTH_REPLACEMENT`).
 //!
 //! Each check is a thread of its own ([`Effects::health_check`]); its result comes back as
 //! [`Event::Checked`]. No check counts unless the app is settled: serving, no deploy under
@@ -113,6 +115,13 @@ pub(super) struct Replacement {
     pub running: Running,
 }
 
+/// A hung process that a fresh one replaced, serving on until Nginx routes to the fresh one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Superseded {
+    pub pid: i32,
+    pub port: u16,
+}
+
 /// The health of one webapp process.
 #[derive(Debug, Clone)]
 pub(super) struct Health {
@@ -129,6 +138,9 @@ pub(super) struct Health {
     pub retry_at: Option<Instant>,
     pub backoff: Backoff,
     pub replacement: Option<Replacement>,
+    /// The processes this one replaced whose port Nginx may still route to (the site with
+    /// this one's port was not taken yet): stopped once it is ([`Machine::stop_superseded`]).
+    pub superseded: Vec<Superseded>,
     /// The last counted check: how long it took and, if it failed, why.
     pub latency: Option<Duration>,
     pub last_failure: Option<String>,
@@ -149,6 +161,7 @@ impl Default for Health {
             retry_at: None,
             backoff: restart::HEALTH_REPLACEMENT,
             replacement: None,
+            superseded: Vec::new(),
             latency: None,
             last_failure: None,
             checks: 0,
@@ -641,16 +654,44 @@ impl Machine {
         p.health.latency = None;
         p.health.last_failure = None;
         p.health.checks = 0;
-        fx.release_port(old_port);
+        p.health.superseded.push(Superseded {
+            pid: old,
+            port: old_port,
+        });
         fx.health_replaced();
         log::info!(
             "{name}: the fresh webapp {index} (pid {}, port {}) is ready; switching to it from the unhealthy pid {old} (port {old_port})",
             r.running.pid,
             r.port
         );
+        // The hung one is stopped once Nginx routes to the fresh one (`stop_superseded`).
         self.reroute_due = true;
         self.refresh(fx);
-        self.stop_process(old, fx);
+    }
+
+    /// Stops the hung processes that fresh ones replaced in the serving version, and gives
+    /// their ports back: once Nginx took the serving version's site as it is now (or no
+    /// longer has it), and when freezing for an upgrade (the record does not say them; the
+    /// next keter renders the site again, `adopt.rs`).
+    pub(super) fn stop_superseded(&mut self, fx: &mut dyn Effects) {
+        let Some(v) = self.serving_mut() else {
+            return;
+        };
+        let hung: Vec<Superseded> = v
+            .procs
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.health.superseded))
+            .collect();
+        for s in hung {
+            log::info!(
+                "{}: stopping the unhealthy pid {} (port {}): a fresh process serves in its place",
+                self.name,
+                s.pid,
+                s.port
+            );
+            fx.release_port(s.port);
+            self.stop_process(s.pid, fx);
+        }
     }
 
     /// The fresh process in place of an unhealthy one exited before it was ready (`pid`):
@@ -700,6 +741,28 @@ impl Machine {
         true
     }
 
+    /// A hung process that a fresh one replaced exited by itself before Nginx was routed away
+    /// from it (`pid`, its group reaped already): forgotten, its port given back. True if it
+    /// was one.
+    pub(super) fn superseded_exited(
+        &mut self,
+        version: u64,
+        pid: i32,
+        fx: &mut dyn Effects,
+    ) -> bool {
+        let Some(v) = self.serving_mut().filter(|v| v.id == version) else {
+            return false;
+        };
+        for p in &mut v.procs {
+            if let Some(at) = p.health.superseded.iter().position(|s| s.pid == pid) {
+                let s = p.health.superseded.remove(at);
+                fx.release_port(s.port);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Stops the fresh processes of a version leaving the machine (discarded): its stop
     /// stage stops only the processes it knows.
     pub(super) fn drop_replacements(&mut self, v: &mut Version, fx: &mut dyn Effects) {
@@ -708,6 +771,11 @@ impl Machine {
                 fx.cancel(r.id);
                 fx.release_port(r.port);
                 self.stop_process(r.running.pid, fx);
+            }
+            // Nginx no longer routes to a version that leaves.
+            for s in std::mem::take(&mut p.health.superseded) {
+                fx.release_port(s.port);
+                self.stop_process(s.pid, fx);
             }
         }
     }

@@ -1120,6 +1120,8 @@ impl Machine {
                 self.refresh_due &= !certificate;
                 self.rewrite_due &= !matches!(self.life, Life::Serving(_));
                 self.refresh_retry_at = None;
+                // Nginx no longer routes to the hung processes that fresh ones replaced.
+                self.stop_superseded(fx);
                 if stranded {
                     log::error!(
                         "{}: removed from Nginx at generation {g}: a webapp's port is held by someone else and no other port is free; it comes back once one is",

@@ -174,7 +174,7 @@ impl Machine {
     ) {
         // Members of the group that outlive the leader (a wrapper's children) go with it.
         self.reap(pid, fx);
-        if self.replacement_exited(version, pid, fx) {
+        if self.replacement_exited(version, pid, fx) || self.superseded_exited(version, pid, fx) {
             return;
         }
         let now = fx.now();

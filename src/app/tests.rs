@@ -55,6 +55,8 @@ struct Fake {
     spawned_port: Vec<Option<String>>,
     /// The webapps' ports of each site rendered again.
     refreshed_ports: Vec<Vec<(usize, u16)>>,
+    /// Whether Nginx took each of `refreshed_ports`.
+    refresh_taken: Vec<bool>,
     /// Ports someone else holds, and by whom.
     held: HashMap<u16, Holder>,
     /// Process groups (by leader) that listen on their own port.
@@ -120,6 +122,7 @@ impl Fake {
             reaped: Vec::new(),
             spawned_port: Vec::new(),
             refreshed_ports: Vec::new(),
+            refresh_taken: Vec::new(),
             held: HashMap::new(),
             listening: Vec::new(),
             acquired: Vec::new(),
@@ -259,6 +262,7 @@ impl Effects for Fake {
         self.refreshed.push(job.version);
         self.rewritten += usize::from(unless_same);
         self.refreshed_ports.push(job.ports.clone());
+        self.refresh_taken.push(self.failing_refreshes == 0);
         if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
             return Err(DeployError::Nginx(NginxError::Unconfirmed(

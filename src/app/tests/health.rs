@@ -152,6 +152,93 @@ fn an_unhealthy_webapp_is_replaced_switched_to_and_then_stopped() {
 }
 
 #[test]
+fn the_hung_webapp_serves_on_until_nginx_takes_the_switch_to_the_fresh_one() {
+    let (mut m, mut fx) = (machine(), fake());
+    let (v, hung) = to_replacement(&mut m, &mut fx);
+    let fresh = pid_of(&fx, v, 0);
+    let (rid, _) = fx.readiness.last().unwrap().clone();
+    // Ready, but Nginx does not take the site with the fresh one's port: it still routes to
+    // the hung one's, which serves on, its port held.
+    fx.failing_refreshes = 1;
+    m.step(
+        vec![Event::Ready {
+            version: rid,
+            result: Ok(()),
+        }],
+        &mut fx,
+    );
+    assert_eq!(fx.refreshed_ports, [vec![(0, 5000)]]);
+    assert!(
+        fx.stopped_pids.is_empty(),
+        "the hung process was stopped while Nginx routes to it"
+    );
+    assert!(!fx.released.contains(&4001));
+    assert_eq!(proc_of(&m, 0).running().unwrap().pid, fresh);
+    // The reroute is tried again after REROUTE_RETRY; once Nginx has it, the hung one goes.
+    fx.advance(super::super::machine::REROUTE_RETRY - Duration::from_millis(1));
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed_ports.len(), 1, "tried again too soon");
+    assert!(fx.stopped_pids.is_empty());
+    fx.advance(Duration::from_millis(1));
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed_ports, [vec![(0, 5000)], vec![(0, 5000)]]);
+    assert_eq!(fx.stopped_pids, [hung]);
+    assert!(fx.released.contains(&4001));
+}
+
+#[test]
+fn a_hung_webapp_that_exits_before_the_reroute_is_forgotten_and_a_stop_stops_it_otherwise() {
+    let (mut m, mut fx) = (machine(), fake());
+    let (v, hung) = to_replacement(&mut m, &mut fx);
+    let (rid, _) = fx.readiness.last().unwrap().clone();
+    fx.failing_refreshes = 1;
+    m.step(
+        vec![Event::Ready {
+            version: rid,
+            result: Ok(()),
+        }],
+        &mut fx,
+    );
+    // It exits by itself: its group is reaped, its port given back, and nothing is left
+    // to stop once the reroute succeeds.
+    m.step(
+        vec![Event::Exited {
+            version: v,
+            proc: 0,
+            pid: hung,
+            status: Some(ExitStatus::from_raw(9)),
+        }],
+        &mut fx,
+    );
+    assert!(fx.reaped.contains(&hung));
+    assert!(fx.released.contains(&4001));
+    assert!(proc_of(&m, 0).health.superseded.is_empty());
+    assert_eq!(fx.restarted, 0);
+    fx.advance(super::super::machine::REROUTE_RETRY);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed_ports.len(), 2);
+    assert!(fx.stopped_pids.is_empty());
+
+    // Another app: the hung one still waits for the reroute when the app stops; it is
+    // stopped with its version (whose stop stage knows only its running processes).
+    let (mut m, mut fx) = (machine(), fake());
+    let (_, hung) = to_replacement(&mut m, &mut fx);
+    let (rid, _) = fx.readiness.last().unwrap().clone();
+    fx.failing_refreshes = 1;
+    m.step(
+        vec![Event::Ready {
+            version: rid,
+            result: Ok(()),
+        }],
+        &mut fx,
+    );
+    m.step(vec![Event::Command(Command::Stop)], &mut fx);
+    settle(&mut m, &mut fx);
+    assert_eq!(fx.stopped_pids, [hung]);
+    assert!(fx.released.contains(&4001));
+}
+
+#[test]
 fn a_fresh_process_that_is_not_ready_leaves_the_hung_one_and_is_retried_with_backoff() {
     let (mut m, mut fx) = (machine(), fake());
     let (v, hung) = to_replacement(&mut m, &mut fx);

@@ -36,6 +36,10 @@ struct Harness {
     rng: Rng,
     /// The version whose site Nginx has, from a switch the machine took until a removal.
     routed: Option<u64>,
+    /// The ports that site routes to: the switch's, then each refresh Nginx took.
+    routed_ports: Vec<u16>,
+    refreshes_seen: usize,
+    stops_seen: usize,
     removed_seen: usize,
     /// Every version handed to the machine by an unpack.
     made: Vec<u64>,
@@ -78,6 +82,9 @@ impl Harness {
             fx,
             rng: Rng(seed.max(1)),
             routed: None,
+            routed_ports: Vec::new(),
+            refreshes_seen: 0,
+            stops_seen: 0,
             removed_seen: 0,
             made: Vec::new(),
             exited: Vec::new(),
@@ -240,6 +247,11 @@ impl Harness {
         let Some((version, _)) = self.fx.readiness.last() else {
             return vec![Event::Tick];
         };
+        // Now and then Nginx does not take the switch to a fresh process in place of an
+        // unhealthy one (nor, after it, the next site rendered again): it is tried again.
+        if self.m.replacing(*version).is_some() && self.rng.chance(50) {
+            self.fx.failing_refreshes = 1 + self.rng.below(2) as usize;
+        }
         let result = if self.rng.chance(20) {
             Err(DeployError::NotReady(NotReady::Timeout {
                 timeout: Duration::from_secs(90),
@@ -345,6 +357,9 @@ impl Harness {
             } => Some(*version),
             _ => None,
         });
+        let freezing = events
+            .iter()
+            .any(|e| matches!(e, Event::Handover(Handover::Freeze(_))));
         let (frozen, placed) = (self.m.frozen, self.fx.placed.len());
         self.m.step(events, &mut self.fx);
         self.steps += 1;
@@ -362,11 +377,41 @@ impl Harness {
             && self.m.serving().is_some_and(|s| s.id == v)
         {
             self.routed = Some(v);
+            let job = self.fx.switches.iter().rev().find(|j| j.version == v);
+            self.routed_ports = job
+                .map(|j| j.ports.iter().map(|(_, p)| *p).collect())
+                .unwrap_or_default();
         }
+        for i in self.refreshes_seen..self.fx.refreshed_ports.len() {
+            if self.fx.refresh_taken[i] {
+                self.routed_ports = self.fx.refreshed_ports[i].iter().map(|(_, p)| *p).collect();
+            }
+        }
+        self.refreshes_seen = self.fx.refreshed_ports.len();
         if self.fx.removed_site > self.removed_seen {
             self.removed_seen = self.fx.removed_site;
             self.routed = None;
+            self.routed_ports.clear();
         }
+        // No process is stopped while Nginx routes to its port: a hung webapp that a fresh
+        // one replaced serves on until Nginx has taken the switch. (A freeze stops it: the
+        // record does not say it, and the next keter, or the thaw, renders the site again.)
+        let stopped = if freezing {
+            &[][..]
+        } else {
+            &self.fx.stopped_pids[self.stops_seen..]
+        };
+        for pid in stopped {
+            let at = self.fx.spawned.iter().position(|(_, _, p)| p == pid);
+            let port = at.and_then(|i| self.fx.spawned_port[i].as_deref());
+            let port: Option<u16> = port.and_then(|p| p.parse().ok());
+            assert!(
+                self.routed.is_none() || !port.is_some_and(|p| self.routed_ports.contains(&p)),
+                "pid {pid} was stopped while Nginx routes to its port {port:?}, after step {}",
+                self.steps
+            );
+        }
+        self.stops_seen = self.fx.stopped_pids.len();
         self.check();
     }
 
@@ -529,6 +574,7 @@ impl Harness {
                     .map(|r| r.pid)
                     .into_iter()
                     .chain(p.health.replacement.map(|r| r.running.pid))
+                    .chain(p.health.superseded.iter().map(|s| s.pid))
             })
             .collect()
     }
