@@ -103,21 +103,22 @@ pub enum Handover {
 /// What the worker is doing. Each state holds exactly what exists in it: a version serves in
 /// `Serving`, and may serve in `Deploying` while a candidate is on its way.
 ///
-/// Versions are boxed: a transition moves the life by value, and a `Version` inline made each
-/// of those moves copy kilobytes through the worker's stack.
+/// Versions and the deploy are boxed: a transition moves the life by value (`Life::turn`),
+/// and a `Version` inline made each of those moves copy kilobytes through the worker's stack;
+/// boxed, a move is a few words.
 pub(super) enum Life {
     /// No version serves and nothing is under way.
     Idle(Why),
     Serving(Box<Version>),
     Deploying {
         serving: Option<Box<Version>>,
-        deploy: Deploy,
+        deploy: Box<Deploy>,
     },
     /// Stopping, but a stage of `deploy` is still in flight (an unpack or a switch cannot be
     /// interrupted); once it is back, everything is stopped. `exit`: then end the worker.
     Stopping {
         serving: Option<Box<Version>>,
-        deploy: Deploy,
+        deploy: Box<Deploy>,
         exit: bool,
     },
     /// Leaving Nginx (`removing`: the versions that wait for the site's removal to come
@@ -978,7 +979,7 @@ impl Machine {
             serving_sha256: serving_sha256.filter(|_| !self.replace && !force),
             started,
         });
-        let deploy = Deploy {
+        let deploy = Box::new(Deploy {
             id,
             path,
             stamp,
@@ -988,7 +989,7 @@ impl Machine {
             retries,
             asked: None,
             rollback: None,
-        };
+        });
         self.life.turn(|life| {
             let serving = match life {
                 Life::Serving(v) => Some(v),
@@ -1120,8 +1121,6 @@ impl Machine {
                 self.refresh_due &= !certificate;
                 self.rewrite_due &= !matches!(self.life, Life::Serving(_));
                 self.refresh_retry_at = None;
-                // Nginx no longer routes to the hung processes that fresh ones replaced.
-                self.stop_superseded(fx);
                 if stranded {
                     log::error!(
                         "{}: removed from Nginx at generation {g}: a webapp's port is held by someone else and no other port is free; it comes back once one is",
@@ -1158,6 +1157,8 @@ impl Machine {
                         self.name
                     );
                 }
+                // Nginx no longer routes to the hung processes that fresh ones replaced.
+                self.stop_superseded(fx);
             }
             Err(e) => {
                 let retry = if reroute {
@@ -1293,7 +1294,7 @@ impl Machine {
         &mut self,
         switched_in: Option<Box<Version>>,
         failed: bool,
-    ) -> (Deploy, Option<bool>, Option<Box<Version>>) {
+    ) -> (Box<Deploy>, Option<bool>, Option<Box<Version>>) {
         let ended = self.life.turn(|life| {
             let (serving, deploy, stopping) = match life {
                 Life::Deploying { serving, deploy } => (serving, deploy, None),
