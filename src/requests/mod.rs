@@ -122,7 +122,7 @@ const QUANTILES: [f64; 3] = [0.50, 0.95, 0.99];
 /// than the ring's span. An app that has had no traffic for a day keeps no slots; one with
 /// traffic all day keeps them all ([`Requests::bytes_per_app`]).
 const CHUNK: usize = 24;
-const _: () = assert!(HOUR.slots % CHUNK == 0 && DAY.slots % CHUNK == 0);
+const _: () = assert!(HOUR.slots.is_multiple_of(CHUNK) && DAY.slots.is_multiple_of(CHUNK));
 
 /// The slot being counted, with its histogram of upstream response times.
 ///
