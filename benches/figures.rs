@@ -892,8 +892,9 @@ fn front_end_overhead() {
         );
     }
     println!(
-        "   memory per app with requests: {} KiB",
-        keter::requests::Requests::bytes_per_app() / 1024
+        "   memory per app with requests: {:.1} KiB at first, {:.1} KiB at most (traffic all day)",
+        keter::requests::Requests::bytes_per_new_app() as f64 / 1024.0,
+        keter::requests::Requests::bytes_per_app() as f64 / 1024.0
     );
     println!(
         "   (front µs/req: CPU time of the front end's workers per request; spread: (max - min) / median of a target's req/s)"
@@ -980,6 +981,9 @@ fn burst_into_fresh(label: &str, binary: Option<&PathBuf>, apps: usize, extra: &
     distinct.sort();
     distinct.dedup();
     let pid = k.pid();
+    if let Some(dir) = std::env::var_os("KETER_SMAPS") {
+        save_memory_maps(Path::new(&dir), label, binary.is_some(), pid);
+    }
     Burst {
         all,
         reloads: distinct.len(),
@@ -1078,6 +1082,24 @@ fn many_apps() {
     std::thread::sleep(Duration::from_secs(60));
     let cpu_ms = (cpu_ticks(pid) - before) as f64 * 10.0;
     println!("   this build, {apps} apps: CPU over 60 idle seconds {cpu_ms:.0} ms");
+}
+
+/// With `KETER_SMAPS=DIR`: the daemon's memory maps (`smaps`), its threads' names and stack
+/// pointers (`task/*/stat`) and `status`, to find where its memory is.
+fn save_memory_maps(dir: &Path, label: &str, before: bool, pid: i32) {
+    let build = if before { "before" } else { "this" };
+    let n = fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let to = dir.join(format!("{n:03}-{label}-{build}"));
+    fs::create_dir_all(&to).unwrap();
+    for file in ["smaps", "smaps_rollup", "status", "maps"] {
+        let _ = fs::copy(format!("/proc/{pid}/{file}"), to.join(file));
+    }
+    let mut threads = String::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        threads.push_str(&stat);
+    }
+    fs::write(to.join("threads"), threads).unwrap();
 }
 
 /// The first number after `field` in `/proc/PID/FILE` (KiB for the memory fields).

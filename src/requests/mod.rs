@@ -3,10 +3,11 @@
 //! counters, histograms and ring buffers ([`Requests`]), shown at `/metrics`, in
 //! `/api/apps/NAME` and as plots ([`plot`]) on the status pages.
 //!
-//! Memory is fixed per app: nothing here grows with traffic. Per app, the counters of the last
-//! [`KEPT_RELEASES`] releases (deploy numbers) and two rings of time slots, the last hour at
-//! [`HOUR`] and the last day at [`DAY`]; apps beyond [`MAX_APPS`] are not counted (their
-//! datagrams are counted as dropped).
+//! Memory is bounded per app: nothing here grows with the number of requests. Per app, the
+//! counters of the last [`KEPT_RELEASES`] releases (deploy numbers) and two rings of time
+//! slots, the last hour at [`HOUR`] and the last day at [`DAY`], which take their memory only
+//! for the stretches of time the app had traffic in ([`Requests::bytes_per_app`] at most); apps
+//! beyond [`MAX_APPS`] are not counted (their datagrams are counted as dropped).
 
 pub mod line;
 pub mod plot;
@@ -113,10 +114,23 @@ pub fn quantile(buckets: &[impl Copy + Into<u64>], q: f64) -> Option<f64> {
     LATENCY_BUCKETS.last().copied()
 }
 
-/// One time slot of a ring.
+/// The quantiles of upstream response times a slot of a ring shows.
+const QUANTILES: [f64; 3] = [0.50, 0.95, 0.99];
+
+/// Slots of a ring per chunk of its memory: a ring takes its memory a chunk at a time, when a
+/// slot of the chunk is first written, and gives a chunk back once every slot in it is older
+/// than the ring's span. An app that has had no traffic for a day keeps no slots; one with
+/// traffic all day keeps them all ([`Requests::bytes_per_app`]).
+const CHUNK: usize = 24;
+const _: () = assert!(HOUR.slots.is_multiple_of(CHUNK) && DAY.slots.is_multiple_of(CHUNK));
+
+/// The slot being counted, with its histogram of upstream response times.
+///
+/// Counts are u32, saturating: a slot of the day ring lasts 300 s, and 2^32 requests in it
+/// would be 14 million a second through one Nginx, beyond what one machine serves.
 #[derive(Debug, Clone, Copy, Default)]
-struct Slot {
-    /// Which slot of time (unix seconds / slot length) this holds; others are stale.
+struct Open {
+    /// Which slot of time (unix seconds / slot length) this counts.
     index: u64,
     requests: u32,
     /// 5xx and upstream failures.
@@ -124,29 +138,77 @@ struct Slot {
     latency: [u32; SLOTS],
 }
 
+/// A slot that is over: what plots and automatic rollback read of it. Nothing is added to a
+/// slot once a later one has begun, so its quantiles are final when it closes and its histogram
+/// is not kept. Quantiles are f32 (NaN without upstream times): they only place the points of
+/// plots. 24 bytes against the open slot's 80.
+#[derive(Debug, Clone, Copy)]
+struct Closed {
+    /// Which slot of time this holds; others are stale. u32: slot numbers of 10 s reach 2^32
+    /// in the year 3331.
+    index: u32,
+    requests: u32,
+    errors: u32,
+    quantiles: [f32; QUANTILES.len()],
+}
+
+impl Closed {
+    const EMPTY: Closed = Closed {
+        index: 0,
+        requests: 0,
+        errors: 0,
+        quantiles: [f32::NAN; QUANTILES.len()],
+    };
+}
+
+/// The quantiles a closed slot keeps of its histogram.
+fn closed_quantiles(latency: &[u32; SLOTS]) -> [f32; QUANTILES.len()] {
+    QUANTILES.map(|q| quantile(latency, q).map_or(f32::NAN, |v| v as f32))
+}
+
+#[derive(Debug)]
+struct Chunk {
+    /// The newest slot index stored in `slots`.
+    newest: u32,
+    slots: [Closed; CHUNK],
+}
+
+/// What a ring holds of one slot of time.
+struct SlotCounts {
+    requests: u32,
+    errors: u32,
+    quantiles: [Option<f64>; QUANTILES.len()],
+}
+
+/// A ring of time slots: the open one, and the closed ones in chunks taken as needed.
 #[derive(Debug)]
 struct Ring {
     span: Span,
-    slots: Box<[Slot]>,
+    open: Open,
+    chunks: Box<[Option<Box<Chunk>>]>,
 }
 
 impl Ring {
     fn new(span: Span) -> Ring {
         Ring {
             span,
-            slots: vec![Slot::default(); span.slots].into_boxed_slice(),
+            open: Open::default(),
+            chunks: (0..span.slots / CHUNK).map(|_| None).collect(),
         }
     }
 
     fn add(&mut self, now: u64, l: &Line) {
         let index = now / self.span.seconds;
-        let slot = &mut self.slots[(index % self.span.slots as u64) as usize];
-        if slot.index != index {
-            *slot = Slot {
-                index,
-                ..Slot::default()
-            };
+        let n = self.span.slots as u64;
+        if index < self.open.index && index + n > self.open.index {
+            return self.add_late(index, l);
         }
+        // A later slot, or an earlier one than the ring holds (the clock was set back by
+        // more than the ring's span): counting starts again there.
+        if index != self.open.index {
+            self.close(index);
+        }
+        let slot = &mut self.open;
         slot.requests = slot.requests.saturating_add(1);
         if l.class().is_error() {
             slot.errors = slot.errors.saturating_add(1);
@@ -157,34 +219,123 @@ impl Ring {
         }
     }
 
+    /// Stores the open slot among the closed ones and opens slot `next`; gives back the chunks
+    /// whose every slot is older than the ring as of `next`.
+    fn close(&mut self, next: u64) {
+        let open = std::mem::replace(
+            &mut self.open,
+            Open {
+                index: next,
+                ..Open::default()
+            },
+        );
+        let n = self.span.slots as u64;
+        for chunk in self.chunks.iter_mut() {
+            if chunk
+                .as_ref()
+                .is_some_and(|c| u64::from(c.newest) + n <= next)
+            {
+                *chunk = None;
+            }
+        }
+        // Nothing to keep, or older than the ring already (the app was quiet for a while).
+        if open.requests == 0 || open.index + n <= next {
+            return;
+        }
+        let at = (open.index % n) as usize;
+        let chunk = self.chunk(at);
+        let index = open.index as u32;
+        chunk.newest = chunk.newest.max(index);
+        chunk.slots[at % CHUNK] = Closed {
+            index,
+            requests: open.requests,
+            errors: open.errors,
+            quantiles: closed_quantiles(&open.latency),
+        };
+    }
+
+    /// Counts a request in slot `index`, closed already (the clock was set back a little). It
+    /// counts in the slot's requests and errors; its response time is in the slot's quantiles
+    /// only when it is the slot's first request (the histogram of a closed slot is gone).
+    fn add_late(&mut self, index: u64, l: &Line) {
+        let n = self.span.slots as u64;
+        let at = (index % n) as usize;
+        let chunk = self.chunk(at);
+        chunk.newest = chunk.newest.max(index as u32);
+        let slot = &mut chunk.slots[at % CHUNK];
+        if u64::from(slot.index) != index || slot.requests == 0 {
+            let mut latency = [0u32; SLOTS];
+            if let Some(s) = l.upstream_seconds() {
+                latency[bucket(s)] = 1;
+            }
+            *slot = Closed {
+                index: index as u32,
+                requests: 0,
+                errors: 0,
+                quantiles: closed_quantiles(&latency),
+            };
+        }
+        slot.requests = slot.requests.saturating_add(1);
+        if l.class().is_error() {
+            slot.errors = slot.errors.saturating_add(1);
+        }
+    }
+
+    /// The chunk holding ring position `at`, taken if it was not.
+    fn chunk(&mut self, at: usize) -> &mut Chunk {
+        self.chunks[at / CHUNK].get_or_insert_with(|| {
+            Box::new(Chunk {
+                newest: 0,
+                slots: [Closed::EMPTY; CHUNK],
+            })
+        })
+    }
+
+    /// The counts of slot `index`, if the ring holds it.
+    fn get(&self, index: u64) -> Option<SlotCounts> {
+        let o = &self.open;
+        if o.index == index && o.requests > 0 {
+            return Some(SlotCounts {
+                requests: o.requests,
+                errors: o.errors,
+                quantiles: QUANTILES.map(|q| quantile(&o.latency, q)),
+            });
+        }
+        let at = (index % self.span.slots as u64) as usize;
+        let slot = &self.chunks[at / CHUNK].as_ref()?.slots[at % CHUNK];
+        (u64::from(slot.index) == index && slot.requests > 0).then(|| SlotCounts {
+            requests: slot.requests,
+            errors: slot.errors,
+            quantiles: slot
+                .quantiles
+                .map(|q| (!q.is_nan()).then_some(f64::from(q))),
+        })
+    }
+
     /// The ring's slots from oldest to newest, ending with the one holding `now`.
     fn points(&self, now: u64) -> Vec<Point> {
         let last = now / self.span.seconds;
         let n = self.span.slots as u64;
+        let secs = self.span.seconds as f64;
         (last + 1 - n.min(last + 1)..=last)
             .map(|index| {
-                let slot = &self.slots[(index % n) as usize];
-                let fresh = slot.index == index;
-                let secs = self.span.seconds as f64;
-                let q = |q| fresh.then(|| quantile(&slot.latency, q)).flatten();
+                let slot = self.get(index);
+                let q = |i: usize| slot.as_ref().and_then(|s| s.quantiles[i]);
                 Point {
                     start: index * self.span.seconds,
-                    requests_per_second: if fresh {
-                        slot.requests as f64 / secs
-                    } else {
-                        0.0
-                    },
-                    errors_per_second: if fresh {
-                        slot.errors as f64 / secs
-                    } else {
-                        0.0
-                    },
-                    p50: q(0.50),
-                    p95: q(0.95),
-                    p99: q(0.99),
+                    requests_per_second: slot.as_ref().map_or(0.0, |s| s.requests as f64 / secs),
+                    errors_per_second: slot.as_ref().map_or(0.0, |s| s.errors as f64 / secs),
+                    p50: q(0),
+                    p95: q(1),
+                    p99: q(2),
                 }
             })
             .collect()
+    }
+
+    /// Bytes of memory the ring's chunks take when it has taken every one.
+    fn most_bytes(span: Span) -> usize {
+        span.slots / CHUNK * std::mem::size_of::<Chunk>()
     }
 }
 
@@ -464,12 +615,9 @@ impl Requests {
             .div_ceil(secs)
             .clamp(1, HOUR.slots as u64 - 1);
         let mut before = Errors::default();
-        for index in end.saturating_sub(slots)..end {
-            let slot = &t.hour.slots[(index % HOUR.slots as u64) as usize];
-            if slot.index == index {
-                before.requests += u64::from(slot.requests);
-                before.errors += u64::from(slot.errors);
-            }
+        for slot in (end.saturating_sub(slots)..end).filter_map(|index| t.hour.get(index)) {
+            before.requests += u64::from(slot.requests);
+            before.errors += u64::from(slot.errors);
         }
         Some(ErrorsBeside {
             release: after,
@@ -477,11 +625,18 @@ impl Requests {
         })
     }
 
-    /// Bytes of memory one app's metrics take (the bench reports it).
+    /// Bytes of memory one app's metrics take at most, once it has had traffic in every slot
+    /// of the last day (the bench reports it); an app's first request takes
+    /// [`Requests::bytes_per_new_app`].
     pub fn bytes_per_app() -> usize {
+        Self::bytes_per_new_app() + Ring::most_bytes(HOUR) + Ring::most_bytes(DAY)
+    }
+
+    /// Bytes of memory an app's metrics take before any of its rings' slots has closed.
+    pub fn bytes_per_new_app() -> usize {
         std::mem::size_of::<AppTraffic>()
-            + (HOUR.slots + DAY.slots) * std::mem::size_of::<Slot>()
             + (KEPT_RELEASES + 1) * std::mem::size_of::<(u64, Counters)>()
+            + (HOUR.slots + DAY.slots) / CHUNK * std::mem::size_of::<Option<Box<Chunk>>>()
     }
 }
 

@@ -201,3 +201,86 @@ fn the_receiver_counts_every_datagram_of_a_burst() {
     assert_eq!(s.total.by_class["5xx"], 100);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A slot keeps its requests, errors and quantiles once a later slot has begun and its
+/// histogram is gone.
+#[test]
+fn a_closed_slot_shows_what_it_showed_open() {
+    let r = Requests::default();
+    let now = 1_000_000;
+    for i in 0..100 {
+        let status = if i % 10 == 0 { 500 } else { 200 };
+        r.add(now, &line("shop", 1, status, Some(1 + i % 40)))
+            .unwrap();
+    }
+    let open: Vec<Point> = [HOUR, DAY]
+        .map(|span| r.series("shop", span, now).unwrap().pop().unwrap())
+        .into();
+    assert!(open[0].p50.is_some());
+    // Five minutes later: the slots of both rings are over.
+    r.add(now + 300, &line("shop", 1, 200, None)).unwrap();
+    for (span, open) in [HOUR, DAY].into_iter().zip(open) {
+        let points = r.series("shop", span, now + 300).unwrap();
+        let closed = points.iter().find(|p| p.start == open.start).unwrap();
+        assert_eq!(closed.requests_per_second, open.requests_per_second);
+        assert_eq!(closed.errors_per_second, open.errors_per_second);
+        for (c, o) in [
+            (closed.p50, open.p50),
+            (closed.p95, open.p95),
+            (closed.p99, open.p99),
+        ] {
+            let (c, o) = (c.unwrap(), o.unwrap());
+            assert!((c - o).abs() <= o * 1e-6, "{c} against {o}");
+        }
+    }
+    let e = r
+        .errors_since_switch("shop", 2, now + 10, now + 20)
+        .unwrap();
+    assert_eq!(
+        e.before,
+        Errors {
+            requests: 100,
+            errors: 10
+        }
+    );
+}
+
+/// A ring takes memory for the stretches of time that had traffic, and gives it back once
+/// they are older than the ring.
+#[test]
+fn a_ring_keeps_chunks_only_for_recent_traffic() {
+    let taken = |ring: &Ring| ring.chunks.iter().filter(|c| c.is_some()).count();
+    let mut ring = Ring::new(HOUR);
+    let now = 1_000_000;
+    assert_eq!(taken(&ring), 0);
+    // Traffic in one slot only: nothing closed yet, nothing taken.
+    ring.add(now, &line("shop", 1, 200, Some(5)));
+    assert_eq!(taken(&ring), 0);
+    // Each 10 s for 20 minutes: five chunks of four minutes.
+    for t in (now..now + 1200).step_by(10) {
+        ring.add(t, &line("shop", 1, 200, Some(5)));
+    }
+    let four_minutes = (CHUNK as u64 * HOUR.seconds) as usize;
+    assert!((1200 / four_minutes..=1200 / four_minutes + 1).contains(&taken(&ring)));
+    // Quiet for an hour and more: a new request gives back every chunk of the old traffic.
+    ring.add(now + 1200 + 3700, &line("shop", 1, 200, Some(5)));
+    assert_eq!(taken(&ring), 0);
+    assert!(
+        ring.points(now + 1200 + 3700)
+            .iter()
+            .rev()
+            .skip(1)
+            .all(|p| p.requests_per_second == 0.0)
+    );
+    // A whole hour of traffic takes the whole ring and no more.
+    let from = now + 10_000;
+    for t in (from..from + 2 * 3600).step_by(10) {
+        ring.add(t, &line("shop", 1, 200, Some(5)));
+    }
+    assert_eq!(taken(&ring), HOUR.slots / CHUNK);
+    let points = ring.points(from + 2 * 3600 - 10);
+    assert!(
+        points.iter().all(|p| p.requests_per_second == 0.1),
+        "{points:?}"
+    );
+}
