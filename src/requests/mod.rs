@@ -141,10 +141,6 @@ impl Ring {
     fn add(&mut self, now: u64, l: &Line) {
         let index = now / self.span.seconds;
         let slot = &mut self.slots[(index % self.span.slots as u64) as usize];
-        if slot.index > index {
-            // Older than the ring (read late, from a file an earlier keter left).
-            return;
-        }
         if slot.index != index {
             *slot = Slot {
                 index,

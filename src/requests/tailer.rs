@@ -287,14 +287,15 @@ impl Files {
         let at_name = std::fs::symlink_metadata(&self.path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
-        if at_name.is_some() && at_name != self.current.as_ref().map(|c| c.inode) {
-            if let Some(mut new) = Tail::open(&self.path) {
-                new.read(requests, &mut self.buf, self.limits);
-                if let Some(old) = self.current.replace(new) {
-                    self.previous = Some(old);
-                }
-                self.asked = None;
+        if at_name.is_some()
+            && at_name != self.current.as_ref().map(|c| c.inode)
+            && let Some(mut new) = Tail::open(&self.path)
+        {
+            new.read(requests, &mut self.buf, self.limits);
+            if let Some(old) = self.current.replace(new) {
+                self.previous = Some(old);
             }
+            self.asked = None;
         }
         let Some(c) = &self.current else {
             return;
