@@ -17,7 +17,7 @@
 //! reached list temp/: no -- Permission denied (os error 13)
 //! reached read temp/appb-N: no -- Permission denied (os error 13)
 //! ...
-//! summary: reached 0 of 26
+//! summary: reached 0 of 28
 //! ```
 //!
 //! The format, which scripts rely on:
@@ -67,6 +67,8 @@ pub const CHECKS: &[&str] = &[
     "read nginx/apps/NEIGHBOUR.conf",
     "write nginx/",
     "write nginx/apps/",
+    "read nginx/worker-files/requests.log",
+    "append nginx/worker-files/requests.log",
     "write acme/",
     "list home/",
     "read home/NEIGHBOUR",
@@ -346,6 +348,12 @@ impl Probe {
             "list log/" => list(&self.path("log")),
             "read log/app-NEIGHBOUR.log" => read(&self.path(&format!("log/app-{n}.log"))),
             "write log/" => write_and_remove(&self.path("log/probe-was-here")),
+            "read nginx/worker-files/requests.log" => {
+                read(&self.path("nginx/worker-files/requests.log"))
+            }
+            "append nginx/worker-files/requests.log" => {
+                open_to_append(&self.path("nginx/worker-files/requests.log"))
+            }
             "list etc/" => list(&self.path("etc")),
             "read etc/processes" => read(&self.path("etc/processes")),
             "read etc/postgres.yaml" => read(&self.path("etc/postgres.yaml")),
@@ -558,6 +566,15 @@ fn list(dir: &Path) -> Outcome {
 fn read(file: &Path) -> Outcome {
     std::fs::read(file)
         .map(|b| format!("{}: {} bytes", file.display(), b.len()))
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// Opens an existing file for appending and writes nothing: the permission is the finding.
+fn open_to_append(file: &Path) -> Outcome {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(file)
+        .map(|_| format!("opened {} to append", file.display()))
         .map_err(|e| format!("{}: {e}", file.display()))
 }
 

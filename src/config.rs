@@ -45,8 +45,8 @@ pub struct Config {
     /// ...keeping this many older files (`app-NAME.log.1` newest).
     pub log_rotate_keep: u32,
     pub ip_from_header: bool,
-    /// `request-metrics`: Nginx sends keter one datagram per request (README, "Request
-    /// metrics"); `false` keeps `access_log off` everywhere.
+    /// `request-metrics`: Nginx logs a line per request into keter's request log (README,
+    /// "Request metrics"); `false` keeps `access_log off` everywhere.
     pub request_metrics: bool,
     /// The user every app runs as (`setuid`), resolved at load time; never root (that is
     /// `run_apps_as_root`).

@@ -258,12 +258,16 @@ pub fn run(
     }
     let mut renderer = Renderer::new(&config).map_err(|e| Fatal::Nginx(e.into()))?;
     renderer.worker_user = isolation.managed_worker_user();
+    // Before Nginx tests a file that names the request log: its folder must exist.
+    renderer.request_metrics = config.request_metrics && prepare_requests(&nginx_paths);
+    let request_metrics = renderer.request_metrics;
     let isolation = Arc::new(isolation);
     let reports = Arc::new(Reports::default());
-    // Before Nginx loads the files that name its socket.
-    let requests = start_requests(&config, &nginx_paths, &reports, &isolation);
     let nginx = Nginx::start(&config, Arc::new(renderer), &recovery.sites)
         .map_err(|e| Fatal::Nginx(e.into()))?;
+    let requests = request_metrics
+        .then(|| start_requests(&nginx_paths, &reports, nginx.handle()))
+        .flatten();
     isolation.check_acme_webroot(&config.acme_webroot, nginx.handle().master_pid());
     let incoming = config.root.join("incoming");
     let status = StatusServer::start(
@@ -396,39 +400,40 @@ pub fn run(
     Ok(())
 }
 
-/// The receiver of Nginx's per-request datagrams (README, "Request metrics"), unless
-/// `request-metrics: false`. Datagrams from an app's user are refused. A receiver that cannot
-/// start is logged and keter goes on without request metrics (Nginx's datagrams are then
-/// refused by the kernel, and it goes on serving).
-fn start_requests(
-    config: &Config,
-    paths: &crate::nginx::Paths,
-    reports: &Reports,
-    isolation: &Arc<Isolation>,
-) -> Option<crate::requests::receiver::Receiver> {
-    if !config.request_metrics {
-        return None;
-    }
-    if !crate::nginx::fits_sun_path(&paths.requests_socket) {
-        log::error!(
-            "keter: no request metrics: the socket path {} is longer than a unix socket \
-             path may be (107 bytes); choose a shorter root",
-            paths.requests_socket.display()
-        );
-        return None;
-    }
-    let isolation = isolation.clone();
-    let accept = Box::new(move |uid: u32| isolation.app_of_uid(uid).is_none());
-    match crate::requests::receiver::Receiver::start(
-        &paths.requests_socket,
-        reports.requests.clone(),
-        accept,
-    ) {
-        Ok(r) => Some(r),
+/// Makes the request log's folder (README, "Request metrics"); false, logged, when it cannot
+/// be made: keter then goes on without request metrics and no app's file names the log.
+fn prepare_requests(paths: &crate::nginx::Paths) -> bool {
+    match crate::requests::tailer::prepare(&paths.requests_log) {
+        Ok(()) => true,
         Err(e) => {
             log::error!(
-                "keter: no request metrics: cannot listen on {}: {e}",
-                paths.requests_socket.display()
+                "keter: no request metrics: cannot make the folder of {}: {e}",
+                paths.requests_log.display()
+            );
+            false
+        }
+    }
+}
+
+/// The thread that reads Nginx's request log, unless `request-metrics: false`. One that
+/// cannot start is logged and keter goes on without request metrics (Nginx goes on logging;
+/// the next keter reads what it can of the file).
+fn start_requests(
+    paths: &crate::nginx::Paths,
+    reports: &Reports,
+    nginx: crate::nginx::NginxHandle,
+) -> Option<crate::requests::tailer::Tailer> {
+    let reopen = Box::new(move || nginx.reopen_logs());
+    match crate::requests::tailer::Tailer::start(
+        &paths.requests_log,
+        reports.requests.clone(),
+        reopen,
+    ) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log::error!(
+                "keter: no request metrics: cannot read {}: {e}",
+                paths.requests_log.display()
             );
             None
         }

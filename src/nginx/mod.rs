@@ -48,9 +48,9 @@ pub struct Paths {
     pub http_conf: PathBuf,
     pub generation_conf: PathBuf,
     pub control_socket: PathBuf,
-    /// `ROOT/nginx/worker-files/requests.sock`: Nginx's workers send keter one datagram per
-    /// request there (`crate::requests::receiver`).
-    pub requests_socket: PathBuf,
+    /// `ROOT/nginx/worker-files/requests.log`: Nginx logs a line per request there, keter
+    /// reads it (`crate::requests::tailer`).
+    pub requests_log: PathBuf,
     /// Certificates keter writes itself (a listener's certificate with its chain appended).
     pub certs: PathBuf,
     /// `ROOT/nginx/worker-files`: the files Nginx's workers read while serving (the
@@ -68,7 +68,7 @@ impl Paths {
             http_conf: prefix.join("http.conf"),
             generation_conf: prefix.join("generation.conf"),
             control_socket: prefix.join("control.sock"),
-            requests_socket: prefix.join("worker-files").join("requests.sock"),
+            requests_log: prefix.join("worker-files").join("requests.log"),
             certs: prefix.join("certs"),
             worker_files: prefix.join("worker-files"),
             prefix,
@@ -98,8 +98,9 @@ pub struct Renderer {
     listener_certs: Vec<Option<CertFiles>>,
     healthcheck_path: Option<UrlPath>,
     ip_from_header: bool,
-    /// `request-metrics`: every server block logs to keter's socket.
-    request_metrics: bool,
+    /// `request-metrics`: every server block logs to keter's request log. The daemon turns
+    /// it off when the log's folder cannot be made.
+    pub request_metrics: bool,
     default_timeout: Option<Duration>,
     external_https_port: u16,
     /// The shortest `worker_shutdown_timeout`: drain-time + 10 s, as before a bound was taken
@@ -127,7 +128,7 @@ struct MetricsView {
     format: String,
     /// `VERSION|APP|DEPLOY`: a validated app name and a number.
     prefix: String,
-    socket: String,
+    log: String,
 }
 
 /// A listener's default server, for the main configuration.
@@ -161,7 +162,7 @@ impl Renderer {
             &paths.control_socket,
             &config.acme_webroot,
             &paths.worker_files,
-            &paths.requests_socket,
+            &paths.requests_log,
         ] {
             crate::names::check_conf_path(p).map_err(|e| RenderError::Root {
                 path: p.to_path_buf(),
@@ -192,9 +193,8 @@ impl Renderer {
             listener_certs,
             healthcheck_path: config.healthcheck_path.clone(),
             ip_from_header: config.ip_from_header,
-            // Without a socket keter can bind, no app's file names one (`crate::daemon` says
-            // why in the log).
-            request_metrics: config.request_metrics && fits_sun_path(&paths.requests_socket),
+            // The daemon turns it off when the log's folder cannot be made (it says why).
+            request_metrics: config.request_metrics,
             default_timeout: config.connection_time_bound,
             external_https_port: config.external_https_port,
             shortest_shutdown: config.drain_time + Duration::from_secs(10),
@@ -314,7 +314,7 @@ impl Renderer {
 
     /// What an app's file needs for request metrics (README, "Request metrics"): its own
     /// `log_format`, whose lines start with the format's version, the app and the deploy
-    /// number (`crate::requests::line`), and the socket.
+    /// number (`crate::requests::line`), and the log.
     fn metrics_view(&self, site: &Site) -> Option<MetricsView> {
         self.request_metrics.then(|| MetricsView {
             format: object_name(&site.app, Object::LogFormat),
@@ -324,7 +324,7 @@ impl Renderer {
                 site.app,
                 site.deploy
             ),
-            socket: self.paths.requests_socket.display().to_string(),
+            log: self.paths.requests_log.display().to_string(),
         })
     }
 

@@ -1,18 +1,19 @@
-//! One request as Nginx reports it: a syslog datagram (RFC 3164 as Nginx writes it, with
-//! `nohostname` and the tag `keter`) whose message is the `log_format` keter writes into every
-//! app's file (`templates/app.conf.tera`):
+//! One request as Nginx reports it: a line of the request log (`tailer.rs`) in the `log_format`
+//! keter writes into every app's file (`templates/app.conf.tera`):
 //!
 //! ```text
-//! <190>Dec  7 11:43:21 keter: k1|APP|RELEASE|$status|$bytes_sent|$upstream_status|$upstream_response_time|$upstream_header_time
+//! k2|APP|RELEASE|$msec|$status|$bytes_sent|$upstream_status|$upstream_response_time|$upstream_header_time
 //! ```
+//!
+//! `$msec` is when Nginx logged the request (unix seconds with milliseconds).
 //!
 //! The upstream fields are `-` when nothing was proxied (static files, redirects, Nginx's own
 //! answers); with several attempts or an internal redirect (the operator's proxy-exception
 //! page) they list values separated by `, ` and ` : `.
 
 /// The first field: the version of the format, so that a line of another keter's format is
-/// told apart and dropped.
-pub const VERSION: &str = "k1";
+/// told apart and dropped (`k1` was a syslog datagram without the time).
+pub const VERSION: &str = "k2";
 
 /// A status class. Upstream failures are 502 and 504 answers of Nginx itself, counted apart
 /// from the app's own 5xx.
@@ -59,6 +60,8 @@ impl Class {
 pub struct Line {
     pub app: String,
     pub release: u64,
+    /// When Nginx logged it: unix seconds.
+    pub time: u64,
     pub status: u16,
     pub bytes: u64,
     /// Nginx tried the app (or another upstream).
@@ -70,14 +73,10 @@ pub struct Line {
 }
 
 impl Line {
-    /// Parses a datagram; `None` for anything that is not keter's format.
-    pub fn parse(datagram: &[u8]) -> Option<Line> {
-        let text = std::str::from_utf8(datagram).ok()?;
-        let message = match text.find(" keter: ") {
-            Some(i) => &text[i + " keter: ".len()..],
-            None => text,
-        };
-        let mut f = message.trim_end().split('|');
+    /// Parses a line (without its newline); `None` for anything that is not keter's format.
+    pub fn parse(line: &[u8]) -> Option<Line> {
+        let text = std::str::from_utf8(line).ok()?;
+        let mut f = text.trim_end().split('|');
         if f.next()? != VERSION {
             return None;
         }
@@ -86,6 +85,11 @@ impl Line {
             return None;
         }
         let release = f.next()?.parse().ok()?;
+        let (seconds, millis) = f.next()?.split_once('.')?;
+        if millis.len() != 3 || !millis.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let time = seconds.parse().ok()?;
         let status: u16 = f.next()?.parse().ok()?;
         let bytes = f.next()?.parse().ok()?;
         let upstream_status = f.next()?;
@@ -112,6 +116,7 @@ impl Line {
         Some(Line {
             app: app.to_string(),
             release,
+            time,
             status,
             bytes,
             proxied: upstream_status.trim() != "-",
@@ -142,40 +147,40 @@ mod tests {
     use super::*;
 
     fn line(msg: &str) -> Option<Line> {
-        Line::parse(format!("<190>Dec  7 11:43:21 keter: {msg}").as_bytes())
+        Line::parse(msg.as_bytes())
     }
 
     #[test]
     fn proxied_static_and_failed_requests() {
-        let l = line("k1|shop|3|200|612|200|0.012|0.011").unwrap();
+        let l = line("k2|shop|3|1765107801.250|200|612|200|0.012|0.011").unwrap();
         assert_eq!(
-            (l.app.as_str(), l.release, l.status, l.bytes),
-            ("shop", 3, 200, 612)
+            (l.app.as_str(), l.release, l.time, l.status, l.bytes),
+            ("shop", 3, 1765107801, 200, 612)
         );
         assert_eq!(l.class(), Class::Success);
         assert_eq!(l.upstream_seconds(), Some(0.012));
 
-        let l = line("k1|shop|3|404|150|-|-|-").unwrap();
+        let l = line("k2|shop|3|1765107801.250|404|150|-|-|-").unwrap();
         assert_eq!(l.class(), Class::ClientError);
         assert_eq!(l.upstream_seconds(), None);
 
         // Connection refused: Nginx's own 502; with the operator's page behind an internal
         // redirect.
-        let l = line("k1|shop|3|502|300|502|0.000|-").unwrap();
+        let l = line("k2|shop|3|1765107801.250|502|300|502|0.000|-").unwrap();
         assert_eq!(l.class(), Class::UpstreamFailure);
         assert_eq!(l.upstream_seconds(), None);
-        let l = line("k1|shop|3|502|300|502 : -|0.000 : -|- : -").unwrap();
+        let l = line("k2|shop|3|1765107801.250|502|300|502 : -|0.000 : -|- : -").unwrap();
         assert_eq!(l.class(), Class::UpstreamFailure);
-        let l = line("k1|shop|3|504|300|504|60.001|-").unwrap();
+        let l = line("k2|shop|3|1765107801.250|504|300|504|60.001|-").unwrap();
         assert_eq!(l.class(), Class::UpstreamFailure);
 
         // The app's own 502 is the app's 5xx.
-        let l = line("k1|shop|3|502|120|502|0.004|0.004").unwrap();
+        let l = line("k2|shop|3|1765107801.250|502|120|502|0.004|0.004").unwrap();
         assert_eq!(l.class(), Class::ServerError);
         assert_eq!(l.upstream_seconds(), Some(0.004));
 
         // Two attempts: the times add up.
-        let l = line("k1|shop|3|200|10|502, 200|0.001, 0.002|-, 0.002").unwrap();
+        let l = line("k2|shop|3|1765107801.250|200|10|502, 200|0.001, 0.002|-, 0.002").unwrap();
         assert_eq!(l.class(), Class::Success);
         assert!((l.upstream_seconds().unwrap() - 0.003).abs() < 1e-9);
     }
@@ -183,15 +188,24 @@ mod tests {
     #[test]
     fn other_formats_are_refused() {
         for msg in [
-            "k2|shop|3|200|612|200|0.012|0.011",
-            "k1|shop|3|200|612|200|0.012",
-            "k1|shop|3|200|612|200|0.012|0.011|x",
-            "k1|../x|3|200|612|200|0.012|0.011",
-            "k1|shop|x|200|612|200|0.012|0.011",
+            "k3|shop|3|1765107801.250|200|612|200|0.012|0.011",
+            "k2|shop|3|1765107801.250|200|612|200|0.012",
+            "k2|shop|3|1765107801.250|200|612|200|0.012|0.011|x",
+            "k2|../x|3|1765107801.250|200|612|200|0.012|0.011",
+            "k2|shop|x|1765107801.250|200|612|200|0.012|0.011",
             "",
         ] {
             assert_eq!(line(msg), None, "{msg}");
         }
         assert_eq!(Line::parse(&[0xff, 0xfe]), None);
+        // The old datagram, and times that are not `$msec`.
+        assert_eq!(
+            Line::parse(b"<190>Dec  7 11:43:21 keter: k1|shop|3|200|612|200|0.012|0.011"),
+            None
+        );
+        for time in ["1765107801", "x.123", "1765107801.1", "-1.000"] {
+            let l = format!("k2|shop|3|{time}|200|612|200|0.012|0.011");
+            assert_eq!(Line::parse(l.as_bytes()), None, "{l}");
+        }
     }
 }

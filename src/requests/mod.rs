@@ -1,5 +1,5 @@
 //! Request metrics (README, "Request metrics"): what Nginx served for each app and each of its
-//! releases, as Nginx tells keter one datagram per request ([`receiver`]), kept in fixed-size
+//! releases, as Nginx logs them a line per request into a file keter reads ([`tailer`]), kept in fixed-size
 //! counters, histograms and ring buffers ([`Requests`]), shown at `/metrics`, in
 //! `/api/apps/NAME` and as plots ([`plot`]) on the status pages.
 //!
@@ -7,11 +7,11 @@
 //! counters of the last [`KEPT_RELEASES`] releases (deploy numbers) and two rings of time
 //! slots, the last hour at [`HOUR`] and the last day at [`DAY`], which take their memory only
 //! for the stretches of time the app had traffic in ([`Requests::bytes_per_app`] at most); apps
-//! beyond [`MAX_APPS`] are not counted (their datagrams are counted as dropped).
+//! beyond [`MAX_APPS`] are not counted (their lines are counted as dropped).
 
 pub mod line;
 pub mod plot;
-pub mod receiver;
+pub mod tailer;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -397,25 +397,25 @@ impl AppTraffic {
 /// An app's name, totals, and kept releases (deploy number, counters) oldest first.
 pub type AppCounters = (String, Counters, Vec<(u64, Counters)>);
 
-/// Why a datagram was not counted.
+/// Why a line was not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
     /// Not in keter's format (or from an earlier keter's format).
     Malformed,
-    /// Sent by a process that is not Nginx's (an app's user): README, "Request metrics".
-    Refused,
     /// An app beyond [`MAX_APPS`].
     TooManyApps,
 }
 
-/// The request metrics of every app; the receiver alone adds to them.
+/// The request metrics of every app; the tailer alone adds to them.
 #[derive(Debug, Default)]
 pub struct Requests {
     apps: Mutex<BTreeMap<String, AppTraffic>>,
-    pub datagrams: AtomicU64,
+    /// Lines of the request log read.
+    pub lines: AtomicU64,
     pub malformed: AtomicU64,
-    pub refused: AtomicU64,
     pub too_many_apps: AtomicU64,
+    /// Bytes of the request log not read: a backlog too large (`tailer::MAX_BACKLOG`).
+    pub skipped_bytes: AtomicU64,
 }
 
 /// The counters of one app or release, for JSON.
@@ -520,11 +520,10 @@ impl Requests {
         Ok(())
     }
 
-    /// Counts a datagram that was not counted.
+    /// Counts a line that was not counted.
     pub fn dropped(&self, why: Dropped) {
         match why {
             Dropped::Malformed => &self.malformed,
-            Dropped::Refused => &self.refused,
             Dropped::TooManyApps => &self.too_many_apps,
         }
         .fetch_add(1, Ordering::Relaxed);

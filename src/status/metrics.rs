@@ -333,35 +333,45 @@ fn requests(out: &mut String, requests: &Requests) {
     }
     family(
         out,
-        "keter_request_datagrams_total",
+        "keter_request_log_lines_total",
         "counter",
-        "Datagrams read from Nginx's request log socket.",
+        "Lines read from Nginx's request log.",
     );
     sample(
         out,
-        "keter_request_datagrams_total",
+        "keter_request_log_lines_total",
         &[],
-        requests.datagrams.load(Relaxed),
+        requests.lines.load(Relaxed),
     );
     family(
         out,
-        "keter_request_datagrams_dropped_total",
+        "keter_request_log_lines_dropped_total",
         "counter",
-        "Datagrams read but not counted: refused (not sent by Nginx's workers), malformed, or \
-         of an app beyond the bound on apps.",
+        "Lines read but not counted: malformed, or of an app beyond the bound on apps.",
     );
     for (reason, n) in [
-        ("refused", &requests.refused),
         ("malformed", &requests.malformed),
         ("too_many_apps", &requests.too_many_apps),
     ] {
         sample(
             out,
-            "keter_request_datagrams_dropped_total",
+            "keter_request_log_lines_dropped_total",
             &[("reason", reason)],
             n.load(Relaxed),
         );
     }
+    family(
+        out,
+        "keter_request_log_skipped_bytes_total",
+        "counter",
+        "Bytes of Nginx's request log not read: a backlog too large to catch up with.",
+    );
+    sample(
+        out,
+        "keter_request_log_skipped_bytes_total",
+        &[],
+        requests.skipped_bytes.load(Relaxed),
+    );
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -442,9 +452,9 @@ mod tests {
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
         let line = |m: &str| crate::requests::Line::parse(m.as_bytes()).unwrap();
         for m in [
-            "k1|hello|2|200|100|200|0.020|0.020",
-            "k1|hello|2|200|100|200|0.300|0.300",
-            "k1|hello|3|502|50|502|0.000|-",
+            "k2|hello|2|1000.000|200|100|200|0.020|0.020",
+            "k2|hello|2|1000.000|200|100|200|0.300|0.300",
+            "k2|hello|3|1000.000|502|50|502|0.000|-",
         ] {
             reports.requests.add(1000, &line(m)).unwrap();
         }
@@ -478,7 +488,7 @@ mod tests {
             "keter_app_upstream_response_seconds_bucket{app=\"hello\",release=\"2\",le=\"+Inf\"} 2",
             "keter_app_upstream_response_seconds_count{app=\"hello\",release=\"3\"} 0",
             "keter_app_upstream_response_seconds_sum{app=\"hello\",release=\"2\"} 0.32",
-            "keter_request_datagrams_dropped_total{reason=\"refused\"} 0",
+            "keter_request_log_lines_dropped_total{reason=\"malformed\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

@@ -114,7 +114,17 @@ fn a_hostile_app_reaches_nothing_of_its_neighbour_or_of_keter() {
         "the probe reached:\n{}\n\n{text}",
         reached.join("\n")
     );
-    assert!(text.contains("summary: reached 0 of 26"), "{text}");
+    assert!(text.contains("summary: reached 0 of 28"), "{text}");
+    // Nginx's request log exists (the neighbour was asked through Nginx), and the probe was
+    // refused it: no app reads another's traffic or forges lines into the request metrics.
+    for check in ["read", "append"] {
+        let line = format!("reached {check} nginx/worker-files/requests.log: no");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&line) && l.contains("Permission denied")),
+            "{line}\n{text}"
+        );
+    }
     for check in [
         "reached read temp/probed-N: no",
         "reached read etc/processes: no",

@@ -1,5 +1,5 @@
 //! Request metrics (README, "Request metrics") through the real thing: keter's managed Nginx
-//! sends a datagram per request, keter counts it; the counts, classes, releases and latency
+//! logs a line per request into keter's request log, keter counts it; the counts, classes, releases and latency
 //! quantiles are read back from `/api/apps/NAME` and `/metrics`, the plots in headless Chromium.
 
 use std::collections::BTreeMap;
@@ -17,13 +17,14 @@ use crate::support::*;
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "upstream_failure"];
 
 /// The app's `requests` counters by class (all zero before its first request), once they
-/// stopped changing: Nginx's datagrams arrive after its answers.
+/// stopped changing: Nginx writes its lines at most a second after its answers
+/// (`flush=1s`), and keter reads the log four times a second.
 fn settled(k: &Keter, app: &str) -> Value {
     let read = || json(k, &format!("/api/apps/{app}"))["requests"].clone();
     let mut last = read();
     let start = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(1500));
         let now = read();
         if now == last {
             return now;
@@ -245,18 +246,13 @@ fn counts_and_classes_are_exact_per_release_for_every_stanza() {
     }
     assert_eq!(
         m.get(
-            "keter_request_datagrams_dropped_total",
-            &[("reason", "refused")]
-        ),
-        0.0
-    );
-    assert_eq!(
-        m.get(
-            "keter_request_datagrams_dropped_total",
+            "keter_request_log_lines_dropped_total",
             &[("reason", "malformed")]
         ),
         0.0
     );
+    assert_eq!(m.get("keter_request_log_skipped_bytes_total", &[]), 0.0);
+    assert!(m.get("keter_request_log_lines_total", &[]) > 0.0);
 
     // keter status: one line of it per app.
     let (code, out, err) =
@@ -333,7 +329,7 @@ fn latency_quantiles_are_within_a_bucket_of_the_truth() {
 }
 
 #[test]
-fn a_stopped_keter_blocks_no_request_and_counts_again_once_resumed() {
+fn a_stopped_keter_blocks_no_request_and_loses_none() {
     let k = Keter::start_with(
         "metrics-sigstop",
         Opts {
@@ -344,9 +340,10 @@ fn a_stopped_keter_blocks_no_request_and_counts_again_once_resumed() {
     let host = "busy.example.com";
     k.deploy_hello("busy", "v1", host, &[]);
     k.wait_for(host, "v1", WAIT);
+    let before = settled(&k, "busy");
     let keter = nix::unistd::Pid::from_raw(k.pid());
     nix::sys::signal::kill(keter, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    // Far more requests than the socket's queue holds, while nobody reads it.
+    // Thousands of requests while nobody reads the log.
     let start = Instant::now();
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -368,16 +365,81 @@ fn a_stopped_keter_blocks_no_request_and_counts_again_once_resumed() {
     nix::sys::signal::kill(keter, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(ok, 6000);
     eprintln!("6000 requests in {took:?} while keter was stopped");
-    // What keter could not read was dropped by the kernel, not queued without bound: keter
-    // counted at most what was sent, and counts again exactly once resumed.
-    let before = settled(&k, "busy");
-    assert!(before["requests"].as_u64().unwrap() <= 6000 + 100);
+    // Nothing was lost: the log kept what keter did not read, and keter reads it once resumed.
+    let mut made: BTreeMap<&str, u64> = CLASSES.iter().map(|c| (*c, 0)).collect();
+    made.insert("2xx", 6000);
+    let after = wait_counts(&k, "busy", &before, &made);
     for _ in 0..25 {
         assert_eq!(k.get(host, "/").unwrap().status, 200);
     }
-    let mut made: BTreeMap<&str, u64> = CLASSES.iter().map(|c| (*c, 0)).collect();
     made.insert("2xx", 25);
-    wait_counts(&k, "busy", &before, &made);
+    wait_counts(&k, "busy", &after, &made);
+}
+
+/// The request log grown past its bound is renamed and the real Nginx reopens it (SIGUSR1):
+/// no request is lost across the rotation, and a keter upgraded in place reads both files
+/// again, so its counts carry on.
+#[test]
+fn the_request_log_rotates_with_nginx_and_its_counts_survive_an_upgrade() {
+    use std::io::Write;
+    let k = Keter::start_with(
+        "metrics-rotate",
+        Opts {
+            status: StatusAt::Tcp,
+            ..Opts::default()
+        },
+    );
+    let host = "rot.example.com";
+    k.deploy_hello("rot", "v1", host, &[]);
+    k.wait_for(host, "v1", WAIT);
+    let log = k.root.join("nginx/worker-files/requests.log");
+    let renamed = k.root.join("nginx/worker-files/requests.log.1");
+    let first = settled(&k, "rot");
+    assert!(log.exists() && !renamed.exists());
+    // 65 MiB of lines that are not keter's, past the 64 MiB bound, as a busy Nginx would have
+    // written; then keter renames the file and Nginx opens a new one.
+    let junk = vec![b'x'; 1023]
+        .into_iter()
+        .chain([b'\n'])
+        .collect::<Vec<u8>>();
+    let mut append = fs::OpenOptions::new().append(true).open(&log).unwrap();
+    for _ in 0..65 * 1024 {
+        append.write_all(&junk).unwrap();
+    }
+    drop(append);
+    let start = Instant::now();
+    while !(renamed.exists() && log.exists()) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the log was not rotated\n{}",
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut made: BTreeMap<&str, u64> = CLASSES.iter().map(|c| (*c, 0)).collect();
+    made.insert("2xx", 30);
+    for _ in 0..30 {
+        assert_eq!(k.get(host, "/").unwrap().status, 200);
+    }
+    let after = wait_counts(&k, "rot", &first, &made);
+    assert!(
+        fs::metadata(&log).unwrap().len() > 0,
+        "Nginx writes into the new file"
+    );
+    let m = Metrics::parse(&page(&k, "/metrics"));
+    assert_eq!(
+        m.get(
+            "keter_request_log_lines_dropped_total",
+            &[("reason", "malformed")]
+        ),
+        65.0 * 1024.0
+    );
+
+    // Upgraded in place, keter starts with no counts and reads both files again.
+    k.signal(nix::sys::signal::Signal::SIGUSR2);
+    k.wait_log("keter: upgraded in place", WAIT);
+    let again = settled(&k, "rot");
+    assert_eq!(classes(&again), classes(&after), "{}", k.log());
 }
 
 #[test]

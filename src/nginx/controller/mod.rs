@@ -90,6 +90,8 @@ enum Msg {
         pid: i32,
         status: Option<ExitStatus>,
     },
+    /// The request log was renamed: Nginx is to reopen its log files.
+    ReopenLogs,
     /// An in-place upgrade: answer once idle, then do nothing until `Thaw`.
     Freeze(Sender<()>),
     Thaw,
@@ -130,6 +132,8 @@ trait Effects {
     fn system_master(&self) -> Result<i32, NotRunning>;
     /// Sends SIGHUP to `pid`.
     fn hangup(&mut self, pid: i32) -> Result<(), NginxError>;
+    /// Sends SIGUSR1 to `pid`: the master reopens every log file and has its workers do so.
+    fn reopen_logs(&mut self, pid: i32) -> Result<(), NginxError>;
     /// Managed mode: takes over the master an earlier keter left running, if there is one;
     /// its pid and how long it has run.
     fn adopt_master(&mut self) -> Option<(i32, Duration)>;
@@ -235,6 +239,13 @@ impl NginxHandle {
         }
     }
 
+    /// Has Nginx reopen its log files, without waiting: the request log was renamed
+    /// (`crate::requests::tailer`). Nothing happens while no master runs; a master started
+    /// later opens the file by its name anyway.
+    pub fn reopen_logs(&self) {
+        let _ = self.tx.send(Msg::ReopenLogs);
+    }
+
     /// Makes `site` the live configuration of `app` (or removes the app's file with `None`).
     /// Blocks until Nginx runs it and returns the generation that confirmed it.
     pub fn apply(&self, app: &AppName, site: Option<Site>) -> Result<u64, NginxError> {
@@ -307,6 +318,7 @@ impl<E: Effects> Actor<E> {
                             Msg::Exited { pid, status } => {
                                 self.plan.exited(&mut self.world, pid, status)
                             }
+                            Msg::ReopenLogs => self.plan.reopen_logs(&mut self.world),
                             Msg::Freeze(reply) => freeze = Some(reply),
                             Msg::Thaw => {}
                             Msg::Shutdown => shutdown = true,
@@ -321,6 +333,7 @@ impl<E: Effects> Actor<E> {
                     }
                 }
                 Msg::Exited { pid, status } => self.plan.exited(&mut self.world, pid, status),
+                Msg::ReopenLogs => self.plan.reopen_logs(&mut self.world),
                 Msg::Freeze(reply) => self.frozen(reply, &rx),
                 Msg::Thaw => {}
                 Msg::Shutdown => break,
@@ -356,6 +369,7 @@ impl<E: Effects> Actor<E> {
             match m {
                 Msg::Apply(change) => self.apply(vec![change]),
                 Msg::Exited { pid, status } => self.plan.exited(&mut self.world, pid, status),
+                Msg::ReopenLogs => self.plan.reopen_logs(&mut self.world),
                 Msg::Freeze(reply) => self.frozen(reply, rx),
                 Msg::Thaw | Msg::Shutdown => {}
             }

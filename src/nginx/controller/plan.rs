@@ -492,6 +492,21 @@ impl Plan {
         }
     }
 
+    /// The request log was renamed (`crate::requests::tailer`): the running master (managed,
+    /// or the host's) reopens its log files. Without one nothing is sent: a master started
+    /// later opens the log by its name.
+    pub fn reopen_logs(&mut self, fx: &mut impl Effects) {
+        let pid = match self.mode {
+            NginxMode::Managed => self.master.as_ref().map(|m| m.pid),
+            NginxMode::System => fx.system_master().ok(),
+        };
+        if let Some(pid) = pid
+            && let Err(e) = fx.reopen_logs(pid)
+        {
+            log::warn!("nginx: cannot have the master reopen its logs: {e}");
+        }
+    }
+
     /// At exit: stops a managed master; takes keter's files out of a system Nginx.
     pub fn stop(&mut self, fx: &mut impl Effects) {
         if self.mode == NginxMode::System {

@@ -166,6 +166,10 @@ impl Effects for Fake {
         }
         Ok(())
     }
+    fn reopen_logs(&mut self, pid: i32) -> Result<(), NginxError> {
+        self.log.push(format!("usr1 {pid}"));
+        Ok(())
+    }
     fn adopt_master(&mut self) -> Option<(i32, Duration)> {
         let pid = self.adoptable.take()?;
         self.alive.insert(pid);
@@ -573,6 +577,24 @@ fn a_master_that_dies_is_restarted_with_backoff() {
     assert_eq!(s.plan.restart_at(), None);
     assert_eq!(s.master_pid.load(Ordering::Relaxed), 110);
     assert_eq!(s.fx.log, ["stop 100", "start failed", "start 110"]);
+}
+
+#[test]
+fn logs_are_reopened_by_the_running_master_and_by_none_while_it_is_down() {
+    let mut s = started();
+    s.plan.reopen_logs(&mut s.fx);
+    assert_eq!(s.fx.take_log(), ["usr1 100"]);
+    s.fx.alive.remove(&100);
+    s.plan.exited(&mut s.fx, 100, None);
+    s.fx.take_log();
+    s.plan.reopen_logs(&mut s.fx);
+    assert!(s.fx.log.is_empty(), "{:?}", s.fx.log);
+
+    // System mode: the host's master.
+    let mut s = plan(NginxMode::System);
+    s.fx.alive.insert(7);
+    s.plan.reopen_logs(&mut s.fx);
+    assert_eq!(s.fx.log, ["usr1 7"]);
 }
 
 #[test]

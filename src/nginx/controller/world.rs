@@ -216,6 +216,11 @@ impl Effects for World {
             .map_err(|source| Unconfirmed::Signal { pid, source }.into())
     }
 
+    fn reopen_logs(&mut self, pid: i32) -> Result<(), NginxError> {
+        signal::kill(Pid::from_raw(pid), Signal::SIGUSR1)
+            .map_err(|source| Unconfirmed::Signal { pid, source }.into())
+    }
+
     fn adopt_master(&mut self) -> Option<(i32, Duration)> {
         self.adopt()
     }
