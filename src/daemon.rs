@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::app::{AppHandle, Command, Shared};
+use crate::app::{AppHandle, Command, Refusal, Shared};
 use crate::config::Config;
 use crate::isolation::{Isolation, IsolationError};
 use crate::journal::Journal;
@@ -744,7 +744,7 @@ impl Daemon {
         let app = match AppName::new(asked.request.app()) {
             Ok(a) => a,
             Err(e) => {
-                reply.answer(Err(format!(
+                reply.refuse(Refusal::Refused(format!(
                     "{:?} is not an app name: {e}",
                     asked.request.app()
                 )));
@@ -758,7 +758,9 @@ impl Daemon {
             .join("incoming")
             .join(format!("{app}.keter"));
         let Some(h) = self.apps.get_mut(&app) else {
-            reply.answer(Err(format!("{app}: no such app is deployed")));
+            reply.refuse(Refusal::NoSuchApp {
+                app: app.to_string(),
+            });
             return;
         };
         match asked.request {
@@ -778,7 +780,7 @@ impl Daemon {
                 reply,
             }),
             // The control socket answers it from the reports.
-            Request::Releases { .. } => reply.answer(Err("not a command".into())),
+            Request::Releases { .. } => reply.refuse(Refusal::Refused("not a command".into())),
         }
     }
 

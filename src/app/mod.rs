@@ -178,12 +178,6 @@ impl Reply {
         self.send(Err(why));
     }
 
-    /// Answers with the daemon's own text (`src/daemon.rs`): an error is a
-    /// [`Refusal::Refused`]. What names its refusal uses [`Reply::refuse`].
-    pub fn answer(&mut self, outcome: Result<String, String>) {
-        self.send(outcome.map_err(Refusal::Refused));
-    }
-
     /// Answers (once; later answers go nowhere).
     fn send(&mut self, outcome: Outcome) {
         if let Some(tx) = self.0.take() {
