@@ -147,12 +147,13 @@ fn keters_client_obtains_renews_and_reuses_a_certificate_that_nginx_serves() {
     init_log();
     let dir = TempDir::new("acme-obtain");
     let (port, tls_port) = (free_port(), free_port());
-    // 40 s certificates: renewal is due about 27 s after each is issued.
+    // 30 s certificates: renewal is due 20 s after each is issued, and the restart below
+    // comes well before the second one's.
     let mut pebble = Pebble::start(
         &dir.0.join("pebble"),
         PebbleOpts {
             http_port: port,
-            validity: Duration::from_secs(40),
+            validity: Duration::from_secs(30),
             port: None,
         },
     );

@@ -32,6 +32,8 @@ const ADMIN: &str = "keter_admin";
 /// keter's admin role may read the server's settings (its socket folder).
 pub struct PgCluster {
     dir: PathBuf,
+    /// `dir` is a tmpfs of its own (see [`PgCluster::start_with_hba`]).
+    tmpfs: bool,
     bin: PathBuf,
     pub port: u16,
     /// The file holding the admin role's password.
@@ -71,11 +73,25 @@ impl PgCluster {
     /// A cluster with this `pg_hba.conf`, which must trust the socket for `postgres`.
     pub fn start_with_hba(label: &str, hba: &str) -> PgCluster {
         let bin = pg_bin();
+        // Named as the harness names test folders (`LABEL-PID-N`), so that the sweep after a
+        // killed run stops its server and unmounts its tmpfs (`sweep_stale_tests` in
+        // support.rs).
         let dir = std::env::temp_dir()
             .join("keter-tests")
-            .join(format!("pg-{label}-{}", std::process::id()));
+            .join(format!("pg-{label}-{}-0", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        // As root, the cluster lives on a tmpfs: by the end of the run the shared one holds
+        // thousands of files (a database per app, and their WAL), whose removal from a busy
+        // disk took longer than most tests; an unmount frees them at once. Kept folders stay
+        // on disk, to be read after the run.
+        let tmpfs = is_root()
+            && std::env::var_os("KETER_KEEP_TEST_DIRS").is_none()
+            && Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=2g,mode=0755", "tmpfs"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
         if is_root() {
             // initdb refuses to run as root; the server runs as the postgres user.
             let pg = nix::unistd::User::from_name("postgres")
@@ -88,6 +104,7 @@ impl PgCluster {
             password_file: dir.join("admin-password"),
             admin_password: random_hex(),
             dir,
+            tmpfs,
             bin,
         };
         cluster.run(
@@ -235,6 +252,10 @@ impl PgCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        if self.tmpfs {
+            // Lazily: a process of a test may still have its working folder there.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
         if std::env::var_os("KETER_KEEP_TEST_DIRS").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }

@@ -580,7 +580,9 @@ fn a_release_with_too_few_requests_is_not_rolled_back_on_its_errors() {
     let k = Keter::start_with(
         "autorollback-few",
         Opts {
-            extra: "rollback-window: 15\nrollback-min-requests: 100\n".into(),
+            // The window outlasts the first look at the requests, ten seconds after the
+            // switch (`LOOK` in src/app/autorollback.rs), by two seconds.
+            extra: "rollback-window: 12\nrollback-min-requests: 100\n".into(),
             ..Opts::default()
         },
     );
@@ -592,6 +594,13 @@ fn a_release_with_too_few_requests_is_not_rolled_back_on_its_errors() {
     for _ in 0..30 {
         assert_eq!(k.get(HOST, "/").unwrap().status, 500);
     }
+    // They all count: the window was still open.
+    assert_eq!(
+        k.log_count("release 2 passed its rollback window"),
+        0,
+        "{}",
+        k.log()
+    );
     k.wait_log(
         "release 2 passed its rollback window",
         Duration::from_secs(40),
