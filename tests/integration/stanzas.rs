@@ -120,6 +120,8 @@ fn golden_files_pass_nginx_t() {
     fs::write(acme.join("shop.example.com-1a2b3c4d.pem"), both).unwrap();
     let prefix = root.join("nginx");
     fs::create_dir_all(prefix.join("temp")).unwrap();
+    // The request log's folder, which keter makes before Nginx tests a file naming the log.
+    fs::create_dir_all(prefix.join("worker-files")).unwrap();
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let map = "map $http_upgrade $keter_connection_upgrade { default upgrade; '' ''; }\nmap $request_method $keter_autohead_method { HEAD GET; default $request_method; }\n";
     let mut checked = 0;
