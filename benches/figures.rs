@@ -617,9 +617,9 @@ fn datagram_sink(path: &Path) -> std::os::unix::net::UnixDatagram {
     socket
 }
 
-/// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS`
-/// (9 rounds unless told); with `KETER_BEFORE=/path/to/keter`, that build's Nginx with metrics
-/// on is one more target, compared with this build's round by round.
+/// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS
+/// PAIRS` (9 rounds and 20 pairs unless told); with `KETER_BEFORE=/path/to/keter`, that build's
+/// Nginx with metrics on is one more target, compared with this build's round by round.
 fn front_end_overhead() {
     let rounds: usize = std::env::args()
         .nth(2)
@@ -893,6 +893,71 @@ fn front_end_overhead() {
             fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
                 .unwrap_or_default()
                 .trim(),
+        );
+    }
+    // The headline ratios once more, from pairs: each target run right before or right after
+    // the hand-tuned proxy, the order alternating pair by pair. On this shared machine the CPU
+    // per request of one run differs from the next by about 10% (perf shows three quarters of
+    // it in the kernel: loopback TCP, the same system calls per request for every target), and
+    // runs further apart differ more; two runs seconds apart, many times, tell a few percent.
+    let pairs: usize = std::env::args()
+        .nth(3)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("overhead ROUNDS PAIRS: a number of pairs"))
+        .unwrap_or(20);
+    let tuned_target = 3;
+    let paired_targets = [1, 2, 5];
+    // (wrk's result, the front end's CPU µs per request).
+    let measure = |t: usize| -> (Wrk, f64) {
+        let (_, port, master) = targets[t];
+        let master = master.expect("a front end");
+        let before = workers_cpu_us(master);
+        let w = wrk_result(wrk_threads(
+            2,
+            &format!("http://127.0.0.1:{port}/"),
+            host,
+            SECONDS,
+            16,
+            false,
+        ));
+        // The buffered log is written within a second: its write is this run's.
+        std::thread::sleep(Duration::from_millis(1100));
+        let cpu = (workers_cpu_us(master) - before) / w.requests.max(1) as f64;
+        (w, cpu)
+    };
+    // Per paired target: (req/s ratio, CPU per request ratio) of each pair; errors.
+    let mut ratios: Vec<(Vec<f64>, Vec<f64>, u64)> = paired_targets
+        .iter()
+        .map(|_| (Vec::new(), Vec::new(), 0))
+        .collect();
+    for pair in 0..pairs {
+        for (j, &t) in paired_targets.iter().enumerate() {
+            let (tuned, other) = if pair % 2 == 0 {
+                let a = measure(tuned_target);
+                (a, measure(t))
+            } else {
+                let b = measure(t);
+                (measure(tuned_target), b)
+            };
+            ratios[j].0.push(other.0.rps / tuned.0.rps);
+            ratios[j].1.push(other.1 / tuned.1);
+            ratios[j].2 += other.0.errors + tuned.0.errors;
+        }
+    }
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (at(0.25), at(0.5), at(0.75))
+    };
+    println!(
+        "\n   pairs: {pairs} pairs of {SECONDS} s runs, each target beside the hand-tuned proxy (order alternating); medians of the per-pair ratios (quartiles)"
+    );
+    for (j, &t) in paired_targets.iter().enumerate() {
+        let (r25, r50, r75) = quartiles(ratios[j].0.clone());
+        let (c25, c50, c75) = quartiles(ratios[j].1.clone());
+        println!(
+            "   {:<34} / hand-tuned: req/s {r50:.3} ({r25:.3}-{r75:.3}), CPU per request {c50:.3} ({c25:.3}-{c75:.3}), errors {}",
+            targets[t].0, ratios[j].2
         );
     }
     println!(
