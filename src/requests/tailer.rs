@@ -120,8 +120,17 @@ struct Tail {
     offset: u64,
     /// The start of a line whose end was not written yet.
     partial: Vec<u8>,
-    /// The line being read is not counted (a skipped backlog's first, or one too long).
-    skipping: bool,
+    /// The line being read is not counted: why.
+    skipping: Option<Skip>,
+}
+
+/// Why the rest of a line is passed over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    /// The backlog was skipped to within this line: its bytes are counted as skipped.
+    Backlog,
+    /// It is too long for keter's format: counted once, as a malformed line.
+    TooLong,
 }
 
 impl Tail {
@@ -137,7 +146,7 @@ impl Tail {
             inode: (m.dev(), m.ino()),
             offset: 0,
             partial: Vec::new(),
-            skipping: false,
+            skipping: None,
         })
     }
 
@@ -150,7 +159,7 @@ impl Tail {
             // Truncated by someone: what is there now is new.
             self.offset = 0;
             self.partial.clear();
-            self.skipping = false;
+            self.skipping = None;
         }
         if size - self.offset > limits.max_backlog {
             let skip_to = size - limits.rotate_at;
@@ -159,7 +168,7 @@ impl Tail {
             self.offset = skip_to;
             self.partial.clear();
             // The line the skip ends in is skipped too.
-            self.skipping = true;
+            self.skipping = Some(Skip::Backlog);
         }
         if self.file.seek(SeekFrom::Start(self.offset)).is_err() {
             return;
@@ -180,11 +189,12 @@ impl Tail {
             while let Some(end) = chunk.iter().position(|b| *b == b'\n') {
                 let line = &chunk[..end];
                 chunk = &chunk[end + 1..];
-                if self.skipping {
-                    requests
-                        .skipped_bytes
-                        .fetch_add(end as u64 + 1, Ordering::Relaxed);
-                    self.skipping = false;
+                if let Some(why) = self.skipping.take() {
+                    if why == Skip::Backlog {
+                        requests
+                            .skipped_bytes
+                            .fetch_add(end as u64 + 1, Ordering::Relaxed);
+                    }
                 } else if self.partial.is_empty() {
                     count(requests, line, now);
                 } else {
@@ -193,15 +203,17 @@ impl Tail {
                     self.partial.clear();
                 }
             }
-            if self.skipping {
-                requests
-                    .skipped_bytes
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if let Some(why) = self.skipping {
+                if why == Skip::Backlog {
+                    requests
+                        .skipped_bytes
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
             } else if self.partial.len() + chunk.len() > MAX_LINE {
                 // No line of keter's format is this long: the rest of it is dropped.
                 requests.dropped(Dropped::Malformed);
                 self.partial.clear();
-                self.skipping = true;
+                self.skipping = Some(Skip::TooLong);
             } else {
                 self.partial.extend_from_slice(chunk);
             }

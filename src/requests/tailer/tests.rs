@@ -110,6 +110,9 @@ fn lines_are_counted_once_whole_at_the_time_nginx_logged_them() {
     files.poll(&r);
     assert_eq!(total(&r), 3);
     assert!(files.current.as_ref().unwrap().partial.is_empty());
+    // Counted once, as one more malformed line; no backlog was skipped.
+    assert_eq!(r.malformed.load(Ordering::Relaxed), 2);
+    assert_eq!(r.skipped_bytes.load(Ordering::Relaxed), 0);
     let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
 }
 
