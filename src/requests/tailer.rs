@@ -31,7 +31,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,9 +61,13 @@ pub struct Tailer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The socket of the request datagrams of an older keter, beside the log.
+const OLD_SOCKET: &str = "requests.sock";
+
 /// Makes the request log's folder before any configuration that names the log is tested
 /// (Nginx refuses a log whose folder does not exist): mode `0710`, as the Nginx controller
-/// keeps it and gives it to the workers' group (`src/nginx/worker_files.rs`).
+/// keeps it and gives it to the workers' group (`src/nginx/worker_files.rs`); removes the
+/// socket an older keter left there.
 pub fn prepare(log: &Path) -> io::Result<()> {
     let Some(dir) = log.parent() else {
         return Ok(());
@@ -71,6 +75,12 @@ pub fn prepare(log: &Path) -> io::Result<()> {
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o710)
         .create(dir)?;
     if std::fs::symlink_metadata(dir)?.is_dir() {
+        // keter before the log file read a datagram per request on this socket; Nginx stops
+        // sending there once it runs this keter's files, and nothing reads it any more.
+        let old = dir.join(OLD_SOCKET);
+        if std::fs::symlink_metadata(&old).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&old);
+        }
         Ok(())
     } else {
         Err(io::Error::new(

@@ -219,3 +219,22 @@ fn the_tailer_thread_counts_what_nginx_appends() {
     assert_eq!(s.total.by_class["5xx"], 100);
     let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
 }
+
+/// The datagram socket of a keter from before the log file is removed, and nothing else is.
+#[test]
+fn an_older_keters_socket_is_removed() {
+    let path = dir("oldsocket");
+    let folder = path.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&folder).unwrap();
+    let socket = std::os::unix::net::UnixDatagram::bind(folder.join("requests.sock")).unwrap();
+    std::fs::write(folder.join("other"), "kept").unwrap();
+    prepare(&path).unwrap();
+    assert!(std::fs::symlink_metadata(folder.join("requests.sock")).is_err());
+    assert!(folder.join("other").exists());
+    drop(socket);
+    // A file of that name that is not a socket is not keter's old socket.
+    std::fs::write(folder.join("requests.sock"), "not a socket").unwrap();
+    prepare(&path).unwrap();
+    assert!(folder.join("requests.sock").exists());
+    let _ = std::fs::remove_dir_all(folder.parent().unwrap());
+}
