@@ -97,12 +97,25 @@ pub fn get(address: &StatusAddress, path: &str, timeout: Duration) -> Result<Str
     Ok(answer.body)
 }
 
+/// An `/api/apps` answer without the list of apps: not a keter's, or a keter's of another
+/// version of the status API.
+#[derive(Debug)]
+pub struct NoAppsList;
+
+impl fmt::Display for NoAppsList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the answer has no \"apps\" list")
+    }
+}
+
+impl std::error::Error for NoAppsList {}
+
 /// The `/api/apps` answer as a table, then each app's last error on its own line.
-pub fn table(api: &Value) -> Result<String, String> {
+pub fn table(api: &Value) -> Result<String, NoAppsList> {
     let apps = api
         .get("apps")
         .and_then(Value::as_array)
-        .ok_or("the answer has no \"apps\" list")?;
+        .ok_or(NoAppsList)?;
     if apps.is_empty() {
         return Ok("No app is deployed.\n".to_string());
     }
@@ -464,5 +477,11 @@ mod tests {
         let j = json_text(&api).unwrap();
         assert!(clean(&j), "{j:?}");
         assert_eq!(serde_json::from_str::<Value>(&j).unwrap(), api);
+    }
+
+    #[test]
+    fn an_answer_without_the_apps_list_is_named() {
+        let e = table(&serde_json::json!({"error": "x"})).unwrap_err();
+        assert_eq!(e.to_string(), "the answer has no \"apps\" list");
     }
 }
