@@ -12,9 +12,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-
-use super::Shared as Context;
 use super::EventSender;
+use super::Shared as Context;
 use super::error::{DeployError, NotReady};
 use super::machine::Event;
 use super::site::{SiteError, SiteSource, site_of};

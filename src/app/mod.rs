@@ -365,7 +365,7 @@ trait Effects {
 pub(super) struct EventSender(Sender<Box<Event>>);
 
 impl EventSender {
-    pub(super) fn send(&self, event: Event) -> Result<(), crossbeam_channel::SendError<Box<Event>>> {
+    fn send(&self, event: Event) -> Result<(), crossbeam_channel::SendError<Box<Event>>> {
         self.0.send(Box::new(event))
     }
 }
