@@ -1021,13 +1021,16 @@ fn switch_generations(k: &Keter) -> Vec<u64> {
 }
 
 /// One burst into a fresh daemon: how long until all serve, the Nginx reloads and switches,
-/// and the daemon's resident memory, heap and stacks, and threads 3 s later.
+/// and the daemon's resident memory, heap and stacks, its binary's pages and threads 3 s
+/// later.
 struct Burst {
     all: Duration,
     reloads: usize,
     switches: usize,
     rss: u64,
     anonymous: u64,
+    /// KiB of keter's own binary resident (its code and read-only data).
+    binary: u64,
     threads: u64,
 }
 
@@ -1059,6 +1062,7 @@ fn burst_into_fresh(label: &str, binary: Option<&PathBuf>, apps: usize, extra: &
         switches: generations.len(),
         rss: proc_field(pid, "status", "VmRSS:"),
         anonymous: proc_field(pid, "smaps_rollup", "Anonymous:"),
+        binary: binary_resident(pid),
         threads: proc_field(pid, "status", "Threads:"),
     }
 }
@@ -1109,8 +1113,14 @@ fn many_apps() {
         "\n4. {apps} bundles copied in at once (medians of {rounds} rounds, each a fresh daemon; min-max)"
     );
     println!(
-        "   {:<34} {:>20} {:>14} {:>20} {:>18} {:>8}",
-        "", "all serving, s", "reloads", "daemon RSS, KiB", "heap+stacks, KiB", "threads"
+        "   {:<34} {:>20} {:>14} {:>20} {:>18} {:>12} {:>8}",
+        "",
+        "all serving, s",
+        "reloads",
+        "daemon RSS, KiB",
+        "heap+stacks, KiB",
+        "binary, KiB",
+        "threads"
     );
     for ((label, _), (own, root)) in builds.iter().zip(&runs) {
         for (kind, v) in [("own users", own), ("run-apps-as-root", root)] {
@@ -1118,9 +1128,10 @@ fn many_apps() {
             let reloads = median_of(v, &|b| b.reloads as f64);
             let rss = median_of(v, &|b| b.rss as f64);
             let anon = median_of(v, &|b| b.anonymous as f64);
+            let binary = median_of(v, &|b| b.binary as f64);
             let threads = median_of(v, &|b| b.threads as f64);
             println!(
-                "   {:<34} {:>6.2} ({:.2}-{:.2}) {:>6.0} for {:>3} {:>8.0} ({:.0}-{:.0}) {:>18.0} {:>8.0}",
+                "   {:<34} {:>6.2} ({:.2}-{:.2}) {:>6.0} for {:>3} {:>8.0} ({:.0}-{:.0}) {:>18.0} {:>12.0} {:>8.0}",
                 format!("{label}, {kind}"),
                 all.0,
                 all.1,
@@ -1131,6 +1142,7 @@ fn many_apps() {
                 rss.1,
                 rss.2,
                 anon.0,
+                binary.0,
                 threads.0
             );
         }
@@ -1169,6 +1181,31 @@ fn save_memory_maps(dir: &Path, label: &str, before: bool, pid: i32) {
         threads.push_str(&stat);
     }
     fs::write(to.join("threads"), threads).unwrap();
+}
+
+/// KiB of the daemon's own binary in its resident memory: the pages of its code and
+/// read-only data that the kernel mapped (those touched and their neighbours), which follow
+/// the binary's size.
+fn binary_resident(pid: i32) -> u64 {
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_string_lossy();
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut ours = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address range, permissions, offset, device, inode, path.
+            ours = line.split_whitespace().nth(5) == Some(&*exe);
+        } else if ours && let Some(v) = line.strip_prefix("Rss:") {
+            kib += v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
 }
 
 /// The first number after `field` in `/proc/PID/FILE` (KiB for the memory fields).

@@ -42,6 +42,52 @@ fn release_free() {
     unsafe {
         libc::malloc_trim(0);
     }
+    release_binary();
+}
+
+/// Unmaps from the process the pages of keter's own binary that are read-only: its code and
+/// read-only data (never its writable segment, which holds what the dynamic linker relocated).
+/// They stay in the page cache; the next use of a page maps it again (a minor fault, with
+/// the pages around it). A deploy runs code that an idle daemon does not (unpacking, YAML,
+/// templates, process starts), and the kernel maps the pages around each page touched: what
+/// a burst mapped stayed mapped: 6.7 MB of the binary 3 s after 50 apps deployed at once,
+/// 3.9 MB when given back (`cargo bench --bench figures many`, column "binary").
+pub fn release_binary() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: the callback only reads the program headers dl_iterate_phdr hands it.
+    unsafe {
+        libc::dl_iterate_phdr(Some(release_segments), std::ptr::null_mut());
+    }
+}
+
+/// Called by `dl_iterate_phdr` for each loaded object, the program first; stops after it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe extern "C" fn release_segments(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    _data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dl_iterate_phdr passes a valid `info` whose `dlpi_phdr` has `dlpi_phnum`
+    // entries. The ranges given to madvise are whole pages inside segments mapped without
+    // write permission: private file mappings nobody wrote, whose pages read back from the
+    // file exactly as they were.
+    unsafe {
+        let info = &*info;
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+        let headers = std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum));
+        for h in headers {
+            if h.p_type != libc::PT_LOAD || h.p_flags & libc::PF_W != 0 {
+                continue;
+            }
+            let start = (info.dlpi_addr as usize + h.p_vaddr as usize).next_multiple_of(page);
+            let end = (info.dlpi_addr as usize + (h.p_vaddr + h.p_memsz) as usize) & !(page - 1);
+            if end > start {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    // The program is the first object: the shared libraries are left alone.
+    1
 }
 
 /// Below the stack pointer, what the calling thread's stack keeps: the red zone and the
@@ -99,6 +145,40 @@ mod tests {
             .map(|b| u64::from(*b))
             .sum::<u64>()
             + below
+    }
+
+    /// KiB of the running binary's pages mapped (code, read-only data, its writable segment).
+    fn binary_resident() -> u64 {
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let exe = exe.to_str().unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut ours = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                if ours {
+                    kib += v.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+                }
+            } else if !line.split_whitespace().next().unwrap_or("").ends_with(':') {
+                ours = line.split_whitespace().nth(5) == Some(exe);
+            }
+        }
+        kib
+    }
+
+    #[test]
+    fn a_released_binary_keeps_working() {
+        let before = binary_resident();
+        super::release_binary();
+        let after = binary_resident();
+        // Other tests run meanwhile and map some pages again; most stay unmapped.
+        assert!(
+            after < before / 2,
+            "{before} KiB mapped before, {after} KiB after"
+        );
+        // The code runs from the file's pages again.
+        assert_eq!(deep(100), deep(100));
+        assert!(binary_resident() > 0);
     }
 
     #[test]

@@ -12,8 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
-
+use super::EventSender;
 use super::Shared as Context;
 use super::error::{DeployError, NotReady};
 use super::machine::Event;
@@ -337,6 +336,9 @@ fn plan(
         (role, w.program.clone(), Some(w.clone()), Policy::WEBAPP)
     });
     let planned: Vec<_> = background.chain(web).collect();
+    // Room for exactly these: the version keeps its processes for as long as it runs, and
+    // pushing into an empty list makes room for four.
+    version.procs.reserve_exact(planned.len());
     for ((role, program, webapp, policy), resolved) in planned.into_iter().zip(execs) {
         let (role, port) = match role {
             Role::Web { index, .. } => {
@@ -475,7 +477,7 @@ pub(super) fn switch(
     ctx: &Context,
     name: &AppName,
     job: &SwitchJob,
-    tx: &Sender<Event>,
+    tx: &EventSender,
 ) -> Result<(), DeployError> {
     let site = site_for(ctx, name, job, tx)?;
     let switching = Instant::now();
@@ -500,7 +502,7 @@ pub(super) fn refresh(
     ctx: &Context,
     name: &AppName,
     job: &SwitchJob,
-    tx: &Sender<Event>,
+    tx: &EventSender,
     unless_same: bool,
 ) -> Result<u64, DeployError> {
     let site = site_for(ctx, name, job, tx)?;
@@ -540,7 +542,7 @@ fn site_for(
     ctx: &Context,
     name: &AppName,
     job: &SwitchJob,
-    tx: &Sender<Event>,
+    tx: &EventSender,
 ) -> Result<Site, DeployError> {
     let mut certs = |tls: &Tls, hosts: &[Host], origin: &str| match tls {
         Tls::Acme => Ok(acme_certificate(ctx, hosts, tx)),
@@ -576,7 +578,7 @@ fn site_for(
 /// The certificate of an `ssl: acme` stanza's hosts if one is stored and usable, asking the
 /// ACME thread to obtain it (or keep it renewed) either way; never waits for the CA. Each new
 /// certificate comes back to the worker as [`Event::Certificate`].
-fn acme_certificate(ctx: &Context, hosts: &[Host], tx: &Sender<Event>) -> Option<CertFiles> {
+fn acme_certificate(ctx: &Context, hosts: &[Host], tx: &EventSender) -> Option<CertFiles> {
     let acme = ctx.acme.as_ref()?;
     let set = bundle::config::acme_set(hosts)?;
     let tx = tx.clone();

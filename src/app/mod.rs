@@ -358,9 +358,21 @@ trait Effects {
     ) -> Option<crate::requests::ErrorsBeside>;
 }
 
+/// The sending end of a worker's queue of events. They travel boxed: the queue (an unbounded
+/// channel) keeps them in blocks of 31 slots, one block for as long as the app runs, and an
+/// event inline (a deploy's error) made that block 4 KiB per app.
+#[derive(Clone)]
+pub(super) struct EventSender(Sender<Box<Event>>);
+
+impl EventSender {
+    fn send(&self, event: Event) -> Result<(), crossbeam_channel::SendError<Box<Event>>> {
+        self.0.send(Box::new(event))
+    }
+}
+
 /// The daemon's handle on one app's worker thread.
 pub struct AppHandle {
-    tx: Sender<Event>,
+    tx: EventSender,
     thread: Option<JoinHandle<()>>,
     /// Commands sent, to tell a stop that answers the last of them from an older one.
     sent: u64,
@@ -408,6 +420,7 @@ impl AppHandle {
         machine.releases = releases::Releases::load(&shared.config.root, &name);
         machine.maintenance = maintenance::load(&shared.config.root, &name);
         let (tx, rx) = unbounded();
+        let tx = EventSender(tx);
         let config = &shared.config;
         let target = if config.rotate_logs {
             LogTarget::File {
@@ -486,22 +499,22 @@ impl AppHandle {
 
 /// The worker's loop: the next event (with every other already queued) or, at the machine's
 /// next deadline, a tick, handed to the machine ([`Machine::step`]), until it has ended.
-fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Event>) {
+fn run(mut machine: Box<Machine>, mut world: Box<world::World>, rx: Receiver<Box<Event>>) {
     machine.publish(&mut *world);
     while !machine.ended() {
         let first = match machine.next_deadline(Instant::now()) {
             Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(e) => e,
+                Ok(e) => *e,
                 Err(RecvTimeoutError::Timeout) => Event::Tick,
                 Err(RecvTimeoutError::Disconnected) => break,
             },
             None => match rx.recv() {
-                Ok(e) => e,
+                Ok(e) => *e,
                 Err(_) => break,
             },
         };
         let mut events = vec![first];
-        events.extend(rx.try_iter());
+        events.extend(rx.try_iter().map(|e| *e));
         machine.step(events, &mut *world);
         if world.stack_unused() {
             crate::memory::release_stack();

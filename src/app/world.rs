@@ -18,7 +18,7 @@ use super::health::{self, HealthCheck};
 use super::machine::Event;
 use super::record::AppRecord;
 use super::version::{FileStamp, Version};
-use super::{DeployError, Effects, Shared};
+use super::{DeployError, Effects, EventSender, Shared};
 use crate::acme::HostSet;
 use crate::applog::AppLog;
 use crate::memory::Burst;
@@ -45,7 +45,7 @@ pub(super) struct World {
     pub shared: Arc<Shared>,
     pub log: AppLog,
     /// The worker's own channel: process exits and stage results come back on it.
-    pub tx: Sender<Event>,
+    pub tx: EventSender,
     /// Told, with the number of commands received, when the app has stopped (the bundle was
     /// deleted); the daemon then ends the worker unless it sent a newer command.
     pub on_stopped: Box<dyn Fn(u64) + Send>,
@@ -79,7 +79,7 @@ impl World {
         name: AppName,
         shared: Arc<Shared>,
         log: AppLog,
-        tx: Sender<Event>,
+        tx: EventSender,
         on_stopped: Box<dyn Fn(u64) + Send>,
     ) -> World {
         let (stages, stages_done) = crossbeam_channel::bounded(0);

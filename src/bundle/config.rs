@@ -47,6 +47,19 @@ pub struct BundleConfig {
     pub rollback_window: Option<Duration>,
 }
 
+impl BundleConfig {
+    /// Drops the spare capacity of the stanza lists: a version keeps its configuration for as
+    /// long as it runs, and a list grown by pushes holds room for four stanzas (of several
+    /// hundred bytes each) where a bundle usually has one.
+    fn shrink_to_fit(&mut self) {
+        self.webapps.shrink_to_fit();
+        self.background.shrink_to_fit();
+        self.statics.shrink_to_fit();
+        self.redirects.shrink_to_fit();
+        self.proxies.shrink_to_fit();
+    }
+}
+
 /// What to run, common to every process stanza.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Program {
@@ -306,6 +319,7 @@ pub fn from_tree(tree: &Value, problems: &mut Problems) -> Option<BundleConfig> 
     if ok {
         ok = route_hosts(&mut config, &order, problems);
     }
+    config.shrink_to_fit();
     (ok && !problems.has_errors()).then_some(config)
 }
 

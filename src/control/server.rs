@@ -238,7 +238,7 @@ fn serve(stream: UnixStream, c: &Context) {
         uid: peer.uid,
         reply,
     };
-    let answer = if c.tx.send(Input::Ask(asked)).is_err() {
+    let answer = if c.tx.send(Input::Ask(Box::new(asked))).is_err() {
         Answer::of(Err(Refusal::Stopping))
     } else {
         match answered.recv_timeout(ANSWER_TIME) {
