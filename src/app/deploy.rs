@@ -495,25 +495,6 @@ pub(super) fn switch(
     Ok(())
 }
 
-/// Renders the serving version's site again (with the certificates its `ssl: acme` stanzas
-/// have now) and has Nginx take it; the static roots were opened to Nginx when the folder was
-/// handed over.
-pub(super) fn refresh(
-    ctx: &Context,
-    name: &AppName,
-    job: &SwitchJob,
-    tx: &EventSender,
-    unless_same: bool,
-) -> Result<u64, DeployError> {
-    let site = site_for(ctx, name, job, tx)?;
-    if unless_same {
-        ctx.nginx.rewrite(name, site)
-    } else {
-        ctx.nginx.apply(name, Some(site))
-    }
-    .map_err(DeployError::Nginx)
-}
-
 /// The plugins' variables for this bundle (none unless it asks for postgres). Runs on a
 /// plain thread: the sync postgres client must not run on tokio.
 fn provision(
@@ -538,7 +519,7 @@ fn provision(
 }
 
 /// What Nginx serves for this version: one block per stanza with hosts.
-fn site_for(
+pub(super) fn site_for(
     ctx: &Context,
     name: &AppName,
     job: &SwitchJob,

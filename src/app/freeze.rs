@@ -53,8 +53,8 @@ impl Machine {
     }
 
     /// True once nothing is in flight that the record could not say: after [`freeze`], a
-    /// switch, a stop, and the stages that stop versions and exited processes' groups (their
-    /// threads would not survive the upgrade's exec).
+    /// switch, a stop, a refresh of the site, and the stages that stop versions and exited
+    /// processes' groups (their threads would not survive the upgrade's exec).
     ///
     /// [`freeze`]: Machine::freeze
     pub fn quiet(&self) -> bool {
@@ -63,6 +63,7 @@ impl Machine {
             Life::Deploying { .. } | Life::Stopping { .. } | Life::Leaving { .. }
         ) && self.discarding.is_empty()
             && self.reaping.is_empty()
+            && self.refreshing.is_none()
     }
 
     /// A command while frozen: the newest is held.

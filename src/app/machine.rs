@@ -12,9 +12,10 @@
 //! `docs/lifecycle.md` draws the states and says who owns what.
 //!
 //! The slow work runs elsewhere and comes back as events: the deploy's stages (unpack,
-//! readiness, switch), and stopping a version or the rest of an exited process's group. So the
-//! one loop keeps restarting the serving version's processes while an old version takes its
-//! `stop-timeout` to stop.
+//! readiness, switch), stopping a version or the rest of an exited process's group, taking the
+//! site out of Nginx, and Nginx's answer to the site rendered again. So the one loop keeps
+//! restarting the serving version's processes while an old version takes its `stop-timeout`
+//! to stop or Nginx its `reload-timeout` to answer.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -69,6 +70,12 @@ pub(super) enum Event {
     /// What was left of the group of an exited leader is stopped ([`Effects::reap`]).
     Reaped {
         pid: i32,
+    },
+    /// Nginx took the serving version `version`'s site rendered again, or its removal (or
+    /// did not), after [`Effects::refresh_site`].
+    Refreshed {
+        version: u64,
+        result: Result<u64, DeployError>,
     },
     /// The app's site is out of Nginx (or Nginx did not take its removal), after
     /// [`Effects::leave_nginx`].
@@ -221,6 +228,24 @@ pub(super) struct Failure {
     pub backoff: Backoff,
 }
 
+/// A refresh of the serving version's site that Nginx has not answered yet
+/// ([`Machine::refresh`]), and what it was asked for.
+pub(super) struct Refreshing {
+    pub version: u64,
+    /// It renders new certificates (`refresh_due`).
+    pub certificate: bool,
+    /// It routes to webapps' moved ports (`reroute_due`).
+    pub reroute: bool,
+    /// It renders the site as this keter writes it (`rewrite_due`).
+    pub rewrite: bool,
+    /// Taken by Nginx only if the file comes out otherwise than the live one.
+    pub rewrite_only: bool,
+    /// It takes the site out of Nginx: a webapp has no port it may use.
+    pub stranded: bool,
+    /// The webapps' ports it routes to.
+    pub ports: Vec<(usize, u16)>,
+}
+
 /// A site that Nginx did not take with a new certificate is tried again after this long.
 pub(super) const REFRESH_RETRY: Duration = Duration::from_secs(10);
 
@@ -278,6 +303,8 @@ pub(super) struct Machine {
     pub quiet_reply: Option<crossbeam_channel::Sender<()>>,
     /// A refresh that failed (Nginx did not take it) is tried again at this moment.
     pub refresh_retry_at: Option<Instant>,
+    /// The refresh Nginx has not answered yet.
+    pub refreshing: Option<Refreshing>,
     /// A webapp of the serving version (or of a candidate being switched) moved to another
     /// port, or has none it may use: the serving version's site is rendered again (or taken
     /// out of Nginx) as soon as no switch is in flight, a deploy under way or not
@@ -343,6 +370,7 @@ impl Machine {
             refresh_due: false,
             rewrite_due: false,
             refresh_retry_at: None,
+            refreshing: None,
             reroute_due: false,
             releases: Default::default(),
             maintenance: None,
@@ -397,7 +425,7 @@ impl Machine {
     /// the same file, so it is waited for). Never while frozen: Nginx's controller may be
     /// frozen too, and the next keter sees the difference (`adopt.rs`).
     pub(super) fn site_wanted(&self) -> bool {
-        if self.frozen {
+        if self.frozen || self.refreshing.is_some() {
             return false;
         }
         match &self.life {
@@ -542,6 +570,7 @@ impl Machine {
     /// | Deploying/Stopping{Switching} of the same version | `Switched` | [`Machine::switched`] |
     /// | Deploying{Readiness} | `Exited` of a candidate's webapp | fail the candidate |
     /// | any | `Exited` | [`Machine::exited`]: restart policy, or accounted for |
+    /// | any | `Refreshed` | [`Machine::refreshed`]: moot unless its version still serves |
     /// | Leaving | `SiteRemoved` | [`Machine::left_nginx`]: its versions handed to be stopped |
     /// | any | `Discarded`, `Reaped` | in flight no more; a stop may be complete |
     /// | any | `Certificate` | `refresh_due` |
@@ -631,6 +660,7 @@ impl Machine {
                 self.leave_if_done(fx);
             }
             (_, Event::Reaped { pid }) => self.reaping.retain(|p| *p != pid),
+            (_, Event::Refreshed { version, result }) => self.refreshed(version, result, fx),
             (At::Leaving, Event::SiteRemoved { result }) => self.left_nginx(result, fx),
             (_, Event::SiteRemoved { .. }) => {}
             (_, Event::Certificate { hosts }) => {
@@ -1095,39 +1125,82 @@ impl Machine {
     }
 
     /// Renders the serving version's site again (its `ssl: acme` certificates and its
-    /// webapps' ports as they are now) and has Nginx reload it; or, when a webapp of it has no
-    /// port it may use, takes the site out of Nginx. Runs on the worker's thread, as a stop's
-    /// removal of the site does: nothing else may change the app's Nginx file meanwhile.
+    /// webapps' ports as they are now) and hands it to Nginx; or, when a webapp of it has no
+    /// port it may use, hands Nginx the site's removal. Nginx's answer comes back as
+    /// [`Event::Refreshed`] ([`Machine::refreshed`]): meanwhile the worker restarts processes
+    /// and takes commands. One refresh at a time: one asked for meanwhile (`site_wanted`)
+    /// waits for the answer. The change is handed to Nginx here, on the worker's thread, so a
+    /// switch or a stop's removal that the worker starts later reaches Nginx after it.
     pub(super) fn refresh(&mut self, fx: &mut dyn Effects) {
+        if self.refreshing.is_some() {
+            return;
+        }
         let Some(v) = self.serving() else {
             self.reroute_due = false;
             return;
         };
         // A certificate's refresh waits for a version to serve; one made for a moved port
         // during a deploy leaves it pending.
-        let certificate = self.refresh_due && matches!(self.life, Life::Serving(_));
+        let serving = matches!(self.life, Life::Serving(_));
+        let certificate = self.refresh_due && serving;
         let reroute = self.reroute_due;
+        let rewrite = self.rewrite_due && serving;
         let rewrite_only = !certificate && !reroute;
         let stranded = v.procs.iter().any(|p| p.stranded);
-        let ports = web_ports(v);
-        let result = if stranded {
-            fx.remove_site().map_err(DeployError::Nginx)
-        } else {
-            fx.refresh_site(switch_job(v, fx.now(), self.page()), rewrite_only)
+        let job = (!stranded).then(|| switch_job(v, fx.now(), self.page()));
+        let version = v.id;
+        let refreshing = Refreshing {
+            version,
+            certificate,
+            reroute,
+            rewrite,
+            rewrite_only,
+            stranded,
+            ports: web_ports(v),
         };
+        // Taken now: what is asked for while Nginx has this one is done after it.
+        self.reroute_due = false;
+        self.refresh_due &= !certificate;
+        self.rewrite_due &= !rewrite;
+        self.refresh_retry_at = None;
+        self.refreshing = Some(refreshing);
+        fx.refresh_site(version, job, rewrite_only);
+    }
+
+    /// Nginx's answer to [`Machine::refresh`]. An answer for a version that no longer serves
+    /// is moot: the switch or the stop that came after it reached Nginx after it.
+    pub(super) fn refreshed(
+        &mut self,
+        version: u64,
+        result: Result<u64, DeployError>,
+        fx: &mut dyn Effects,
+    ) {
+        let Some(r) = self.refreshing.take_if(|r| r.version == version) else {
+            return;
+        };
+        if self.serving().is_none_or(|v| v.id != version) {
+            if let Some(mut reply) = self.maintenance_reply.take() {
+                reply.done(format!(
+                    "{}: maintenance {}; the app's site changed since (a switch or a stop) and has it as it is now",
+                    self.name,
+                    if self.maintenance.is_some() {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                ));
+            }
+            return;
+        }
         match result {
             Ok(g) => {
-                self.reroute_due = false;
-                self.refresh_due &= !certificate;
-                self.rewrite_due &= !matches!(self.life, Life::Serving(_));
-                self.refresh_retry_at = None;
-                if stranded {
+                if r.stranded {
                     log::error!(
                         "{}: removed from Nginx at generation {g}: a webapp's port is held by someone else and no other port is free; it comes back once one is",
                         self.name
                     );
-                } else if reroute {
-                    let ports: Vec<u16> = ports.iter().map(|(_, p)| *p).collect();
+                } else if r.reroute {
+                    let ports: Vec<u16> = r.ports.iter().map(|(_, p)| *p).collect();
                     log::info!(
                         "{}: Nginx routes to ports {ports:?} from generation {g}",
                         self.name
@@ -1146,7 +1219,7 @@ impl Machine {
                         "{}: maintenance {what} (Nginx generation {g})",
                         self.name
                     ));
-                } else if rewrite_only {
+                } else if r.rewrite_only {
                     log::info!(
                         "{}: site rendered again by this keter: Nginx runs it at generation {g}",
                         self.name
@@ -1161,13 +1234,17 @@ impl Machine {
                 self.stop_superseded(fx);
             }
             Err(e) => {
-                let retry = if reroute {
+                // Asked for again, as it was.
+                self.reroute_due |= r.reroute;
+                self.refresh_due |= r.certificate;
+                self.rewrite_due |= r.rewrite;
+                let retry = if r.reroute {
                     REROUTE_RETRY
                 } else {
                     REFRESH_RETRY
                 };
                 self.refresh_retry_at = Some(fx.now() + retry);
-                let why = if reroute {
+                let why = if r.reroute {
                     "for its webapps' new ports"
                 } else {
                     "with its certificates"

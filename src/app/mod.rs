@@ -43,7 +43,7 @@ use crate::config::Config;
 use crate::isolation::Isolation;
 use crate::journal::Journal;
 use crate::names::{AppName, Hostname};
-use crate::nginx::{NginxError, NginxHandle};
+use crate::nginx::NginxHandle;
 use crate::ports::PortPool;
 use crate::postgres::Provisioner;
 use crate::process::{Running, Spec};
@@ -298,8 +298,6 @@ trait Effects {
     /// Starts the stage that stops a version's processes, frees its ports and deletes its
     /// folder; [`Event::Discarded`] comes back.
     fn discard(&mut self, version: Box<Version>);
-    /// Takes the app out of Nginx at once (a webapp without a port).
-    fn remove_site(&mut self) -> Result<u64, NginxError>;
     /// Starts the stage that takes the app out of Nginx for a stop;
     /// [`Event::SiteRemoved`] comes back.
     fn leave_nginx(&mut self);
@@ -307,10 +305,13 @@ trait Effects {
     fn drained(&self, version: &Version, age: Duration) -> bool;
     /// Gives back the app's hosts that are not in `used`.
     fn release_hosts(&mut self, used: &[&Hostname]);
-    /// Renders the site of a serving version again and has Nginx take it (a new certificate, a
-    /// moved port); with `unless_same`, only if the file comes out otherwise than the live one
-    /// (a keter that took the app over).
-    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError>;
+    /// Starts the stage that has Nginx take the site of serving version `version` rendered
+    /// again from `job` (a new certificate, a moved port), or, with `None`, the app's removal
+    /// (a webapp without a port); with `unless_same`, only if the file comes out otherwise
+    /// than the live one (a keter that took the app over). The change reaches the Nginx
+    /// controller before this returns, so one started after it reaches it after it;
+    /// [`Event::Refreshed`] comes back once Nginx answers.
+    fn refresh_site(&mut self, version: u64, job: Option<SwitchJob>, unless_same: bool);
     /// No longer wants the certificates of host sets that are not in `used`.
     fn release_certificates(&mut self, used: &[crate::acme::HostSet]);
     /// A crash restart started a process again.

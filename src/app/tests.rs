@@ -244,10 +244,6 @@ impl Effects for Fake {
             version: version.id,
         });
     }
-    fn remove_site(&mut self) -> Result<u64, NginxError> {
-        self.removed_site += 1;
-        Ok(9)
-    }
     fn leave_nginx(&mut self) {
         self.removed_site += 1;
         self.completions.push(Event::SiteRemoved { result: Ok(9) });
@@ -258,18 +254,28 @@ impl Effects for Fake {
     fn release_hosts(&mut self, used: &[&Hostname]) {
         self.hosts_used = Some(used.iter().map(|h| h.to_string()).collect());
     }
-    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
+    fn refresh_site(&mut self, version: u64, job: Option<SwitchJob>, unless_same: bool) {
+        let Some(job) = job else {
+            self.removed_site += 1;
+            self.completions.push(Event::Refreshed {
+                version,
+                result: Ok(9),
+            });
+            return;
+        };
         self.refreshed.push(job.version);
         self.rewritten += usize::from(unless_same);
         self.refreshed_ports.push(job.ports.clone());
         self.refresh_taken.push(self.failing_refreshes == 0);
-        if self.failing_refreshes > 0 {
+        let result = if self.failing_refreshes > 0 {
             self.failing_refreshes -= 1;
-            return Err(DeployError::Nginx(NginxError::Unconfirmed(
+            Err(DeployError::Nginx(NginxError::Unconfirmed(
                 crate::nginx::Unconfirmed::Stopped,
-            )));
-        }
-        Ok(10)
+            )))
+        } else {
+            Ok(10)
+        };
+        self.completions.push(Event::Refreshed { version, result });
     }
     fn release_certificates(&mut self, _: &[crate::acme::HostSet]) {}
     fn restarted(&mut self) {
@@ -530,6 +536,50 @@ fn the_serving_version_is_restarted_while_a_slow_deploy_waits_for_readiness() {
         fx.switches.iter().all(|s| s.version != v2),
         "v2 switched without being ready"
     );
+}
+
+#[test]
+fn the_serving_version_is_restarted_and_stopped_while_nginx_has_not_answered_a_refresh() {
+    let (mut m, mut fx) = (machine(), Fake::new());
+    let v = serve(&mut m, &mut fx, 1, WEB);
+    // A new certificate: the site goes to Nginx, which takes its time to answer (its
+    // reload-timeout, when its master is stuck).
+    m.step(
+        vec![Event::Certificate {
+            hosts: "app.example.com".into(),
+        }],
+        &mut fx,
+    );
+    assert_eq!(fx.refreshed, [v]);
+    assert!(m.refreshing.is_some());
+    // Meanwhile the webapp is killed: it is restarted after its restart delay, not after
+    // Nginx's answer.
+    let pid = pid_of(&fx, v, 0);
+    m.step(
+        vec![Event::Exited {
+            version: v,
+            proc: 0,
+            pid,
+            status: Some(ExitStatus::from_raw(9)),
+        }],
+        &mut fx,
+    );
+    fx.advance(Duration::from_millis(100));
+    m.step(vec![Event::Tick], &mut fx);
+    let restarted = pid_of(&fx, v, 0);
+    assert_ne!(restarted, pid);
+    assert!(matches!(serving_proc(&m, 0), ProcState::Running(r) if r.pid == restarted));
+    assert!(m.refreshing.is_some(), "Nginx has not answered yet");
+    // A stop meanwhile: the site's removal is handed to Nginx after the refresh (so it wins),
+    // and the refresh's late answer changes nothing.
+    m.step(vec![Event::Command(Command::Stop)], &mut fx);
+    assert_eq!(fx.removed_site, 1);
+    assert!(matches!(m.life, Life::Leaving { .. }));
+    settle(&mut m, &mut fx);
+    assert!(matches!(m.life, Life::Idle(_)));
+    assert!(m.refreshing.is_none() && m.quiet());
+    assert_eq!(fx.discarded, [v]);
+    assert_eq!(fx.refreshed, [v], "rendered again after the stop");
 }
 
 #[test]
@@ -891,6 +941,20 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     assert!(!m.refresh_due);
     assert_eq!(fx.spawned.len(), spawned, "no process was started");
     assert!(matches!(m.life, Life::Serving(ref v) if v.id == id));
+    // One at a time: a certificate while Nginx has not answered waits for the answer (no
+    // deadline meanwhile), then renders again.
+    m.on(certificate(), &mut fx);
+    assert_eq!(m.next_deadline(fx.now), None);
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id]);
+    assert!(!m.quiet(), "a freeze waits for Nginx's answer");
+    settle(&mut m, &mut fx);
+    assert_eq!(m.next_deadline(fx.now), Some(fx.now));
+    m.tick(&mut fx);
+    assert_eq!(fx.refreshed, [id, id]);
+    settle(&mut m, &mut fx);
+    assert!(m.quiet() && m.refreshing.is_none());
+    fx.refreshed.pop();
 
     // During a deploy it waits until a version serves again (the candidate's switch renders
     // with what the certificates are by then, and once more after).
@@ -922,6 +986,7 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     );
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id, next]);
+    settle(&mut m, &mut fx);
 
     // Frozen for an upgrade: nothing changes Nginx until the thaw.
     m.frozen = true;
@@ -932,12 +997,14 @@ fn a_new_certificate_renders_the_serving_site_again_without_restarting_the_app()
     m.frozen = false;
     m.tick(&mut fx);
     assert_eq!(fx.refreshed, [id, next, next]);
+    settle(&mut m, &mut fx);
 
     // Nginx does not take it: tried again later, not at every event.
     fx.failing_refreshes = 1;
     m.on(certificate(), &mut fx);
     m.tick(&mut fx);
     assert_eq!(fx.refreshed.len(), 4);
+    settle(&mut m, &mut fx);
     assert!(m.refresh_due);
     let due = m.refresh_retry_at.unwrap();
     assert_eq!(due, fx.now + super::machine::REFRESH_RETRY);
@@ -964,6 +1031,7 @@ fn a_version_taken_over_has_its_site_rendered_again_once_and_only_taken_if_it_di
         ([id].as_slice(), 1)
     );
     assert!(!m.rewrite_due);
+    settle(&mut m, &mut fx);
     m.tick(&mut fx);
     assert_eq!(fx.refreshed.len(), 1, "once");
     // A certificate's refresh is always taken, and does the rewrite's work too.

@@ -23,7 +23,6 @@ use crate::acme::HostSet;
 use crate::applog::AppLog;
 use crate::memory::Burst;
 use crate::names::{AppName, Hostname};
-use crate::nginx::NginxError;
 use crate::ports::{Look, PortUse};
 use crate::process::{self, Running, Spec};
 use crate::procfs;
@@ -368,10 +367,6 @@ impl Effects for World {
         });
     }
 
-    fn remove_site(&mut self) -> Result<u64, NginxError> {
-        self.shared.nginx.apply(&self.name, None)
-    }
-
     fn leave_nginx(&mut self) {
         let (shared, name) = (self.shared.clone(), self.name.clone());
         self.run_stage("leave", move || Event::SiteRemoved {
@@ -398,9 +393,30 @@ impl Effects for World {
         hosts.retain(|h, owner| owner != &self.name || used.contains(&h));
     }
 
-    fn refresh_site(&mut self, job: SwitchJob, unless_same: bool) -> Result<u64, DeployError> {
-        self.certificates.extend(job.config.acme_sets());
-        deploy::refresh(&self.shared, &self.name, &job, &self.tx, unless_same)
+    fn refresh_site(&mut self, version: u64, job: Option<SwitchJob>, unless_same: bool) {
+        let site = match job {
+            Some(job) => {
+                self.certificates.extend(job.config.acme_sets());
+                match deploy::site_for(&self.shared, &self.name, &job, &self.tx) {
+                    Ok(site) => Some(site),
+                    Err(e) => {
+                        let _ = self.tx.send(Event::Refreshed {
+                            version,
+                            result: Err(e),
+                        });
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        // Handed over here, on the worker's thread, in order with the switches and removals
+        // it starts; only the wait for Nginx's answer runs on the stage's thread.
+        let pending = self.shared.nginx.submit(&self.name, site, unless_same);
+        self.run_stage("refresh", move || Event::Refreshed {
+            version,
+            result: pending.wait().map_err(DeployError::Nginx),
+        });
     }
 
     fn release_certificates(&mut self, used: &[HostSet]) {

@@ -373,6 +373,66 @@ fn keep_releases_bounds_the_bundles_kept() {
     assert!(table.contains("rolled-back"), "{table}");
 }
 
+/// While Nginx has not answered a refresh of an app's site (here maintenance on, with the
+/// Nginx master stopped so that it cannot reload), the app's worker goes on: its killed
+/// webapp is restarted at once, not after `reload-timeout`.
+#[test]
+fn a_killed_webapp_is_restarted_while_nginx_has_not_answered_its_site() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let k = Keter::start_with(
+        "refresh-stuck",
+        Opts {
+            // Longer than the wait for the restart below: a worker that waited for Nginx
+            // would restart the webapp only after it.
+            reload_timeout: 40.0,
+            ..Opts::default()
+        },
+    );
+    k.deploy_hello("hello", "v1", HOST, &[]);
+    k.wait_for(HOST, "v1", WAIT);
+    let pid = k.pid_of(HOST);
+    let master = Pid::from_raw(k.nginx_pid());
+    kill(master, Signal::SIGSTOP).unwrap();
+    // Should an assertion fail, the master runs again, so that keter's stop can stop it.
+    struct Resume(Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let _resume = Resume(master);
+    let mut asked = Command::new(&k.bin);
+    asked
+        .args(["maintenance", "hello", "on"])
+        .arg("-c")
+        .arg(&k.config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut asked = asked.spawn().unwrap();
+    k.wait_log("hello: maintenance on", WAIT);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let restarted = k.wait_app(
+        "hello",
+        "its webapp restarted",
+        Duration::from_secs(20),
+        |s| s.restarts >= 1 && s.processes.iter().any(|p| p.pid.is_some_and(|p| p != pid)),
+    );
+    assert!(
+        asked.try_wait().unwrap().is_none(),
+        "Nginx answered the refresh before the restart: the test proves nothing"
+    );
+    let fresh = restarted.processes[0].pid.unwrap();
+    assert!(alive(fresh));
+    // Nginx answers once its master runs again; the site it takes has the page.
+    kill(master, Signal::SIGCONT).unwrap();
+    let out = asked.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    let answer = raw_get(&k, HOST);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(alive(fresh), "the restarted webapp was stopped");
+}
+
 /// The whole answer (status line, headers, body) to `GET /` for `host`.
 fn raw_get(k: &Keter, host: &str) -> String {
     use std::io::{Read, Write};

@@ -122,6 +122,11 @@ fn an_unhealthy_webapp_is_replaced_switched_to_and_then_stopped() {
         &mut fx,
     );
     assert_eq!(fx.refreshed_ports.last().unwrap(), &vec![(0, 5000)]);
+    assert!(
+        fx.stopped_pids.is_empty(),
+        "the hung process was stopped before Nginx answered"
+    );
+    settle(&mut m, &mut fx);
     assert_eq!(fx.stopped_pids, [hung]);
     assert!(fx.released.contains(&4001));
     let p = proc_of(&m, 0);
@@ -168,6 +173,7 @@ fn the_hung_webapp_serves_on_until_nginx_takes_the_switch_to_the_fresh_one() {
         &mut fx,
     );
     assert_eq!(fx.refreshed_ports, [vec![(0, 5000)]]);
+    settle(&mut m, &mut fx);
     assert!(
         fx.stopped_pids.is_empty(),
         "the hung process was stopped while Nginx routes to it"
@@ -182,6 +188,7 @@ fn the_hung_webapp_serves_on_until_nginx_takes_the_switch_to_the_fresh_one() {
     fx.advance(Duration::from_millis(1));
     m.tick(&mut fx);
     assert_eq!(fx.refreshed_ports, [vec![(0, 5000)], vec![(0, 5000)]]);
+    settle(&mut m, &mut fx);
     assert_eq!(fx.stopped_pids, [hung]);
     assert!(fx.released.contains(&4001));
 }
@@ -199,6 +206,7 @@ fn a_hung_webapp_that_exits_before_the_reroute_is_forgotten_and_a_stop_stops_it_
         }],
         &mut fx,
     );
+    settle(&mut m, &mut fx);
     // It exits by itself: its group is reaped, its port given back, and nothing is left
     // to stop once the reroute succeeds.
     m.step(

@@ -80,6 +80,7 @@ fn a_port_held_at_restart_moves_the_webapp_refreshes_the_site_and_is_not_handed_
     );
     assert!(env.contains(&("SECRET".into(), old.to_string())), "{env:?}");
     assert!(!m.reroute_due);
+    settle(&mut m, &mut fx);
 
     // Watched until its own process listens there, then no more looks at all.
     assert_eq!(m.next_deadline(fx.now), Some(fx.now + PORT_WATCH));
@@ -175,13 +176,14 @@ fn a_restarted_webapp_beaten_to_its_port_is_stopped_and_started_on_a_new_one() {
 fn a_moved_port_is_routed_at_once_during_a_deploy_and_after_a_switch_in_flight() {
     let (mut m, mut fx) = (machine(), Fake::new());
     let v1 = serve(&mut m, &mut fx, 1, WEB);
-    // v2 waits for readiness: v1's site is rendered again at once, on the worker's thread.
+    // v2 waits for readiness: v1's site is rendered again and handed to Nginx at once.
     let v2 = to_readiness(&mut m, &mut fx, 2);
     let old = port_of(&m, 0);
     fx.held.insert(old, squatter());
     crash(&mut m, &mut fx, v1, 0);
     assert_eq!(fx.refreshed, [v1]);
     assert_eq!(fx.refreshed_ports, [vec![(0, port_of(&m, 0))]]);
+    settle(&mut m, &mut fx);
 
     // v2 is being switched: v1 crashes and moves again, and its site is not written under
     // the switch. The switch fails: v1 serves on, and now its site is rendered again.
@@ -223,6 +225,7 @@ fn with_no_free_port_the_site_leaves_nginx_until_a_port_is_free() {
     fx.held.insert(old, squatter());
     crash(&mut m, &mut fx, v, 0);
     assert_eq!(fx.removed_site, 1, "Nginx still routes to the held port");
+    settle(&mut m, &mut fx);
     let spawned = fx.spawned.len();
     // No restart on the held port; the pool is asked again when the restart is due, not at
     // every look.

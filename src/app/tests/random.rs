@@ -36,9 +36,12 @@ struct Harness {
     rng: Rng,
     /// The version whose site Nginx has, from a switch the machine took until a removal.
     routed: Option<u64>,
-    /// The ports that site routes to: the switch's, then each refresh Nginx took.
+    /// The ports that site may route to: the switch's, then, while a refresh that Nginx
+    /// takes is in flight, its ports too, and once it is answered its ports alone.
     routed_ports: Vec<u16>,
     refreshes_seen: usize,
+    /// The ports of the refresh handed to Nginx and not answered yet, if one is.
+    refresh_pending: Option<Vec<u16>>,
     stops_seen: usize,
     removed_seen: usize,
     /// Every version handed to the machine by an unpack.
@@ -84,6 +87,7 @@ impl Harness {
             routed: None,
             routed_ports: Vec::new(),
             refreshes_seen: 0,
+            refresh_pending: None,
             stops_seen: 0,
             removed_seen: 0,
             made: Vec::new(),
@@ -357,6 +361,10 @@ impl Harness {
             } => Some(*version),
             _ => None,
         });
+        let answered = events.iter().find_map(|e| match e {
+            Event::Refreshed { version, result } => Some((*version, result.is_ok())),
+            _ => None,
+        });
         let freezing = events
             .iter()
             .any(|e| matches!(e, Event::Handover(Handover::Freeze(_))));
@@ -382,10 +390,27 @@ impl Harness {
                 .map(|j| j.ports.iter().map(|(_, p)| *p).collect())
                 .unwrap_or_default();
         }
-        for i in self.refreshes_seen..self.fx.refreshed_ports.len() {
-            if self.fx.refresh_taken[i] {
-                self.routed_ports = self.fx.refreshed_ports[i].iter().map(|(_, p)| *p).collect();
+        if let Some((version, ok)) = answered {
+            let ports = self.refresh_pending.take();
+            if ok
+                && self.routed == Some(version)
+                && let Some(ports) = ports
+            {
+                self.routed_ports = ports;
             }
+        }
+        for i in self.refreshes_seen..self.fx.refreshed_ports.len() {
+            // One refresh at a time: the next is handed to Nginx once the last is answered.
+            assert!(
+                self.refresh_pending.is_none(),
+                "a refresh was handed to Nginx while another was in flight, after step {}",
+                self.steps
+            );
+            let ports: Vec<u16> = self.fx.refreshed_ports[i].iter().map(|(_, p)| *p).collect();
+            if self.fx.refresh_taken[i] {
+                self.routed_ports.extend(&ports);
+            }
+            self.refresh_pending = Some(ports);
         }
         self.refreshes_seen = self.fx.refreshed_ports.len();
         if self.fx.removed_site > self.removed_seen {
@@ -663,6 +688,7 @@ fn describe(e: &Event) -> String {
         Event::Discarded { version } => format!("discarded {version}"),
         Event::Reaped { pid } => format!("reaped {pid}"),
         Event::SiteRemoved { .. } => "site removed".into(),
+        Event::Refreshed { version, result } => format!("refreshed {version} {}", result.is_ok()),
         Event::Certificate { .. } => "certificate".into(),
         Event::Shutdown => "shutdown".into(),
         Event::Handover(Handover::Freeze(_)) => "freeze".into(),

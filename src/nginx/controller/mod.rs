@@ -259,12 +259,11 @@ impl NginxHandle {
         self.send(app, Some(site), true)
     }
 
-    fn send(
-        &self,
-        app: &AppName,
-        site: Option<Site>,
-        unless_same: bool,
-    ) -> Result<u64, NginxError> {
+    /// Hands the change to the controller and returns without waiting for Nginx: the
+    /// controller takes changes in the order they were handed over, so a later change of the
+    /// same app (a switch, a removal) wins over this one whoever waits for which answer.
+    /// [`Pending::wait`] blocks until Nginx runs it.
+    pub fn submit(&self, app: &AppName, site: Option<Site>, unless_same: bool) -> Pending {
         let (reply, answer) = crossbeam_channel::bounded(1);
         let msg = Msg::Apply(Change {
             request: Request {
@@ -274,10 +273,30 @@ impl NginxHandle {
             },
             reply,
         });
-        if self.tx.send(msg).is_err() {
-            return Err(Unconfirmed::Stopped.into());
-        }
-        answer
+        // A controller that has ended drops the reply's sender with the message: the wait
+        // then says it stopped.
+        let _ = self.tx.send(msg);
+        Pending(answer)
+    }
+
+    fn send(
+        &self,
+        app: &AppName,
+        site: Option<Site>,
+        unless_same: bool,
+    ) -> Result<u64, NginxError> {
+        self.submit(app, site, unless_same).wait()
+    }
+}
+
+/// A change handed to the controller ([`NginxHandle::submit`]), its answer still to come.
+pub struct Pending(crossbeam_channel::Receiver<Result<u64, NginxError>>);
+
+impl Pending {
+    /// Blocks until Nginx runs the change (or the controller says why not); returns the
+    /// generation that confirmed it.
+    pub fn wait(self) -> Result<u64, NginxError> {
+        self.0
             .recv()
             .unwrap_or_else(|_| Err(Unconfirmed::Stopped.into()))
     }
