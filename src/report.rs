@@ -250,6 +250,9 @@ pub struct AppReport {
     pub auto_rollback: Option<AutoRollbackReport>,
     /// Where the deploy under way is: `unpacking`, `readiness` or `switching`.
     pub deploy_stage: Option<&'static str>,
+    /// The serving version's site, rendered again (a certificate, a moved port, a replaced
+    /// webapp, maintenance), waits for Nginx to take it.
+    pub site_pending: bool,
     /// The sum of its processes' `usage` (limits are each process's own).
     pub usage: Usage,
     /// The certificates of the serving version's `ssl: acme` stanzas, as the ACME thread
@@ -289,6 +292,7 @@ impl AppReport {
             maintenance: None,
             auto_rollback: None,
             deploy_stage: None,
+            site_pending: false,
             usage: Usage::default(),
             certificates: Vec::new(),
             requests: None,

@@ -174,7 +174,8 @@ impl Health {
     /// As the status interface shows it: `unchecked`, `healthy`, `failing` (some failures,
     /// fewer than the limit), `unhealthy` (waiting for a replacement's retry), `replacing`.
     pub fn state(&self) -> &'static str {
-        if self.replacement.is_some() {
+        // Until Nginx routes to the fresh process, the hung one it replaces still serves.
+        if self.replacement.is_some() || !self.superseded.is_empty() {
             "replacing"
         } else if self.unhealthy {
             "unhealthy"

@@ -473,6 +473,7 @@ impl Machine {
             }
             _ => None,
         };
+        r.site_pending = self.refreshing.is_some();
         r.last_deploy = self.last_deploy.clone();
         r.last_error = self.last_error.clone();
         r.log_lines_dropped = log_lines_dropped;

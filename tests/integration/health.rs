@@ -30,9 +30,12 @@ fn keter(label: &str) -> Keter {
 }
 
 /// Waits until the app's webapp is another process than `old`; returns its status then.
+/// Waits until the status API reports pid `old` replaced: another pid in its place, and
+/// Nginx routing to it (no longer `replacing`).
 fn wait_replaced(k: &Keter, old: i32) -> AppStatus {
     k.wait_app("hello", &format!("pid {old} replaced"), WAIT, |s| {
         s.pids().first().is_some_and(|p| *p != old)
+            && s.processes[0].health.as_deref() != Some("replacing")
     })
 }
 

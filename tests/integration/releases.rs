@@ -419,7 +419,7 @@ fn a_killed_webapp_is_restarted_while_nginx_has_not_answered_its_site() {
         |s| s.restarts >= 1 && s.processes.iter().any(|p| p.pid.is_some_and(|p| p != pid)),
     );
     assert!(
-        asked.try_wait().unwrap().is_none(),
+        asked.try_wait().unwrap().is_none() && restarted.site_pending,
         "Nginx answered the refresh before the restart: the test proves nothing"
     );
     let fresh = restarted.processes[0].pid.unwrap();
@@ -428,6 +428,7 @@ fn a_killed_webapp_is_restarted_while_nginx_has_not_answered_its_site() {
     kill(master, Signal::SIGCONT).unwrap();
     let out = asked.wait_with_output().unwrap();
     assert!(out.status.success(), "{}\n{}", text(&out), k.log());
+    assert!(!k.app_status("hello").unwrap().site_pending);
     let answer = raw_get(&k, HOST);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(alive(fresh), "the restarted webapp was stopped");

@@ -882,10 +882,11 @@ fn a_port_taken_while_a_webapp_is_down_gets_none_of_its_users() {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        // keter starts the shop again (today's keter on the squatted port, where it cannot
-        // bind). From then on no request for the shop may reach the squatter.
-        k.wait_app("shop", "started again", WAIT, |s| {
-            s.pids().iter().any(|p| *p != pid)
+        // keter starts the shop again on another port (today's keter on the squatted port,
+        // where it cannot bind). Once Nginx has the site with that port, no request for the
+        // shop may reach the squatter.
+        k.wait_app("shop", "started again and routed to", WAIT, |s| {
+            s.pids().iter().any(|p| *p != pid) && !s.site_pending
         });
         let start = Instant::now();
         loop {

@@ -1127,6 +1127,9 @@ pub struct AppStatus {
     pub draining: usize,
     /// `unpacking`, `readiness` or `switching` while a deploy is under way.
     pub deploy_stage: Option<String>,
+    /// The serving version's site, rendered again, waits for Nginx to take it.
+    #[serde(default)]
+    pub site_pending: bool,
 }
 
 impl AppStatus {

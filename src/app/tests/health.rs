@@ -126,8 +126,14 @@ fn an_unhealthy_webapp_is_replaced_switched_to_and_then_stopped() {
         fx.stopped_pids.is_empty(),
         "the hung process was stopped before Nginx answered"
     );
+    assert_eq!(
+        m.report(0, fx.wall).processes[0].health,
+        Some("replacing"),
+        "reported replaced before Nginx routes to the fresh one"
+    );
     settle(&mut m, &mut fx);
     assert_eq!(fx.stopped_pids, [hung]);
+    assert_eq!(m.report(0, fx.wall).processes[0].health, Some("unchecked"));
     assert!(fx.released.contains(&4001));
     let p = proc_of(&m, 0);
     assert_eq!(p.running().unwrap().pid, fresh);
