@@ -107,6 +107,10 @@ pub enum PortUse {
     /// Someone else holds it: a listener outside the webapp's group, or a socket bound to it
     /// that keeps the webapp from binding it.
     Other(Holder),
+    /// The webapp's own process is exiting: the listener on the port may be its own, being
+    /// closed, which no process holds any more. Looked at again; the look before the
+    /// webapp's restart, once its exit is known, tells.
+    Unsure,
 }
 
 /// Whoever holds a port that is not theirs to hold, as far as the kernel says.
@@ -176,10 +180,15 @@ pub fn port_use(port: u16, own: Option<i32>, look: Look) -> PortUse {
     let listeners = listeners_on(port);
     if !listeners.is_empty() {
         let inodes: Vec<u64> = listeners.iter().map(|(_, inode)| *inode).collect();
-        if let Some(group) = own
-            && procfs::group_holds_socket(group, &inodes)
-        {
-            return PortUse::Own;
+        if let Some(group) = own {
+            if procfs::group_holds_socket(group, &inodes) {
+                return PortUse::Own;
+            }
+            // Its leader exiting, the kernel has taken its descriptors away and may not have
+            // closed the listener yet.
+            if procfs::exiting(group) {
+                return PortUse::Unsure;
+            }
         }
         let (uid, inode) = listeners[0];
         return PortUse::Other(Holder::of(uid, inode));
@@ -284,6 +293,103 @@ mod tests {
         pool.release(port);
         assert_eq!(pool.taken(), 0);
         assert_eq!(pool.acquire(), Some(port));
+    }
+
+    /// A webapp killed while its worker looks at its port (the look while it has not been seen
+    /// listening yet): the kernel takes the process's descriptors away before it closes them,
+    /// so for a moment its listener is there and no process holds it. That is the webapp's
+    /// own listener closing, never someone else's: the webapp was moved to another port for
+    /// it, and the log blamed another program with the webapp's own uid. Looped until the
+    /// look falls into that moment; with many descriptors to close, it does within a few
+    /// rounds.
+    #[test]
+    fn the_listener_of_an_own_webapp_that_is_exiting_is_not_someone_elses() {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::{ForkResult, Pid, fork};
+        let mut looks = 0;
+        for round in 0..40 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            // SAFETY: the child makes system calls only (no allocation, no lock) and never
+            // returns.
+            let child = match unsafe { fork() }.unwrap() {
+                ForkResult::Child => unsafe {
+                    // Not the other tests' sockets, which this process would hold open.
+                    libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+                    libc::setpgid(0, 0);
+                    let limit = libc::rlimit {
+                        rlim_cur: 20_000,
+                        rlim_max: 20_000,
+                    };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                    for _ in 0..15_000 {
+                        if libc::dup(null) < 0 {
+                            break;
+                        }
+                    }
+                    // The listener last: the kernel closes it after all the others.
+                    let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    let one: libc::c_int = 1;
+                    libc::setsockopt(
+                        s,
+                        libc::SOL_SOCKET,
+                        libc::SO_REUSEADDR,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                    let addr = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: port.to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    libc::bind(
+                        s,
+                        (&addr as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    );
+                    libc::listen(s, 16);
+                    loop {
+                        libc::pause();
+                    }
+                },
+                ForkResult::Parent { child } => child,
+            };
+            let pgid = child.as_raw();
+            let started = std::time::Instant::now();
+            while port_use(port, Some(pgid), Look::Quick) != PortUse::Own {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "round {round}: the child never listened on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            kill(Pid::from_raw(pgid), Signal::SIGKILL).unwrap();
+            loop {
+                looks += 1;
+                match port_use(port, Some(pgid), Look::Quick) {
+                    PortUse::Other(holder) => {
+                        let _ = nix::sys::wait::waitpid(child, None);
+                        panic!(
+                            "round {round}: the own webapp's listener, closing, was taken for {holder}'s"
+                        );
+                    }
+                    PortUse::Free => break,
+                    PortUse::Own | PortUse::Unsure => {}
+                }
+            }
+            nix::sys::wait::waitpid(child, None).unwrap();
+        }
+        assert!(
+            looks > 40,
+            "the looks never fell between the kill and the close"
+        );
     }
 
     #[test]

@@ -54,6 +54,23 @@ fn stat_state_pgrp(pid: i32) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
+/// True when process `pid` is exiting (the kernel's `PF_EXITING`, set before it closes the
+/// process's descriptors), a zombie, or gone.
+pub fn exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some(rest) = stat.rfind(')').and_then(|at| stat.get(at + 2..)) else {
+        return true;
+    };
+    // state ppid pgrp session tty_nr tpgid flags
+    let fields: Vec<&str> = rest.split(' ').take(7).collect();
+    let state = fields.first().and_then(|s| s.chars().next());
+    let flags = fields.get(6).and_then(|f| f.parse::<u64>().ok());
+    matches!(state, None | Some('Z' | 'X')) || flags.is_none_or(|f| f & PF_EXITING != 0)
+}
+
 /// Number of established TCP connections whose local port is `port` (the app's side of the
 /// connections to it), IPv4 and IPv6.
 pub fn connections_to_port(port: u16) -> usize {
@@ -319,6 +336,26 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:0FA0 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0FA0 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2\n   2: 0100007F:D431 0100007F:0FA0 01 00000000:00000000 00:00000000 00000000     0        0 3\n   3: 0100007F:0FA0 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 4\n";
         assert_eq!(count_established(table, 4000), 1);
         assert_eq!(count_established(table, 4001), 0);
+    }
+
+    #[test]
+    fn a_running_process_is_not_exiting_and_a_zombie_or_a_gone_one_is() {
+        assert!(!exiting(std::process::id() as i32));
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(!exiting(pid));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie once its exit is done.
+        let started = std::time::Instant::now();
+        while !exiting(pid) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.wait().unwrap();
+        assert!(exiting(pid), "a process gone");
     }
 
     #[test]

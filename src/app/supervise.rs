@@ -344,6 +344,10 @@ impl Machine {
                         }
                         continue;
                     }
+                    PortUse::Unsure => {
+                        p.port_check_at = Some(now + PORT_WATCH);
+                        continue;
+                    }
                     PortUse::Other(holder) => holder,
                 };
                 p.port_check_at = Some(now + PORT_WATCH);
