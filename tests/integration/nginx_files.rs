@@ -38,10 +38,21 @@ fn get_with(k: &Keter, host: &str, path: &str, headers: &[(&str, &str)]) -> (u16
     (status, body.to_string())
 }
 
-/// Waits until `GET path` on `host` answers `status`.
+/// Waits until `GET path` on `host` answers `status`, and goes on answering it for 300 ms:
+/// Nginx's workers from before a reload may still accept a connection for a moment after it
+/// (as `Keter::wait_for` waits), and answer by the configuration before it.
 fn wait_status(k: &Keter, host: &str, path: &str, status: u16) {
     let start = Instant::now();
-    while get_with(k, host, path, &[]).0 != status {
+    let mut first: Option<Instant> = None;
+    loop {
+        if get_with(k, host, path, &[]).0 == status {
+            let since = *first.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_millis(300) {
+                return;
+            }
+        } else {
+            first = None;
+        }
         assert!(
             start.elapsed() < WAIT,
             "{host}{path} never answered {status}:\n{}",
