@@ -236,10 +236,9 @@ pub(super) struct Refreshing {
     pub certificate: bool,
     /// It routes to webapps' moved ports (`reroute_due`).
     pub reroute: bool,
-    /// It renders the site as this keter writes it (`rewrite_due`).
+    /// It renders the site as this keter writes it (`rewrite_due`): with neither of the
+    /// above, Nginx takes it only if the file comes out otherwise than the live one.
     pub rewrite: bool,
-    /// Taken by Nginx only if the file comes out otherwise than the live one.
-    pub rewrite_only: bool,
     /// It takes the site out of Nginx: a webapp has no port it may use.
     pub stranded: bool,
     /// The webapps' ports it routes to.
@@ -1154,7 +1153,6 @@ impl Machine {
             certificate,
             reroute,
             rewrite,
-            rewrite_only,
             stranded,
             ports: web_ports(v),
         };
@@ -1219,7 +1217,7 @@ impl Machine {
                         "{}: maintenance {what} (Nginx generation {g})",
                         self.name
                     ));
-                } else if r.rewrite_only {
+                } else if !r.certificate {
                     log::info!(
                         "{}: site rendered again by this keter: Nginx runs it at generation {g}",
                         self.name
