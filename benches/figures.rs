@@ -598,8 +598,18 @@ fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool, log:
     OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
 }
 
+/// The hand-tuned proxy forwarding what keter's Nginx forwards to an app
+/// (`templates/app.conf.tera`): the client's host, address and scheme, and websocket
+/// upgrades; no log.
+fn hand_tuned_proxy_forwarding(label: &str, port: u16, app_port: u16) -> OwnNginx {
+    let http = format!(
+        "    map $http_upgrade $u {{ default upgrade; '' ''; }}\n    upstream app {{ server 127.0.0.1:{app_port}; keepalive 32; }}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto http; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $u; }}\n    }}\n"
+    );
+    OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
+}
+
 /// keter's log format, as `templates/app.conf.tera` writes it for an app.
-const KETER_LOG_FORMAT: &str = "    log_format m 'k2|fast|1|$msec|$status|$bytes_sent|$upstream_status|$upstream_response_time|$upstream_header_time';\n";
+const KETER_LOG_FORMAT: &str = "    log_format m escape=none 'k3|fast|1|$time_iso8601|$status|$bytes_sent|$upstream_response_time|$upstream_header_time';\n";
 
 /// A unix datagram socket read and thrown away by a thread: what the hand-tuned proxy's
 /// syslog `access_log` sends to, as keter's reads its own.
@@ -710,6 +720,9 @@ fn front_end_overhead() {
             file_log.display()
         ),
     );
+    let forwarding_port = free_port();
+    let forwarding =
+        hand_tuned_proxy_forwarding("bench-tuned-forwarding", forwarding_port, app_port);
     // (label, port, master of the front end's Nginx).
     let mut targets = vec![
         ("app directly", app_port, None),
@@ -738,6 +751,11 @@ fn front_end_overhead() {
             "same, no upstream keep-alive",
             plain_port,
             Some(plain.child.id() as i32),
+        ),
+        (
+            "same, forwarding keter's headers",
+            forwarding_port,
+            Some(forwarding.child.id() as i32),
         ),
     ];
     if let Some(b) = &before {
@@ -908,8 +926,9 @@ fn front_end_overhead() {
     let tuned_target = 3;
     // (target, keter paused during the run): keter's Nginx with metrics on also with keter
     // stopped (SIGSTOP) while wrk runs, so that what keter's reading of the log costs the
-    // front end on these shared cores shows apart from what Nginx's logging costs it.
-    let paired_targets = [(1, false), (1, true), (2, false), (5, false)];
+    // front end on these shared cores shows apart from what Nginx's logging costs it; and
+    // the hand-tuned proxy forwarding the headers keter's forwards, without a log.
+    let paired_targets = [(1, false), (1, true), (2, false), (5, false), (7, false)];
     // (wrk's result, the front end's CPU µs per request).
     let measure = |t: usize, paused: bool| -> (Wrk, f64) {
         let (_, port, master) = targets[t];

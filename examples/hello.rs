@@ -329,6 +329,8 @@ fn serve(
         let mut content_length = 0usize;
         let mut host = String::new();
         let mut upgrade = false;
+        // What the front end says about the client, for `/forwarded`.
+        let mut forwarded: Vec<String> = Vec::new();
         loop {
             let mut header = String::new();
             match reader.read_line(&mut header) {
@@ -350,6 +352,9 @@ fn serve(
             }
             if h == "upgrade: websocket" {
                 upgrade = true;
+            }
+            if h.starts_with("x-forwarded-") || h.starts_with("x-real-ip:") {
+                forwarded.push(h.clone());
             }
         }
         if upgrade {
@@ -418,6 +423,9 @@ fn serve(
             vars.join("\n") + "\n"
         } else if target == "/host" {
             format!("{host}\n")
+        } else if target == "/forwarded" {
+            forwarded.sort();
+            forwarded.join("\n") + "\n"
         } else if target == "/upload" {
             format!("received {content_length}\n")
         } else if target == "/method" {

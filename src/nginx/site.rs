@@ -166,6 +166,9 @@ pub(super) struct ServerView {
     pub redirect_https: bool,
     /// `:PORT` when the external HTTPS port is not 443.
     pub https_suffix: String,
+    /// `http` or `https`: what the server's listeners speak, for `X-Forwarded-Proto` (written
+    /// out rather than `$scheme`, which Nginx would look up at every request).
+    pub scheme: &'static str,
     /// Nginx's 502 and 504 get the operator's proxy-exception page (proxied content only).
     pub proxy_exception: bool,
     pub content: ContentView,
@@ -332,6 +335,7 @@ pub(super) fn servers(
             max_body: block.max_body,
             acme: tls.is_none(),
             redirect_https: tls.is_none() && block.requires_secure && !groups.is_empty(),
+            scheme: if tls.is_some() { "https" } else { "http" },
             https_suffix: if front.external_https_port == 443 {
                 String::new()
             } else {

@@ -1,15 +1,15 @@
 use super::*;
 
 fn line(app: &str, release: u64, status: u16, upstream_ms: Option<u64>) -> Line {
-    let (s, t, h) = match upstream_ms {
+    let (t, h) = match upstream_ms {
         Some(ms) => {
             let t = format!("{:.3}", ms as f64 / 1000.0);
-            (status.to_string(), t.clone(), t)
+            (t.clone(), t)
         }
-        None => ("-".into(), "-".into(), "-".into()),
+        None => ("-".into(), "-".into()),
     };
-    Line::parse(format!("k2|{app}|{release}|1000000.000|{status}|100|{s}|{t}|{h}").as_bytes())
-        .unwrap()
+    let time = line::iso8601_utc(1_000_000);
+    Line::parse(format!("k3|{app}|{release}|{time}|{status}|100|{t}|{h}").as_bytes()).unwrap()
 }
 
 #[test]

@@ -452,9 +452,9 @@ mod tests {
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
         let line = |m: &str| crate::requests::Line::parse(m.as_bytes()).unwrap();
         for m in [
-            "k2|hello|2|1000.000|200|100|200|0.020|0.020",
-            "k2|hello|2|1000.000|200|100|200|0.300|0.300",
-            "k2|hello|3|1000.000|502|50|502|0.000|-",
+            "k3|hello|2|1970-01-01T00:16:40+00:00|200|100|0.020|0.020",
+            "k3|hello|2|1970-01-01T00:16:40+00:00|200|100|0.300|0.300",
+            "k3|hello|3|1970-01-01T00:16:40+00:00|502|50|0.000|-",
         ] {
             reports.requests.add(1000, &line(m)).unwrap();
         }

@@ -113,7 +113,7 @@ fn a_bundle_copied_in_is_served_with_keters_environment() {
         "proxy_set_header Host $host;",
         "proxy_set_header X-Real-IP $remote_addr;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-        "proxy_set_header X-Forwarded-Proto $scheme;",
+        "proxy_set_header X-Forwarded-Proto http;",
         "proxy_set_header Upgrade $http_upgrade;",
     ] {
         assert!(conf.contains(needle), "{needle} missing from:\n{conf}");

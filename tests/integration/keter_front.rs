@@ -55,6 +55,8 @@ fn warps_listener_forms() {
     );
 }
 
+/// Also: the app learns the client's address and the scheme it used, over TLS and plain HTTP
+/// alike (the templates write the scheme out per server block rather than `$scheme`).
 #[test]
 fn a_tls_listener_with_session_resumes_sessions() {
     require_nginx();
@@ -94,6 +96,15 @@ fn a_tls_listener_with_session_resumes_sessions() {
     let again = s_client(&["-sess_in", sess.to_str().unwrap()]);
     assert!(again.contains("Reused, TLSv1.2"), "{again}");
     assert_eq!(curl_tls(tls_port, "tls.example.com", "/").2.trim(), "tls");
+    assert_eq!(
+        curl_tls(tls_port, "tls.example.com", "/forwarded").2.trim(),
+        "x-forwarded-for: 127.0.0.1\nx-forwarded-proto: https\nx-real-ip: 127.0.0.1"
+    );
+    let plain = k.get("tls.example.com", "/forwarded").unwrap();
+    assert_eq!(
+        plain.body.trim(),
+        "x-forwarded-for: 127.0.0.1\nx-forwarded-proto: http\nx-real-ip: 127.0.0.1"
+    );
 }
 
 #[test]

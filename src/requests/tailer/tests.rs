@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use super::*;
 use crate::requests::HOUR;
+use crate::requests::line::iso8601_utc;
 
 struct Nginx {
     path: PathBuf,
@@ -41,7 +42,8 @@ impl Nginx {
         for i in 0..n {
             let status = if i % 10 == 0 { 500 } else { 200 };
             text.push_str(&format!(
-                "k2|shop|{release}|{time}.125|{status}|612|{status}|0.012|0.011\n"
+                "k3|shop|{release}|{}|{status}|612|0.012|0.011\n",
+                iso8601_utc(time)
             ));
         }
         self.write(text.as_bytes());
@@ -83,11 +85,12 @@ fn lines_are_counted_once_whole_at_the_time_nginx_logged_them() {
     let mut files = Files::new(path.clone(), nginx.asked(), 1 << 20, 4 << 20);
     files.start(&r);
     let now = unix_now();
-    // A line Nginx's buffer wrote in two parts, read between them.
-    nginx.write(format!("k2|shop|1|{}.000|200|10|200|0.010|0.010\nk2|sh", now - 100).as_bytes());
+    // A line of the format before (an older keter's Nginx wrote it before an upgrade), then a
+    // line Nginx's buffer wrote in two parts, read between them.
+    nginx.write(format!("k2|shop|1|{}.000|200|10|200|0.010|0.010\nk3|sh", now - 100).as_bytes());
     files.poll(&r);
     assert_eq!(total(&r), 1);
-    nginx.write(format!("op|1|{}.999|404|10|-|-|-\nnot keter's\n", now - 30).as_bytes());
+    nginx.write(format!("op|1|{}|404|10|-|-\nnot keter's\n", iso8601_utc(now - 30)).as_bytes());
     files.poll(&r);
     assert_eq!(total(&r), 2);
     assert_eq!(r.lines.load(Ordering::Relaxed), 3);
@@ -149,7 +152,7 @@ fn a_rotation_and_a_restart_lose_no_line() {
 
     // A worker that flushes into the renamed file late still counts.
     let mut late = OpenOptions::new().append(true).open(&renamed).unwrap();
-    late.write_all(format!("k2|shop|1|{}.000|200|1|200|0.001|0.001\n", now - 4).as_bytes())
+    late.write_all(format!("k3|shop|1|{}|200|1|0.001|0.001\n", iso8601_utc(now - 4)).as_bytes())
         .unwrap();
     files.poll(&r);
     assert_eq!(total(&r), 113);
