@@ -8,7 +8,9 @@
 //! Run: `cargo bench --bench figures` (release build, real Nginx; installs nothing: `wrk` must
 //! be on PATH, `apt-get install wrk`). About seven minutes on two cores. One figure alone:
 //! `cargo bench --bench figures isolation`; with `KETER_BEFORE=/path/to/keter` its table has a
-//! row for that build too, deployed in turn with this one.
+//! row for that build too, deployed in turn with this one. `cargo bench --bench figures
+//! instructions` (only when named; it needs valgrind) counts the instructions of Nginx's
+//! worker per proxied request, keter's configuration against hand-written ones.
 
 #[path = "../tests/integration/support.rs"]
 mod support;
@@ -45,6 +47,10 @@ fn main() {
     }
     if run("symlinks") {
         symlink_check_cost();
+    }
+    // Only when asked for: it needs valgrind.
+    if only.as_deref() == Some("instructions") {
+        nginx_instructions();
     }
 }
 
@@ -508,6 +514,29 @@ struct OwnNginx {
 }
 
 impl OwnNginx {
+    /// Writes `DIR/nginx.conf` with `worker_processes auto`, `main` in its main context and
+    /// `http` as its http block's servers, every path under `dir`.
+    fn write_conf(dir: &Path, main: &str, http: &str) -> PathBuf {
+        let d = dir.display();
+        // `access_log off` beside another `access_log` of the same block turns that one off
+        // too: a proxy with a log line gets no `off`.
+        let off = if http.contains("access_log ") {
+            ""
+        } else {
+            "    access_log off;\n"
+        };
+        fs::create_dir_all(dir.join("t")).unwrap();
+        let conf = dir.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "{main}worker_processes auto;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n{off}    client_body_temp_path {d}/t; proxy_temp_path {d}/t; fastcgi_temp_path {d}/t; uwsgi_temp_path {d}/t; scgi_temp_path {d}/t;\n{http}}}\n"
+            ),
+        )
+        .unwrap();
+        conf
+    }
+
     /// `nginx` with `worker_processes auto` (as keter's), `main` in its main context and
     /// `http` as its http block's servers; returns once `port` answers `GET path` for `host`
     /// with `expect`.
@@ -521,16 +550,7 @@ impl OwnNginx {
         expect: &str,
     ) -> OwnNginx {
         let dir = TempDir::new(label);
-        let d = dir.0.display();
-        fs::create_dir_all(dir.0.join("t")).unwrap();
-        let conf = dir.0.join("nginx.conf");
-        fs::write(
-            &conf,
-            format!(
-                "{main}worker_processes auto;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/t; proxy_temp_path {d}/t; fastcgi_temp_path {d}/t; uwsgi_temp_path {d}/t; scgi_temp_path {d}/t;\n{http}}}\n"
-            ),
-        )
-        .unwrap();
+        let conf = OwnNginx::write_conf(&dir.0, main, http);
         let child = Command::new("nginx")
             .args(["-e", "stderr", "-p"])
             .arg(&dir.0)
@@ -587,25 +607,35 @@ fn workers_cpu_us(master: i32) -> f64 {
 /// connections to the app; `log` goes into its http block (a `log_format` and an
 /// `access_log`, or nothing for `access_log off`).
 fn hand_tuned_proxy(label: &str, port: u16, app_port: u16, keepalive: bool, log: &str) -> OwnNginx {
+    let http = hand_tuned_http(port, app_port, keepalive, log);
+    OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
+}
+
+/// The http block's servers of [`hand_tuned_proxy`].
+fn hand_tuned_http(port: u16, app_port: u16, keepalive: bool, log: &str) -> String {
     let (pool, connection) = if keepalive {
         ("keepalive 32; ", "proxy_set_header Connection \"\"; ")
     } else {
         ("", "")
     };
-    let http = format!(
+    format!(
         "{log}    upstream app {{ server 127.0.0.1:{app_port}; {pool}}}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; {connection}}}\n    }}\n"
-    );
-    OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
+    )
 }
 
 /// The hand-tuned proxy forwarding what keter's Nginx forwards to an app
 /// (`templates/app.conf.tera`): the client's host, address and scheme, and websocket
 /// upgrades; no log.
 fn hand_tuned_proxy_forwarding(label: &str, port: u16, app_port: u16) -> OwnNginx {
-    let http = format!(
-        "    map $http_upgrade $u {{ default upgrade; '' ''; }}\n    upstream app {{ server 127.0.0.1:{app_port}; keepalive 32; }}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto http; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $u; }}\n    }}\n"
-    );
+    let http = forwarding_http(port, app_port);
     OwnNginx::start(label, "", &http, port, "fast.example.com", "/", "fast")
+}
+
+/// The http block's servers of [`hand_tuned_proxy_forwarding`].
+fn forwarding_http(port: u16, app_port: u16) -> String {
+    format!(
+        "    map $http_upgrade $u {{ default upgrade; '' ''; }}\n    upstream app {{ server 127.0.0.1:{app_port}; keepalive 32; }}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto http; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $u; }}\n    }}\n"
+    )
 }
 
 /// keter's log format, as `templates/app.conf.tera` writes it for an app.
@@ -613,19 +643,32 @@ const KETER_LOG_FORMAT: &str = "    log_format m escape=none 'k3|fast|1|$time_is
 
 /// A unix datagram socket read and thrown away by a thread: what the hand-tuned proxy's
 /// syslog `access_log` sends to, as keter's reads its own.
-fn datagram_sink(path: &Path) -> std::os::unix::net::UnixDatagram {
+fn datagram_sink(
+    path: &Path,
+) -> (
+    std::os::unix::net::UnixDatagram,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     use std::os::unix::fs::PermissionsExt;
     let _ = fs::remove_file(path);
     let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
     // The workers run as nobody.
     fs::set_permissions(path, fs::Permissions::from_mode(0o666)).unwrap();
     let reader = socket.try_clone().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = received.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
-        while reader.recv(&mut buf).is_ok() {}
+        while reader.recv(&mut buf).is_ok() {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     });
-    socket
+    (socket, received)
 }
+
+/// The app of the front-end figures: an Nginx answering a fixed string on `$PORT`, as fast an
+/// app as there is.
+const FAST_APP: &str = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
 
 /// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS
 /// PAIRS` (9 rounds and 20 pairs unless told); with `KETER_BEFORE=/path/to/keter`, that build's
@@ -637,8 +680,7 @@ fn front_end_overhead() {
         .map(|a| a.parse().expect("overhead ROUNDS: a number of rounds"))
         .unwrap_or(9);
     const SECONDS: u64 = 2;
-    // The app: an Nginx answering a fixed string on $PORT, as fast an app as there is.
-    let script = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
+    let script = FAST_APP;
     let k = Keter::start_with("bench-overhead", Opts::default());
     // The same keter without request metrics (`request-metrics: false`), same app.
     let off = Keter::start_with(
@@ -692,7 +734,7 @@ fn front_end_overhead() {
     // access log file (64 KiB, flushed every second: what keter does, without keter reading).
     let logs = TempDir::new("bench-overhead-logs");
     let sink_path = logs.0.join("sink.sock");
-    let _sink = datagram_sink(&sink_path);
+    let (_sink, datagrams) = datagram_sink(&sink_path);
     {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&logs.0, fs::Permissions::from_mode(0o755)).unwrap();
@@ -994,6 +1036,14 @@ fn front_end_overhead() {
             ratios[j].2
         );
     }
+    // The proxies that log did log (an `access_log off` beside them once turned them off).
+    let logged = fs::metadata(&file_log).map_or(0, |m| m.len());
+    let sent = datagrams.load(std::sync::atomic::Ordering::Relaxed);
+    println!("   the hand-tuned proxies' logs: {logged} bytes in the file, {sent} datagrams");
+    assert!(
+        logged > 0 && sent > 0,
+        "a hand-tuned proxy with a log wrote none"
+    );
     println!(
         "   memory per app with requests: {:.1} KiB at first, {:.1} KiB at most (traffic all day)",
         keter::requests::Requests::bytes_per_new_app() as f64 / 1024.0,
@@ -1002,6 +1052,184 @@ fn front_end_overhead() {
     println!(
         "   (front µs/req: CPU time of the front end's workers per request; spread: (max - min) / median of a target's req/s)"
     );
+}
+
+/// `cargo bench --bench figures instructions` (needs valgrind: `apt-get install valgrind`):
+/// the user-space instructions an Nginx worker executes per proxied request, counted by
+/// callgrind, for the hand-tuned proxy, the same forwarding keter's headers, the same with
+/// keter's request log line, and keter's own configuration (copied from a running keter, main
+/// file included) with request metrics on and off. Unlike CPU time, the count is the same
+/// from run to run whatever else the machine does; the kernel's part of a request (about three
+/// quarters of its CPU here, the same system calls for every configuration) is not in it.
+fn nginx_instructions() {
+    assert!(
+        Command::new("valgrind").arg("--version").output().is_ok(),
+        "valgrind is not installed: apt-get install valgrind"
+    );
+    let host = "fast.example.com";
+    let on = Keter::start_with("bench-instructions", Opts::default());
+    let off = Keter::start_with(
+        "bench-instructions-off",
+        Opts {
+            extra: "request-metrics: false\n".into(),
+            ..Opts::default()
+        },
+    );
+    let bundle = on.dir.0.join("fast.keter");
+    BundleBuilder::new()
+        .file("dist/run", FAST_APP.as_bytes().to_vec(), 0o755)
+        .file(
+            "config/keter.yaml",
+            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
+            0o644,
+        )
+        .write(&bundle);
+    for k in [&on, &off] {
+        k.deploy("fast", &bundle);
+        k.wait_for(host, "fast", Duration::from_secs(30));
+    }
+    let app_port = fs::read_to_string(on.root.join("nginx/apps/fast.conf"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
+        .and_then(|p| p.trim_end_matches(';').parse::<u16>().ok())
+        .unwrap();
+    let dir = TempDir::new("bench-instructions-confs");
+    let log = dir.0.join("access.log");
+    // (label, main configuration file, port).
+    let mut confs: Vec<(&str, PathBuf, u16)> = Vec::new();
+    let own = |name: &str, http: &dyn Fn(u16) -> String| {
+        let port = free_port();
+        let d = dir.0.join(name);
+        (OwnNginx::write_conf(&d, "", &http(port)), port)
+    };
+    let (c, p) = own("tuned", &|port| hand_tuned_http(port, app_port, true, ""));
+    confs.push(("hand-tuned Nginx", c, p));
+    let (c, p) = own("forwarding", &|port| forwarding_http(port, app_port));
+    confs.push(("same, forwarding keter's headers", c, p));
+    let logged = |port| {
+        forwarding_http(port, app_port).replace(
+            "    map ",
+            &format!(
+                "{KETER_LOG_FORMAT}    access_log {} m buffer=64k flush=1s;\n    map ",
+                log.display()
+            ),
+        )
+    };
+    let (c, p) = own("forwarding-log", &logged);
+    confs.push(("same, and keter's log line", c, p));
+    let (c, p) = copy_keter_nginx(&on, &dir.0.join("keter-on"));
+    confs.push(("keter's Nginx, metrics on", c, p));
+    let (c, p) = copy_keter_nginx(&off, &dir.0.join("keter-off"));
+    confs.push(("keter's Nginx, metrics off", c, p));
+    // The keters stay up: their app answers the copies.
+    println!(
+        "\n6. user-space instructions per proxied request of one Nginx worker (callgrind; wrk -t1 -c4, 5 s after 2 s of warm-up)"
+    );
+    let mut first = None;
+    for (label, conf, port) in &confs {
+        let n = instructions_per_request(conf, *port, host);
+        let base = *first.get_or_insert(n);
+        println!(
+            "   {label:<36} {n:>8.0}  {:>5.3} of the hand-tuned proxy",
+            n / base
+        );
+    }
+}
+
+/// keter's Nginx files (main, shared and the apps') copied from `k` to `dest`, every path
+/// under `k`'s root moved there and its listener moved to a free port: (main file, port).
+fn copy_keter_nginx(k: &Keter, dest: &Path) -> (PathBuf, u16) {
+    let port = free_port();
+    let from = k.root.display().to_string();
+    let to = dest.display().to_string();
+    fn walk(src: &Path, dst: &Path, edit: &dyn Fn(String) -> String) {
+        fs::create_dir_all(dst).unwrap();
+        for entry in fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            let target = dst.join(entry.file_name());
+            if kind.is_dir() {
+                walk(&entry.path(), &target, edit);
+            } else if kind.is_file() && entry.path().extension().is_some_and(|e| e == "conf") {
+                let text = fs::read_to_string(entry.path()).unwrap();
+                fs::write(&target, edit(text)).unwrap();
+            }
+        }
+    }
+    let listen = format!("127.0.0.1:{}", k.port);
+    let edit = |text: String| {
+        text.replace(&from, &to)
+            .replace(&listen, &format!("127.0.0.1:{port}"))
+    };
+    walk(&k.root.join("nginx"), &dest.join("nginx"), &edit);
+    (dest.join("nginx/nginx.conf"), port)
+}
+
+/// Starts the Nginx of `conf` as a single process under callgrind, warms it up, counts the
+/// instructions of the requests `wrk` makes in 5 s, and divides.
+fn instructions_per_request(conf: &Path, port: u16, host: &str) -> f64 {
+    let dir = conf.parent().unwrap();
+    let out = dir.join("callgrind.out");
+    let mut child = Command::new("valgrind")
+        .args(["--tool=callgrind", "--instr-atstart=no"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args(["nginx", "-e", "stderr", "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(conf)
+        .args(["-g", "daemon off; master_process off;"])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("valgrind.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let start = Instant::now();
+    while !keter::probe::get_tcp(addr, host, "/", Duration::from_secs(5))
+        .is_ok_and(|r| r.body.trim() == "fast")
+    {
+        assert!(
+            child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60),
+            "{}: nginx under valgrind does not answer: {}",
+            conf.display(),
+            fs::read_to_string(dir.join("valgrind.stderr")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!("http://127.0.0.1:{port}/");
+    wrk_result(wrk(&url, host, 2, 4, false));
+    let control = |on: &str| {
+        let ok = Command::new("callgrind_control")
+            .args(["-i", on, &child.id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "callgrind_control -i {on} failed");
+    };
+    control("on");
+    let w = wrk_result(wrk(&url, host, 5, 4, false));
+    control("off");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+    // The totals of the dump at exit.
+    let mut total: f64 = 0.0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().contains("callgrind.out") {
+            continue;
+        }
+        for line in fs::read_to_string(&path).unwrap().lines() {
+            if let Some(v) = line
+                .strip_prefix("totals:")
+                .or_else(|| line.strip_prefix("summary:"))
+            {
+                total = v.trim().parse::<f64>().unwrap_or(0.0).max(total);
+            }
+        }
+    }
+    assert!(total > 0.0, "no instructions counted in {}", out.display());
+    total / w.requests.max(1) as f64
 }
 
 /// Copies `apps` bundles into `k` at once; how long until all serve.

@@ -19,6 +19,9 @@ impl AppName {
     pub const MAX_LEN: usize = 100;
 
     pub fn new(name: &str) -> Result<AppName, NameError> {
+        if AppName::is_valid(name) {
+            return Ok(AppName(name.to_string()));
+        }
         if name.is_empty() {
             return Err(NameError::AppEmpty);
         }
@@ -35,6 +38,17 @@ impl AppName {
             return Err(NameError::AppChar(name.to_string(), c));
         }
         Ok(AppName(name.to_string()))
+    }
+
+    /// Whether [`AppName::new`] takes `name`, without making one (the request log checks the
+    /// app of every line).
+    pub fn is_valid(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= Self::MAX_LEN
+            && !name.starts_with(['.', '-'])
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     }
 
     /// The app name of a bundle file name (`hello.keter` -> `hello`), if it is one.
