@@ -670,6 +670,31 @@ fn datagram_sink(
 /// app as there is.
 const FAST_APP: &str = "#!/bin/sh\nset -e\nd=$(mktemp -d)\nmkdir -p \"$d/t\"\ncat > \"$d/n.conf\" <<EOF\nworker_processes 1;\npid $d/pid;\nerror_log stderr error;\nevents { worker_connections 1024; }\nhttp { access_log off; client_body_temp_path $d/t; proxy_temp_path $d/t; fastcgi_temp_path $d/t; uwsgi_temp_path $d/t; scgi_temp_path $d/t;\n server { listen 127.0.0.1:$PORT; keepalive_requests 100000; location / { return 200 \"fast\\n\"; } } }\nEOF\nexec /usr/sbin/nginx -e stderr -p \"$d\" -c \"$d/n.conf\" -g 'daemon off;'\n";
 
+/// Deploys the fast app as `fast` on `fast.example.com` into each of `keters` and returns its
+/// port in the first (each keter runs it on its own port).
+fn deploy_fast_app(keters: &[&Keter]) -> u16 {
+    let host = "fast.example.com";
+    let bundle = keters[0].dir.0.join("fast.keter");
+    BundleBuilder::new()
+        .file("dist/run", FAST_APP.as_bytes().to_vec(), 0o755)
+        .file(
+            "config/keter.yaml",
+            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
+            0o644,
+        )
+        .write(&bundle);
+    for k in keters {
+        k.deploy("fast", &bundle);
+        k.wait_for(host, "fast", Duration::from_secs(30));
+    }
+    fs::read_to_string(keters[0].root.join("nginx/apps/fast.conf"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
+        .and_then(|p| p.trim_end_matches(';').parse::<u16>().ok())
+        .unwrap()
+}
+
 /// `cargo bench --bench figures overhead` or `cargo bench --bench figures -- overhead ROUNDS
 /// PAIRS` (9 rounds and 20 pairs unless told); with `KETER_BEFORE=/path/to/keter`, that build's
 /// Nginx with metrics on is one more target, compared with this build's round by round.
@@ -680,7 +705,6 @@ fn front_end_overhead() {
         .map(|a| a.parse().expect("overhead ROUNDS: a number of rounds"))
         .unwrap_or(9);
     const SECONDS: u64 = 2;
-    let script = FAST_APP;
     let k = Keter::start_with("bench-overhead", Opts::default());
     // The same keter without request metrics (`request-metrics: false`), same app.
     let off = Keter::start_with(
@@ -701,29 +725,9 @@ fn front_end_overhead() {
         )
     });
     let host = "fast.example.com";
-    let path = k.dir.0.join("fast.keter");
-    BundleBuilder::new()
-        .file("dist/run", script.as_bytes().to_vec(), 0o755)
-        .file(
-            "config/keter.yaml",
-            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
-            0o644,
-        )
-        .write(&path);
-    k.deploy("fast", &path);
-    k.wait_for(host, "fast", Duration::from_secs(30));
-    off.deploy("fast", &path);
-    off.wait_for(host, "fast", Duration::from_secs(30));
-    if let Some(b) = &before {
-        b.deploy("fast", &path);
-        b.wait_for(host, "fast", Duration::from_secs(30));
-    }
-    let app_port = fs::read_to_string(k.root.join("nginx/apps/fast.conf"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
-        .and_then(|p| p.trim_end_matches(';').parse::<u16>().ok())
-        .unwrap();
+    let mut keters = vec![&k, &off];
+    keters.extend(&before);
+    let app_port = deploy_fast_app(&keters);
     // Hand-written proxies to the same app, beside keter's Nginx, for the same clients.
     let tuned_port = free_port();
     let tuned = hand_tuned_proxy("bench-tuned", tuned_port, app_port, true, "");
@@ -1075,25 +1079,7 @@ fn nginx_instructions() {
             ..Opts::default()
         },
     );
-    let bundle = on.dir.0.join("fast.keter");
-    BundleBuilder::new()
-        .file("dist/run", FAST_APP.as_bytes().to_vec(), 0o755)
-        .file(
-            "config/keter.yaml",
-            format!("exec: ../dist/run\nhost: {host}\n").into_bytes(),
-            0o644,
-        )
-        .write(&bundle);
-    for k in [&on, &off] {
-        k.deploy("fast", &bundle);
-        k.wait_for(host, "fast", Duration::from_secs(30));
-    }
-    let app_port = fs::read_to_string(on.root.join("nginx/apps/fast.conf"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server 127.0.0.1:"))
-        .and_then(|p| p.trim_end_matches(';').parse::<u16>().ok())
-        .unwrap();
+    let app_port = deploy_fast_app(&[&on, &off]);
     let dir = TempDir::new("bench-instructions-confs");
     let log = dir.0.join("access.log");
     // (label, main configuration file, port).
