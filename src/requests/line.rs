@@ -192,7 +192,9 @@ fn msec(field: &str) -> Option<u64> {
 /// `$time_iso8601`, `YYYY-MM-DDThh:mm:ss+hh:mm` (or `-hh:mm`): unix seconds.
 fn iso8601(field: &str) -> Option<u64> {
     let b = field.as_bytes();
+    // ASCII only: the slices below then fall on character boundaries whatever the line holds.
     if b.len() != 25
+        || !b.is_ascii()
         || [
             (4, b'-'),
             (7, b'-'),
@@ -209,7 +211,11 @@ fn iso8601(field: &str) -> Option<u64> {
     let num = |from: usize, to: usize| digits(&field[from..to]);
     let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
     let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    let offset = (num(20, 22)? * 60 + num(23, 25)?) * 60;
+    let (offset_hours, offset_minutes) = (num(20, 22)?, num(23, 25)?);
+    if offset_minutes > 59 {
+        return None;
+    }
+    let offset = (offset_hours * 60 + offset_minutes) * 60;
     if !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
         || year < 1970
@@ -419,6 +425,10 @@ mod tests {
             "2025-12-07T11:43:21*00:00",
             "+025-12-07T11:43:21+00:00",
             "2025-12-07T11:4a:21+00:00",
+            "2025-12-07T11:43:21+00:60",
+            // 25 bytes with a character of two: refused, not cut inside it.
+            "2025-12-07T11:43:é+00:00",
+            "2025-12-07T11:43:2é00:00",
         ] {
             let l = format!("k3|shop|3|{time}|200|612|0.012|0.011");
             assert_eq!(Line::parse(l.as_bytes()), None, "{l}");
