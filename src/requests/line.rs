@@ -20,6 +20,11 @@
 //! `$upstream_response_time` is `-` exactly when nothing was proxied; and the `log_format`
 //! says `escape=none`, since no field holds anything a client sent.
 //!
+//! The request log's thread reads every line Nginx writes, on the cores Nginx serves on, so a
+//! line is read in one pass over its bytes, in place ([`Line::parse_after`]): no allocation, no
+//! float parser for the usual forms, and the time field parsed once per second of lines
+//! ([`LastTime`]). `cargo bench --bench figures counting` gives the cost per line.
+//!
 //! An older keter wrote `k2` lines, which the log may still hold after an upgrade: they are
 //! read too.
 //!
@@ -72,10 +77,10 @@ impl Class {
     }
 }
 
-/// One request.
+/// One request; `app` borrows from the line it was read from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Line {
-    pub app: String,
+pub struct Line<'a> {
+    pub app: &'a str,
     pub release: u64,
     /// When Nginx logged it: unix seconds.
     pub time: u64,
@@ -89,53 +94,141 @@ pub struct Line {
     upstream: Option<f64>,
 }
 
-impl Line {
-    /// Parses a line (without its newline); `None` for anything that is not keter's format.
-    pub fn parse(line: &[u8]) -> Option<Line> {
-        let text = std::str::from_utf8(line).ok()?;
-        let mut f = text.trim_end().split('|');
-        let older = match f.next()? {
-            VERSION => false,
-            "k2" => true,
-            _ => return None,
-        };
-        let app = f.next()?;
-        if !crate::names::AppName::is_valid(app) {
+/// The last `$time_iso8601` read and its unix time: the lines of one second share the field,
+/// so a run of lines reads it once (`Requests::count_lines`).
+#[derive(Debug, Default)]
+pub struct LastTime {
+    field: [u8; ISO8601_LEN],
+    unix: Option<u64>,
+}
+
+const ISO8601_LEN: usize = 25;
+
+impl LastTime {
+    fn read(&mut self, field: &[u8]) -> Option<u64> {
+        if let Some(unix) = self.unix
+            && field == self.field
+        {
+            return Some(unix);
+        }
+        let unix = iso8601(field)?;
+        self.field.copy_from_slice(field);
+        self.unix = Some(unix);
+        Some(unix)
+    }
+}
+
+/// The fields of a line not read yet, separated by `|`. Each is read in one pass over its
+/// bytes, numbers as they are scanned.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    /// The field up to the next `|`; `None` if it is the last.
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let end = self.0.iter().position(|b| *b == b'|')?;
+        let field = &self.0[..end];
+        self.0 = &self.0[end + 1..];
+        Some(field)
+    }
+
+    /// A field of `len` bytes, not the last.
+    fn fixed(&mut self, len: usize) -> Option<&'a [u8]> {
+        if self.0.get(len) != Some(&b'|') {
             return None;
         }
-        let release = f.next()?.parse().ok()?;
+        let field = &self.0[..len];
+        self.0 = &self.0[len + 1..];
+        Some(field)
+    }
+
+    /// A field of ASCII digits, not the last, as a number; `None` beyond `u64`.
+    fn number(&mut self) -> Option<u64> {
+        let mut n = 0u64;
+        for (i, b) in self.0.iter().enumerate() {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                if *b != b'|' || i == 0 {
+                    return None;
+                }
+                self.0 = &self.0[i + 1..];
+                return Some(n);
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(d))?;
+        }
+        None
+    }
+
+    /// The last field: the rest, without a `|`.
+    fn last(self) -> Option<&'a [u8]> {
+        (!self.0.contains(&b'|')).then_some(self.0)
+    }
+}
+
+impl<'a> Line<'a> {
+    /// Parses a line (without its newline); `None` for anything that is not keter's format.
+    pub fn parse(line: &'a [u8]) -> Option<Line<'a>> {
+        Line::parse_after(line, &mut LastTime::default())
+    }
+
+    /// [`Line::parse`], taking the time from `last` when the line has the same time field.
+    pub fn parse_after(line: &'a [u8], last: &mut LastTime) -> Option<Line<'a>> {
+        let mut f = Fields(line.trim_ascii_end());
+        let older = match f.next()? {
+            v if v == VERSION.as_bytes() => false,
+            b"k2" => true,
+            _ => return None,
+        };
+        let app = std::str::from_utf8(f.next()?)
+            .ok()
+            .filter(|a| crate::names::AppName::is_valid(a))?;
+        let release = f.number()?;
         let time = if older {
             msec(f.next()?)?
         } else {
-            iso8601(f.next()?)?
+            last.read(f.fixed(ISO8601_LEN)?)?
         };
-        let status: u16 = f.next()?.parse().ok()?;
-        let bytes = f.next()?.parse().ok()?;
+        let status = u16::try_from(f.number()?).ok()?;
+        let bytes = f.number()?;
         if older {
             // `$upstream_status`: `-` exactly when `$upstream_response_time` is.
             f.next()?;
         }
         let response_time = f.next()?;
-        let header_time = f.next()?;
-        if f.next().is_some() {
-            return None;
-        }
-        let (mut any, mut sum) = (false, 0.0);
-        for t in times(response_time).flatten() {
-            any = true;
-            sum += t;
-        }
-        let upstream = any.then_some(sum);
+        let header_time = f.last()?;
+        let upstream = match response_time {
+            b"-" => None,
+            one if let Some(t) = fixed_seconds(one) => Some(t),
+            several => {
+                let (mut any, mut sum) = (false, 0.0);
+                for t in times(several) {
+                    if let Some(t) = t? {
+                        any = true;
+                        sum += t;
+                    }
+                }
+                any.then_some(sum)
+            }
+        };
         // The last attempt of the first pass (before an internal redirect) got headers.
-        let first_pass = header_time.split(':').next().unwrap_or("");
-        let answered = times(first_pass).last().is_some_and(|t| t.is_some());
+        let answered = match header_time {
+            b"-" => false,
+            one if fixed_seconds(one).is_some() => true,
+            several => {
+                let first_pass = several.split(|b| *b == b':').next().unwrap_or(&[]);
+                let mut answered = false;
+                for t in times(first_pass) {
+                    answered = t?.is_some();
+                }
+                answered
+            }
+        };
         Some(Line {
-            app: app.to_string(),
+            app,
             release,
             time,
             status,
             bytes,
-            proxied: response_time.trim() != "-",
+            proxied: response_time.trim_ascii() != b"-",
             answered,
             upstream,
         })
@@ -158,43 +251,53 @@ impl Line {
     }
 }
 
-/// Each attempt's time in an `$upstream_*_time` (`-` for none), separated by `, ` and ` : `.
-fn times(v: &str) -> impl Iterator<Item = Option<f64>> + '_ {
-    v.split([',', ':'])
-        .map(str::trim)
+/// Each attempt's time in an `$upstream_*_time`, separated by `, ` and ` : `: `Some(None)` for
+/// `-` (no time), `None` for what is not a time (the line is refused).
+fn times(v: &[u8]) -> impl Iterator<Item = Option<Option<f64>>> + '_ {
+    v.split(|b| matches!(b, b',' | b':'))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-        .map(seconds)
+        .map(|t| {
+            if t == b"-" {
+                Some(None)
+            } else {
+                seconds(t).map(Some)
+            }
+        })
 }
 
-/// A time Nginx wrote (`0.012`: seconds, a dot, three digits), or `None` for `-`. The common
-/// form is read without a float parser: the request log's thread reads every request.
-fn seconds(t: &str) -> Option<f64> {
-    if let Some((s, ms)) = t.split_once('.')
-        && ms.len() == 3
-        && let (Some(s), Some(ms)) = (digits(s), digits(ms))
-        && s < 1 << 40
-    {
-        // One correctly rounded division: the same number as parsing the text.
-        return Some((s * 1000 + ms) as f64 / 1000.0);
-    }
-    t.parse().ok()
+/// A time Nginx wrote: seconds, a dot, three digits (`0.012`). Other forms of a number are read
+/// by the float parser.
+fn seconds(t: &[u8]) -> Option<f64> {
+    fixed_seconds(t).or_else(|| std::str::from_utf8(t).ok()?.parse().ok())
+}
+
+/// A time in the form Nginx writes (`0.012`: seconds, a dot, three digits), read without a
+/// float parser.
+fn fixed_seconds(t: &[u8]) -> Option<f64> {
+    let [whole @ .., b'.', a, b, c] = t else {
+        return None;
+    };
+    let digit = |d: u8| d.is_ascii_digit().then(|| u64::from(d - b'0'));
+    let ms = digit(*a)? * 100 + digit(*b)? * 10 + digit(*c)?;
+    let s = number(whole).filter(|s| *s < 1 << 40)?;
+    // One correctly rounded division: the same number as parsing the text.
+    Some((s * 1000 + ms) as f64 / 1000.0)
 }
 
 /// `$msec`: unix seconds, a dot and three digits of milliseconds; the seconds.
-fn msec(field: &str) -> Option<u64> {
-    let (seconds, millis) = field.split_once('.')?;
-    if millis.len() != 3 || !millis.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+fn msec(field: &[u8]) -> Option<u64> {
+    match field {
+        [seconds @ .., b'.', a, b, c] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => {
+            number(seconds)
+        }
+        _ => None,
     }
-    digits(seconds)
 }
 
 /// `$time_iso8601`, `YYYY-MM-DDThh:mm:ss+hh:mm` (or `-hh:mm`): unix seconds.
-fn iso8601(field: &str) -> Option<u64> {
-    let b = field.as_bytes();
-    // ASCII only: the slices below then fall on character boundaries whatever the line holds.
-    if b.len() != 25
-        || !b.is_ascii()
+fn iso8601(b: &[u8]) -> Option<u64> {
+    if b.len() != ISO8601_LEN
         || [
             (4, b'-'),
             (7, b'-'),
@@ -208,7 +311,7 @@ fn iso8601(field: &str) -> Option<u64> {
     {
         return None;
     }
-    let num = |from: usize, to: usize| digits(&field[from..to]);
+    let num = |from: usize, to: usize| number(&b[from..to]);
     let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
     let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
     let (offset_hours, offset_minutes) = (num(20, 22)?, num(23, 25)?);
@@ -234,12 +337,18 @@ fn iso8601(field: &str) -> Option<u64> {
     }
 }
 
-/// ASCII digits only (no sign, no spaces), as a number.
-fn digits(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+/// ASCII digits only (no sign, no spaces), as a number; `None` beyond `u64`.
+fn number(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
         return None;
     }
-    s.parse().ok()
+    b.iter().try_fold(0u64, |n, d| {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Days from 1970-01-01 to a date of the proleptic Gregorian calendar from 1970 on (Howard
@@ -280,8 +389,9 @@ pub(crate) fn iso8601_utc(unix: u64) -> String {
 mod tests {
     use super::*;
 
-    fn line(msg: &str) -> Option<Line> {
-        Line::parse(msg.as_bytes())
+    /// A line of `msg` (kept for the test's length: a line borrows its text).
+    fn line(msg: &str) -> Option<Line<'static>> {
+        Line::parse(msg.as_bytes().to_vec().leak())
     }
 
     /// 2025-12-07T11:43:21 UTC.
@@ -292,7 +402,7 @@ mod tests {
     fn proxied_static_and_failed_requests() {
         let l = line(&format!("k3|shop|3|{T}|200|612|0.012|0.011")).unwrap();
         assert_eq!(
-            (l.app.as_str(), l.release, l.time, l.status, l.bytes),
+            (l.app, l.release, l.time, l.status, l.bytes),
             ("shop", 3, UNIX, 200, 612)
         );
         assert_eq!(l.class(), Class::Success);
@@ -394,6 +504,14 @@ mod tests {
             format!("k3|shop|3|{T}|200|612|0.012|0.011|x"),
             format!("k3|../x|3|{T}|200|612|0.012|0.011"),
             format!("k3|shop|x|{T}|200|612|0.012|0.011"),
+            // Fields that are not numbers or times, or too large.
+            format!("k3|shop|99999999999999999999|{T}|200|612|0.012|0.011"),
+            format!("k3|shop|3|{T}|70000|612|0.012|0.011"),
+            format!("k3|shop|3|{T}|+200|612|0.012|0.011"),
+            format!("k3|shop|3|{T}|200||0.012|0.011"),
+            format!("k3|shop|3|{T}|200|612|abc|0.011"),
+            format!("k3|shop|3|{T}|200|612|0.012|x : 0.011"),
+            format!("k3|shop|3|{T}|200|612|0.012|0.011|"),
             // A k2 line with the k3 version, and the other way round.
             "k3|shop|3|1765107801.250|200|612|200|0.012|0.011".into(),
             format!("k2|shop|3|{T}|200|612|0.012|0.011"),

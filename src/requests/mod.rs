@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-pub use line::{Class, Line};
+pub use line::{Class, LastTime, Line};
 
 /// Upper bounds (seconds) of the upstream response time buckets; one more bucket above.
 pub const LATENCY_BUCKETS: [f64; 15] = [
@@ -503,21 +503,53 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Counts `l` among `apps` at unix time `now`.
+fn add_to(apps: &mut BTreeMap<String, AppTraffic>, now: u64, l: &Line) -> Result<(), Dropped> {
+    if let Some(t) = apps.get_mut(l.app) {
+        t.add(now, l);
+        return Ok(());
+    }
+    if apps.len() >= MAX_APPS {
+        return Err(Dropped::TooManyApps);
+    }
+    let mut t = AppTraffic::new();
+    t.add(now, l);
+    apps.insert(l.app.to_string(), t);
+    Ok(())
+}
+
 impl Requests {
     /// Counts one request at unix time `now`.
     pub fn add(&self, now: u64, l: &Line) -> Result<(), Dropped> {
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = apps.get_mut(l.app.as_str()) {
-            t.add(now, l);
-            return Ok(());
+        add_to(&mut apps, now, l)
+    }
+
+    /// Counts the lines of Nginx's request log in `lines`, each ending in a newline (what
+    /// follows the last newline is not read), each at the time Nginx logged it or at `now` if
+    /// that is later (a clock stepped back since); a line that is not keter's is counted as
+    /// malformed. One lock for them all: the status pages wait at most one read of the log.
+    pub fn count_lines(&self, lines: &[u8], now: u64) {
+        let mut last = LastTime::default();
+        let (mut read, mut malformed, mut too_many) = (0u64, 0u64, 0u64);
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut from = 0;
+        for end in memchr::memchr_iter(b'\n', lines) {
+            read += 1;
+            match Line::parse_after(&lines[from..end], &mut last) {
+                Some(l) => {
+                    if add_to(&mut apps, l.time.min(now), &l).is_err() {
+                        too_many += 1;
+                    }
+                }
+                None => malformed += 1,
+            }
+            from = end + 1;
         }
-        if apps.len() >= MAX_APPS {
-            return Err(Dropped::TooManyApps);
-        }
-        let mut t = AppTraffic::new();
-        t.add(now, l);
-        apps.insert(l.app.clone(), t);
-        Ok(())
+        drop(apps);
+        self.lines.fetch_add(read, Ordering::Relaxed);
+        self.malformed.fetch_add(malformed, Ordering::Relaxed);
+        self.too_many_apps.fetch_add(too_many, Ordering::Relaxed);
     }
 
     /// Counts a line that was not counted.

@@ -11,8 +11,9 @@
 //! (`src/nginx/worker_files.rs`), so no app can read the traffic of another or write lines
 //! into the file.
 //!
-//! This thread reads what was appended, four times a second, and counts each line at the time
-//! Nginx logged it (`$msec`), so that late reads land in the right slot.
+//! This thread reads what was appended, four times a second, 256 KiB at a time, and counts the
+//! whole lines of each read under one lock ([`Requests::count_lines`]), each at the time Nginx
+//! logged it, so that late reads land in the right slot.
 //!
 //! * **Rotation.** Once the file has grown past [`ROTATE_AT`] and was read to its end, the
 //!   thread renames it to `requests.log.1` (replacing the one before) and asks the Nginx
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Dropped, Line, Requests, unix_now};
+use super::{Dropped, Requests, unix_now};
 
 /// The file is renamed once it has grown past this and was read to its end.
 pub const ROTATE_AT: u64 = 64 << 20;
@@ -196,58 +197,56 @@ impl Tail {
             };
             self.offset += n as u64;
             let mut chunk = &buf[..n];
-            while let Some(end) = chunk.iter().position(|b| *b == b'\n') {
-                let line = &chunk[..end];
-                chunk = &chunk[end + 1..];
+            // The end of the line the last read stopped in.
+            if self.skipping.is_some() || !self.partial.is_empty() {
+                let Some(end) = memchr::memchr(b'\n', chunk) else {
+                    self.continued(requests, chunk);
+                    continue;
+                };
                 if let Some(why) = self.skipping.take() {
                     if why == Skip::Backlog {
                         requests
                             .skipped_bytes
                             .fetch_add(end as u64 + 1, Ordering::Relaxed);
                     }
-                } else if self.partial.is_empty() {
-                    count(requests, line, now);
                 } else {
-                    self.partial.extend_from_slice(line);
-                    count(requests, &self.partial, now);
+                    self.partial.extend_from_slice(&chunk[..=end]);
+                    requests.count_lines(&self.partial, now);
                     self.partial.clear();
                 }
+                chunk = &chunk[end + 1..];
             }
-            if let Some(why) = self.skipping {
-                if why == Skip::Backlog {
-                    requests
-                        .skipped_bytes
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                }
-            } else if self.partial.len() + chunk.len() > MAX_LINE {
-                // No line of keter's format is this long: the rest of it is dropped.
-                requests.dropped(Dropped::Malformed);
-                self.partial.clear();
-                self.skipping = Some(Skip::TooLong);
-            } else {
-                self.partial.extend_from_slice(chunk);
+            // The whole lines, and the start of the next.
+            let whole = memchr::memrchr(b'\n', chunk).map_or(0, |end| end + 1);
+            if whole > 0 {
+                requests.count_lines(&chunk[..whole], now);
             }
+            self.continued(requests, &chunk[whole..]);
+        }
+    }
+
+    /// Keeps `rest`, the start or more of a line whose end was not read yet; passes over it
+    /// when the line is skipped or too long for keter's format.
+    fn continued(&mut self, requests: &Requests, rest: &[u8]) {
+        if let Some(why) = self.skipping {
+            if why == Skip::Backlog {
+                requests
+                    .skipped_bytes
+                    .fetch_add(rest.len() as u64, Ordering::Relaxed);
+            }
+        } else if self.partial.len() + rest.len() > MAX_LINE {
+            // No line of keter's format is this long: the rest of it is dropped.
+            requests.dropped(Dropped::Malformed);
+            self.partial.clear();
+            self.skipping = Some(Skip::TooLong);
+        } else {
+            self.partial.extend_from_slice(rest);
         }
     }
 }
 
 /// Longer lines are not keter's: one is about 100 bytes plus the app's name.
 const MAX_LINE: usize = 4096;
-
-fn count(requests: &Requests, line: &[u8], now: u64) {
-    requests.lines.fetch_add(1, Ordering::Relaxed);
-    let counted = match Line::parse(line) {
-        Some(l) => {
-            // A clock stepped back since Nginx logged it: counted now.
-            let at = l.time.min(now);
-            requests.add(at, &l)
-        }
-        None => Err(Dropped::Malformed),
-    };
-    if let Err(why) = counted {
-        requests.dropped(why);
-    }
-}
 
 /// [`ROTATE_AT`] and [`MAX_BACKLOG`] (smaller in tests).
 #[derive(Debug, Clone, Copy)]

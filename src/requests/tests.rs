@@ -1,6 +1,7 @@
 use super::*;
 
-fn line(app: &str, release: u64, status: u16, upstream_ms: Option<u64>) -> Line {
+/// A line as Nginx logs it (kept for the test's length: a line borrows its text).
+fn line(app: &str, release: u64, status: u16, upstream_ms: Option<u64>) -> Line<'static> {
     let (t, h) = match upstream_ms {
         Some(ms) => {
             let t = format!("{:.3}", ms as f64 / 1000.0);
@@ -9,7 +10,8 @@ fn line(app: &str, release: u64, status: u16, upstream_ms: Option<u64>) -> Line 
         None => ("-".into(), "-".into()),
     };
     let time = line::iso8601_utc(1_000_000);
-    Line::parse(format!("k3|{app}|{release}|{time}|{status}|100|{t}|{h}").as_bytes()).unwrap()
+    let text = format!("k3|{app}|{release}|{time}|{status}|100|{t}|{h}").into_bytes();
+    Line::parse(text.leak()).unwrap()
 }
 
 #[test]
@@ -204,5 +206,65 @@ fn a_ring_keeps_chunks_only_for_recent_traffic() {
     assert!(
         points.iter().all(|p| p.requests_per_second == 0.1),
         "{points:?}"
+    );
+}
+
+/// The log's thread counts a read of the log at once: each line at its own time (the time of
+/// the line before is reused only when the field is the same), the same as one by one.
+#[test]
+fn a_read_of_the_log_counts_as_its_lines_one_by_one() {
+    let at = |unix: u64| line::iso8601_utc(unix);
+    let now = 1_000_100;
+    let text = [
+        format!("k3|shop|1|{}|200|10|0.001|0.001", at(1_000_000)),
+        format!("k3|shop|1|{}|200|10|0.020|0.020", at(1_000_000)),
+        format!("k3|blog|4|{}|404|10|-|-", at(1_000_000)),
+        // The next second, then one before it (a worker that flushed late).
+        format!("k3|shop|1|{}|500|10|0.300|0.300", at(1_000_015)),
+        format!("k3|shop|1|{}|502|10|0.000|-", at(1_000_000)),
+        "not keter's".to_string(),
+        String::new(),
+        // Ahead of the clock: counted now.
+        format!("k3|shop|2|{}|200|10|0.002|0.002", at(now + 500)),
+        format!("k2|shop|2|{}.250|200|10|200|0.002|0.002", 1_000_020),
+    ]
+    .map(|l| l + "\n")
+    .concat()
+        + "k3|shop|1|cut";
+    let batch = Requests::default();
+    batch.count_lines(text.as_bytes(), now);
+    let single = Requests::default();
+    for l in text.lines().take(9) {
+        if let Some(l) = Line::parse(l.as_bytes()) {
+            single.add(l.time.min(now), &l).unwrap();
+        }
+    }
+    let lines = |r: &Requests| {
+        (
+            r.lines.load(Ordering::Relaxed),
+            r.malformed.load(Ordering::Relaxed),
+        )
+    };
+    assert_eq!(lines(&batch), (9, 2), "the cut line is not read");
+    for app in ["shop", "blog"] {
+        let json = |r: &Requests, span| {
+            serde_json::to_value((r.summary(app, now), r.series(app, span, now))).unwrap()
+        };
+        assert_eq!(json(&batch, HOUR), json(&single, HOUR), "{app}");
+        assert_eq!(json(&batch, DAY), json(&single, DAY), "{app}");
+    }
+    let s = batch.summary("shop", now).unwrap();
+    assert_eq!(s.total.requests, 6);
+    assert_eq!(s.total.by_class["upstream_failure"], 1);
+    let hour = batch.series("shop", HOUR, now).unwrap();
+    let slot = |t: u64| {
+        hour.iter()
+            .find(|p| p.start == t / 10 * 10)
+            .unwrap()
+            .requests_per_second
+    };
+    assert_eq!(
+        (slot(1_000_000), slot(1_000_010), slot(1_000_020), slot(now)),
+        (0.3, 0.1, 0.1, 0.1)
     );
 }

@@ -450,7 +450,7 @@ mod tests {
         reports.publish(r);
         let nginx = NginxCounters::default();
         nginx.reloads.store(2, std::sync::atomic::Ordering::Relaxed);
-        let line = |m: &str| crate::requests::Line::parse(m.as_bytes()).unwrap();
+        let line = |m: &'static str| crate::requests::Line::parse(m.as_bytes()).unwrap();
         for m in [
             "k3|hello|2|1970-01-01T00:16:40+00:00|200|100|0.020|0.020",
             "k3|hello|2|1970-01-01T00:16:40+00:00|200|100|0.300|0.300",
