@@ -811,8 +811,7 @@ fn front_end_overhead() {
     if let Some(b) = &before {
         targets.push(("KETER_BEFORE, metrics on", b.port, Some(b.nginx_pid())));
     }
-    // keter's own CPU while it counts what its Nginx logs: (target, keter, CPU ticks,
-    // requests).
+    // keter's own CPU while it counts what its Nginx logs: (target, keter, CPU ns, requests).
     let mut keters: Vec<(usize, &Keter, u64, u64)> = vec![(1, &k, 0, 0)];
     if let Some(b) = &before {
         keters.push((targets.len() - 1, b, 0, 0));
@@ -830,7 +829,7 @@ fn front_end_overhead() {
             let before = cpu();
             let keter_before: Vec<u64> = keters
                 .iter()
-                .map(|(_, k, _, _)| cpu_ticks(k.pid()))
+                .map(|(_, k, _, _)| threads_cpu_ns(k.pid()))
                 .collect();
             let w = wrk_result(wrk_threads(
                 2,
@@ -844,9 +843,9 @@ fn front_end_overhead() {
             // within a quarter of a second more: both are counted in this target's round.
             std::thread::sleep(Duration::from_millis(1500));
             let per_request = (cpu() - before) / w.requests.max(1) as f64;
-            for (j, (target, k, ticks, requests)) in keters.iter_mut().enumerate() {
+            for (j, (target, k, ns, requests)) in keters.iter_mut().enumerate() {
                 if *target == t {
-                    *ticks += cpu_ticks(k.pid()) - keter_before[j];
+                    *ns += threads_cpu_ns(k.pid()) - keter_before[j];
                     *requests += w.requests;
                 }
             }
@@ -941,12 +940,7 @@ fn front_end_overhead() {
             rows[a].2 / rows[b].2
         );
     }
-    let tick_us = 1e6
-        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
-    for (target, k, ticks, requests) in &keters {
+    for (target, k, ns, requests) in &keters {
         // A build that sent datagrams: Nginx warns for each one the kernel refused (the
         // socket's queue full).
         let refused = k
@@ -955,9 +949,9 @@ fn front_end_overhead() {
             .filter(|l| l.contains("send() to syslog failed"))
             .count();
         println!(
-            "   {}: keter's own CPU counting the requests: {:.1} ms per 1000 requests (of {requests}; datagrams refused: {refused}, net.unix.max_dgram_qlen {})",
+            "   {}: keter's own CPU counting the requests: {:.2} ms per 1000 requests (of {requests}; datagrams refused: {refused}, net.unix.max_dgram_qlen {})",
             targets[*target].0,
-            *ticks as f64 * tick_us / 1000.0 / (*requests).max(1) as f64 * 1000.0,
+            *ns as f64 / 1e6 / (*requests).max(1) as f64 * 1000.0,
             fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
                 .unwrap_or_default()
                 .trim(),
@@ -978,9 +972,17 @@ fn front_end_overhead() {
     // stopped (SIGSTOP) while wrk runs, so that what keter's reading of the log costs the
     // front end on these shared cores shows apart from what Nginx's logging costs it; and
     // the hand-tuned proxy forwarding the headers keter's forwards, without a log.
-    let paired_targets = [(1, false), (1, true), (2, false), (5, false), (7, false)];
-    // (wrk's result, the front end's CPU µs per request).
-    let measure = |t: usize, paused: bool| -> (Wrk, f64) {
+    let mut paired_targets = vec![(1, false), (1, true), (2, false), (5, false), (7, false)];
+    // With `KETER_BEFORE`, that build's Nginx with metrics on too.
+    if before.is_some() {
+        paired_targets.push((targets.len() - 1, false));
+    }
+    // keter's own CPU (ns) and the requests of the pairs' runs of each keter's Nginx with
+    // metrics on, not paused: (target, keter's pid, ns, requests).
+    let pids: Vec<(usize, i32)> = keters.iter().map(|(t, k, _, _)| (*t, k.pid())).collect();
+    let mut counting: Vec<(usize, u64, u64)> = pids.iter().map(|(t, _)| (*t, 0, 0)).collect();
+    // (wrk's result, the front end's CPU µs per request, keter's CPU ns counting it).
+    let measure = |t: usize, paused: bool| -> (Wrk, f64, u64) {
         let (_, port, master) = targets[t];
         let master = master.expect("a front end");
         let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(k.pid()), sig);
@@ -988,6 +990,8 @@ fn front_end_overhead() {
             stop(nix::sys::signal::Signal::SIGSTOP).unwrap();
         }
         let before = workers_cpu_us(master);
+        let keter = pids.iter().find(|p| p.0 == t).map(|p| p.1);
+        let keter_before = keter.map_or(0, threads_cpu_ns);
         let w = wrk_result(wrk_threads(
             2,
             &format!("http://127.0.0.1:{port}/"),
@@ -999,10 +1003,11 @@ fn front_end_overhead() {
         // The buffered log is written within a second: its write is this run's.
         std::thread::sleep(Duration::from_millis(1100));
         let cpu = (workers_cpu_us(master) - before) / w.requests.max(1) as f64;
+        let counted = keter.map_or(0, threads_cpu_ns) - keter_before;
         if paused {
             stop(nix::sys::signal::Signal::SIGCONT).unwrap();
         }
-        (w, cpu)
+        (w, cpu, counted)
     };
     // Per paired target: (req/s ratio, CPU per request ratio) of each pair; errors.
     let mut ratios: Vec<(Vec<f64>, Vec<f64>, u64)> = paired_targets
@@ -1018,6 +1023,10 @@ fn front_end_overhead() {
                 let b = measure(t, paused);
                 (measure(tuned_target, false), b)
             };
+            if !paused && let Some(c) = counting.iter_mut().find(|c| c.0 == t) {
+                c.1 += other.2;
+                c.2 += other.0.requests;
+            }
             ratios[j].0.push(other.0.rps / tuned.0.rps);
             ratios[j].1.push(other.1 / tuned.1);
             ratios[j].2 += other.0.errors + tuned.0.errors;
@@ -1042,6 +1051,13 @@ fn front_end_overhead() {
         println!(
             "   {label:<34} / hand-tuned: req/s {r50:.3} ({r25:.3}-{r75:.3}), CPU per request {c50:.3} ({c25:.3}-{c75:.3}), errors {}",
             ratios[j].2
+        );
+    }
+    for (t, ns, requests) in &counting {
+        println!(
+            "   {}: keter's own CPU over the pairs' runs: {:.3} ms per 1000 requests (of {requests})",
+            targets[*t].0,
+            *ns as f64 / 1e6 / (*requests).max(1) as f64 * 1000.0
         );
     }
     // The proxies that log did log (an `access_log off` beside them once turned them off).
@@ -1471,6 +1487,17 @@ fn proc_field(pid: i32, file: &str, field: &str) -> u64 {
 }
 
 /// utime + stime of a process in clock ticks (10 ms each on Linux).
+/// The CPU time of every thread of process `pid` in nanoseconds (its threads' `schedstat`,
+/// precise where `stat`'s ticks are 10 ms).
+fn threads_cpu_ns(pid: i32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
