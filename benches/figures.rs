@@ -1895,7 +1895,7 @@ fn sample_request_log(n: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let start = 1_765_000_000u64;
     for i in 0..n {
-        let time = iso8601(start + (i / 40_000) as u64);
+        let time = keter::requests::line::iso8601_utc(start + (i / 40_000) as u64);
         let (app, release) = if i % 10 == 3 {
             ("blog", 7)
         } else {
@@ -1911,26 +1911,4 @@ fn sample_request_log(n: usize) -> Vec<u8> {
         );
     }
     out
-}
-
-/// Unix seconds as Nginx's `$time_iso8601` writes them on a host in UTC.
-fn iso8601(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let s = unix % 86_400;
-    // Howard Hinnant's `civil_from_days`.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
 }

@@ -363,9 +363,9 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     era * 146_097 + doe - 719_468
 }
 
-/// `unix` as Nginx's `$time_iso8601` writes it on a host whose time zone is UTC.
-#[cfg(test)]
-pub(crate) fn iso8601_utc(unix: u64) -> String {
+/// `unix` as Nginx's `$time_iso8601` writes it on a host whose time zone is UTC (for tests and
+/// benches that write lines as Nginx does).
+pub fn iso8601_utc(unix: u64) -> String {
     // Howard Hinnant's `civil_from_days`.
     let z = unix / 86_400 + 719_468;
     let era = z / 146_097;
