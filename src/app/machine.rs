@@ -1476,7 +1476,7 @@ impl Machine {
                 });
             }
         }
-        if let Some(mut reply) = deploy.asked.take() {
+        let answer = deploy.asked.take().map(|reply| {
             let took = took.as_millis();
             let (done, not) = match &deploy.rollback {
                 Some(r) => (
@@ -1488,9 +1488,9 @@ impl Machine {
                     "not restarted",
                 ),
             };
-            match (&self.last_deploy_result(&report), &report.error) {
-                (Ok(()), _) => reply.done(format!("{}: {done}, switched in {took} ms", self.name)),
-                (Err(what), error) => reply.refuse(Refusal::NotDone {
+            let outcome = match (&self.last_deploy_result(&report), &report.error) {
+                (Ok(()), _) => Ok(format!("{}: {done}, switched in {took} ms", self.name)),
+                (Err(what), error) => Err(Refusal::NotDone {
                     app: self.name.clone(),
                     not,
                     why: match error {
@@ -1498,9 +1498,16 @@ impl Machine {
                         None => what.to_string(),
                     },
                 }),
-            }
-        }
+            };
+            (reply, outcome)
+        });
         self.last_deploy = Some(report);
+        if let Some((mut reply, outcome)) = answer {
+            // What the answer tells of is published before it: the asker's next command
+            // (`keter releases`, `keter status`) reads the published report.
+            self.publish(fx);
+            reply.send(outcome);
+        }
     }
 
     /// How a deploy's report reads for an operator who asked for it.
